@@ -1,0 +1,1 @@
+"""fastadapter's benchmark suite (see benchmarks/README.md)."""

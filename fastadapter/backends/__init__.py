@@ -1,0 +1,119 @@
+"""The backend registry: every implementation of zero-init attention, and the choice between them.
+
+A backend is one of two kinds:
+
+* a *composition* (``fused = False``): :meth:`Backend.attention` returns the output as a differentiable PyTorch
+  expression; autograd and ``torch.compile`` see through it (``reference``, ``sdpa``);
+* a *fused kernel* (``fused = True``): :meth:`Backend.forward` returns ``(out, lse_w, lse_p)`` and
+  :meth:`Backend.backward` returns every gradient from the saved log-sum-exps; ``fastadapter._fused_op`` wraps
+  them in one ``torch.library`` custom op with an autograd formula and a fake implementation
+  (``triton``, ``cpu``).
+
+Every backend answers :meth:`Backend.not_supported_reasons`; the automatic choice takes the first backend of
+:data:`AUTOMATIC_ORDER` with no reasons, and an explicit choice that cannot run raises with the reasons.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .._inputs import AttentionInputs
+
+
+class Backend:
+    """Base class of the backends. Subclasses set ``name``, ``fused`` and implement their half of the API."""
+
+    name: str = ""
+    fused: bool = False
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all (None when it can)."""
+        return None
+
+    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Every reason this backend cannot run ``inp``; empty when it can."""
+        reason = self.unavailable_reason()
+        return [reason] if reason else []
+
+    # -- composition backends
+    def attention(self, inp: AttentionInputs) -> torch.Tensor:
+        """Differentiable output with q's shape and dtype (composition backends)."""
+        raise NotImplementedError(f"backend {self.name!r} is fused: call forward/backward")
+
+    # -- fused backends
+    def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``out`` (q's shape and dtype, contiguous) and fp32 ``lse_w, lse_p`` of shape ``inp.lse_shape()``.
+
+        ``lse_p`` is ``-inf`` when P == 0; ``lse_w`` is ``-inf`` for rows with no visible word key.
+        """
+        raise NotImplementedError(f"backend {self.name!r} is a composition: call attention")
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+                 grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(dq, dk, dv, dprefix_k, dprefix_v, dgate)`` with the shapes of the inputs (``dgate``: fp32, the
+        shape of ``inp.gate``, i.e. ``[Bg, Hq]``)."""
+        raise NotImplementedError(f"backend {self.name!r} is a composition")
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+#: The order in which the automatic choice tries the backends: fastest first, the exact fallback last.
+AUTOMATIC_ORDER = ("triton", "cpu", "sdpa", "reference")
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry under ``backend.name`` (replacing one of the same name)."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_builtin_backends() -> None:
+    # Imported here, not at the top, so that a backend whose dependencies are missing cannot break the others.
+    from . import reference, sdpa  # noqa: F401
+    for module in ("triton", "cpu"):
+        try:
+            __import__(f"{__name__}.{module}")
+        except ImportError:
+            pass
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
+    if not _REGISTRY:
+        _load_builtin_backends()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known backends: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def all_backends() -> list[Backend]:
+    """Every registered backend, in automatic order first."""
+    if not _REGISTRY:
+        _load_builtin_backends()
+    ordered = [_REGISTRY[n] for n in AUTOMATIC_ORDER if n in _REGISTRY]
+    return ordered + [b for n, b in _REGISTRY.items() if n not in AUTOMATIC_ORDER]
+
+
+def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
+    """The backend that will run ``inp``.
+
+    ``name`` (or, when it is None, the environment variable ``FASTADAPTER_BACKEND``) asks for one backend,
+    which must be able to run the inputs; otherwise the first backend of :data:`AUTOMATIC_ORDER` that can.
+    """
+    if name is None:
+        name = os.environ.get("FASTADAPTER_BACKEND") or None
+    if name is not None:
+        backend = get_backend(name)
+        reasons = backend.not_supported_reasons(inp)
+        if reasons:
+            raise ValueError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
+        return backend
+    all_reasons = []
+    for backend in all_backends():
+        reasons = backend.not_supported_reasons(inp)
+        if not reasons:
+            return backend
+        all_reasons.append(f"{backend.name}: " + "; ".join(reasons))
+    raise ValueError("no backend can run these inputs:\n  " + "\n  ".join(all_reasons))

@@ -1,0 +1,21 @@
+"""The ``reference`` backend: :mod:`fastadapter.reference` as a backend (fp32 math, output in q's dtype)."""
+from __future__ import annotations
+
+import torch
+
+from .._inputs import AttentionInputs
+from ..reference import reference_attention
+from . import Backend, register_backend
+
+
+class ReferenceBackend(Backend):
+    """Full score matrices in fp32, gradients by autograd. Runs everything, everywhere; O(S²) memory."""
+
+    name = "reference"
+    fused = False
+
+    def attention(self, inp: AttentionInputs) -> torch.Tensor:
+        return reference_attention(inp, upcast=True).to(inp.dtype)
+
+
+register_backend(ReferenceBackend())

@@ -1,0 +1,1 @@
+"""Triton kernels of zero-init attention (installed as ``fastadapter.kernels``)."""

@@ -1,0 +1,129 @@
+"""Test inputs for zero-init attention and the flash-attention-style comparison against the reference.
+
+A backend passes when, for the output and the gradient of every input, its error against the fp32 reference
+is at most twice the error of plain PyTorch computing the same thing in the inputs' dtype (the reference with
+``upcast=False``), plus a small floor relative to the magnitude of the result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from fastadapter import zero_init_attention, zero_init_attention_reference
+
+#: The floor of the tolerance, relative to the largest magnitude of the reference result.
+ABS_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+INPUT_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
+
+
+@dataclass
+class Case:
+    """One set of inputs. ``seqlens`` set means varlen: q/k/v are packed ``[T, H, D]``."""
+
+    batch: int = 2
+    seqlen_q: int = 97
+    seqlen_k: int = 97
+    heads_q: int = 4
+    heads_kv: int = 2
+    head_dim: int = 64
+    prefix_len: int = 10
+    prefix_batch: int = 1  # 1 (shared) or batch
+    gate_shape: str = "heads"  # "heads" [Hq], "scalar" [1], "rows" [B, Hq]
+    gate_activation: str = "tanh"
+    causal: bool = True
+    dtype: torch.dtype = torch.float32
+    seqlens: Optional[list[int]] = None
+    transposed: bool = False  # pass q/k/v as bshd views of bhsd tensors
+    softmax_scale: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        shape = (f"T{sum(self.seqlens)}-N{len(self.seqlens)}" if self.seqlens else
+                 f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}")
+        return (f"{shape}-H{self.heads_q}x{self.heads_kv}-D{self.head_dim}-P{self.prefix_len}x{self.prefix_batch}"
+                f"-g{self.gate_shape}-{self.gate_activation}-{'causal' if self.causal else 'full'}-{dt}"
+                + ("-T" if self.transposed else ""))
+
+    def make(self, device="cpu", requires_grad=True) -> dict:
+        """The inputs as keyword arguments of ``zero_init_attention`` (gate non-zero so it matters)."""
+        def randn(*shape, transposed=False):
+            if transposed:  # allocate [B, H, S, D] and view it as [B, S, H, D]
+                t = torch.randn(shape[0], shape[2], shape[1], shape[3], device=device).transpose(1, 2)
+            else:
+                t = torch.randn(*shape, device=device)
+            return t.to(self.dtype).requires_grad_(requires_grad)
+
+        n = len(self.seqlens) if self.seqlens else self.batch
+        kw = {}
+        if self.seqlens:
+            total = sum(self.seqlens)
+            kw["q"] = randn(total, self.heads_q, self.head_dim)
+            kw["k"] = randn(total, self.heads_kv, self.head_dim)
+            kw["v"] = randn(total, self.heads_kv, self.head_dim)
+            cu = torch.zeros(n + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(torch.tensor(self.seqlens), 0)
+            kw["cu_seqlens"] = cu.to(device)
+            kw["max_seqlen"] = max(self.seqlens)
+        else:
+            kw["q"] = randn(self.batch, self.seqlen_q, self.heads_q, self.head_dim, transposed=self.transposed)
+            kw["k"] = randn(self.batch, self.seqlen_k, self.heads_kv, self.head_dim, transposed=self.transposed)
+            kw["v"] = randn(self.batch, self.seqlen_k, self.heads_kv, self.head_dim, transposed=self.transposed)
+        pb = n if self.prefix_batch != 1 else 1
+        kw["prefix_k"] = randn(pb, self.prefix_len, self.heads_kv, self.head_dim)
+        kw["prefix_v"] = randn(pb, self.prefix_len, self.heads_kv, self.head_dim)
+        gate_shape = {"heads": (self.heads_q,), "scalar": (1,), "rows": (n, self.heads_q)}[self.gate_shape]
+        kw["gate"] = (0.5 * torch.randn(*gate_shape, device=device)).requires_grad_(requires_grad)
+        kw["causal"] = self.causal
+        kw["gate_activation"] = self.gate_activation
+        kw["softmax_scale"] = self.softmax_scale
+        return kw
+
+
+def _run(fn, kw: dict, grad_out: torch.Tensor):
+    """Output and the gradients of every input of ``fn(**kw)`` against ``grad_out`` (fresh leaves)."""
+    leaves = {name: kw[name].detach().clone().requires_grad_(True) for name in INPUT_NAMES}
+    out = fn(**{**kw, **leaves})
+    grads = torch.autograd.grad(out, [leaves[n] for n in INPUT_NAMES], grad_out.to(out.dtype),
+                                allow_unused=True)
+    return out.detach(), dict(zip(INPUT_NAMES, grads))
+
+
+def check_against_reference(case: Case, backend: str, device="cpu", check_grads: bool = True) -> None:
+    """Assert that ``backend`` matches the fp32 reference on ``case`` (forward and every gradient)."""
+    kw = case.make(device)
+    grad_out = torch.randn(kw["q"].shape, device=device)
+
+    def fast(**a):
+        return zero_init_attention(**a, backend=backend)
+
+    def ref_lowp(**a):
+        return zero_init_attention_reference(**a, upcast=False)
+
+    def ref_fp32(**a):
+        return zero_init_attention_reference(**{**a, **{n: a[n].float() for n in INPUT_NAMES}})
+
+    if not check_grads:
+        with torch.no_grad():
+            outs = [f(**kw) for f in (fast, ref_lowp, ref_fp32)]
+        _assert_within("out", case, *outs)
+        return
+    (o, g), (o_pt, g_pt), (o_ref, g_ref) = (_run(f, kw, grad_out) for f in (fast, ref_lowp, ref_fp32))
+    assert o.dtype == case.dtype and o.shape == kw["q"].shape
+    _assert_within("out", case, o, o_pt, o_ref)
+    for name in INPUT_NAMES:
+        assert g[name] is not None, f"{backend}: no gradient for {name}"
+        assert g[name].shape == kw[name].shape, f"{backend}: d{name} has shape {tuple(g[name].shape)}"
+        _assert_within(f"d{name}", case, g[name], g_pt[name], g_ref[name])
+
+
+def _assert_within(what: str, case: Case, got, plain, ref) -> None:
+    ref = ref.float()
+    err = (got.float() - ref).abs().max().item()
+    err_plain = (plain.float() - ref).abs().max().item()
+    floor = ABS_FLOOR[case.dtype] * max(1.0, ref.abs().max().item())
+    assert err <= 2 * err_plain + floor, (f"{case.id}: {what} error {err:.3e} exceeds 2 x plain PyTorch's "
+                                          f"{err_plain:.3e} + {floor:.1e}")
