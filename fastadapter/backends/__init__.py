@@ -37,6 +37,14 @@ class Backend:
         reason = self.unavailable_reason()
         return [reason] if reason else []
 
+    def automatic_choice_reasons(self, inp: AttentionInputs) -> list[str]:
+        """Why the *automatic* choice should pass over this backend for ``inp`` (empty when it may take it).
+
+        Defaults to :meth:`not_supported_reasons`; a backend that can run inputs only slowly (Triton's CPU
+        interpreter) adds reasons here, so that it runs them only when asked for by name.
+        """
+        return self.not_supported_reasons(inp)
+
     # -- composition backends
     def attention(self, inp: AttentionInputs) -> torch.Tensor:
         """Differentiable output with q's shape and dtype (composition backends)."""
@@ -112,7 +120,7 @@ def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
         return backend
     all_reasons = []
     for backend in all_backends():
-        reasons = backend.not_supported_reasons(inp)
+        reasons = backend.automatic_choice_reasons(inp)
         if not reasons:
             return backend
         all_reasons.append(f"{backend.name}: " + "; ".join(reasons))
