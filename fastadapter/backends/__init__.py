@@ -77,8 +77,15 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+_builtins_loaded = False
+
+
 def _load_builtin_backends() -> None:
     # Imported here, not at the top, so that a backend whose dependencies are missing cannot break the others.
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
     from . import reference, sdpa  # noqa: F401
     for module in ("triton", "cpu"):
         try:
@@ -89,8 +96,7 @@ def _load_builtin_backends() -> None:
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
-    if not _REGISTRY:
-        _load_builtin_backends()
+    _load_builtin_backends()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known backends: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -98,8 +104,7 @@ def get_backend(name: str) -> Backend:
 
 def all_backends() -> list[Backend]:
     """Every registered backend, in automatic order first."""
-    if not _REGISTRY:
-        _load_builtin_backends()
+    _load_builtin_backends()
     ordered = [_REGISTRY[n] for n in AUTOMATIC_ORDER if n in _REGISTRY]
     return ordered + [b for n, b in _REGISTRY.items() if n not in AUTOMATIC_ORDER]
 
