@@ -1,0 +1,179 @@
+"""LLaMA-Adapter on a :class:`LlamaModel`: ``AdapterConfig``, ``add_adapter``, ``save_adapter``, ``load_adapter``.
+
+``add_adapter`` freezes every base weight and gives each adapted layer a learnable prompt ``[P, dim]`` and a
+zero-initialised gate; the lower layers keep plain causal attention. With the paper's settings on LLaMA-7B
+(P = 10, top 30 of 32 layers, one gate per head) that is 10·30·4096 + 30·32 = 1,229,760 trainable parameters.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .adapter_formats import detect_adapter_format, read_foreign_adapter
+from .adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
+from .layer_adapter import LayerAdapter
+from .llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How to adapt a model.
+
+    Attributes:
+        prompt_len: P, the learnable prompt tokens of each adapted layer.
+        layers: the number of top layers to adapt (30: the top 30), or an explicit list of layer indices.
+        gate_activation: ``"tanh"`` (the paper's training code) or ``"none"`` (the raw gate, PEFT and litgpt).
+        gate_per_head: one gate per query head (the paper) or one scalar gate per layer (PEFT).
+    """
+
+    prompt_len: int = 10
+    layers: Union[int, Sequence[int]] = 30
+    gate_activation: str = "tanh"
+    gate_per_head: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.prompt_len, int) or self.prompt_len <= 0:
+            raise ValueError(f"prompt_len must be a positive int, got {self.prompt_len!r}")
+        if self.gate_activation not in ("tanh", "none"):
+            raise ValueError(f"gate_activation must be 'tanh' or 'none', got {self.gate_activation!r}")
+        if not isinstance(self.layers, int):
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The adapted layers of a model with ``n_layers`` layers, ascending."""
+        if isinstance(self.layers, int):
+            if not 0 < self.layers <= n_layers:
+                raise ValueError(f"cannot adapt the top {self.layers} layers of a model with {n_layers} layers")
+            return list(range(n_layers - self.layers, n_layers))
+        indices = sorted(set(self.layers))
+        if not indices or indices[0] < 0 or indices[-1] >= n_layers:
+            raise ValueError(f"adapter layers {list(self.layers)} must be a non-empty list of indices in "
+                             f"[0, {n_layers})")
+        return indices
+
+    def to_dict(self, n_layers: int) -> dict:
+        """The JSON description stored in adapter files (``layers`` as an explicit index list)."""
+        return {"prompt_len": self.prompt_len, "layers": self.layer_indices(n_layers),
+                "gate_activation": self.gate_activation, "gate_per_head": self.gate_per_head}
+
+
+def adapted_layers(model: LlamaModel) -> dict[int, LayerAdapter]:
+    """``{layer index: LayerAdapter}`` of every adapted layer of ``model`` (empty when it has none)."""
+    return {i: block.attention.adapter for i, block in enumerate(model.layers) if block.attention.adapter}
+
+
+def add_adapter(model: LlamaModel, config: Optional[AdapterConfig] = None) -> LlamaModel:
+    """Freeze every weight of ``model`` and add LLaMA-Adapter's prompts and zero gates (in place).
+
+    Replaces adapters added before. The new parameters are fp32, on the model's device (meta included).
+
+    Returns:
+        ``model``, whose only trainable parameters are now ``layers.{i}.attention.adapter.{prompt,gate}``.
+    """
+    config = AdapterConfig() if config is None else config
+    if not isinstance(model, LlamaModel):
+        raise TypeError(f"add_adapter needs a fastadapter LlamaModel, got {type(model).__name__}")
+    indices = config.layer_indices(model.config.n_layers)
+    model.requires_grad_(False)
+    device = model.tok_embeddings.weight.device
+    for i, block in enumerate(model.layers):
+        block.attention.adapter = None
+        if i in indices:
+            block.attention.adapter = LayerAdapter(config.prompt_len, model.config.dim, model.config.n_heads,
+                                                   gate_per_head=config.gate_per_head,
+                                                   gate_activation=config.gate_activation, device=device)
+    model.adapter_config = config
+    return model
+
+
+def base_model_description(model: LlamaModel) -> dict:
+    """The ``base_model`` part of an adapter file's description: fingerprint and dimensions of ``model``."""
+    c = model.config
+    return {"fingerprint": base_model_fingerprint(model.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads),
+            "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+            "vocab_size": c.vocab_size}
+
+
+def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
+    """Write the adapter of ``model`` (prompts and gates only, fp32) to the safetensors file ``path``."""
+    adapters = adapted_layers(model)
+    if not adapters:
+        raise ValueError("the model has no adapter to save: call add_adapter first")
+    first = next(iter(adapters.values()))
+    config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
+                           gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
+    tensors = {}
+    for i, adapter in adapters.items():
+        tensors[f"layers.{i}.adapter_prompt"] = adapter.prompt
+        tensors[f"layers.{i}.adapter_gate"] = adapter.gate
+    write_adapter_file(path, tensors, config.to_dict(model.config.n_layers), base_model_description(model))
+
+
+def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> LlamaModel:
+    """Give ``model`` the adapter stored at ``path`` (in place; replaces any adapter it had).
+
+    Args:
+        path: a fastadapter adapter file, or an adapter of another project: the original LLaMA-Adapter v1
+            checkpoint, a PEFT ``adaption_prompt`` folder (or its ``adapter_model.safetensors``), a litgpt adapter
+            checkpoint.
+        format: ``"fastadapter"``, ``"llama_adapter_v1"``, ``"peft"`` or ``"litgpt"``; detected when None.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        AdapterFileError: an unreadable file, or an adapter made for another base model (a different fingerprint
+            or shape); the message names the file (for a PEFT folder, its weights file) and the mismatch.
+    """
+    path = os.fspath(path)
+    format = format or detect_adapter_format(path)
+    if format == "fastadapter":
+        tensors, meta = read_adapter_file(path)
+        _check_base_model(model, path, meta["base_model"])
+        config_dict = meta["config"]
+    else:
+        config_dict, tensors, path = read_foreign_adapter(path, format, model.config)
+    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
+                           gate_activation=config_dict["gate_activation"],
+                           gate_per_head=config_dict["gate_per_head"])
+    _check_fits(model, path, config, tensors)
+    add_adapter(model, config)
+    with torch.no_grad():
+        for i, adapter in adapted_layers(model).items():
+            adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
+            adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    return model
+
+
+def _check_base_model(model: LlamaModel, path: str, base_model: dict) -> None:
+    """Raise :class:`AdapterFileError` when the file's base model is not ``model``."""
+    c = model.config
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        if int(base_model[key]) != getattr(c, key):
+            raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
+                                   f"but the model has {key}={getattr(c, key)}")
+    fingerprint = base_model_description(model)["fingerprint"]
+    if base_model["fingerprint"] != fingerprint:
+        raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
+                               f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
+                               f"{fingerprint[:12]}…)")
+
+
+def _check_fits(model: LlamaModel, path: str, config: AdapterConfig, tensors: dict) -> None:
+    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape ``model`` needs."""
+    c = model.config
+    try:
+        indices = config.layer_indices(c.n_layers)
+    except ValueError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from exc
+    gate_numel = c.n_heads if config.gate_per_head else 1
+    for i in indices:
+        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, c.dim)),
+                            (f"layers.{i}.adapter_gate", (gate_numel,))):
+            if name not in tensors:
+                raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
+            got = tensors[name]
+            if tuple(got.shape) != shape:
+                raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(got.shape)}, the model needs "
+                                       f"{list(shape)}")

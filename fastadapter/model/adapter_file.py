@@ -1,0 +1,196 @@
+"""The fastadapter adapter file: a small safetensors file holding only what fine-tuning learned.
+
+Layout (format_version 1):
+
+* tensors, all fp32: ``layers.{i}.adapter_prompt [P, dim]`` and ``layers.{i}.adapter_gate [Hq] or [1]`` for
+  every adapted layer ``i``;
+* safetensors metadata key ``"fastadapter"``: JSON ::
+
+      {"format_version": 1,
+       "config": {"prompt_len": P, "layers": [i, ...], "gate_activation": "tanh" | "none",
+                  "gate_per_head": bool},
+       "base_model": {"fingerprint": str, "dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
+                      "vocab_size": int}}
+
+The base-model fingerprint lets ``load_adapter`` refuse an adapter trained on another model. It hashes the
+dimensions and three rows of the token embedding, which is cheap (no pass over the weights) and the same
+whichever loader (llama2.c, Meta, Hugging Face) built the model.
+
+For LLaMA-7B with the paper's defaults the file holds 1,229,760 fp32 values: 4.9 MB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Mapping
+
+import torch
+
+FORMAT_VERSION = 1
+#: The safetensors metadata key under which the JSON description is stored.
+METADATA_KEY = "fastadapter"
+_TENSOR_NAME = re.compile(r"^layers\.(\d+)\.(adapter_prompt|adapter_gate)$")
+_CONFIG_KEYS = ("prompt_len", "layers", "gate_activation", "gate_per_head")
+_BASE_MODEL_KEYS = ("fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read or does not fit: the message names the file and what is wrong."""
+
+
+def base_model_fingerprint(token_embedding: torch.Tensor, n_layers: int, n_heads: int, n_kv_heads: int) -> str:
+    """A short identity of a base model: sha256 of its dimensions and the fp32 bytes of embedding rows 0, 1
+    and V−1 (hex string).
+
+    Args:
+        token_embedding: ``[V, dim]``, the model's token embedding (any float dtype, any real device).
+        n_layers, n_heads, n_kv_heads: the model's transformer dimensions.
+    """
+    if token_embedding.dim() != 2:
+        raise ValueError(f"token_embedding must be [vocab_size, dim], got shape {tuple(token_embedding.shape)}")
+    if token_embedding.is_meta:
+        raise ValueError("cannot fingerprint a model on the meta device: load its weights first")
+    vocab_size, dim = token_embedding.shape
+    rows = sorted({0, min(1, vocab_size - 1), vocab_size - 1})
+    picked = token_embedding.detach()[rows].to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256()
+    digest.update(f"vocab={vocab_size};dim={dim};layers={n_layers};heads={n_heads};kv_heads={n_kv_heads};"
+                  .encode())
+    digest.update(picked.numpy().astype("<f4").tobytes())  # little-endian whatever the host
+    return digest.hexdigest()
+
+
+def _check_description(path: str, config: Mapping, base_model: Mapping) -> None:
+    """Raise :class:`AdapterFileError` unless ``config`` and ``base_model`` have every key with a sane type."""
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise AdapterFileError(f"{path}: adapter config lacks {missing}; expected keys {list(_CONFIG_KEYS)}")
+    missing = [k for k in _BASE_MODEL_KEYS if k not in base_model]
+    if missing:
+        raise AdapterFileError(f"{path}: base_model description lacks {missing}; expected keys "
+                               f"{list(_BASE_MODEL_KEYS)}")
+    layers = config["layers"]
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in layers):
+        raise AdapterFileError(f"{path}: config 'layers' must be an explicit list of layer indices, got {layers!r}")
+    if not isinstance(config["prompt_len"], int) or config["prompt_len"] < 0:
+        raise AdapterFileError(f"{path}: config 'prompt_len' must be a non-negative int, got "
+                               f"{config['prompt_len']!r}")
+    if config["gate_activation"] not in ("tanh", "none"):
+        raise AdapterFileError(f"{path}: gate_activation must be 'tanh' or 'none', got "
+                               f"{config['gate_activation']!r}")
+
+
+def _check_tensors(path: str, tensors: Mapping[str, torch.Tensor], config: Mapping, base_model: Mapping) -> None:
+    """Raise :class:`AdapterFileError` unless ``tensors`` are exactly the prompts and gates ``config`` says."""
+    layers = list(config["layers"])
+    prompt_shape = (int(config["prompt_len"]), int(base_model["dim"]))
+    gate_shape = (int(base_model["n_heads"]),) if config["gate_per_head"] else (1,)
+    expected = {}
+    for i in layers:
+        if i >= int(base_model["n_layers"]):
+            raise AdapterFileError(f"{path}: adapted layer {i} does not exist in a model of "
+                                   f"{base_model['n_layers']} layers")
+        expected[f"layers.{i}.adapter_prompt"] = prompt_shape
+        expected[f"layers.{i}.adapter_gate"] = gate_shape
+    for name in tensors:
+        if name not in expected:
+            raise AdapterFileError(f"{path}: unexpected tensor {name!r}; an adapter of layers {layers} holds "
+                                   f"layers.{{i}}.adapter_prompt and layers.{{i}}.adapter_gate only")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+
+
+def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config_dict: Mapping,
+                       base_model_dict: Mapping) -> None:
+    """Write an adapter file atomically (a temporary file in the same folder, then ``os.replace``).
+
+    Args:
+        path: destination ``.safetensors`` file.
+        tensors: ``{"layers.{i}.adapter_prompt": [P, dim], "layers.{i}.adapter_gate": [Hq] or [1]}``; stored fp32.
+        config_dict: ``{"prompt_len", "layers" (explicit index list), "gate_activation", "gate_per_head"}``.
+        base_model_dict: ``{"fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"}``.
+
+    Raises:
+        AdapterFileError: tensors that do not match the description (the message names the tensor and shape).
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    for name in tensors:
+        if not _TENSOR_NAME.match(name):
+            raise AdapterFileError(f"{path}: tensor name {name!r} is not layers.{{i}}.adapter_prompt or "
+                                   f"layers.{{i}}.adapter_gate")
+    config = dict(config_dict)
+    if "layers" in config:  # accept a tuple or a range; store a JSON list
+        config["layers"] = [int(i) for i in config["layers"]]
+    _check_description(path, config, base_model_dict)
+    _check_tensors(path, tensors, config, base_model_dict)
+    description = {"format_version": FORMAT_VERSION,
+                   "config": {k: config[k] for k in _CONFIG_KEYS},
+                   "base_model": {k: base_model_dict[k] for k in _BASE_MODEL_KEYS}}
+    # safetensors refuses views sharing storage and non-contiguous tensors: give it fresh fp32 CPU copies.
+    payload = {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in tensors.items()}
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors.tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(payload, tmp, metadata={METADATA_KEY: json.dumps(description)})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and check an adapter file written by :func:`write_adapter_file`.
+
+    Returns:
+        ``(tensors, meta)``: fp32 tensors by name, and the parsed JSON description
+        (``{"format_version", "config", "base_model"}``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        AdapterFileError: not a safetensors file, no fastadapter description, an unsupported version, or tensors
+            that do not match the description; the message names the file and what is wrong.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as exc:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if METADATA_KEY not in metadata:
+        raise AdapterFileError(f"{path}: no {METADATA_KEY!r} metadata; this is not a fastadapter adapter file "
+                               f"(PEFT, litgpt and original LLaMA-Adapter files are read by load_adapter)")
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({exc})") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(f"{path}: format_version {version!r} is not supported (this fastadapter reads "
+                               f"version {FORMAT_VERSION})")
+    config, base_model = meta.get("config"), meta.get("base_model")
+    if not isinstance(config, dict) or not isinstance(base_model, dict):
+        raise AdapterFileError(f"{path}: the description must hold 'config' and 'base_model' objects")
+    _check_description(path, config, base_model)
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise AdapterFileError(f"{path}: tensor {name!r} is {t.dtype}, expected torch.float32")
+    _check_tensors(path, tensors, config, base_model)
+    return tensors, meta

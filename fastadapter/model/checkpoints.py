@@ -1,0 +1,103 @@
+"""``load_model``: build a :class:`LlamaModel` from a checkpoint on disk, whichever format it is in.
+
+* llama2.c legacy ``.bin`` (:mod:`.load_llama2c`);
+* Meta ``consolidated.*.pth`` + ``params.json``, one or several model-parallel shards (:mod:`.load_meta`);
+* Hugging Face ``LlamaForCausalLM`` folders, ``config.json`` + ``*.safetensors`` (:mod:`.load_hf`).
+
+Every loader builds the model on the meta device and hands :func:`assign_weights` tensors that are views of the
+memory-mapped files, so loading allocates no second copy of the weights (only tensors that must be reshaped or
+merged — Hugging Face's permuted ``wq``/``wk``, model-parallel shards — are materialised, once).
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Union
+
+import torch
+
+from .config import LlamaConfig
+from .llama import LlamaModel
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing pieces, truncated, corrupt or of the wrong shape; the message names the file,
+    the tensor and the expected shape."""
+
+
+def build_on_meta(config: LlamaConfig) -> LlamaModel:
+    """A :class:`LlamaModel` whose parameters take no memory, ready for :func:`assign_weights`."""
+    with torch.device("meta"):
+        return LlamaModel(config)
+
+
+def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sources: Mapping[str, str],
+                   dtype: Optional[torch.dtype] = None) -> LlamaModel:
+    """Make ``tensors`` (Meta names, see :mod:`.llama`) the parameters of the meta-device ``model``, without
+    copying them unless ``dtype`` asks for a conversion.
+
+    Args:
+        tensors: ``{parameter name: tensor}``; every parameter of ``model`` must be present, with its shape.
+        sources: ``{parameter name: file}`` for error messages (``""`` key: the checkpoint as a whole).
+        dtype: convert every weight to this dtype; by default the dtype of the token embedding.
+    """
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    where = sources.get("", "the checkpoint")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} is missing (expected shape "
+                                  f"{list(shape)})")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} has shape {list(got)}, expected "
+                                  f"{list(shape)} for {model.config}")
+    dtype = dtype or tensors["tok_embeddings.weight"].dtype
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{where}: weights must be floating point, the token embedding is {dtype}")
+    state = {name: tensors[name].to(dtype) for name in expected}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def detect_checkpoint_format(path: str) -> str:
+    """``"llama2c"``, ``"meta"`` or ``"hf"`` for the checkpoint at ``path`` (a file or a folder)."""
+    if os.path.isfile(path):
+        if path.endswith(".bin"):
+            return "llama2c"
+        raise CheckpointError(f"{path}: a single-file checkpoint must be a llama2.c .bin; Meta and Hugging Face "
+                              f"checkpoints are folders")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    names = os.listdir(path)
+    if "params.json" in names:
+        return "meta"
+    if "config.json" in names:
+        return "hf"
+    raise CheckpointError(f"{path}: not a checkpoint fastadapter knows: expected params.json + consolidated.*.pth "
+                          f"(Meta) or config.json + *.safetensors (Hugging Face)")
+
+
+def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
+               format: Optional[str] = None) -> LlamaModel:
+    """Load a LLaMA checkpoint as a :class:`LlamaModel` (in eval mode).
+
+    Args:
+        path: a llama2.c ``.bin`` file, a Meta folder (``params.json`` + ``consolidated.*.pth``) or a Hugging
+            Face folder (``config.json`` + ``*.safetensors``).
+        dtype: convert the weights to this dtype (default: keep the checkpoint's).
+        format: ``"llama2c"``, ``"meta"`` or ``"hf"``; detected when None.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: missing, truncated or corrupt files, or tensors of the wrong shape.
+    """
+    path = os.fspath(path)
+    format = format or detect_checkpoint_format(path)
+    if format == "llama2c":
+        from .load_llama2c import load_llama2c as loader
+    elif format == "meta":
+        from .load_meta import load_meta as loader
+    elif format == "hf":
+        from .load_hf import load_hf as loader
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; expected 'llama2c', 'meta' or 'hf'")
+    return loader(path, dtype=dtype).eval()

@@ -1,0 +1,285 @@
+"""``LlamaModel``: a small, readable LLaMA 1/2/3 (RMSNorm, RoPE, SwiGLU, GQA) whose attention is
+:func:`fastadapter.zero_init_attention`.
+
+Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``,
+``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a Meta state dict loads as it is. A layer becomes an
+adapted layer when :func:`fastadapter.add_adapter` gives its attention a :class:`LayerAdapter`; the other layers
+run plain causal attention (an empty prefix).
+
+Three ways to call the model:
+
+* batched: ``tokens [B, S]``;
+* packed: ``tokens [1, T]`` with ``cu_seqlens`` — N sequences back to back, each attending only to itself, RoPE
+  positions restarting at each sequence (zero_init_attention's varlen mode);
+* with a :class:`KVCache` (generation): a packed prefill of the prompts into empty rows, then decoding steps
+  ``tokens [B, s]`` appended at each row's own length.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import zero_init_attention
+from .config import LlamaConfig
+from .kv_cache import KVCache
+from .layer_adapter import LayerAdapter
+from .rope import apply_rope, rope_angles, rope_inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) · weight``, computed in fp32 (as Meta's code) and returned in ``x``'s dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) · w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, through zero-init attention; ``adapter`` (None until
+    :func:`fastadapter.add_adapter`) supplies the prefix and the gate."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.adapter: Optional[LayerAdapter] = None
+
+    def _prefix_and_gate(self, x: torch.Tensor, cache: Optional[KVCache]):
+        """``prefix_k, prefix_v [1, P, Hkv, D]``, the raw gate and its activation (P = 0 when not adapted)."""
+        if self.adapter is None:
+            empty = x.new_zeros(1, 0, self.n_kv_heads, self.head_dim)
+            return empty, empty, x.new_zeros(1, dtype=torch.float32), "tanh"
+
+        def project():
+            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim)
+
+        prefix_k, prefix_v = project() if cache is None else cache.prefix_kv(self.layer_index, project)
+        return prefix_k, prefix_v, self.adapter.gate, self.adapter.gate_activation
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """``x [B, S, dim]`` (packed: ``[1, T, dim]``), ``cos, sin [B or 1, S, D/2]`` → ``[B, S, dim]``."""
+        batch, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache)
+
+        def attend(q_, k_, v_, **varlen):
+            return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True,
+                                       gate_activation=activation, **varlen)
+
+        if cu_seqlens is not None:
+            out = attend(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
+            if cache is not None:
+                self._store_packed(cache, k[0], v[0], cu_seqlens)
+        elif cache is not None:
+            out = self._attend_cached(cache, q, k, v, attend)
+        else:
+            out = attend(q, k, v)
+        return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+    def _store_packed(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        """Write the keys/values of packed sequence ``n`` (``k, v [T, Hkv, D]``) to the start of cache row n."""
+        bounds = cu_seqlens.tolist()
+        for row in range(len(bounds) - 1):
+            lo, hi = bounds[row], bounds[row + 1]
+            cache.keys[self.layer_index][row, :hi - lo] = k[lo:hi]
+            cache.values[self.layer_index][row, :hi - lo] = v[lo:hi]
+
+    def _attend_cached(self, cache: KVCache, q, k, v, attend) -> torch.Tensor:
+        """Append ``k, v [B, s, Hkv, D]`` at each row's length and attend to each row's whole past; rows of
+        equal length share one call (the causal mask is bottom-right aligned, as decoding needs)."""
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
+        seqlen = q.shape[1]
+        by_length: dict[int, list[int]] = {}
+        for row, length in enumerate(cache.lengths):
+            keys[row, length:length + seqlen] = k[row]
+            values[row, length:length + seqlen] = v[row]
+            by_length.setdefault(length, []).append(row)
+        if len(by_length) == 1:
+            end = cache.lengths[0] + seqlen
+            return attend(q, keys[:, :end], values[:, :end])
+        out = q.new_empty(q.shape)
+        for length, rows in by_length.items():
+            index = torch.tensor(rows, device=q.device)
+            end = length + seqlen
+            out[index] = attend(q[index], keys[index, :end], values[index, :end])
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``h = x + attention(norm(x))``, ``out = h + feed_forward(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, **attention_kwargs)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[T]`` int64 positions restarting at 0 at each packed sequence's start (``cu_seqlens`` int32 [N+1])."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return torch.arange(total, device=cu_seqlens.device) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
+class LlamaModel(nn.Module):
+    """A LLaMA 1/2/3 decoder. Build it on the meta device (``with torch.device("meta"):``) to load weights
+    without allocating twice, or on the CPU for a randomly initialised model.
+
+    Args:
+        config: the model's dimensions.
+        activation_checkpointing: recompute, in backward, the activations of every block that takes part in
+            the gradient (trades compute for memory when fine-tuning long sequences).
+    """
+
+    def __init__(self, config: LlamaConfig, *, activation_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = activation_checkpointing
+        # Allocated without nn.Embedding's initialisation, which on the meta device goes through torch's reference
+        # ops and imports torch._dynamo (a second and ~150 MB per process) for nothing: a real device gets the
+        # same N(0, 1) initialisation right after.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
+                                           _weight=torch.empty(config.vocab_size, config.dim))
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied: no separate parameter, the logits reuse the embedding (one tensor in the state dict).
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        #: The AdapterConfig of the adapter that fastadapter.add_adapter gave the model (None: not adapted).
+        self.adapter_config = None
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``[V, dim]``: the output layer's weight (the token embedding when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, tokens: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, positions: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits of every position.
+
+        Args:
+            tokens: int64 ``[B, S]``; with ``cu_seqlens``, ``[1, T]`` holding N sequences back to back.
+            cu_seqlens: int32 ``[N+1]`` sequence starts in the packed ``tokens`` (``cu_seqlens[-1] == T``).
+            max_seqlen: the longest packed sequence (computed from ``cu_seqlens`` when None).
+            positions: int64 RoPE positions ``[B, S]`` or ``[S]``; default ``0..S-1`` (batched), restarting at
+                each sequence (packed), or continuing each row's cached length (with ``cache``).
+            cache: a :class:`KVCache` for generation: a packed call fills its empty rows (row n ← sequence n), a
+                batched call appends ``S`` tokens to every row.
+
+        Returns:
+            ``[B, S, V]`` logits in the model's dtype.
+        """
+        tokens, positions, cu_seqlens, max_seqlen = self._check_call(tokens, cu_seqlens, max_seqlen, positions,
+                                                                     cache)
+        inv_freq = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
+                                            device=tokens.device)
+        cos, sin = rope_angles(positions, inv_freq)
+        h = self.tok_embeddings(tokens)
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+        for block in self.layers:
+            if self.activation_checkpointing and self._takes_part_in_gradient(block, h):
+                h = checkpoint(block, h, cos, sin, use_reentrant=False, **kwargs)
+            else:
+                h = block(h, cos, sin, **kwargs)
+        if cache is not None:
+            if cu_seqlens is not None:
+                cache.advance((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+            else:
+                cache.advance([length + tokens.shape[1] for length in cache.lengths])
+        return F.linear(self.norm(h), self.output_weight)
+
+    @staticmethod
+    def _takes_part_in_gradient(block: nn.Module, h: torch.Tensor) -> bool:
+        # A frozen block on inputs that need no gradient records no graph: recomputing it would be wasted work.
+        return torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in block.parameters()))
+
+    def _check_call(self, tokens, cu_seqlens, max_seqlen, positions, cache):
+        """Validate the arguments of :meth:`forward`; return tokens, positions and the varlen arguments."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an integer tensor [B, S], got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape [B, S], got {tuple(tokens.shape)}")
+        vocab = self.config.vocab_size
+        # Checked on the CPU only: on an accelerator the check would cost a synchronisation per call, and the
+        # embedding's own bounds check fires there anyway.
+        if tokens.device.type == "cpu" and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}), got ids from {int(tokens.min())} to "
+                             f"{int(tokens.max())}")
+        batch, seqlen = tokens.shape
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"packed tokens (with cu_seqlens) must have shape [1, T], got {tuple(tokens.shape)}")
+            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+                raise ValueError(f"cu_seqlens must be int32 [N+1], got {cu_seqlens.dtype} "
+                                 f"{tuple(cu_seqlens.shape)}")
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seqlen:
+                raise ValueError(f"cu_seqlens must run from 0 to the number of packed tokens {seqlen}, got "
+                                 f"{cu_seqlens.tolist()}")
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            if int(lengths.min()) <= 0:
+                raise ValueError(f"cu_seqlens must be strictly increasing, got {cu_seqlens.tolist()}")
+            if max_seqlen is None:
+                max_seqlen = int(lengths.max())
+            if positions is None:
+                positions = positions_from_cu_seqlens(cu_seqlens, seqlen)[None]
+            if cache is not None and (cache.batch != lengths.numel() or any(cache.lengths)):
+                raise ValueError(f"a packed call fills an empty KV cache with one row per sequence: the cache has "
+                                 f"{cache.batch} rows of lengths {cache.lengths}, the call packs "
+                                 f"{lengths.numel()} sequences")
+        elif max_seqlen is not None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+        elif cache is not None:
+            if cache.batch != batch:
+                raise ValueError(f"the KV cache has {cache.batch} rows, tokens have {batch}")
+            cache.reserve([length + seqlen for length in cache.lengths])
+            if positions is None:
+                offsets = torch.tensor(cache.lengths, device=tokens.device)[:, None]
+                positions = offsets + torch.arange(seqlen, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device)[None]
+        if positions.dim() == 1:
+            positions = positions[None]
+        if positions.shape[-1] != seqlen or positions.shape[0] not in (1, batch):
+            raise ValueError(f"positions must have shape [{seqlen}] or [{batch}, {seqlen}], got "
+                             f"{tuple(positions.shape)}")
+        return tokens, positions, cu_seqlens, max_seqlen

@@ -1,0 +1,188 @@
+"""Generation: stories260K against an independent numpy transcription of llama2.c's run.c, batches of prompts of
+different lengths, the prefix projected once per call, EOS, sampling, and the ``fastadapter generate`` CLI."""
+import numpy as np
+import pytest
+import torch
+
+from fastadapter import AdapterConfig, add_adapter, generate, load_model, load_tokenizer, save_adapter
+from fastadapter.cli import main as cli_main
+from fastadapter.model import LlamaConfig, LlamaModel, adapted_layers, sample_next_token
+from fastadapter.model.layer_adapter import LayerAdapter
+
+STORY_START = "Once upon a time, there was a little girl named Lily."
+
+
+class RunC:
+    """llama2.c's run.c forward pass, in numpy float32, reading the legacy .bin on its own."""
+
+    def __init__(self, path):
+        raw = np.fromfile(path, dtype=np.uint8)
+        (self.dim, self.hidden, self.n_layers, self.n_heads, self.n_kv_heads, vocab,
+         self.seq_len) = raw[:28].view("<i4").tolist()
+        self.vocab = abs(vocab)
+        floats = raw[28:].view("<f4")
+        head = self.dim // self.n_heads
+        kv_dim = self.n_kv_heads * head
+        shapes = [("emb", (self.vocab, self.dim)), ("rms_att", (self.n_layers, self.dim)),
+                  ("wq", (self.n_layers, self.dim, self.dim)), ("wk", (self.n_layers, kv_dim, self.dim)),
+                  ("wv", (self.n_layers, kv_dim, self.dim)), ("wo", (self.n_layers, self.dim, self.dim)),
+                  ("rms_ffn", (self.n_layers, self.dim)), ("w1", (self.n_layers, self.hidden, self.dim)),
+                  ("w2", (self.n_layers, self.dim, self.hidden)), ("w3", (self.n_layers, self.hidden, self.dim)),
+                  ("rms_final", (self.dim,))]
+        self.w, at = {}, 0
+        for name, shape in shapes:
+            size = int(np.prod(shape))
+            self.w[name] = floats[at:at + size].reshape(shape)
+            at += size
+        at += 2 * self.seq_len * head // 2  # freq_cis_real/imag
+        self.w["wcls"] = self.w["emb"] if vocab > 0 else floats[at:at + self.vocab * self.dim].reshape(
+            self.vocab, self.dim)
+        self.key_cache = np.zeros((self.n_layers, self.seq_len, kv_dim), np.float32)
+        self.value_cache = np.zeros_like(self.key_cache)
+
+    @staticmethod
+    def rmsnorm(x, weight):
+        ss = np.float32(np.dot(x, x) / x.size + 1e-5)
+        return weight * (x / np.sqrt(ss))
+
+    def forward(self, token, pos):
+        w, dim = self.w, self.dim
+        head = dim // self.n_heads
+        kv_mul = self.n_heads // self.n_kv_heads
+        kv_dim = self.n_kv_heads * head
+        x = w["emb"][token].copy()
+        for layer in range(self.n_layers):
+            xb = self.rmsnorm(x, w["rms_att"][layer])
+            q, k, v = w["wq"][layer] @ xb, w["wk"][layer] @ xb, w["wv"][layer] @ xb
+            for i in range(0, dim, 2):  # RoPE on adjacent pairs, k only on its kv_dim
+                freq = np.float32(1.0) / np.float32(10000.0) ** np.float32((i % head) / head)
+                angle = np.float32(pos * freq)
+                fcr, fci = np.cos(angle), np.sin(angle)
+                for vec in (q, k) if i < kv_dim else (q,):
+                    v0, v1 = vec[i], vec[i + 1]
+                    vec[i], vec[i + 1] = v0 * fcr - v1 * fci, v0 * fci + v1 * fcr
+            self.key_cache[layer, pos], self.value_cache[layer, pos] = k, v
+            out = np.zeros(dim, np.float32)
+            for h in range(self.n_heads):
+                kvh = (h // kv_mul) * head
+                keys = self.key_cache[layer, :pos + 1, kvh:kvh + head]
+                scores = keys @ q[h * head:(h + 1) * head] / np.sqrt(np.float32(head))
+                scores = np.exp(scores - scores.max())
+                scores /= scores.sum()
+                out[h * head:(h + 1) * head] = scores @ self.value_cache[layer, :pos + 1, kvh:kvh + head]
+            x = x + w["wo"][layer] @ out
+            xb = self.rmsnorm(x, w["rms_ffn"][layer])
+            h1, h3 = w["w1"][layer] @ xb, w["w3"][layer] @ xb
+            x = x + w["w2"][layer] @ ((h1 / (1 + np.exp(-h1))) * h3)
+        return w["wcls"] @ self.rmsnorm(x, w["rms_final"])
+
+    def greedy(self, steps):
+        token, out = 1, []
+        for pos in range(steps):
+            token = int(np.argmax(self.forward(token, pos)))
+            out.append(token)
+        return out
+
+
+@pytest.fixture
+def stories(shared_data):
+    return load_model(shared_data / "stories260K.bin"), load_tokenizer(shared_data / "tok512.bin")
+
+
+def test_greedy_stories260k_equals_run_c(stories, shared_data):
+    model, tokenizer = stories
+    ours = generate(model, [[tokenizer.bos_id]], max_new_tokens=48)[0]
+    reference = RunC(shared_data / "stories260K.bin").greedy(48)
+    assert ours == reference
+    assert tokenizer.decode(ours).startswith(STORY_START)
+
+
+def test_logits_equal_run_c_logits(stories, shared_data):
+    model, _ = stories
+    run_c = RunC(shared_data / "stories260K.bin")
+    tokens = [1, 403, 407, 261, 378, 432, 383]
+    expected = np.stack([run_c.forward(t, pos) for pos, t in enumerate(tokens)])
+    with torch.no_grad():
+        got = model(torch.tensor([tokens]))[0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(stories):
+    model, tokenizer = stories
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=3))
+    with torch.no_grad():
+        for adapter in adapted_layers(model).values():
+            adapter.gate.fill_(0.4)
+    prompts = [tokenizer.encode(t) for t in ("Once upon a time", "Tom", "The big red dog ran to the", "Lily")]
+    assert len({len(p) for p in prompts}) == 4
+    batched = generate(model, prompts, max_new_tokens=20)
+    alone = [generate(model, [p], max_new_tokens=20)[0] for p in prompts]
+    assert batched == alone and all(len(row) == 20 for row in batched)
+
+
+def test_prefix_projected_once_per_generate_call(monkeypatch):
+    model = add_adapter(LlamaModel(LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                               hidden_dim=40, max_seq_len=64)), AdapterConfig(prompt_len=3, layers=2))
+    calls = []
+    project = LayerAdapter.prefix_kv
+    monkeypatch.setattr(LayerAdapter, "prefix_kv", lambda self, *a: calls.append(self) or project(self, *a))
+    generate(model, [[1, 2, 3], [4]], max_new_tokens=9)
+    assert len(calls) == 2  # one per adapted layer, not one per step
+    generate(model, [[1, 2, 3]], max_new_tokens=2)
+    assert len(calls) == 4
+
+
+def test_stops_at_eos_and_respects_max_seq_len(stories):
+    model, _ = stories
+    free = generate(model, [[1]], max_new_tokens=12)[0]
+    eos = free[5]
+    stopped = generate(model, [[1], [1, free[0], free[1]]], max_new_tokens=12, eos_id=eos)
+    assert stopped[0] == free[:free.index(eos)]
+    assert eos not in stopped[1] and len(stopped[1]) <= 12
+    assert len(generate(model, [[1] * 500], max_new_tokens=13)[0]) == 13  # 512 positions: the whole context
+    with pytest.raises(ValueError, match="needs 513 positions, more than the model's max_seq_len 512"):
+        generate(model, [[1] * 500], max_new_tokens=14)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]])
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    picks = sample_next_token(logits, temperature=1.0, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=4)
+    assert counts[2] == 0 and counts[3] == 0 and counts[0] > counts[1] > 0  # nucleus {0, 1} reaches 0.8
+    again = sample_next_token(logits, temperature=1.0, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(picks, again)
+    assert sample_next_token(logits, temperature=1.0, top_p=0.4).eq(0).all()  # the top token alone
+    assert sample_next_token(logits[:1], temperature=0.0).item() == 0
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next_token(logits, temperature=1.0, top_p=0.0)
+
+
+def test_cli_generate_prints_the_continuation(shared_data, capsys, tmp_path):
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.startswith(", there was a little girl named Lily.")
+    assert cli_main(args + ["--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert cli_main(args + ["--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+def test_cli_generate_with_an_adapter(shared_data, capsys, tmp_path, stories):
+    model, _ = stories
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--prompt", "Once upon a time", "--max-new-tokens", "16"]
+    assert cli_main(args) == 0
+    plain = capsys.readouterr().out
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=5))
+    save_adapter(model, tmp_path / "zero.safetensors")  # zero gates: the base model's continuation
+    with torch.no_grad():
+        for adapter in adapted_layers(model).values():
+            adapter.gate.fill_(3.0)
+    save_adapter(model, tmp_path / "open.safetensors")
+    assert cli_main(args + ["--adapter", str(tmp_path / "zero.safetensors")]) == 0
+    assert capsys.readouterr().out == plain
+    assert cli_main(args + ["--adapter", str(tmp_path / "open.safetensors")]) == 0
+    assert capsys.readouterr().out != plain

@@ -1,0 +1,195 @@
+"""Checkpoint loaders: llama2.c .bin, Meta consolidated shards, Hugging Face folders (against transformers' own
+logits), memory-light loading, and errors that name the file, the tensor and the expected shape."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fastadapter import load_model
+from fastadapter.model import CheckpointError, LlamaConfig, LlamaModel, base_model_fingerprint
+from fastadapter.model.adapter import base_model_description
+from fastadapter.model.load_meta import _split_dim
+
+TINY = LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
+
+
+# -- llama2.c
+
+def test_llama2c_stories260k_config_and_views_of_one_mapping(shared_data):
+    model = load_model(shared_data / "stories260K.bin")
+    c = model.config
+    assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len) == \
+        (64, 172, 5, 8, 4, 512, 512)
+    assert c.tie_embeddings and model.output is None and not model.training
+    # No copy: consecutive layers' wq are adjacent slices of the same memory-mapped file.
+    wq0, wq1 = model.layers[0].attention.wq.weight, model.layers[1].attention.wq.weight
+    assert wq1.data_ptr() - wq0.data_ptr() == 4 * 64 * 64
+
+
+def _write_llama2c(path, model: LlamaModel):
+    """llama2.c's export format (legacy version 0), written independently of the loader."""
+    c, sd = model.config, model.state_dict()
+    stacked = lambda name: torch.stack([sd[f"layers.{i}.{name}"] for i in range(c.n_layers)])  # noqa: E731
+    vocab = c.vocab_size if c.tie_embeddings else -c.vocab_size
+    arrays = [sd["tok_embeddings.weight"], stacked("attention_norm.weight"), stacked("attention.wq.weight"),
+              stacked("attention.wk.weight"), stacked("attention.wv.weight"), stacked("attention.wo.weight"),
+              stacked("ffn_norm.weight"), stacked("feed_forward.w1.weight"), stacked("feed_forward.w2.weight"),
+              stacked("feed_forward.w3.weight"), sd["norm.weight"], torch.zeros(2, c.max_seq_len, c.head_dim // 2)]
+    if not c.tie_embeddings:
+        arrays.append(sd["output.weight"])
+    header = np.array([c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab, c.max_seq_len], "<i4")
+    path.write_bytes(header.tobytes() + b"".join(a.numpy().astype("<f4").tobytes() for a in arrays))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama2c_random_checkpoint_matches_its_source(tmp_path, tied):
+    source = LlamaModel(LlamaConfig(**{**TINY.__dict__, "tie_embeddings": tied, "max_seq_len": 64})).eval()
+    _write_llama2c(tmp_path / "model.bin", source)
+    model = load_model(tmp_path / "model.bin")
+    assert model.config == source.config
+    tokens = torch.randint(0, TINY.vocab_size, (2, 29))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
+
+
+def test_llama2c_truncated_and_padded_files(shared_data, tmp_path):
+    data = (shared_data / "stories260K.bin").read_bytes()
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(data[:600_000])
+    with pytest.raises(CheckpointError, match=r"truncated.bin: truncated: array 'w2' of shape \[5, 64, 172\]"):
+        load_model(truncated)
+    header_only = tmp_path / "header.bin"
+    header_only.write_bytes(data[:10])
+    with pytest.raises(CheckpointError, match="header.bin: truncated: the llama2.c header needs 28 bytes"):
+        load_model(header_only)
+    padded = tmp_path / "padded.bin"
+    padded.write_bytes(data + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="padded.bin: 8 bytes more than the llama2.c layout"):
+        load_model(padded)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        load_model(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="not a checkpoint fastadapter knows"):
+        load_model(tmp_path)
+
+
+# -- Meta
+
+def _write_meta(folder, model: LlamaModel, shards: int, params_extra=None):
+    c = model.config
+    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+              "vocab_size": -1, "multiple_of": 8, "norm_eps": c.norm_eps, **(params_extra or {})}
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(params))
+    state = model.state_dict()
+    for s in range(shards):
+        shard = {name: (t.chunk(shards, dim=_split_dim(name))[s] if _split_dim(name) is not None else t).clone()
+                 for name, t in state.items()}
+        shard["rope.freqs"] = torch.zeros(c.head_dim // 2)  # LLaMA-1 files carry this buffer; it is ignored
+        torch.save(shard, folder / f"consolidated.{s:02d}.pth")
+    return folder
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_checkpoint_matches_the_model_that_wrote_it(tmp_path, shards):
+    config = LlamaConfig(**{**TINY.__dict__, "rope_theta": 50000.0})
+    source = LlamaModel(config).eval()
+    model = load_model(_write_meta(tmp_path / "meta", source, shards, {"rope_theta": 50000.0}))
+    assert model.config == config
+    # Shards are merged along the dimension each layer is parallel over: every weight comes back whole.
+    for name, p in source.named_parameters():
+        assert torch.equal(model.get_parameter(name), p), name
+    tokens = torch.randint(0, TINY.vocab_size, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
+
+
+def test_meta_errors_name_file_tensor_and_shape(tmp_path):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 2)
+    shard = torch.load(folder / "consolidated.01.pth")
+    del shard["layers.1.feed_forward.w2.weight"]
+    torch.save(shard, folder / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: tensor 'layers.1.feed_forward.w2.weight' is "
+                                              r"missing \(expected shape \[80, 72\]"):
+        load_model(folder)
+    data = (folder / "consolidated.00.pth").read_bytes()
+    (folder / "consolidated.00.pth").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="consolidated.00.pth: cannot be read .* truncated or corrupt"):
+        load_model(folder)
+
+
+def test_meta_shape_mismatch(tmp_path):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 1)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "n_kv_heads": 8}))
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.attention.wk.weight' has shape \[40, 80\], "
+                                              r"expected \[80, 80\]"):
+        load_model(folder)
+
+
+# -- Hugging Face
+
+def _hf_model(**overrides):
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    kwargs = dict(hidden_size=80, intermediate_size=72, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=97, max_position_embeddings=512)
+    return LlamaForCausalLM(HFConfig(**{**kwargs, **overrides})).eval()
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("overrides, shard", [
+    (dict(rope_theta=10000.0), None),  # LLaMA 2 style, one file
+    (dict(rope_theta=10000.0), "40KB"),  # sharded with model.safetensors.index.json
+    (dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, tie_word_embeddings=True), None),  # LLaMA 3.2 style
+], ids=["llama2", "sharded", "llama3-scaled-tied"])
+def test_hf_folder_gives_transformers_logits(tmp_path, overrides, shard):
+    hf = _hf_model(**overrides)
+    hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path)
+    assert model.config.tie_embeddings == overrides.get("tie_word_embeddings", False)
+    assert (model.config.rope_scaling is not None) == ("rope_scaling" in overrides)
+    # The adapter fingerprint reads the embedding, which no loader transforms: HF's own tensor gives the same.
+    c = model.config
+    assert base_model_description(model)["fingerprint"] == base_model_fingerprint(
+        hf.model.embed_tokens.weight, c.n_layers, c.n_heads, c.n_kv_heads)
+    tokens = torch.randint(0, 97, (2, 200))  # past the scaled wavelengths of the llama3 case
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_errors_name_file_tensor_and_shape(tmp_path):
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "truncated")
+
+    shutil.copytree(tmp_path / "good", tmp_path / "wide")
+    config = json.loads((tmp_path / "wide" / "config.json").read_text())
+    (tmp_path / "wide" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'layers.0.feed_forward.w1.weight' has "
+                                              r"shape \[72, 80\], expected \[96, 80\]"):
+        load_model(tmp_path / "wide")
+
+    (tmp_path / "good" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):
+        load_model(tmp_path / "good")
+
+
+def test_dtype_conversion(shared_data):
+    model = load_model(shared_data / "stories260K.bin", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    logits = model(torch.tensor([[1, 403, 407]]))
+    assert logits.dtype == torch.bfloat16
