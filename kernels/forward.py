@@ -1,0 +1,182 @@
+"""Forward kernel of zero-init attention and its launcher.
+
+One program computes a ``BLOCK_M`` tile of query rows of one (sequence, query head):
+
+1. the prefix scores ``q · prefix_kᵀ`` (the whole prefix is one tile, P ≤ 64) and their own softmax, which
+   gives ``O_p`` and ``lse_p`` with no loop;
+2. an online softmax over the key tiles, bottom-right causal (query i sees keys ``j ≤ i + Sk − Sq``): first the
+   tiles every row sees in full (no mask), then the tiles on the diagonal (masked); tiles no row sees are never
+   loaded. This gives ``O_w`` and ``lse_w``;
+3. ``out = O_w + γ · O_p`` with ``γ = tanh(gate)`` (or the raw gate), stored in q's dtype; both log-sum-exps
+   are saved for the backward pass (fp32, natural log, ``-inf`` where nothing is visible).
+
+Scores are kept in log2 units (``s · scale · log2 e``) so that every exponential is one ``exp2``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastadapter._inputs import AttentionInputs
+
+from .configs import autotune
+from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
+from .tiles import (LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, sequence_bounds, store_rows,
+                    tile_and_row, to_dtype)
+
+
+@triton.jit
+def _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_lo, n_hi, n_k, shift,
+                qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Online softmax over the key tiles ``[n_lo, n_hi)``; ``MASKED`` tiles apply the causal and length masks."""
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, stride_ks, keys, n_k, cols, HEAD_DIM, BLOCK_D)
+        s = dot(q, tl.trans(k), INTERPRETER) * qk_scale
+        if MASKED:
+            visible = keys[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        # -- update the running max; a row that has seen nothing yet keeps -inf and uses 0 as its reference
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        # -- rescale what was accumulated under the old max, add this tile
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@autotune("forward")
+@triton.jit
+def zero_init_attention_forward_kernel(
+        Q, K, V, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, CU_SEQLENS,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh, stride_gb, stride_gh,
+        stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+        seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_bucket,
+        CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``OUT`` (q's layout) and ``LSE_W``, ``LSE_P``."""
+    pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
+    b = pid_bh // heads_q
+    head = pid_bh % heads_q
+    kv_head = head // group
+    token0, n_q, n_k = sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= n_q:  # a varlen sequence shorter than the longest one
+        return
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    qk_scale = softmax_scale * LOG2E
+    q = load_rows(head_base(Q, b, token0, head, stride_qb, stride_qs, stride_qh), stride_qs, rows, n_q, cols,
+                  HEAD_DIM, BLOCK_D)
+
+    # -- words: full tiles first, then the diagonal (or the ragged last tile) with masks
+    shift = n_k - n_q  # bottom-right alignment: query i sees keys j <= i + shift
+    if CAUSAL:
+        n_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
+        n_full = tl.minimum(tl.maximum(start_m + 1 + shift, 0), n_k) // BLOCK_N * BLOCK_N
+    else:
+        n_hi = n_k
+        n_full = n_k // BLOCK_N * BLOCK_N
+    k_base = head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh)
+    v_base = head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, 0, n_full,
+                                n_k, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+    acc, l_i, m_i = _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_full,
+                                n_hi, n_k, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+    seen = l_i > 0.0  # rows with no visible word give 0 (and lse_w = -inf)
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse_w = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+
+    # -- prefix: one tile, its own softmax, scaled by the gate
+    if HAS_PREFIX:
+        slots = tl.arange(0, BLOCK_P)
+        pk = load_prefix(PREFIX_K, b, kv_head, stride_pkb, stride_pks, stride_pkh, prefix_len, cols, HEAD_DIM,
+                         BLOCK_D, BLOCK_P)
+        s_p = dot(q, tl.trans(pk), INTERPRETER) * qk_scale
+        s_p = tl.where(slots[None, :] < prefix_len, s_p, float("-inf"))
+        m_p = tl.max(s_p, 1)
+        p_p = tl.exp2(s_p - m_p[:, None])
+        l_p = tl.sum(p_p, 1)
+        pv = load_prefix(PREFIX_V, b, kv_head, stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, HEAD_DIM,
+                         BLOCK_D, BLOCK_P)
+        out_p = dot(to_dtype(p_p, pv.dtype, INTERPRETER), pv, INTERPRETER) / l_p[:, None]
+        gamma = gate_value(GATE, b, head, stride_gb, stride_gh, GATE_TANH)
+        out = out + gamma * out_p
+        lse_p = (m_p + tl.log2(l_p)) * LN2
+    else:
+        lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    o_base = head_base(OUT, b, token0, head, stride_ob, stride_os, stride_oh)
+    store_rows(o_base, stride_os, rows, n_q, cols, to_dtype(out, OUT.dtype.element_ty, INTERPRETER), HEAD_DIM, BLOCK_D)
+    stats = tl.cast(b, tl.int64) * stride_lb + head * stride_lh + token0 + rows
+    tl.store(LSE_W + stats, lse_w, mask=rows < n_q)
+    tl.store(LSE_P + stats, lse_p, mask=rows < n_q)
+
+
+def forward_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
+                      lse_p: torch.Tensor) -> dict:
+    """Every argument of :func:`zero_init_attention_forward_kernel` but the autotuned tile sizes."""
+    q, k, v = (unit_stride_head_dim(t) for t in (inp.q, inp.k, inp.v))
+    pk, pv = (unit_stride_head_dim(t) for t in (inp.prefix_k, inp.prefix_v))
+    pkb, pks, pkh, _ = broadcast_strides(pk)
+    pvb, pvs, pvh, _ = broadcast_strides(pv)
+    gb, gh = broadcast_strides(inp.gate)
+    names = ("stride_qb stride_qs stride_qh stride_kb stride_ks stride_kh stride_vb stride_vs stride_vh "
+             "stride_ob stride_os stride_oh").split()
+    strides = dict(zip(names, row_strides(q, layout.varlen) + row_strides(k, layout.varlen)
+                       + row_strides(v, layout.varlen) + row_strides(out, layout.varlen)))
+    lb, lh = lse_strides(lse_w, layout.varlen)
+    return dict(Q=q, K=k, V=v, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
+                CU_SEQLENS=inp.cu_seqlens, **strides,
+                stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh, stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh,
+                stride_gb=gb, stride_gh=gh, stride_lb=lb, stride_lh=lh,
+                seqlen_q=layout.seqlen_q, seqlen_k=layout.seqlen_k, prefix_len=layout.prefix_len,
+                heads_q=layout.heads_q, group=layout.group, softmax_scale=inp.softmax_scale,
+                seqlen_bucket=layout.seqlen_bucket(), CAUSAL=inp.causal, GATE_TANH=inp.gate_tanh,
+                **layout.common_constexprs())
+
+
+def forward_grid(layout: Layout):
+    """Launch grid: query tiles × (sequence, query head), flattened (see :func:`.tiles.tile_and_row`)."""
+    return lambda meta: (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * layout.batch * layout.heads_q,)
+
+
+def attention_forward(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the forward kernel.
+
+    Args:
+        inp: validated inputs (``q [B, Sq, Hq, D]`` or varlen ``[T, Hq, D]``, gate fp32 ``[Bg, Hq]``).
+
+    Returns:
+        ``out`` (q's shape and dtype, contiguous) and fp32 ``lse_w, lse_p`` of shape ``inp.lse_shape()``
+        (``[B, Hq, Sq]`` or ``[Hq, T]``), natural log, ``-inf`` where nothing is visible or P == 0.
+    """
+    layout = Layout.of(inp)
+    # Varlen tokens outside every sequence (cu_seqlens[-1] < T) are never visited: give them 0 and -inf.
+    if layout.varlen:
+        out = torch.zeros(inp.q.shape, dtype=inp.dtype, device=inp.device)
+        lse_w = torch.full(inp.lse_shape(), float("-inf"), dtype=torch.float32, device=inp.device)
+    else:
+        out = torch.empty(inp.q.shape, dtype=inp.dtype, device=inp.device)
+        lse_w = torch.empty(inp.lse_shape(), dtype=torch.float32, device=inp.device)
+    lse_p = torch.empty_like(lse_w) if not layout.varlen else lse_w.clone()
+    if out.numel() == 0:
+        return out, lse_w, lse_p
+    zero_init_attention_forward_kernel[forward_grid(layout)](
+        **forward_arguments(inp, layout, out, lse_w, lse_p))
+    return out, lse_w, lse_p

@@ -1,0 +1,99 @@
+"""How the kernels address batched and varlen tensors: strides, sequence lengths and tile sizes of one call.
+
+The kernels have a single source for both layouts. A tensor is described by ``(stride_b, stride_s, stride_h)``:
+batched ``[B, S, H, D]`` tensors use their own strides; packed varlen ``[T, H, D]`` tensors use ``stride_b = 0``
+and find each sequence's first token in ``cu_seqlens``. Broadcast operands use stride 0 too: a prefix shared by
+the batch (``Bp == 1``) and a gate with one row (``Bg == 1``) are read by every sequence. The head dimension
+must be contiguous (``stride(-1) == 1``) so that rows load as wide vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from fastadapter._inputs import AttentionInputs
+
+from ._interpreter import interpreting
+
+#: The largest prefix that fits one tile (the prompt of LLaMA-Adapter is 10 tokens).
+MAX_PREFIX_LEN = 64
+#: The largest head dimension the tiles are sized for.
+MAX_HEAD_DIM = 256
+
+
+def row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """``(stride_b, stride_s, stride_h)`` of a ``[B, S, H, D]`` tensor, or ``(0, stride_t, stride_h)`` varlen."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a tensor whose first dimension is broadcast over the batch when it has size 1."""
+    return (0 if t.shape[0] == 1 else t.stride(0),) + tuple(t.stride()[1:])
+
+
+def unit_stride_head_dim(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its head dimension is contiguous (any other strides are fine), else a copy.
+
+    Only a tensor transposed along its last dimension needs the copy; bshd views of bhsd tensors do not.
+    """
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape facts every kernel launch of one attention call needs.
+
+    Attributes:
+        batch: B, or the number of packed sequences N.
+        heads_q, heads_kv, group: query heads, kv heads and ``heads_q // heads_kv``.
+        seqlen_q, seqlen_k: the (longest) query and key sequence; the kernels read each varlen length from
+            ``cu_seqlens``.
+        prefix_len: P (0 means no prefix).
+        head_dim: D; ``block_d`` is D rounded up to a power of two (at least 16, the smallest ``tl.dot``).
+        block_p: P rounded up likewise (the prefix is one tile).
+        varlen: packed sequences.
+        interpreter: the kernels run under Triton's interpreter (see :mod:`._interpreter`).
+    """
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    group: int
+    seqlen_q: int
+    seqlen_k: int
+    prefix_len: int
+    head_dim: int
+    block_d: int
+    block_p: int
+    varlen: bool
+    interpreter: bool
+
+    @staticmethod
+    def of(inp: AttentionInputs) -> "Layout":
+        return Layout(batch=inp.batch, heads_q=inp.heads_q, heads_kv=inp.heads_kv,
+                      group=inp.heads_q // inp.heads_kv, seqlen_q=inp.seqlen_q, seqlen_k=inp.seqlen_k,
+                      prefix_len=inp.prefix_len, head_dim=inp.head_dim,
+                      block_d=max(16, triton.next_power_of_2(inp.head_dim)),
+                      block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
+                      varlen=inp.varlen, interpreter=interpreting())
+
+    def seqlen_bucket(self) -> int:
+        """The autotuning key: the longest sequence rounded up to a power of two, so that varlen batches of
+        slightly different lengths reuse one tuned configuration."""
+        return triton.next_power_of_2(max(self.seqlen_q, self.seqlen_k, 1))
+
+    def common_constexprs(self) -> dict:
+        """Compile-time parameters shared by every kernel of the call."""
+        return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_P=self.block_p,
+                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, INTERPRETER=self.interpreter)
+
+
+def lse_strides(stats: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """``(stride_b, stride_h)`` of a contiguous row-statistics tensor ``[B, Hq, Sq]`` or varlen ``[Hq, T]``."""
+    if varlen:
+        return 0, stats.stride(0)
+    return stats.stride(0), stats.stride(1)

@@ -1,0 +1,125 @@
+"""``@triton.jit`` building blocks shared by the forward and backward kernels.
+
+Every kernel addresses its tensors the same way: a program owns one (sequence, head) pair; the sequence's first
+token is ``token0`` (0 in batched mode, ``cu_seqlens[b]`` in varlen mode) and its base pointer is
+``ptr + b * stride_b + token0 * stride_s + head * stride_h`` (``stride_b`` is 0 in varlen mode). Rows of a tile
+are then ``row * stride_s`` away and the head dimension is contiguous.
+"""
+import triton
+import triton.language as tl
+
+#: log2(e) and ln(2): the kernels work with exp2 (one MUFU instruction) and convert at the boundaries.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def tile_and_row(pid, seqlen, BLOCK: tl.constexpr):
+    """``(tile, batch·head row)`` of a program of a flattened 1-D grid, tiles of one head adjacent.
+
+    One grid axis, not two: CUDA caps the second axis at 65535 programs, which ``B · H`` exceeds with a few
+    thousand packed sequences; adjacent programs then also share their head's k/v tiles in L2.
+    """
+    tiles = tl.cdiv(seqlen, BLOCK)
+    return pid % tiles, pid // tiles
+
+
+@triton.jit
+def sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """``(token0, seqlen_q, seqlen_k)`` of sequence ``b``: packed sequences attend to themselves only."""
+    token0 = 0
+    n_q = seqlen_q
+    n_k = seqlen_k
+    if VARLEN:
+        token0 = tl.load(CU_SEQLENS + b)
+        n_q = tl.load(CU_SEQLENS + b + 1) - token0
+        n_k = n_q
+    return token0, n_q, n_k
+
+
+@triton.jit
+def head_base(ptr, b, token0, head, stride_b, stride_s, stride_h):
+    """Pointer to the first row of ``(sequence b, head)``; 64-bit offsets so large batches cannot overflow."""
+    return (ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(token0, tl.int64) * stride_s
+            + tl.cast(head, tl.int64) * stride_h)
+
+
+@triton.jit
+def load_rows(base, stride_row, rows, n_rows, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tile ``[len(rows), BLOCK_D]``; rows ``>= n_rows`` and columns ``>= HEAD_DIM`` (padding) read as 0."""
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(base, stride_row, rows, n_rows, cols, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a ``[len(rows), BLOCK_D]`` tile, skipping padding rows and columns."""
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :], value, mask=mask)
+
+
+@triton.jit
+def dot(a, b, INTERPRETER: tl.constexpr):
+    """``a @ b`` accumulated in fp32.
+
+    fp32 operands are multiplied in IEEE precision (TF32 would lose the accuracy fp32 callers ask for). Under
+    the interpreter, where ``tl.dot`` on bf16 operands is broken (triton issue 11584), fp16/bf16 operands are
+    upcast first: exact products, as the tensor cores give. Compiled fp16/bf16 dots go to the tensor cores.
+    """
+    if INTERPRETER or a.dtype == tl.float32 or b.dtype == tl.float32:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even as the GPU's ``cvt.rn`` does.
+
+    The interpreter truncates fp32 -> bf16 (rounds toward zero): a bias that adds up over long sums (the
+    probabilities fed to ``P·V`` and ``Pᵀ·dO``) and makes the interpreted kernels look less accurate than the
+    compiled ones. Round explicitly there: add half an ulp of bf16 (ties to even) and drop the low 16 bits.
+    """
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def gate_value(GATE, b, head, stride_gb, stride_gh, GATE_TANH: tl.constexpr):
+    """γ of (sequence b, head): ``tanh(gate)`` or the raw gate. ``stride_gb`` is 0 for one gate row."""
+    g = tl.load(GATE + b * stride_gb + head * stride_gh)
+    if GATE_TANH:
+        # tanh(x) = 2·sigmoid(2x) − 1: exact 0 at 0 (the zero-init property) and available in the interpreter.
+        g = 2.0 * tl.sigmoid(2.0 * g) - 1.0
+    return g
+
+
+@triton.jit
+def load_lse(LSE, rows, n_rows):
+    """Saved log-sum-exps of ``rows`` in log2 units, ready for ``exp2(s·scale·log2e − lse)``.
+
+    A row with nothing visible saved ``-inf``; it is read as ``+inf`` so that its probabilities are exactly 0
+    (``exp2(s − (−inf))`` would be inf). Rows past the sequence read ``+inf`` too.
+    """
+    lse = tl.load(LSE + rows, mask=rows < n_rows, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * LOG2E
+
+
+@triton.jit
+def load_prefix(PREFIX, b, kv_head, stride_b, stride_s, stride_h, prefix_len, cols, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The whole prefix of (sequence b, kv head) as one ``[BLOCK_P, BLOCK_D]`` tile (padding slots read 0).
+
+    ``stride_b`` is 0 when one prompt serves the batch.
+    """
+    base = PREFIX + tl.cast(b, tl.int64) * stride_b + tl.cast(kv_head, tl.int64) * stride_h
+    return load_rows(base, stride_s, tl.arange(0, BLOCK_P), prefix_len, cols, HEAD_DIM, BLOCK_D)
