@@ -71,6 +71,11 @@ def reference_attention(inp: AttentionInputs, *, upcast: bool = True, return_lse
             outs.append(o[0])
             lses_w.append(lw[0])
             lses_p.append(lp[0])
+        # Tokens after the last sequence (cu_seqlens[-1] < T) belong to none: 0 output, -inf log-sum-exps.
+        tail = inp.q.shape[0] - bounds[-1]
+        outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
+        lses_w.append(lses_w[0].new_full((lses_w[0].shape[0], tail), float("-inf")))
+        lses_p.append(lses_p[0].new_full((lses_p[0].shape[0], tail), float("-inf")))
         out = torch.cat(outs, dim=0)
         lse_w, lse_p = torch.cat(lses_w, dim=-1), torch.cat(lses_p, dim=-1)
     out = out.to(inp.dtype) if not upcast else out

@@ -35,6 +35,7 @@ class Case:
     causal: bool = True
     dtype: torch.dtype = torch.float32
     seqlens: Optional[list[int]] = None
+    unused_tail: int = 0  # varlen: packed tokens after the last sequence (cu_seqlens[-1] < T)
     transposed: bool = False  # pass q/k/v as bshd views of bhsd tensors
     softmax_scale: Optional[float] = None
     extra: dict = field(default_factory=dict)
@@ -60,7 +61,7 @@ class Case:
         n = len(self.seqlens) if self.seqlens else self.batch
         kw = {}
         if self.seqlens:
-            total = sum(self.seqlens)
+            total = sum(self.seqlens) + self.unused_tail
             kw["q"] = randn(total, self.heads_q, self.head_dim)
             kw["k"] = randn(total, self.heads_kv, self.head_dim)
             kw["v"] = randn(total, self.heads_kv, self.head_dim)

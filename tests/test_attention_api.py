@@ -19,6 +19,7 @@ SDPA_CASES = [
     Case(head_dim=72, prefix_batch=2, gate_shape="rows", gate_activation="none"),
     Case(gate_shape="scalar", causal=False, transposed=True),
     Case(seqlens=[5, 40, 1, 17], gate_shape="rows", prefix_batch=4),
+    Case(seqlens=[6, 11], unused_tail=3),
     Case(dtype=torch.bfloat16, head_dim=64),
     Case(dtype=torch.float16, seqlen_q=20, seqlen_k=45),
 ]

@@ -48,7 +48,7 @@ CASES = [
     Case(batch=2, seqlen_q=20, seqlen_k=50, transposed=True, dtype=BF16, gate_shape="scalar"),
     Case(batch=1, seqlen_q=30, seqlen_k=30, softmax_scale=0.3, head_dim=80, causal=False),
     # -- varlen: shared and per-sequence prompts and gates, a sequence of one token, non-causal
-    Case(seqlens=[5, 40, 1, 17], gate_shape="rows", prefix_batch=4),
+    Case(seqlens=[5, 40, 1, 17], gate_shape="rows", prefix_batch=4, unused_tail=3),
     Case(seqlens=[33, 64, 2], dtype=BF16, head_dim=72),
     Case(seqlens=[20, 9], dtype=FP16, causal=False, gate_shape="scalar", prefix_len=0),
     Case(seqlens=[97, 3], heads_q=4, heads_kv=1, prefix_len=64, prefix_batch=2, gate_activation="none"),

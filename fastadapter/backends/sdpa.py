@@ -63,6 +63,8 @@ class SdpaBackend(Backend):
             pick = (lambda t: t[i:i + 1] if t.shape[0] > 1 else t)
             outs.append(sdpa_composition(inp.q[None, lo:hi], inp.k[None, lo:hi], inp.v[None, lo:hi],
                                          pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate), *args)[0])
+        tail = inp.q.shape[0] - bounds[-1]  # tokens after the last sequence belong to none: 0
+        outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
         return torch.cat(outs, dim=0)
 
 
