@@ -4,8 +4,54 @@
 would collide with an existing PyPI package.
 
 Install torch first (``pip install torch``), then ``pip install --no-build-isolation .`` so the build reuses it.
+
+The C++ CPU kernels in ``csrc/`` are compiled into ``fastadapter._C`` with ninja whenever torch and a C++
+compiler are present. ``FASTADAPTER_SKIP_BUILD=1`` skips them (the ``cpu`` backend then reports itself
+unavailable and the automatic choice falls back to ``sdpa``); ``MAX_JOBS`` limits the parallel compile jobs.
 """
+import os
+import shutil
+import sys
+import warnings
+
 from setuptools import find_packages, setup
+
+
+def _cpu_extension():
+    """``(ext_modules, cmdclass)`` building ``fastadapter._C`` from csrc/, or empty when it cannot be built."""
+    if os.environ.get("FASTADAPTER_SKIP_BUILD", "0") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        warnings.warn("torch is not importable: building without the C++ CPU kernels (install torch first and use "
+                      "pip install --no-build-isolation)")
+        return [], {}
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler.split()[0]) is None:
+        warnings.warn(f"no C++ compiler ({compiler}) found: building without the C++ CPU kernels")
+        return [], {}
+    # fastadapter is built from source on the machine that runs it, so -march=native is safe and lets the
+    # compiler use that machine's widest vectors (AVX-512 here) for the softmax/conversion loops; at::vec
+    # picks its matching implementation from the same macros (csrc/attention_cpu.h). Set
+    # FASTADAPTER_PORTABLE_BUILD=1 to build a binary that runs on any x86-64 instead.
+    arch = [] if os.environ.get("FASTADAPTER_PORTABLE_BUILD", "0") == "1" else ["-march=native"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop in PyTorch's headers; without it the kernels run on
+    # one thread. -ffp-contract=fast lets the row loops use FMA. No -ffast-math: -inf marks masked rows.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", *arch]
+    macros = []
+    # The tile GEMMs call MKL (linked into and exported by every x86 libtorch_cpu) directly; other builds of
+    # PyTorch go through at::addmm_.
+    if torch.backends.mkl.is_available():
+        macros.append(("FASTADAPTER_WITH_MKL", None))
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+    ext = CppExtension("fastadapter._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=["-fopenmp"], depends=[os.path.join("csrc", "attention_cpu.h")])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cpu_extension() if "egg_info" not in sys.argv else ([], {})
 
 packages = find_packages(include=["fastadapter", "fastadapter.*"])
 packages += ["fastadapter.kernels"] + [f"fastadapter.kernels.{p}" for p in find_packages("kernels")]
@@ -26,4 +72,6 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark", "transformers==5.23.0", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -37,7 +37,7 @@ def eager_v1(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
     mask[:, prefix_len:] = mask[:, prefix_len:].masked_fill(_causal_mask(seqlen_q, seqlen_k, q.device),
                                                             float("-inf"))
     scores = scores + mask
-    gamma = (torch.tanh(gate) if gate_tanh else gate).reshape(1, -1, 1, 1)
+    gamma = (torch.tanh(gate) if gate_tanh else gate).to(qh.dtype).reshape(1, -1, 1, 1)  # the model's dtype
     scores = torch.cat([gamma * F.softmax(scores[..., :prefix_len].float(), dim=-1).type_as(qh),
                         F.softmax(scores[..., prefix_len:].float(), dim=-1).type_as(qh)], dim=-1)
     return torch.matmul(scores, values).transpose(1, 2)
@@ -55,7 +55,7 @@ def peft_style(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = False):
                                           is_causal=seqlen_q == k.shape[1])
     pk, pv = _bhsd_kv(prefix_k, group, batch), _bhsd_kv(prefix_v, group, batch)
     scores = torch.matmul(qh, pk.transpose(2, 3)) / math.sqrt(head_dim)
-    scores = (torch.tanh(gate) if gate_tanh else gate).reshape(1, -1, 1, 1) * F.softmax(
+    scores = (torch.tanh(gate) if gate_tanh else gate).to(qh.dtype).reshape(1, -1, 1, 1) * F.softmax(
         scores, dim=-1, dtype=torch.float32).to(qh.dtype)
     return (base + torch.matmul(scores, pv)).transpose(1, 2)
 
@@ -73,6 +73,8 @@ def two_flash_attn(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
     from flash_attn import flash_attn_func
     batch = q.shape[0]
     out = flash_attn_func(q, k, v, causal=True)
+    if prefix_k.shape[1] == 0:  # P == 0: plain attention (flash_attn_func rejects an empty key sequence)
+        return out
     out_p = flash_attn_func(q, prefix_k.expand(batch, -1, -1, -1), prefix_v.expand(batch, -1, -1, -1))
     gamma = (torch.tanh(gate) if gate_tanh else gate).to(q.dtype).reshape(1, 1, -1, 1)
     return out + gamma * out_p
@@ -89,6 +91,8 @@ def xformers_mea(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
 
     bias = xops.LowerTriangularFromBottomRightMask() if q.shape[1] != k.shape[1] else xops.LowerTriangularMask()
     out = xops.memory_efficient_attention(q, expand(k), expand(v), attn_bias=bias)
+    if prefix_k.shape[1] == 0:  # P == 0: plain attention
+        return out
     out_p = xops.memory_efficient_attention(q, expand(prefix_k), expand(prefix_v))
     gamma = (torch.tanh(gate) if gate_tanh else gate).to(q.dtype).reshape(1, 1, -1, 1)
     return out + gamma * out_p

@@ -43,7 +43,7 @@ class Case:
     @property
     def id(self) -> str:
         dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-        shape = (f"T{sum(self.seqlens)}-N{len(self.seqlens)}" if self.seqlens else
+        shape = (f"T{sum(self.seqlens) + self.unused_tail}-N{len(self.seqlens)}" if self.seqlens else
                  f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}")
         return (f"{shape}-H{self.heads_q}x{self.heads_kv}-D{self.head_dim}-P{self.prefix_len}x{self.prefix_batch}"
                 f"-g{self.gate_shape}-{self.gate_activation}-{'causal' if self.causal else 'full'}-{dt}"
