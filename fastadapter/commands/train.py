@@ -1,0 +1,136 @@
+"""``fastadapter train``: fine-tune a LLaMA-Adapter on Alpaca-format data with sequence packing.
+
+Runs on one process, or on several with ``torchrun --nproc-per-node N -m fastadapter.cli train ...`` (data
+parallel: each rank takes its share of every global batch of ``--grad-accum × N`` packed rows).
+"""
+from __future__ import annotations
+
+import os
+
+HELP = "fine-tune a LLaMA-Adapter on Alpaca-format JSON/JSONL data (packed sequences, resumable, torchrun-ready)"
+
+#: The paper adapts the top 30 of LLaMA-7B's 32 layers; a smaller model gets min(30, its layer count).
+PAPER_ADAPTER_LAYERS = 30
+
+
+def add_arguments(parser) -> None:
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
+    io.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: tokenizer.model "
+                                        "or tokenizer.bin in the model's folder)")
+    io.add_argument("--data", required=True, help="Alpaca-format .json (array) or .jsonl: instruction, input, output")
+    io.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, adapter.safetensors")
+    io.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                    help="continue from a checkpoint file or folder; alone: the newest checkpoint in --out")
+    io.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
+                    help="a malformed data row is reported by index and skipped (default) or stops the run")
+    io.add_argument("--eval-fraction", type=float, default=0.05, help="share of the rows held out for eval loss")
+
+    length = parser.add_argument_group("length of the run")
+    length.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
+    length.add_argument("--epochs", type=int, default=1, help="passes over the data when --max-steps is not given")
+    length.add_argument("--batch-tokens", type=int, default=4096,
+                        help="tokens per packed row (one micro-batch of one rank); must be >= --max-seq-len")
+    length.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank per optimizer step")
+    length.add_argument("--max-seq-len", type=int,
+                        help="truncate examples to this many tokens (default: min(512, the model's max_seq_len))")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=2e-2,
+                       help="peak learning rate of AdamW on the adapter (default 2e-2, for short runs of small models; "
+                            "the paper's LLaMA-7B run used 9e-3 x global batch / 256)")
+    optim.add_argument("--warmup", type=int, default=10, help="linear warmup steps before the cosine decay")
+    optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this fraction of --lr")
+    optim.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay of the prompts")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    optim.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="base weights and autocast dtype; adapter parameters stay fp32")
+    optim.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute the adapted blocks' activations in backward (less memory, more compute)")
+    optim.add_argument("--seed", type=int, default=0, help="seed of the adapter initialisation, split and shuffling")
+
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--prompt-len", type=int, default=10, help="learnable prompt tokens per adapted layer")
+    adapter.add_argument("--adapter-layers", type=int, default=PAPER_ADAPTER_LAYERS,
+                         help="adapt the top N layers; N is clamped to the model's layer count (default 30, the "
+                              "paper's setting for LLaMA-7B: all 5 layers of stories260K)")
+    adapter.add_argument("--gate-activation", choices=("tanh", "none"), default="tanh",
+                         help="tanh(gate) as the paper's training code, or the raw gate as PEFT/litgpt")
+
+    run = parser.add_argument_group("bookkeeping")
+    run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
+    run.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end)")
+    run.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    run.add_argument("--device", help="cpu, cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_tokenizer(model_path: str) -> str:
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    for name in ("tokenizer.model", "tokenizer.bin"):
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise SystemExit(f"fastadapter train: no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model.adapter import AdapterConfig, add_adapter, save_adapter
+    from ..model.checkpoints import load_model
+    from ..model.tokenizer import load_tokenizer
+    from ..training.checkpoint import resolve_resume
+    from ..training.data import load_examples, split_examples
+    from ..training.distributed import init_from_environment
+    from ..training.packing import padding_report
+    from ..training.trainer import DTYPES, TrainConfig, train
+
+    context = init_from_environment(args.device)
+    say = print if context.is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+
+    model = load_model(args.model, dtype=DTYPES[args.dtype])
+    model.activation_checkpointing = args.activation_checkpointing
+    n_layers = model.config.n_layers
+    layers = min(args.adapter_layers, n_layers)
+    if layers <= 0:
+        raise SystemExit(f"fastadapter train: --adapter-layers must be positive, got {args.adapter_layers}")
+    add_adapter(model, AdapterConfig(prompt_len=args.prompt_len, layers=layers,
+                                     gate_activation=args.gate_activation))
+    model.to(context.device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
+        f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
+
+    max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
+    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(args.model))
+    examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row)
+    say(f"data: {args.data}: {report.summary()}")
+    train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
+    waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
+                           batch_tokens=args.batch_tokens)
+    say(f"packing: {waste['real_tokens']:,} real tokens in {waste['packed_rows']} rows "
+        f"({waste['packed_fill']:.0%} full, no padding); padding would be "
+        f"{waste['pad_to_max_len']['padding_fraction']:.0%} of the tokens padded to {max_seq_len}, "
+        f"{waste['pad_to_longest']['padding_fraction']:.0%} padded to the longest of batches of 8")
+
+    config = TrainConfig(out=args.out, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
+                         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup,
+                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                         dtype=args.dtype, eval_every=args.eval_every, save_every=args.save_every,
+                         keep_checkpoints=args.keep_checkpoints, seed=args.seed, progress=not args.no_progress)
+    resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
+    if resume:
+        say(f"resuming from {resume}")
+    result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
+                   save_adapter_fn=save_adapter)
+    if result.interrupted_by is not None:
+        say(f"interrupted by signal {result.interrupted_by} at step {result.steps}: checkpoint saved in "
+            f"{os.path.join(args.out, 'checkpoints')}; continue with --resume")
+        return 128 + int(result.interrupted_by)
+    first = "n/a" if result.initial_eval_loss is None else f"{result.initial_eval_loss:.4f}"
+    last = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"
+    say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
+        f"{os.path.join(args.out, 'adapter.safetensors')}")
+    return 0

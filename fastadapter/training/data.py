@@ -1,0 +1,222 @@
+"""Instruction data for fine-tuning: reading Alpaca-format JSON / JSONL rows, checking them, and turning them
+into token sequences whose loss covers only the response.
+
+A row is ``{"instruction": str, "input": str (optional, may be empty), "output": str}``; other keys are ignored.
+An example is the model's input ``tokens`` (BOS, prompt, response) and the ``labels`` it must predict at each
+position (the next token, EOS after the response), with :data:`IGNORE_INDEX` wherever the next token is still
+part of the prompt — as LLaMA-Adapter's fine-tuning code, which masks ``len(encode(prompt))`` tokens of
+``encode(prompt + output)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from .prompt import format_prompt
+
+#: Label of positions that carry no loss (the ``ignore_index`` of ``torch.nn.functional.cross_entropy``).
+IGNORE_INDEX = -100
+
+ON_BAD_ROW_CHOICES = ("skip", "error")
+
+
+class DataError(ValueError):
+    """A data file that cannot be read, or a malformed row when malformed rows are fatal; names the file and
+    the row."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised training example.
+
+    Attributes:
+        tokens: the model input, ``n`` token ids starting with BOS.
+        labels: ``n`` ids: ``labels[j]`` is the token after ``tokens[j]`` when it belongs to the response (EOS
+            included), :data:`IGNORE_INDEX` otherwise.
+        truncated: the example was cut to ``max_seq_len`` tokens (its EOS, maybe more, was lost).
+    """
+
+    tokens: tuple[int, ...]
+    labels: tuple[int, ...]
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def loss_tokens(self) -> int:
+        """How many positions carry loss."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of a data file on their way to examples.
+
+    Attributes:
+        rows: rows in the file.
+        bad_rows: ``(index, reason)`` of every malformed row that was skipped.
+        truncated: examples cut to ``max_seq_len``.
+        no_response: rows dropped because truncation left no response token to learn from.
+    """
+
+    rows: int = 0
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    truncated: int = 0
+    no_response: int = 0
+
+    def summary(self) -> str:
+        text = (f"{self.rows} rows: {len(self.bad_rows)} malformed and skipped, {self.truncated} truncated to "
+                f"--max-seq-len, {self.no_response} dropped (no response token left after truncation)")
+        return text
+
+
+def _read_json_rows(path: str) -> list:
+    """The rows of a JSON array or JSON-lines file; an undecodable JSONL line becomes a row of type ``str``
+    (reported as malformed by :func:`_row_problem`) so that one bad line does not hide the others."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc})") from exc
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of rows or JSON lines") from exc
+        return rows
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            rows.append(f"line {line_number} is not valid JSON ({exc.msg})")
+    if not rows:
+        raise DataError(f"{path}: no rows; expected a JSON array of rows or JSON lines with "
+                        f"'instruction', 'input' and 'output'")
+    return rows
+
+
+def _row_problem(row) -> Optional[str]:
+    """Why ``row`` is not a usable Alpaca row, or None when it is."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        return f"expected an object with 'instruction', 'input', 'output', got {type(row).__name__}"
+    for key in ("instruction", "output"):
+        if key not in row:
+            return f"missing key {key!r}"
+    for key in ("instruction", "input", "output"):
+        if key in row and not isinstance(row[key], str):
+            return f"{key!r} must be a string, got {type(row[key]).__name__}"
+    if not row["instruction"].strip():
+        return "empty 'instruction'"
+    if not row["output"].strip():
+        return "empty 'output' (nothing to learn)"
+    return None
+
+
+def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip",
+              report: Optional[DataReport] = None) -> list[dict]:
+    """The well-formed Alpaca rows of a ``.json`` (array) or ``.jsonl`` file.
+
+    Args:
+        on_bad_row: ``"skip"`` warns with the row's index and reason and leaves it out; ``"error"`` raises.
+        report: filled with the row count and the skipped rows.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        DataError: unreadable or undecodable file, or (``on_bad_row="error"``) a malformed row.
+    """
+    if on_bad_row not in ON_BAD_ROW_CHOICES:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
+    path = os.fspath(path)
+    rows = _read_json_rows(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON array of rows, got a JSON {type(rows).__name__}")
+    report = DataReport() if report is None else report
+    report.rows = len(rows)
+    good = []
+    for index, row in enumerate(rows):
+        problem = _row_problem(row)
+        if problem is None:
+            good.append(row)
+            continue
+        if on_bad_row == "error":
+            raise DataError(f"{path}: row {index} is malformed: {problem} (pass --on-bad-row skip to skip it)")
+        report.bad_rows.append((index, problem))
+        warnings.warn(f"{path}: skipping malformed row {index}: {problem}", stacklevel=2)
+    if not good:
+        raise DataError(f"{path}: none of the {len(rows)} rows is usable")
+    return good
+
+
+def tokenize_rows(rows: Iterable[dict], tokenizer, max_seq_len: int,
+                  report: Optional[DataReport] = None) -> list[Example]:
+    """Tokenise Alpaca rows into :class:`Example`: ``encode(prompt + output)`` with BOS and EOS, the first
+    ``len(encode(prompt))`` positions masked, cut to ``max_seq_len`` input tokens.
+
+    Args:
+        tokenizer: ``encode(text, bos, eos) -> list[int]`` (see :func:`fastadapter.load_tokenizer`).
+        max_seq_len: the longest model input kept; longer examples are truncated and counted in ``report``.
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    report = DataReport() if report is None else report
+    examples = []
+    for row in rows:
+        prompt = format_prompt(row["instruction"], row.get("input", ""))
+        full = tokenizer.encode(prompt + row["output"], bos=True, eos=True)
+        prompt_tokens = len(tokenizer.encode(prompt, bos=True, eos=False))
+        truncated = len(full) > max_seq_len + 1
+        full = full[:max_seq_len + 1]
+        tokens = full[:-1]
+        # labels[j] = full[j + 1]; it is a response token when j + 1 >= prompt_tokens.
+        labels = [t if j + 1 >= prompt_tokens else IGNORE_INDEX for j, t in enumerate(full[1:])]
+        report.truncated += truncated
+        if all(label == IGNORE_INDEX for label in labels):
+            report.no_response += 1
+            continue
+        examples.append(Example(tuple(tokens), tuple(labels), truncated))
+    return examples
+
+
+def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int, *, on_bad_row: str = "skip"
+                  ) -> tuple[list[Example], DataReport]:
+    """:func:`load_rows` then :func:`tokenize_rows`; returns the examples and what happened to the rows."""
+    report = DataReport()
+    rows = load_rows(path, on_bad_row=on_bad_row, report=report)
+    examples = tokenize_rows(rows, tokenizer, max_seq_len, report)
+    if not examples:
+        raise DataError(f"{os.fspath(path)}: no example left after truncation to {max_seq_len} tokens; raise "
+                        f"--max-seq-len")
+    return examples, report
+
+
+def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int
+                   ) -> tuple[list[Example], list[Example]]:
+    """Hold out ``eval_fraction`` of the examples (at least one, chosen with ``seed``) for evaluation.
+
+    Returns:
+        ``(train, eval)``; ``eval`` is empty when ``eval_fraction`` is 0.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must lie in [0, 1), got {eval_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(examples)))
+    if len(examples) - n_eval < 1:
+        raise ValueError(f"{len(examples)} examples are too few to hold out {n_eval} for evaluation")
+    held_out = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    evaluation = [examples[i] for i in sorted(held_out)]
+    return train, evaluation

@@ -1,0 +1,423 @@
+"""The LLaMA-Adapter training loop: packed batches, AdamW on the adapter only, warmup + cosine LR, gradient
+accumulation and clipping, mixed precision, evaluation, metrics, atomic checkpoints, exact resume, graceful
+SIGINT/SIGTERM, and data parallelism across ranks.
+
+One optimizer step consumes a *global batch* of ``grad_accum × world_size`` packed rows of at most
+``batch_tokens`` tokens; rank ``r`` runs rows ``r, r + world_size, ...`` of it. Every micro-batch's summed token
+loss is divided by the number of loss tokens of the whole global batch (known to every rank, which holds the
+whole data set's lengths), so summing gradients over micro-batches and ranks gives exactly the gradient of the
+global batch's mean token loss — the same run whatever the split between ranks and accumulation.
+
+Backward stops at the lowest adapted layer by construction: :func:`fastadapter.add_adapter` freezes the base
+model, so no activation below that layer requires a gradient and autograd records no graph there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (DataPosition, checkpoint_path, load_checkpoint, prune_checkpoints, rng_state,
+                         save_checkpoint, set_rng_state)
+from .data import IGNORE_INDEX, Example
+from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
+from .packing import PackedBatch, collate_packed, pack_examples
+from .schedule import warmup_cosine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of a run (the ``fastadapter train`` flags).
+
+    Attributes:
+        out: the run folder: ``metrics.jsonl``, ``checkpoints/``, ``adapter.safetensors``.
+        batch_tokens: capacity of one packed row (one micro-batch of one rank).
+        grad_accum: micro-batches per rank per optimizer step.
+        max_steps: optimizer steps of the run; None: ``epochs`` passes over the training data.
+        epochs: passes over the training data when ``max_steps`` is None.
+        lr: peak learning rate; warmup_steps: linear warmup; min_lr_ratio: the cosine's floor, times ``lr``.
+        weight_decay: AdamW decay of the prompts (gates, 1-D, are not decayed, as the original code).
+        grad_clip: max global gradient norm (0: no clipping).
+        dtype: ``fp32``, ``bf16`` or ``fp16`` autocast (adapter parameters and optimizer state stay fp32).
+        eval_every: evaluate every this many steps (and at step 0 and at the end); 0: only at 0 and the end.
+        save_every: checkpoint every this many steps (and at the end); 0: only at the end or on a signal.
+        keep_checkpoints: newest checkpoints kept (0: all).
+        seed: shuffling of each epoch.
+        progress: show a tqdm progress bar (rank 0).
+    """
+
+    out: str
+    batch_tokens: int = 4096
+    grad_accum: int = 1
+    max_steps: Optional[int] = None
+    epochs: int = 1
+    lr: float = 2e-2
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.02
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    eval_every: int = 20
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_tokens", "grad_accum", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got lr={self.lr}, "
+                             f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
+                             f"weight_decay={self.weight_decay}")
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``steps`` taken, the last training ``loss``, the first and last ``eval_loss``, and the
+    signal that interrupted it (None when it ran to the end)."""
+
+    steps: int
+    loss: float
+    initial_eval_loss: Optional[float]
+    eval_loss: Optional[float]
+    interrupted_by: Optional[int] = None
+
+
+class _StopRequest:
+    """Records SIGINT/SIGTERM instead of dying, so the loop can checkpoint at the end of the current step."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every trainable parameter, in a fixed order; raises when there is none."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter: call fastadapter.add_adapter(model, config) first")
+    for name, p in params:
+        if p.dtype != torch.float32:
+            raise ValueError(f"trainable parameter {name} is {p.dtype}; adapter parameters must stay fp32")
+    return params
+
+
+def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the adapter, with weight decay on the prompts only (matrices), fused when the device has a
+    fused kernel (one launch for every parameter instead of several per parameter)."""
+    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), foreach=True)
+
+
+def epoch_rows(examples: Sequence[Example], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """The packed rows of ``epoch``: the examples shuffled with ``(seed, epoch)``, then packed in that order."""
+    order = list(range(len(examples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rows = pack_examples([len(examples[i]) for i in order], batch_tokens)
+    return [[order[i] for i in row] for row in rows]
+
+
+@contextmanager
+def _head_only_at(model: nn.Module, positions: torch.Tensor):
+    """Make ``model`` compute logits only at ``positions`` (int64 ``[K]`` of its ``T`` packed positions).
+
+    The output head costs ``2·dim·V`` FLOPs per token (V = 32000 for LLaMA: 2% of LLaMA-7B's forward, most of a
+    small model's) and a ``[T, V]`` fp32 logits tensor (often the step's peak memory), while the loss needs it only
+    at the response tokens — about half of Alpaca's. A :class:`~fastadapter.model.LlamaModel` computes
+    ``output(norm(h))``; a forward hook on ``norm`` keeps the rows at ``positions``, so the head runs on ``K`` rows
+    instead of ``T``. Models without a final ``norm`` module are left alone (the caller then selects the rows from
+    full logits).
+    """
+    norm = getattr(model, "norm", None)
+    if not isinstance(norm, nn.Module):
+        yield
+        return
+    handle = norm.register_forward_hook(lambda module, args, out: out.index_select(1, positions))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The summed cross-entropy of ``batch``'s loss tokens (fp32 scalar); logits are computed only there."""
+    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    with _head_only_at(model, positions):
+        logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)[0]
+    if logits.shape[0] != positions.numel():  # the model computed every position
+        logits = logits.index_select(0, positions)
+    return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
+
+
+class Trainer:
+    """Runs :class:`TrainConfig` on an adapted model; see :func:`train`."""
+
+    def __init__(self, model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
+                 config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None):
+        self.model, self.config = model, config
+        self.context = context or DistributedContext(device=next(model.parameters()).device)
+        self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
+        if not self.train_examples:
+            raise ValueError("no training examples")
+        self.params = adapter_parameters(model)
+        self._rows_cache: dict[int, list[list[int]]] = {}
+        self.optimizer = build_optimizer(self.params, config)
+        self.rows_per_step = config.grad_accum * self.context.world_size
+        self.total_steps = self._count_total_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup_steps=config.warmup_steps,
+                                                    total_steps=self.total_steps, min_ratio=config.min_lr_ratio))
+        device_type = self.context.device.type
+        dtype = DTYPES[config.dtype]
+        self.autocast = (torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+        self.save_adapter_fn = save_adapter_fn
+        self.step = 0
+        self.position = DataPosition()
+        self.tokens_seen = 0
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def _rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._rows_cache:
+            self._rows_cache = {epoch: epoch_rows(self.train_examples, self.config.batch_tokens, self.config.seed,
+                                                  epoch)}
+        return self._rows_cache[epoch]
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return len(self._rows(epoch)) // self.rows_per_step
+
+    def _count_total_steps(self) -> int:
+        if self._steps_in_epoch(0) == 0:
+            raise ValueError(f"the {len(self.train_examples)} training examples pack into "
+                             f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
+                             f"step needs (grad_accum × world size = {self.rows_per_step}); lower --batch-tokens "
+                             f"or --grad-accum")
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        return sum(self._steps_in_epoch(e) for e in range(self.config.epochs))
+
+    def _global_batch(self) -> list[list[Example]]:
+        """The rows (as example lists) of the current step's global batch; advances the data position."""
+        if self.position.step_in_epoch >= self._steps_in_epoch(self.position.epoch):
+            self.position = DataPosition(self.position.epoch + 1, 0)
+            if self._steps_in_epoch(self.position.epoch) == 0:
+                raise ValueError(f"epoch {self.position.epoch} packs into {len(self._rows(self.position.epoch))} "
+                                 f"rows, fewer than one step needs ({self.rows_per_step}); lower --batch-tokens or "
+                                 f"--grad-accum")
+        rows = self._rows(self.position.epoch)
+        start = self.position.step_in_epoch * self.rows_per_step
+        self.position = DataPosition(self.position.epoch, self.position.step_in_epoch + 1)
+        return [[self.train_examples[i] for i in row] for row in rows[start:start + self.rows_per_step]]
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step; returns the global batch's mean token loss and its real token count."""
+        global_batch = self._global_batch()
+        loss_tokens = sum(e.loss_tokens for row in global_batch for e in row)
+        real_tokens = sum(len(e) for row in global_batch for e in row)
+        self.model.train()
+        local_loss = 0.0
+        for micro in range(self.config.grad_accum):
+            batch = collate_packed(global_batch[micro * self.context.world_size + self.context.rank])
+            with self.autocast:
+                loss = token_loss_sum(self.model, batch.to(self.context.device)) / loss_tokens
+            self.scaler.scale(loss).backward()
+            local_loss += float(loss.detach())
+        parameters = [p for _, p in self.params]
+        all_reduce_gradients(parameters, self.context)
+        self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += real_tokens
+        (loss_value,) = all_reduce_sum([local_loss], self.context)
+        return loss_value, real_tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """The mean token loss of the held-out examples (None when there are none)."""
+        if not self.eval_examples:
+            return None
+        self.model.eval()
+        rows = pack_examples([len(e) for e in self.eval_examples], self.config.batch_tokens)
+        loss_sum, count = 0.0, 0
+        for row in rows[self.context.rank::self.context.world_size]:
+            batch = collate_packed([self.eval_examples[i] for i in row])
+            with self.autocast:
+                loss_sum += float(token_loss_sum(self.model, batch.to(self.context.device)))
+            count += batch.loss_tokens
+        loss_sum, count = all_reduce_sum([loss_sum, count], self.context)
+        return loss_sum / count
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.position.epoch, "step_in_epoch": self.position.step_in_epoch,
+                "tokens_seen": self.tokens_seen,
+                "adapter": {name: p.detach().clone() for name, p in self.params},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), "config": asdict(self.config),
+                "world_size": self.context.world_size}
+
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        saved = state["config"]
+        for key in ("batch_tokens", "seed"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(f"{source} was made with {key}={saved[key]}, this run has {key}="
+                                 f"{getattr(self.config, key)}: resuming would not see the same data")
+        if saved["grad_accum"] * state["world_size"] != self.rows_per_step:
+            raise ValueError(f"{source} took {saved['grad_accum'] * state['world_size']} rows per step "
+                             f"(grad_accum × world size), this run takes {self.rows_per_step}")
+        names = [name for name, _ in self.params]
+        if sorted(state["adapter"]) != sorted(names):
+            raise ValueError(f"{source} holds adapter parameters {sorted(state['adapter'])}, the model has "
+                             f"{sorted(names)}")
+        with torch.no_grad():
+            for name, p in self.params:
+                if state["adapter"][name].shape != p.shape:
+                    raise ValueError(f"{source}: {name} has shape {list(state['adapter'][name].shape)}, the model's "
+                                     f"is {list(p.shape)}")
+                p.copy_(state["adapter"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.position = DataPosition(state["epoch"], state["step_in_epoch"])
+
+    def save(self) -> Optional[str]:
+        """Checkpoint (rank 0 writes, every rank waits for it); returns the path on rank 0."""
+        path = None
+        if self.context.is_main:
+            folder = os.path.join(self.config.out, "checkpoints")
+            path = checkpoint_path(folder, self.step)
+            save_checkpoint(path, self.state_dict())
+            prune_checkpoints(folder, self.config.keep_checkpoints)
+        barrier(self.context)
+        return path
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.context.is_main:
+            with open(os.path.join(self.config.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the resumed step (written after the checkpoint by the stopped run)."""
+        path = os.path.join(self.config.out, "metrics.jsonl")
+        if not self.context.is_main or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    def run(self, resume: Optional[str] = None) -> TrainResult:
+        """Train to ``total_steps`` (from ``resume``, a checkpoint file, when given)."""
+        os.makedirs(self.config.out, exist_ok=True)
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume, map_location=self.context.device), resume)
+            self._truncate_metrics()
+        initial_eval = eval_loss = None
+        if self.step == 0:
+            initial_eval = eval_loss = self.evaluate()
+            self._log({"step": 0, "tokens": 0, "lr": self.scheduler.get_last_lr()[0], "eval_loss": eval_loss})
+        loss = math.nan
+        bar = None
+        if self.config.progress and self.context.is_main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        interrupted = None
+        with _StopRequest() as stop:
+            while self.step < self.total_steps:
+                lr = self.scheduler.get_last_lr()[0]
+                started = time.perf_counter()
+                loss, real_tokens = self.train_step()
+                seconds = time.perf_counter() - started
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                          "tokens_per_s": real_tokens / seconds}
+                final = self.step == self.total_steps
+                if final or (self.config.eval_every and self.step % self.config.eval_every == 0):
+                    eval_loss = record["eval_loss"] = self.evaluate()
+                self._log(record)
+                if bar is not None:
+                    postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                    if eval_loss is not None:
+                        postfix["eval"] = f"{eval_loss:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                # Every rank must stop at the same step: agree on whether any of them was signalled.
+                (signalled,) = all_reduce_sum([float(stop.signum or 0)], self.context)
+                if signalled:
+                    interrupted = stop.signum or signal.SIGTERM
+                    self.save()
+                    break
+                if final or (self.config.save_every and self.step % self.config.save_every == 0):
+                    self.save()
+        if bar is not None:
+            bar.close()
+        if interrupted is None and self.save_adapter_fn is not None and self.context.is_main:
+            self.save_adapter_fn(self.model, os.path.join(self.config.out, "adapter.safetensors"))
+        barrier(self.context)
+        return TrainResult(self.step, loss, initial_eval, eval_loss, interrupted)
+
+
+def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
+          config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
+          save_adapter_fn=None) -> TrainResult:
+    """Fine-tune the adapter of ``model`` (already given one by :func:`fastadapter.add_adapter`).
+
+    Args:
+        model: called as ``model(tokens [1, T], cu_seqlens=int32 [N+1], max_seqlen=int) -> logits [1, T, V]``;
+            its only trainable parameters are the adapter's (fp32).
+        train_examples, eval_examples: tokenised examples (:func:`fastadapter.training.load_examples`).
+        resume: a checkpoint file written by an earlier run with the same data and batch settings.
+        context: this process's rank in a ``torch.distributed`` job (default: single process).
+        save_adapter_fn: ``fn(model, path)`` writing the final adapter (``OUT/adapter.safetensors``).
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn).run(resume)
