@@ -99,6 +99,15 @@ def test_positions_restart_at_each_sequence():
     assert positions_from_cu_seqlens(cu_seqlens, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
 
 
+def test_logits_positions_select_rows_of_the_full_logits():
+    model = _adapted()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20))
+    cu_seqlens = torch.tensor([0, 12, 20], dtype=torch.int32)
+    picked = torch.tensor([0, 5, 11, 19])
+    full = model(tokens, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(model(tokens, cu_seqlens=cu_seqlens, logits_positions=picked), full[:, picked])
+
+
 def test_explicit_positions_shift_rope():
     model = LlamaModel(TINY)
     tokens = torch.randint(0, TINY.vocab_size, (1, 9))

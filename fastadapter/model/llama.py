@@ -193,8 +193,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, positions: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits of every position.
+                cache: Optional[KVCache] = None,
+                logits_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of every position (or of ``logits_positions``).
 
         Args:
             tokens: int64 ``[B, S]``; with ``cu_seqlens``, ``[1, T]`` holding N sequences back to back.
@@ -204,9 +205,12 @@ class LlamaModel(nn.Module):
                 each sequence (packed), or continuing each row's cached length (with ``cache``).
             cache: a :class:`KVCache` for generation: a packed call fills its empty rows (row n ← sequence n), a
                 batched call appends ``S`` tokens to every row.
+            logits_positions: int64 ``[K]``: compute the logits only at these positions of the sequence axis
+                (the training loss needs them only at response tokens; the output head and its ``[T, V]``
+                logits are often a step's largest cost in memory).
 
         Returns:
-            ``[B, S, V]`` logits in the model's dtype.
+            ``[B, S, V]`` logits in the model's dtype (``[B, K, V]`` with ``logits_positions``).
         """
         tokens, positions, cu_seqlens, max_seqlen = self._check_call(tokens, cu_seqlens, max_seqlen, positions,
                                                                      cache)
@@ -225,6 +229,8 @@ class LlamaModel(nn.Module):
                 cache.advance((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
             else:
                 cache.advance([length + tokens.shape[1] for length in cache.lengths])
+        if logits_positions is not None:
+            h = h.index_select(1, logits_positions)
         return F.linear(self.norm(h), self.output_weight)
 
     @staticmethod

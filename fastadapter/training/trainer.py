@@ -19,7 +19,7 @@ import os
 import random
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -155,35 +155,13 @@ def epoch_rows(examples: Sequence[Example], batch_tokens: int, seed: int, epoch:
     return [[order[i] for i in row] for row in rows]
 
 
-@contextmanager
-def _head_only_at(model: nn.Module, positions: torch.Tensor):
-    """Make ``model`` compute logits only at ``positions`` (int64 ``[K]`` of its ``T`` packed positions).
-
-    The output head costs ``2·dim·V`` FLOPs per token (V = 32000 for LLaMA: 2% of LLaMA-7B's forward, most of a
-    small model's) and a ``[T, V]`` fp32 logits tensor (often the step's peak memory), while the loss needs it only
-    at the response tokens — about half of Alpaca's. A :class:`~fastadapter.model.LlamaModel` computes
-    ``output(norm(h))``; a forward hook on ``norm`` keeps the rows at ``positions``, so the head runs on ``K`` rows
-    instead of ``T``. Models without a final ``norm`` module are left alone (the caller then selects the rows from
-    full logits).
-    """
-    norm = getattr(model, "norm", None)
-    if not isinstance(norm, nn.Module):
-        yield
-        return
-    handle = norm.register_forward_hook(lambda module, args, out: out.index_select(1, positions))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     """The summed cross-entropy of ``batch``'s loss tokens (fp32 scalar); logits are computed only there."""
+    # The output head runs only at the loss tokens (about half of Alpaca's): it costs 2·dim·V FLOPs per token
+    # and a [T, V] fp32 logits tensor, often the step's peak memory.
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
-    with _head_only_at(model, positions):
-        logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)[0]
-    if logits.shape[0] != positions.numel():  # the model computed every position
-        logits = logits.index_select(0, positions)
+    logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                   logits_positions=positions)[0]
     return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
 
 
