@@ -1,0 +1,225 @@
+"""PEFT ``adaption_prompt`` before and after ``fastadapter.integrations.peft.accelerate``: one training step.
+
+The same randomly initialised LLaMA (no weights downloaded; LLaMA's 32000-token vocabulary, head_dim 64) wrapped
+by PEFT's ``adaption_prompt`` on every layer, gates set non-zero. One model object is timed twice: as PEFT runs
+it (``peft``), then after ``accelerate`` (``peft+fastadapter``), which swaps the forward of its
+``AdaptedAttention`` layers and nothing else. Before timing, the loss and the adapter gradients of the two are
+compared (``max_grad_rel_err`` in the rows): a benchmark must not time something that computes otherwise.
+
+Modes:
+
+* ``train_step``: forward with labels, backward, AdamW step on the adapter parameters, ``zero_grad``;
+* ``forward``: inference forward (``torch.no_grad``).
+
+Batches: ``dense`` (no padding: the fused causal path) and ``padded`` (right padding to the longest row, about
+a third of the tokens: the explicit-mask path, see ``fastadapter/integrations/_attention_mask.py``).
+
+    python -m benchmarks.bench_peft_accelerate --quick
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .memory import peak_memory_bytes
+from .timing import measure, summarize
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """A LLaMA of ``n_layers`` × ``dim`` (``n_heads`` query heads over ``n_kv_heads``), every layer adapted with
+    a ``prompt_len`` prompt; a batch of ``batch`` sequences of ``seqlen`` tokens."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    batch: int
+    seqlen: int
+    vocab_size: int = 32000
+    prompt_len: int = 10
+
+    @property
+    def label(self) -> str:
+        return (f"B{self.batch}-S{self.seqlen}-dim{self.dim}-L{self.n_layers}-H{self.n_heads}/{self.n_kv_heads}"
+                f"-P{self.prompt_len}")
+
+
+def config_for(preset: str) -> StepConfig:
+    """LLaMA shapes (head_dim 64, 32000-token vocabulary) that take at most seconds per step on a CPU.
+
+    Sequences are long for the width (512 to 1024 tokens; the original recipe pads to 512) so that the decoder
+    layers, where the attention changes, take a fair share of the step: in LLaMA-7B the 32000-way output
+    projection is ~2% of the FLOPs, here it is ~2/3 of them in ``quick`` (dim 256) and ~1/3 in ``default``
+    (dim 512), which bounds the speed-up a change of attention can show at these sizes.
+    """
+    if preset == "quick":
+        return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=512)
+    if preset == "default":
+        return StepConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1408, batch=1, seqlen=1024)
+    if preset == "full":
+        return StepConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, hidden_dim=2816, batch=4, seqlen=1024)
+    raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
+
+
+def build_peft_model(config: StepConfig, device):
+    """PEFT's adaption_prompt model on a random ``LlamaForCausalLM`` of ``config``, gates in [0.3, 0.9]."""
+    from peft import AdaptionPromptConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                            num_key_value_heads=config.n_kv_heads, vocab_size=config.vocab_size,
+                            max_position_embeddings=max(2048, config.seqlen), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(hf_config), AdaptionPromptConfig(
+        adapter_len=config.prompt_len, adapter_layers=config.n_layers, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("adaption_gate"):  # zero-initialised: the prompt would not change the output
+                parameter.uniform_(0.3, 0.9)
+    return model.to(device).train()
+
+
+def make_batch(config: StepConfig, padded: bool, device) -> dict:
+    """``input_ids``, ``attention_mask``, ``labels`` ``[B, S]``; padded: rows of 1/2..1 of S, right-padded."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, config.vocab_size, (config.batch, config.seqlen), generator=generator)
+    mask = torch.ones_like(tokens)
+    if padded:
+        lengths = torch.linspace(config.seqlen // 2, config.seqlen, config.batch).long()
+        mask = (torch.arange(config.seqlen)[None] < lengths[:, None]).long()
+    labels = tokens.masked_fill(mask == 0, -100)
+    return {"input_ids": tokens.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _adapter_gradients(model, batch: dict) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def _providers():
+    from fastadapter.integrations.peft import accelerate, restore
+    return {"peft": restore, "peft+fastadapter": accelerate}
+
+
+def interleaved_times(fn: Callable[[], object], model, warmup: int, repeats: int, device
+                      ) -> dict[str, tuple[list[float], list[float]]]:
+    """``{provider: (wall ms, process CPU ms)}`` of the runs of ``fn``, the providers alternating run by run.
+
+    On a shared machine the load changes over seconds: alternation gives both providers the same conditions.
+    The CPU time of this process (all its threads) is kept too: unlike wall time it does not count the time
+    other processes held the cores, so it stays comparable when the machine is busy.
+    """
+    providers = _providers()
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in providers}
+    for name, switch in providers.items():
+        switch(model)
+        measure(fn, warmup=warmup, repeats=1, device=device)  # warm-up runs, then one run thrown away
+    for _ in range(repeats):
+        for name, switch in providers.items():
+            switch(model)
+            cpu_start = time.process_time()
+            wall_ms = measure(fn, warmup=0, repeats=1, device=device)["median_ms"]
+            times[name][0].append(wall_ms)
+            times[name][1].append(1e3 * (time.process_time() - cpu_start))
+    return times
+
+
+def run(quick: bool, device: str, *, full: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Rows ``suite="peft_accelerate"``, providers ``peft`` (the baseline) and ``peft+fastadapter``, modes
+    ``train_step`` and ``forward``, batches ``dense`` and ``padded`` (in ``config``), with ``tokens_per_s``,
+    ``cpu_median_ms`` (process CPU time), ``peak_mem_mb`` (train step) and ``max_grad_rel_err`` (accelerated
+    against PEFT)."""
+    config = config_for("quick" if quick else "full" if full else "default")
+    warmup, repeats = (1, 3) if quick else (2, 5)
+    providers = _providers()
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation notices, once per call
+        model = build_peft_model(config, device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for batch_kind in ("dense", "padded"):
+            batch = make_batch(config, batch_kind == "padded", device)
+            tokens = int(batch["attention_mask"].sum())
+
+            def train_step():
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            @torch.no_grad()
+            def forward():
+                model(**batch)
+
+            providers["peft"](model)
+            loss_ref, grads_ref = _adapter_gradients(model, batch)
+            providers["peft+fastadapter"](model)
+            loss_acc, grads_acc = _adapter_gradients(model, batch)
+            err = max(float((grads_acc[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in grads_ref.items())
+            log(f"  peft_accelerate: {config.label} {batch_kind}: loss {loss_ref:.6f} vs {loss_acc:.6f}, "
+                f"max relative gradient error {err:.2e}")
+            label = f"{config.label}-{batch_kind}"
+            for mode, fn in (("train_step", train_step), ("forward", forward)):
+                log(f"  peft_accelerate: {label} {mode}")
+                times = interleaved_times(fn, model, warmup, repeats, device)
+                for provider, (wall_ms, cpu_ms) in times.items():
+                    timing = summarize(wall_ms)
+                    row = {"suite": "peft_accelerate", "provider": provider, "mode": mode, "config": label,
+                           **timing, "cpu_median_ms": statistics.median(cpu_ms),
+                           "tokens_per_s": tokens / (timing["median_ms"] / 1e3),
+                           "max_grad_rel_err": err, "loss": loss_acc if provider != "peft" else loss_ref}
+                    if mode == "train_step":
+                        providers[provider](model)
+                        row["peak_mem_mb"] = peak_memory_bytes(fn, device) / 2**20
+                    rows.append(row)
+        providers["peft"](model)
+    return rows
+
+
+def _speedups(rows: list[dict]) -> str:
+    """One line per (config, mode): PEFT's median wall and CPU times over the accelerated one's."""
+    lines = []
+    by_key = {(r["config"], r["mode"], r["provider"]): r for r in rows}
+    for (label, mode, provider), row in by_key.items():
+        if provider == "peft" and (label, mode, "peft+fastadapter") in by_key:
+            fast = by_key[(label, mode, "peft+fastadapter")]
+            lines.append(f"{label} {mode}: wall peft {row['median_ms']:.1f} ms, peft+fastadapter "
+                         f"{fast['median_ms']:.1f} ms (x{row['median_ms'] / fast['median_ms']:.2f}); CPU time "
+                         f"peft {row['cpu_median_ms']:.1f} ms, peft+fastadapter {fast['cpu_median_ms']:.1f} ms "
+                         f"(x{row['cpu_median_ms'] / fast['cpu_median_ms']:.2f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="PEFT adaption_prompt training step, before and after accelerate")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (one thread is steadier on a machine shared with others)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .report import format_table
+    rows = run(args.quick, args.device, full=args.full)
+    print(format_table(rows))
+    print(_speedups(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""LLaMA-Adapter on Hugging Face models: ``apply_adapter``, ``remove_adapter``, ``save_adapter``, ``load_adapter``.
+
+Patch point. Each adapted layer's ``self_attn`` is replaced by an :class:`AdapterAttention` that takes over the
+layer's own ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (same objects, same state-dict names) and adds a
+:class:`~fastadapter.model.layer_adapter.LayerAdapter` (prompt ``[P, hidden]`` and zero-init gate) under
+``self_attn.adapter``. Why a module and not a function registered with transformers' ``AttentionInterface``:
+
+* the prefix must be projected by *this layer's* ``k_proj``/``v_proj`` and added inside the attention, so the
+  work belongs to the layer; an attention function would have to find its prompt through the module anyway;
+* the attention implementation is one setting of the whole model (``config._attn_implementation``); switching
+  it would also change the lower, unadapted layers and the masks they get, while the brief is to leave them
+  untouched: they keep running whatever the model was loaded with (sdpa, eager);
+* the model's ``forward``, ``generate()``, caches and gradient checkpointing stay the model's own: only the
+  attention of the adapted layers changes, and ``remove_adapter`` puts the original modules back.
+
+Masks: with no padding the layer receives no mask (sdpa) or exactly the causal one (eager) and runs the fused
+causal path; left/right padding, packed sequences and sliding windows run an exact masked composition (see
+:mod:`._attention_mask`).
+
+Adapter files are fastadapter's (``fastadapter.model.adapter_file``): an adapter trained on a Hugging Face model
+loads into fastadapter's thin LLaMA built from the same weights, and back (same base-model fingerprint).
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..model.adapter import AdapterConfig
+from ..model.adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
+from ..model.adapter_formats import detect_adapter_format, read_foreign_adapter
+from ..model.layer_adapter import LayerAdapter
+from ._llama_pattern import check_llama_pattern, llama_pattern_attention
+from ._versions import require_supported_version
+
+__all__ = ["AdapterAttention", "apply_adapter", "remove_adapter", "adapted_layers", "save_adapter", "load_adapter"]
+
+# Plain attributes of the Llama-pattern attention classes that their forward (and transformers' bookkeeping)
+# reads; copied onto the replacement.
+_ATTRIBUTES = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
+               "is_causal", "sliding_window", "layer_type")
+
+
+class AdapterAttention(nn.Module):
+    """A Hugging Face attention layer of the Llama pattern with LLaMA-Adapter's prompt and gate.
+
+    Holds the original layer's projections under their own names, so the base weights keep their state-dict keys
+    (``…self_attn.q_proj.weight``) and the new parameters are ``…self_attn.adapter.prompt [P, hidden]`` and
+    ``…self_attn.adapter.gate [Hq] or [1]`` (fp32).
+
+    ``forward(hidden_states [B, S, hidden], position_embeddings, attention_mask, past_key_values, **kwargs)``
+    returns ``(output [B, S, hidden], None)`` like the module it replaces (no attention weights: the fused kernel
+    never forms them).
+    """
+
+    def __init__(self, base: nn.Module, adapter: LayerAdapter):
+        super().__init__()
+        self._rotary = check_llama_pattern(base)
+        for name in _ATTRIBUTES:
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.adapter = adapter
+        # The original module, outside the module tree (its weights are the ones above): remove_adapter puts it
+        # back.
+        self.__dict__["base_attention"] = base
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, past_key_values=None, **kwargs):
+        if position_embeddings is None:
+            raise ValueError("AdapterAttention needs the (cos, sin) position_embeddings that the decoder layer "
+                             "passes (transformers >= 5)")
+        out = llama_pattern_attention(self, self._rotary, hidden_states, position_embeddings, attention_mask,
+                                      past_key_values, self.adapter.prompt, self.adapter.gate,
+                                      self.adapter.gate_activation)
+        return self.o_proj(out), None
+
+    def extra_repr(self) -> str:
+        return f"base={type(self.base_attention).__name__}, layer_idx={self.layer_idx}"
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Hugging Face causal LM or base model (each with a ``self_attn``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise TypeError(f"{type(model).__name__} has no decoder layers with a self_attn (expected "
+                        f"model.get_decoder().layers[i].self_attn, as LlamaForCausalLM, MistralForCausalLM, "
+                        f"Qwen2ForCausalLM)")
+    return layers
+
+
+def _model_dims(model: nn.Module) -> dict:
+    config = model.config
+    return {"dim": config.hidden_size, "n_layers": config.num_hidden_layers,
+            "n_heads": config.num_attention_heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "vocab_size": model.get_input_embeddings().weight.shape[0]}
+
+
+def adapted_layers(model: nn.Module) -> dict[int, AdapterAttention]:
+    """``{layer index: AdapterAttention}`` of every adapted layer of ``model`` (empty when none)."""
+    return {i: layer.self_attn for i, layer in enumerate(_decoder_layers(model))
+            if isinstance(layer.self_attn, AdapterAttention)}
+
+
+def remove_adapter(model: nn.Module) -> nn.Module:
+    """Put the original attention modules back (in place); the base weights were never copied."""
+    for layer in _decoder_layers(model):
+        if isinstance(layer.self_attn, AdapterAttention):
+            # The original was outside the module tree: give it the mode the model is in now.
+            layer.self_attn = layer.self_attn.base_attention.train(layer.self_attn.training)
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
+    return model
+
+
+def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Sequence[int]] = 30,
+                  gate_activation: str = "tanh", *, gate_per_head: bool = True) -> nn.Module:
+    """Turn a Hugging Face Llama-pattern model into a LLaMA-Adapter model, in place.
+
+    Freezes every base weight; each adapted layer gets a prompt ``[prompt_len, hidden]`` (N(0, 1), fp32) and a
+    zero gate (``[Hq]`` with ``gate_per_head``, else ``[1]``, fp32), so the model starts computing exactly what
+    the base model computes. Lower layers are untouched. Replaces an adapter applied before.
+
+    Args:
+        model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (or their base models), or any
+            model whose attention class follows the Llama pattern (see :mod:`._llama_pattern`).
+        prompt_len: P, prompt tokens per adapted layer.
+        layers: the number of top layers to adapt, or an explicit list of layer indices.
+        gate_activation: ``"tanh"`` (the paper's training code) or ``"none"`` (raw gate, PEFT and litgpt).
+        gate_per_head: one gate per query head (the paper) or one scalar per layer (PEFT).
+
+    Returns:
+        ``model``; its only trainable parameters are ``…layers.{i}.self_attn.adapter.{prompt,gate}``.
+
+    Raises:
+        UnsupportedVersionError: a transformers version other than the supported ones.
+        UnsupportedAttentionError: an attention class that is not of the Llama pattern (names it).
+        ValueError: bad ``prompt_len`` / ``layers`` / ``gate_activation``.
+    """
+    require_supported_version("transformers")
+    config = AdapterConfig(prompt_len=prompt_len, layers=layers, gate_activation=gate_activation,
+                           gate_per_head=gate_per_head)
+    decoder_layers = _decoder_layers(model)
+    indices = config.layer_indices(len(decoder_layers))
+    remove_adapter(model)
+    for i in indices:  # check every layer before changing any
+        check_llama_pattern(decoder_layers[i].self_attn)
+    model.requires_grad_(False)
+    dims = _model_dims(model)
+    for i in indices:
+        base = decoder_layers[i].self_attn
+        adapter = LayerAdapter(config.prompt_len, dims["dim"], dims["n_heads"], gate_per_head=config.gate_per_head,
+                               gate_activation=config.gate_activation, device=base.q_proj.weight.device)
+        decoder_layers[i].self_attn = AdapterAttention(base, adapter)
+    model.adapter_config = config
+    return model
+
+
+def _base_model_description(model: nn.Module) -> dict:
+    dims = _model_dims(model)
+    fingerprint = base_model_fingerprint(model.get_input_embeddings().weight, dims["n_layers"], dims["n_heads"],
+                                         dims["n_kv_heads"])
+    return {"fingerprint": fingerprint, **dims}
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the prompts and gates of ``model`` (fp32) to the fastadapter adapter file ``path`` (safetensors).
+
+    The file loads into fastadapter's LLaMA (``fastadapter.load_adapter``) built from the same weights, and into
+    this model with :func:`load_adapter`.
+    """
+    adapters = adapted_layers(model)
+    if not adapters:
+        raise ValueError(f"{type(model).__name__} has no adapter to save: call apply_adapter first")
+    first = next(iter(adapters.values())).adapter
+    config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
+                           gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
+    tensors = {}
+    for i, attn in adapters.items():
+        tensors[f"layers.{i}.adapter_prompt"] = attn.adapter.prompt
+        tensors[f"layers.{i}.adapter_gate"] = attn.adapter.gate
+    write_adapter_file(path, tensors, config.to_dict(len(_decoder_layers(model))), _base_model_description(model))
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> nn.Module:
+    """Give ``model`` the adapter stored at ``path`` (in place; replaces any adapter it had).
+
+    Args:
+        path: a fastadapter adapter file, a PEFT ``adaption_prompt`` folder (or its weights file), a litgpt or an
+            original LLaMA-Adapter v1 checkpoint.
+        format: ``"fastadapter"``, ``"peft"``, ``"litgpt"`` or ``"llama_adapter_v1"``; detected when None.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        AdapterFileError: an unreadable file, or one made for another base model (dimensions or fingerprint),
+            naming the file and the mismatch.
+    """
+    path = os.fspath(path)
+    format = format or detect_adapter_format(path)
+    dims = _model_dims(model)
+    if format == "fastadapter":
+        tensors, meta = read_adapter_file(path)
+        _check_base_model(model, path, meta["base_model"])
+        config_dict = meta["config"]
+    else:
+        # The foreign readers only need the model's dimensions.
+        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**dims))
+    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
+                           gate_activation=config_dict["gate_activation"],
+                           gate_per_head=config_dict["gate_per_head"])
+    _check_fits(path, config, tensors, dims)
+    apply_adapter(model, config.prompt_len, list(config.layers), config.gate_activation,
+                  gate_per_head=config.gate_per_head)
+    with torch.no_grad():
+        for i, attn in adapted_layers(model).items():
+            attn.adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
+            attn.adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    return model
+
+
+def _check_base_model(model: nn.Module, path: str, base_model: dict) -> None:
+    """Raise :class:`AdapterFileError` when the file was made for another base model than ``model``."""
+    mine = _base_model_description(model)
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
+        if int(base_model[key]) != mine[key]:
+            raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
+                                   f"but {type(model).__name__} has {key}={mine[key]}")
+    if base_model["fingerprint"] != mine["fingerprint"]:
+        raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
+                               f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
+                               f"{mine['fingerprint'][:12]}…)")
+
+
+def _check_fits(path: str, config: AdapterConfig, tensors: dict, dims: dict) -> None:
+    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs."""
+    try:
+        indices = config.layer_indices(dims["n_layers"])
+    except ValueError as exc:
+        raise AdapterFileError(f"{path}: {exc}") from exc
+    gate_numel = dims["n_heads"] if config.gate_per_head else 1
+    for i in indices:
+        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, dims["dim"])),
+                            (f"layers.{i}.adapter_gate", (gate_numel,))):
+            if name not in tensors:
+                raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
+            if tuple(tensors[name].shape) != shape:
+                raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, the model "
+                                       f"needs {list(shape)}")

@@ -1,0 +1,186 @@
+"""``fastadapter.integrations.peft``: ``accelerate`` against the unaccelerated PEFT model (logits, loss, every
+gradient, generation, padding, checkpointing, saving), ``restore``, and ``export_to_peft`` into PEFT's loader."""
+import copy
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.adaption_prompt.layer import AdaptedAttention
+from test_integrations_transformers import random_tokens, peft_reference, tiny_model
+
+from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
+from fastadapter.integrations._versions import UnsupportedVersionError
+from fastadapter.integrations.peft import FusedAdaptedAttention, accelerate, export_to_peft, restore
+from fastadapter.integrations.transformers import adapted_layers, apply_adapter, load_adapter, save_adapter
+
+
+def _pair(family="llama", monkeypatch=None, **overrides):
+    """``(peft_model, accelerated copy)`` on the same random base model, gates 0.7."""
+    peft_model = peft_reference(tiny_model(family, **overrides), monkeypatch=monkeypatch)
+    return peft_model, accelerate(copy.deepcopy(peft_model))
+
+
+def _adapted_modules(peft_model):
+    return [m for m in peft_model.modules() if isinstance(m, AdaptedAttention)]
+
+
+def _check_logits_loss_gradients(reference, accelerated, **inputs):
+    out_ref = reference(**inputs)
+    out_acc = accelerated(**inputs)
+    torch.testing.assert_close(out_acc.logits, out_ref.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out_acc.loss, out_ref.loss, atol=1e-5, rtol=1e-5)
+    out_ref.loss.backward()
+    out_acc.loss.backward()
+    ref_params = dict(reference.named_parameters())
+    trainable = [(n, p) for n, p in accelerated.named_parameters() if p.requires_grad]
+    assert len(trainable) == 4
+    for name, param in trainable:
+        assert param.grad.abs().sum() > 0, name
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {}),
+                                               ("llama", {"attention_bias": True})], ids=["llama", "mistral",
+                                                                                          "llama-bias"])
+def test_accelerated_equals_peft(family, overrides):
+    reference, accelerated = _pair(family, **overrides)
+    assert len(_adapted_modules(accelerated)) == 2
+    assert all(type(m) is FusedAdaptedAttention for m in _adapted_modules(accelerated))
+    tokens = random_tokens()
+    _check_logits_loss_gradients(reference, accelerated, input_ids=tokens, labels=tokens)
+
+
+def test_bfloat16_error_is_within_twice_peft_error():
+    """In bf16 both differ from the fp32 computation; the fused one may not differ more than 2x PEFT + eps, in the
+    logits and in every adapter gradient."""
+    reference32, _ = _pair("llama")
+    reference = copy.deepcopy(reference32).to(torch.bfloat16)
+    accelerated = accelerate(copy.deepcopy(reference))
+    tokens = random_tokens()
+    results = {}
+    for name, model in (("fp32", reference32), ("peft", reference), ("ours", accelerated)):
+        out = model(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        results[name] = {"logits": out.logits.float(),
+                         **{n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}}
+    assert len(results["fp32"]) == 5
+    for key, expected in results["fp32"].items():
+        err_peft = (results["peft"][key] - expected).abs().max()
+        err_ours = (results["ours"][key] - expected).abs().max()
+        assert err_ours <= 2 * err_peft + 1e-3 * expected.abs().max(), (key, err_ours, err_peft)
+
+
+def test_accelerate_shares_the_parameters():
+    peft_model = peft_reference(tiny_model("llama"))
+    before = {n: p for n, p in peft_model.named_parameters()}
+    accelerate(peft_model)
+    after = {n: p for n, p in peft_model.named_parameters()}
+    assert before.keys() == after.keys() and all(before[n] is after[n] for n in before)
+    accelerate(peft_model)  # idempotent
+    restore(peft_model)
+    assert all(type(m) is AdaptedAttention for m in _adapted_modules(peft_model))
+
+
+def test_accelerated_left_padded_batch_equals_peft():
+    reference, accelerated = _pair("llama")
+    tokens = random_tokens(2, 11)
+    mask = (torch.arange(11)[None] >= torch.tensor([[4], [0]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    labels = tokens.masked_fill(mask == 0, -100)
+    _check_logits_loss_gradients(reference, accelerated, input_ids=tokens, attention_mask=mask,
+                                 position_ids=positions, labels=labels)
+
+
+def test_accelerated_generation_equals_peft():
+    reference, accelerated = _pair("llama")
+    prompt = random_tokens(2, 6, seed=7)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # one left-padded row
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = reference.generate(input_ids=prompt, attention_mask=mask, **settings)
+    assert accelerated.generate(input_ids=prompt, attention_mask=mask, **settings).tolist() == expected.tolist()
+
+
+def test_accelerated_gradient_checkpointing_equals_peft():
+    reference, accelerated = _pair("llama")
+    for model in (reference, accelerated):
+        model.train()
+        model.base_model.model.activation_checkpointing_enable()
+        model.enable_input_require_grads()
+    tokens = random_tokens()
+    _check_logits_loss_gradients(reference, accelerated, input_ids=tokens, labels=tokens)
+
+
+def test_save_pretrained_after_accelerate_loads_in_peft(tmp_path):
+    reference, accelerated = _pair("llama")
+    accelerated.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    tokens = random_tokens()
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, reference(input_ids=tokens).logits, atol=0, rtol=0)
+    accelerate(loaded)
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, reference(input_ids=tokens).logits,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_inactive_adapters_are_accelerated_too():
+    from peft import AdaptionPromptConfig
+    peft_model = peft_reference(tiny_model("llama"))
+    peft_model.add_adapter("second", AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM"))
+    accelerate(peft_model)
+    peft_model.set_adapter("second")
+    assert [type(m) for m in _adapted_modules(peft_model)] == [FusedAdaptedAttention]
+
+
+def test_export_to_peft_loads_in_peft_and_matches(tmp_path):
+    ours = apply_adapter(tiny_model("llama"), prompt_len=5, layers=2, gate_activation="none", gate_per_head=False)
+    with torch.no_grad():
+        for attn in adapted_layers(ours).values():
+            attn.adapter.gate.fill_(0.4)
+    export_to_peft(ours, tmp_path / "peft")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "peft")
+    tokens = random_tokens()
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, ours(tokens).logits, atol=2e-5, rtol=1e-4)
+    # ...and back into a fastadapter model through load_adapter's PEFT reader.
+    back = load_adapter(tiny_model("llama"), tmp_path / "peft")
+    torch.testing.assert_close(back(tokens).logits, ours(tokens).logits, atol=0, rtol=0)
+
+
+def test_export_from_an_adapter_file(tmp_path):
+    ours = apply_adapter(tiny_model("llama"), prompt_len=4, layers=1, gate_activation="none", gate_per_head=False)
+    with torch.no_grad():
+        adapted_layers(ours)[2].adapter.gate.fill_(-0.6)
+    save_adapter(ours, tmp_path / "adapter.safetensors")
+    export_to_peft(tmp_path / "adapter.safetensors", tmp_path / "peft", base_model_name_or_path="tiny-llama")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "peft")
+    assert loaded.peft_config["default"].base_model_name_or_path == "tiny-llama"
+    tokens = random_tokens()
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, ours(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(gate_activation="tanh", gate_per_head=False), "gate activation is 'tanh'"),
+    (dict(gate_activation="none", gate_per_head=True), "one gate per head"),
+    (dict(gate_activation="none", gate_per_head=False, layers=[0, 2]), r"layers \[0, 2\] of 3"),
+])
+def test_export_refuses_what_peft_cannot_express(tmp_path, kwargs, problem):
+    ours = apply_adapter(tiny_model("llama"), prompt_len=3, **{"layers": 2, **kwargs})
+    with pytest.raises(ValueError, match=problem):
+        export_to_peft(ours, tmp_path / "peft")
+
+
+def test_unsupported_peft_version_is_named(monkeypatch):
+    peft_model = peft_reference(tiny_model("llama"))
+    monkeypatch.setattr(sys.modules["peft"], "__version__", "0.13.2")
+    with pytest.raises(UnsupportedVersionError, match=r"peft 0\.13\.2.*0\.21\.x"):
+        accelerate(peft_model)
+    assert not any(type(m) is FusedAdaptedAttention for m in peft_model.modules())
+
+
+def test_gpt2_adapted_attention_is_refused():
+    from peft import AdaptionPromptConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    peft_model = get_peft_model(gpt2, AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
+    with pytest.raises(UnsupportedAttentionError, match="AdaptedAttentionGPT.*LlamaAttention or MistralAttention"):
+        accelerate(peft_model)

@@ -1,0 +1,285 @@
+"""``fastadapter.integrations.transformers``: LLaMA-Adapter on tiny random Llama, Mistral and Qwen2 models (GQA).
+
+The references are the unpatched model (a zero gate must change nothing), PEFT's ``adaption_prompt`` (a raw
+scalar gate computes what PEFT computes; Qwen2 is run through PEFT's Llama code path, which fits it), the same
+rows without padding, generation without a cache, and fastadapter's own LLaMA loaded from the same weights.
+Also imported by tests/test_integrations_peft.py for :func:`tiny_model` and :func:`peft_reference`.
+"""
+import copy
+import sys
+
+import pytest
+import torch
+import transformers
+from peft import AdaptionPromptConfig, get_peft_model
+from peft.tuners.adaption_prompt import config as peft_adaption_config
+
+from fastadapter.integrations import _versions
+from fastadapter.integrations._attention_mask import as_explicit_mask
+from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
+from fastadapter.integrations.transformers import (AdapterAttention, adapted_layers, apply_adapter, load_adapter,
+                                                   remove_adapter, save_adapter)
+from fastadapter.model.adapter_file import AdapterFileError
+
+VOCAB = 97
+FAMILIES = ("llama", "mistral", "qwen2")
+_CONFIGS = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+
+
+def tiny_model(family: str = "llama", *, seed: int = 0, **overrides):
+    """A random 3-layer model of ``family``: hidden 64, 4 query heads over 2 kv heads (GQA), head_dim 16, fp32,
+    eval mode. Qwen2 brings q/k/v biases; biases are random (transformers initialises them to zero, which would
+    hide how they are applied)."""
+    config_class, model_class = _CONFIGS[family]
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                    eos_token_id=VOCAB - 1, bos_token_id=1, attn_implementation="sdpa")
+    if family == "mistral":
+        settings["sliding_window"] = None
+    settings.update(overrides)
+    attn_implementation = settings.pop("attn_implementation")
+    torch.manual_seed(seed)
+    config = config_class(**settings)
+    config._attn_implementation = attn_implementation
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(std=0.5)
+    return model
+
+
+def peft_reference(model, *, prompt_len: int = 5, layers: int = 2, gate: float = 0.7, monkeypatch=None):
+    """PEFT's adaption_prompt model on ``model`` with gates set to ``gate`` (so the prefix counts). Qwen2, which
+    PEFT does not list, goes through PEFT's Llama code (same structure) when ``monkeypatch`` is given."""
+    if model.config.model_type not in peft_adaption_config.TRANSFORMERS_MODEL_CONFIG:
+        monkeypatch.setitem(peft_adaption_config.TRANSFORMERS_MODEL_CONFIG, model.config.model_type,
+                            peft_adaption_config.TRANSFORMERS_MODEL_CONFIG["llama"])
+    peft_model = get_peft_model(model, AdaptionPromptConfig(adapter_len=prompt_len, adapter_layers=layers,
+                                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.fill_(gate)
+    return peft_model
+
+
+def random_tokens(batch=2, seqlen=13, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB - 1, (batch, seqlen), generator=generator)
+
+
+def _adapted_with_gate(model, gate: float = 0.5, **kwargs):
+    """apply_adapter with every gate set to ``gate`` (a zero gate would hide the prefix)."""
+    apply_adapter(model, **kwargs)
+    with torch.no_grad():
+        for attn in adapted_layers(model).values():
+            attn.adapter.gate.fill_(gate)
+    return model
+
+
+def _copy_peft_parameters(peft_model, model):
+    """Give ``model`` (apply_adapter'ed, raw scalar gate) the prompts and gates of ``peft_model``."""
+    peft_params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for i, attn in adapted_layers(model).items():
+            prefix = f"base_model.model.model.layers.{i}.self_attn."
+            attn.adapter.prompt.copy_(peft_params[prefix + "adaption_prompt"][0])
+            attn.adapter.gate.copy_(peft_params[prefix + "adaption_gate"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_gate_changes_nothing_and_lower_layers_stay(family):
+    model = tiny_model(family)
+    tokens = random_tokens()
+    expected = model(tokens).logits
+    lower = model.model.layers[0].self_attn
+    apply_adapter(model, prompt_len=5, layers=2)
+    assert model.model.layers[0].self_attn is lower
+    assert sorted(adapted_layers(model)) == [1, 2]
+    torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == [f"model.layers.{i}.self_attn.adapter.{p}" for i in (1, 2) for p in ("gate", "prompt")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_loss_and_gradients_equal_peft(family, monkeypatch):
+    base = tiny_model(family)
+    ours = _adapted_with_gate(copy.deepcopy(base), prompt_len=5, layers=2, gate_activation="none",
+                              gate_per_head=False)
+    peft_model = peft_reference(base, monkeypatch=monkeypatch)
+    _copy_peft_parameters(peft_model, ours)
+    tokens = random_tokens()
+    out_peft = peft_model(tokens, labels=tokens)
+    out_ours = ours(tokens, labels=tokens)
+    torch.testing.assert_close(out_ours.logits, out_peft.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out_ours.loss, out_peft.loss, atol=1e-5, rtol=1e-5)
+    out_peft.loss.backward()
+    out_ours.loss.backward()
+    peft_params = dict(peft_model.named_parameters())
+    for i, attn in adapted_layers(ours).items():
+        prefix = f"base_model.model.model.layers.{i}.self_attn."
+        torch.testing.assert_close(attn.adapter.prompt.grad, peft_params[prefix + "adaption_prompt"].grad[0],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attn.adapter.gate.grad, peft_params[prefix + "adaption_gate"].grad,
+                                   atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_unpadded_rows(family):
+    model = _adapted_with_gate(tiny_model(family), prompt_len=5, layers=2)
+    rows = [random_tokens(1, 11, seed=2)[0], random_tokens(1, 7, seed=3)[0]]
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for b, row in enumerate(rows):
+        batch[b, 11 - len(row):] = row
+        mask[b, 11 - len(row):] = 1
+    # The prompt has no position but the queries do: q·prefix_k depends on absolute positions, so the padded rows
+    # must count positions from their first real token (as generate() does).
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(batch, attention_mask=mask, position_ids=positions).logits
+    assert torch.isfinite(logits).all()
+    for b, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(logits[b, 11 - len(row):], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_generate_with_caches_equals_without_and_equals_peft(monkeypatch):
+    base = tiny_model("llama")
+    ours = _adapted_with_gate(copy.deepcopy(base), prompt_len=5, layers=2, gate_activation="none",
+                              gate_per_head=False)
+    peft_model = peft_reference(base, monkeypatch=monkeypatch)
+    _copy_peft_parameters(peft_model, ours)
+    prompt = random_tokens(1, 6, seed=4)
+    settings = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    cached = ours.generate(prompt, **settings)
+    uncached = ours.generate(prompt, use_cache=False, **settings)
+    # A static cache prefills with no mask and keys beyond the prompt (its empty tail): they must stay unseen.
+    static = ours.generate(prompt, cache_implementation="static", **settings)
+    reference = peft_model.generate(input_ids=prompt, **settings)
+    assert cached.tolist() == uncached.tolist() == static.tolist() == reference.tolist()
+
+
+def test_left_padded_generation_equals_rows_alone():
+    model = _adapted_with_gate(tiny_model("llama"), gate=0.8, prompt_len=5, layers=2)
+    short, long = random_tokens(1, 4, seed=5)[0], random_tokens(1, 7, seed=6)[0]
+    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
+    mask = (torch.arange(7)[None] >= torch.tensor([[3], [0]])).long()
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **settings)
+    assert together[0, 7:].tolist() == model.generate(short[None], **settings)[0, 4:].tolist()
+    assert together[1, 7:].tolist() == model.generate(long[None], **settings)[0, 7:].tolist()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    tokens = random_tokens()
+    grads = []
+    for checkpointing in (False, True):
+        model = _adapted_with_gate(tiny_model("llama"), prompt_len=5, layers=2)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.gradient_checkpointing
+        model(tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+        assert grads[0][name].abs().sum() > 0, name
+
+
+def test_eager_model_takes_the_fused_path_and_equals_sdpa_model():
+    tokens = random_tokens()
+    sdpa = _adapted_with_gate(tiny_model("llama"), prompt_len=5, layers=2)
+    eager = _adapted_with_gate(tiny_model("llama", attn_implementation="eager"), prompt_len=5, layers=2)
+    eager.load_state_dict(sdpa.state_dict())
+    torch.testing.assert_close(eager(tokens).logits, sdpa(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_explicit_mask_recognises_the_causal_mask():
+    causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)[None, None]
+    assert as_explicit_mask(None, 5, 7) is None
+    assert as_explicit_mask(causal, 5, 7) is None
+    additive = torch.zeros(1, 1, 5, 7).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert as_explicit_mask(additive, 5, 7) is None
+    padded = causal.clone()
+    padded[..., 0] = False
+    assert torch.equal(as_explicit_mask(padded, 5, 7), padded)
+    # A soft additive bias (not 0 / -inf) must keep the explicit path.
+    assert as_explicit_mask(additive * 1e-30, 5, 7) is not None
+    with pytest.raises(TypeError, match="4D attention mask"):
+        as_explicit_mask(torch.ones(1, 7), 5, 7)
+
+
+def test_sliding_window_mask_is_honoured():
+    model = tiny_model("mistral", sliding_window=4)
+    tokens = random_tokens(2, 11)
+    expected = model(tokens).logits
+    apply_adapter(model, prompt_len=5, layers=2)
+    torch.testing.assert_close(model(tokens).logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_save_load_round_trip_and_wrong_base_model(tmp_path):
+    model = _adapted_with_gate(tiny_model("llama"), gate=0.3, prompt_len=5, layers=2)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, path)
+    tokens = random_tokens()
+    fresh = load_adapter(tiny_model("llama"), path)
+    assert fresh.adapter_config.to_dict(3) == model.adapter_config.to_dict(3)
+    torch.testing.assert_close(fresh(tokens).logits, model(tokens).logits, atol=0, rtol=0)
+    with pytest.raises(AdapterFileError, match="another base model"):
+        load_adapter(tiny_model("llama", seed=1), path)
+    with pytest.raises(AdapterFileError, match="n_kv_heads"):
+        load_adapter(tiny_model("llama", num_key_value_heads=4), path)
+
+
+def test_adapter_moves_between_hf_and_fastadapter_llama(tmp_path):
+    import fastadapter
+    hf = _adapted_with_gate(tiny_model("llama"), gate=0.6, prompt_len=5, layers=2)
+    remove_adapter(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    _adapted_with_gate(hf, gate=0.6, prompt_len=5, layers=2)
+    save_adapter(hf, tmp_path / "adapter.safetensors")
+    thin = fastadapter.load_model(tmp_path / "hf")
+    fastadapter.load_adapter(thin, tmp_path / "adapter.safetensors")
+    tokens = random_tokens()
+    torch.testing.assert_close(thin(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+    fastadapter.save_adapter(thin, tmp_path / "back.safetensors")
+    again = load_adapter(tiny_model("llama"), tmp_path / "back.safetensors")
+    torch.testing.assert_close(again(tokens).logits, hf(tokens).logits, atol=0, rtol=0)
+
+
+def test_remove_adapter_restores_the_original_modules():
+    model = tiny_model("qwen2")
+    originals = [layer.self_attn for layer in model.model.layers]
+    apply_adapter(model, prompt_len=3, layers=[0, 2])
+    assert isinstance(model.model.layers[0].self_attn, AdapterAttention)
+    apply_adapter(model, prompt_len=4, layers=1)  # replaces the first adapter
+    assert sorted(adapted_layers(model)) == [2]
+    remove_adapter(model)
+    assert [layer.self_attn for layer in model.model.layers] == originals
+
+
+def test_unsupported_attention_class_is_named():
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = transformers.Qwen3ForCausalLM(config)
+    with pytest.raises(UnsupportedAttentionError, match=r"Qwen3Attention.*q_norm.*LlamaAttention, MistralAttention"):
+        apply_adapter(model, prompt_len=3, layers=1)
+    assert not adapted_layers(model)
+
+
+def test_unsupported_transformers_version_is_named(monkeypatch):
+    # sys.modules' entry, which may be another object than the name imported above (transformers' lazy module).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.0")
+    with pytest.raises(_versions.UnsupportedVersionError, match=r"transformers 4\.46\.0.*5\.23\.x"):
+        apply_adapter(tiny_model("llama"), prompt_len=3, layers=1)
+
+
+def test_attention_dropout_in_training_is_refused():
+    model = apply_adapter(tiny_model("llama", attention_dropout=0.1), prompt_len=3, layers=1).train()
+    with pytest.raises(ValueError, match="attention_dropout"):
+        model(random_tokens())
+    assert torch.isfinite(model.eval()(random_tokens()).logits).all()  # no dropout at inference: runs
