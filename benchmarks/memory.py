@@ -17,6 +17,9 @@ tensor saved by two nodes, or two views of one buffer, are one allocation).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -48,6 +51,21 @@ def peak_from_allocation_events(signed_bytes: Iterable[int]) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side prints a line at every start and stop
+    ("USDT: ... profiler_start"), hundreds of lines over a benchmark run, which Python cannot redirect."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device="cpu") -> int:
     """Peak bytes allocated by ``fn()`` above what was allocated when it started (see the module docstring).
 
@@ -64,8 +82,14 @@ def peak_memory_bytes(fn: Callable[[], object], device="cpu") -> int:
     if torch.device(device).type != "cpu":
         raise ValueError(f"peak_memory_bytes measures 'cpu' or CUDA devices, got {device!r}")
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+    with _native_stderr_silenced():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     return peak_from_allocation_events(delta for _, delta in _cpu_allocation_events(prof))
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds,
-                    store_rows, tile_and_row, to_dtype)
+from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds, store_rows,
+                    tile_and_row, to_dtype, visible_key_range)
 
 
 @triton.jit
@@ -75,12 +75,7 @@ def zero_init_attention_backward_dq_kernel(
 
     # -- words: the tiles the forward pass visited, in the same order
     shift = n_k - n_q
-    if CAUSAL:
-        n_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
-        n_full = tl.minimum(tl.maximum(start_m + 1 + shift, 0), n_k) // BLOCK_N * BLOCK_N
-    else:
-        n_hi = n_k
-        n_full = n_k // BLOCK_N * BLOCK_N
+    n_full, n_hi = visible_key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh)
     v_base = head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh)
     dq = _key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, rows, cols, 0, n_full, n_k,

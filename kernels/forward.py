@@ -23,7 +23,7 @@ from fastadapter._inputs import AttentionInputs
 from .configs import autotune
 from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
 from .tiles import (LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, sequence_bounds, store_rows,
-                    tile_and_row, to_dtype)
+                    tile_and_row, to_dtype, visible_key_range)
 
 
 @triton.jit
@@ -83,12 +83,7 @@ def zero_init_attention_forward_kernel(
 
     # -- words: full tiles first, then the diagonal (or the ragged last tile) with masks
     shift = n_k - n_q  # bottom-right alignment: query i sees keys j <= i + shift
-    if CAUSAL:
-        n_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
-        n_full = tl.minimum(tl.maximum(start_m + 1 + shift, 0), n_k) // BLOCK_N * BLOCK_N
-    else:
-        n_hi = n_k
-        n_full = n_k // BLOCK_N * BLOCK_N
+    n_full, n_hi = visible_key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh)
     v_base = head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -115,6 +115,22 @@ def load_lse(LSE, rows, n_rows):
 
 
 @triton.jit
+def visible_key_range(start_m, n_q, n_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(n_full, n_hi)`` for the query tile starting at ``start_m``: keys ``[0, n_full)`` are whole ``BLOCK_N``
+    tiles every row of the tile sees (no mask), ``[n_full, n_hi)`` need the causal/length mask, and keys from
+    ``n_hi`` on are seen by no row (never loaded). Causal is bottom-right aligned: row i sees ``j <= i + n_k - n_q``.
+    """
+    if CAUSAL:
+        shift = n_k - n_q
+        n_hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
+        n_full = tl.minimum(tl.maximum(start_m + 1 + shift, 0), n_k) // BLOCK_N * BLOCK_N
+    else:
+        n_hi = n_k
+        n_full = n_k // BLOCK_N * BLOCK_N
+    return n_full, n_hi
+
+
+@triton.jit
 def load_prefix(PREFIX, b, kv_head, stride_b, stride_s, stride_h, prefix_len, cols, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """The whole prefix of (sequence b, kv head) as one ``[BLOCK_P, BLOCK_D]`` tile (padding slots read 0).
