@@ -36,3 +36,14 @@ def test_readme_op_example_runs():
     exec(compile(example, "README example", "exec"), namespace)
     assert namespace["out"].shape == (2, 64, 32, 128)
     assert namespace["gate"].grad is not None
+
+
+def test_readme_model_example_runs(shared_data, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"## A LLaMA-Adapter model\s*```python\n(.*?)```", text, re.S).group(1)
+    example = example.replace("../shared/data", str(shared_data))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example, "README model example", "exec"), namespace)
+    assert namespace["logits"].shape[-1] == 512
+    assert (tmp_path / "adapter.safetensors").is_file()
