@@ -1,0 +1,156 @@
+"""The targets of the compiled CPU kernels (issue 3), measured side by side: ``python -m benchmarks.cpu_kernel_targets``.
+
+At LLaMA-7B attention shapes (B = 1, H = 32, D = 128, P = 10), fp32 and bf16, against the baselines of
+``benchmarks/baselines.py``:
+
+* forward + backward: >= 3x faster than ``eager_v1`` and at least as fast as ``two_sdpa`` (S = 512, 2048);
+* forward alone: >= 1.1x ``two_sdpa``;
+* decode (Sq = 1 over a KV cache of Sk = 512..4096, B = 1..8): >= 1.5x ``two_sdpa``;
+* bytes saved for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``) = the inputs, the output
+  and the two fp32 log-sum-exps, nothing else.
+
+The machine is shared, so timings are interleaved: every repetition runs each provider once, in turn, and the
+table reports the median of the repetitions and the ratios of those medians, all from one process.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.baselines import eager_v1, two_sdpa
+from fastadapter import zero_init_attention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def fastadapter_cpu(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
+    return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, gate_activation="tanh" if gate_tanh else "none",
+                               backend="cpu")
+
+
+def make_inputs(batch, seqlen_q, seqlen_k, heads, head_dim, prefix_len, dtype, requires_grad):
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+    return (randn(batch, seqlen_q, heads, head_dim), randn(batch, seqlen_k, heads, head_dim),
+            randn(batch, seqlen_k, heads, head_dim), randn(1, prefix_len, heads, head_dim),
+            randn(1, prefix_len, heads, head_dim), (0.5 * torch.randn(heads)).requires_grad_(requires_grad))
+
+
+def _forward(fn, args):
+    def run():
+        with torch.no_grad():
+            fn(*args)
+    return run
+
+
+def _forward_backward(fn, args):
+    grad = torch.randn(args[0].shape, dtype=args[0].dtype)
+
+    def run():
+        out = fn(*args)
+        torch.autograd.grad(out, args, grad)
+    return run
+
+
+def interleaved_medians(runs: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each callable, every repetition running all of them once, in turn."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_bytes(fn, args) -> int:
+    """Bytes of the distinct storages autograd saves for backward when running ``fn(*args)``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
+def prefill_rows(seqlens, dtypes, repeats, with_eager):
+    rows = []
+    for dt in dtypes:
+        for seqlen in seqlens:
+            args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
+            fwd = interleaved_medians({"cpu": _forward(fastadapter_cpu, args),
+                                       "two_sdpa": _forward(two_sdpa, args)}, repeats)
+            providers = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
+            if with_eager:
+                providers["eager_v1"] = eager_v1
+            fb = interleaved_medians({n: _forward_backward(f, args) for n, f in providers.items()}, repeats)
+            rows.append((dt, seqlen, fwd, fb))
+    return rows
+
+
+def decode_rows(seqlens_k, batches, dtypes, repeats):
+    rows = []
+    for dt in dtypes:
+        for batch in batches:
+            for seqlen_k in seqlens_k:
+                args = make_inputs(batch, 1, seqlen_k, 32, 128, 10, DTYPES[dt], requires_grad=False)
+                med = interleaved_medians({"cpu": _forward(fastadapter_cpu, args),
+                                           "two_sdpa": _forward(two_sdpa, args)}, repeats)
+                rows.append((dt, batch, seqlen_k, med))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per provider (median)")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--no-eager", action="store_true", help="skip eager_v1 (it materialises S×S scores)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H=32 D=128 P=10; "
+          f"median of {args.repeats} interleaved runs (shared machine: ratios are the figures to read)")
+
+    print("\n# prefill (causal, Sq = Sk): milliseconds and speed-ups of fastadapter cpu")
+    print(f"{'dtype':<5} {'S':>5} | {'fwd cpu':>8} {'fwd 2sdpa':>9} {'x2sdpa':>7} (>=1.1) | {'f+b cpu':>8} "
+          f"{'f+b 2sdpa':>9} {'x2sdpa':>7} (>=1.0) {'f+b eager':>9} {'xeager':>7} (>=3)")
+    for dt, seqlen, fwd, fb in prefill_rows(args.seqlens, args.dtypes, args.repeats, not args.no_eager):
+        eager = (f"{1e3 * fb['eager_v1']:9.1f} {fb['eager_v1'] / fb['cpu']:7.2f}" if "eager_v1" in fb else
+                 f"{'-':>9} {'-':>7}")
+        print(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['cpu']:8.1f} {1e3 * fwd['two_sdpa']:9.1f} "
+              f"{fwd['two_sdpa'] / fwd['cpu']:7.2f}         | {1e3 * fb['cpu']:8.1f} {1e3 * fb['two_sdpa']:9.1f} "
+              f"{fb['two_sdpa'] / fb['cpu']:7.2f}         {eager}")
+
+    print("\n# decode (Sq = 1, causal bottom-right over the cache): milliseconds, speed-up (target >= 1.5)")
+    print(f"{'dtype':<5} {'B':>2} {'Sk':>5} | {'cpu':>7} {'2sdpa':>7} {'x2sdpa':>7}")
+    for dt, batch, seqlen_k, med in decode_rows(args.decode_seqlens, args.decode_batches, args.dtypes,
+                                                args.repeats):
+        print(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * med['cpu']:7.2f} {1e3 * med['two_sdpa']:7.2f} "
+              f"{med['two_sdpa'] / med['cpu']:7.2f}")
+
+    print("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")
+    for dt in args.dtypes:
+        seqlen = min(args.seqlens)
+        inputs = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
+        expected = (sum(t.numel() * t.element_size() for t in inputs)  # q, k, v, prefix_k, prefix_v, gate
+                    + inputs[0].numel() * inputs[0].element_size()      # out
+                    + 2 * 32 * seqlen * 4)                              # lse_w, lse_p
+        measured = {"cpu": saved_bytes(fastadapter_cpu, inputs), "two_sdpa": saved_bytes(two_sdpa, inputs)}
+        print(f"{dt} S={seqlen}: cpu {measured['cpu'] / 2**20:.2f} MiB (expected {expected / 2**20:.2f} MiB, "
+              f"{'equal' if measured['cpu'] == expected else 'DIFFERENT'}), two_sdpa {measured['two_sdpa'] / 2**20:.2f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,247 @@
+// Backward kernel of zero-init attention on CPU (DESIGN.md §1, "Backward"): probabilities are recomputed from
+// the saved log-sum-exps tile by tile, so memory stays O(S) (never an S×S buffer).
+//
+// Two passes:
+//  1. prefix pass, one task per (sequence, kv head): the prefix softmax (P ~ 10 keys) is recomputed whole; it
+//     gives D_p = rowsum(dO ∘ O_p), the word pass's D_w = rowsum(dO ∘ out) − γ D_p, the prefix part of dq,
+//     dprefix_k, dprefix_v and dγ. The task owns its (sequence, kv head) slice of every prefix gradient.
+//  2. word pass, one task per (sequence, kv head, chunk of key blocks): for each block of keys it walks every
+//     query block that sees it (all query heads of the group) and accumulates dk, dv of the block in
+//     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
+//     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
+//     threads busy); the copies are summed at the end.
+#include "attention_cpu.h"
+
+namespace fastadapter_cpu {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;   // query rows per tile
+constexpr int64_t kKeyBlock = 128;    // keys per tile
+constexpr int64_t kMaxChunks = 8;     // at most this many fp32 copies of dq
+
+template <typename T>
+struct Operands {
+  Rows<const T> q, k, v, prefix_k, prefix_v, out, grad_out;
+  const float* gate;
+  Rows<const float> lse_w, lse_p;
+  Rows<float> delta_w;  // D_w, lse layout
+  Rows<T> dk, dv;
+  at::Tensor dq_acc;    // fp32 [chunks, *q.shape] (contiguous), unscaled
+  float* dprefix_k;     // fp32 [N, Hkv, P, D], unscaled
+  float* dprefix_v;     // fp32 [N, Hkv, P, D]
+  float* dgamma;        // fp32 [N, Hq]
+};
+
+template <typename T>
+inline float dot(const T* a, const T* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += static_cast<float>(a[j]) * static_cast<float>(b[j]);
+  return s;
+}
+
+// `rows` fp32 rows of width n (leading dimension ld) as GEMM input of type T: the rows themselves for fp32,
+// else a rounded copy in `buffer`.
+template <typename T>
+const T* as_gemm_input(const float* rows_f, int64_t rows, int64_t n, int64_t ld, std::vector<T>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return rows_f;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) convert_row(rows_f + r * ld, buffer.data() + r * ld, n);
+    return buffer.data();
+  }
+}
+
+// dq rows of chunk c for (sequence n, head h, row i): fp32, unscaled.
+inline Rows<float> dq_rows(const at::Tensor& dq_acc, int64_t chunk, const int32_t* cu) {
+  at::Tensor slice = dq_acc.select(0, chunk);
+  return Rows<float>{slice.data_ptr<float>(), bshd_layout(slice, cu)};
+}
+
+template <typename T>
+void prefix_pass(const Problem& pb, const Operands<T>& op) {
+  const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len;
+  const int64_t threads = at::get_num_threads();
+  const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens);
+  struct Scratch {
+    std::vector<float> s, dp, o;
+    std::vector<T> s_t, dp_t;
+  };
+  std::vector<Scratch> scratch(threads);
+  parallel_tasks(pb.num_seqs * pb.heads_kv, [&](int64_t task, int64_t slot) {
+    const int64_t n = task / pb.heads_kv, hkv = task % pb.heads_kv, pn = pb.prefix_row(n);
+    Scratch& sc = scratch[slot];
+    if (sc.o.empty()) {
+      sc.s.resize(kQueryBlock * std::max<int64_t>(plen, 1));
+      sc.dp.resize(sc.s.size());
+      sc.s_t.resize(sc.s.size());
+      sc.dp_t.resize(sc.s.size());
+      sc.o.resize(kQueryBlock * d);
+    }
+    float* dpk = op.dprefix_k + (n * pb.heads_kv + hkv) * plen * d;
+    float* dpv = op.dprefix_v + (n * pb.heads_kv + hkv) * plen * d;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hkv * group + g;
+      const float gamma = pb.gamma(op.gate, n, h);
+      float dgamma = 0.f;
+      for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += kQueryBlock) {
+        const int64_t m = std::min(kQueryBlock, pb.rows_q(n) - i0);
+        const T* q = op.q.at(n, h, i0);
+        const T* dout = op.grad_out.at(n, h, i0);
+        for (int64_t r = 0; r < m; ++r)
+          *op.delta_w.at(n, h, i0 + r) = dot(op.grad_out.at(n, h, i0 + r), op.out.at(n, h, i0 + r), d);
+        if (plen == 0) continue;
+        // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
+        float* s = sc.s.data();
+        gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
+             s, plen);
+        for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
+        const T* p_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+        gemm(false, false, m, d, plen, 1.f, p_in, plen, op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(), 0.f,
+             sc.o.data(), d);
+        // -- dp_p = dO prefix_vᵀ; D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
+        float* dp = sc.dp.data();
+        gemm(false, true, m, plen, d, 1.f, dout, op.grad_out.ld(), op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(),
+             0.f, dp, plen);
+        for (int64_t r = 0; r < m; ++r) {
+          const float delta_p = dot_row(sc.o.data() + r * d, op.grad_out.at(n, h, i0 + r), d);
+          dgamma += delta_p;
+          *op.delta_w.at(n, h, i0 + r) -= gamma * delta_p;
+          for (int64_t c = 0; c < plen; ++c) {
+            dp[r * plen + c] = gamma * s[r * plen + c] * (dp[r * plen + c] - delta_p);
+            s[r * plen + c] *= gamma;  // γ p_p, for dprefix_v
+          }
+        }
+        const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
+        const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+        // dq += ds_p prefix_k;  dprefix_k += ds_pᵀ q;  dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
+        gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 1.f,
+             dq.at(n, h, i0), dq.ld());
+        gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
+        gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
+      }
+      op.dgamma[n * pb.heads_q + h] = dgamma;
+    }
+  });
+}
+
+template <typename T>
+void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
+  const int64_t group = pb.group(), d = pb.head_dim;
+  const int64_t threads = at::get_num_threads();
+  struct Scratch {
+    std::vector<float> s, dp, dk, dv;
+    std::vector<T> p_t, ds_t;
+  };
+  std::vector<Scratch> scratch(threads);
+  parallel_tasks(pb.num_seqs * pb.heads_kv * chunks, [&](int64_t task, int64_t slot) {
+    const int64_t chunk = task % chunks, hkv = (task / chunks) % pb.heads_kv, n = task / (chunks * pb.heads_kv);
+    const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens);
+    Scratch& sc = scratch[slot];
+    if (sc.s.empty()) {
+      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(kQueryBlock * kKeyBlock);
+      for (auto* buf : {&sc.p_t, &sc.ds_t}) buf->resize(kQueryBlock * kKeyBlock);
+      for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(kKeyBlock * d);
+    }
+    const int64_t sq = pb.rows_q(n), sk = pb.rows_k(n);
+    const int64_t blocks = (sk + kKeyBlock - 1) / kKeyBlock;
+    // Blocks chunk, chunk + chunks, ...: interleaved so that, under the causal mask, chunks cost the same.
+    for (int64_t b = chunk; b < blocks; b += chunks) {
+      const int64_t j0 = b * kKeyBlock, nk = std::min(kKeyBlock, sk - j0);
+      std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
+      std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
+      const T* k = op.k.at(n, hkv, j0);
+      const T* v = op.v.at(n, hkv, j0);
+      // The first query row that sees key j0 (bottom-right causal alignment).
+      const int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hkv * group + g;
+        for (int64_t i0 = i_first; i0 < sq; i0 += kQueryBlock) {
+          const int64_t m = std::min(kQueryBlock, sq - i0);
+          const T* q = op.q.at(n, h, i0);
+          const T* dout = op.grad_out.at(n, h, i0);
+          float* s = sc.s.data();
+          float* dp = sc.dp.data();
+          // -- p = exp(scale · q kᵀ − lse_w), masked;  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
+          gemm(false, true, m, nk, d, pb.scale, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
+          gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, kKeyBlock);
+          for (int64_t r = 0; r < m; ++r) {
+            const float lse = *op.lse_w.at(n, h, i0 + r);
+            int64_t seen = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
+            if (lse == kNegInf) seen = 0;  // the row saw no word at all
+            float* srow = s + r * kKeyBlock;
+            float* dprow = dp + r * kKeyBlock;
+            exp_shift_sum(srow, seen, lse);
+            std::fill(srow + seen, srow + nk, 0.f);
+            const Vec delta(*op.delta_w.at(n, h, i0 + r));
+            at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
+          }
+          const T* p_in = as_gemm_input<T>(s, m, nk, kKeyBlock, sc.p_t);
+          const T* ds_in = as_gemm_input<T>(dp, m, nk, kKeyBlock, sc.ds_t);
+          // dv += pᵀ dO;  dk += dsᵀ q;  dq += ds k   (scale applied at the end)
+          gemm(true, false, nk, d, m, 1.f, p_in, kKeyBlock, dout, op.grad_out.ld(), 1.f, sc.dv.data(), d);
+          gemm(true, false, nk, d, m, 1.f, ds_in, kKeyBlock, q, op.q.ld(), 1.f, sc.dk.data(), d);
+          gemm(false, false, m, d, nk, 1.f, ds_in, kKeyBlock, k, op.k.ld(), 1.f, dq.at(n, h, i0), dq.ld());
+        }
+      }
+      for (int64_t r = 0; r < nk; ++r) {
+        scale_row(sc.dk.data() + r * d, d, pb.scale);
+        convert_row(sc.dk.data() + r * d, op.dk.at(n, hkv, j0 + r), d);
+        convert_row(sc.dv.data() + r * d, op.dv.at(n, hkv, j0 + r), d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const Problem& pb, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
+    const at::Tensor& lse_w, const at::Tensor& lse_p) {
+  const int32_t* cu = pb.cu_seqlens;
+  const auto f32 = q.options().dtype(at::kFloat);
+  // Enough chunks of key blocks that every thread gets ~4 tasks, when batch × kv heads alone does not.
+  int64_t longest_k = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) longest_k = std::max(longest_k, pb.rows_k(n));
+  const int64_t units = std::max<int64_t>(pb.num_seqs * pb.heads_kv, 1);
+  const int64_t chunks = std::clamp<int64_t>((4 * at::get_num_threads() + units - 1) / units, 1,
+                                             std::min<int64_t>(kMaxChunks, std::max<int64_t>(
+                                                 (longest_k + kKeyBlock - 1) / kKeyBlock, 1)));
+  std::vector<int64_t> dq_shape{chunks};
+  dq_shape.insert(dq_shape.end(), q.sizes().begin(), q.sizes().end());
+  at::Tensor dq_acc = at::zeros(dq_shape, f32);
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dprefix_k = at::zeros({pb.num_seqs, pb.heads_kv, pb.prefix_len, pb.head_dim}, f32);
+  at::Tensor dprefix_v = at::zeros({pb.num_seqs, pb.heads_kv, pb.prefix_len, pb.head_dim}, f32);
+  at::Tensor dgamma = at::zeros({pb.num_seqs, pb.heads_q}, f32);
+  at::Tensor delta_w = at::empty(lse_w.sizes(), f32);
+
+  FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::backward", [&] {
+    Operands<scalar_t> op{rows_of<scalar_t>(q, cu), rows_of<scalar_t>(k, cu), rows_of<scalar_t>(v, cu),
+                          rows_of<scalar_t>(prefix_k, nullptr), rows_of<scalar_t>(prefix_v, nullptr),
+                          rows_of<scalar_t>(out, cu), rows_of<scalar_t>(grad_out, cu), gate.const_data_ptr<float>(),
+                          Rows<const float>{lse_w.const_data_ptr<float>(), lse_layout(lse_w, cu)},
+                          Rows<const float>{lse_p.const_data_ptr<float>(), lse_layout(lse_p, cu)},
+                          Rows<float>{delta_w.data_ptr<float>(), lse_layout(delta_w, cu)},
+                          mutable_rows_of<scalar_t>(dk, cu), mutable_rows_of<scalar_t>(dv, cu), dq_acc,
+                          dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
+    prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
+    word_pass<scalar_t>(pb, op, chunks);
+  });
+
+  at::Tensor dq = (chunks == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0)).mul_(pb.scale).to(q.scalar_type());
+  // Prefix gradients: [N, Hkv, P, D] -> [Bp, P, Hkv, D], summed over the batch for a shared prompt.
+  auto finish_prefix = [&](at::Tensor g, double factor) {
+    if (pb.prefix_batch == 1) g = g.sum(0, /*keepdim=*/true);
+    return g.mul_(factor).permute({0, 2, 1, 3}).to(prefix_k.scalar_type()).contiguous();
+  };
+  at::Tensor dpk = finish_prefix(dprefix_k, pb.scale);
+  at::Tensor dpv = finish_prefix(dprefix_v, 1.0);
+  // dgate = dγ · dγ/dgate, summed over the batch when one gate row serves every sequence.
+  if (pb.gate_batch == 1) dgamma = dgamma.sum(0, /*keepdim=*/true);
+  if (pb.gate_tanh) dgamma.mul_(1 - gate.tanh().square());
+  return {dq, dk, dv, dpk, dpv, dgamma};
+}
+
+}  // namespace fastadapter_cpu

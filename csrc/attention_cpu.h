@@ -1,0 +1,327 @@
+// Shared pieces of the CPU kernels of zero-init attention (DESIGN.md §1): the problem description, how a
+// (sequence, head, row) maps to memory, row-major tile GEMMs, vectorised row helpers and the work scheduler.
+//
+// Everything here is header-only so that each of the three translation units (forward, backward,
+// registration) compiles on its own in ~20 s.
+#pragma once
+
+// at::vec picks its implementation from CPU_CAPABILITY_* macros that PyTorch defines per kernel file. The
+// extension is compiled with -march=native (see setup.py), so the compiler tells us what the machine has; the
+// inline namespace gets our own name so that these instantiations can never be confused with libtorch's.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#define CPU_CAPABILITY_AVX2
+#endif
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY fastadapter_native
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastadapter_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// -- problem ---------------------------------------------------------------------------------------------------
+
+// Sizes and options of one call. Batched inputs have `num_seqs` = B sequences of seqlen_q / seqlen_k rows;
+// varlen inputs have N sequences whose rows start at cu_seqlens[n] (self-attention: Sq == Sk per sequence).
+struct Problem {
+  int64_t num_seqs = 0;
+  int64_t seqlen_q = 0;  // batched: Sq; varlen: unused (see rows_q)
+  int64_t seqlen_k = 0;
+  int64_t heads_q = 0;
+  int64_t heads_kv = 0;
+  int64_t head_dim = 0;
+  int64_t prefix_len = 0;
+  int64_t prefix_batch = 1;  // 1 (shared prompt) or num_seqs
+  int64_t gate_batch = 1;    // 1 or num_seqs
+  const int32_t* cu_seqlens = nullptr;
+  bool causal = true;
+  bool gate_tanh = true;
+  float scale = 1.f;
+
+  int64_t group() const { return heads_q / heads_kv; }
+  int64_t rows_q(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_q; }
+  int64_t rows_k(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_k; }
+  int64_t prefix_row(int64_t n) const { return prefix_batch == 1 ? 0 : n; }
+  // Index of the last key query row `i` of sequence `n` may see, plus one (bottom-right causal alignment).
+  int64_t visible_keys(int64_t n, int64_t i) const {
+    const int64_t sk = rows_k(n);
+    if (!causal) return sk;
+    return std::clamp<int64_t>(i + sk - rows_q(n) + 1, 0, sk);
+  }
+  // The gate value γ of sequence n, query head h (gate is fp32 [gate_batch, Hq], contiguous).
+  float gamma(const float* gate, int64_t n, int64_t h) const {
+    const float raw = gate[(gate_batch == 1 ? 0 : n) * heads_q + h];
+    return gate_tanh ? std::tanh(raw) : raw;
+  }
+};
+
+// Where element (sequence n, head h, row i, 0) of a tensor lives. Covers [B, S, H, D] tensors with any strides
+// (transposed bhsd views included), packed varlen [T, H, D] tensors, and the lse layouts [B, H, S] / [H, T].
+struct RowLayout {
+  int64_t batch_stride = 0;
+  int64_t row_stride = 0;
+  int64_t head_stride = 0;
+  const int32_t* cu_seqlens = nullptr;  // rows of sequence n start at cu_seqlens[n] (varlen)
+
+  int64_t offset(int64_t n, int64_t h, int64_t i) const {
+    const int64_t row = cu_seqlens ? static_cast<int64_t>(cu_seqlens[n]) + i : i;
+    return (cu_seqlens ? 0 : n * batch_stride) + row * row_stride + h * head_stride;
+  }
+};
+
+// A data pointer and its layout.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  RowLayout layout;
+  T* at(int64_t n, int64_t h, int64_t i) const { return data + layout.offset(n, h, i); }
+  int64_t ld() const { return layout.row_stride; }
+};
+
+// Layout of a [B, S, H, D] (4-d) or varlen [T, H, D] (3-d) tensor whose last dimension is contiguous.
+inline RowLayout bshd_layout(const at::Tensor& t, const int32_t* cu_seqlens) {
+  RowLayout l;
+  if (t.dim() == 4) {
+    l.batch_stride = t.stride(0);
+    l.row_stride = t.stride(1);
+    l.head_stride = t.stride(2);
+  } else {
+    l.row_stride = t.stride(0);
+    l.head_stride = t.stride(1);
+    l.cu_seqlens = cu_seqlens;
+  }
+  return l;
+}
+
+// Layout of the contiguous fp32 lse: [B, Hq, Sq] batched, [Hq, T] varlen.
+inline RowLayout lse_layout(const at::Tensor& lse, const int32_t* cu_seqlens) {
+  RowLayout l;
+  l.row_stride = 1;
+  if (cu_seqlens) {
+    l.head_stride = lse.size(1);
+    l.cu_seqlens = cu_seqlens;
+  } else {
+    l.batch_stride = lse.size(1) * lse.size(2);
+    l.head_stride = lse.size(2);
+  }
+  return l;
+}
+
+template <typename T>
+Rows<const T> rows_of(const at::Tensor& t, const int32_t* cu_seqlens) {
+  return Rows<const T>{t.const_data_ptr<T>(), bshd_layout(t, cu_seqlens)};
+}
+
+template <typename T>
+Rows<T> mutable_rows_of(at::Tensor& t, const int32_t* cu_seqlens) {
+  return Rows<T>{t.data_ptr<T>(), bshd_layout(t, cu_seqlens)};
+}
+
+// The dtypes of the kernels: fp32, bf16 and fp16 tensors, fp32 accumulation.
+#define FASTADAPTER_DISPATCH(TYPE, NAME, ...)                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// -- tile GEMMs ------------------------------------------------------------------------------------------------
+//
+// C[m, n] = alpha · op(A) op(B) + beta · C, all row-major, C in fp32. op(X) = Xᵀ when the flag is set.
+// With MKL (every x86 build of PyTorch links it into libtorch_cpu and exports these entry points) the tiles go
+// straight to MKL's single-threaded kernels: inside at::parallel_for MKL does not spawn threads of its own.
+// bf16/fp16 tiles use MKL's mixed-precision GEMMs (bf16 × bf16 → fp32, AMX where the CPU has it), which is
+// also what PyTorch's own flash-attention CPU kernel does.
+#ifdef FASTADAPTER_WITH_MKL
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands, keep the flags.
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int mi = int(n), ni = int(m), ki = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  sgemm_(&trb, &tra, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a,
+                 int64_t lda, const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
+                         int(m), int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
+                         reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
+}
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::Half* a, int64_t lda,
+                 const at::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  cblas_gemm_f16f16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
+                       int(m), int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
+                       reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
+}
+#else
+// Portable path (PyTorch built without MKL): the tiles as strided tensor views through at::addmm_.
+template <typename T>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    auto t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1},
+                           at::TensorOptions().dtype(dtype));
+    return (trans ? t.t() : t).to(at::kFloat);
+  };
+  auto ct = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
+  if (k == 0) {
+    ct.mul_(beta);
+    return;
+  }
+  ct.addmm_(view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, alpha);
+}
+#endif
+
+// -- vectorised rows -------------------------------------------------------------------------------------------
+
+inline float row_max(const float* x, int64_t n) {
+  float best = kNegInf;
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec acc(kNegInf);
+    for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+    best = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  }
+  for (; j < n; ++j) best = std::max(best, x[j]);
+  return best;
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns the sum.
+inline float exp_shift_sum(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  if (j < n) {
+    Vec e = (Vec::loadu(x + j, n - j) - vshift).exp_u20();
+    e.store(x + j, n - j);
+    float tail[Vec::size()];
+    e.store(tail, n - j);
+    for (int64_t t = 0; t < n - j; ++t) sum += tail[t];
+  }
+  return sum;
+}
+
+// x[j] *= a for j < n.
+inline void scale_row(float* x, int64_t n, float a) {
+  at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
+}
+
+// Vec::size() elements of a row in the tensors' dtype, as fp32.
+template <typename T>
+inline Vec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// sum_j x[j] * y[j], with y in the tensors' dtype.
+template <typename T>
+inline float dot_row(const float* x, const T* y, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + j), load_float(y + j), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; j < n; ++j) s += x[j] * static_cast<float>(y[j]);
+  return s;
+}
+
+// y[j] += a · x[j], with x in the tensors' dtype.
+template <typename T>
+inline void axpy_row(float a, const T* x, float* y, int64_t n) {
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) at::vec::fmadd(va, load_float(x + j), Vec::loadu(y + j)).store(y + j);
+  for (; j < n; ++j) y[j] += a * static_cast<float>(x[j]);
+}
+
+template <typename T>
+inline void convert_row(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (src != dst) std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename T>
+inline void convert_row_to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// -- scheduling ------------------------------------------------------------------------------------------------
+
+// Runs fn(task, thread_slot) for every task in [0, num_tasks) on PyTorch's intra-op threads. Tasks are handed
+// out one at a time from a shared counter (dynamic scheduling): causal tiles have very different costs, and
+// at::parallel_for's static split would leave threads idle. thread_slot < at::get_num_threads() indexes
+// per-thread scratch.
+template <typename Fn>
+void parallel_tasks(int64_t num_tasks, const Fn& fn) {
+  if (num_tasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t task = next.fetch_add(1); task < num_tasks; task = next.fetch_add(1)) fn(task, slot);
+    }
+  });
+}
+
+// -- entry points (attention_forward.cpp, attention_backward.cpp) ---------------------------------------------
+
+// Returns (out [q's shape, contiguous], lse_w, lse_p) for checked inputs; gate is fp32 [Bg, Hq] contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& problem, const at::Tensor& q,
+                                                                const at::Tensor& k, const at::Tensor& v,
+                                                                const at::Tensor& prefix_k,
+                                                                const at::Tensor& prefix_v, const at::Tensor& gate);
+
+// Returns (dq, dk, dv, dprefix_k, dprefix_v, dgate) with the inputs' shapes (contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const Problem& problem, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate,
+    const at::Tensor& out, const at::Tensor& lse_w, const at::Tensor& lse_p);
+
+}  // namespace fastadapter_cpu

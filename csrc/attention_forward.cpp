@@ -1,0 +1,313 @@
+// Forward kernel of zero-init attention on CPU (DESIGN.md §1): flash-style online softmax over the words plus
+// one prefix tile with its own softmax, gated by γ, all in one pass over each tile of query rows.
+//
+// A tile is `bq` query positions of one sequence times the `G = Hq / Hkv` query heads that share a kv head:
+// stacking the group's heads makes every K/V block read once per group (GQA/MQA) and turns single-token decode
+// into a small GEMM instead of G matrix-vector products. Memory stays O(S): the only per-tile buffers are
+// [rows, BK] scores and [rows, D] accumulators.
+//
+// Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
+// memory order, split over the keys (split-K) so that batch 1 still uses every thread.
+#include "attention_cpu.h"
+
+namespace fastadapter_cpu {
+namespace {
+
+constexpr int64_t kRowsPerTile = 64;    // stacked query rows (heads × positions) per tile
+constexpr int64_t kKeysPerBlock = 256;  // keys per step of the online softmax
+constexpr int64_t kDecodeMaxRows = 16;  // at most this many query positions per sequence: decode path
+constexpr int64_t kDecodeKeys = 64;     // keys per step of the decode path
+
+// One tile of query rows: sequence n, kv head hkv, positions [i0, i0 + bq), query heads hkv·G .. hkv·G + G − 1.
+// Row r of the tile is head hkv·G + r / bq at position i0 + r % bq.
+struct Tile {
+  int64_t n, hkv, i0, bq;
+};
+
+// Per-thread scratch: sized for the largest tile once, reused by every task the thread runs.
+template <typename T>
+struct Scratch {
+  std::vector<T> q;         // [rows, D] the tile's query rows, gathered
+  std::vector<float> s;     // [rows, BK] scores, then probabilities
+  std::vector<T> p;         // [rows, BK] probabilities in T (reduced-precision GEMM input)
+  std::vector<float> acc;   // [rows, D] unnormalised Σ p v
+  std::vector<float> m, l;  // [rows] running max and sum of the word softmax
+
+  void reserve(int64_t rows, int64_t head_dim, int64_t width) {
+    q.resize(rows * head_dim);
+    s.resize(rows * width);
+    if constexpr (!std::is_same_v<T, float>) p.resize(rows * width);
+    acc.resize(rows * head_dim);
+    m.resize(rows);
+    l.resize(rows);
+  }
+};
+
+template <typename T>
+struct Operands {
+  Rows<const T> q, k, v, prefix_k, prefix_v;
+  const float* gate;
+  Rows<T> out;
+  Rows<float> lse_w, lse_p;
+};
+
+template <typename T>
+void gather_queries(const Problem& pb, const Operands<T>& op, const Tile& t, T* dst) {
+  const int64_t group = pb.group(), d = pb.head_dim;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t ii = 0; ii < t.bq; ++ii)
+      std::copy_n(op.q.at(t.n, t.hkv * group + g, t.i0 + ii), d, dst + (g * t.bq + ii) * d);
+}
+
+// The keys [0, end) that any row of the tile may see.
+inline int64_t tile_key_end(const Problem& pb, const Tile& t) {
+  return pb.visible_keys(t.n, t.i0 + t.bq - 1);
+}
+
+// Online softmax over the keys [key_begin, key_end) for the tile's gathered queries: updates m, l, acc.
+template <typename T>
+void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, int64_t key_begin, int64_t key_end,
+                      Scratch<T>& sc) {
+  const int64_t rows = pb.group() * t.bq, d = pb.head_dim;
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
+    const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
+    // s = scale · q kᵀ for this block of keys
+    gemm(false, true, rows, nk, d, pb.scale, sc.q.data(), d, op.k.at(t.n, t.hkv, j0), op.k.ld(), 0.f,
+         sc.s.data(), kKeysPerBlock);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = sc.s.data() + r * kKeysPerBlock;
+      const int64_t seen = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
+      if (seen > 0) {
+        // -- update the running max and sum, rescale what was accumulated under the old max
+        const float m_new = std::max(sc.m[r], row_max(s, seen));
+        const float correction = std::exp(sc.m[r] - m_new);  // 0 when nothing was seen before
+        sc.l[r] = sc.l[r] * correction + exp_shift_sum(s, seen, m_new);
+        if (correction != 1.f) scale_row(sc.acc.data() + r * d, d, correction);
+        sc.m[r] = m_new;
+      }
+      std::fill(s + seen, s + nk, 0.f);  // masked (future) keys
+      if constexpr (!std::is_same_v<T, float>) convert_row(s, sc.p.data() + r * kKeysPerBlock, nk);
+    }
+    // -- acc += p v
+    const T* probs;
+    if constexpr (std::is_same_v<T, float>) probs = sc.s.data(); else probs = sc.p.data();
+    gemm(false, false, rows, d, nk, 1.f, probs, kKeysPerBlock, op.v.at(t.n, t.hkv, j0), op.v.ld(), 1.f,
+         sc.acc.data(), d);
+  }
+}
+
+// Normalises the word part, adds γ · softmax(q prefix_kᵀ) prefix_v and writes out and both log-sum-exps.
+template <typename T>
+void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratch<T>& sc) {
+  const int64_t group = pb.group(), rows = group * t.bq, d = pb.head_dim, plen = pb.prefix_len;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
+    const bool any = sc.l[r] > 0.f;  // rows that see no word (Sq > Sk, causal) give 0
+    *op.lse_w.at(t.n, h, i) = any ? sc.m[r] + std::log(sc.l[r]) : kNegInf;
+    scale_row(sc.acc.data() + r * d, d, any ? 1.f / sc.l[r] : 0.f);
+  }
+  if (plen > 0) {
+    // The whole prefix (P ~ 10) is one block: plain softmax, no running max needed. Its probabilities are
+    // scaled by γ / sum so that one GEMM adds γ · softmax(s_p) prefix_v onto the word output.
+    const int64_t pn = pb.prefix_row(t.n);
+    float* s = sc.s.data();
+    gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
+         0.f, s, plen);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
+      float* row = s + r * plen;
+      const float mx = row_max(row, plen);
+      const float sum = exp_shift_sum(row, plen, mx);
+      *op.lse_p.at(t.n, h, i) = mx + std::log(sum);
+      scale_row(row, plen, pb.gamma(op.gate, t.n, h) / sum);
+      if constexpr (!std::is_same_v<T, float>) convert_row(row, sc.p.data() + r * plen, plen);
+    }
+    const T* probs;
+    if constexpr (std::is_same_v<T, float>) probs = s; else probs = sc.p.data();
+    gemm(false, false, rows, d, plen, 1.f, probs, plen, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
+         sc.acc.data(), d);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) *op.lse_p.at(t.n, t.hkv * group + r / t.bq, t.i0 + r % t.bq) = kNegInf;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    convert_row(sc.acc.data() + r * d, op.out.at(t.n, t.hkv * group + r / t.bq, t.i0 + r % t.bq), d);
+}
+
+template <typename T>
+void reset_state(Scratch<T>& sc, int64_t rows, int64_t d) {
+  std::fill_n(sc.m.begin(), rows, kNegInf);
+  std::fill_n(sc.l.begin(), rows, 0.f);
+  std::fill_n(sc.acc.begin(), rows * d, 0.f);
+}
+
+template <typename T>
+void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest);
+
+template <typename T>
+void run_forward(const Problem& pb, const Operands<T>& op) {
+  const int64_t group = pb.group(), d = pb.head_dim;
+  const int64_t bq_max = std::max<int64_t>(1, kRowsPerTile / group);
+  int64_t longest = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) longest = std::max(longest, pb.rows_q(n));
+  const int64_t bq = std::min(bq_max, std::max<int64_t>(longest, 1));
+  const int64_t tile_rows = group * bq;
+  if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
+
+  // Tiles, latest positions first: under the causal mask they are the most expensive, and handing them out
+  // first keeps the dynamic schedule balanced at the end.
+  std::vector<Tile> tiles;
+  for (int64_t i0 = ((longest - 1) / bq) * bq; i0 >= 0; i0 -= bq)
+    for (int64_t n = 0; n < pb.num_seqs; ++n)
+      if (i0 < pb.rows_q(n))
+        for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
+  const int64_t threads = at::get_num_threads();
+  std::vector<Scratch<T>> scratch(threads);
+  parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t task, int64_t slot) {
+    const Tile& t = tiles[task];
+    Scratch<T>& sc = scratch[slot];
+    if (sc.acc.empty()) sc.reserve(tile_rows, d, std::max(kKeysPerBlock, pb.prefix_len));
+    reset_state(sc, group * t.bq, d);
+    gather_queries(pb, op, t, sc.q.data());
+    accumulate_words(pb, op, t, 0, tile_key_end(pb, t), sc);
+    finish_tile(pb, op, t, sc);
+  });
+}
+
+// Decode: a few query rows per sequence over a long KV cache. The work is reading K and V once, so the loop
+// runs over keys in memory order ([S, H, D]: every head of a key position is contiguous) with every query row
+// of the sequence in registers/L1, instead of per head (keys 16 KB apart for LLaMA-7B: one TLB miss per key).
+// Each task takes a chunk of the keys of one sequence for all heads (split-K, so that batch 1 uses every
+// thread) and leaves per-row (max, sum, accumulator); one task per (sequence, kv head) then merges the chunks
+// and adds the prefix through finish_tile.
+template <typename T>
+void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
+  const int64_t group = pb.group(), d = pb.head_dim, heads_q = pb.heads_q;
+  const int64_t state_rows = heads_q * longest;  // row h · sq + i: head h, position i
+  const int64_t threads = at::get_num_threads();
+  int64_t longest_k = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) longest_k = std::max(longest_k, pb.rows_k(n));
+  const int64_t key_blocks = std::max<int64_t>((longest_k + kDecodeKeys - 1) / kDecodeKeys, 1);
+  const int64_t chunks = std::clamp<int64_t>((4 * threads + pb.num_seqs - 1) / pb.num_seqs, 1, key_blocks);
+  const int64_t stride = state_rows * (d + 2);  // per (sequence, chunk): acc [rows, D], m [rows], l [rows]
+  std::vector<float> partial(static_cast<size_t>(pb.num_seqs * chunks * stride));
+
+  struct DecodeScratch {
+    std::vector<float> q, s;  // [rows, D] scaled fp32 queries; [rows, kDecodeKeys] scores
+  };
+  std::vector<DecodeScratch> decode_scratch(threads);
+  parallel_tasks(pb.num_seqs * chunks, [&](int64_t task, int64_t slot) {
+    const int64_t n = task / chunks, chunk = task % chunks, sq = pb.rows_q(n), rows = heads_q * sq;
+    float* acc = partial.data() + task * stride;
+    float* m = acc + state_rows * d;
+    float* l = m + state_rows;
+    std::fill_n(m, rows, kNegInf);
+    std::fill_n(l, rows, 0.f);
+    std::fill_n(acc, rows * d, 0.f);
+    const int64_t blocks = (pb.rows_k(n) + kDecodeKeys - 1) / kDecodeKeys;
+    const int64_t per_chunk = (blocks + chunks - 1) / chunks;
+    const int64_t key_end = sq > 0 ? pb.visible_keys(n, sq - 1) : 0;
+    const int64_t begin = std::min(chunk * per_chunk * kDecodeKeys, key_end);
+    const int64_t end = std::min((chunk + 1) * per_chunk * kDecodeKeys, key_end);
+    if (begin >= end) return;
+    DecodeScratch& sc = decode_scratch[slot];
+    if (sc.q.empty()) {
+      sc.q.resize(state_rows * d);
+      sc.s.resize(state_rows * kDecodeKeys);
+    }
+    for (int64_t h = 0; h < heads_q; ++h)
+      for (int64_t i = 0; i < sq; ++i) {
+        float* qf = sc.q.data() + (h * sq + i) * d;
+        convert_row_to_float(op.q.at(n, h, i), qf, d);
+        scale_row(qf, d, pb.scale);
+      }
+    for (int64_t j0 = begin; j0 < end; j0 += kDecodeKeys) {
+      const int64_t nk = std::min(kDecodeKeys, end - j0);
+      // -- scores, key by key in memory order
+      for (int64_t jj = 0; jj < nk; ++jj)
+        for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
+          const T* key = op.k.at(n, hkv, j0 + jj);
+          for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r)
+            sc.s[r * kDecodeKeys + jj] = dot_row(sc.q.data() + r * d, key, d);
+        }
+      // -- online softmax per row
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = sc.s.data() + r * kDecodeKeys;
+        const int64_t seen = std::clamp<int64_t>(pb.visible_keys(n, r % sq) - j0, 0, nk);
+        if (seen > 0) {
+          const float m_new = std::max(m[r], row_max(s, seen));
+          const float correction = std::exp(m[r] - m_new);
+          l[r] = l[r] * correction + exp_shift_sum(s, seen, m_new);
+          if (correction != 1.f) scale_row(acc + r * d, d, correction);
+          m[r] = m_new;
+        }
+        std::fill(s + seen, s + nk, 0.f);
+      }
+      // -- acc += p v, value by value in memory order
+      for (int64_t jj = 0; jj < nk; ++jj)
+        for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
+          const T* value = op.v.at(n, hkv, j0 + jj);
+          for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
+            const float p = sc.s[r * kDecodeKeys + jj];
+            if (p != 0.f) axpy_row(p, value, acc + r * d, d);
+          }
+        }
+    }
+  });
+
+  // -- merge the chunks of every (sequence, kv head) tile and finish it; the tile's rows g · sq + i are the
+  // state rows hkv · G · sq + g · sq + i.
+  std::vector<Scratch<T>> scratch(threads);
+  parallel_tasks(pb.num_seqs * pb.heads_kv, [&](int64_t task, int64_t slot) {
+    const int64_t n = task / pb.heads_kv, hkv = task % pb.heads_kv, sq = pb.rows_q(n);
+    if (sq == 0) return;
+    const Tile t{n, hkv, 0, sq};
+    const int64_t rows = group * sq, first = hkv * group * sq;
+    Scratch<T>& sc = scratch[slot];
+    if (sc.acc.empty()) sc.reserve(group * longest, d, std::max(kKeysPerBlock, pb.prefix_len));
+    reset_state(sc, rows, d);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* acc = partial.data() + (n * chunks + chunk) * stride;
+      const float* m = acc + state_rows * d;
+      const float* l = m + state_rows;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t s = first + r;
+        if (l[s] == 0.f) continue;  // this chunk saw no key for the row
+        const float m_new = std::max(sc.m[r], m[s]);
+        const float old_scale = std::exp(sc.m[r] - m_new), new_scale = std::exp(m[s] - m_new);
+        sc.l[r] = sc.l[r] * old_scale + l[s] * new_scale;
+        float* a = sc.acc.data() + r * d;
+        scale_row(a, d, old_scale);
+        at::vec::map2([new_scale](Vec x, Vec y) { return x + y * Vec(new_scale); }, a, a, acc + s * d, d);
+        sc.m[r] = m_new;
+      }
+    }
+    gather_queries(pb, op, t, sc.q.data());
+    finish_tile(pb, op, t, sc);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& problem, const at::Tensor& q,
+                                                                const at::Tensor& k, const at::Tensor& v,
+                                                                const at::Tensor& prefix_k,
+                                                                const at::Tensor& prefix_v, const at::Tensor& gate) {
+  const int32_t* cu = problem.cu_seqlens;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  std::vector<int64_t> lse_shape = cu ? std::vector<int64_t>{problem.heads_q, q.size(0)}
+                                      : std::vector<int64_t>{q.size(0), problem.heads_q, q.size(1)};
+  at::Tensor lse_w = at::empty(lse_shape, q.options().dtype(at::kFloat));
+  at::Tensor lse_p = at::empty(lse_shape, q.options().dtype(at::kFloat));
+  FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::forward", [&] {
+    Operands<scalar_t> op{rows_of<scalar_t>(q, cu),        rows_of<scalar_t>(k, cu),
+                          rows_of<scalar_t>(v, cu),        rows_of<scalar_t>(prefix_k, nullptr),
+                          rows_of<scalar_t>(prefix_v, nullptr), gate.const_data_ptr<float>(),
+                          mutable_rows_of<scalar_t>(out, cu),
+                          Rows<float>{lse_w.data_ptr<float>(), lse_layout(lse_w, cu)},
+                          Rows<float>{lse_p.data_ptr<float>(), lse_layout(lse_p, cu)}};
+    run_forward<scalar_t>(problem, op);
+  });
+  return {out, lse_w, lse_p};
+}
+
+}  // namespace fastadapter_cpu

@@ -1,0 +1,173 @@
+// The `fastadapter_cpu` operator library: schemas, input checks with messages that say what was expected, and
+// the `fastadapter._C` Python module whose import registers the ops.
+//
+//   torch.ops.fastadapter_cpu.forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal,
+//                                     softmax_scale, gate_tanh) -> (out, lse_w, lse_p)
+//   torch.ops.fastadapter_cpu.backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w, lse_p,
+//                                      cu_seqlens, max_seqlen, causal, softmax_scale, gate_tanh)
+//       -> (dq, dk, dv, dprefix_k, dprefix_v, dgate)
+//
+// Shapes as DESIGN.md §1, gate already normalised to fp32 [Bg, Hq]; lse are fp32 [B, Hq, Sq] or [Hq, T].
+#include <Python.h>
+#include <torch/library.h>
+
+#include "attention_cpu.h"
+
+namespace fastadapter_cpu {
+namespace {
+
+// The kernels read rows through GEMM leading dimensions: the last dimension must be contiguous and the row
+// stride at least head_dim. Anything else (rare: expanded or oddly strided inputs) is copied once.
+at::Tensor rows_ready(const at::Tensor& t, int64_t row_dim) {
+  const int64_t d = t.size(-1);
+  if (t.stride(-1) == 1 && t.stride(row_dim) >= d) return t;
+  at::Tensor copy = at::empty(t.sizes(), t.options());  // canonical strides, even for size-1 dimensions
+  copy.copy_(t);
+  return copy;
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+// Checks every input and fills the problem description (cu_seqlens must outlive it).
+Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                     const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens,
+                     int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
+  const bool varlen = cu_seqlens.has_value();
+  const int64_t ndim = varlen ? 3 : 4;
+  const char* q_layout = varlen ? "[T, Hq, D] (varlen)" : "[B, Sq, Hq, D]";
+  const char* kv_layout = varlen ? "[T, Hkv, D] (varlen)" : "[B, Sk, Hkv, D]";
+  TORCH_CHECK(q.dim() == ndim, "fastadapter_cpu: q must be ", q_layout, ", got shape ", shape_of(q));
+  TORCH_CHECK(k.dim() == ndim && v.dim() == ndim, "fastadapter_cpu: k and v must be ", kv_layout, ", got k ",
+              shape_of(k), " and v ", shape_of(v));
+  TORCH_CHECK(prefix_k.dim() == 4 && prefix_v.dim() == 4, "fastadapter_cpu: prefix_k and prefix_v must be "
+              "[Bp, P, Hkv, D], got ", shape_of(prefix_k), " and ", shape_of(prefix_v));
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fastadapter_cpu: q must be float32, bfloat16 or float16, got ", dtype);
+  for (const auto* t : {&k, &v, &prefix_k, &prefix_v})
+    TORCH_CHECK(t->scalar_type() == dtype, "fastadapter_cpu: q, k, v, prefix_k and prefix_v must share one dtype, "
+                "got ", t->scalar_type(), " and q ", dtype);
+  for (const auto* t : {&q, &k, &v, &prefix_k, &prefix_v, &gate})
+    TORCH_CHECK(t->device().is_cpu(), "fastadapter_cpu: every input must be a CPU tensor, got one on ",
+                t->device());
+  TORCH_CHECK(k.sizes() == v.sizes(), "fastadapter_cpu: k and v must have the same shape, got ", shape_of(k),
+              " and ", shape_of(v));
+  TORCH_CHECK(prefix_k.sizes() == prefix_v.sizes(), "fastadapter_cpu: prefix_k and prefix_v must have the same "
+              "shape, got ", shape_of(prefix_k), " and ", shape_of(prefix_v));
+
+  Problem pb;
+  pb.head_dim = q.size(-1);
+  pb.heads_q = q.size(-2);
+  pb.heads_kv = k.size(-2);
+  TORCH_CHECK(pb.head_dim > 0 && pb.heads_q > 0 && pb.heads_kv > 0, "fastadapter_cpu: heads and head_dim must be "
+              "positive, got q ", shape_of(q), " and k ", shape_of(k));
+  TORCH_CHECK(k.size(-1) == pb.head_dim, "fastadapter_cpu: k has head_dim ", k.size(-1), " but q has ",
+              pb.head_dim);
+  TORCH_CHECK(pb.heads_q % pb.heads_kv == 0, "fastadapter_cpu: the query heads (", pb.heads_q, ") must be a "
+              "multiple of the key/value heads (", pb.heads_kv, ")");
+  if (varlen) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2 && cu.device().is_cpu(),
+                "fastadapter_cpu: cu_seqlens must be a CPU int32 tensor [N+1] with N >= 1, got ", cu.scalar_type(),
+                " ", shape_of(cu), " on ", cu.device());
+    TORCH_CHECK(cu.is_contiguous(), "fastadapter_cpu: cu_seqlens must be contiguous");
+    TORCH_CHECK(k.size(0) == q.size(0), "fastadapter_cpu: varlen q and k must hold the same tokens, got ",
+                q.size(0), " and ", k.size(0));
+    const int32_t* c = cu.const_data_ptr<int32_t>();
+    pb.num_seqs = cu.size(0) - 1;
+    TORCH_CHECK(c[0] == 0 && c[pb.num_seqs] == q.size(0), "fastadapter_cpu: cu_seqlens must start at 0 and end at "
+                "the number of tokens (", q.size(0), "), got ", c[0], " and ", c[pb.num_seqs]);
+    for (int64_t n = 0; n < pb.num_seqs; ++n)
+      TORCH_CHECK(c[n + 1] >= c[n] && c[n + 1] - c[n] <= max_seqlen, "fastadapter_cpu: cu_seqlens must be "
+                  "non-decreasing with sequences no longer than max_seqlen (", max_seqlen, "); sequence ", n,
+                  " spans [", c[n], ", ", c[n + 1], ")");
+    pb.cu_seqlens = c;
+    pb.seqlen_q = pb.seqlen_k = max_seqlen;
+  } else {
+    TORCH_CHECK(k.size(0) == q.size(0), "fastadapter_cpu: k has batch ", k.size(0), " but q has ", q.size(0));
+    pb.num_seqs = q.size(0);
+    pb.seqlen_q = q.size(1);
+    pb.seqlen_k = k.size(1);
+  }
+  TORCH_CHECK(prefix_k.size(0) == 1 || prefix_k.size(0) == pb.num_seqs, "fastadapter_cpu: the prefix batch must "
+              "be 1 (shared prompt) or ", pb.num_seqs, " (one per sequence), got ", prefix_k.size(0));
+  TORCH_CHECK(prefix_k.size(2) == pb.heads_kv && prefix_k.size(3) == pb.head_dim, "fastadapter_cpu: prefix_k must "
+              "be [Bp, P, ", pb.heads_kv, ", ", pb.head_dim, "] (kv heads and head_dim of k), got ",
+              shape_of(prefix_k));
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && gate.dim() == 2 && gate.size(1) == pb.heads_q &&
+              (gate.size(0) == 1 || gate.size(0) == pb.num_seqs),
+              "fastadapter_cpu: gate must be the normalised float32 [1 or ", pb.num_seqs, ", ", pb.heads_q,
+              "] (raw gate per query head), got ", gate.scalar_type(), " ", shape_of(gate));
+  TORCH_CHECK(std::isfinite(softmax_scale), "fastadapter_cpu: softmax_scale must be finite, got ", softmax_scale);
+  pb.prefix_len = prefix_k.size(1);
+  pb.prefix_batch = prefix_k.size(0);
+  pb.gate_batch = gate.size(0);
+  pb.causal = causal;
+  pb.gate_tanh = gate_tanh;
+  pb.scale = static_cast<float>(softmax_scale);
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
+  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                  gate_tanh);
+  const int64_t row_dim = cu_seqlens ? 0 : 1;
+  return attention_forward(pb, rows_ready(q, row_dim), rows_ready(k, row_dim), rows_ready(v, row_dim),
+                           rows_ready(prefix_k, 1), rows_ready(prefix_v, 1), gate.contiguous());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
+    const at::Tensor& lse_w, const at::Tensor& lse_p, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
+  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale,
+                                  gate_tanh);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "fastadapter_cpu: grad_out and out must "
+              "have q's shape ", shape_of(q), ", got ", shape_of(grad_out), " and ", shape_of(out));
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu(), "fastadapter_cpu: grad_out and out must be CPU "
+              "tensors");
+  const std::vector<int64_t> lse_shape = cu_seqlens ? std::vector<int64_t>{pb.heads_q, q.size(0)}
+                                                    : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
+  for (const auto* lse : {&lse_w, &lse_p})
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->sizes() == at::IntArrayRef(lse_shape) &&
+                lse->device().is_cpu(), "fastadapter_cpu: lse_w and lse_p must be the forward's float32 ",
+                cu_seqlens ? "[Hq, T]" : "[B, Hq, Sq]", " log-sum-exps, got ", lse->scalar_type(), " ",
+                shape_of(*lse));
+  const int64_t row_dim = cu_seqlens ? 0 : 1;
+  return attention_backward(pb, rows_ready(grad_out.to(q.scalar_type()), row_dim), rows_ready(q, row_dim),
+                            rows_ready(k, row_dim), rows_ready(v, row_dim), rows_ready(prefix_k, 1),
+                            rows_ready(prefix_v, 1), gate.contiguous(), rows_ready(out.to(q.scalar_type()), row_dim),
+                            lse_w.contiguous(), lse_p.contiguous());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastadapter_cpu, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, Tensor? cu_seqlens, "
+        "int max_seqlen, bool causal, float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor)");
+  m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
+        "Tensor out, Tensor lse_w, Tensor lse_p, Tensor? cu_seqlens, int max_seqlen, bool causal, "
+        "float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {
+  m.impl("forward", &forward_op);
+  m.impl("backward", &backward_op);
+}
+
+}  // namespace fastadapter_cpu
+
+// `import fastadapter._C` loads this library, which runs the registrations above; the module itself is empty.
+static PyModuleDef fastadapter_c_module = {PyModuleDef_HEAD_INIT, "fastadapter._C",
+                                           "Compiled CPU kernels of zero-init attention (torch.ops.fastadapter_cpu).",
+                                           -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastadapter_c_module); }
