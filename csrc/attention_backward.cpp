@@ -229,6 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
     word_pass<scalar_t>(pb, op, chunks);
   });
+  if (cu && pb.packed_end() < k.size(0)) {
+    const int64_t end = pb.packed_end(), tail = k.size(0) - end;
+    dk.narrow(0, end, tail).zero_();
+    dv.narrow(0, end, tail).zero_();
+  }
 
   at::Tensor dq = (chunks == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0)).mul_(pb.scale).to(q.scalar_type());
   // Prefix gradients: [N, Hkv, P, D] -> [Bp, P, Hkv, D], summed over the batch for a shared prompt.

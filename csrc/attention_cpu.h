@@ -60,6 +60,9 @@ struct Problem {
   int64_t rows_q(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_q; }
   int64_t rows_k(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_k; }
   int64_t prefix_row(int64_t n) const { return prefix_batch == 1 ? 0 : n; }
+  // Varlen: the first packed token after the last sequence. Tokens from there on (cu_seqlens[N] < T) belong
+  // to no sequence: their output and gradients are 0, their log-sum-exps -inf.
+  int64_t packed_end() const { return cu_seqlens ? cu_seqlens[num_seqs] : 0; }
   // Index of the last key query row `i` of sequence `n` may see, plus one (bottom-right causal alignment).
   int64_t visible_keys(int64_t n, int64_t i) const {
     const int64_t sk = rows_k(n);

@@ -307,6 +307,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& 
                           Rows<float>{lse_p.data_ptr<float>(), lse_layout(lse_p, cu)}};
     run_forward<scalar_t>(problem, op);
   });
+  if (cu && problem.packed_end() < q.size(0)) {
+    const int64_t end = problem.packed_end(), tail = q.size(0) - end;
+    out.narrow(0, end, tail).zero_();
+    lse_w.narrow(1, end, tail).fill_(kNegInf);
+    lse_p.narrow(1, end, tail).fill_(kNegInf);
+  }
   return {out, lse_w, lse_p};
 }
 

@@ -79,8 +79,8 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 q.size(0), " and ", k.size(0));
     const int32_t* c = cu.const_data_ptr<int32_t>();
     pb.num_seqs = cu.size(0) - 1;
-    TORCH_CHECK(c[0] == 0 && c[pb.num_seqs] == q.size(0), "fastadapter_cpu: cu_seqlens must start at 0 and end at "
-                "the number of tokens (", q.size(0), "), got ", c[0], " and ", c[pb.num_seqs]);
+    TORCH_CHECK(c[0] == 0 && c[pb.num_seqs] <= q.size(0), "fastadapter_cpu: cu_seqlens must start at 0 and end "
+                "at most at the number of tokens (", q.size(0), "), got ", c[0], " and ", c[pb.num_seqs]);
     for (int64_t n = 0; n < pb.num_seqs; ++n)
       TORCH_CHECK(c[n + 1] >= c[n] && c[n + 1] - c[n] <= max_seqlen, "fastadapter_cpu: cu_seqlens must be "
                   "non-decreasing with sequences no longer than max_seqlen (", max_seqlen, "); sequence ", n,

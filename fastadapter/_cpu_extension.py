@@ -8,7 +8,6 @@ with ``FASTADAPTER_SKIP_BUILD=1``, no compiler, or a torch it was not built agai
 from __future__ import annotations
 
 import importlib
-import threading
 import warnings
 from typing import Callable, Optional
 
@@ -33,29 +32,31 @@ def _register_fakes() -> None:
 
 
 class ExtensionLoader:
-    """Imports the compiled library at most once; remembers why it failed and warns about it once."""
+    """Imports the compiled library at most once; remembers why it failed and warns about it once.
+
+    No lock: ``torch.compile`` traces through the backend choice, and Dynamo cannot enter a lock. Two threads
+    racing on the very first call both import (Python's import is thread-safe) and at worst both warn.
+    """
 
     def __init__(self, importer: Callable[[], object] = lambda: importlib.import_module("fastadapter._C")):
         self._importer = importer
-        self._lock = threading.Lock()
         self._tried = False
         self._error: Optional[str] = None
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the kernels are loaded, else why they are not (the first call imports them)."""
-        with self._lock:
-            if not self._tried:
-                self._tried = True
-                try:
-                    self._importer()
-                    _register_fakes_once()
-                except (ImportError, OSError) as error:
-                    self._error = (f"the compiled CPU kernels fastadapter._C are not available ({error}); "
-                                   f"reinstall with a C++ compiler and without FASTADAPTER_SKIP_BUILD: "
-                                   f"pip install --no-build-isolation -e .")
-                    warnings.warn(self._error + "; falling back to the sdpa backend on CPU", RuntimeWarning,
-                                  stacklevel=3)
-            return self._error
+        if not self._tried:
+            self._tried = True
+            try:
+                self._importer()
+                _register_fakes_once()
+            except (ImportError, OSError) as error:
+                self._error = (f"the compiled CPU kernels fastadapter._C are not available ({error}); "
+                               f"reinstall with a C++ compiler and without FASTADAPTER_SKIP_BUILD: "
+                               f"pip install --no-build-isolation -e .")
+                warnings.warn(self._error + "; falling back to the sdpa backend on CPU", RuntimeWarning,
+                              stacklevel=3)
+        return self._error
 
 
 _fakes_registered = False

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from fastadapter import zero_init_attention, zero_init_attention_reference
+from fastadapter._inputs import AttentionInputs, validate_inputs
 
 #: The floor of the tolerance, relative to the largest magnitude of the reference result.
 ABS_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -84,6 +85,15 @@ class Case:
         return kw
 
 
+def backend_inputs(case: Case) -> AttentionInputs:
+    """``case``'s inputs validated as a backend receives them (no gradients), for calling a backend directly."""
+    kw = case.make(requires_grad=False)
+    return validate_inputs(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["gate"],
+                           causal=kw["causal"], softmax_scale=kw["softmax_scale"],
+                           gate_activation=kw["gate_activation"], cu_seqlens=kw.get("cu_seqlens"),
+                           max_seqlen=kw.get("max_seqlen"))
+
+
 def _run(fn, kw: dict, grad_out: torch.Tensor):
     """Output and the gradients of every input of ``fn(**kw)`` against ``grad_out`` (fresh leaves)."""
     leaves = {name: kw[name].detach().clone().requires_grad_(True) for name in INPUT_NAMES}
@@ -133,3 +143,48 @@ def _assert_within(what: str, case: Case, got, plain, ref) -> None:
     floor = ABS_FLOOR[case.dtype] * max(1.0, ref.abs().max().item())
     assert err <= 2 * err_plain + floor, (f"{case.id}: {what} error {err:.3e} exceeds 2 x plain PyTorch's "
                                           f"{err_plain:.3e} + {floor:.1e}")
+
+
+FP16, BF16 = torch.float16, torch.bfloat16
+
+#: The grid every fused kernel (triton, cpu) is checked on against the reference.
+KERNEL_CASES = [
+    # -- dtypes × head dims (64, 80 and the odd 72, padded to 128 inside the kernels)
+    Case(),
+    Case(head_dim=80, dtype=FP16),
+    Case(head_dim=72, dtype=BF16),
+    Case(batch=1, seqlen_q=45, seqlen_k=45, head_dim=72, dtype=FP16, gate_shape="rows"),
+    Case(batch=1, seqlen_q=33, seqlen_k=33, head_dim=80, dtype=BF16, heads_kv=4, gate_activation="none"),
+    # -- lengths: decode (Sq = 1), a single key, Sq < Sk (bottom-right causal), Sq > Sk (rows that see no word).
+    # A single key is fp32: there plain PyTorch's word gradient is exactly 0, while a flash-style backward
+    # carries the rounding of the saved output through D_w = rowsum(dO ∘ out), so the 2x rule cannot hold in
+    # half precision (FlashAttention shares this; the error is that of rounding `out` to the dtype).
+    Case(batch=1, seqlen_q=1, seqlen_k=97, heads_q=8, heads_kv=1),
+    Case(batch=1, seqlen_q=1, seqlen_k=40, heads_q=4, heads_kv=1, dtype=BF16),
+    Case(batch=2, seqlen_q=1, seqlen_k=1),
+    Case(batch=1, seqlen_q=7, seqlen_k=1, causal=False),
+    Case(seqlen_q=40, seqlen_k=97, dtype=FP16),
+    Case(seqlen_q=97, seqlen_k=40),
+    Case(batch=1, seqlen_q=70, seqlen_k=5, dtype=BF16, heads_kv=1),
+    # -- prefix: none, the paper's 10, the largest tile (64), one per sample
+    Case(batch=1, seqlen_q=50, seqlen_k=50, prefix_len=0),
+    Case(batch=1, seqlen_q=50, seqlen_k=50, prefix_len=0, dtype=BF16, causal=False),
+    Case(batch=2, seqlen_q=30, seqlen_k=30, prefix_len=64, dtype=FP16),
+    Case(batch=2, seqlen_q=30, seqlen_k=30, prefix_len=64, prefix_batch=2, gate_shape="rows"),
+    Case(batch=3, seqlen_q=20, seqlen_k=20, prefix_len=3, prefix_batch=3, dtype=BF16),
+    # -- gates: per head, scalar, per sample; tanh and raw
+    Case(batch=2, seqlen_q=25, seqlen_k=25, gate_shape="scalar", gate_activation="none", dtype=FP16),
+    Case(batch=2, seqlen_q=25, seqlen_k=25, gate_shape="rows", gate_activation="none"),
+    # -- GQA (2 query heads per kv head), MQA (one kv head), MHA
+    Case(batch=1, seqlen_q=33, seqlen_k=33, heads_q=6, heads_kv=1, dtype=BF16),
+    Case(batch=1, seqlen_q=33, seqlen_k=33, heads_q=3, heads_kv=3, causal=False),
+    # -- strided (bshd views of bhsd tensors), custom scale
+    Case(transposed=True),
+    Case(batch=2, seqlen_q=20, seqlen_k=50, transposed=True, dtype=BF16, gate_shape="scalar"),
+    Case(batch=1, seqlen_q=30, seqlen_k=30, softmax_scale=0.3, head_dim=80, causal=False),
+    # -- varlen: shared and per-sequence prompts and gates, a sequence of one token, non-causal
+    Case(seqlens=[5, 40, 1, 17], gate_shape="rows", prefix_batch=4, unused_tail=3),
+    Case(seqlens=[33, 64, 2], dtype=BF16, head_dim=72),
+    Case(seqlens=[20, 9], dtype=FP16, causal=False, gate_shape="scalar", prefix_len=0),
+    Case(seqlens=[97, 3], heads_q=4, heads_kv=1, prefix_len=64, prefix_batch=2, gate_activation="none"),
+]

@@ -14,6 +14,7 @@ Every backend answers :meth:`Backend.not_supported_reasons`; the automatic choic
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Optional
 
@@ -77,26 +78,8 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
-_builtins_loaded = False
-
-
-def _load_builtin_backends() -> None:
-    # Imported here, not at the top, so that a backend whose dependencies are missing cannot break the others.
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    from . import reference, sdpa  # noqa: F401
-    for module in ("triton", "cpu"):
-        try:
-            __import__(f"{__name__}.{module}")
-        except ImportError:
-            pass
-
-
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ValueError`` listing the known names otherwise."""
-    _load_builtin_backends()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known backends: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -104,7 +87,6 @@ def get_backend(name: str) -> Backend:
 
 def all_backends() -> list[Backend]:
     """Every registered backend, in automatic order first."""
-    _load_builtin_backends()
     ordered = [_REGISTRY[n] for n in AUTOMATIC_ORDER if n in _REGISTRY]
     return ordered + [b for n, b in _REGISTRY.items() if n not in AUTOMATIC_ORDER]
 
@@ -130,3 +112,15 @@ def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
             return backend
         all_reasons.append(f"{backend.name}: " + "; ".join(reasons))
     raise ValueError("no backend can run these inputs:\n  " + "\n  ".join(all_reasons))
+
+
+# The built-in backends register themselves when imported: here, at the end (they subclass Backend), and at
+# import time rather than on first use, so that torch.compile never has to trace an import (its first call
+# may be a compiled one). A backend whose dependencies are missing cannot break the others.
+from . import reference, sdpa  # noqa: E402,F401
+
+for _module in ("triton", "cpu"):
+    try:
+        importlib.import_module(f"{__name__}.{_module}")
+    except ImportError:
+        pass

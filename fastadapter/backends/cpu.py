@@ -51,3 +51,5 @@ class CpuBackend(Backend):
 
 
 register_backend(CpuBackend())
+# Load the library now: a missing one warns at import, and torch.compile never traces the import.
+_cpu_extension.unavailable_reason()

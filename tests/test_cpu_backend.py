@@ -1,0 +1,188 @@
+"""What is particular to the ``cpu`` backend (the C++ kernels of csrc/, ``torch.ops.fastadapter_cpu``): its decode
+path, the sizes beyond one Triton tile, thread counts, inputs that need a copy, the C++ input checks, the
+operators under torch.compile, and the fallback when the compiled library is missing.
+
+Its correctness on the shared grid, forward and every gradient, is in test_fused_backends.py.
+"""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fastadapter import _cpu_extension, zero_init_attention
+from fastadapter.backends import get_backend, select_backend
+from fastadapter.info import backend_report
+
+from attention_cases import BF16, FP16, Case, backend_inputs, check_against_reference
+
+DECODE_CASES = [
+    # At most 16 query rows per sequence take the decode path: key-major loops, split over the KV cache.
+    Case(batch=1, seqlen_q=1, seqlen_k=300, heads_q=8, heads_kv=2, head_dim=128, dtype=BF16),
+    Case(batch=1, seqlen_q=1, seqlen_k=1025, heads_q=4, heads_kv=4, head_dim=80),
+    Case(batch=3, seqlen_q=16, seqlen_k=200, gate_shape="rows", prefix_batch=3),
+    Case(batch=2, seqlen_q=4, seqlen_k=129, causal=False, dtype=FP16, gate_activation="none"),
+    Case(batch=2, seqlen_q=12, seqlen_k=5),  # the first rows see no word
+    Case(batch=8, seqlen_q=1, seqlen_k=70, heads_q=8, heads_kv=1, prefix_len=0, dtype=BF16),
+    Case(seqlens=[3, 16, 1], gate_shape="rows", prefix_batch=3),
+    # 17 rows: the first length past the decode path, on the tiled path
+    Case(batch=1, seqlen_q=17, seqlen_k=300, heads_q=8, heads_kv=2, dtype=BF16),
+]
+
+LARGE_CASES = [
+    # What one Triton tile cannot hold runs here: prompts longer than 64, head dims above 256.
+    Case(batch=1, seqlen_q=40, seqlen_k=40, prefix_len=100),
+    Case(batch=1, seqlen_q=20, seqlen_k=20, heads_q=2, heads_kv=1, head_dim=264, dtype=BF16),
+    # LLaMA-7B heads (D = 128), GQA groups wider than a tile's 64 stacked rows allow for many positions
+    Case(batch=1, seqlen_q=300, seqlen_k=300, heads_q=4, heads_kv=4, head_dim=128, dtype=BF16),
+    Case(batch=1, seqlen_q=70, seqlen_k=70, heads_q=96, heads_kv=1, head_dim=16),
+    Case(batch=2, seqlen_q=130, seqlen_k=260, heads_q=16, heads_kv=2, head_dim=32, dtype=FP16),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES + LARGE_CASES, ids=lambda c: c.id)
+def test_cpu_matches_reference(case):
+    check_against_reference(case, "cpu")
+
+
+def test_inputs_whose_rows_are_not_contiguous_are_copied_once():
+    """Every-other-element k (stride 2 in the last dim) and a prompt expanded over the batch (stride 0)."""
+    kw = Case(batch=2, seqlen_q=30, seqlen_k=30, prefix_batch=2).make(requires_grad=False)
+    kw["k"] = torch.randn(2, 30, 2, 128)[..., ::2]
+    kw["prefix_k"] = torch.randn(1, 10, 2, 64).expand(2, -1, -1, -1)
+    assert kw["k"].stride(-1) == 2 and kw["prefix_k"].stride(0) == 0
+    out = zero_init_attention(**kw, backend="cpu")
+    ref = zero_init_attention(**kw, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [Case(batch=1, seqlen_q=200, seqlen_k=200), Case(batch=1, seqlen_q=1,
+                                                                                    seqlen_k=500)],
+                         ids=lambda c: c.id)
+def test_one_thread_gives_the_same_result(case):
+    """Any thread count gives the result within fp32 rounding: the split of the KV cache (decode) and the number of
+    fp32 copies of dq (backward) follow the thread count, so the order of the sums does too."""
+    kw = case.make()
+    grad = torch.randn(kw["q"].shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, 1):
+            torch.set_num_threads(n)
+            leaves = {name: kw[name].detach().clone().requires_grad_() for name in ("q", "k", "v", "gate")}
+            out = zero_init_attention(**{**kw, **leaves}, backend="cpu")
+            out.backward(grad)
+            results.append((out.detach(), [leaves[name].grad for name in ("q", "k", "v", "gate")]))
+    finally:
+        torch.set_num_threads(threads)
+    (out_a, grads_a), (out_b, grads_b) = results
+    for a, b in zip([out_a, *grads_a], [out_b, *grads_b]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _raw_args(**overrides):
+    inp = backend_inputs(Case(batch=2, seqlen_q=6, seqlen_k=6, heads_q=4, heads_kv=2, head_dim=8, prefix_len=3))
+    args = dict(q=inp.q, k=inp.k, v=inp.v, prefix_k=inp.prefix_k, prefix_v=inp.prefix_v, gate=inp.gate,
+                cu_seqlens=None, max_seqlen=0, causal=True, softmax_scale=inp.softmax_scale, gate_tanh=True)
+    args.update(overrides)
+    return args
+
+
+def _forward(args):
+    return torch.ops.fastadapter_cpu.forward(**args)
+
+
+CPP_BAD_INPUTS = [
+    (dict(q=torch.randn(2, 6, 8)), r"q must be \[B, Sq, Hq, D\], got shape \[2, 6, 8\]"),
+    (dict(k=torch.randn(2, 6, 2, 8, dtype=torch.float64)), "must share one dtype"),
+    (dict(q=torch.randn(2, 6, 4, 8).long()), "q must be float32, bfloat16 or float16"),
+    (dict(k=torch.randn(2, 6, 3, 8), v=torch.randn(2, 6, 3, 8)),
+     r"query heads \(4\) must be a multiple of the key/value heads \(3\)"),
+    (dict(v=torch.randn(2, 5, 2, 8)), "k and v must have the same shape"),
+    (dict(k=torch.randn(3, 6, 2, 8), v=torch.randn(3, 6, 2, 8)), "k has batch 3 but q has 2"),
+    (dict(prefix_k=torch.randn(3, 3, 2, 8), prefix_v=torch.randn(3, 3, 2, 8)), "prefix batch must be 1"),
+    (dict(gate=torch.zeros(4)), r"gate must be the normalised float32 \[1 or 2, 4\]"),
+    (dict(prefix_k=torch.randn(1, 3, 2, 16), prefix_v=torch.randn(1, 3, 2, 16)),
+     r"prefix_k must be \[Bp, P, 2, 8\] \(kv heads and head_dim of k\), got \[1, 3, 2, 16\]"),
+    (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CPP_BAD_INPUTS, ids=[m for _, m in CPP_BAD_INPUTS])
+def test_cpp_checks_say_what_was_expected(overrides, message):
+    """The C++ ops check their inputs themselves (TORCH_CHECK), for callers of torch.ops.fastadapter_cpu."""
+    with pytest.raises(RuntimeError, match=message):
+        _forward(_raw_args(**overrides))
+
+
+def test_cpp_checks_varlen_and_backward_inputs():
+    q, k = torch.randn(7, 4, 8), torch.randn(7, 2, 8)
+    pk = torch.randn(1, 3, 2, 8)
+    gate = torch.zeros(1, 4)
+    varlen = dict(q=q, k=k, v=k, prefix_k=pk, prefix_v=pk, gate=gate, cu_seqlens=None, max_seqlen=7,
+                  causal=True, softmax_scale=0.3, gate_tanh=True)
+    with pytest.raises(RuntimeError, match="cu_seqlens must be a CPU int32 tensor"):
+        _forward({**varlen, "cu_seqlens": torch.tensor([0, 7])})
+    with pytest.raises(RuntimeError, match=r"must start at 0 and end at most at the number of tokens \(7\)"):
+        _forward({**varlen, "cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)})
+    with pytest.raises(RuntimeError, match=r"no longer than max_seqlen \(3\); sequence 1 spans \[3, 7\)"):
+        _forward({**varlen, "cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen": 3})
+    args = _raw_args()
+    out, lse_w, lse_p = _forward(args)
+    backward = torch.ops.fastadapter_cpu.backward
+    with pytest.raises(RuntimeError, match="grad_out and out must have q's shape"):
+        backward(grad_out=out[:, :3], out=out, lse_w=lse_w, lse_p=lse_p, **args)
+    with pytest.raises(RuntimeError, match=r"lse_w and lse_p must be the forward's float32 \[B, Hq, Sq\]"):
+        backward(grad_out=out, out=out, lse_w=lse_w[:, :2], lse_p=lse_p, **args)
+
+
+def test_cpp_ops_trace_under_torch_compile():
+    """The TORCH_LIBRARY ops have fake kernels (fastadapter/_cpu_extension.py), so they trace on their own."""
+    args = _raw_args()
+    rest = {name: value for name, value in args.items() if name not in ("q", "k", "v")}
+
+    def attention(q, k, v):
+        out, lse_w, _ = torch.ops.fastadapter_cpu.forward(q=q, k=k, v=v, **rest)
+        return out * 2, lse_w
+
+    eager = attention(args["q"], args["k"], args["v"])
+    compiled = torch.compile(attention, fullgraph=True)(args["q"], args["k"], args["v"])
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
+
+
+def test_missing_library_warns_once_and_falls_back(monkeypatch):
+    def missing():
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    monkeypatch.setattr(_cpu_extension, "LOADER", _cpu_extension.ExtensionLoader(missing))
+    with pytest.warns(RuntimeWarning, match="falling back to the sdpa backend"):
+        reason = get_backend("cpu").unavailable_reason()
+    assert "libfoo.so" in reason and "FASTADAPTER_SKIP_BUILD" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert get_backend("cpu").unavailable_reason() == reason
+    inp = backend_inputs(Case(batch=1, seqlen_q=4, seqlen_k=4))
+    assert select_backend(inp).name == "sdpa"
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: the compiled CPU kernels"):
+        zero_init_attention(**Case(batch=1, seqlen_q=4, seqlen_k=4).make(), backend="cpu")
+    assert ("cpu", False, reason) in backend_report()
+
+
+def test_built_library_is_the_automatic_choice_on_cpu():
+    assert get_backend("cpu").unavailable_reason() is None, "fastadapter._C was not built"
+    assert select_backend(backend_inputs(Case(batch=1, seqlen_q=4, seqlen_k=4))).name == "cpu"
+    unsupported = get_backend("cpu").not_supported_reasons(backend_inputs(Case(batch=1, seqlen_q=4, seqlen_k=4)))
+    assert unsupported == []
+
+
+def test_info_command_lists_every_backend():
+    result = subprocess.run([sys.executable, "-m", "fastadapter.info"], capture_output=True, text=True,
+                            check=True, env={"PATH": "", "TRITON_INTERPRET": "0"})
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("fastadapter on torch")
+    by_name = {line.split()[0]: line for line in lines[1:]}
+    assert set(by_name) >= {"triton", "cpu", "sdpa", "reference"}
+    assert "available" in by_name["cpu"] and "unavailable" not in by_name["cpu"]
+    assert "unavailable" in by_name["triton"] and "TRITON_INTERPRET=1" in by_name["triton"]
