@@ -11,6 +11,7 @@
 //     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
 //     threads busy); the copies are summed at the end.
 #include "attention_cpu.h"
+#include "bf16_gemm.h"
 
 namespace fastadapter_cpu {
 namespace {
@@ -32,6 +33,31 @@ struct Operands {
   float* dgamma;        // fp32 [N, Hq]
 };
 
+// bf16 with AVX512-BF16: the operands of the word pass pair-packed once per (sequence, head) for the
+// `vdpbf16ps` tiles (bf16_gemm.h): the B of each of its five products.
+struct PackedOperands {
+  PackedPanels keys_t;       // kᵀ    of s = q kᵀ
+  PackedPanels values_t;     // vᵀ    of dp = dO vᵀ
+  PackedPanels key_pairs;    // k     of dq += ds k
+  PackedPanels query_pairs;  // q     of dk += dsᵀ q
+  PackedPanels grad_pairs;   // dO    of dv += pᵀ dO
+};
+
+template <typename T>
+PackedOperands pack_operands(const Problem& pb, const Operands<T>& op) {
+  const int64_t d = pb.head_dim;
+  auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
+  auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
+  auto rows = [](const Rows<const T>& x) {
+    return [&x](int64_t n, int64_t h, int64_t i) { return reinterpret_cast<const at::BFloat16*>(x.at(n, h, i)); };
+  };
+  return {pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
+          pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
+          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
+          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q)),
+          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out))};
+}
+
 template <typename T>
 inline float dot(const T* a, const T* b, int64_t n) {
   float s = 0.f;
@@ -49,6 +75,11 @@ const T* as_gemm_input(const float* rows_f, int64_t rows, int64_t n, int64_t ld,
     for (int64_t r = 0; r < rows; ++r) convert_row(rows_f + r * ld, buffer.data() + r * ld, n);
     return buffer.data();
   }
+}
+
+template <typename T>
+inline const at::BFloat16* as_bf16(const T* p) {
+  return reinterpret_cast<const at::BFloat16*>(p);
 }
 
 // dq rows of chunk c for (sequence n, head h, row i): fp32, unscaled.
@@ -125,12 +156,12 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
 }
 
 template <typename T>
-void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
+void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const PackedOperands* packed) {
   const int64_t group = pb.group(), d = pb.head_dim;
   const int64_t threads = at::get_num_threads();
   struct Scratch {
     std::vector<float> s, dp, dk, dv;
-    std::vector<T> p_t, ds_t;
+    std::vector<T> p_t, ds_t, ds_rows;
   };
   std::vector<Scratch> scratch(threads);
   parallel_tasks(pb.num_seqs * pb.heads_kv * chunks, [&](int64_t task, int64_t slot) {
@@ -139,7 +170,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
     Scratch& sc = scratch[slot];
     if (sc.s.empty()) {
       for (auto* buf : {&sc.s, &sc.dp}) buf->resize(kQueryBlock * kKeyBlock);
-      for (auto* buf : {&sc.p_t, &sc.ds_t}) buf->resize(kQueryBlock * kKeyBlock);
+      for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(kQueryBlock * kKeyBlock);
       for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(kKeyBlock * d);
     }
     const int64_t sq = pb.rows_q(n), sk = pb.rows_k(n);
@@ -151,8 +182,10 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
       const T* k = op.k.at(n, hkv, j0);
       const T* v = op.v.at(n, hkv, j0);
-      // The first query row that sees key j0 (bottom-right causal alignment).
-      const int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
+      // The first query row that sees key j0 (bottom-right causal alignment); even with packed operands,
+      // whose query rows come in pairs (the row before it sees none of these keys: its p is 0).
+      int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
+      if (packed) i_first &= ~int64_t(1);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hkv * group + g;
         for (int64_t i0 = i_first; i0 < sq; i0 += kQueryBlock) {
@@ -162,8 +195,16 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
           float* s = sc.s.data();
           float* dp = sc.dp.data();
           // -- p = exp(scale · q kᵀ − lse_w), masked;  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
-          gemm(false, true, m, nk, d, pb.scale, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
-          gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, kKeyBlock);
+          if (packed) {
+            const PairsB kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
+            bf16_dot_gemm(m, nk, d / 2, pb.scale, PairsA{as_bf16(q), op.q.ld(), 2},
+                          PairsB{kt.data + 2 * j0, kt.pair_stride}, false, s, kKeyBlock);
+            bf16_dot_gemm(m, nk, d / 2, 1.f, PairsA{as_bf16(dout), op.grad_out.ld(), 2},
+                          PairsB{vt.data + 2 * j0, vt.pair_stride}, false, dp, kKeyBlock);
+          } else {
+            gemm(false, true, m, nk, d, pb.scale, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
+            gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, kKeyBlock);
+          }
           for (int64_t r = 0; r < m; ++r) {
             const float lse = *op.lse_w.at(n, h, i0 + r);
             int64_t seen = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
@@ -174,6 +215,30 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks) {
             std::fill(srow + seen, srow + nk, 0.f);
             const Vec delta(*op.delta_w.at(n, h, i0 + r));
             at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
+          }
+          if (packed) {
+            // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
+            // over the keys: ds as rows, its odd last key paired with zero.
+            auto* p_pairs = reinterpret_cast<at::BFloat16*>(sc.p_t.data());
+            auto* ds_pairs = reinterpret_cast<at::BFloat16*>(sc.ds_t.data());
+            auto* ds_rows = reinterpret_cast<at::BFloat16*>(sc.ds_rows.data());
+            interleave_rows(s, m, nk, kKeyBlock, p_pairs, nk);
+            interleave_rows(dp, m, nk, kKeyBlock, ds_pairs, nk);
+            for (int64_t r = 0; r < m; ++r) {
+              convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
+              if (nk % 2) ds_rows[r * kKeyBlock + nk] = at::BFloat16(0.f);
+            }
+            const PairsB gp = packed->grad_pairs.at(n, h), qp = packed->query_pairs.at(n, h);
+            const PairsB kp = packed->key_pairs.at(n, hkv);
+            const int64_t row_pairs = (m + 1) / 2;
+            bf16_dot_gemm(nk, d, row_pairs, 1.f, PairsA{p_pairs, 2, 2 * nk},
+                          PairsB{gp.data + (i0 / 2) * gp.pair_stride, gp.pair_stride}, true, sc.dv.data(), d);
+            bf16_dot_gemm(nk, d, row_pairs, 1.f, PairsA{ds_pairs, 2, 2 * nk},
+                          PairsB{qp.data + (i0 / 2) * qp.pair_stride, qp.pair_stride}, true, sc.dk.data(), d);
+            bf16_dot_gemm(m, d, (nk + 1) / 2, 1.f, PairsA{ds_rows, kKeyBlock, 2},
+                          PairsB{kp.data + (j0 / 2) * kp.pair_stride, kp.pair_stride}, true, dq.at(n, h, i0),
+                          dq.ld());
+            continue;
           }
           const T* p_in = as_gemm_input<T>(s, m, nk, kKeyBlock, sc.p_t);
           const T* ds_in = as_gemm_input<T>(dp, m, nk, kKeyBlock, sc.ds_t);
@@ -227,7 +292,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           mutable_rows_of<scalar_t>(dk, cu), mutable_rows_of<scalar_t>(dv, cu), dq_acc,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
-    word_pass<scalar_t>(pb, op, chunks);
+    std::optional<PackedOperands> packed;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (use_bf16_dot(pb.head_dim)) packed = pack_operands(pb, op);
+    }
+    word_pass<scalar_t>(pb, op, chunks, packed ? &*packed : nullptr);
   });
   if (cu && pb.packed_end() < k.size(0)) {
     const int64_t end = pb.packed_end(), tail = k.size(0) - end;
