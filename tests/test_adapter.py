@@ -8,8 +8,11 @@ from safetensors.torch import save_file
 
 from fastadapter import AdapterConfig, add_adapter, load_adapter, load_model, save_adapter
 from fastadapter.model import AdapterFileError, LlamaConfig, LlamaModel, adapted_layers
+from fastadapter.model.adapter_formats import read_foreign_adapter
 
 TINY = LlamaConfig(dim=80, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
+# As deep as LLaMA-7B (32 layers, the paper adapts the top 30), but narrow.
+DEEP = LlamaConfig(dim=16, n_layers=32, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=24)
 
 
 def _trained(model, **config):
@@ -73,10 +76,10 @@ def test_save_without_adapter_and_unknown_files(tmp_path):
         load_adapter(LlamaModel(TINY), tmp_path / "missing.safetensors")
 
 
-def _twin_models(**adapter_config):
+def _twin_models(model_config=TINY, **adapter_config):
     """A trained adapted model and an un-adapted copy of its base model."""
-    trained = _trained(LlamaModel(TINY), **adapter_config)
-    base = LlamaModel(TINY)
+    trained = _trained(LlamaModel(model_config), **adapter_config)
+    base = LlamaModel(model_config)
     base.load_state_dict({k: v for k, v in trained.state_dict().items() if "adapter" not in k})
     return trained, base
 
@@ -92,6 +95,96 @@ def test_llama_adapter_v1_layout(tmp_path, tokens):
     load_adapter(base, tmp_path / "llama_adapter_len5_layer3.pth")
     assert base.adapter_config == AdapterConfig(prompt_len=5, layers=[1, 2, 3], gate_activation="tanh")
     torch.testing.assert_close(_logits(base, tokens), _logits(trained, tokens), rtol=0, atol=0)
+
+
+def _official_v1_file(path, trained, zero_gates=False):
+    """What the official v1 extraction saves: one ``adapter_query.weight [P·L, dim]`` and the gate
+    ``[1, H, 1, 1]`` of every layer of the model, zero for the layers below the adapted ones."""
+    adapters = adapted_layers(trained)
+    state = {"adapter_query.weight": torch.cat([a.prompt.detach() for a in adapters.values()]).clone()}
+    for i in range(trained.config.n_layers):
+        gate = adapters[i].gate.detach() if i in adapters and not zero_gates else torch.zeros(trained.config.n_heads)
+        state[f"layers.{i}.attention.gate"] = gate.reshape(1, -1, 1, 1).clone()
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("model_config, prompt_len, layers", [
+    (DEEP, 10, 30),  # the paper's 7B layout: [300, dim] rows, 32 gates
+    (TINY, 5, 3),  # 15 rows, 4 gates
+    (TINY, 6, 2),  # 12 rows: a multiple of the 4 gates, yet P = 6 on 2 layers
+], ids=["30-of-32", "3-of-4", "2-of-4"])
+def test_official_llama_adapter_v1_file_with_every_layers_gate(tmp_path, model_config, prompt_len, layers):
+    trained, base = _twin_models(model_config, prompt_len=prompt_len, layers=layers, gate_activation="tanh",
+                                 gate_per_head=True)
+    path = _official_v1_file(tmp_path / "adapter.pth", trained)
+    load_adapter(base, path)
+    top = list(range(model_config.n_layers - layers, model_config.n_layers))
+    assert base.adapter_config == AdapterConfig(prompt_len=prompt_len, layers=top, gate_activation="tanh")
+    assert list(adapted_layers(base)) == top
+    tokens = torch.randint(0, model_config.vocab_size, (2, 13))
+    torch.testing.assert_close(_logits(base, tokens), _logits(trained, tokens), rtol=0, atol=0)
+    # The same as the equivalent fastadapter adapter file.
+    save_adapter(trained, tmp_path / "a.safetensors")
+    native = LlamaModel(model_config)
+    native.load_state_dict({k: v for k, v in base.state_dict().items() if "adapter" not in k})
+    load_adapter(native, tmp_path / "a.safetensors")
+    assert native.adapter_config == base.adapter_config
+    torch.testing.assert_close(_logits(native, tokens), _logits(base, tokens), rtol=0, atol=0)
+
+
+def test_v1_prompt_length_from_the_caller_the_file_name_or_the_paper(tmp_path):
+    # An untrained official file (every gate zero): the zero gates cannot tell P = 5, L = 3 from P = 15, L = 1.
+    trained, _ = _twin_models(prompt_len=5, layers=3)
+    path = _official_v1_file(tmp_path / "adapter.pth", trained, zero_gates=True)
+    with pytest.raises(AdapterFileError, match=r"adapter.pth: cannot tell the prompt length P and the adapted layers "
+                                               r"L: adapter_query.weight has 15 rows \(P·L\), gates for layers 0-3 "
+                                               r"\(all zero: 0-3\), the model has 4 layers; .*candidates: P=15, L=1; "
+                                               r"P=5, L=3\. Pass prompt_len"):
+        load_adapter(LlamaModel(TINY), path)
+    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY, prompt_len=5)
+    assert (config["prompt_len"], config["layers"]) == (5, [1, 2, 3])
+    assert torch.equal(tensors["layers.1.adapter_prompt"], adapted_layers(trained)[1].prompt.detach())
+    with pytest.raises(AdapterFileError, match=r"adapter.pth: prompt_len=4 does not fit: adapter_query.weight has "
+                                               r"15 rows"):
+        read_foreign_adapter(str(path), "llama_adapter_v1", TINY, prompt_len=4)
+    # The official releases are named after P and L.
+    named = _official_v1_file(tmp_path / "llama_adapter_len5_layer3_release.pth", trained, zero_gates=True)
+    load_adapter(base := LlamaModel(TINY), named)
+    assert base.adapter_config.layers == (1, 2, 3)
+    # Otherwise the paper's recipe, P = 10 on the top 30 of 32 layers, when it is the only one that fits.
+    deep, _ = _twin_models(DEEP, prompt_len=10, layers=30)
+    deep_file = _official_v1_file(tmp_path / "zero.pth", deep, zero_gates=True)
+    with pytest.warns(UserWarning, match=r"zero.pth: guessed P=10 on the top 30 layers from the paper's recipe"):
+        load_adapter(base := LlamaModel(DEEP), deep_file)
+    assert base.adapter_config == AdapterConfig(prompt_len=10, layers=list(range(2, 32)))
+
+
+def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, tokens):
+    trained, base = _twin_models(prompt_len=5, layers=3, gate_activation="none")
+    path = _official_v1_file(tmp_path / "adapter.pth", trained)
+    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY)
+    assert config["gate_activation"] == "tanh"  # the default: the original training code
+    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY, gate_activation="none")
+    add_adapter(base, AdapterConfig(**config))
+    with torch.no_grad():
+        for i, adapter in adapted_layers(base).items():
+            adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
+            adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    torch.testing.assert_close(_logits(base, tokens), _logits(trained, tokens), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gate_activation must be 'tanh' or 'none', got 'sigmoid'"):
+        read_foreign_adapter(str(path), "llama_adapter_v1", TINY, gate_activation="sigmoid")
+
+
+def test_v1_gate_of_a_layer_the_model_lacks(tmp_path):
+    trained, _ = _twin_models(prompt_len=5, layers=3)
+    path = _official_v1_file(tmp_path / "adapter.pth", trained)
+    state = torch.load(path)
+    state["layers.4.attention.gate"] = torch.zeros(1, 8, 1, 1)
+    torch.save(state, path)
+    with pytest.raises(AdapterFileError, match=r"adapter.pth: tensor 'layers.4.attention.gate' is for layer 4, but "
+                                               r"the model has 4 layers"):
+        load_adapter(LlamaModel(TINY), path)
 
 
 @pytest.mark.parametrize("gate_shape", [(1, 1, 8, 1), (1, 8, 1, 1)], ids=["current", "older"])

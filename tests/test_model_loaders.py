@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from fastadapter import load_model
-from fastadapter.model import CheckpointError, LlamaConfig, LlamaModel, base_model_fingerprint
+from fastadapter.model import CheckpointError, Llama3RopeScaling, LlamaConfig, LlamaModel, base_model_fingerprint
 from fastadapter.model.adapter import base_model_description
-from fastadapter.model.load_meta import _split_dim
 
 TINY = LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
 
@@ -79,16 +78,27 @@ def test_missing_checkpoint(tmp_path):
 
 # -- Meta
 
-def _write_meta(folder, model: LlamaModel, shards: int, params_extra=None):
+# How Meta's model-parallel layers cut each weight: column-parallel on dim 0, row-parallel on dim 1, the token
+# embedding on dim 1 (LLaMA-1/2 ParallelEmbedding) or on dim 0 (LLaMA-3 VocabParallelEmbedding).
+_COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight")
+_ROW_PARALLEL = ("wo.weight", "w2.weight")
+
+
+def _write_meta(folder, model: LlamaModel, shards: int, params_extra=None, embedding_dim=1):
     c = model.config
     params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
               "vocab_size": -1, "multiple_of": 8, "norm_eps": c.norm_eps, **(params_extra or {})}
     folder.mkdir()
     (folder / "params.json").write_text(json.dumps(params))
     state = model.state_dict()
+
+    def piece(name, t, s):
+        cut = (embedding_dim if name == "tok_embeddings.weight" else 0 if name.endswith(_COLUMN_PARALLEL)
+               else 1 if name.endswith(_ROW_PARALLEL) else None)
+        return t.clone() if cut is None else t.chunk(shards, dim=cut)[s].clone()
+
     for s in range(shards):
-        shard = {name: (t.chunk(shards, dim=_split_dim(name))[s] if _split_dim(name) is not None else t).clone()
-                 for name, t in state.items()}
+        shard = {name: piece(name, t, s) for name, t in state.items()}
         shard["rope.freqs"] = torch.zeros(c.head_dim // 2)  # LLaMA-1 files carry this buffer; it is ignored
         torch.save(shard, folder / f"consolidated.{s:02d}.pth")
     return folder
@@ -106,6 +116,58 @@ def test_meta_checkpoint_matches_the_model_that_wrote_it(tmp_path, shards):
     tokens = torch.randint(0, TINY.vocab_size, (2, 37))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
+
+
+def test_llama3_shards_split_the_embedding_along_the_vocabulary(tmp_path):
+    scaling = Llama3RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_seq_len=32)
+    config = LlamaConfig(**{**TINY.__dict__, "vocab_size": 98, "rope_theta": 500000.0, "rope_scaling": scaling})
+    source = LlamaModel(config).eval()
+    params = {"vocab_size": 98, "rope_theta": 500000.0, "use_scaled_rope": True,
+              "rope_scaling": {"factor": 4.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 32}}
+    folder = _write_meta(tmp_path / "meta", source, 2, params, embedding_dim=0)
+    assert torch.load(folder / "consolidated.01.pth")["tok_embeddings.weight"].shape == (49, 80)
+    model = load_model(folder)
+    assert model.config == config
+    assert torch.equal(model.tok_embeddings.weight, source.tok_embeddings.weight)
+    tokens = torch.randint(0, 98, (2, 100))  # past the scaled wavelengths
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
+    # LLaMA-1's vocab_size -1: the shards tell the vocabulary.
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
+    assert load_model(folder).config.vocab_size == 98
+    # Shapes that fit neither layout.
+    (folder / "params.json").write_text(json.dumps({**params, "vocab_size": 100}))
+    with pytest.raises(CheckpointError, match=r"meta \(2 shards\): tensor 'tok_embeddings.weight' has shapes "
+                                              r"\[\[49, 80\], \[49, 80\]\] in consolidated.00.pth, "
+                                              r"consolidated.01.pth, expected \[100, 80/2\] each .* or "
+                                              r"\[100/2, 80\] each .* vocab_size=100"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"use_scaled_rope": True}, Llama3RopeScaling()),  # LLaMA-3.1: Meta's fixed values
+    ({"use_scaled_rope": True, "rope_scaling_factor": 32.0}, Llama3RopeScaling(factor=32.0)),  # LLaMA-3.2 1B/3B
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                       "original_max_position_embeddings": 4096}},
+     Llama3RopeScaling(factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_seq_len=4096)),
+    ({"use_scaled_rope": False, "rope_scaling": {"factor": 16.0}}, None),
+    ({}, None),
+], ids=["use_scaled_rope", "flat-factor", "rope_scaling", "explicitly-off", "none"])
+def test_meta_rope_scaling_from_params_json(tmp_path, params, expected):
+    model = load_model(_write_meta(tmp_path / "meta", LlamaModel(TINY), 1, {"rope_theta": 500000.0, **params}))
+    assert model.config.rope_scaling == expected
+    assert model.config.rope_theta == 500000.0
+
+
+def test_meta_rope_scaling_errors(tmp_path):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 1, {"rope_scaling": {"factor": 8.0, "beta": 1.0}})
+    with pytest.raises(CheckpointError, match=r"params.json: unknown rope_scaling keys \['beta'\]"):
+        load_model(folder)
+    (folder / "params.json").write_text(json.dumps({"dim": 80, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4,
+                                                    "multiple_of": 8, "rope_scaling": {"rope_type": "yarn"}}))
+    with pytest.raises(CheckpointError, match="params.json: RoPE scaling type 'yarn' is not supported"):
+        load_model(folder)
 
 
 def test_meta_errors_name_file_tensor_and_shape(tmp_path):

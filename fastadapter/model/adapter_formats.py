@@ -1,8 +1,12 @@
 """Adapters made by other projects, read into fastadapter's layout (``layers.{i}.adapter_prompt [P, dim]``,
 ``layers.{i}.adapter_gate [Hq] or [1]``) with the gate activation that makes the model compute the same thing.
 
-* ``llama_adapter_v1`` (the original LLaMA-Adapter): ``adapter_query.weight [P·L, dim]`` (block j belongs to the
-  j-th adapted layer) and ``layers.{i}.attention.gate [1, H, 1, 1]``; tanh gate, one per head.
+* ``llama_adapter_v1`` (the original LLaMA-Adapter): ``adapter_query.weight [P·L, dim]`` for the top L layers of
+  the model (block j belongs to layer ``n_layers - L + j``) and ``layers.{i}.attention.gate [1, H, 1, 1]``, fp32.
+  The official extraction saves the gate of *every* layer (the lower, unused ones stay zero), older files only
+  those of the adapted layers, so L is found as :func:`_v1_adapted_layers` explains. One gate per head, tanh by
+  default (the original training code); the original v1 inference code uses the raw gate, which callers get with
+  ``gate_activation="none"`` (see :func:`read_foreign_adapter`).
 * ``peft`` (``adaption_prompt``): ``…layers.{i}.self_attn.adaption_prompt [1, P, hidden]`` and
   ``…adaption_gate [1]``; raw scalar gate.
 * ``litgpt``: ``transformer.h.{i}.attn.adapter_wte.weight [P, n_embd]`` and ``…attn.gating_factor [1, 1, H, 1]``
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+from typing import Optional
 
 import torch
 
@@ -25,6 +31,10 @@ from .config import LlamaConfig
 FORMATS = ("fastadapter", "llama_adapter_v1", "peft", "litgpt")
 
 _V1_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.gate$")
+# The names of the official v1 releases ("llama_adapter_len10_layer30_release.pth") say P and L.
+_V1_NAME = re.compile(r"len(\d+)_layer(\d+)")
+# The paper's recipe (and AdapterConfig's defaults): P = 10 on the top 30 layers.
+_PAPER_PROMPT_LEN, _PAPER_LAYERS = 10, 30
 _PEFT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
 _LITGPT_KEY = re.compile(r"(?:^|\.)transformer\.h\.(\d+)\.attn\.(adapter_wte\.weight|gating_factor)$")
 
@@ -91,20 +101,45 @@ def detect_adapter_format(path: str) -> str:
                            f"transformer.h.*.attn.adapter_wte.weight (litgpt); found keys {keys[:5]}")
 
 
-def read_foreign_adapter(path: str, format: str, model_config: LlamaConfig) -> tuple[dict, dict, str]:
+def read_foreign_adapter(path: str, format: str, model_config: LlamaConfig, *, prompt_len: Optional[int] = None,
+                         gate_activation: Optional[str] = None) -> tuple[dict, dict, str]:
     """``(config_dict, tensors, weights_file)`` in fastadapter's layout for an adapter of another project.
 
     ``config_dict`` has ``prompt_len``, ``layers`` (explicit indices), ``gate_activation``, ``gate_per_head``;
     ``weights_file`` is the file the tensors came from (inside the folder for PEFT), for error messages.
+
+    Args:
+        model_config: the target model's ``dim``, ``n_layers`` and ``n_heads`` (a :class:`LlamaConfig` or any
+            object with these attributes).
+        prompt_len: P, when the caller knows it. A ``llama_adapter_v1`` file holds only the P·L prompt rows of
+            its L layers, so P is then inferred when not given (see :func:`_v1_adapted_layers`); the other
+            formats store P, and a different value here is an error.
+        gate_activation: ``"tanh"`` or ``"none"``, overriding the activation of the format. By default
+            ``llama_adapter_v1`` gives ``"tanh"``, as the original training code (``γ = tanh(gate)``), while the
+            original v1 *inference* code multiplies by the raw gate: pass ``"none"`` to reproduce what that code
+            computes with a released checkpoint. PEFT and litgpt use the raw gate (``"none"``).
     """
+    if gate_activation not in (None, "tanh", "none"):
+        raise ValueError(f"gate_activation must be 'tanh' or 'none', got {gate_activation!r}")
+    if prompt_len is not None and (not isinstance(prompt_len, int) or prompt_len <= 0):
+        raise ValueError(f"prompt_len must be a positive int, got {prompt_len!r}")
     if format == "llama_adapter_v1":
-        return (*_read_llama_adapter_v1(path, model_config), path)
-    if format == "peft":
+        config_dict, tensors = _read_llama_adapter_v1(path, model_config, prompt_len)
+        weights = path
+    elif format == "peft":
         weights = _peft_weights_file(path) if os.path.isdir(path) else path
-        return (*_read_peft(weights), weights)
-    if format == "litgpt":
-        return (*_read_litgpt(path), path)
-    raise ValueError(f"unknown adapter format {format!r}; expected one of {FORMATS}")
+        config_dict, tensors = _read_peft(weights)
+    elif format == "litgpt":
+        weights = path
+        config_dict, tensors = _read_litgpt(path)
+    else:
+        raise ValueError(f"unknown adapter format {format!r}; expected one of {FORMATS}")
+    if prompt_len is not None and config_dict["prompt_len"] != prompt_len:
+        raise AdapterFileError(f"{weights}: the prompts have P={config_dict['prompt_len']} rows, but "
+                               f"prompt_len={prompt_len} was asked for")
+    if gate_activation is not None:
+        config_dict["gate_activation"] = gate_activation
+    return config_dict, tensors, weights
 
 
 def _by_layer(path: str, state: dict, pattern: re.Pattern) -> dict[int, dict[str, torch.Tensor]]:
@@ -118,36 +153,112 @@ def _by_layer(path: str, state: dict, pattern: re.Pattern) -> dict[int, dict[str
     return dict(sorted(found.items()))
 
 
-def _read_llama_adapter_v1(path: str, model_config: LlamaConfig) -> tuple[dict, dict]:
+def _read_llama_adapter_v1(path: str, model_config: LlamaConfig, prompt_len: Optional[int] = None
+                           ) -> tuple[dict, dict]:
     state = _read_state_dict(path)
     query_key = next((k for k in state if k.endswith("adapter_query.weight")), None)
     if query_key is None:
         raise AdapterFileError(f"{path}: tensor 'adapter_query.weight' [P·L, dim] is missing")
+    query = state[query_key]
+    if query.dim() != 2 or query.shape[0] == 0 or query.shape[1] != model_config.dim:
+        raise AdapterFileError(f"{path}: tensor 'adapter_query.weight' has shape {list(query.shape)}, expected "
+                               f"[P·L, {model_config.dim}]")
     gates = {}
     for key, tensor in state.items():
         match = _V1_GATE.search(key)
         if match:
             gates[int(match.group(1))] = tensor
-    query = state[query_key]
-    layers = sorted(gates)
-    if not layers:
+    if not gates:
         # The very first v1 checkpoints had no gate tensors in the file; the adapted layers are then the top
         # L = rows / P ones, and P cannot be told from the file.
         raise AdapterFileError(f"{path}: no 'layers.{{i}}.attention.gate' tensors: cannot tell which layers the "
                                f"prompt rows belong to")
-    if query.dim() != 2 or query.shape[0] % len(layers) != 0 or query.shape[1] != model_config.dim:
-        raise AdapterFileError(f"{path}: tensor 'adapter_query.weight' has shape {list(query.shape)}, expected "
-                               f"[P·{len(layers)}, {model_config.dim}] for {len(layers)} gated layers")
+    n_layers = model_config.n_layers
+    if max(gates) >= n_layers:
+        raise AdapterFileError(f"{path}: tensor 'layers.{max(gates)}.attention.gate' is for layer {max(gates)}, but "
+                               f"the model has {n_layers} layers")
+    layers = _v1_adapted_layers(path, query.shape[0], gates, n_layers, prompt_len)
     prompt_len = query.shape[0] // len(layers)
     tensors = {}
     # Block j of the prompt rows belongs to the j-th adapted layer from the bottom (the code walks the top
-    # layers in order, taking one block each).
+    # layers in order, taking one block each); the gates of the other layers are unused.
     for j, i in enumerate(layers):
         tensors[f"layers.{i}.adapter_prompt"] = query[j * prompt_len:(j + 1) * prompt_len].float()
         tensors[f"layers.{i}.adapter_gate"] = gates[i].float().reshape(-1)
     per_head = gates[layers[0]].numel() != 1
     return ({"prompt_len": prompt_len, "layers": layers, "gate_activation": "tanh", "gate_per_head": per_head},
             tensors)
+
+
+def _v1_adapted_layers(path: str, rows: int, gates: dict[int, torch.Tensor], n_layers: int,
+                       prompt_len: Optional[int]) -> list[int]:
+    """The adapted layers (ascending) of a v1 checkpoint whose ``adapter_query.weight`` has ``rows`` = P·L rows
+    and whose gates ``{layer: [1, H, 1, 1]}`` are ``gates``, for a model of ``n_layers`` layers.
+
+    The original code adapts the top L layers. Its official extraction saves the gates of all layers (the lower
+    ones unused and zero), older files only the adapted layers' gates, so the number of gates is not L. In order:
+
+    1. ``prompt_len`` given: L = rows / P; the gated layers when there are L of them, else the top L.
+    2. The zero gates: the L (dividing rows) for which the gated layers below the top L are exactly those whose
+       gate is all zero — the official layout once trained, and files with only the adapted layers' gates.
+    3. Gates only for the adapted layers: L = the number of gates (also when they are not the top layers).
+    4. The file name of the official releases, ``…len{P}_layer{L}…``.
+    5. The paper's recipe, P = 10 or the top ``min(n_layers, 30)`` layers, when only one of them fits (warns).
+
+    Any L must divide ``rows`` and have a gate for each of its layers; otherwise an :class:`AdapterFileError`
+    lists what the file holds and the (P, L) pairs that would fit.
+    """
+    gated = sorted(gates)
+    zero = sorted(i for i in gated if not gates[i].any())
+
+    def top(n: int) -> list[int]:
+        return list(range(n_layers - n, n_layers))
+
+    def fits(n: int) -> bool:
+        return 0 < n <= n_layers and rows % n == 0 and set(top(n)) <= set(gates)
+
+    found = (f"adapter_query.weight has {rows} rows (P·L), gates for layers {_ranges(gated)} (all zero: "
+             f"{_ranges(zero) or 'none'}), the model has {n_layers} layers")
+    if prompt_len is not None:
+        n = rows // prompt_len
+        if rows % prompt_len == 0 and n == len(gated):
+            return gated
+        if rows % prompt_len == 0 and fits(n):
+            return top(n)
+        raise AdapterFileError(f"{path}: prompt_len={prompt_len} does not fit: {found}; the top L = rows / P "
+                               f"layers must all have a gate")
+    for n in range(1, n_layers + 1):
+        if fits(n) and [i for i in gated if i < n_layers - n] == zero:
+            return top(n)
+    if rows % len(gated) == 0:
+        return gated
+    match = _V1_NAME.search(os.path.basename(path))
+    if match and int(match.group(1)) * int(match.group(2)) == rows and fits(int(match.group(2))):
+        return top(int(match.group(2)))
+    recipe = {n for n in (rows // _PAPER_PROMPT_LEN if rows % _PAPER_PROMPT_LEN == 0 else 0,
+                          min(n_layers, _PAPER_LAYERS)) if fits(n)}
+    if len(recipe) == 1:
+        n = recipe.pop()
+        warnings.warn(f"{path}: guessed P={rows // n} on the top {n} layers from the paper's recipe ({found}); "
+                      f"pass prompt_len (read_foreign_adapter) if that is wrong", stacklevel=5)
+        return top(n)
+    pairs = [f"P={rows // n}, L={n}" for n in range(1, n_layers + 1) if fits(n)]
+    raise AdapterFileError(f"{path}: cannot tell the prompt length P and the adapted layers L: {found}; the "
+                           f"lower layers' gates are not exactly the zero ones; "
+                           f"{'candidates: ' + '; '.join(pairs) if pairs else 'no top L layers fit'}. Pass "
+                           f"prompt_len (read_foreign_adapter) to choose")
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``"0-2, 5"``."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(parts)
 
 
 def _read_peft(weights: str) -> tuple[dict, dict]:
