@@ -150,10 +150,22 @@ def run(quick: bool, device: str, *, full: bool = False, providers: Optional[lis
     return run_plan(plan, device, providers=providers, log=log)
 
 
+def _error_reason(what: str, error: Exception) -> str:
+    """The ``skipped`` reason of a provider that raised: what it was doing, the exception's type and the first
+    line of its message (at most 300 characters: an import error can quote a whole linker message)."""
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"raised while {what}, not timed: {type(error).__name__}: {message}"
+
+
 def run_plan(plan: Plan, device: str, *, providers: Optional[list[str]] = None,
              log: Callable[[str], None] = print) -> list[dict]:
     """Run every provider on every shape of ``plan`` (see :func:`run` for the rows). Each provider is first
-    checked against the fp32 reference; one that disagrees is reported as skipped, never timed."""
+    checked against the fp32 reference; one that disagrees is reported as skipped, never timed.
+
+    A provider that raises (a broken flash-attn or xformers install, a kernel running out of memory) gives
+    ``skipped`` rows naming the exception instead of ending the suite: in its correctness check, for every shape;
+    in a benchmark, for that shape only (the next shape is tried again).
+    """
     chosen = [p for p in op_providers() if providers is None or p.name in providers]
     if providers is not None and len(chosen) != len(set(providers)):
         known = [p.name for p in op_providers()]
@@ -161,27 +173,40 @@ def run_plan(plan: Plan, device: str, *, providers: Optional[list[str]] = None,
     dtypes = {c.dtype for s in plan.sweeps for c in s.configs}
     wrong: dict[str, str] = {}
     for provider in chosen:
-        if provider.skip_reason(plan.sweeps[0].configs[0], device) is None:
+        try:
+            if all(provider.skip_reason(c, device) is not None for sweep in plan.sweeps for c in sweep.configs):
+                continue  # runs no shape of the plan: nothing to check
             for dtype in dtypes:
                 problem = check_provider(provider, device, dtype)
                 if problem:
                     wrong[provider.name] = f"wrong result, not timed: {problem}"
                     log(f"  {wrong[provider.name]}")
+                    break
+        except Exception as error:  # one broken provider must not stop the others
+            wrong[provider.name] = _error_reason("checked against the reference", error)
+            log(f"  {provider.name}: {wrong[provider.name]}")
     rows = []
     for sweep in plan.sweeps:
         for config in sweep.configs:
             shape = _config_fields(sweep, config)
             for provider in chosen:
-                reason = wrong.get(provider.name) or provider.skip_reason(config, device)
+                try:
+                    reason = wrong.get(provider.name) or provider.skip_reason(config, device)
+                except Exception as error:
+                    reason = _error_reason("deciding whether it runs", error)
+                if not reason:
+                    log(f"  ops {sweep.name}: {config.label} {provider.name}")
+                    try:
+                        rows += [{"suite": "ops", **row, **shape}
+                                 for row in benchmark_provider(provider, config, device, plan)]
+                    except Exception as error:
+                        reason = _error_reason("benchmarked", error)
+                        log(f"  {provider.name} on {config.label}: {reason}")
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
                 if reason:
                     rows += [{"suite": "ops", "provider": provider.name, "mode": mode, "config": config.label,
                               "median_ms": None, "skipped": reason, **shape} for mode in MODES]
-                    continue
-                log(f"  ops {sweep.name}: {config.label} {provider.name}")
-                rows += [{"suite": "ops", **row, **shape}
-                         for row in benchmark_provider(provider, config, device, plan)]
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
     return rows
 
 

@@ -60,13 +60,17 @@ def config_for(preset: str) -> StepConfig:
     layers, where the attention changes, take a fair share of the step: in LLaMA-7B the 32000-way output
     projection is ~2% of the FLOPs, here it is ~2/3 of them in ``quick`` (dim 256) and ~1/3 in ``default``
     (dim 512), which bounds the speed-up a change of attention can show at these sizes.
+
+    ``full`` widens the model to dim 1024 (~1/4 of the FLOPs in the output projection) at the same batch and
+    sequence: ~3.2× the FLOPs of ``default``, whose suite takes ~70 s on a 2-core CPU, so ~4 minutes. (At batch 4,
+    ~13× the default, it would take ~15 minutes and push ``--full`` past its 30-minute budget.)
     """
     if preset == "quick":
         return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=512)
     if preset == "default":
         return StepConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1408, batch=1, seqlen=1024)
     if preset == "full":
-        return StepConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, hidden_dim=2816, batch=4, seqlen=1024)
+        return StepConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, hidden_dim=2816, batch=1, seqlen=1024)
     raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
 
 
@@ -143,8 +147,14 @@ def run(quick: bool, device: str, *, full: bool = False, log: Callable[[str], No
     ``train_step`` and ``forward``, batches ``dense`` and ``padded`` (in ``config``), with ``tokens_per_s``,
     ``cpu_median_ms`` (process CPU time), ``peak_mem_mb`` (train step) and ``max_grad_rel_err`` (accelerated
     against PEFT)."""
-    config = config_for("quick" if quick else "full" if full else "default")
     warmup, repeats = (1, 3) if quick else (2, 5)
+    return run_config(config_for("quick" if quick else "full" if full else "default"), device, warmup=warmup,
+                      repeats=repeats, log=log)
+
+
+def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int = 5,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """The rows of :func:`run` for one model and batch shape."""
     providers = _providers()
     rows = []
     with warnings.catch_warnings():

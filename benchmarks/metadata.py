@@ -29,8 +29,22 @@ def library_versions() -> dict[str, Optional[str]]:
     return versions
 
 
+#: Folders whose untracked files change what is measured: a new source file (a kernel, a backend, a suite) not
+#: yet committed makes the figures those of no commit. Result files (``benchmarks/results/``) do not count.
+SOURCE_FOLDERS = ("fastadapter", "csrc", "kernels", "benchmarks")
+_NOT_SOURCE = ("benchmarks/results",)
+#: At most this many untracked file names are recorded (their count always is).
+UNTRACKED_LISTED = 10
+
+
 def git_commit(repo: pathlib.Path = _REPO) -> dict[str, Optional[object]]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding the benchmarks."""
+    """The state of the checkout holding the benchmarks: ``{"commit": sha or None, "dirty": bool or None,
+    "untracked": [names], "untracked_count": int}``.
+
+    ``dirty`` is true when a tracked file is modified or staged, or when an untracked, non-ignored file lies under
+    :data:`SOURCE_FOLDERS` (``benchmarks/results/`` aside); the first :data:`UNTRACKED_LISTED` such files are
+    named in ``untracked`` (paths relative to the repository root).
+    """
     def git(*args) -> Optional[str]:
         try:
             done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
@@ -39,8 +53,16 @@ def git_commit(repo: pathlib.Path = _REPO) -> dict[str, Optional[object]]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    if not commit:
+        return {"commit": None, "dirty": None, "untracked": [], "untracked_count": 0}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    # Paths relative to the repository root whatever folder ``repo`` names (--full-name), ignored files left out.
+    others = git("ls-files", "--others", "--exclude-standard", "--full-name", "--", *(
+        f":(top){folder}" for folder in SOURCE_FOLDERS), *(f":(top,exclude){path}" for path in _NOT_SOURCE))
+    untracked = sorted(others.splitlines()) if others else []
+    dirty = None if status is None or others is None else bool(status) or bool(untracked)
+    return {"commit": commit, "dirty": dirty, "untracked": untracked[:UNTRACKED_LISTED],
+            "untracked_count": len(untracked)}
 
 
 def _cpu_description() -> dict:

@@ -10,6 +10,7 @@ against the fp32 reference before timing it (:func:`check_provider`): a fast wro
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -102,12 +103,29 @@ def _eager_skip_reason(config: OpConfig, device: str) -> Optional[str]:
     return None
 
 
+def _import_problem(module: str) -> Optional[str]:
+    """Why ``module`` (``xformers.ops``: its package is what is installed) cannot be used here: not installed,
+    or installed but failing to import; None when it imports. The import itself is tried: a wheel built for
+    another torch or CUDA is found by ``find_spec`` and only fails when loaded (an undefined symbol in its
+    extension)."""
+    package = module.split(".")[0]
+    try:
+        if importlib.util.find_spec(package) is None:
+            return f"{package} is not installed"
+        importlib.import_module(module)
+    except Exception as error:  # ImportError, OSError of a shared library, RuntimeError of its set-up, ...
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        return f"{module} is installed but fails to import: {type(error).__name__}: {message}"
+    return None
+
+
 def _needs_cuda_module(module: str, label: str) -> Callable[[OpConfig, str], Optional[str]]:
     def skip(config: OpConfig, device: str) -> Optional[str]:
         if not _is_cuda(device):
             return f"{label} runs on CUDA only"
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed"
+        problem = _import_problem(module)
+        if problem:
+            return problem
         if module == "flash_attn" and config.dtype not in (torch.float16, torch.bfloat16):
             return "flash_attn_func takes fp16/bf16 only"
         return None
@@ -159,7 +177,7 @@ def op_providers() -> list[OpProvider]:
         OpProvider("two-flash-attn", lambda *a: baselines.two_flash_attn(*a, gate_tanh=True),
                    "LLaMA2-Accessory: two flash_attn_func calls", _needs_cuda_module("flash_attn", "flash-attn")),
         OpProvider("xformers", lambda *a: baselines.xformers_mea(*a, gate_tanh=True),
-                   "two xformers memory_efficient_attention calls", _needs_cuda_module("xformers", "xformers")),
+                   "two xformers memory_efficient_attention calls", _needs_cuda_module("xformers.ops", "xformers")),
         _fastadapter_provider("cpu"),
         _fastadapter_provider("triton"),
         _fastadapter_provider("sdpa"),

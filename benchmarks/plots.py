@@ -24,8 +24,9 @@ def _pyplot():
     return plt
 
 
-def _title(metadata: dict, what: str) -> str:
-    return f"{what} — {metadata.get('device_name', metadata.get('device', '?'))}"
+def _title(metadata: dict, what: str, two_lines: bool = False) -> str:
+    """``what — device``; on two lines for a figure too narrow for one (a figure does not shrink its title)."""
+    return f"{what}{chr(10) if two_lines else ' — '}{metadata.get('device_name', metadata.get('device', '?'))}"
 
 
 _MARKERS = "osD^vP*X<>"
@@ -119,7 +120,10 @@ def plot_op_sweeps(rows: list[dict], metadata: dict, path: pathlib.Path) -> Opti
     if not sweeps:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4.2), squeeze=False)
+    # Constrained layout keeps room for the suptitle above the panels (tight_layout lets them overlap); the
+    # default run has one sweep (GQA), a 6-inch figure whose title goes on two lines to fit its width.
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(max(6.0, 5 * len(sweeps)), 4.6), squeeze=False,
+                             layout="constrained")
     for ax, sweep in zip(axes[0], sweeps):
         sweep_rows = [r for r in measured if r["sweep"] == sweep]
         providers = list(dict.fromkeys(r["provider"] for r in sweep_rows))
@@ -127,10 +131,10 @@ def plot_op_sweeps(rows: list[dict], metadata: dict, path: pathlib.Path) -> Opti
             ax.plot([x for x, _ in points], [r["median_ms"] for _, r in points], **_style(provider, providers))
         ax.set(title=f"{sweep} sweep (forward+backward)", xlabel=sweep_rows[0]["x_axis"], ylabel="time (ms)",
                yscale="log")
+        ax.set_xticks(sorted({r["x"] for r in sweep_rows}))  # the values run, not 7.6 … 8.4 around one point
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(_title(metadata, "zero-init attention sweeps"))
-    fig.tight_layout()
+    fig.suptitle(_title(metadata, "zero-init attention sweeps", two_lines=len(sweeps) < 3))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -5,7 +5,8 @@ returning flat rows (``suite, provider, mode, config, median_ms, p20_ms, p80_ms`
 peak_mem_mb, saved_bytes, tokens_per_s``; a row with ``skipped`` set and ``median_ms`` None records a shape not
 run and why). A suite whose ``run`` also accepts ``full`` (keyword) gets the long sweep with ``--full``, and one
 accepting ``log`` prints its progress through the runner. A suite that raises does not stop the others: its
-error is printed and saved with the results.
+error is printed and saved with the results. The time of each suite and of the run is printed and saved, with a
+warning when a preset overruns its budget (:data:`PRESET_BUDGET_SECONDS`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
 #: Fields every measured row must have.
 REQUIRED_FIELDS = ("suite", "provider", "mode", "config", "median_ms", "p20_ms", "p80_ms")
 PRESETS = ("quick", "default", "full")
+#: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
+#: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
+PRESET_BUDGET_SECONDS = {"quick": 120.0, "default": None, "full": 1800.0}
 
 
 def discover_suites(bench_dir: pathlib.Path = BENCH_DIR) -> dict[str, pathlib.Path]:
@@ -125,6 +129,13 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
         log(f"[{suite}] {len(rows)} rows in {seconds:.0f} s")
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
+    total = sum(result.metadata.get("suite_seconds", {}).values())
+    budget = PRESET_BUDGET_SECONDS[preset]
+    result.metadata.update(total_seconds=round(total, 1), budget_seconds=budget)
+    log(f"all suites in {total:.0f} s" + (f" (budget of --{preset}: {budget:.0f} s)" if budget else ""))
+    if budget is not None and total > budget:
+        log(f"WARNING: this {preset} run took {total:.0f} s, over its {budget:.0f} s budget: "
+            + ", ".join(f"{suite} {seconds:.0f} s" for suite, seconds in result.metadata["suite_seconds"].items()))
 
     print(format_table(result.rows) if result.rows else "no results")
     for error in result.errors:

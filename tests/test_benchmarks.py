@@ -183,6 +183,59 @@ def test_run_plan_skips_what_cannot_run_and_refuses_unknown_providers():
         run_plan(TINY_PLAN, "cpu", providers=["nope"])
 
 
+def test_a_provider_that_raises_is_skipped_with_its_error(monkeypatch):
+    import benchmarks.bench_ops as bench_ops
+    sdpa = next(p for p in op_providers() if p.name == "two-sdpa")
+
+    def broken_install(*inputs):
+        raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c10")
+
+    def fails_at_47(*inputs):  # passes the check (S = 37) and the first shape (S = 33), raises on the second
+        if inputs[0].shape[1] == 47:
+            raise RuntimeError("out of memory")
+        return sdpa.fn(*inputs)
+
+    def skip_raises(config, device):
+        raise OSError("libcudart.so.12: cannot open shared object file")
+
+    fakes = [sdpa, OpProvider("broken", broken_install, "raises", lambda c, d: None),
+             OpProvider("fails-at-47", fails_at_47, "raises on one shape", lambda c, d: None),
+             OpProvider("skip-raises", sdpa.fn, "its availability check raises", skip_raises)]
+    monkeypatch.setattr(bench_ops, "op_providers", lambda: fakes)
+    logged = []
+    rows = run_plan(TINY_PLAN, "cpu", log=logged.append)
+    by_provider = {}
+    for row in rows:
+        by_provider.setdefault(row["provider"], []).append(row)
+    assert all(r["median_ms"] > 0 for r in by_provider["two-sdpa"]) and len(by_provider["two-sdpa"]) == 6
+    broken = by_provider["broken"]
+    assert len(broken) == 6 and all(r["median_ms"] is None for r in broken)
+    assert "checked against the reference" in broken[0]["skipped"]
+    assert "ImportError: flash_attn_2_cuda.so: undefined symbol" in broken[0]["skipped"]
+    at_33, at_47 = by_provider["fails-at-47"][:3], by_provider["fails-at-47"][3:]
+    assert all(r["seqlen"] == 33 and r["median_ms"] > 0 for r in at_33)
+    assert all(r["seqlen"] == 47 and "RuntimeError: out of memory" in r["skipped"] for r in at_47)
+    assert all("OSError: libcudart.so.12" in r["skipped"] for r in by_provider["skip-raises"])
+    assert any("broken" in line and "ImportError" in line for line in logged)
+
+
+def test_a_module_found_but_failing_to_import_is_skipped_with_its_error(tmp_path, monkeypatch):
+    from benchmarks.op_providers import _needs_cuda_module
+    package = tmp_path / "fastadapter_test_broken_ext"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN2at4_ops')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    skip = _needs_cuda_module("fastadapter_test_broken_ext", "broken-ext")
+    assert skip(TINY, "cpu") == "broken-ext runs on CUDA only"  # the device is decided first, nothing imported
+    reason = skip(TINY, "cuda")  # availability only: no CUDA device is needed to ask
+    assert "installed but fails to import" in reason and "ImportError: undefined symbol: _ZN2at4_ops" in reason
+    assert _needs_cuda_module("fastadapter_test_absent.ops", "absent")(TINY, "cuda") == (
+        "fastadapter_test_absent is not installed")
+    (package / "__init__.py").write_text("")
+    (package / "ops.py").write_text("import torch\n")
+    assert _needs_cuda_module("fastadapter_test_broken_ext.ops", "fixed")(TINY, "cuda") is None
+
+
 def test_generation_models_agree_before_timing():
     from benchmarks.bench_generation import GenerationConfig, run_config
     tiny = GenerationConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=256, batch=2,
@@ -192,6 +245,89 @@ def test_generation_models_agree_before_timing():
     assert providers[0] == "hf-peft" and "fastadapter-sdpa" in providers
     assert {r["mode"] for r in rows} == {"prefill", "generate"}
     assert all(r["agree"] == 1.0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+TINY_TRAINING = dict(dim=64, n_layers=2, n_heads=2, hidden_dim=128, examples=4, batch_size=2, batch_tokens=1024,
+                     prompt_len=3)
+
+
+def test_training_losses_agree_before_timing(shared_data):
+    from benchmarks.bench_training import TrainingConfig, run_config
+    config = TrainingConfig(**TINY_TRAINING)
+    logged = []
+    rows = run_config(config, "cpu", warmup=0, repeats=1, log=logged.append)
+    assert [r["provider"] for r in rows] == ["peft-pad-longest", "peft-pad-512", "fastadapter-packed"]
+    assert "summed token loss" in logged[0]
+    check_rows("training", rows)
+    for row in rows:
+        assert row["suite"] == "training" and row["mode"] == "train_step" and row["config"] == config.label
+        assert row["runs"] == 1 and row["median_ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0
+        assert row["loss_rel_err"] < 1e-5 and not row.get("skipped")
+    padding = {r["provider"]: r["padding_fraction"] for r in rows}
+    assert padding["fastadapter-packed"] == 0 < padding["peft-pad-longest"] < padding["peft-pad-512"] < 1
+    assert len({round(r["tokens_per_s"] * r["median_ms"]) for r in rows}) == 1  # the same real tokens for all
+
+
+def test_training_does_not_time_a_provider_whose_loss_differs(shared_data, monkeypatch):
+    import benchmarks.bench_training as bench_training
+    losses = bench_training._losses
+    monkeypatch.setattr(bench_training, "_losses", lambda *a: {**losses(*a), "peft-pad-512": 1.0})
+    timed = []
+    monkeypatch.setattr(bench_training, "interleaved_times",
+                        lambda steps, *a: timed.extend(steps) or {name: [1.0] for name in steps})
+    rows = bench_training.run_config(bench_training.TrainingConfig(**TINY_TRAINING), "cpu", warmup=0, repeats=1,
+                                     log=lambda line: None)
+    skipped = {r["provider"]: r for r in rows if r.get("skipped")}
+    assert list(skipped) == ["peft-pad-512"] and skipped["peft-pad-512"]["median_ms"] is None
+    assert "wrong result, not timed" in skipped["peft-pad-512"]["skipped"]
+    assert timed == ["peft-pad-longest", "fastadapter-packed"]
+    check_rows("training", rows)
+
+
+def test_peft_accelerate_agrees_before_timing():
+    from benchmarks.bench_peft_accelerate import StepConfig, run_config
+    config = StepConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, batch=2, seqlen=24,
+                        vocab_size=256, prompt_len=3)
+    rows = run_config(config, "cpu", warmup=0, repeats=1, log=lambda line: None)
+    check_rows("peft_accelerate", rows)
+    assert [(r["config"][len(config.label) + 1:], r["mode"], r["provider"]) for r in rows] == [
+        (batch, mode, provider) for batch in ("dense", "padded") for mode in ("train_step", "forward")
+        for provider in ("peft", "peft+fastadapter")]
+    for row in rows:
+        assert row["median_ms"] > 0 and row["cpu_median_ms"] > 0 and row["tokens_per_s"] > 0
+        assert row["max_grad_rel_err"] < 1e-4
+        assert (row["peak_mem_mb"] > 0) if row["mode"] == "train_step" else "peak_mem_mb" not in row
+    for first, second in zip(rows[::2], rows[1::2]):  # the two providers computed the same loss
+        assert first["loss"] == pytest.approx(second["loss"], rel=1e-5)
+
+
+def test_quick_presets_stay_small():
+    """``--quick`` is a smoke run (under two minutes on a 2-core CPU): it must not grow unnoticed."""
+    from benchmarks import bench_generation, bench_peft_accelerate, bench_training
+    from benchmarks.runner import PRESET_BUDGET_SECONDS
+    configs = [c for s in plan_for("quick", "cpu").sweeps for c in s.configs]
+    assert len(configs) <= 2 and max(c.seqlen for c in configs) <= 512 and all(c.batch == 1 for c in configs)
+    assert plan_for("quick", "cpu").repeats <= 3 and plan_for("quick", "cpu").max_seconds <= 0.5
+    models = [bench_generation.config_for("quick"), bench_training.config_for("quick"),
+              bench_peft_accelerate.config_for("quick")]
+    assert all(m.dim <= 256 and m.n_layers <= 4 for m in models)
+    assert bench_training.config_for("quick").examples <= 16
+    assert bench_peft_accelerate.config_for("quick").batch * bench_peft_accelerate.config_for("quick").seqlen <= 512
+    assert bench_generation.config_for("quick").new_tokens <= 8
+    assert PRESET_BUDGET_SECONDS == {"quick": 120.0, "default": None, "full": 1800.0}
+
+
+def test_every_suite_takes_every_preset():
+    """The runner passes ``full`` only to a ``run`` that has it: a suite without it would run its default shapes
+    under ``--full`` without saying so."""
+    import inspect
+    from benchmarks.runner import _import_suite, discover_suites
+    for name, path in discover_suites().items():
+        module = _import_suite(path)
+        assert {"full", "log"} <= set(inspect.signature(module.run).parameters), name
+        if hasattr(module, "config_for"):
+            for preset in ("quick", "default", "full"):
+                assert module.config_for(preset).label, (name, preset)
 
 
 # -- runner, files, compare
@@ -246,6 +382,64 @@ def test_runner_writes_json_csv_and_plots_with_metadata(tmp_path, capsys):
         assert (out / f"t-{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown suite"):
         run_benchmarks(device="cpu", suites=["nope"], out_dir=out, bench_dir=bench_dir, log=lambda line: None)
+
+
+def test_runner_times_each_suite_and_warns_over_the_budget(tmp_path, monkeypatch):
+    import benchmarks.runner as runner
+    (tmp_path / "bench_one.py").write_text(textwrap.dedent('''
+        def run(quick, device):
+            return [{"suite": "one", "provider": "p", "mode": "m", "config": "c", "median_ms": 1.0, "p20_ms": 1.0,
+                     "p80_ms": 1.0}]
+    '''))
+    logged = []
+    result = run_benchmarks(preset="quick", device="cpu", out_dir=tmp_path / "out", bench_dir=tmp_path, plots=False,
+                            log=logged.append)
+    assert result.metadata["suite_seconds"]["one"] >= 0 and result.metadata["budget_seconds"] == 120.0
+    assert any(line.startswith("[one] 1 rows in") for line in logged)
+    assert not any("WARNING" in line for line in logged)
+    monkeypatch.setitem(runner.PRESET_BUDGET_SECONDS, "quick", -1.0)
+    logged.clear()
+    run_benchmarks(preset="quick", device="cpu", out_dir=tmp_path / "out", bench_dir=tmp_path, plots=False,
+                   log=logged.append)
+    assert any("WARNING: this quick run took" in line and "over its -1 s budget" in line for line in logged)
+
+
+def _git(repo: pathlib.Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                   check=True, capture_output=True)
+
+
+def test_git_metadata_counts_untracked_source_files_as_dirty(tmp_path):
+    from benchmarks.metadata import UNTRACKED_LISTED, git_commit
+    repo = tmp_path / "repo"
+    for folder in ("fastadapter", "csrc", "benchmarks/results", "docs"):
+        (repo / folder).mkdir(parents=True)
+    (repo / "fastadapter" / "op.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("*.so\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "init")
+    state = git_commit(repo)
+    assert len(state["commit"]) == 40 and state["dirty"] is False and state["untracked"] == []
+    # Not source: results, an ignored build product, a file outside the source folders.
+    (repo / "benchmarks" / "results" / "cpu-default.json").write_text("{}")
+    (repo / "fastadapter" / "_C.so").write_bytes(b"")
+    (repo / "docs" / "notes.md").write_text("")
+    assert git_commit(repo)["dirty"] is False
+    (repo / "csrc" / "new_kernel.h").write_text("")
+    state = git_commit(repo / "fastadapter")  # any folder of the checkout: paths are the repository's
+    assert state["dirty"] is True and state["untracked"] == ["csrc/new_kernel.h"] and state["untracked_count"] == 1
+    for i in range(UNTRACKED_LISTED + 2):
+        (repo / "benchmarks" / f"bench_{i:02d}.py").write_text("")
+    state = git_commit(repo)
+    assert len(state["untracked"]) == UNTRACKED_LISTED and state["untracked_count"] == UNTRACKED_LISTED + 3
+    for path in [repo / "csrc" / "new_kernel.h", *(repo / "benchmarks").glob("bench_*.py")]:
+        path.unlink()
+    (repo / "fastadapter" / "op.py").write_text("x = 2\n")  # a modified tracked file is dirty, as before
+    state = git_commit(repo)
+    assert state["dirty"] is True and state["untracked"] == [] and state["untracked_count"] == 0
+    (tmp_path / "plain").mkdir()
+    assert git_commit(tmp_path / "plain") == {"commit": None, "dirty": None, "untracked": [], "untracked_count": 0}
 
 
 def test_check_rows_names_the_broken_row():

@@ -2,7 +2,7 @@
 
     fastadapter bench --quick                     # smoke run, < 2 minutes on a 2-core CPU
     fastadapter bench                             # the default shapes (README figures)
-    fastadapter bench --full                      # every sweep
+    fastadapter bench --full                      # every sweep, < 30 minutes on a 2-core CPU
     fastadapter bench --suites ops --device cuda  # one suite on a GPU
     fastadapter bench --compare A.json B.json     # speed-up of B over A, row by row
     fastadapter bench --compile-report            # the Triton kernels' ahead-of-time compile report
@@ -23,7 +23,8 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 def add_arguments(parser) -> None:
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="a few small shapes (under 2 minutes on CPU)")
-    preset.add_argument("--full", action="store_true", help="every sweep: seqlen to 4096, batch, GQA, prefix")
+    preset.add_argument("--full", action="store_true",
+                        help="every sweep: seqlen to 4096, batch, GQA, prefix (under 30 minutes on CPU)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--suites", nargs="+", metavar="SUITE",
                         help="run only these suites (ops, generation, ...; see --list)")
