@@ -2,12 +2,20 @@
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; they are
 imported only when their subcommand runs, so ``fastadapter --help`` stays fast.
+
+A user error — a ``FileNotFoundError`` naming a missing path, or a ``FileNotFoundError`` / ``ValueError`` raised
+by fastadapter's own checks (bad data file, bad setting, a checkpoint that does not fit) — prints
+``fastadapter COMMAND: error: MESSAGE`` and exits with status 2, as argparse does for bad flags; any other
+exception is a bug and keeps its traceback (set ``FASTADAPTER_TRACEBACK=1`` to get the traceback of user errors
+too). Ctrl-C outside training prints ``fastadapter: interrupted`` and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 #: subcommand -> module under fastadapter.commands
 COMMANDS = {
@@ -32,6 +40,26 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a mistake of the user rather than a bug: a ``FileNotFoundError`` from the
+    operating system (it names the missing path), or a ``FileNotFoundError`` / ``ValueError`` raised by a
+    ``raise`` statement of fastadapter itself — not one a library or a failed operation inside fastadapter threw
+    (``int("x")`` in fastadapter's code is a bug)."""
+    if not isinstance(exc, (FileNotFoundError, ValueError)):
+        return False
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    innermost = frames[-1]
+    inside = os.path.abspath(innermost.filename).startswith(_PACKAGE_DIR + os.sep)
+    return inside and (innermost.line or "").lstrip().startswith("raise")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastadapter`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -51,7 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(selected)
     args = parser.parse_args(argv)
     module = importlib.import_module(f"fastadapter.commands.{COMMANDS[selected]}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("fastadapter: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        if not is_user_error(exc) or os.environ.get("FASTADAPTER_TRACEBACK"):
+            raise
+        print(f"fastadapter {selected}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -186,3 +186,38 @@ def test_cli_generate_with_an_adapter(shared_data, capsys, tmp_path, stories):
     assert capsys.readouterr().out == plain
     assert cli_main(args + ["--adapter", str(tmp_path / "open.safetensors")]) == 0
     assert capsys.readouterr().out != plain
+
+
+def test_cli_generate_alpaca_template(shared_data, capsys):
+    from fastadapter.training.prompt import format_prompt
+
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--max-new-tokens", "16"]
+    instruction, context = "Give three tips for staying healthy.", "Tom is a dog."
+    for input_args, templated in (([], format_prompt(instruction)),
+                                  (["--input", context], format_prompt(instruction, context))):
+        assert cli_main(args + ["--prompt", instruction, "--template", "alpaca", *input_args]) == 0
+        with_template = capsys.readouterr().out
+        assert cli_main(args + ["--prompt", templated, "--template", "none"]) == 0
+        assert with_template == capsys.readouterr().out and with_template.strip()
+    assert cli_main(args + ["--prompt", instruction]) == 0  # the default: the prompt as it is
+    raw = capsys.readouterr()
+    assert raw.out != with_template and not raw.err
+    assert cli_main(args + ["--prompt", instruction, "--input", context]) == 2
+    assert capsys.readouterr().err == ("fastadapter generate: error: --input is the Alpaca input field: it needs "
+                                       "--template alpaca\n")
+
+
+def test_cli_generate_notes_the_template_with_an_adapter(shared_data, capsys, tmp_path, stories):
+    model, _ = stories
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=5))
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--adapter", str(tmp_path / "adapter.safetensors"), "--prompt", "Name a colour.", "--max-new-tokens", "4"]
+    assert cli_main(args) == 0
+    assert "expects --template alpaca" in capsys.readouterr().err
+    assert cli_main(args + ["--template", "alpaca"]) == 0
+    assert not capsys.readouterr().err
+    missing = [str(tmp_path / "missing.safetensors") if a == str(tmp_path / "adapter.safetensors") else a for a in args]
+    assert cli_main(missing) == 2
+    assert "fastadapter generate: error: " in capsys.readouterr().err

@@ -1,12 +1,13 @@
 """The Alpaca template, data loading (JSON, JSONL, malformed rows, missing files), response-only loss masks,
-truncation and the train/eval split."""
+truncation, the train/eval split, and the data fingerprints that training checkpoints record."""
 import json
+import shutil
 
 import pytest
 
 from fastadapter.model.tokenizer import load_tokenizer
-from fastadapter.training.data import (IGNORE_INDEX, DataError, DataReport, load_examples, load_rows,
-                                       split_examples, tokenize_rows)
+from fastadapter.training.data import (IGNORE_INDEX, DataError, DataReport, examples_digest, file_fingerprint,
+                                       load_examples, load_rows, split_examples, tokenize_rows)
 from fastadapter.training.prompt import format_prompt
 
 
@@ -104,3 +105,32 @@ def test_split_is_deterministic_disjoint_and_complete(shared_data, tokenizer):
     assert split_examples(examples, 0.1, seed=4)[1] != held_out
     with pytest.raises(ValueError, match="eval_fraction"):
         split_examples(examples, 1.0, seed=0)
+
+
+def test_file_fingerprint_follows_the_contents_not_the_place(tmp_path, shared_data):
+    original = shared_data / "alpaca_tiny.json"
+    fingerprint = file_fingerprint(original)
+    assert fingerprint["path"] == str(original) and fingerprint["size"] == original.stat().st_size
+    copy = tmp_path / "copy.json"
+    shutil.copy(original, copy)
+    moved = file_fingerprint(copy)
+    assert moved["path"] == str(copy) and {**moved, "path": str(original)} == fingerprint
+    data = bytearray(copy.read_bytes())
+    data[10] ^= 1
+    copy.write_bytes(bytes(data))
+    assert file_fingerprint(copy)["sha256_head"] != fingerprint["sha256_head"]
+    copy.write_bytes(original.read_bytes() + b"\n")  # past the hashed head: the size still tells
+    assert file_fingerprint(copy, head_bytes=100)["sha256_head"] == file_fingerprint(original, 100)["sha256_head"]
+    assert file_fingerprint(copy)["size"] == fingerprint["size"] + 1
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nope.json"):
+        file_fingerprint(tmp_path / "nope.json")
+
+
+def test_examples_digest_changes_with_the_tokenised_examples(shared_data, tokenizer):
+    examples, _ = load_examples(shared_data / "alpaca_tiny.json", tokenizer, 512)
+    again, _ = load_examples(shared_data / "alpaca_tiny.json", tokenizer, 512)
+    assert examples_digest(examples) == examples_digest(again)
+    shorter, _ = load_examples(shared_data / "alpaca_tiny.json", tokenizer, 256)
+    assert examples_digest(shorter) != examples_digest(examples)
+    assert examples_digest(examples[::-1]) != examples_digest(examples)
+    assert examples_digest([]) != examples_digest(examples[:1])

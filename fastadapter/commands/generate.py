@@ -1,9 +1,17 @@
-"""``fastadapter generate``: continue a prompt with a LLaMA checkpoint, optionally adapted."""
+"""``fastadapter generate``: continue a prompt with a LLaMA checkpoint, optionally adapted.
+
+``--template alpaca`` wraps the prompt (and ``--input``) in the Alpaca template that ``fastadapter train``
+trains on (:mod:`fastadapter.training.prompt`), so the model continues with the response; ``--template none``
+(the default) feeds the text as it is, for base models and plain continuation.
+"""
 from __future__ import annotations
 
 import os
+import sys
 
 HELP = "continue a prompt with a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder), optionally adapted"
+
+TEMPLATES = ("alpaca", "none")
 
 
 def add_arguments(parser) -> None:
@@ -11,7 +19,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: "
                                             "tokenizer.model in the model's folder)")
     parser.add_argument("--adapter", help="adapter file or PEFT folder (fastadapter, LLaMA-Adapter v1, PEFT, litgpt)")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--prompt", required=True,
+                        help="the text to continue; with --template alpaca, the instruction")
+    parser.add_argument("--template", choices=TEMPLATES, default=None,
+                        help="alpaca: wrap --prompt (and --input) in the Alpaca template that `fastadapter train` "
+                             "trains on and print the response — use it with adapters made by `fastadapter train`; "
+                             "none (default): the prompt as it is, as a base model continues text (a note on "
+                             "stderr recalls this option when --adapter is given without --template)")
+    parser.add_argument("--input", default="",
+                        help="the Alpaca input field (context for the instruction); needs --template alpaca")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
@@ -24,8 +40,20 @@ def _default_tokenizer(model_path: str) -> str:
         candidate = os.path.join(folder, name)
         if os.path.isfile(candidate):
             return candidate
-    raise SystemExit(f"fastadapter generate: no --tokenizer given and no tokenizer.model or tokenizer.bin in "
-                     f"{folder}")
+    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+
+
+def prompt_text(prompt: str, template: str | None, input: str = "") -> str:
+    """The text the model is given: ``prompt`` as it is (template ``none`` or None), or the Alpaca prompt of
+    instruction ``prompt`` and ``input`` (template ``alpaca``)."""
+    if template not in (None, *TEMPLATES):
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if template == "alpaca":
+        from ..training.prompt import format_prompt
+        return format_prompt(prompt, input)
+    if input:
+        raise ValueError("--input is the Alpaca input field: it needs --template alpaca")
+    return prompt
 
 
 def run(args) -> int:
@@ -36,16 +64,20 @@ def run(args) -> int:
     from ..model.generation import generate
     from ..model.tokenizer import load_tokenizer
 
+    text = prompt_text(args.prompt, args.template, args.input)
+    if args.adapter and args.template is None:
+        print("note: the prompt is fed as it is; an adapter trained by `fastadapter train` expects "
+              "--template alpaca", file=sys.stderr)
     model = load_model(args.model)
     if args.adapter:
         load_adapter(model, args.adapter)
     tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(args.model))
-    prompt = tokenizer.encode(args.prompt, bos=True)
+    prompt = tokenizer.encode(text, bos=True)
     generator = torch.Generator().manual_seed(args.seed)
     new_tokens = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator)[0]
     # Decode prompt and continuation together (a word may span both), then print what follows the prompt.
-    prompt_text = tokenizer.decode(prompt)
+    prompt_decoded = tokenizer.decode(prompt)
     full_text = tokenizer.decode(prompt + new_tokens)
-    print(full_text[len(prompt_text):] if full_text.startswith(prompt_text) else tokenizer.decode(new_tokens))
+    print(full_text[len(prompt_decoded):] if full_text.startswith(prompt_decoded) else tokenizer.decode(new_tokens))
     return 0

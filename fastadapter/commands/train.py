@@ -2,6 +2,15 @@
 
 Runs on one process, or on several with ``torchrun --nproc-per-node N -m fastadapter.cli train ...`` (data
 parallel: each rank takes its share of every global batch of ``--grad-accum × N`` packed rows).
+
+Examples are formatted with the Alpaca template (:mod:`fastadapter.training.prompt`); prompt the trained
+adapter the same way with ``fastadapter generate --template alpaca``.
+
+SIGINT and SIGTERM: from the resume and the step-0 evaluation on, a signal makes the run finish its current step
+(or evaluation row), save a checkpoint — at step 0 if no step was taken — and exit with status 128 + the signal.
+While the model and the data are still loading there is no training state yet, only the seeded initial adapter
+that a new run recreates exactly, and loading a large model takes minutes: a signal then stops the process at
+once (SIGINT: ``fastadapter: interrupted``, status 130; SIGTERM: the default action) with nothing to save.
 """
 from __future__ import annotations
 
@@ -71,7 +80,7 @@ def _default_tokenizer(model_path: str) -> str:
         candidate = os.path.join(folder, name)
         if os.path.isfile(candidate):
             return candidate
-    raise SystemExit(f"fastadapter train: no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
 
 
 def run(args) -> int:
@@ -81,11 +90,16 @@ def run(args) -> int:
     from ..model.checkpoints import load_model
     from ..model.tokenizer import load_tokenizer
     from ..training.checkpoint import resolve_resume
-    from ..training.data import load_examples, split_examples
+    from ..training.data import file_fingerprint, load_examples, split_examples
     from ..training.distributed import init_from_environment
     from ..training.packing import padding_report
     from ..training.trainer import DTYPES, TrainConfig, train
 
+    # A bad setting, a missing data file or checkpoint fails before the model loads.
+    if not 0.0 <= args.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    data_file = file_fingerprint(args.data)
+    resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
     context = init_from_environment(args.device)
     say = print if context.is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
@@ -95,9 +109,9 @@ def run(args) -> int:
     n_layers = model.config.n_layers
     layers = min(args.adapter_layers, n_layers)
     if layers <= 0:
-        raise SystemExit(f"fastadapter train: --adapter-layers must be positive, got {args.adapter_layers}")
-    add_adapter(model, AdapterConfig(prompt_len=args.prompt_len, layers=layers,
-                                     gate_activation=args.gate_activation))
+        raise ValueError(f"--adapter-layers must be positive, got {args.adapter_layers}")
+    adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation)
+    add_adapter(model, adapter_config)
     model.to(context.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
@@ -119,8 +133,13 @@ def run(args) -> int:
                          max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup,
                          min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                          dtype=args.dtype, eval_every=args.eval_every, save_every=args.save_every,
-                         keep_checkpoints=args.keep_checkpoints, seed=args.seed, progress=not args.no_progress)
-    resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
+                         keep_checkpoints=args.keep_checkpoints, seed=args.seed, progress=not args.no_progress,
+                         # What the examples and the adapter come from: --resume refuses a checkpoint of other ones.
+                         fingerprint={"data": data_file, "max_seq_len": max_seq_len,
+                                      "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
+                                      "prompt_len": args.prompt_len,
+                                      "adapter_layers": adapter_config.layer_indices(n_layers),
+                                      "gate_activation": args.gate_activation})
     if resume:
         say(f"resuming from {resume}")
     result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
@@ -131,6 +150,9 @@ def run(args) -> int:
         return 128 + int(result.interrupted_by)
     first = "n/a" if result.initial_eval_loss is None else f"{result.initial_eval_loss:.4f}"
     last = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"
+    adapter_path = os.path.join(args.out, "adapter.safetensors")
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
-        f"{os.path.join(args.out, 'adapter.safetensors')}")
+        f"{adapter_path}")
+    say(f"try it: fastadapter generate --model {args.model} --adapter {adapter_path} --template alpaca "
+        f"--prompt '...'")
     return 0

@@ -5,14 +5,17 @@ A row is ``{"instruction": str, "input": str (optional, may be empty), "output":
 An example is the model's input ``tokens`` (BOS, prompt, response) and the ``labels`` it must predict at each
 position (the next token, EOS after the response), with :data:`IGNORE_INDEX` wherever the next token is still
 part of the prompt — as LLaMA-Adapter's fine-tuning code, which masks ``len(encode(prompt))`` tokens of
-``encode(prompt + output)``.
+``encode(prompt + output)``. :func:`file_fingerprint` and :func:`examples_digest` identify the data a run
+was trained on, so that resuming it with other data can be refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import warnings
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -22,6 +25,9 @@ from .prompt import format_prompt
 IGNORE_INDEX = -100
 
 ON_BAD_ROW_CHOICES = ("skip", "error")
+
+#: How much of a data file :func:`file_fingerprint` hashes.
+FINGERPRINT_HEAD_BYTES = 4 << 20
 
 
 class DataError(ValueError):
@@ -220,3 +226,36 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int
     train = [e for i, e in enumerate(examples) if i not in held_out]
     evaluation = [examples[i] for i in sorted(held_out)]
     return train, evaluation
+
+
+def file_fingerprint(path: str | os.PathLike, head_bytes: int = FINGERPRINT_HEAD_BYTES) -> dict:
+    """A cheap identity of a data file, recorded in training checkpoints so that a resume with other data is
+    refused: its absolute ``path``, its ``size`` in bytes and the sha256 of its first ``head_bytes`` bytes
+    (``sha256_head``, hex).
+
+    The modification time is left out on purpose: copying or touching a file changes it, not the data.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f.read(head_bytes))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    return {"path": os.path.abspath(path), "size": size, "sha256_head": digest.hexdigest()}
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 (hex) of the examples' tokens and labels, in order: equal exactly when the same rows were
+    tokenised the same way (same file, tokenizer, template, ``max_seq_len`` and bad-row policy) and split the
+    same way."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(array("q", (len(example),)).tobytes())
+        digest.update(array("q", example.tokens).tobytes())
+        digest.update(array("q", example.labels).tobytes())
+    return digest.hexdigest()

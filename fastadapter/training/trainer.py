@@ -8,6 +8,14 @@ loss is divided by the number of loss tokens of the whole global batch (known to
 whole data set's lengths), so summing gradients over micro-batches and ranks gives exactly the gradient of the
 global batch's mean token loss — the same run whatever the split between ranks and accumulation.
 
+A checkpoint records what the run was trained on — a digest of the training and eval examples, and the
+caller's ``TrainConfig.fingerprint`` (``fastadapter train``: the data file, ``--max-seq-len``,
+``--eval-fraction``, the adapter's settings) — and resuming refuses one that differs, listing every difference.
+
+SIGINT and SIGTERM are caught from the start of :meth:`Trainer.run` on (resume, step-0 evaluation, training):
+a running evaluation stops at its next packed row, a training step runs to its end, and the run then saves a
+checkpoint (at step 0 when no step was taken) and returns with ``interrupted_by`` set.
+
 Backward stops at the lowest adapted layer by construction: :func:`fastadapter.add_adapter` freezes the base
 model, so no activation below that layer requires a gradient and autograd records no graph there.
 """
@@ -20,7 +28,7 @@ import random
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -29,7 +37,7 @@ from torch import nn
 
 from .checkpoint import (DataPosition, checkpoint_path, load_checkpoint, prune_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
-from .data import IGNORE_INDEX, Example
+from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .packing import PackedBatch, collate_packed, pack_examples
 from .schedule import warmup_cosine
@@ -56,6 +64,12 @@ class TrainConfig:
         keep_checkpoints: newest checkpoints kept (0: all).
         seed: shuffling of each epoch.
         progress: show a tqdm progress bar (rank 0).
+        fingerprint: what the examples and the adapter were made from, as JSON-like values (``fastadapter
+            train``: ``data``, ``max_seq_len``, ``eval_fraction``, ``on_bad_row``, ``prompt_len``,
+            ``adapter_layers``, ``gate_activation``); saved in checkpoints, and a resume whose fingerprint
+            differs in a key both record is refused. A dict value with a ``path`` describes a file (see
+            :func:`fastadapter.training.data.file_fingerprint`): it is compared without its path, so a moved
+            data file still matches.
     """
 
     out: str
@@ -74,6 +88,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     progress: bool = True
+    fingerprint: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -101,8 +116,14 @@ class TrainResult:
     interrupted_by: Optional[int] = None
 
 
+#: TrainConfig fields a resumed run must share with its checkpoint: they decide which rows each step sees
+#: (batch_tokens, seed), or the checkpoint's optimizer state would silently override them (lr, weight_decay).
+RESUME_KEYS = ("batch_tokens", "seed", "lr", "weight_decay")
+
+
 class _StopRequest:
-    """Records SIGINT/SIGTERM instead of dying, so the loop can checkpoint at the end of the current step."""
+    """Records SIGINT/SIGTERM instead of dying, so the run can checkpoint at the end of the current step (or
+    evaluation row)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -192,6 +213,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.tokens_seen = 0
+        self._digests: Optional[dict] = None
 
     # -- data -------------------------------------------------------------------------------------------------
     def _rows(self, epoch: int) -> list[list[int]]:
@@ -255,39 +277,77 @@ class Trainer:
         return loss_value, real_tokens
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """The mean token loss of the held-out examples (None when there are none)."""
+    def evaluate(self, stop: Optional[_StopRequest] = None) -> Optional[float]:
+        """The mean token loss of the held-out examples; None when there are none, or when ``stop`` recorded a
+        signal on any rank before the evaluation was complete (it stops at the next packed row)."""
         if not self.eval_examples:
             return None
         self.model.eval()
         rows = pack_examples([len(e) for e in self.eval_examples], self.config.batch_tokens)
-        loss_sum, count = 0.0, 0
+        loss_sum, count, stopped = 0.0, 0, 0.0
         for row in rows[self.context.rank::self.context.world_size]:
+            if stop is not None and stop.signum is not None:
+                stopped = 1.0
+                break
             batch = collate_packed([self.eval_examples[i] for i in row])
             with self.autocast:
                 loss_sum += float(token_loss_sum(self.model, batch.to(self.context.device)))
             count += batch.loss_tokens
-        loss_sum, count = all_reduce_sum([loss_sum, count], self.context)
-        return loss_sum / count
+        # One collective whether or not this rank stopped early, so that every rank agrees on the answer.
+        loss_sum, count, stopped = all_reduce_sum([loss_sum, count, stopped], self.context)
+        return None if stopped else loss_sum / count
 
     # -- state ----------------------------------------------------------------------------------------------
+    def examples_digests(self) -> dict:
+        """``{"train": ..., "eval": ...}``: :func:`~fastadapter.training.data.examples_digest` of each set."""
+        if self._digests is None:
+            self._digests = {"train": examples_digest(self.train_examples),
+                             "eval": examples_digest(self.eval_examples)}
+        return self._digests
+
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.position.epoch, "step_in_epoch": self.position.step_in_epoch,
-                "tokens_seen": self.tokens_seen,
+                "tokens_seen": self.tokens_seen, "examples": self.examples_digests(),
                 "adapter": {name: p.detach().clone() for name, p in self.params},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "config": asdict(self.config),
                 "world_size": self.context.world_size}
 
-    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+    def resume_differences(self, state: dict) -> list[str]:
+        """What differs between the run that wrote checkpoint ``state`` and this one, one line per difference
+        (empty: resuming continues the same run). Keys an older checkpoint did not record are not compared."""
         saved = state["config"]
-        for key in ("batch_tokens", "seed"):
-            if saved[key] != getattr(self.config, key):
-                raise ValueError(f"{source} was made with {key}={saved[key]}, this run has {key}="
-                                 f"{getattr(self.config, key)}: resuming would not see the same data")
-        if saved["grad_accum"] * state["world_size"] != self.rows_per_step:
-            raise ValueError(f"{source} took {saved['grad_accum'] * state['world_size']} rows per step "
-                             f"(grad_accum × world size), this run takes {self.rows_per_step}")
+        differences = []
+        for key in RESUME_KEYS:
+            if key in saved and saved[key] != getattr(self.config, key):
+                differences.append(f"{key}={saved[key]}, this run has {key}={getattr(self.config, key)}")
+        saved_rows = saved["grad_accum"] * state["world_size"]
+        if saved_rows != self.rows_per_step:
+            differences.append(f"{saved_rows} rows per step (grad_accum × world size), this run takes "
+                               f"{self.rows_per_step}")
+        saved_fingerprint, fingerprint = saved.get("fingerprint", {}), self.config.fingerprint
+        for key in sorted(set(saved_fingerprint) & set(fingerprint)):
+            before, now = saved_fingerprint[key], fingerprint[key]
+            if isinstance(before, dict) and isinstance(now, dict) and "path" in before and "path" in now:
+                if _without_path(before) != _without_path(now):
+                    differences.append(f"{key} file {_describe_file(before)}, this run's is {_describe_file(now)}")
+            elif before != now:
+                differences.append(f"{key}={before}, this run has {key}={now}")
+        saved_digests = state.get("examples")
+        if saved_digests is not None:
+            parts = [name for name, part in (("training", "train"), ("eval", "eval"))
+                     if saved_digests.get(part) != self.examples_digests()[part]]
+            if parts:
+                differences.append(f"the {' and the '.join(parts)} examples differ (tokens or labels: other data, "
+                                   f"tokenizer, --max-seq-len, --eval-fraction, --on-bad-row or --seed)")
+        return differences
+
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        differences = self.resume_differences(state)
+        if differences:
+            raise ValueError(f"{source} was made with other data or settings, so resuming it would not continue "
+                             f"the same run:\n  " + "\n  ".join(differences) +
+                             "\nresume with the checkpoint's data and settings, or start a new run in another --out")
         names = [name for name, _ in self.params]
         if sorted(state["adapter"]) != sorted(names):
             raise ValueError(f"{source} holds adapter parameters {sorted(state['adapter'])}, the model has "
@@ -327,29 +387,44 @@ class Trainer:
         path = os.path.join(self.config.out, "metrics.jsonl")
         if not self.context.is_main or not os.path.exists(path):
             return
+        # A run resumed at step 0 evaluates and logs step 0 again: keep nothing then.
+        last_kept = self.step if self.step > 0 else -1
         with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_kept]
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(lines)
+
+    def _signalled(self, stop: _StopRequest) -> Optional[int]:
+        """The signal that asks this run to stop, when any rank received one (every rank must stop at the same
+        step, so they agree on it), else None."""
+        (signalled,) = all_reduce_sum([float(stop.signum or 0)], self.context)
+        return (stop.signum or signal.SIGTERM) if signalled else None
 
     def run(self, resume: Optional[str] = None) -> TrainResult:
         """Train to ``total_steps`` (from ``resume``, a checkpoint file, when given)."""
         os.makedirs(self.config.out, exist_ok=True)
-        if resume is not None:
-            self.load_state_dict(load_checkpoint(resume, map_location=self.context.device), resume)
-            self._truncate_metrics()
         initial_eval = eval_loss = None
-        if self.step == 0:
-            initial_eval = eval_loss = self.evaluate()
-            self._log({"step": 0, "tokens": 0, "lr": self.scheduler.get_last_lr()[0], "eval_loss": eval_loss})
         loss = math.nan
         bar = None
-        if self.config.progress and self.context.is_main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        interrupted = None
         with _StopRequest() as stop:
-            while self.step < self.total_steps:
+            if resume is not None:
+                self.load_state_dict(load_checkpoint(resume, map_location=self.context.device), resume)
+                self._truncate_metrics()
+            if self.step == 0:
+                initial_eval = eval_loss = self.evaluate(stop)
+            interrupted = self._signalled(stop)
+            if interrupted is not None:  # during the resume or the step-0 evaluation: keep what state exists
+                initial_eval = eval_loss = None
+                self.save()
+            else:
+                if self.step == 0:
+                    self._log({"step": 0, "tokens": 0, "lr": self.scheduler.get_last_lr()[0],
+                               "eval_loss": eval_loss})
+                if self.config.progress and self.context.is_main:
+                    from tqdm.auto import tqdm
+                    bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                               dynamic_ncols=True)
+            while interrupted is None and self.step < self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 started = time.perf_counter()
                 loss, real_tokens = self.train_step()
@@ -358,7 +433,9 @@ class Trainer:
                           "tokens_per_s": real_tokens / seconds}
                 final = self.step == self.total_steps
                 if final or (self.config.eval_every and self.step % self.config.eval_every == 0):
-                    eval_loss = record["eval_loss"] = self.evaluate()
+                    value = self.evaluate(stop)
+                    if value is not None:  # None: no eval examples, or a signal cut the evaluation short
+                        eval_loss = record["eval_loss"] = value
                 self._log(record)
                 if bar is not None:
                     postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
@@ -366,10 +443,8 @@ class Trainer:
                         postfix["eval"] = f"{eval_loss:.3f}"
                     bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
-                # Every rank must stop at the same step: agree on whether any of them was signalled.
-                (signalled,) = all_reduce_sum([float(stop.signum or 0)], self.context)
-                if signalled:
-                    interrupted = stop.signum or signal.SIGTERM
+                interrupted = self._signalled(stop)
+                if interrupted is not None:
                     self.save()
                     break
                 if final or (self.config.save_every and self.step % self.config.save_every == 0):
@@ -382,6 +457,16 @@ class Trainer:
         return TrainResult(self.step, loss, initial_eval, eval_loss, interrupted)
 
 
+def _without_path(file: dict) -> dict:
+    return {key: value for key, value in file.items() if key != "path"}
+
+
+def _describe_file(file: dict) -> str:
+    details = [f"{file['size']:,} bytes" if "size" in file else None,
+               f"sha256 of its head {file['sha256_head'][:12]}…" if "sha256_head" in file else None]
+    return f"{file['path']} ({', '.join(d for d in details if d)})"
+
+
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
           save_adapter_fn=None) -> TrainResult:
@@ -391,7 +476,8 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         model: called as ``model(tokens [1, T], cu_seqlens=int32 [N+1], max_seqlen=int) -> logits [1, T, V]``;
             its only trainable parameters are the adapter's (fp32).
         train_examples, eval_examples: tokenised examples (:func:`fastadapter.training.load_examples`).
-        resume: a checkpoint file written by an earlier run with the same data and batch settings.
+        resume: a checkpoint file written by an earlier run with the same data and settings (see
+            :meth:`Trainer.resume_differences`; a ``ValueError`` lists what differs).
         context: this process's rank in a ``torch.distributed`` job (default: single process).
         save_adapter_fn: ``fn(model, path)`` writing the final adapter (``OUT/adapter.safetensors``).
 
