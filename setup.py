@@ -47,7 +47,7 @@ def _cpu_extension():
         macros.append(("FASTADAPTER_WITH_MKL", None))
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
     ext = CppExtension("fastadapter._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
-                       extra_link_args=["-fopenmp"], depends=[os.path.join("csrc", "attention_cpu.h")])
+                       extra_link_args=["-fopenmp"], depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h")))
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

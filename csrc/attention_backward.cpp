@@ -11,7 +11,7 @@
 //     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
 //     threads busy); the copies are summed at the end.
 #include "attention_cpu.h"
-#include "bf16_gemm.h"
+#include "tile_gemm.h"
 
 namespace fastadapter_cpu {
 namespace {
@@ -33,14 +33,11 @@ struct Operands {
   float* dgamma;        // fp32 [N, Hq]
 };
 
-// bf16 with AVX512-BF16: the operands of the word pass pair-packed once per (sequence, head) for the
-// `vdpbf16ps` tiles (bf16_gemm.h): the B of each of its five products.
+// bf16 register tiles (tile_gemm.h): the B operands of the word pass's five products, packed once per
+// (sequence, head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; k, q and dO in pairs of rows for ds k, dsᵀ q and
+// pᵀ dO.
 struct PackedOperands {
-  PackedPanels keys_t;       // kᵀ    of s = q kᵀ
-  PackedPanels values_t;     // vᵀ    of dp = dO vᵀ
-  PackedPanels key_pairs;    // k     of dq += ds k
-  PackedPanels query_pairs;  // q     of dk += dsᵀ q
-  PackedPanels grad_pairs;   // dO    of dv += pᵀ dO
+  PackedPanels keys_t, values_t, key_pairs, query_pairs, grad_pairs;
 };
 
 template <typename T>
@@ -48,9 +45,7 @@ PackedOperands pack_operands(const Problem& pb, const Operands<T>& op) {
   const int64_t d = pb.head_dim;
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
-  auto rows = [](const Rows<const T>& x) {
-    return [&x](int64_t n, int64_t h, int64_t i) { return reinterpret_cast<const at::BFloat16*>(x.at(n, h, i)); };
-  };
+  auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
   return {pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
           pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
           pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
@@ -75,11 +70,6 @@ const T* as_gemm_input(const float* rows_f, int64_t rows, int64_t n, int64_t ld,
     for (int64_t r = 0; r < rows; ++r) convert_row(rows_f + r * ld, buffer.data() + r * ld, n);
     return buffer.data();
   }
-}
-
-template <typename T>
-inline const at::BFloat16* as_bf16(const T* p) {
-  return reinterpret_cast<const at::BFloat16*>(p);
 }
 
 // dq rows of chunk c for (sequence n, head h, row i): fp32, unscaled.
@@ -182,8 +172,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
       const T* k = op.k.at(n, hkv, j0);
       const T* v = op.v.at(n, hkv, j0);
-      // The first query row that sees key j0 (bottom-right causal alignment); even with packed operands,
-      // whose query rows come in pairs (the row before it sees none of these keys: its p is 0).
+      // The first query row that sees key j0 (bottom-right causal alignment); even with packed operands, whose
+      // query rows come in pairs (the row before it sees none of these keys: its p is 0).
       int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
       if (packed) i_first &= ~int64_t(1);
       for (int64_t g = 0; g < group; ++g) {
@@ -195,13 +185,16 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
           float* s = sc.s.data();
           float* dp = sc.dp.data();
           // -- p = exp(scale · q kᵀ − lse_w), masked;  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
-          if (packed) {
-            const PairsB kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
-            bf16_dot_gemm(m, nk, d / 2, pb.scale, PairsA{as_bf16(q), op.q.ld(), 2},
-                          PairsB{kt.data + 2 * j0, kt.pair_stride}, false, s, kKeyBlock);
-            bf16_dot_gemm(m, nk, d / 2, 1.f, PairsA{as_bf16(dout), op.grad_out.ld(), 2},
-                          PairsB{vt.data + 2 * j0, vt.pair_stride}, false, dp, kKeyBlock);
-          } else {
+          if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if (packed) {
+              const TileB kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
+              tile_gemm(m, nk, d / 2, pb.scale, TileA{q, op.q.ld(), 2}, TileB{kt.data + 2 * j0, kt.k_stride}, false,
+                        s, kKeyBlock);
+              tile_gemm(m, nk, d / 2, 1.f, TileA{dout, op.grad_out.ld(), 2}, TileB{vt.data + 2 * j0, vt.k_stride},
+                        false, dp, kKeyBlock);
+            }
+          }
+          if (!packed) {
             gemm(false, true, m, nk, d, pb.scale, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
             gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, kKeyBlock);
           }
@@ -216,29 +209,30 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
             const Vec delta(*op.delta_w.at(n, h, i0 + r));
             at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
           }
-          if (packed) {
-            // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
-            // over the keys: ds as rows, its odd last key paired with zero.
-            auto* p_pairs = reinterpret_cast<at::BFloat16*>(sc.p_t.data());
-            auto* ds_pairs = reinterpret_cast<at::BFloat16*>(sc.ds_t.data());
-            auto* ds_rows = reinterpret_cast<at::BFloat16*>(sc.ds_rows.data());
-            interleave_rows(s, m, nk, kKeyBlock, p_pairs, nk);
-            interleave_rows(dp, m, nk, kKeyBlock, ds_pairs, nk);
-            for (int64_t r = 0; r < m; ++r) {
-              convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
-              if (nk % 2) ds_rows[r * kKeyBlock + nk] = at::BFloat16(0.f);
+          if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if (packed) {
+              // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
+              // over the keys: ds as rows, its odd last key paired with zero.
+              T* p_pairs = sc.p_t.data();
+              T* ds_pairs = sc.ds_t.data();
+              T* ds_rows = sc.ds_rows.data();
+              interleave_rows(s, m, nk, kKeyBlock, p_pairs, nk);
+              interleave_rows(dp, m, nk, kKeyBlock, ds_pairs, nk);
+              for (int64_t r = 0; r < m; ++r) {
+                convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
+                if (nk % 2) ds_rows[r * kKeyBlock + nk] = T(0.f);
+              }
+              const TileB gp = packed->grad_pairs.at(n, h), qp = packed->query_pairs.at(n, h);
+              const TileB kp = packed->key_pairs.at(n, hkv);
+              const int64_t row_pairs = (m + 1) / 2;
+              tile_gemm(nk, d, row_pairs, 1.f, TileA{p_pairs, 2, 2 * nk},
+                        TileB{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
+              tile_gemm(nk, d, row_pairs, 1.f, TileA{ds_pairs, 2, 2 * nk},
+                        TileB{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
+              tile_gemm(m, d, (nk + 1) / 2, 1.f, TileA{ds_rows, kKeyBlock, 2},
+                        TileB{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0), dq.ld());
+              continue;
             }
-            const PairsB gp = packed->grad_pairs.at(n, h), qp = packed->query_pairs.at(n, h);
-            const PairsB kp = packed->key_pairs.at(n, hkv);
-            const int64_t row_pairs = (m + 1) / 2;
-            bf16_dot_gemm(nk, d, row_pairs, 1.f, PairsA{p_pairs, 2, 2 * nk},
-                          PairsB{gp.data + (i0 / 2) * gp.pair_stride, gp.pair_stride}, true, sc.dv.data(), d);
-            bf16_dot_gemm(nk, d, row_pairs, 1.f, PairsA{ds_pairs, 2, 2 * nk},
-                          PairsB{qp.data + (i0 / 2) * qp.pair_stride, qp.pair_stride}, true, sc.dk.data(), d);
-            bf16_dot_gemm(m, d, (nk + 1) / 2, 1.f, PairsA{ds_rows, kKeyBlock, 2},
-                          PairsB{kp.data + (j0 / 2) * kp.pair_stride, kp.pair_stride}, true, dq.at(n, h, i0),
-                          dq.ld());
-            continue;
           }
           const T* p_in = as_gemm_input<T>(s, m, nk, kKeyBlock, sc.p_t);
           const T* ds_in = as_gemm_input<T>(dp, m, nk, kKeyBlock, sc.ds_t);
@@ -293,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
     std::optional<PackedOperands> packed;
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_bf16_dot(pb.head_dim)) packed = pack_operands(pb, op);
-    }
+    if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
     word_pass<scalar_t>(pb, op, chunks, packed ? &*packed : nullptr);
   });
   if (cu && pb.packed_end() < k.size(0)) {

@@ -9,7 +9,7 @@
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
 // memory order, split over the keys (split-K) so that batch 1 still uses every thread.
 #include "attention_cpu.h"
-#include "bf16_gemm.h"
+#include "tile_gemm.h"
 
 namespace fastadapter_cpu {
 namespace {
@@ -50,9 +50,10 @@ struct Operands {
   const float* gate;
   Rows<T> out;
   Rows<float> lse_w, lse_p;
-  // bf16 with AVX512-BF16: K and V pair-packed per (sequence, kv head) for the `vdpbf16ps` tiles, else null.
-  const PackedPanels* keys_t = nullptr;       // B = kᵀ of q kᵀ
-  const PackedPanels* value_pairs = nullptr;  // B = v of p v
+  // bf16 register tiles (tile_gemm.h): K and V packed per (sequence, kv head), kᵀ for q kᵀ and v in pairs of
+  // rows for p v. Null on the MKL path.
+  const PackedPanels* keys_t = nullptr;
+  const PackedPanels* value_pairs = nullptr;
 };
 
 template <typename T>
@@ -76,11 +77,14 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
     const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
     // s = scale · q kᵀ for this block of keys
-    if (op.keys_t) {
-      const PairsB kt = op.keys_t->at(t.n, t.hkv);
-      bf16_dot_gemm(rows, nk, d / 2, pb.scale, PairsA{reinterpret_cast<const at::BFloat16*>(sc.q.data()), d, 2},
-                    PairsB{kt.data + 2 * j0, kt.pair_stride}, false, sc.s.data(), kKeysPerBlock);
-    } else {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (op.keys_t) {
+        const TileB kt = op.keys_t->at(t.n, t.hkv);
+        tile_gemm(rows, nk, d / 2, pb.scale, TileA{sc.q.data(), d, 2}, TileB{kt.data + 2 * j0, kt.k_stride}, false,
+                  sc.s.data(), kKeysPerBlock);
+      }
+    }
+    if (!op.keys_t) {
       gemm(false, true, rows, nk, d, pb.scale, sc.q.data(), d, op.k.at(t.n, t.hkv, j0), op.k.ld(), 0.f,
            sc.s.data(), kKeysPerBlock);
     }
@@ -99,14 +103,15 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       if constexpr (!std::is_same_v<T, float>) convert_row(s, sc.p.data() + r * kKeysPerBlock, nk);
     }
     // -- acc += p v
-    if (op.value_pairs) {
-      if (nk % 2)  // pairs of keys: the odd last key's partner is zero
-        for (int64_t r = 0; r < rows; ++r) sc.p[r * kKeysPerBlock + nk] = T(0.f);
-      const PairsB vp = op.value_pairs->at(t.n, t.hkv);
-      bf16_dot_gemm(rows, d, (nk + 1) / 2, 1.f,
-                    PairsA{reinterpret_cast<const at::BFloat16*>(sc.p.data()), kKeysPerBlock, 2},
-                    PairsB{vp.data + (j0 / 2) * vp.pair_stride, vp.pair_stride}, true, sc.acc.data(), d);
-      continue;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (op.value_pairs) {
+        if (nk % 2)  // pairs of keys: the odd last key's partner is zero
+          for (int64_t r = 0; r < rows; ++r) sc.p[r * kKeysPerBlock + nk] = T(0.f);
+        const TileB vp = op.value_pairs->at(t.n, t.hkv);
+        tile_gemm(rows, d, (nk + 1) / 2, 1.f, TileA{sc.p.data(), kKeysPerBlock, 2},
+                  TileB{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, sc.acc.data(), d);
+        continue;
+      }
     }
     const T* probs;
     if constexpr (std::is_same_v<T, float>) probs = sc.s.data(); else probs = sc.p.data();
@@ -179,19 +184,17 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
     for (int64_t n = 0; n < pb.num_seqs; ++n)
       if (i0 < pb.rows_q(n))
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
-  // bf16: K and V pair-packed once per (sequence, kv head), read by every tile of the group's queries.
+  // bf16 register tiles: K and V packed once per (sequence, kv head), read by every tile of the group.
   std::optional<PackedPanels> keys_t, value_pairs;
   Operands<T> ops = op;
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (use_bf16_dot(d)) {
-      auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
-      keys_t = pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
-                           [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
-      value_pairs = pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k,
-                                [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
-      ops.keys_t = &*keys_t;
-      ops.value_pairs = &*value_pairs;
-    }
+  if (use_tile_gemm<T>(d)) {
+    auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
+    keys_t = pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
+                         [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
+    value_pairs = pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k,
+                              [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
+    ops.keys_t = &*keys_t;
+    ops.value_pairs = &*value_pairs;
   }
   const int64_t threads = at::get_num_threads();
   std::vector<Scratch<T>> scratch(threads);

@@ -1,0 +1,262 @@
+// Register-tiled bf16 products of the attention kernels on AVX512-BF16 (`vdpbf16ps`): twice the multiply rate
+// of fp32 FMA on the same cores, which MKL's bf16 GEMM does not reach on every CPU (on this project's AMD
+// machine it runs no faster than fp32). fp32 and fp16 products stay on MKL: register tiles measured no faster
+// than MKL's sgemm in the forward and slower in the backward, where MKL packs its strided operands.
+//
+//   C[M, N] (fp32) = alpha · A B  (+ C when accumulating),  accumulators of MR × 32 in registers
+//
+// A k step is one pair of elements: lane j gains A[i][2p] B[2p][j] + A[i][2p+1] B[2p+1][j]. So
+//  * A is read as 32-bit words (A[i][2p], A[i][2p+1]) (see TileA);
+//  * B is "pair-packed": word (p, j) = (B[2p][j], B[2p+1][j]) at data + p * k_stride + 2 j.
+// Packed operands come from pack_panels, once per (sequence, head): O(S) memory.
+//
+// The tiles need AVX-512F/BW and AVX512-BF16 (`-march=native` on such a CPU): elsewhere kHasTileGemm is false and
+// the kernels use MKL. FASTADAPTER_CPU_GEMM=mkl forces MKL (the tests run both).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define FASTADAPTER_HAS_BF16_DOT 1
+#endif
+
+namespace fastadapter_cpu {
+
+#ifdef FASTADAPTER_HAS_BF16_DOT
+constexpr bool kHasTileGemm = true;
+#else
+constexpr bool kHasTileGemm = false;
+#endif
+
+// Whether this call's products use the register tiles: bf16 with an even head_dim (q's rows are read as pairs
+// in place), unless FASTADAPTER_CPU_GEMM=mkl.
+template <typename T>
+inline bool use_tile_gemm(int64_t head_dim) {
+  if constexpr (!std::is_same_v<T, at::BFloat16>) {
+    return false;
+  } else {
+    if (!kHasTileGemm || head_dim % 2 != 0) return false;
+    const char* env = std::getenv("FASTADAPTER_CPU_GEMM");
+    return env == nullptr || std::strcmp(env, "mkl") != 0;
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// The A operand of a product: pair (i, k) at data + i * row_stride + k * k_stride (elements). A row-major matrix
+// with even K has row_stride = lda, k_stride = 2; a pair-major buffer from interleave_rows has row_stride = 2,
+// k_stride = 2 · width.
+struct TileA {
+  const at::BFloat16* data;
+  int64_t row_stride;
+  int64_t k_stride;
+};
+
+// The B operand: pair-packed row k at data + k * k_stride.
+struct TileB {
+  const at::BFloat16* data;
+  int64_t k_stride;
+};
+
+#ifdef FASTADAPTER_HAS_BF16_DOT
+namespace detail {
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// MR rows × 16·NV columns of C over all k steps (pairs of K). The MR · NV ≤ 16 accumulators must stay in
+// registers: the loops over rows and vectors are unrolled completely (GCC otherwise keeps part of `acc` on the
+// stack and stores it at every step, which measured 4x slower inside the backward kernel).
+template <int MR, int NV>
+__attribute__((always_inline)) inline void tile(int64_t steps, const TileA& a, const TileB& b, float* c,
+                                                int64_t ldc, int64_t cols, float alpha, bool accumulate) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) mask[v] = lanes(cols - 16 * v);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const at::BFloat16* ak = a.data;
+  const at::BFloat16* bk = b.data;
+  for (int64_t k = 0; k < steps; ++k, ak += a.k_stride, bk += b.k_stride) {
+    __m512bh bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], bk + 32 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      int32_t word;
+      std::memcpy(&word, ak + i * a.row_stride, sizeof(word));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(word);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* out = c + i * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(acc[i][v], va);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[v], out));
+      _mm512_mask_storeu_ps(out, mask[v], r);
+    }
+}
+
+template <int NV>
+inline void rows_of_tiles(int64_t m, int64_t steps, const TileA& a, const TileB& b, float* c, int64_t ldc,
+                          int64_t cols, float alpha, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8)
+    tile<8, NV>(steps, TileA{a.data + i * a.row_stride, a.row_stride, a.k_stride}, b, c + i * ldc, ldc, cols,
+                alpha, accumulate);
+  const TileA rest{a.data + i * a.row_stride, a.row_stride, a.k_stride};
+  float* cr = c + i * ldc;
+  switch (m - i) {
+#define FASTADAPTER_TILE_CASE(R) \
+  case R: tile<R, NV>(steps, rest, b, cr, ldc, cols, alpha, accumulate); break;
+    FASTADAPTER_TILE_CASE(1) FASTADAPTER_TILE_CASE(2) FASTADAPTER_TILE_CASE(3) FASTADAPTER_TILE_CASE(4)
+    FASTADAPTER_TILE_CASE(5) FASTADAPTER_TILE_CASE(6) FASTADAPTER_TILE_CASE(7)
+#undef FASTADAPTER_TILE_CASE
+    default: break;
+  }
+}
+
+}  // namespace detail
+#endif
+
+// C[m, n] = alpha · A B (+ C when `accumulate`) over `steps` pairs of K (K = 2 · steps; A and B zero where K
+// is padded). Reads exactly n columns of B.
+inline void tile_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const TileA& a, const TileB& b,
+                      bool accumulate, float* c, int64_t ldc) {
+#ifdef FASTADAPTER_HAS_BF16_DOT
+  if (m <= 0 || n <= 0) return;
+  // 32 columns at a time: the B panel (steps × 32) stays in L1 while every row of A streams past it.
+  for (int64_t j = 0; j < n; j += 32) {
+    const int64_t cols = std::min<int64_t>(32, n - j);
+    const TileB bj{b.data + 2 * j, b.k_stride};
+    if (cols > 16)
+      detail::rows_of_tiles<2>(m, steps, a, bj, c + j, ldc, cols, alpha, accumulate);
+    else
+      detail::rows_of_tiles<1>(m, steps, a, bj, c + j, ldc, cols, alpha, accumulate);
+  }
+#else
+  (void)m, (void)n, (void)steps, (void)alpha, (void)a, (void)b, (void)accumulate, (void)c, (void)ldc;
+  TORCH_CHECK(false, "fastadapter_cpu: tile_gemm needs AVX-512 with BF16");
+#endif
+}
+
+// Rows 2u and 2u + 1 of an fp32 [rows, width] block (leading dimension ld) as bf16 words
+// (x[2u][j], x[2u+1][j]) at out[u * 2 · out_width + 2 j]: the pair-major A of a product whose K runs over the
+// rows (pᵀ dO, dsᵀ q). An odd last row is paired with zeros; columns from width to out_width are zero.
+inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t ld, at::BFloat16* out,
+                            int64_t out_width) {
+#ifdef FASTADAPTER_HAS_BF16_DOT
+  // Lane order of (a0..a15, b0..b15) -> (a0, b0, a1, b1, ...).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(kInterleave);
+  for (int64_t u = 0; u < (rows + 1) / 2; ++u) {
+    const float* r0 = x + 2 * u * ld;
+    const float* r1 = 2 * u + 1 < rows ? r0 + ld : nullptr;
+    at::BFloat16* o = out + u * 2 * out_width;
+    for (int64_t j = 0; j < out_width; j += 16) {
+      const int64_t left = std::min<int64_t>(16, std::max<int64_t>(width - j, 0));
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(mask, r0 + j);
+      const __m512 b = r1 ? _mm512_maskz_loadu_ps(mask, r1 + j) : _mm512_setzero_ps();
+      const __m512i ab = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      const int64_t words = std::min<int64_t>(16, out_width - j);
+      _mm512_mask_storeu_epi32(o + 2 * j, words >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << words) - 1), ab);
+    }
+  }
+#else
+  (void)x, (void)rows, (void)width, (void)ld, (void)out, (void)out_width;
+  TORCH_CHECK(false, "fastadapter_cpu: interleave_rows needs AVX512-BF16");
+#endif
+}
+
+// Packed panels of a bf16 input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of
+// different sequences differ in size (varlen), so each sequence's panels start at base[n].
+struct PackedPanels {
+  at::Tensor storage;          // bf16, every panel, zero-padded
+  std::vector<int64_t> base;   // [N] first element of sequence n's panels
+  std::vector<int64_t> size;   // [N] elements of one panel of sequence n
+  std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
+
+  TileB at(int64_t n, int64_t h) const {
+    return {storage.const_data_ptr<at::BFloat16>() + base[n] + h * size[n], pitch[n]};
+  }
+};
+
+// kTransposed: B = Xᵀ for X the rows [L, D] of one (sequence, head): word (p, j) = (X[j][2p], X[j][2p+1]); the
+//   keys of a score product (q kᵀ, dO vᵀ).
+// kRowPairs: B = X with its rows in pairs: word (u, d) = (X[2u][d], X[2u+1][d]); a product over the rows
+//   (p v, ds k, pᵀ dO, dsᵀ q).
+enum class PackKind { kTransposed, kRowPairs };
+
+// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n.
+template <typename LenFn, typename RowFn>
+PackedPanels pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
+                         const RowFn& row) {
+  PackedPanels packed;
+  packed.base.resize(num_seqs);
+  packed.size.resize(num_seqs);
+  packed.pitch.resize(num_seqs);
+  const int64_t pairs_d = (head_dim + 1) / 2;
+  int64_t total = 0;
+  for (int64_t n = 0; n < num_seqs; ++n) {
+    const int64_t len = rows(n);
+    // Pitches of a whole number of cache lines plus one: a power-of-two pitch (2 KB for 512 keys) would map
+    // every row of a B panel to the same few sets of the 8-way L1 and evict the panel while it is in use.
+    if (kind == PackKind::kTransposed) {
+      packed.pitch[n] = 2 * (round_up(len, 16) + 16);
+      packed.size[n] = pairs_d * packed.pitch[n];
+    } else {
+      packed.pitch[n] = 2 * (round_up(head_dim, 16) + 16);
+      packed.size[n] = ((len + 1) / 2) * packed.pitch[n];
+    }
+    packed.base[n] = total;
+    total += heads * packed.size[n];
+  }
+  packed.storage = at::zeros({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kBFloat16));
+  at::BFloat16* out = packed.storage.data_ptr<at::BFloat16>();
+  at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / heads, h = task % heads, len = rows(n);
+      at::BFloat16* panel = out + packed.base[n] + h * packed.size[n];
+      const int64_t pitch = packed.pitch[n];
+      if (kind == PackKind::kTransposed) {
+        // 32-bit words: panel word (p, j) = X word (j, p), a transpose of the [L, D/2] word matrix.
+        for (int64_t j = 0; j < len; ++j) {
+          const at::BFloat16* x = reinterpret_cast<const at::BFloat16*>(row(n, h, j));
+          for (int64_t p = 0; p < head_dim / 2; ++p) std::memcpy(panel + p * pitch + 2 * j, x + 2 * p, 4);
+          if (head_dim % 2) panel[(pairs_d - 1) * pitch + 2 * j] = x[head_dim - 1];
+        }
+      } else {
+        for (int64_t u = 0; u < (len + 1) / 2; ++u) {
+          const at::BFloat16* x0 = reinterpret_cast<const at::BFloat16*>(row(n, h, 2 * u));
+          const at::BFloat16* x1 =
+              2 * u + 1 < len ? reinterpret_cast<const at::BFloat16*>(row(n, h, 2 * u + 1)) : nullptr;
+          at::BFloat16* o = panel + u * pitch;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            o[2 * d] = x0[d];
+            if (x1) o[2 * d + 1] = x1[d];
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+}  // namespace fastadapter_cpu
