@@ -53,10 +53,14 @@ PackedOperands pack_operands(const Problem& pb, const Operands<T>& op) {
           pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out))};
 }
 
+// sum_j a[j] · b[j], both in the tensors' dtype.
 template <typename T>
 inline float dot(const T* a, const T* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += static_cast<float>(a[j]) * static_cast<float>(b[j]);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(load_float(a + j), load_float(b + j), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) s += static_cast<float>(a[j]) * static_cast<float>(b[j]);
   return s;
 }
 

@@ -268,13 +268,34 @@ inline float dot_row(const float* x, const T* y, int64_t n) {
   return s;
 }
 
-// y[j] += a · x[j], with x in the tensors' dtype.
+// out[t] = sum_j x[j] * y[t][j] for four rows y[t] in the tensors' dtype: four independent FMA chains, so decode's
+// key-by-key scores are not bound by the latency of one chain.
 template <typename T>
-inline void axpy_row(float a, const T* x, float* y, int64_t n) {
-  const Vec va(a);
+inline void dot_row4(const float* x, const T* const (&y)[4], int64_t n, float (&out)[4]) {
+  Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) at::vec::fmadd(va, load_float(x + j), Vec::loadu(y + j)).store(y + j);
-  for (; j < n; ++j) y[j] += a * static_cast<float>(x[j]);
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec xv = Vec::loadu(x + j);
+    for (int t = 0; t < 4; ++t) acc[t] = at::vec::fmadd(xv, load_float(y[t] + j), acc[t]);
+  }
+  for (int t = 0; t < 4; ++t) {
+    out[t] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[t]);
+    for (int64_t i = j; i < n; ++i) out[t] += x[i] * static_cast<float>(y[t][i]);
+  }
+}
+
+// y[j] += sum_t a[t] · x[t][j] for four rows x[t] in the tensors' dtype: y is loaded and stored once for four.
+template <typename T>
+inline void axpy_row4(const float (&a)[4], const T* const (&x)[4], float* y, int64_t n) {
+  const Vec va[4] = {Vec(a[0]), Vec(a[1]), Vec(a[2]), Vec(a[3])};
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec acc = Vec::loadu(y + j);
+    for (int t = 0; t < 4; ++t) acc = at::vec::fmadd(va[t], load_float(x[t] + j), acc);
+    acc.store(y + j);
+  }
+  for (; j < n; ++j)
+    for (int t = 0; t < 4; ++t) y[j] += a[t] * static_cast<float>(x[t][j]);
 }
 
 template <typename T>

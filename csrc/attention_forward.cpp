@@ -258,12 +258,16 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
       }
     for (int64_t j0 = begin; j0 < end; j0 += kDecodeKeys) {
       const int64_t nk = std::min(kDecodeKeys, end - j0);
-      // -- scores, key by key in memory order
-      for (int64_t jj = 0; jj < nk; ++jj)
+      // -- scores, four keys at a time in memory order (past the last key, the last key again, unused)
+      for (int64_t jj = 0; jj < nk; jj += 4)
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
-          const T* key = op.k.at(n, hkv, j0 + jj);
-          for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r)
-            sc.s[r * kDecodeKeys + jj] = dot_row(sc.q.data() + r * d, key, d);
+          const T* keys[4];
+          for (int t = 0; t < 4; ++t) keys[t] = op.k.at(n, hkv, j0 + std::min(jj + t, nk - 1));
+          for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
+            float dots[4];
+            dot_row4(sc.q.data() + r * d, keys, d, dots);
+            for (int64_t t = 0; t < std::min<int64_t>(4, nk - jj); ++t) sc.s[r * kDecodeKeys + jj + t] = dots[t];
+          }
         }
       // -- online softmax per row
       for (int64_t r = 0; r < rows; ++r) {
@@ -278,13 +282,15 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
         }
         std::fill(s + seen, s + nk, 0.f);
       }
-      // -- acc += p v, value by value in memory order
-      for (int64_t jj = 0; jj < nk; ++jj)
+      // -- acc += p v, four values at a time in memory order (past the last key, p = 0)
+      for (int64_t jj = 0; jj < nk; jj += 4)
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
-          const T* value = op.v.at(n, hkv, j0 + jj);
+          const T* values[4];
+          for (int t = 0; t < 4; ++t) values[t] = op.v.at(n, hkv, j0 + std::min(jj + t, nk - 1));
           for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
-            const float p = sc.s[r * kDecodeKeys + jj];
-            if (p != 0.f) axpy_row(p, value, acc + r * d, d);
+            float p[4];
+            for (int64_t t = 0; t < 4; ++t) p[t] = jj + t < nk ? sc.s[r * kDecodeKeys + jj + t] : 0.f;
+            if (p[0] != 0.f || p[1] != 0.f || p[2] != 0.f || p[3] != 0.f) axpy_row4(p, values, acc + r * d, d);
           }
         }
     }

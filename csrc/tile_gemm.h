@@ -204,15 +204,18 @@ struct PackedPanels {
 //   (p v, ds k, pᵀ dO, dsᵀ q).
 enum class PackKind { kTransposed, kRowPairs };
 
-// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n.
+// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
+// (sequence, head) are equally spaced). head_dim must be even. Only what the tiles read is written: the columns
+// up to round_up(L, 16) (kTransposed) or the head_dim columns of every pair (kRowPairs), odd partners as zeros.
 template <typename LenFn, typename RowFn>
 PackedPanels pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
                          const RowFn& row) {
+  TORCH_CHECK(head_dim % 2 == 0, "fastadapter_cpu: pack_panels needs an even head_dim, got ", head_dim);
   PackedPanels packed;
   packed.base.resize(num_seqs);
   packed.size.resize(num_seqs);
   packed.pitch.resize(num_seqs);
-  const int64_t pairs_d = (head_dim + 1) / 2;
+  const int64_t pairs_d = head_dim / 2;
   int64_t total = 0;
   for (int64_t n = 0; n < num_seqs; ++n) {
     const int64_t len = rows(n);
@@ -228,34 +231,53 @@ PackedPanels pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
-  packed.storage = at::zeros({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kBFloat16));
+  packed.storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kBFloat16));
+#ifdef FASTADAPTER_HAS_BF16_DOT
   at::BFloat16* out = packed.storage.data_ptr<at::BFloat16>();
+  // Lane order of (x0[0..15], x1[0..15]) -> (x0[0], x1[0], x0[1], x1[1], ...).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+    const __m512i interleave = _mm512_load_si512(kInterleave);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / heads, h = task % heads, len = rows(n);
       at::BFloat16* panel = out + packed.base[n] + h * packed.size[n];
       const int64_t pitch = packed.pitch[n];
+      if (len == 0) continue;
+      const auto* first = reinterpret_cast<const at::BFloat16*>(row(n, h, 0));
+      const int64_t row_stride = len > 1 ? reinterpret_cast<const at::BFloat16*>(row(n, h, 1)) - first : 0;
       if (kind == PackKind::kTransposed) {
-        // 32-bit words: panel word (p, j) = X word (j, p), a transpose of the [L, D/2] word matrix.
-        for (int64_t j = 0; j < len; ++j) {
-          const at::BFloat16* x = reinterpret_cast<const at::BFloat16*>(row(n, h, j));
-          for (int64_t p = 0; p < head_dim / 2; ++p) std::memcpy(panel + p * pitch + 2 * j, x + 2 * p, 4);
-          if (head_dim % 2) panel[(pairs_d - 1) * pitch + 2 * j] = x[head_dim - 1];
+        // Panel word (p, j) = word p of row j: 16 rows at a time, one gathered vector per pair p.
+        const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(static_cast<int32_t>(row_stride / 2)));
+        for (int64_t j = 0; j < len; j += 16) {
+          const __mmask16 valid = detail::lanes(len - j);
+          const auto* x = reinterpret_cast<const int32_t*>(first + j * row_stride);
+          for (int64_t p = 0; p < pairs_d; ++p)
+            _mm512_storeu_si512(panel + p * pitch + 2 * j,
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows16, x + p, 4));
         }
       } else {
         for (int64_t u = 0; u < (len + 1) / 2; ++u) {
-          const at::BFloat16* x0 = reinterpret_cast<const at::BFloat16*>(row(n, h, 2 * u));
-          const at::BFloat16* x1 =
-              2 * u + 1 < len ? reinterpret_cast<const at::BFloat16*>(row(n, h, 2 * u + 1)) : nullptr;
+          const at::BFloat16* x0 = first + 2 * u * row_stride;
+          const bool partner = 2 * u + 1 < len;
           at::BFloat16* o = panel + u * pitch;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            o[2 * d] = x0[d];
-            if (x1) o[2 * d + 1] = x1[d];
+          for (int64_t d = 0; d < head_dim; d += 16) {
+            const __mmask16 valid = detail::lanes(head_dim - d);
+            const __m256i a = _mm256_maskz_loadu_epi16(valid, x0 + d);
+            const __m256i b = partner ? _mm256_maskz_loadu_epi16(valid, x0 + row_stride + d) : _mm256_setzero_si256();
+            const __m512i ab = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), interleave,
+                                                         _mm512_castsi256_si512(b));
+            _mm512_mask_storeu_epi32(o + 2 * d, valid, ab);
           }
         }
       }
     }
   });
+#else
+  (void)row;
+  TORCH_CHECK(false, "fastadapter_cpu: pack_panels needs AVX512-BF16");
+#endif
   return packed;
 }
 

@@ -80,7 +80,16 @@ torch.library.register_autograd("fastadapter::fused_attention_forward", _backwar
 
 
 def run_fused(inp: AttentionInputs, backend: str) -> torch.Tensor:
-    """Run a fused backend on validated inputs through the custom op; returns ``out``."""
+    """Run a fused backend on validated inputs; returns ``out``.
+
+    Through the custom op when autograd or ``torch.compile`` needs it; otherwise (inference, decoding) the
+    backend's forward is called directly, which saves the custom op's dispatch (~40 µs a call on CPU, a sixth of
+    a decode step at LLaMA-7B's heads over 512 cached tokens).
+    """
+    tensors = (inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not needs_grad and not torch.compiler.is_compiling():
+        return get_backend(backend).forward(inp)[0]
     out, _, _ = fused_attention_forward(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
                                         inp.cu_seqlens, inp.max_seqlen, inp.causal, inp.softmax_scale,
                                         inp.gate_tanh, backend)

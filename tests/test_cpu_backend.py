@@ -15,7 +15,7 @@ from fastadapter import _cpu_extension, zero_init_attention
 from fastadapter.backends import get_backend, select_backend
 from fastadapter.info import backend_report
 
-from attention_cases import BF16, FP16, Case, backend_inputs, check_against_reference
+from attention_cases import BF16, FP16, KERNEL_CASES, Case, backend_inputs, check_against_reference
 
 DECODE_CASES = [
     # At most 16 query rows per sequence take the decode path: key-major loops, split over the KV cache.
@@ -43,6 +43,25 @@ LARGE_CASES = [
 
 @pytest.mark.parametrize("case", DECODE_CASES + LARGE_CASES, ids=lambda c: c.id)
 def test_cpu_matches_reference(case):
+    check_against_reference(case, "cpu")
+
+
+BF16_CASES = [c for c in KERNEL_CASES if c.dtype == BF16]
+
+
+@pytest.mark.parametrize("case", BF16_CASES[:4] + [c for c in BF16_CASES if c.seqlens], ids=lambda c: c.id)
+def test_bf16_mkl_path_matches_reference(case, monkeypatch):
+    """bf16 products run on AVX512-BF16 register tiles where the CPU has them (csrc/tile_gemm.h), else on MKL:
+    FASTADAPTER_CPU_GEMM=mkl forces MKL, so both paths are tested on a machine with the instructions."""
+    monkeypatch.setenv("FASTADAPTER_CPU_GEMM", "mkl")
+    check_against_reference(case, "cpu")
+
+
+@pytest.mark.parametrize("case", [Case(batch=2, seqlen_q=45, seqlen_k=45, head_dim=59, dtype=BF16),
+                                  Case(seqlens=[7, 30], head_dim=111, dtype=BF16, prefix_batch=2)],
+                         ids=lambda c: c.id)
+def test_odd_head_dim_in_bf16(case):
+    """An odd head_dim cannot be read in pairs: those calls take the MKL path by themselves."""
     check_against_reference(case, "cpu")
 
 
