@@ -17,6 +17,7 @@ namespace fastadapter_cpu {
 namespace {
 
 constexpr int64_t kQueryBlock = 64;   // query rows per tile
+constexpr int64_t kPrefixRows = 512;  // query rows per step of the prefix pass: its products are thin (P ~ 10)
 constexpr int64_t kKeyBlock = 128;    // keys per tile
 constexpr int64_t kMaxChunks = 8;     // at most this many fp32 copies of dq
 
@@ -33,24 +34,25 @@ struct Operands {
   float* dgamma;        // fp32 [N, Hq]
 };
 
-// bf16 register tiles (tile_gemm.h): the B operands of the word pass's five products, packed once per
-// (sequence, head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; k, q and dO in pairs of rows for ds k, dsᵀ q and
+// Register tiles (tile_gemm.h): the B operands of the word pass's five products, packed once per (sequence,
+// head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; the rows of k, q and dO (bf16: in pairs) for ds k, dsᵀ q and
 // pᵀ dO.
+template <typename T>
 struct PackedOperands {
-  PackedPanels keys_t, values_t, key_pairs, query_pairs, grad_pairs;
+  PackedPanels<T> keys_t, values_t, key_rows, query_rows, grad_rows;
 };
 
 template <typename T>
-PackedOperands pack_operands(const Problem& pb, const Operands<T>& op) {
+PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op) {
   const int64_t d = pb.head_dim;
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
   auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
-  return {pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
-          pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
-          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
-          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q)),
-          pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out))};
+  return {pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
+          pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
+          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
+          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q)),
+          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out))};
 }
 
 // sum_j a[j] · b[j], both in the tensors' dtype.
@@ -96,11 +98,11 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
     const int64_t n = task / pb.heads_kv, hkv = task % pb.heads_kv, pn = pb.prefix_row(n);
     Scratch& sc = scratch[slot];
     if (sc.o.empty()) {
-      sc.s.resize(kQueryBlock * std::max<int64_t>(plen, 1));
+      sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
       sc.dp.resize(sc.s.size());
       sc.s_t.resize(sc.s.size());
       sc.dp_t.resize(sc.s.size());
-      sc.o.resize(kQueryBlock * d);
+      sc.o.resize(kPrefixRows * d);
     }
     float* dpk = op.dprefix_k + (n * pb.heads_kv + hkv) * plen * d;
     float* dpv = op.dprefix_v + (n * pb.heads_kv + hkv) * plen * d;
@@ -108,8 +110,8 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
       const int64_t h = hkv * group + g;
       const float gamma = pb.gamma(op.gate, n, h);
       float dgamma = 0.f;
-      for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += kQueryBlock) {
-        const int64_t m = std::min(kQueryBlock, pb.rows_q(n) - i0);
+      for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += kPrefixRows) {
+        const int64_t m = std::min(kPrefixRows, pb.rows_q(n) - i0);
         const T* q = op.q.at(n, h, i0);
         const T* dout = op.grad_out.at(n, h, i0);
         for (int64_t r = 0; r < m; ++r)
@@ -150,7 +152,7 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
 }
 
 template <typename T>
-void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const PackedOperands* packed) {
+void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const PackedOperands<T>* packed) {
   const int64_t group = pb.group(), d = pb.head_dim;
   const int64_t threads = at::get_num_threads();
   struct Scratch {
@@ -171,31 +173,37 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
     const int64_t blocks = (sk + kKeyBlock - 1) / kKeyBlock;
     // Blocks chunk, chunk + chunks, ...: interleaved so that, under the causal mask, chunks cost the same.
     for (int64_t b = chunk; b < blocks; b += chunks) {
-      const int64_t j0 = b * kKeyBlock, nk = std::min(kKeyBlock, sk - j0);
+      const int64_t j0 = b * kKeyBlock, block_keys = std::min(kKeyBlock, sk - j0);
       std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
       const T* k = op.k.at(n, hkv, j0);
       const T* v = op.v.at(n, hkv, j0);
-      // The first query row that sees key j0 (bottom-right causal alignment); even with packed operands, whose
-      // query rows come in pairs (the row before it sees none of these keys: its p is 0).
+      // The first query row that sees key j0 (bottom-right causal alignment); even for bf16 tiles, whose query
+      // rows come in pairs (the row before it sees none of these keys: its p is 0).
       int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
-      if (packed) i_first &= ~int64_t(1);
+      if (packed && std::is_same_v<T, at::BFloat16>) i_first &= ~int64_t(1);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hkv * group + g;
         for (int64_t i0 = i_first; i0 < sq; i0 += kQueryBlock) {
           const int64_t m = std::min(kQueryBlock, sq - i0);
+          // Keys of the block that some row of this query block sees: under the causal mask the diagonal blocks
+          // end early, and the products below run over those keys only.
+          const int64_t nk = pb.causal ? std::clamp<int64_t>(pb.visible_keys(n, i0 + m - 1) - j0, 0, block_keys)
+                                       : block_keys;
+          if (nk == 0) continue;
           const T* q = op.q.at(n, h, i0);
           const T* dout = op.grad_out.at(n, h, i0);
           float* s = sc.s.data();
           float* dp = sc.dp.data();
           // -- p = exp(scale · q kᵀ − lse_w), masked;  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
-          if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if constexpr (kTileable<T>) {
             if (packed) {
-              const TileB kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
-              tile_gemm(m, nk, d / 2, pb.scale, TileA{q, op.q.ld(), 2}, TileB{kt.data + 2 * j0, kt.k_stride}, false,
-                        s, kKeyBlock);
-              tile_gemm(m, nk, d / 2, 1.f, TileA{dout, op.grad_out.ld(), 2}, TileB{vt.data + 2 * j0, vt.k_stride},
-                        false, dp, kKeyBlock);
+              constexpr int64_t step = kStep<T>;
+              const TileB<T> kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
+              tile_gemm<T>(m, nk, d / step, pb.scale, TileA<T>{q, op.q.ld(), step},
+                           TileB<T>{kt.data + step * j0, kt.k_stride}, false, s, kKeyBlock);
+              tile_gemm<T>(m, nk, d / step, 1.f, TileA<T>{dout, op.grad_out.ld(), step},
+                           TileB<T>{vt.data + step * j0, vt.k_stride}, false, dp, kKeyBlock);
             }
           }
           if (!packed) {
@@ -213,7 +221,20 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
             const Vec delta(*op.delta_w.at(n, h, i0 + r));
             at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
           }
-          if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if constexpr (std::is_same_v<T, float>) {
+            if (packed) {
+              // pᵀ and dsᵀ are strided views of p and ds: fp32 tiles read them in place.
+              const TileB<T> gr = packed->grad_rows.at(n, h), qr = packed->query_rows.at(n, h);
+              const TileB<T> kr = packed->key_rows.at(n, hkv);
+              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{s, 1, kKeyBlock}, TileB<T>{gr.data + i0 * gr.k_stride, gr.k_stride},
+                           true, sc.dv.data(), d);
+              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, kKeyBlock}, TileB<T>{qr.data + i0 * qr.k_stride, qr.k_stride},
+                           true, sc.dk.data(), d);
+              tile_gemm<T>(m, d, nk, 1.f, TileA<T>{dp, kKeyBlock, 1}, TileB<T>{kr.data + j0 * kr.k_stride, kr.k_stride},
+                           true, dq.at(n, h, i0), dq.ld());
+              continue;
+            }
+          } else if constexpr (std::is_same_v<T, at::BFloat16>) {
             if (packed) {
               // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
               // over the keys: ds as rows, its odd last key paired with zero.
@@ -226,15 +247,15 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
                 convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
                 if (nk % 2) ds_rows[r * kKeyBlock + nk] = T(0.f);
               }
-              const TileB gp = packed->grad_pairs.at(n, h), qp = packed->query_pairs.at(n, h);
-              const TileB kp = packed->key_pairs.at(n, hkv);
+              const TileB<T> gp = packed->grad_rows.at(n, h), qp = packed->query_rows.at(n, h);
+              const TileB<T> kp = packed->key_rows.at(n, hkv);
               const int64_t row_pairs = (m + 1) / 2;
-              tile_gemm(nk, d, row_pairs, 1.f, TileA{p_pairs, 2, 2 * nk},
-                        TileB{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
-              tile_gemm(nk, d, row_pairs, 1.f, TileA{ds_pairs, 2, 2 * nk},
-                        TileB{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
-              tile_gemm(m, d, (nk + 1) / 2, 1.f, TileA{ds_rows, kKeyBlock, 2},
-                        TileB{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0), dq.ld());
+              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * nk},
+                           TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
+              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * nk},
+                           TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
+              tile_gemm<T>(m, d, (nk + 1) / 2, 1.f, TileA<T>{ds_rows, kKeyBlock, 2},
+                           TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0), dq.ld());
               continue;
             }
           }
@@ -246,7 +267,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
           gemm(false, false, m, d, nk, 1.f, ds_in, kKeyBlock, k, op.k.ld(), 1.f, dq.at(n, h, i0), dq.ld());
         }
       }
-      for (int64_t r = 0; r < nk; ++r) {
+      for (int64_t r = 0; r < block_keys; ++r) {
         scale_row(sc.dk.data() + r * d, d, pb.scale);
         convert_row(sc.dk.data() + r * d, op.dk.at(n, hkv, j0 + r), d);
         convert_row(sc.dv.data() + r * d, op.dv.at(n, hkv, j0 + r), d);
@@ -290,8 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           mutable_rows_of<scalar_t>(dk, cu), mutable_rows_of<scalar_t>(dv, cu), dq_acc,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
-    std::optional<PackedOperands> packed;
-    if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
+    std::optional<PackedOperands<scalar_t>> packed;
+    if constexpr (kTileable<scalar_t>) {
+      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
+    }
     word_pass<scalar_t>(pb, op, chunks, packed ? &*packed : nullptr);
   });
   if (cu && pb.packed_end() < k.size(0)) {

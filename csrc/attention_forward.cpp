@@ -50,10 +50,10 @@ struct Operands {
   const float* gate;
   Rows<T> out;
   Rows<float> lse_w, lse_p;
-  // bf16 register tiles (tile_gemm.h): K and V packed per (sequence, kv head), kᵀ for q kᵀ and v in pairs of
-  // rows for p v. Null on the MKL path.
-  const PackedPanels* keys_t = nullptr;
-  const PackedPanels* value_pairs = nullptr;
+  // Register tiles (tile_gemm.h): K and V packed per (sequence, kv head), kᵀ for q kᵀ and v's rows for p v.
+  // Null on the MKL path.
+  const PackedPanels<T>* keys_t = nullptr;
+  const PackedPanels<T>* value_rows = nullptr;
 };
 
 template <typename T>
@@ -77,11 +77,12 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
     const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
     // s = scale · q kᵀ for this block of keys
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if constexpr (kTileable<T>) {
       if (op.keys_t) {
-        const TileB kt = op.keys_t->at(t.n, t.hkv);
-        tile_gemm(rows, nk, d / 2, pb.scale, TileA{sc.q.data(), d, 2}, TileB{kt.data + 2 * j0, kt.k_stride}, false,
-                  sc.s.data(), kKeysPerBlock);
+        constexpr int64_t step = kStep<T>;
+        const TileB<T> kt = op.keys_t->at(t.n, t.hkv);
+        tile_gemm<T>(rows, nk, d / step, pb.scale, TileA<T>{sc.q.data(), d, step},
+                     TileB<T>{kt.data + step * j0, kt.k_stride}, false, sc.s.data(), kKeysPerBlock);
       }
     }
     if (!op.keys_t) {
@@ -103,13 +104,20 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       if constexpr (!std::is_same_v<T, float>) convert_row(s, sc.p.data() + r * kKeysPerBlock, nk);
     }
     // -- acc += p v
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (op.value_pairs) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (op.value_rows) {
+        const TileB<T> vr = op.value_rows->at(t.n, t.hkv);
+        tile_gemm<T>(rows, d, nk, 1.f, TileA<T>{sc.s.data(), kKeysPerBlock, 1},
+                     TileB<T>{vr.data + j0 * vr.k_stride, vr.k_stride}, true, sc.acc.data(), d);
+        continue;
+      }
+    } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (op.value_rows) {
         if (nk % 2)  // pairs of keys: the odd last key's partner is zero
           for (int64_t r = 0; r < rows; ++r) sc.p[r * kKeysPerBlock + nk] = T(0.f);
-        const TileB vp = op.value_pairs->at(t.n, t.hkv);
-        tile_gemm(rows, d, (nk + 1) / 2, 1.f, TileA{sc.p.data(), kKeysPerBlock, 2},
-                  TileB{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, sc.acc.data(), d);
+        const TileB<T> vp = op.value_rows->at(t.n, t.hkv);
+        tile_gemm<T>(rows, d, (nk + 1) / 2, 1.f, TileA<T>{sc.p.data(), kKeysPerBlock, 2},
+                     TileB<T>{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, sc.acc.data(), d);
         continue;
       }
     }
@@ -184,17 +192,19 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
     for (int64_t n = 0; n < pb.num_seqs; ++n)
       if (i0 < pb.rows_q(n))
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
-  // bf16 register tiles: K and V packed once per (sequence, kv head), read by every tile of the group.
-  std::optional<PackedPanels> keys_t, value_pairs;
+  // Register tiles: K and V packed once per (sequence, kv head), read by every tile of the group.
+  std::optional<PackedPanels<T>> keys_t, value_rows;
   Operands<T> ops = op;
-  if (use_tile_gemm<T>(d)) {
-    auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
-    keys_t = pack_panels(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
-                         [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
-    value_pairs = pack_panels(PackKind::kRowPairs, pb.num_seqs, pb.heads_kv, d, rows_k,
-                              [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
-    ops.keys_t = &*keys_t;
-    ops.value_pairs = &*value_pairs;
+  if constexpr (kTileable<T>) {
+    if (use_tile_gemm<T>(d)) {
+      auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
+      keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
+                              [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
+      value_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k,
+                                  [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
+      ops.keys_t = &*keys_t;
+      ops.value_rows = &*value_rows;
+    }
   }
   const int64_t threads = at::get_num_threads();
   std::vector<Scratch<T>> scratch(threads);
