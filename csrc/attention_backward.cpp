@@ -35,11 +35,12 @@ struct Operands {
 };
 
 // Register tiles (tile_gemm.h): the B operands of the word pass's five products, packed once per (sequence,
-// head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; the rows of k, q and dO (bf16: in pairs) for ds k, dsᵀ q and
-// pᵀ dO.
+// head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; for bf16 also k, q and dO in pairs of rows for ds k, dsᵀ q and
+// pᵀ dO (fp32 reads those rows in place: copying them measured no faster).
 template <typename T>
 struct PackedOperands {
-  PackedPanels<T> keys_t, values_t, key_rows, query_rows, grad_rows;
+  PackedPanels<T> keys_t, values_t;
+  std::optional<PackedPanels<T>> key_rows, query_rows, grad_rows;
 };
 
 template <typename T>
@@ -48,11 +49,15 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op) {
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
   auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
-  return {pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
-          pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
-          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
-          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q)),
-          pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out))};
+  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
+                           pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
+                           std::nullopt, std::nullopt, std::nullopt};
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k));
+    packed.query_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q));
+    packed.grad_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out));
+  }
+  return packed;
 }
 
 // sum_j a[j] · b[j], both in the tensors' dtype.
@@ -223,14 +228,12 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
           }
           if constexpr (std::is_same_v<T, float>) {
             if (packed) {
-              // pᵀ and dsᵀ are strided views of p and ds: fp32 tiles read them in place.
-              const TileB<T> gr = packed->grad_rows.at(n, h), qr = packed->query_rows.at(n, h);
-              const TileB<T> kr = packed->key_rows.at(n, hkv);
-              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{s, 1, kKeyBlock}, TileB<T>{gr.data + i0 * gr.k_stride, gr.k_stride},
+              // fp32 reads every operand in place: pᵀ and dsᵀ are strided views of p and ds.
+              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{s, 1, kKeyBlock}, TileB<T>{dout, op.grad_out.ld()},
                            true, sc.dv.data(), d);
-              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, kKeyBlock}, TileB<T>{qr.data + i0 * qr.k_stride, qr.k_stride},
+              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, kKeyBlock}, TileB<T>{q, op.q.ld()},
                            true, sc.dk.data(), d);
-              tile_gemm<T>(m, d, nk, 1.f, TileA<T>{dp, kKeyBlock, 1}, TileB<T>{kr.data + j0 * kr.k_stride, kr.k_stride},
+              tile_gemm<T>(m, d, nk, 1.f, TileA<T>{dp, kKeyBlock, 1}, TileB<T>{k, op.k.ld()},
                            true, dq.at(n, h, i0), dq.ld());
               continue;
             }
@@ -247,8 +250,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
                 convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
                 if (nk % 2) ds_rows[r * kKeyBlock + nk] = T(0.f);
               }
-              const TileB<T> gp = packed->grad_rows.at(n, h), qp = packed->query_rows.at(n, h);
-              const TileB<T> kp = packed->key_rows.at(n, hkv);
+              const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
+              const TileB<T> kp = packed->key_rows->at(n, hkv);
               const int64_t row_pairs = (m + 1) / 2;
               tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * nk},
                            TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
