@@ -50,8 +50,8 @@ struct Operands {
   const float* gate;
   Rows<T> out;
   Rows<float> lse_w, lse_p;
-  // Register tiles (tile_gemm.h): K and V packed per (sequence, kv head), kᵀ for q kᵀ and v's rows for p v.
-  // Null on the MKL path.
+  // Register tiles (tile_gemm.h): kᵀ packed per (sequence, kv head) for q kᵀ, and for bf16 v in pairs of rows
+  // for p v (fp32 reads v's rows in place). Null on the MKL path.
   const PackedPanels<T>* keys_t = nullptr;
   const PackedPanels<T>* value_rows = nullptr;
 };
@@ -105,10 +105,9 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     }
     // -- acc += p v
     if constexpr (std::is_same_v<T, float>) {
-      if (op.value_rows) {
-        const TileB<T> vr = op.value_rows->at(t.n, t.hkv);
+      if (op.keys_t) {  // fp32 reads v's rows in place
         tile_gemm<T>(rows, d, nk, 1.f, TileA<T>{sc.s.data(), kKeysPerBlock, 1},
-                     TileB<T>{vr.data + j0 * vr.k_stride, vr.k_stride}, true, sc.acc.data(), d);
+                     TileB<T>{op.v.at(t.n, t.hkv, j0), op.v.ld()}, true, sc.acc.data(), d);
         continue;
       }
     } else if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -192,7 +191,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
     for (int64_t n = 0; n < pb.num_seqs; ++n)
       if (i0 < pb.rows_q(n))
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
-  // Register tiles: K and V packed once per (sequence, kv head), read by every tile of the group.
+  // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group.
   std::optional<PackedPanels<T>> keys_t, value_rows;
   Operands<T> ops = op;
   if constexpr (kTileable<T>) {
@@ -200,10 +199,12 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
       auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
       keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
                               [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
-      value_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k,
-                                  [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
       ops.keys_t = &*keys_t;
-      ops.value_rows = &*value_rows;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        value_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k,
+                                    [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
+        ops.value_rows = &*value_rows;
+      }
     }
   }
   const int64_t threads = at::get_num_threads();

@@ -222,8 +222,9 @@ struct PackedPanels {
 // How an input [L, D] of one (sequence, head) becomes a B operand:
 //  kTransposed: B = Xᵀ, the keys of a score product (q kᵀ, dO vᵀ). fp32: element (d, j) = X[j][d]; bf16: word
 //    (p, j) = (X[j][2p], X[j][2p+1]).
-//  kRows: B = X, a product over the rows (p v, ds k, pᵀ dO, dsᵀ q). fp32: the rows, copied to a pitch that suits
-//    the L1; bf16: word (u, d) = (X[2u][d], X[2u+1][d]), pairs of rows.
+//  kRows: B = X, a product over the rows (p v, ds k, pᵀ dO, dsᵀ q). bf16: word (u, d) = (X[2u][d], X[2u+1][d]),
+//    pairs of rows; fp32: the rows copied to a pitch that suits the L1 (the kernels read fp32 rows in place
+//    instead: the copy measured no faster).
 enum class PackKind { kTransposed, kRows };
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
