@@ -9,18 +9,23 @@ At LLaMA-7B attention shapes (B = 1, H = 32, D = 128, P = 10), fp32 and bf16, ag
 * bytes saved for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``) = the inputs, the output
   and the two fp32 log-sum-exps, nothing else.
 
-The machine is shared, so timings are interleaved: every repetition runs each provider once, in turn, and the
+The tables are printed and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
+library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every repetition runs each provider once, in turn, and the
 table reports the median of the repetitions and the ratios of those medians, all from one process.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import statistics
+import sys
 import time
 
 import torch
 
 from benchmarks.baselines import eager_v1, two_sdpa
+from benchmarks.metadata import collect_metadata
 from fastadapter import zero_init_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,29 +122,37 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-eager", action="store_true", help="skip eager_v1 (it materialises S×S scores)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
+                        "cpu-kernel-targets.txt", help="where to save the printed tables (and a .json of metadata)")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H=32 D=128 P=10; "
-          f"median of {args.repeats} interleaved runs (shared machine: ratios are the figures to read)")
+    lines = []
 
-    print("\n# prefill (causal, Sq = Sk): milliseconds and speed-ups of fastadapter cpu")
-    print(f"{'dtype':<5} {'S':>5} | {'fwd cpu':>8} {'fwd 2sdpa':>9} {'x2sdpa':>7} (>=1.1) | {'f+b cpu':>8} "
-          f"{'f+b 2sdpa':>9} {'x2sdpa':>7} (>=1.0) {'f+b eager':>9} {'xeager':>7} (>=3)")
+    def emit(text: str = "") -> None:  # print, and keep the line for --out
+        print(text)
+        lines.append(text)
+
+    torch.manual_seed(0)
+    emit(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H=32 D=128 P=10; "
+         f"median of {args.repeats} interleaved runs (shared machine: ratios are the figures to read)")
+
+    emit("\n# prefill (causal, Sq = Sk): milliseconds and speed-ups of fastadapter cpu")
+    emit(f"{'dtype':<5} {'S':>5} | {'fwd cpu':>8} {'fwd 2sdpa':>9} {'x2sdpa':>7} (>=1.1) | {'f+b cpu':>8} "
+         f"{'f+b 2sdpa':>9} {'x2sdpa':>7} (>=1.0) {'f+b eager':>9} {'xeager':>7} (>=3)")
     for dt, seqlen, fwd, fb in prefill_rows(args.seqlens, args.dtypes, args.repeats, not args.no_eager):
         eager = (f"{1e3 * fb['eager_v1']:9.1f} {fb['eager_v1'] / fb['cpu']:7.2f}" if "eager_v1" in fb else
                  f"{'-':>9} {'-':>7}")
-        print(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['cpu']:8.1f} {1e3 * fwd['two_sdpa']:9.1f} "
-              f"{fwd['two_sdpa'] / fwd['cpu']:7.2f}         | {1e3 * fb['cpu']:8.1f} {1e3 * fb['two_sdpa']:9.1f} "
-              f"{fb['two_sdpa'] / fb['cpu']:7.2f}         {eager}")
+        emit(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['cpu']:8.1f} {1e3 * fwd['two_sdpa']:9.1f} "
+             f"{fwd['two_sdpa'] / fwd['cpu']:7.2f}         | {1e3 * fb['cpu']:8.1f} {1e3 * fb['two_sdpa']:9.1f} "
+             f"{fb['two_sdpa'] / fb['cpu']:7.2f}         {eager}")
 
-    print("\n# decode (Sq = 1, causal bottom-right over the cache): milliseconds, speed-up (target >= 1.5)")
-    print(f"{'dtype':<5} {'B':>2} {'Sk':>5} | {'cpu':>7} {'2sdpa':>7} {'x2sdpa':>7}")
+    emit("\n# decode (Sq = 1, causal bottom-right over the cache): milliseconds, speed-up (target >= 1.5)")
+    emit(f"{'dtype':<5} {'B':>2} {'Sk':>5} | {'cpu':>7} {'2sdpa':>7} {'x2sdpa':>7}")
     for dt, batch, seqlen_k, med in decode_rows(args.decode_seqlens, args.decode_batches, args.dtypes,
                                                 args.repeats):
-        print(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * med['cpu']:7.2f} {1e3 * med['two_sdpa']:7.2f} "
-              f"{med['two_sdpa'] / med['cpu']:7.2f}")
+        emit(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * med['cpu']:7.2f} {1e3 * med['two_sdpa']:7.2f} "
+             f"{med['two_sdpa'] / med['cpu']:7.2f}")
 
-    print("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")
+    emit("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")
     for dt in args.dtypes:
         seqlen = min(args.seqlens)
         inputs = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
@@ -147,8 +160,13 @@ def main(argv=None) -> int:
                     + inputs[0].numel() * inputs[0].element_size()      # out
                     + 2 * 32 * seqlen * 4)                              # lse_w, lse_p
         measured = {"cpu": saved_bytes(fastadapter_cpu, inputs), "two_sdpa": saved_bytes(two_sdpa, inputs)}
-        print(f"{dt} S={seqlen}: cpu {measured['cpu'] / 2**20:.2f} MiB (expected {expected / 2**20:.2f} MiB, "
-              f"{'equal' if measured['cpu'] == expected else 'DIFFERENT'}), two_sdpa {measured['two_sdpa'] / 2**20:.2f} MiB")
+        emit(f"{dt} S={seqlen}: cpu {measured['cpu'] / 2**20:.2f} MiB (expected {expected / 2**20:.2f} MiB, "
+             f"{'equal' if measured['cpu'] == expected else 'DIFFERENT'}), two_sdpa {measured['two_sdpa'] / 2**20:.2f} MiB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    metadata = collect_metadata("cpu", "cpu-kernel-targets", argv if argv is not None else sys.argv[1:])
+    args.out.with_suffix(".json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    print(f"\nsaved {args.out} and {args.out.with_suffix('.json')}")
     return 0
 
 

@@ -516,3 +516,16 @@ def test_cli_lists_suites_and_saves_the_compile_report(tmp_path, capsys, monkeyp
     assert "HMMA" in (tmp_path / "compile-report.txt").read_text()
     saved = json.loads((tmp_path / "compile-report.json").read_text())
     assert saved[0]["registers"] == 96 and "cubin" not in saved[0]
+
+
+def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
+    """The issue-3 target benchmark on tiny shapes: every table, the saved-bytes check, and the saved copy."""
+    from benchmarks import cpu_kernel_targets
+    out = tmp_path / "targets.txt"
+    assert cpu_kernel_targets.main(["--repeats", "1", "--seqlens", "64", "--dtypes", "fp32", "bf16",
+                                    "--decode-seqlens", "32", "--decode-batches", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "# prefill" in text and "# decode" in text and "# bytes saved for backward" in text
+    assert text.count("(expected") == 2 and "DIFFERENT" not in text
+    metadata = json.loads(out.with_suffix(".json").read_text())
+    assert metadata["preset"] == "cpu-kernel-targets" and metadata["versions"]["torch"] == torch.__version__
