@@ -149,12 +149,15 @@ FP16, BF16 = torch.float16, torch.bfloat16
 
 #: The grid every fused kernel (triton, cpu) is checked on against the reference.
 KERNEL_CASES = [
-    # -- dtypes × head dims (64, 80 and the odd 72, padded to 128 inside the kernels)
+    # -- dtypes × head dims (64, 80, 96, 128 and the odd 72, padded to 128 inside the Triton kernels)
     Case(),
     Case(head_dim=80, dtype=FP16),
     Case(head_dim=72, dtype=BF16),
     Case(batch=1, seqlen_q=45, seqlen_k=45, head_dim=72, dtype=FP16, gate_shape="rows"),
     Case(batch=1, seqlen_q=33, seqlen_k=33, head_dim=80, dtype=BF16, heads_kv=4, gate_activation="none"),
+    Case(batch=1, seqlen_q=40, seqlen_k=40, head_dim=96, dtype=FP16),
+    Case(batch=1, seqlen_q=40, seqlen_k=40, head_dim=128, dtype=BF16, heads_q=2, heads_kv=1),  # LLaMA-7B's D
+    Case(batch=1, seqlen_q=20, seqlen_k=20, head_dim=128),
     # -- lengths: decode (Sq = 1), a single key, Sq < Sk (bottom-right causal), Sq > Sk (rows that see no word).
     # A single key is fp32: there plain PyTorch's word gradient is exactly 0, while a flash-style backward
     # carries the rounding of the saved output through D_w = rowsum(dO ∘ out), so the 2x rule cannot hold in
