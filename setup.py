@@ -60,7 +60,7 @@ setup(
     name="fastadapter",
     version="0.1.0",
     description="Fused kernels for LLaMA-Adapter zero-init attention, with model, training and benchmarks",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
@@ -68,7 +68,9 @@ setup(
     install_requires=["torch>=2.5", "numpy", "safetensors", "sentencepiece", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2"],
+        # The tests also run the benchmark machinery (plots, the pytest-benchmark plugin) on tiny shapes.
+        "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib",
+                 "pytest-benchmark"],
         "bench": ["matplotlib", "pytest-benchmark", "transformers==5.23.0", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},
