@@ -10,6 +10,8 @@
 //     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
 //     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
 //     threads busy); the copies are summed at the end.
+// The word pass's five products run on AVX-512 register tiles over operands packed once per (sequence, head)
+// (tile_gemm.h) for fp32 and bf16, else on MKL; the prefix pass's thin products (P ~ 10) on MKL.
 #include "attention_cpu.h"
 #include "tile_gemm.h"
 

@@ -6,6 +6,9 @@
 // into a small GEMM instead of G matrix-vector products. Memory stays O(S): the only per-tile buffers are
 // [rows, BK] scores and [rows, D] accumulators.
 //
+// The products q kᵀ and p v run on AVX-512 register tiles over K and V packed once per (sequence, kv head)
+// (tile_gemm.h) for fp32 and bf16, else on MKL.
+//
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
 // memory order, split over the keys (split-K) so that batch 1 still uses every thread.
 #include "attention_cpu.h"

@@ -1,7 +1,9 @@
 """The ``cpu`` backend: the compiled C++ kernels of ``csrc/`` (``torch.ops.fastadapter_cpu``).
 
 Fused flash-style forward and memory-efficient backward for CPU tensors: multithreaded over sequences, kv heads
-and query tiles (split over the KV cache for decode), tile GEMMs in MKL, fp32 accumulation. Supports every
+and query tiles (split over the KV cache for decode), products on AVX-512 register tiles (bf16 on AVX512-BF16
+`vdpbf16ps`, fp32 on FMA; MKL for fp16, on CPUs without those instructions, or with FASTADAPTER_CPU_GEMM=mkl),
+fp32 accumulation. Supports every
 option of the contract (GQA/MQA, shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not,
 varlen) in fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
 """
