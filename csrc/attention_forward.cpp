@@ -272,11 +272,15 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
       }
     for (int64_t j0 = begin; j0 < end; j0 += kDecodeKeys) {
       const int64_t nk = std::min(kDecodeKeys, end - j0);
-      // -- scores, four keys at a time in memory order (past the last key, the last key again, unused)
+      // Rows j0 + jj .. j0 + jj + 3 of kv head hkv of k or v (past the block's last key, that key again).
+      auto four_rows = [&](const Rows<const T>& x, int64_t hkv, int64_t jj, const T* (&out)[4]) {
+        for (int t = 0; t < 4; ++t) out[t] = x.at(n, hkv, j0 + std::min<int64_t>(jj + t, nk - 1));
+      };
+      // -- scores, four keys at a time in memory order (past the last key: unused)
       for (int64_t jj = 0; jj < nk; jj += 4)
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
           const T* keys[4];
-          for (int t = 0; t < 4; ++t) keys[t] = op.k.at(n, hkv, j0 + std::min(jj + t, nk - 1));
+          four_rows(op.k, hkv, jj, keys);
           for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
             float dots[4];
             dot_row4(sc.q.data() + r * d, keys, d, dots);
@@ -300,7 +304,7 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
       for (int64_t jj = 0; jj < nk; jj += 4)
         for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) {
           const T* values[4];
-          for (int t = 0; t < 4; ++t) values[t] = op.v.at(n, hkv, j0 + std::min(jj + t, nk - 1));
+          four_rows(op.v, hkv, jj, values);
           for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
             float p[4];
             for (int64_t t = 0; t < 4; ++t) p[t] = jj + t < nk ? sc.s[r * kDecodeKeys + jj + t] : 0.f;

@@ -222,9 +222,8 @@ struct PackedPanels {
 // How an input [L, D] of one (sequence, head) becomes a B operand:
 //  kTransposed: B = Xᵀ, the keys of a score product (q kᵀ, dO vᵀ). fp32: element (d, j) = X[j][d]; bf16: word
 //    (p, j) = (X[j][2p], X[j][2p+1]).
-//  kRows: B = X, a product over the rows (p v, ds k, pᵀ dO, dsᵀ q). bf16: word (u, d) = (X[2u][d], X[2u+1][d]),
-//    pairs of rows; fp32: the rows copied to a pitch that suits the L1 (the kernels read fp32 rows in place
-//    instead: the copy measured no faster).
+//  kRows (bf16): B = X with its rows in pairs, word (u, d) = (X[2u][d], X[2u+1][d]), for a product over the rows
+//    (p v, ds k, pᵀ dO, dsᵀ q). fp32 reads such rows in place: a copy measured no faster.
 enum class PackKind { kTransposed, kRows };
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
@@ -238,6 +237,8 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
   constexpr int64_t step = kStep<T>;
   TORCH_CHECK(head_dim % step == 0, "fastadapter_cpu: pack_panels needs head_dim a multiple of ", step, ", got ",
               head_dim);
+  TORCH_CHECK((std::is_same_v<T, at::BFloat16>) || kind == PackKind::kTransposed,
+              "fastadapter_cpu: fp32 rows are read in place, not packed");
   PackedPanels<T> packed;
   packed.base.resize(num_seqs);
   packed.size.resize(num_seqs);
@@ -279,9 +280,7 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
             _mm512_storeu_si512(panel + p * pitch + step * j,
                                 _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows16, x + p, 4));
         }
-      } else if constexpr (std::is_same_v<T, float>) {
-        for (int64_t i = 0; i < len; ++i) std::memcpy(panel + i * pitch, first + i * row_stride, head_dim * sizeof(T));
-      } else {
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
         for (int64_t u = 0; u < (len + 1) / 2; ++u) {
           const T* x0 = first + 2 * u * row_stride;
           const bool partner = 2 * u + 1 < len;
