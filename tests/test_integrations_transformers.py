@@ -15,7 +15,8 @@ from peft import AdaptionPromptConfig, get_peft_model
 from peft.tuners.adaption_prompt import config as peft_adaption_config
 
 from fastadapter.integrations import _versions
-from fastadapter.integrations._attention_mask import as_explicit_mask
+from fastadapter.integrations import _llama_pattern
+from fastadapter.integrations._attention_mask import as_explicit_mask, left_padding
 from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
 from fastadapter.integrations.transformers import (AdapterAttention, adapted_layers, apply_adapter, load_adapter,
                                                    remove_adapter, save_adapter)
@@ -283,3 +284,38 @@ def test_attention_dropout_in_training_is_refused():
     with pytest.raises(ValueError, match="attention_dropout"):
         model(random_tokens())
     assert torch.isfinite(model.eval()(random_tokens()).logits).all()  # no dropout at inference: runs
+
+
+def test_left_padding_is_recognised_from_the_mask():
+    causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)
+    left = causal[None].repeat(3, 1, 1)
+    left[1, :, :2] = False  # row 1: two pad keys
+    left[2, :, :4] = False  # row 2: four (its first queries see no key)
+    assert left_padding(left[:, None], 5, 7) == [0, 2, 4]
+    additive = torch.zeros(3, 1, 5, 7).masked_fill(~left[:, None], torch.finfo(torch.float32).min)
+    assert left_padding(additive, 5, 7) == [0, 2, 4]
+    right = causal[None].repeat(2, 1, 1)
+    right[1, :, 5:] = False  # right padding is not a left-padded causal mask
+    assert left_padding(right[:, None], 5, 7) is None
+    assert left_padding(torch.ones(1, 1, 5, 7, dtype=torch.bool), 5, 7) is None  # not causal
+    assert left_padding(left[:, None].expand(3, 2, 5, 7), 5, 7) is None  # one mask per head
+    empty = left.clone()
+    empty[0] = False
+    assert left_padding(empty[:, None], 5, 7) is None  # a row with no key at all
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batches_run_the_fused_op(family, monkeypatch):
+    """Prefill and every decode step of a left-padded batch go through zero_init_attention, not the SDPA pair."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a left-padded batch took the explicit-mask path")
+
+    monkeypatch.setattr(_llama_pattern, "masked_zero_init_attention", refuse)
+    model = _adapted_with_gate(tiny_model(family), gate=0.8, prompt_len=5, layers=2)
+    short, long = random_tokens(1, 4, seed=5)[0], random_tokens(1, 7, seed=6)[0]
+    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
+    mask = (torch.arange(7)[None] >= torch.tensor([[3], [0]])).long()
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **settings)
+    assert together[0, 7:].tolist() == model.generate(short[None], **settings)[0, 4:].tolist()
+    assert together[1, 7:].tolist() == model.generate(long[None], **settings)[0, 7:].tolist()

@@ -9,7 +9,9 @@ transformers builds one 4D mask per forward (``masking_utils.create_causal_mask`
   dtype's minimum) when it is not: left padding, right padding, packed sequences, sliding windows.
 
 :func:`as_explicit_mask` turns a mask that is exactly the bottom-right causal mask (the eager implementation
-always builds one) into ``None``, so that it takes the fused causal path; anything else stays explicit and runs
+always builds one) into ``None``, so that it takes the fused causal path. :func:`left_padding` recognises the
+causal mask of a left-padded batch (``generate()`` on prompts of different lengths, prefill and every decode step):
+each row then runs the fused op on its own keys. Anything else (right padding, packed rows, sliding windows) runs
 :func:`masked_zero_init_attention`, two SDPA calls that honour the mask exactly. The prefix is never masked
 (DESIGN.md §1): the prompt is not a position of the sequence.
 """
@@ -80,6 +82,42 @@ def as_explicit_mask(attention_mask, seqlen_q: int, seqlen_k: int) -> Optional[t
     if fully_blocking and bool((allowed == causal).all()):
         return None
     return mask
+
+
+def left_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[list[int]]:
+    """The left padding of each row when ``mask`` is exactly causal attention over a left-padded batch, else None.
+
+    Row b of such a mask lets query i see key j iff ``pad_b <= j <= i + Sk - Sq``: bottom-right causal over the
+    keys ``[pad_b, Sk)``, which is :func:`fastadapter.zero_init_attention` on those keys alone (queries that see no
+    key get 0 for their word part there too).
+
+    Args:
+        mask: an explicit mask from :func:`as_explicit_mask`, bool or additive ``[B, 1, Sq, Sk]``.
+        seqlen_q, seqlen_k: the query length and the number of keys.
+
+    Returns:
+        ``[pad_0, ..., pad_{B-1}]``, or None for any other mask (a head dimension other than 1 included).
+    """
+    if mask.shape[1] != 1:
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask[:, 0]
+    else:
+        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            return None
+        allowed = mask[:, 0] == 0
+    # The last query sees every key that is not padding: its first allowed key is the row's padding. A row with
+    # no key at all is left to the explicit path.
+    last = allowed[:, -1]
+    if not bool(last.any(-1).all()):
+        return None
+    pads = last.int().argmax(-1)
+    causal = _bottom_right_causal(seqlen_q, seqlen_k, mask.device)
+    keys = torch.arange(seqlen_k, device=mask.device)
+    expected = causal[None] & (keys[None, None, :] >= pads[:, None, None])
+    if not bool((allowed == expected).all()):
+        return None
+    return [int(p) for p in pads]
 
 
 def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,

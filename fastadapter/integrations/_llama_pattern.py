@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import zero_init_attention
-from ._attention_mask import as_explicit_mask, keys_seen_without_mask, masked_zero_init_attention
+from ._attention_mask import as_explicit_mask, keys_seen_without_mask, left_padding, masked_zero_init_attention
 
 #: Attention classes whose forward :func:`llama_pattern_attention` reproduces, tested in tests/test_integrations*.
 SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -111,9 +111,18 @@ def llama_pattern_attention(attn: nn.Module, rotary: Callable, hidden_states: to
         seen = keys_seen_without_mask(seqlen, k.shape[1])
         k, v = k[:, :seen], v[:, :seen]
     mask = as_explicit_mask(attention_mask, seqlen, k.shape[1])
+    pads = left_padding(mask, seqlen, k.shape[1]) if mask is not None else None
     if mask is None:
         out = zero_init_attention(q, k, v, prefix_k, prefix_v, gate, causal=True, softmax_scale=attn.scaling,
                                   gate_activation=gate_activation)
+    elif pads is not None:
+        # A left-padded batch: each row attends causally to its own keys, through the fused op.
+        per_row_prefix = prefix_k.shape[0] != 1
+        out = torch.cat([zero_init_attention(q[b:b + 1], k[b:b + 1, pad:], v[b:b + 1, pad:],
+                                             prefix_k[b:b + 1] if per_row_prefix else prefix_k,
+                                             prefix_v[b:b + 1] if per_row_prefix else prefix_v, gate, causal=True,
+                                             softmax_scale=attn.scaling, gate_activation=gate_activation)
+                         for b, pad in enumerate(pads)])
     else:
         out = masked_zero_init_attention(q, k, v, prefix_k, prefix_v, gate, mask, softmax_scale=attn.scaling,
                                          gate_activation=gate_activation)
