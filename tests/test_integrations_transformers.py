@@ -16,7 +16,7 @@ from peft.tuners.adaption_prompt import config as peft_adaption_config
 
 from fastadapter.integrations import _versions
 from fastadapter.integrations import _llama_pattern
-from fastadapter.integrations._attention_mask import as_explicit_mask, left_padding
+from fastadapter.integrations._attention_mask import as_explicit_mask, left_padding, right_padding
 from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
 from fastadapter.integrations.transformers import (AdapterAttention, adapted_layers, apply_adapter, load_adapter,
                                                    remove_adapter, save_adapter)
@@ -319,3 +319,38 @@ def test_left_padded_batches_run_the_fused_op(family, monkeypatch):
     together = model.generate(batch, attention_mask=mask, **settings)
     assert together[0, 7:].tolist() == model.generate(short[None], **settings)[0, 4:].tolist()
     assert together[1, 7:].tolist() == model.generate(long[None], **settings)[0, 7:].tolist()
+
+
+def test_right_padding_is_recognised_from_the_mask():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    right = causal[None].repeat(2, 1, 1)
+    right[1, :, 4:] = False  # row 1: 4 real tokens, then padding
+    assert right_padding(right[:, None], 6, 6) == [6, 4]
+    assert left_padding(right[:, None], 6, 6) is None
+    assert right_padding(right[:, None, 2:], 4, 6) is None  # with a cache (Sq < Sk): not this shape
+    padded_keys_seen = right.clone()
+    padded_keys_seen[1, 5, 4] = True  # a padding query that sees a padding key
+    assert right_padding(padded_keys_seen[:, None], 6, 6) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_right_padded_training_batch_runs_the_fused_op_and_equals_the_masked_math(family, monkeypatch):
+    """PEFT-style right padding: loss and every adapter gradient equal the two-SDPA masked computation."""
+    model = _adapted_with_gate(tiny_model(family), gate=0.6, prompt_len=5, layers=2)
+    tokens = random_tokens(3, 10, seed=7)
+    mask = (torch.arange(10)[None] < torch.tensor([[10], [6], [3]])).long()
+    labels = tokens.masked_fill(mask == 0, -100)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(_llama_pattern, "right_padding", lambda *args: None)
+        model.zero_grad()
+        out = model(tokens, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), out.loss.detach(), grads))
+    (logits, loss, grads), (logits_ref, loss_ref, grads_ref) = results
+    torch.testing.assert_close(logits, logits_ref, atol=2e-5, rtol=1e-4)  # padding positions included
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-6, rtol=1e-4)

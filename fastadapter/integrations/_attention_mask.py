@@ -10,9 +10,10 @@ transformers builds one 4D mask per forward (``masking_utils.create_causal_mask`
 
 :func:`as_explicit_mask` turns a mask that is exactly the bottom-right causal mask (the eager implementation
 always builds one) into ``None``, so that it takes the fused causal path. :func:`left_padding` recognises the
-causal mask of a left-padded batch (``generate()`` on prompts of different lengths, prefill and every decode step):
-each row then runs the fused op on its own keys. Anything else (right padding, packed rows, sliding windows) runs
-:func:`masked_zero_init_attention`, two SDPA calls that honour the mask exactly. The prefix is never masked
+causal mask of a left-padded batch (``generate()`` on prompts of different lengths, prefill and every decode step)
+and :func:`right_padding` that of a right-padded one (training batches as PEFT users pad them): each row then runs
+the fused op on its own keys. Anything else (packed rows, sliding windows) runs :func:`masked_zero_init_attention`,
+two SDPA calls that honour the mask exactly. The prefix is never masked
 (DESIGN.md §1): the prompt is not a position of the sequence.
 """
 from __future__ import annotations
@@ -84,6 +85,18 @@ def as_explicit_mask(attention_mask, seqlen_q: int, seqlen_k: int) -> Optional[t
     return mask
 
 
+def _allowed(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """bool ``[B, Sq, Sk]`` (True = may attend) of a mask with one head, or None (several heads, or an additive mask
+    with values other than 0 and "blocked")."""
+    if mask.shape[1] != 1:
+        return None
+    if mask.dtype == torch.bool:
+        return mask[:, 0]
+    if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+        return None
+    return mask[:, 0] == 0
+
+
 def left_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[list[int]]:
     """The left padding of each row when ``mask`` is exactly causal attention over a left-padded batch, else None.
 
@@ -98,14 +111,9 @@ def left_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[l
     Returns:
         ``[pad_0, ..., pad_{B-1}]``, or None for any other mask (a head dimension other than 1 included).
     """
-    if mask.shape[1] != 1:
+    allowed = _allowed(mask)
+    if allowed is None:
         return None
-    if mask.dtype == torch.bool:
-        allowed = mask[:, 0]
-    else:
-        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
-            return None
-        allowed = mask[:, 0] == 0
     # The last query sees every key that is not padding: its first allowed key is the row's padding. A row with
     # no key at all is left to the explicit path.
     last = allowed[:, -1]
@@ -118,6 +126,32 @@ def left_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[l
     if not bool((allowed == expected).all()):
         return None
     return [int(p) for p in pads]
+
+
+def right_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[list[int]]:
+    """The length of each row when ``mask`` is exactly causal self-attention over a right-padded batch, else None.
+
+    Row b of such a mask (``Sq == Sk``, no cache: training and prefill as PEFT users pad) lets query i see key j iff
+    ``j <= i`` and ``j < len_b``: the real queries ``[0, len_b)`` attend causally to the real keys, and the padding
+    queries ``[len_b, S)`` to all of them — two calls of :func:`fastadapter.zero_init_attention` per row.
+
+    Returns:
+        ``[len_0, ..., len_{B-1}]`` (each at least 1), or None for any other mask.
+    """
+    allowed = _allowed(mask)
+    if allowed is None or seqlen_q != seqlen_k:
+        return None
+    # The last query sees exactly the real keys.
+    last = allowed[:, -1]
+    lengths = last.sum(-1)
+    if not bool((lengths > 0).all()):
+        return None
+    keys = torch.arange(seqlen_k, device=mask.device)
+    causal = _bottom_right_causal(seqlen_q, seqlen_k, mask.device)
+    expected = causal[None] & (keys[None, None, :] < lengths[:, None, None])
+    if not bool((allowed == expected).all()):
+        return None
+    return [int(n) for n in lengths]
 
 
 def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..attention import zero_init_attention
-from ._attention_mask import as_explicit_mask, keys_seen_without_mask, left_padding, masked_zero_init_attention
+from ._attention_mask import (as_explicit_mask, keys_seen_without_mask, left_padding, masked_zero_init_attention,
+                              right_padding)
 
 #: Attention classes whose forward :func:`llama_pattern_attention` reproduces, tested in tests/test_integrations*.
 SUPPORTED_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -111,19 +112,35 @@ def llama_pattern_attention(attn: nn.Module, rotary: Callable, hidden_states: to
         seen = keys_seen_without_mask(seqlen, k.shape[1])
         k, v = k[:, :seen], v[:, :seen]
     mask = as_explicit_mask(attention_mask, seqlen, k.shape[1])
-    pads = left_padding(mask, seqlen, k.shape[1]) if mask is not None else None
     if mask is None:
         out = zero_init_attention(q, k, v, prefix_k, prefix_v, gate, causal=True, softmax_scale=attn.scaling,
                                   gate_activation=gate_activation)
-    elif pads is not None:
-        # A left-padded batch: each row attends causally to its own keys, through the fused op.
-        per_row_prefix = prefix_k.shape[0] != 1
-        out = torch.cat([zero_init_attention(q[b:b + 1], k[b:b + 1, pad:], v[b:b + 1, pad:],
-                                             prefix_k[b:b + 1] if per_row_prefix else prefix_k,
-                                             prefix_v[b:b + 1] if per_row_prefix else prefix_v, gate, causal=True,
-                                             softmax_scale=attn.scaling, gate_activation=gate_activation)
-                         for b, pad in enumerate(pads)])
     else:
-        out = masked_zero_init_attention(q, k, v, prefix_k, prefix_v, gate, mask, softmax_scale=attn.scaling,
-                                         gate_activation=gate_activation)
+        out = _padded_attention(q, k, v, prefix_k, prefix_v, gate, mask, attn.scaling, gate_activation)
     return out.reshape(batch, seqlen, -1)
+
+
+def _padded_attention(q, k, v, prefix_k, prefix_v, gate, mask, scale: float, gate_activation: str) -> torch.Tensor:
+    """Zero-init attention under an explicit mask ``[B, 1, Sq, Sk]``: left- or right-padded causal batches row by
+    row through the fused op (each row on its own keys), any other mask through the two masked SDPA calls."""
+    def fused(b: int, rows: slice, keys: slice, causal: bool) -> torch.Tensor:
+        pk, pv = (prefix_k, prefix_v) if prefix_k.shape[0] == 1 else (prefix_k[b:b + 1], prefix_v[b:b + 1])
+        return zero_init_attention(q[b:b + 1, rows], k[b:b + 1, keys], v[b:b + 1, keys], pk, pv, gate,
+                                   causal=causal, softmax_scale=scale, gate_activation=gate_activation)
+
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    pads = left_padding(mask, seqlen_q, seqlen_k)
+    if pads is not None:
+        return torch.cat([fused(b, slice(None), slice(pad, None), True) for b, pad in enumerate(pads)])
+    lengths = right_padding(mask, seqlen_q, seqlen_k)
+    if lengths is not None:
+        # Real queries attend causally to the real keys; padding queries see every real key.
+        rows = []
+        for b, length in enumerate(lengths):
+            parts = [fused(b, slice(0, length), slice(0, length), True)]
+            if length < seqlen_q:
+                parts.append(fused(b, slice(length, None), slice(0, length), False))
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows)
+    return masked_zero_init_attention(q, k, v, prefix_k, prefix_v, gate, mask, softmax_scale=scale,
+                                      gate_activation=gate_activation)
