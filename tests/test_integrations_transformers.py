@@ -163,8 +163,14 @@ def test_generate_with_caches_equals_without_and_equals_peft(monkeypatch):
     assert cached.tolist() == uncached.tolist() == static.tolist() == reference.tolist()
 
 
-def test_left_padded_generation_equals_rows_alone():
-    model = _adapted_with_gate(tiny_model("llama"), gate=0.8, prompt_len=5, layers=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_generation_runs_the_fused_op_and_equals_rows_alone(family, monkeypatch):
+    """Prefill and every decode step of a left-padded batch go through zero_init_attention, not the SDPA pair."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a left-padded batch took the explicit-mask path")
+
+    monkeypatch.setattr(_llama_pattern, "masked_zero_init_attention", refuse)
+    model = _adapted_with_gate(tiny_model(family), gate=0.8, prompt_len=5, layers=2)
     short, long = random_tokens(1, 4, seed=5)[0], random_tokens(1, 7, seed=6)[0]
     batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
     mask = (torch.arange(7)[None] >= torch.tensor([[3], [0]])).long()
@@ -302,23 +308,6 @@ def test_left_padding_is_recognised_from_the_mask():
     empty = left.clone()
     empty[0] = False
     assert left_padding(empty[:, None], 5, 7) is None  # a row with no key at all
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batches_run_the_fused_op(family, monkeypatch):
-    """Prefill and every decode step of a left-padded batch go through zero_init_attention, not the SDPA pair."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a left-padded batch took the explicit-mask path")
-
-    monkeypatch.setattr(_llama_pattern, "masked_zero_init_attention", refuse)
-    model = _adapted_with_gate(tiny_model(family), gate=0.8, prompt_len=5, layers=2)
-    short, long = random_tokens(1, 4, seed=5)[0], random_tokens(1, 7, seed=6)[0]
-    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
-    mask = (torch.arange(7)[None] >= torch.tensor([[3], [0]])).long()
-    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    together = model.generate(batch, attention_mask=mask, **settings)
-    assert together[0, 7:].tolist() == model.generate(short[None], **settings)[0, 4:].tolist()
-    assert together[1, 7:].tolist() == model.generate(long[None], **settings)[0, 7:].tolist()
 
 
 def test_right_padding_is_recognised_from_the_mask():
