@@ -63,7 +63,10 @@ class TritonBackend(Backend):
         return reasons
 
     def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from fastadapter.kernels.decode import attention_decode, decode_applies
         from fastadapter.kernels.forward import attention_forward
+        if decode_applies(inp):  # a few query rows over a KV cache: the split-KV kernels (flash-decoding)
+            return attention_decode(inp)
         return attention_forward(inp)
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,

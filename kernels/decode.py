@@ -1,0 +1,493 @@
+"""Split-KV decode kernels of zero-init attention (flash-decoding) for a few query rows over a long KV cache.
+
+Generation runs ``Sq ≤ 16`` query rows per step (one token, or a short speculative/chunked step) against a KV
+cache of ``Sk`` keys. The forward kernel would give each (sequence, query head) one program with a mostly empty
+128-row tile, and walk all ``Sk`` keys in it: batch 1 then occupies a handful of SMs. Here instead:
+
+1. **split** (:func:`zero_init_attention_decode_split_kernel`): the keys are cut into ``num_splits`` chunks of
+   ``chunk`` keys (a multiple of ``BLOCK_N``); one program handles one chunk for one row tile of one
+   (sequence, kv head). The query heads of a kv group are stacked in the tile (row ``r = g · Sq + i`` is query
+   row ``i`` of head ``kv_head · group + g``), so each k/v tile is read once per group, not once per query
+   head. Each program runs the online softmax over its chunk (bottom-right causal: row ``i`` sees keys
+   ``j ≤ i + Sk − Sq``) and writes its partial state — running max ``m`` (log2 units), sum ``l`` and the
+   unnormalised output ``acc`` — to fp32 scratch.
+2. **merge** (:func:`zero_init_attention_decode_merge_kernel`): one program per row tile combines the chunks'
+   states (``m = max m_s``, ``l = Σ l_s·2^(m_s−m)``, ``acc = Σ acc_s·2^(m_s−m)``), adds the prefix part
+   (computed once, its own softmax, times ``γ = tanh(gate)`` or the raw gate) and writes ``out`` and the two
+   log-sum-exps exactly as :func:`.forward.attention_forward` does, so the backward kernels take them as-is.
+
+The number of splits follows the occupancy: enough programs for about two waves over the device's SMs, but no
+chunk shorter than :data:`MIN_CHUNK_KEYS` (under the interpreter: at most :data:`INTERPRETER_SPLITS` small
+chunks, so that tests cross chunk and tile boundaries). Tile sizes are fixed per shape (no timing-based
+autotuning), so decoding is deterministic. :func:`decode_compile_specs` gives the launches the ahead-of-time
+report compiles, :func:`compile_decode_kernels` compiles them and reads the cubins.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Iterable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastadapter._inputs import AttentionInputs
+
+from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
+from .tiles import LN2, LOG2E, dot, head_base, load_prefix, to_dtype
+
+#: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
+MAX_DECODE_QUERIES = 16
+#: Key tile of the split kernel (compiled / interpreted) and the largest stacked row tile.
+BLOCK_N_COMPILED, BLOCK_N_INTERPRETER = 64, 32
+MAX_BLOCK_M_COMPILED, MAX_BLOCK_M_INTERPRETER = 64, 32
+#: No chunk shorter than this many keys (a shorter one costs more in the merge than it gains in occupancy).
+MIN_CHUNK_KEYS = 256
+#: The most chunks one row tile is split into.
+MAX_SPLITS = 128
+#: Under the interpreter: a small fixed number of chunks (several per test, ragged last chunk).
+INTERPRETER_SPLITS = 3
+#: Warps and pipeline stages of the compiled kernels (checked by tests/test_triton_decode.py on sm_80/sm_90).
+SPLIT_WARPS, SPLIT_STAGES = 4, 3
+MERGE_WARPS = 4
+#: SM counts of the architectures the compile specs target (A100, H100), used instead of a device query.
+SM_COUNT_OF_ARCH = {80: 108, 86: 84, 89: 128, 90: 132}
+
+
+@triton.jit
+def _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M: tl.constexpr):
+    """Rows of one tile of the stacked ``[group · Sq]`` queries of a kv head: ``(r, query row i, query head,
+    valid)`` with ``r = g · Sq + i`` and head ``kv_head · group + g``."""
+    r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = r < group * seqlen_q
+    i = r % seqlen_q
+    head = kv_head * group + r // seqlen_q
+    return r, i, head, valid
+
+
+@triton.jit
+def _load_stacked(base, b, i, head, valid, stride_b, stride_s, stride_h, cols, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """``[BLOCK_M, BLOCK_D]`` tile of rows ``(i, head)`` of sequence b; invalid rows and padded columns read 0."""
+    offsets = (tl.cast(b, tl.int64) * stride_b + tl.cast(i, tl.int64)[:, None] * stride_s
+               + tl.cast(head, tl.int64)[:, None] * stride_h + cols[None, :])
+    mask = valid[:, None]
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (cols[None, :] < HEAD_DIM)
+    return tl.load(base + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_lo, n_hi, shift, qk_scale,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Online softmax over the key tiles ``[n_lo, n_hi)`` (``n_lo`` a multiple of ``BLOCK_N``); ``MASKED`` tiles
+    apply the chunk end ``n_hi`` and the causal mask (row ``i`` sees keys ``j ≤ i + shift``)."""
+    dmask = cols[None, :] < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        kmask = keys[:, None] < n_hi
+        if HEAD_DIM != BLOCK_D:
+            kmask = kmask & dmask
+        koff = tl.cast(keys, tl.int64)[:, None] * stride_ks + cols[None, :]
+        k = tl.load(k_base + koff, mask=kmask, other=0.0)
+        s = dot(q, tl.trans(k), INTERPRETER) * qk_scale
+        if MASKED:
+            visible = keys[None, :] < n_hi
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= i[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        # -- a row that has seen nothing yet keeps m = -inf and uses 0 as its reference
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        voff = tl.cast(keys, tl.int64)[:, None] * stride_vs + cols[None, :]
+        v = tl.load(v_base + voff, mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def zero_init_attention_decode_split_kernel(
+        Q, K, V, M_PART, L_PART, ACC_PART,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        seqlen_q, seqlen_k, heads_kv, group, softmax_scale, num_splits, row_tiles, chunk,
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(num_splits · row_tiles · B · Hkv,)``: the partial softmax state of one key chunk for one row tile.
+
+    Writes ``M_PART, L_PART [B·Hkv·row_tiles, num_splits, BLOCK_M]`` (max in log2 units, sum) and
+    ``ACC_PART [B·Hkv·row_tiles, num_splits, BLOCK_M, BLOCK_D]`` (unnormalised output), all fp32.
+    """
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits  # (sequence, kv head, row tile), flattened
+    tile = rest % row_tiles
+    bh = rest // row_tiles
+    b = bh // heads_kv
+    kv_head = bh % heads_kv
+    r, i, head, valid = _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    q = _load_stacked(Q, b, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
+
+    # -- this chunk's keys: [lo, hi); keys from the diagonal on need the causal mask
+    shift = seqlen_k - seqlen_q
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seqlen_k)
+    if CAUSAL:
+        unmasked_end = tl.minimum(tl.maximum(shift + 1, 0), hi)  # every row sees keys <= shift
+    else:
+        unmasked_end = hi
+    n_full = tl.maximum(lo + (unmasked_end - lo) // BLOCK_N * BLOCK_N, lo)
+    k_base = head_base(K, b, 0, kv_head, stride_kb, stride_ks, stride_kh)
+    v_base = head_base(V, b, 0, kv_head, stride_vb, stride_vs, stride_vh)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+    acc, l_i, m_i = _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, lo, n_full,
+                               shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+    acc, l_i, m_i = _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_full, hi,
+                               shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+
+    part = tl.cast(rest, tl.int64) * num_splits + split
+    slots = tl.arange(0, BLOCK_M)
+    tl.store(M_PART + part * BLOCK_M + slots, m_i)
+    tl.store(L_PART + part * BLOCK_M + slots, l_i)
+    tl.store(ACC_PART + part * (BLOCK_M * BLOCK_D) + slots[:, None] * BLOCK_D + cols[None, :], acc)
+
+
+@triton.jit
+def zero_init_attention_decode_merge_kernel(
+        Q, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, M_PART, L_PART, ACC_PART,
+        stride_qb, stride_qs, stride_qh, stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
+        stride_gb, stride_gh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+        seqlen_q, prefix_len, heads_kv, group, softmax_scale, num_splits, row_tiles,
+        GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_PREFIX: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid ``(row_tiles · B · Hkv,)``: merge the chunks' states, add the gated prefix, write out and lse."""
+    rest = tl.program_id(0)
+    tile = rest % row_tiles
+    bh = rest // row_tiles
+    b = bh // heads_kv
+    kv_head = bh % heads_kv
+    r, i, head, valid = _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, BLOCK_M)
+
+    # -- words: combine the partial softmax states of the chunks
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(0, num_splits):
+        part = tl.cast(rest, tl.int64) * num_splits + split
+        m_s = tl.load(M_PART + part * BLOCK_M + slots)
+        l_s = tl.load(L_PART + part * BLOCK_M + slots)
+        acc_s = tl.load(ACC_PART + part * (BLOCK_M * BLOCK_D) + slots[:, None] * BLOCK_D + cols[None, :])
+        m_new = tl.maximum(m, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_w = l_w * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m = m_new
+    seen = l_w > 0.0  # rows with no visible word give 0 (and lse_w = -inf)
+    out = acc / tl.where(seen, l_w, 1.0)[:, None]
+    lse_w = tl.where(seen, (m + tl.log2(tl.where(seen, l_w, 1.0))) * LN2, float("-inf"))
+
+    # -- prefix: one tile for the whole group, its own softmax, scaled by each row's gate
+    if HAS_PREFIX:
+        q = _load_stacked(Q, b, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
+        p_slots = tl.arange(0, BLOCK_P)
+        pk = load_prefix(PREFIX_K, b, kv_head, stride_pkb, stride_pks, stride_pkh, prefix_len, cols, HEAD_DIM,
+                         BLOCK_D, BLOCK_P)
+        s_p = dot(q, tl.trans(pk), INTERPRETER) * (softmax_scale * LOG2E)
+        s_p = tl.where(p_slots[None, :] < prefix_len, s_p, float("-inf"))
+        m_p = tl.max(s_p, 1)
+        p_p = tl.exp2(s_p - m_p[:, None])
+        l_p = tl.sum(p_p, 1)
+        pv = load_prefix(PREFIX_V, b, kv_head, stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, HEAD_DIM,
+                         BLOCK_D, BLOCK_P)
+        out_p = dot(to_dtype(p_p, pv.dtype, INTERPRETER), pv, INTERPRETER) / l_p[:, None]
+        gamma = tl.load(GATE + b * stride_gb + head * stride_gh, mask=valid, other=0.0)
+        if GATE_TANH:  # as tiles.gate_value: exact 0 at 0 (the zero-init property)
+            gamma = 2.0 * tl.sigmoid(2.0 * gamma) - 1.0
+        out = out + gamma[:, None] * out_p
+        lse_p = (m_p + tl.log2(l_p)) * LN2
+    else:
+        lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    o_offsets = (tl.cast(b, tl.int64) * stride_ob + tl.cast(i, tl.int64)[:, None] * stride_os
+                 + tl.cast(head, tl.int64)[:, None] * stride_oh + cols[None, :])
+    o_mask = valid[:, None]
+    if HEAD_DIM != BLOCK_D:
+        o_mask = o_mask & (cols[None, :] < HEAD_DIM)
+    tl.store(OUT + o_offsets, to_dtype(out, OUT.dtype.element_ty, INTERPRETER), mask=o_mask)
+    stats = tl.cast(b, tl.int64) * stride_lb + tl.cast(head, tl.int64) * stride_lh + i
+    tl.store(LSE_W + stats, lse_w, mask=valid)
+    tl.store(LSE_P + stats, lse_p, mask=valid)
+
+
+def decode_not_supported_reasons(inp: AttentionInputs) -> list[str]:
+    """Why the decode kernels do not take ``inp`` (empty: they do). The forward kernel handles the rest."""
+    reasons = []
+    if inp.varlen:
+        reasons.append("varlen (packed) inputs: the decode kernels take batched [B, Sq, H, D] inputs")
+    elif inp.seqlen_q > MAX_DECODE_QUERIES:
+        reasons.append(f"Sq = {inp.seqlen_q} > {MAX_DECODE_QUERIES} query rows (not a decode step)")
+    elif inp.seqlen_q == 0:
+        reasons.append("Sq = 0: nothing to compute")
+    return reasons
+
+
+def decode_applies(inp: AttentionInputs) -> bool:
+    """True when :func:`attention_decode` takes ``inp`` (batched, ``1 ≤ Sq ≤ 16``)."""
+    return not decode_not_supported_reasons(inp)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile_sizes(layout: Layout) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)``: the stacked ``group · Sq`` rows rounded up to a power of two (at least 16, the
+    smallest ``tl.dot``; at most the largest row tile), and the key tile."""
+    max_m = MAX_BLOCK_M_INTERPRETER if layout.interpreter else MAX_BLOCK_M_COMPILED
+    block_m = min(max(16, triton.next_power_of_2(layout.group * layout.seqlen_q)), max_m)
+    return block_m, BLOCK_N_INTERPRETER if layout.interpreter else BLOCK_N_COMPILED
+
+
+def split_plan(layout: Layout, sm_count: Optional[int], block_m: int, block_n: int) -> tuple[int, int, int]:
+    """``(row_tiles, num_splits, chunk)``: row tiles per kv head, key chunks and keys per chunk.
+
+    ``sm_count`` None means the interpreter (:data:`INTERPRETER_SPLITS` chunks). Otherwise the chunks give
+    about two waves of programs over the SMs, no chunk shorter than :data:`MIN_CHUNK_KEYS` keys, at most
+    :data:`MAX_SPLITS`. ``chunk`` is a multiple of ``block_n``; the last chunk may be ragged.
+    """
+    row_tiles = triton.cdiv(layout.group * layout.seqlen_q, block_m)
+    seqlen_k = max(layout.seqlen_k, 1)
+    if sm_count is None:
+        wanted = INTERPRETER_SPLITS
+    else:
+        programs = layout.batch * layout.heads_kv * row_tiles
+        wanted = min(triton.cdiv(2 * sm_count, programs), triton.cdiv(seqlen_k, MIN_CHUNK_KEYS), MAX_SPLITS)
+    wanted = max(1, min(wanted, triton.cdiv(seqlen_k, block_n)))
+    chunk = triton.cdiv(triton.cdiv(seqlen_k, wanted), block_n) * block_n
+    return row_tiles, triton.cdiv(seqlen_k, chunk), chunk
+
+
+def decode_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
+                     lse_p: torch.Tensor, sm_count: Optional[int]) -> tuple[dict, dict, tuple, tuple]:
+    """Arguments and grids of the split and the merge kernel: ``(split_args, merge_args, split_grid,
+    merge_grid)``, the fp32 scratch allocated on ``inp``'s device."""
+    block_m, block_n = _tile_sizes(layout)
+    row_tiles, num_splits, chunk = split_plan(layout, sm_count, block_m, block_n)
+    q, k, v = (unit_stride_head_dim(t) for t in (inp.q, inp.k, inp.v))
+    pk, pv = (unit_stride_head_dim(t) for t in (inp.prefix_k, inp.prefix_v))
+    states = layout.batch * layout.heads_kv * row_tiles
+    scratch = dict(device=inp.device, dtype=torch.float32)
+    m_part = torch.empty(states, num_splits, block_m, **scratch)
+    l_part = torch.empty(states, num_splits, block_m, **scratch)
+    acc_part = torch.empty(states, num_splits, block_m, layout.block_d, **scratch)
+    qb, qs, qh = row_strides(q, False)
+    kb, ks, kh = row_strides(k, False)
+    vb, vs, vh = row_strides(v, False)
+    ob, os_, oh = row_strides(out, False)
+    pkb, pks, pkh, _ = broadcast_strides(pk)
+    pvb, pvs, pvh, _ = broadcast_strides(pv)
+    gb, gh = broadcast_strides(inp.gate)
+    lb, lh = lse_strides(lse_w, False)
+    shape = dict(seqlen_q=layout.seqlen_q, heads_kv=layout.heads_kv, group=layout.group,
+                 softmax_scale=inp.softmax_scale, num_splits=num_splits, row_tiles=row_tiles)
+    common = dict(HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d, INTERPRETER=layout.interpreter,
+                  BLOCK_M=block_m)
+    split = dict(Q=q, K=k, V=v, M_PART=m_part, L_PART=l_part, ACC_PART=acc_part,
+                 stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_kb=kb, stride_ks=ks, stride_kh=kh,
+                 stride_vb=vb, stride_vs=vs, stride_vh=vh, seqlen_k=layout.seqlen_k, chunk=chunk, **shape,
+                 CAUSAL=inp.causal, BLOCK_N=block_n, **common)
+    merge = dict(Q=q, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
+                 M_PART=m_part, L_PART=l_part, ACC_PART=acc_part,
+                 stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh,
+                 stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh, stride_gb=gb, stride_gh=gh,
+                 stride_ob=ob, stride_os=os_, stride_oh=oh, stride_lb=lb, stride_lh=lh,
+                 prefix_len=layout.prefix_len, **shape, GATE_TANH=inp.gate_tanh, BLOCK_P=layout.block_p,
+                 HAS_PREFIX=layout.prefix_len > 0, **common)
+    return split, merge, (num_splits * states,), (states,)
+
+
+def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass of a decode step with the split-KV kernels.
+
+    Args:
+        inp: validated batched inputs with ``1 ≤ Sq ≤ 16`` (see :func:`decode_applies`): ``q [B, Sq, Hq, D]``,
+            ``k, v [B, Sk, Hkv, D]`` (the KV cache), ``prefix_k, prefix_v [Bp, P, Hkv, D]``, gate fp32
+            ``[Bg, Hq]``.
+
+    Returns:
+        As :func:`.forward.attention_forward`: ``out`` (q's shape and dtype, contiguous) and fp32
+        ``lse_w, lse_p [B, Hq, Sq]``, natural log, ``-inf`` where nothing is visible or P == 0.
+    """
+    reasons = decode_not_supported_reasons(inp)
+    if reasons:
+        raise ValueError(f"the decode kernels do not take these inputs: {'; '.join(reasons)}")
+    layout = Layout.of(inp)
+    out = torch.empty(inp.q.shape, dtype=inp.dtype, device=inp.device)
+    lse_w = torch.empty(inp.lse_shape(), dtype=torch.float32, device=inp.device)
+    lse_p = torch.empty_like(lse_w)
+    if out.numel() == 0:
+        return out, lse_w, lse_p
+    sm_count = None if layout.interpreter else _sm_count(inp.device.index or 0)
+    split, merge, split_grid, merge_grid = decode_arguments(inp, layout, out, lse_w, lse_p, sm_count)
+    with torch.cuda.device(inp.device) if inp.device.type == "cuda" else contextlib.nullcontext():
+        zero_init_attention_decode_split_kernel[split_grid](**split, num_warps=SPLIT_WARPS,
+                                                            num_stages=SPLIT_STAGES)
+        zero_init_attention_decode_merge_kernel[merge_grid](**merge, num_warps=MERGE_WARPS, num_stages=1)
+    return out, lse_w, lse_p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed): the launches of LLaMA-7B decode steps, compiled for sm_80 / sm_90.
+
+#: Decode steps at LLaMA-7B heads (bf16, D = 128, P = 10, Hq = 32, a 2048-token cache): one token with
+#: multi-head and grouped (Hkv = 8) attention, and a 16-row step of the grouped model (the largest row tile).
+DECODE_COMPILE_SHAPES = {"llama7b-Sq1-Hkv32": (1, 32), "llama7b-Sq1-Hkv8": (1, 8), "llama7b-Sq16-Hkv8": (16, 8)}
+_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat16, head_dim: int = 128,
+                         prefix_len: int = 10) -> list[dict]:
+    """The launches of :func:`attention_decode` at the shapes of :data:`DECODE_COMPILE_SHAPES`, for compiling.
+
+    Args:
+        arch: ``"sm_80"`` or ``"sm_90"`` (its SM count sets the split plan, as on that GPU).
+        dtype, head_dim, prefix_len: the inputs' dtype, D and P (Hq = 32, B = 1, Sk = 2048, causal, tanh gate).
+
+    Returns:
+        One dict per (kernel, shape): ``kernel`` ("decode_split" or "decode_merge"), ``shape`` (the key of
+        :data:`DECODE_COMPILE_SHAPES`), ``fn`` (the ``@triton.jit`` function; an interpreted function under
+        ``TRITON_INTERPRET=1``, which cannot be compiled), ``arguments`` (every argument of a real launch,
+        tensors on the ``meta`` device), ``num_warps`` and ``num_stages``.
+    """
+    cc = int(arch.removeprefix("sm_").rstrip("a"))
+    if cc not in SM_COUNT_OF_ARCH:
+        raise ValueError(f"no SM count known for {arch!r}; known: {sorted(f'sm_{c}' for c in SM_COUNT_OF_ARCH)}")
+    specs = []
+    for shape, (seqlen_q, heads_kv) in DECODE_COMPILE_SHAPES.items():
+        meta = dict(device="meta", dtype=dtype)
+        inp = AttentionInputs(q=torch.empty(1, seqlen_q, 32, head_dim, **meta),
+                              k=torch.empty(1, 2048, heads_kv, head_dim, **meta),
+                              v=torch.empty(1, 2048, heads_kv, head_dim, **meta),
+                              prefix_k=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
+                              prefix_v=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
+                              gate=torch.empty(1, 32, device="meta", dtype=torch.float32), causal=True,
+                              softmax_scale=head_dim ** -0.5, gate_tanh=True)
+        layout = Layout(**{**Layout.of(inp).__dict__, "interpreter": False})
+        out = torch.empty(inp.q.shape, **meta)
+        lse = torch.empty(inp.lse_shape(), device="meta", dtype=torch.float32)
+        split, merge, _, _ = decode_arguments(inp, layout, out, lse, torch.empty_like(lse), SM_COUNT_OF_ARCH[cc])
+        specs.append(dict(kernel="decode_split", shape=shape, fn=zero_init_attention_decode_split_kernel,
+                          arguments=split, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES))
+        specs.append(dict(kernel="decode_merge", shape=shape, fn=zero_init_attention_decode_merge_kernel,
+                          arguments=merge, num_warps=MERGE_WARPS, num_stages=1))
+    return specs
+
+
+def _signature(fn, args: dict):
+    """``(signature, constexprs, attrs)`` for ``ASTSource``, specialised as Triton's launcher would (integers
+    equal to 1 become constants, pointers and integers divisible by 16 get the divisibility hint)."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = args[param.name]
+        if param.is_constexpr or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TORCH_TO_TRITON[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"argument {param.name} of {fn.__name__} has unexpected type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        raise FileNotFoundError(f"cuobjdump is not in the triton wheel (expected {tool})")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([tool, flag, handle.name], capture_output=True, text=True, check=True).stdout
+
+
+def _compile_in_process(archs: tuple[str, ...]) -> list[dict]:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    rows = []
+    for arch in archs:
+        cc = int(arch.removeprefix("sm_").rstrip("a"))
+        for spec in decode_compile_specs(arch):
+            signature, constexprs, attrs = _signature(spec["fn"], spec["arguments"])
+            compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", cc, 32),
+                                      options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+                                               "enable_fp_fusion": True})
+            cubin = compiled.asm["cubin"]
+            usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)",
+                                                         _cuobjdump(cubin, "--dump-resource-usage"))}
+            mnemonics = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
+                                   _cuobjdump(cubin, "-sass"), flags=re.M)
+            args = spec["arguments"]
+            rows.append(dict(kernel=spec["kernel"], shape=spec["shape"], arch=arch,
+                             config=f"BLOCK_M={args['BLOCK_M']}" + (f" BLOCK_N={args['BLOCK_N']}" if "BLOCK_N" in args
+                                                                    else "")
+                             + f" warps={spec['num_warps']} stages={spec['num_stages']} splits={args['num_splits']}",
+                             registers=usage["REG"],
+                             # ptxas places spilled registers in the thread's stack frame, in local memory.
+                             spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0),
+                             shared_bytes=compiled.metadata.shared + usage.get("SHARED", 0),
+                             tensor_cores=sorted({m for m in mnemonics if m in ("HGMMA", "HMMA")}),
+                             local_memory_instructions=sum(m in ("LDL", "STL") for m in mnemonics)))
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cached(archs: tuple[str, ...]) -> tuple[dict, ...]:
+    from ._interpreter import interpreting
+    if not interpreting():
+        return tuple(_compile_in_process(archs))
+    # Interpreted functions cannot be compiled: compile in a child process with the interpreter off.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; from fastadapter.kernels.decode import compile_decode_kernels; "
+            f"json.dump(compile_decode_kernels({archs!r}), sys.stdout)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the decode kernels in a child process failed:\n{result.stderr[-4000:]}")
+    return tuple(json.loads(result.stdout))
+
+
+def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90")) -> list[dict]:
+    """Compile every launch of :func:`decode_compile_specs` for each arch and read the cubins.
+
+    Returns:
+        One dict per (kernel, shape, arch): ``kernel``, ``shape``, ``arch``, ``config`` (tiles, warps, stages,
+        splits), ``registers`` (per thread), ``spill_bytes`` (stack + local memory per thread), ``shared_bytes``
+        (per block), ``tensor_cores`` (HMMA/HGMMA families in the SASS), ``local_memory_instructions``.
+    """
+    return [dict(row) for row in _compile_cached(tuple(archs))]
