@@ -282,7 +282,7 @@ def split_plan(layout: Layout, sm_count: Optional[int], block_m: int, block_n: i
         wanted = INTERPRETER_SPLITS
     else:
         programs = layout.batch * layout.heads_kv * row_tiles
-        wanted = min(triton.cdiv(2 * sm_count, programs), triton.cdiv(seqlen_k, MIN_CHUNK_KEYS), MAX_SPLITS)
+        wanted = min(triton.cdiv(2 * sm_count, programs), seqlen_k // MIN_CHUNK_KEYS, MAX_SPLITS)
     wanted = max(1, min(wanted, triton.cdiv(seqlen_k, block_n)))
     chunk = triton.cdiv(triton.cdiv(seqlen_k, wanted), block_n) * block_n
     return row_tiles, triton.cdiv(seqlen_k, chunk), chunk

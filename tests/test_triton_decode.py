@@ -1,0 +1,156 @@
+"""The split-KV decode kernels (kernels/decode.py) under Triton's interpreter, and compiled ahead of time.
+
+Decode steps (Sq ≤ 16 query rows over a KV cache) go through the split and merge kernels: the output and every
+gradient (the backward kernels take the decode kernels' log-sum-exps) against the fp32 reference; the
+log-sum-exps equal the forward kernel's; the split plan crosses chunk boundaries here and fills the SMs on a GPU;
+what does not take the decode path; and the compiled kernels neither spill nor exceed shared memory on sm_80 and
+sm_90.
+"""
+import pytest
+import torch
+
+from fastadapter import zero_init_attention
+from fastadapter.backends import get_backend
+from fastadapter.kernels import decode
+from fastadapter.kernels.forward import attention_forward
+from fastadapter.kernels.layout import Layout
+
+from attention_cases import BF16, FP16, Case, backend_inputs, check_against_reference
+
+#: Sq 1, 3, 16 × Sk 1, 97, 300 (several chunks, a ragged last chunk), GQA 8x2 and MQA 4x1, D 64 and 80
+#: (padded to 128), P 0 and 10, shared and per-sample prompts, gates [Hq] / [1] / [B, Hq], tanh and raw,
+#: fp32 / fp16 / bf16, causal and not, strided (bhsd) caches. A single key is fp32 (see attention_cases.py).
+DECODE_CASES = [
+    Case(batch=2, seqlen_q=1, seqlen_k=300, heads_q=8, heads_kv=2),
+    Case(batch=2, seqlen_q=3, seqlen_k=97, heads_q=8, heads_kv=2, head_dim=80, dtype=FP16, prefix_batch=2,
+         gate_shape="rows"),
+    Case(batch=1, seqlen_q=16, seqlen_k=300, heads_q=8, heads_kv=2, dtype=BF16, gate_activation="none"),
+    Case(batch=2, seqlen_q=16, seqlen_k=97, heads_q=8, heads_kv=2, head_dim=80, gate_shape="scalar",
+         causal=False, dtype=BF16, prefix_batch=2),
+    Case(batch=2, seqlen_q=1, seqlen_k=1, heads_q=4, heads_kv=1),
+    Case(batch=1, seqlen_q=16, seqlen_k=1, heads_q=4, heads_kv=1, prefix_len=0),  # rows that see no word
+    Case(batch=3, seqlen_q=3, seqlen_k=300, heads_q=4, heads_kv=1, head_dim=80, prefix_len=0, causal=False,
+         dtype=FP16),
+    Case(batch=2, seqlen_q=1, seqlen_k=97, heads_q=4, heads_kv=1, dtype=BF16, prefix_batch=2, gate_shape="rows",
+         gate_activation="none"),
+    Case(batch=2, seqlen_q=3, seqlen_k=97, heads_q=8, heads_kv=2, transposed=True, dtype=BF16),
+]
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts the calls of the decode kernels' launcher (so a test knows the decode path was taken)."""
+    calls = []
+    launch = decode.attention_decode
+
+    def counting(inp):
+        calls.append(inp.seqlen_q)
+        return launch(inp)
+
+    monkeypatch.setattr(decode, "attention_decode", counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+def test_decode_matches_reference(case, decode_calls):
+    check_against_reference(case, "triton")
+    assert decode_calls, "the triton backend did not take the decode kernels for a decode step"
+
+
+@pytest.mark.parametrize("case", DECODE_CASES[:4] + DECODE_CASES[5:6], ids=lambda c: c.id)
+def test_log_sum_exps_equal_the_forward_kernels(case):
+    """out, lse_w, lse_p as the forward kernel gives them (same shapes, -inf where nothing is visible)."""
+    inp = backend_inputs(case)
+    out, lse_w, lse_p = decode.attention_decode(inp)
+    ref_out, ref_w, ref_p = attention_forward(inp)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype and out.is_contiguous()
+    assert lse_w.shape == lse_p.shape == inp.lse_shape() and lse_w.dtype == lse_p.dtype == torch.float32
+    torch.testing.assert_close(lse_w, ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_p, ref_p, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isneginf(lse_w), torch.isneginf(ref_w))
+    ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[case.dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=ulp, atol=ulp)
+    if case.causal and case.seqlen_q > case.seqlen_k:
+        blind = case.seqlen_q - case.seqlen_k
+        assert torch.isneginf(lse_w[:, :, :blind]).all() and not torch.isneginf(lse_w[:, :, blind:]).any()
+
+
+def test_zero_gate_is_exactly_attention_without_prefix():
+    case = Case(batch=2, seqlen_q=1, seqlen_k=97, heads_q=8, heads_kv=2, dtype=BF16)
+    kw = case.make(requires_grad=False)
+    gated = zero_init_attention(**{**kw, "gate": torch.zeros_like(kw["gate"])}, backend="triton")
+    plain = zero_init_attention(**{**kw, "prefix_k": kw["prefix_k"][:, :0], "prefix_v": kw["prefix_v"][:, :0]},
+                                backend="triton")
+    assert torch.equal(gated, plain)
+
+
+def _layout(batch, seqlen_q, seqlen_k, heads_q, heads_kv, interpreter):
+    return Layout(batch=batch, heads_q=heads_q, heads_kv=heads_kv, group=heads_q // heads_kv, seqlen_q=seqlen_q,
+                  seqlen_k=seqlen_k, prefix_len=10, head_dim=128, block_d=128, block_p=16, varlen=False,
+                  interpreter=interpreter)
+
+
+def test_split_plan_under_the_interpreter_crosses_chunks():
+    # 300 keys: 3 chunks of 128 (4 key tiles each), the last ragged (44 keys); 97 keys: 64 + 33.
+    assert decode.split_plan(_layout(2, 1, 300, 8, 2, True), None, 16, 32) == (1, 3, 128)
+    assert decode.split_plan(_layout(2, 1, 97, 8, 2, True), None, 16, 32) == (1, 2, 64)
+    assert decode.split_plan(_layout(2, 1, 1, 8, 2, True), None, 16, 32) == (1, 1, 32)
+    # 16 rows of 4 heads stacked: 64 rows in two 32-row tiles under the interpreter.
+    assert decode.split_plan(_layout(1, 16, 300, 8, 2, True), None, 32, 32)[0] == 2
+
+
+@pytest.mark.parametrize("batch,heads_kv,seqlen_k", [(1, 8, 8192), (1, 32, 2048), (1, 8, 300), (64, 32, 2048),
+                                                     (4, 8, 100000)])
+def test_split_plan_fills_the_device(batch, heads_kv, seqlen_k):
+    sms = 132
+    row_tiles, splits, chunk = decode.split_plan(_layout(batch, 1, seqlen_k, 32, heads_kv, False), sms, 16, 64)
+    assert row_tiles == 1 and chunk % 64 == 0
+    assert (splits - 1) * chunk < seqlen_k <= splits * chunk  # every key in exactly one chunk, none empty
+    assert 1 <= splits <= decode.MAX_SPLITS
+    if splits > 1:
+        assert chunk >= decode.MIN_CHUNK_KEYS
+    programs = splits * batch * heads_kv
+    enough_keys = seqlen_k >= decode.MIN_CHUNK_KEYS * 2 * sms // (batch * heads_kv)
+    if batch * heads_kv < sms and enough_keys:
+        assert programs >= sms, f"{programs} programs leave SMs idle"  # batch 1 fills the device
+    if batch * heads_kv >= 2 * sms:
+        assert splits == 1  # a big batch needs no split
+
+
+def test_what_takes_the_decode_path():
+    assert decode.decode_applies(backend_inputs(Case(batch=1, seqlen_q=16, seqlen_k=40)))
+    longer = backend_inputs(Case(batch=1, seqlen_q=17, seqlen_k=40))
+    assert "Sq = 17 > 16" in decode.decode_not_supported_reasons(longer)[0]
+    packed = backend_inputs(Case(seqlens=[3, 1]))
+    assert "varlen" in decode.decode_not_supported_reasons(packed)[0]
+    with pytest.raises(ValueError, match="Sq = 17 > 16 query rows"):
+        decode.attention_decode(longer)
+
+
+def test_prefill_and_packed_batches_keep_the_forward_kernel(decode_calls):
+    backend = get_backend("triton")
+    backend.forward(backend_inputs(Case(batch=1, seqlen_q=17, seqlen_k=40, heads_q=2, heads_kv=1)))
+    backend.forward(backend_inputs(Case(seqlens=[3, 1], heads_q=2, heads_kv=1)))
+    assert decode_calls == []
+    backend.forward(backend_inputs(Case(batch=1, seqlen_q=2, seqlen_k=40, heads_q=2, heads_kv=1)))
+    assert decode_calls == [2]
+
+
+#: Shared memory a block may opt in to: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
+SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
+def test_compiled_for_sm80_and_sm90_without_spills():
+    """bf16, D = 128, P = 10 at LLaMA-7B heads: every launch compiles, no spills, fits shared memory."""
+    rows = decode.compile_decode_kernels(tuple(SHARED_MEMORY_LIMIT))
+    expected = {(k, s, a) for k in ("decode_split", "decode_merge") for s in decode.DECODE_COMPILE_SHAPES
+                for a in SHARED_MEMORY_LIMIT}
+    assert {(r["kernel"], r["shape"], r["arch"]) for r in rows} == expected
+    for row in rows:
+        what = f"{row['kernel']} {row['shape']} [{row['config']}] on {row['arch']}"
+        assert row["spill_bytes"] == 0 and row["local_memory_instructions"] == 0, f"{what} spills"
+        assert 0 < row["registers"] <= 255, f"{what} uses {row['registers']} registers"
+        assert 0 < row["shared_bytes"] <= SHARED_MEMORY_LIMIT[row["arch"]], f"{what}: {row['shared_bytes']} B"
+        assert row["tensor_cores"], f"{what}: no tensor-core instructions"  # q·kᵀ, p·v and the prefix
+    splits = {r["arch"]: int(r["config"].split("splits=")[1]) for r in rows if r["shape"] == "llama7b-Sq1-Hkv8"}
+    assert splits["sm_90"] > 1  # batch 1 decode is split over the keys
