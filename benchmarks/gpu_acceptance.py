@@ -429,7 +429,7 @@ def _forward_kernel_provider(t):
 
 
 def _measure_row(cfg: Settings, case: OpCase, provider: str, build, mode: str, tensors: dict, peak_flops,
-                 reference: Optional[torch.Tensor], bandwidth=None) -> dict:
+                 reference: Optional[torch.Tensor], decode: bool = False, bandwidth: Optional[float] = None) -> dict:
     row = dict(shape=case.label, provider=provider, mode=mode, heads_kv=case.heads_kv)
     if mode == "forward":  # inputs that need no gradient (flex_attention on CPU refuses any that does)
         detached = {name: t.detach() if isinstance(t, torch.Tensor) else t for name, t in tensors.items()}
@@ -461,7 +461,7 @@ def _measure_row(cfg: Settings, case: OpCase, provider: str, build, mode: str, t
     flops = case.flops(cfg, mode)
     row["tflops"] = tflops_per_second(flops, timing["median_ms"])
     row["percent_of_peak"] = None if peak_flops is None else 100 * row["tflops"] * 1e12 / peak_flops
-    if bandwidth is not None:  # decode: the KV cache (and prompt) read once per step
+    if decode:  # a decode step reads the whole KV cache once: memory-bound
         kv_bytes = 2 * case.batch * case.seqlen_k * case.heads_kv * cfg.head_dim * torch.finfo(cfg.dtype).bits // 8
         row["gb_per_s"] = kv_bytes / (timing["median_ms"] * 1e-3) / 1e9
         row["percent_of_hbm"] = None if not bandwidth else 100 * row["gb_per_s"] * 1e9 / bandwidth
@@ -500,7 +500,7 @@ def _run_cases(cfg: Settings, deadline: Deadline, out: dict, cases: list[OpCase]
                     try:
                         row = _measure_row(cfg, case, name, providers[name], mode, tensors, peak_flops,
                                            None if name == "fastadapter-triton" else reference,
-                                           bandwidth if decode else None)
+                                           decode, bandwidth)
                     except StageTimeout:
                         raise
                     except NotRun as reason:
