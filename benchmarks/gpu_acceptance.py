@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import pathlib
 import signal
@@ -587,7 +586,7 @@ def _random_model(config, dtype: torch.dtype, device: str):
 def stage_trainer(cfg: Settings, deadline: Deadline, out: dict) -> None:
     from fastadapter.model.adapter import AdapterConfig, add_adapter
     from fastadapter.model.config import LlamaConfig
-    from fastadapter.training.flops import NAMED_CONFIGS, epoch_flops, sequence_flops
+    from fastadapter.training.flops import NAMED_CONFIGS, epoch_flops
     from fastadapter.training.trainer import Trainer, TrainConfig, epoch_rows
 
     if cfg.smoke:
@@ -609,36 +608,23 @@ def stage_trainer(cfg: Settings, deadline: Deadline, out: dict) -> None:
         for parameter_name, parameter in model.named_parameters():
             if parameter_name.endswith("gate"):
                 parameter.fill_(0.1)
+    cuda = torch.device(cfg.device).type == "cuda"
     with tempfile.TemporaryDirectory() as run_folder:
-        trainer = Trainer(model, examples, [], TrainConfig(out=run_folder, batch_tokens=batch_tokens, max_steps=1000,
-                                                           dtype=dtype, eval_every=0, save_every=0, progress=False))
-        cuda = torch.device(cfg.device).type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times, tokens, flops = [], [], []
-        rows = epoch_rows(examples, batch_tokens, trainer.config.seed, 0)  # the rows the trainer's epoch 0 takes
-        step_seconds = None
-        for step in range(min(steps + 1, len(rows))):  # step 0 compiles and autotunes the kernels: not counted
-            if deadline.left() <= 0 or (step_seconds and deadline.left() < 2 * step_seconds and len(times) >= 2):
-                break
-            started = time.perf_counter()
-            loss, real_tokens = trainer.train_step()  # the real trainer's step (its float(loss) synchronises)
-            step_seconds = seconds = time.perf_counter() - started
-            step_lengths = [len(examples[i]) for i in rows[step]]
-            if sum(step_lengths) != real_tokens:
-                raise RuntimeError(f"step {step} trained {real_tokens} tokens, its packed row holds "
-                                   f"{sum(step_lengths)}: the FLOP count would be that of another row")
-            step_flops = sum(sequence_flops(config, n, adapter_layers=adapter_layers, prompt_len=10).total
-                             for n in step_lengths)
-            log(f"  trainer: step {step}: loss {loss:.3f}, {real_tokens} tokens, {seconds:.2f} s")
-            if step == 0:
-                continue
-            times.append(seconds)
-            tokens.append(real_tokens)
-            flops.append(step_flops)
-        if not times:
-            raise RuntimeError("no timed step fitted in the budget")
+        train_config = TrainConfig(out=run_folder, batch_tokens=batch_tokens, max_steps=1000, dtype=dtype,
+                                   eval_every=0, save_every=0, progress=False)
+        rows = epoch_rows(examples, batch_tokens, train_config.seed, 0)  # the rows the trainer's epoch 0 takes
+        try:
+            times, tokens, flops = _timed_steps(Trainer(model, examples, [], train_config), rows, examples, config,
+                                                adapter_layers, steps, deadline, cuda)
+            out["activation_checkpointing"] = False
+        except torch.cuda.OutOfMemoryError:  # a GPU with less memory than an H200: recompute activations
+            log("  trainer: out of memory; again with activation checkpointing")
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            model.activation_checkpointing = True
+            times, tokens, flops = _timed_steps(Trainer(model, examples, [], train_config), rows, examples, config,
+                                                adapter_layers, steps, deadline, cuda)
+            out["activation_checkpointing"] = True
         out["steps_timed"] = len(times)
         out["step_s_median"] = statistics.median(times)
         out["tokens_per_s"] = sum(tokens) / sum(times)
@@ -658,6 +644,38 @@ def stage_trainer(cfg: Settings, deadline: Deadline, out: dict) -> None:
                                        "the paper pads every example to 512 tokens, this run packs them")
     log(f"  trainer: {out['tokens_per_s']:.0f} tokens/s, MFU {_pct(out['mfu'])}, projected paper run "
         f"{hours_1:.2f} h on 1 GPU, {hours_1 / 8:.2f} h on 8 (paper: {PAPER_HOURS:g} h on 8 A100)")
+
+
+def _timed_steps(trainer, rows: list[list[int]], examples, config, adapter_layers: int, steps: int,
+                 deadline: Deadline, cuda: bool) -> tuple[list[float], list[int], list[float]]:
+    """Seconds, real tokens and FLOPs of up to ``steps`` steps of ``trainer`` after an untimed first one (which
+    compiles and autotunes the kernels); stops early, after two timed steps, when the budget runs short."""
+    from fastadapter.training.flops import sequence_flops
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens, flops = [], [], []
+    step_seconds = None
+    for step in range(min(steps + 1, len(rows))):
+        if deadline.left() <= 0 or (step_seconds and deadline.left() < 2 * step_seconds and len(times) >= 2):
+            break
+        started = time.perf_counter()
+        loss, real_tokens = trainer.train_step()  # the real trainer's step (its float(loss) synchronises)
+        step_seconds = seconds = time.perf_counter() - started
+        step_lengths = [len(examples[i]) for i in rows[step]]
+        if sum(step_lengths) != real_tokens:
+            raise RuntimeError(f"step {step} trained {real_tokens} tokens, its packed row holds "
+                               f"{sum(step_lengths)}: the FLOP count would be that of another row")
+        log(f"  trainer: step {step}: loss {loss:.3f}, {real_tokens} tokens, {seconds:.2f} s")
+        if step == 0:
+            continue
+        times.append(seconds)
+        tokens.append(real_tokens)
+        flops.append(sum(sequence_flops(config, n, adapter_layers=adapter_layers, prompt_len=10).total
+                         for n in step_lengths))
+    if not times:
+        raise RuntimeError("no timed step fitted in the budget")
+    return times, tokens, flops
 
 
 def _pct(value: Optional[float]) -> str:
