@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -45,8 +46,8 @@ from .tiles import LN2, LOG2E, dot, head_base, load_prefix, to_dtype
 
 #: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
 MAX_DECODE_QUERIES = 16
-#: Key tile of the split kernel (compiled / interpreted) and the largest stacked row tile.
-BLOCK_N_COMPILED, BLOCK_N_INTERPRETER = 64, 32
+#: Key tile of the split kernel under the interpreter, and the largest stacked row tile (compiled / interpreted).
+BLOCK_N_INTERPRETER = 32
 MAX_BLOCK_M_COMPILED, MAX_BLOCK_M_INTERPRETER = 64, 32
 #: No chunk shorter than this many keys (a shorter one costs more in the merge than it gains in occupancy).
 MIN_CHUNK_KEYS = 256
@@ -54,9 +55,6 @@ MIN_CHUNK_KEYS = 256
 MAX_SPLITS = 128
 #: Under the interpreter: a small fixed number of chunks (several per test, ragged last chunk).
 INTERPRETER_SPLITS = 3
-#: Warps and pipeline stages of the compiled kernels (checked by tests/test_triton_decode.py on sm_80/sm_90).
-SPLIT_WARPS, SPLIT_STAGES = 4, 3
-MERGE_WARPS = 4
 #: SM counts of the architectures the compile specs target (A100, H100), used instead of a device query.
 SM_COUNT_OF_ARCH = {80: 108, 86: 84, 89: 128, 90: 132}
 
@@ -261,12 +259,40 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _tile_sizes(layout: Layout) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)``: the stacked ``group · Sq`` rows rounded up to a power of two (at least 16, the
-    smallest ``tl.dot``; at most the largest row tile), and the key tile."""
-    max_m = MAX_BLOCK_M_INTERPRETER if layout.interpreter else MAX_BLOCK_M_COMPILED
-    block_m = min(max(16, triton.next_power_of_2(layout.group * layout.seqlen_q)), max_m)
-    return block_m, BLOCK_N_INTERPRETER if layout.interpreter else BLOCK_N_COMPILED
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles, warps and pipeline stages of one decode launch (fixed per shape: no timing-based tuning)."""
+
+    block_m: int
+    block_n: int
+    split_warps: int
+    split_stages: int
+    merge_warps: int
+
+
+def decode_config(layout: Layout, element_bytes: int) -> DecodeConfig:
+    """The configuration of the decode kernels for ``layout`` and the inputs' element size.
+
+    ``BLOCK_M`` is the stacked ``group · Sq`` rows rounded up to a power of two (at least 16, the smallest
+    ``tl.dot``; at most 64, 32 for D = 256 and fp32). The split kernel streams ``BLOCK_N × D`` k and v tiles through
+    shared memory. Chosen from compiling for sm_80, sm_86 and sm_90 (registers, spills and shared memory read
+    from the cubins; the bf16 D = 128 and D = 256 rows are tests/test_triton_decode.py's):
+
+    * fp16/bf16, D ≤ 128: 64-key tiles, 3 stages, 4 warps (sm_80 72-90 KB, sm_90 72-115 KB, no spills);
+    * fp16/bf16, D = 256: 32-row and 32-key tiles, 2 stages, 4 warps; 8 warps for the merge (42-52 KB);
+    * fp32 (IEEE dots on the CUDA cores, no tensor cores): 32-row and 32-key tiles, 1 stage, 8 warps (sm_86 and
+      sm_90: D = 256 no spills at 220-237 registers; 4 warps spill at D = 128, and so do 64-row tiles on 8).
+    """
+    if layout.interpreter:
+        block_m = min(max(16, triton.next_power_of_2(layout.group * layout.seqlen_q)), MAX_BLOCK_M_INTERPRETER)
+        return DecodeConfig(block_m, BLOCK_N_INTERPRETER, 4, 1, 4)
+    wide, fp32 = layout.block_d > 128, element_bytes == 4
+    block_m = min(max(16, triton.next_power_of_2(layout.group * layout.seqlen_q)),
+                  32 if wide or fp32 else MAX_BLOCK_M_COMPILED)
+    block_n = 32 if wide or fp32 else 64
+    stages = 1 if fp32 else 2 if wide else 3
+    return DecodeConfig(block_m, block_n, split_warps=8 if fp32 else 4, split_stages=stages,
+                        merge_warps=8 if wide or fp32 else 4)
 
 
 def split_plan(layout: Layout, sm_count: Optional[int], block_m: int, block_n: int) -> tuple[int, int, int]:
@@ -289,10 +315,11 @@ def split_plan(layout: Layout, sm_count: Optional[int], block_m: int, block_n: i
 
 
 def decode_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
-                     lse_p: torch.Tensor, sm_count: Optional[int]) -> tuple[dict, dict, tuple, tuple]:
+                     lse_p: torch.Tensor, sm_count: Optional[int]) -> tuple[dict, dict, tuple, tuple, DecodeConfig]:
     """Arguments and grids of the split and the merge kernel: ``(split_args, merge_args, split_grid,
-    merge_grid)``, the fp32 scratch allocated on ``inp``'s device."""
-    block_m, block_n = _tile_sizes(layout)
+    merge_grid, config)``, the fp32 scratch allocated on ``inp``'s device."""
+    config = decode_config(layout, inp.q.element_size())
+    block_m, block_n = config.block_m, config.block_n
     row_tiles, num_splits, chunk = split_plan(layout, sm_count, block_m, block_n)
     q, k, v = (unit_stride_head_dim(t) for t in (inp.q, inp.k, inp.v))
     pk, pv = (unit_stride_head_dim(t) for t in (inp.prefix_k, inp.prefix_v))
@@ -324,7 +351,7 @@ def decode_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, ls
                  stride_ob=ob, stride_os=os_, stride_oh=oh, stride_lb=lb, stride_lh=lh,
                  prefix_len=layout.prefix_len, **shape, GATE_TANH=inp.gate_tanh, BLOCK_P=layout.block_p,
                  HAS_PREFIX=layout.prefix_len > 0, **common)
-    return split, merge, (num_splits * states,), (states,)
+    return split, merge, (num_splits * states,), (states,), config
 
 
 def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -349,11 +376,11 @@ def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, 
     if out.numel() == 0:
         return out, lse_w, lse_p
     sm_count = None if layout.interpreter else _sm_count(inp.device.index or 0)
-    split, merge, split_grid, merge_grid = decode_arguments(inp, layout, out, lse_w, lse_p, sm_count)
+    split, merge, split_grid, merge_grid, config = decode_arguments(inp, layout, out, lse_w, lse_p, sm_count)
     with torch.cuda.device(inp.device) if inp.device.type == "cuda" else contextlib.nullcontext():
-        zero_init_attention_decode_split_kernel[split_grid](**split, num_warps=SPLIT_WARPS,
-                                                            num_stages=SPLIT_STAGES)
-        zero_init_attention_decode_merge_kernel[merge_grid](**merge, num_warps=MERGE_WARPS, num_stages=1)
+        zero_init_attention_decode_split_kernel[split_grid](**split, num_warps=config.split_warps,
+                                                            num_stages=config.split_stages)
+        zero_init_attention_decode_merge_kernel[merge_grid](**merge, num_warps=config.merge_warps, num_stages=1)
     return out, lse_w, lse_p
 
 
@@ -396,11 +423,12 @@ def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat1
         layout = Layout(**{**Layout.of(inp).__dict__, "interpreter": False})
         out = torch.empty(inp.q.shape, **meta)
         lse = torch.empty(inp.lse_shape(), device="meta", dtype=torch.float32)
-        split, merge, _, _ = decode_arguments(inp, layout, out, lse, torch.empty_like(lse), SM_COUNT_OF_ARCH[cc])
+        split, merge, _, _, config = decode_arguments(inp, layout, out, lse, torch.empty_like(lse),
+                                                      SM_COUNT_OF_ARCH[cc])
         specs.append(dict(kernel="decode_split", shape=shape, fn=zero_init_attention_decode_split_kernel,
-                          arguments=split, num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES))
+                          arguments=split, num_warps=config.split_warps, num_stages=config.split_stages))
         specs.append(dict(kernel="decode_merge", shape=shape, fn=zero_init_attention_decode_merge_kernel,
-                          arguments=merge, num_warps=MERGE_WARPS, num_stages=1))
+                          arguments=merge, num_warps=config.merge_warps, num_stages=1))
     return specs
 
 
@@ -436,13 +464,16 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, handle.name], capture_output=True, text=True, check=True).stdout
 
 
-def _compile_in_process(archs: tuple[str, ...]) -> list[dict]:
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     rows = []
-    for arch in archs:
+    for arch, (dtype, head_dim, prefix_len) in ((a, v) for a in archs for v in variants):
         cc = int(arch.removeprefix("sm_").rstrip("a"))
-        for spec in decode_compile_specs(arch):
+        for spec in decode_compile_specs(arch, _DTYPES[dtype], head_dim, prefix_len):
             signature, constexprs, attrs = _signature(spec["fn"], spec["arguments"])
             compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", cc, 32),
@@ -454,7 +485,7 @@ def _compile_in_process(archs: tuple[str, ...]) -> list[dict]:
             mnemonics = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
                                    _cuobjdump(cubin, "-sass"), flags=re.M)
             args = spec["arguments"]
-            rows.append(dict(kernel=spec["kernel"], shape=spec["shape"], arch=arch,
+            rows.append(dict(kernel=spec["kernel"], shape=spec["shape"], arch=arch, dtype=dtype, head_dim=head_dim,
                              config=f"BLOCK_M={args['BLOCK_M']}" + (f" BLOCK_N={args['BLOCK_N']}" if "BLOCK_N" in args
                                                                     else "")
                              + f" warps={spec['num_warps']} stages={spec['num_stages']} splits={args['num_splits']}",
@@ -468,26 +499,29 @@ def _compile_in_process(archs: tuple[str, ...]) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(archs: tuple[str, ...]) -> tuple[dict, ...]:
+def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> tuple[dict, ...]:
     from ._interpreter import interpreting
     if not interpreting():
-        return tuple(_compile_in_process(archs))
+        return tuple(_compile_in_process(archs, variants))
     # Interpreted functions cannot be compiled: compile in a child process with the interpreter off.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; from fastadapter.kernels.decode import compile_decode_kernels; "
-            f"json.dump(compile_decode_kernels({archs!r}), sys.stdout)")
+            f"json.dump(compile_decode_kernels({archs!r}, {variants!r}), sys.stdout)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"compiling the decode kernels in a child process failed:\n{result.stderr[-4000:]}")
     return tuple(json.loads(result.stdout))
 
 
-def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90")) -> list[dict]:
-    """Compile every launch of :func:`decode_compile_specs` for each arch and read the cubins.
+def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90"),
+                           variants: Iterable[tuple[str, int, int]] = (("bf16", 128, 10),)) -> list[dict]:
+    """Compile every launch of :func:`decode_compile_specs` for each arch and each ``(dtype, head_dim,
+    prefix_len)`` variant (dtype "bf16", "fp16" or "fp32"; default LLaMA-7B's) and read the cubins.
 
     Returns:
-        One dict per (kernel, shape, arch): ``kernel``, ``shape``, ``arch``, ``config`` (tiles, warps, stages,
-        splits), ``registers`` (per thread), ``spill_bytes`` (stack + local memory per thread), ``shared_bytes``
-        (per block), ``tensor_cores`` (HMMA/HGMMA families in the SASS), ``local_memory_instructions``.
+        One dict per (kernel, shape, arch, variant): ``kernel``, ``shape``, ``arch``, ``dtype``, ``head_dim``,
+        ``config`` (tiles, warps, stages, splits), ``registers`` (per thread), ``spill_bytes`` (stack + local
+        memory per thread), ``shared_bytes`` (per block), ``tensor_cores`` (HMMA/HGMMA families in the SASS),
+        ``local_memory_instructions``.
     """
-    return [dict(row) for row in _compile_cached(tuple(archs))]
+    return [dict(row) for row in _compile_cached(tuple(archs), tuple(tuple(v) for v in variants))]

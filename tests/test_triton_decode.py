@@ -6,6 +6,8 @@ log-sum-exps equal the forward kernel's; the split plan crosses chunk boundaries
 what does not take the decode path; and the compiled kernels neither spill nor exceed shared memory on sm_80 and
 sm_90.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,6 +77,29 @@ def test_log_sum_exps_equal_the_forward_kernels(case):
         assert torch.isneginf(lse_w[:, :, :blind]).all() and not torch.isneginf(lse_w[:, :, blind:]).any()
 
 
+@pytest.mark.parametrize("case", [
+    Case(batch=1, seqlen_q=16, seqlen_k=300, heads_q=8, heads_kv=2, head_dim=80, dtype=BF16, gate_shape="rows"),
+    Case(batch=2, seqlen_q=1, seqlen_k=300, heads_q=8, heads_kv=1, dtype=FP16, prefix_batch=2)], ids=lambda c: c.id)
+def test_compiled_tile_sizes_under_the_interpreter(case, monkeypatch):
+    """The tiles a GPU launches (64 stacked rows, 64-key tiles, D = 80 padded to 128), three chunks of two key
+    tiles each, the last ragged: the same results as the forward kernel."""
+    config = decode.decode_config
+    monkeypatch.setattr(decode, "decode_config",
+                        lambda layout, element_bytes: config(dataclasses.replace(layout, interpreter=False),
+                                                             element_bytes))
+    inp = backend_inputs(case)
+    layout = Layout.of(inp)
+    compiled = config(dataclasses.replace(layout, interpreter=False), 2)
+    assert compiled.block_n == 64 and compiled.block_m == (64 if case.seqlen_q == 16 else 16)
+    assert decode.split_plan(layout, None, compiled.block_m, compiled.block_n)[1:] == (3, 128)
+    out, lse_w, lse_p = decode.attention_decode(inp)
+    ref_out, ref_w, ref_p = attention_forward(inp)
+    torch.testing.assert_close(lse_w, ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_p, ref_p, rtol=1e-5, atol=1e-5)
+    ulp = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[case.dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=ulp, atol=ulp)
+
+
 def test_zero_gate_is_exactly_attention_without_prefix():
     case = Case(batch=2, seqlen_q=1, seqlen_k=97, heads_q=8, heads_kv=2, dtype=BF16)
     kw = case.make(requires_grad=False)
@@ -136,15 +161,14 @@ def test_prefill_and_packed_batches_keep_the_forward_kernel(decode_calls):
     assert decode_calls == [2]
 
 
-#: Shared memory a block may opt in to: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB (CUDA programming guide).
-SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+#: Shared memory a block may opt in to: A100 (sm_80) 163 KB, A10/L4 (sm_86/sm_89) 99 KB, H100 (sm_90) 227 KB
+#: (CUDA programming guide, compute capabilities table).
+SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_90": 232448}
 
 
-def test_compiled_for_sm80_and_sm90_without_spills():
-    """bf16, D = 128, P = 10 at LLaMA-7B heads: every launch compiles, no spills, fits shared memory."""
-    rows = decode.compile_decode_kernels(tuple(SHARED_MEMORY_LIMIT))
+def _check_compiled(rows, archs):
     expected = {(k, s, a) for k in ("decode_split", "decode_merge") for s in decode.DECODE_COMPILE_SHAPES
-                for a in SHARED_MEMORY_LIMIT}
+                for a in archs}
     assert {(r["kernel"], r["shape"], r["arch"]) for r in rows} == expected
     for row in rows:
         what = f"{row['kernel']} {row['shape']} [{row['config']}] on {row['arch']}"
@@ -152,5 +176,16 @@ def test_compiled_for_sm80_and_sm90_without_spills():
         assert 0 < row["registers"] <= 255, f"{what} uses {row['registers']} registers"
         assert 0 < row["shared_bytes"] <= SHARED_MEMORY_LIMIT[row["arch"]], f"{what}: {row['shared_bytes']} B"
         assert row["tensor_cores"], f"{what}: no tensor-core instructions"  # q·kᵀ, p·v and the prefix
+
+
+def test_compiled_for_sm80_and_sm90_without_spills():
+    """bf16, D = 128, P = 10 at LLaMA-7B heads: every launch compiles, no spills, fits shared memory."""
+    rows = decode.compile_decode_kernels(("sm_80", "sm_90"))
+    _check_compiled(rows, ("sm_80", "sm_90"))
     splits = {r["arch"]: int(r["config"].split("splits=")[1]) for r in rows if r["shape"] == "llama7b-Sq1-Hkv8"}
     assert splits["sm_90"] > 1  # batch 1 decode is split over the keys
+
+
+def test_widest_head_dim_fits_the_smallest_shared_memory():
+    """bf16, D = 256 on sm_86 (A10, RTX 3090: 99 KB of shared memory per block): no spills, fits."""
+    _check_compiled(decode.compile_decode_kernels(("sm_86",), (("bf16", 256, 10),)), ("sm_86",))
