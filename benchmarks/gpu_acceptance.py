@@ -54,14 +54,25 @@ from .memory import peak_memory_bytes
 from .metadata import collect_metadata
 from .timing import measure
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+#: The op test grid (its triton cases), and the case of it ``--smoke`` runs.
+OP_TEST_FILE = "tests/test_fused_backends.py"
+SMOKE_TEST_SELECTION = "test_matches_reference and triton and B2-Sq1-Sk1-"
+
+
+def _repo_root() -> pathlib.Path:
+    """The checkout holding the tests: the first folder above this file with :data:`OP_TEST_FILE` (this module
+    may live in ``benchmarks/`` or be installed as ``fastadapter.benchmarks``), else the working directory."""
+    for folder in pathlib.Path(__file__).resolve().parents:
+        if (folder / OP_TEST_FILE).is_file():
+            return folder
+    return pathlib.Path.cwd()
+
+
+REPO = _repo_root()
 SHARED_DATA = pathlib.Path(os.environ.get("FASTADAPTER_SHARED_DATA", REPO.parent / "shared" / "data"))
 ALPACA = "alpaca_en_demo.json"
 TOKENIZER = "llama_tokenizer.model"
 JSON_NAME, MARKDOWN_NAME, TEST_LOG_NAME = "gpu-acceptance.json", "gpu-acceptance.md", "op-tests.log"
-#: The op test grid (its triton cases), and the two cases ``--smoke`` runs of it.
-OP_TEST_FILE = "tests/test_fused_backends.py"
-SMOKE_TEST_SELECTION = "test_matches_reference and triton and B2-Sq1-Sk1-"
 
 
 @dataclass(frozen=True)
@@ -333,8 +344,9 @@ class OpCase:
         if self.lengths:
             return sum(attention_flops(1, cfg.heads_q, n, n, cfg.head_dim, cfg.prefix_len, mode=mode)
                        for n in self.lengths)
+        # A decode step's query sees every cached key: the causal halving of square attention does not apply.
         return attention_flops(self.batch, cfg.heads_q, self.seqlen_q, self.seqlen_k, cfg.head_dim, cfg.prefix_len,
-                               mode=mode)
+                               causal=self.seqlen_q == self.seqlen_k, mode=mode)
 
 
 def _inputs(cfg: Settings, case: OpCase, requires_grad: bool) -> dict:
