@@ -12,13 +12,15 @@ failure never loses the others; progress is printed and flushed as it goes:
 stage               expected  budget  what
 ==================  ========  ======  ==========================================================================
 ``environment``          3 s    20 s  device, versions, git commit; the Triton path checked against the reference
-``op_tests``            80 s   120 s  tests/test_fused_backends.py compiled on CUDA (8 pytest shards in parallel:
-                                      compilation is CPU-bound), pass/fail per case from the JUnit files
+``op_tests``            80 s   120 s  the triton cases of tests/test_fused_backends.py, compiled on CUDA (tests/
+                                      conftest.py picks CUDA tensors when CUDA exists), in up to 16 pytest
+                                      shards at once (compiling is CPU-bound); pass/fail per case from JUnit
 ``op_bench``           100 s   120 s  forward and forward+backward at LLaMA-7B heads (bf16, D=128, P=10, Hq=32,
                                       Hkv 32 and 8, S 512/2048/8192 at 16K tokens per batch, and a packed batch
                                       of Alpaca-length sequences): fastadapter-triton, two SDPA calls (flash
-                                      backend), flex_attention (two calls), eager v1: ms, TFLOP/s, % of the
-                                      device's peak, peak memory
+                                      backend), eager v1, then flex_attention (two calls; one compile per shape,
+                                      S = 2048 and packed first, as far as the budget goes): ms, TFLOP/s, % of
+                                      the device's peak, peak memory
 ``decode_bench``        12 s    25 s  decode steps (Sq = 1, KV cache 2048/8192, batch 1/16): the split-KV decode
                                       kernels, the forward kernel, two SDPA calls, eager v1: ms, GB/s, % of HBM
 ``trainer``             70 s    90 s  fastadapter's trainer on LLaMA-7B with random bf16 weights, packed Alpaca
@@ -779,14 +781,14 @@ def markdown_summary(results: dict) -> str:
     trainer = results.get("trainer", {})
     if "tokens_per_s" in trainer:
         run = trainer["paper_run"]
+        memory = "n/a" if trainer["peak_memory_gib"] is None else f"{trainer['peak_memory_gib']:.1f} GiB"
         lines += ["", "## Trainer", "",
                   f"{trainer['model']}, adapter on the top {trainer['adapter_layers']} layers, prompt "
                   f"{trainer['prompt_len']}, {trainer['dtype']}, packed rows of {trainer['batch_tokens']} tokens; "
                   f"{trainer['data']}.", "",
                   f"- {trainer['tokens_per_s']:,.0f} tokens/s over {trainer['steps_timed']} steps "
                   f"(median step {trainer['step_s_median']:.2f} s), {trainer['achieved_tflops']:.1f} TFLOP/s, "
-                  f"MFU {_pct(trainer['mfu'])}, peak memory "
-                  f"{'n/a' if trainer['peak_memory_gib'] is None else format(trainer['peak_memory_gib'], '.1f') + ' GiB'}",
+                  f"MFU {_pct(trainer['mfu'])}, peak memory {memory}",
                   f"- the paper's run (Alpaca {run['rows']:,} rows x {run['epochs']} epochs, {run['tokens']:,.0f} "
                   f"tokens): {run['hours_1_gpu']:.2f} h on 1 GPU, {run['hours_8_gpus']:.2f} h on 8 GPUs; the paper: "
                   f"{run['paper_hours_8_a100']:g} h on 8 A100 ({run['assumption']})"]
