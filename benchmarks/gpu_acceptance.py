@@ -271,7 +271,7 @@ def stage_op_tests(cfg: Settings, deadline: Deadline, out: dict, folder: pathlib
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     out.update(counts, not_run=None if ids is None else len(ids) - len(cases))
     log(f"  op tests: {counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
-        f"{counts['skipped']} skipped, {out['not_run']} not run")
+        f"{counts['skipped']} skipped" + ("" if out["not_run"] is None else f", {out['not_run']} not run"))
     if timed_out:
         raise StageTimeout(f"the op tests overran the stage budget; {len(cases)} cases reported")
 
