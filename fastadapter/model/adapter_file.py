@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from typing import Mapping
 
 import torch
@@ -140,8 +140,10 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
+    # Not tempfile.mkstemp: it creates the file 0600, and the adapter must get the mode of every other file the
+    # run writes (0666 less the umask, as the checkpoints and metrics).
+    tmp = os.path.join(folder, f".adapter-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         save_file(payload, tmp, metadata={METADATA_KEY: json.dumps(description)})
         os.replace(tmp, path)
