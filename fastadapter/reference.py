@@ -31,13 +31,18 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
 
     # -- words: causal softmax, bottom-right aligned
     scores_w = scale * (qh @ kh.transpose(-1, -2))  # [B, H, Sq, Sk]
+    hidden = None
     if causal:
         row = torch.arange(seqlen_q, device=q.device)[:, None]
         col = torch.arange(seqlen_k, device=q.device)[None, :]
-        scores_w = scores_w.masked_fill(col > row + seqlen_k - seqlen_q, float("-inf"))
+        hidden = col > row + seqlen_k - seqlen_q  # [Sq, Sk]
+        scores_w = scores_w.masked_fill(hidden, float("-inf"))
     lse_w = torch.logsumexp(scores_w.float(), dim=-1)  # [B, H, Sq]
     probs_w = torch.softmax(scores_w, dim=-1)
-    probs_w = torch.nan_to_num(probs_w, nan=0.0)  # rows with no visible key give 0
+    if hidden is not None:
+        # A row with no visible key (the first Sq − Sk queries) gives 0. Only those rows are zeroed: a NaN of
+        # the inputs (in q, or in a visible key) stays NaN, as in PyTorch's attention (DESIGN.md §1).
+        probs_w = probs_w.masked_fill(hidden.all(dim=-1)[:, None], 0.0)
     out_w = probs_w @ vh
 
     # -- prefix: its own softmax, never masked, scaled by the gate
