@@ -234,9 +234,12 @@ def test_tokenizer_of_another_model(shared_data, tmp_path, capsys):
     tokenizer = str(shared_data / "llama_tokenizer.model")
     expected = (f"{tokenizer} has 32,000 tokens but {shared_data / 'stories260K.bin'} only 512 embeddings: this "
                 f"tokenizer belongs to another model")
-    argv = train_args(shared_data, tmp_path / "run")
+    argv = train_args(shared_data, tmp_path / "run", "--max-steps", "1")
     argv[argv.index("--tokenizer") + 1] = tokenizer
     assert error_of(capsys, argv).startswith(expected)
+    # The refused run wrote no metrics: the same --out takes the corrected command.
+    argv[argv.index("--tokenizer") + 1] = str(shared_data / "tok512.bin")
+    assert cli_main(argv) == 0
     argv = generate_args(shared_data)
     argv[argv.index("--tokenizer") + 1] = tokenizer
     assert error_of(capsys, argv).startswith(expected)
@@ -291,7 +294,7 @@ def test_a_new_run_refuses_a_used_out_and_resume_keeps_its_own_checkpoints(share
     old = {step: load_checkpoint(path)["adapter"] for step, path in list_checkpoints(out / "checkpoints")}
     assert sorted(old) == [2, 3, 4]
     message = error_of(capsys, train_args(shared_data, out, "--max-steps", "2", "--save-every", "1", "--seed", "1"))
-    assert message.startswith(f"--out {out} already holds a run (run.json, metrics.jsonl, adapter.safetensors, "
+    assert message.startswith(f"--out {out} already holds a run (metrics.jsonl, adapter.safetensors, "
                               f"checkpoints/ (3 checkpoints, the newest step_000004.pt)); continue it with --resume")
     for step, path in list_checkpoints(out / "checkpoints"):  # untouched
         for name, value in load_checkpoint(path)["adapter"].items():

@@ -402,8 +402,8 @@ def test_cli_user_errors_print_a_message_and_exit_2(tmp_path, shared_data, capsy
     data = shared_data / "alpaca_tiny.json"
     assert cli_main(stories_train_args(shared_data, data, tmp_path / "run", "--eval-fraction", "1.5")) == 2
     assert capsys.readouterr().err == "fastadapter train: error: --eval-fraction must lie in [0, 1), got 1.5\n"
-    assert cli_main(stories_train_args(shared_data, data, tmp_path / "run", "--resume")) == 2
-    assert "error: --resume " in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert cli_main(stories_train_args(shared_data, data, tmp_path / "fresh", "--resume")) == 2
+    assert "error: --resume " in capsys.readouterr().err and not (tmp_path / "fresh").exists()
     # A ValueError that no check of fastadapter raised is a bug: it keeps its traceback.
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="invalid literal for int"):

@@ -137,8 +137,10 @@ class RunFolder:
         return os.path.join(self.out, name)
 
     def existing_run(self) -> list[str]:
-        """What of a run the folder already holds (names relative to it), empty when none."""
-        found = [name for name in (RUN_FILE, METRICS, ADAPTER) if os.path.exists(self._path(name))]
+        """What of a run the folder already holds (names relative to it), empty when none. ``run.json`` alone
+        does not count: a run that stopped before its first metrics line (a model that failed to load) left
+        nothing to lose."""
+        found = [name for name in (METRICS, ADAPTER) if os.path.exists(self._path(name))]
         checkpoints = list_checkpoints(self._path("checkpoints"))
         if checkpoints:
             found.append(f"checkpoints/ ({len(checkpoints)} checkpoints, the newest "

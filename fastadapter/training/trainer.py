@@ -16,6 +16,10 @@ SIGINT and SIGTERM are caught from the start of :meth:`Trainer.run` on (resume, 
 a running evaluation stops at its next packed row, a training step runs to its end, and the run then saves a
 checkpoint (at step 0 when no step was taken) and returns with ``interrupted_by`` set.
 
+Rank 0 holds ``config.out`` through :class:`~fastadapter.training.run_folder.RunFolder` for the whole run: a
+lock against a second process, one run per folder, ``metrics.jsonl`` cut back atomically on resume. A loss or
+an adapter that turns NaN or infinite raises :class:`TrainingDiverged` before anything of it is saved.
+
 Backward stops at the lowest adapted layer by construction: :func:`fastadapter.add_adapter` freezes the base
 model, so no activation below that layer requires a gradient and autograd records no graph there.
 """
