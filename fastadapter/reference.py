@@ -6,6 +6,11 @@ so that it is obviously right. Differentiable through autograd, which gives the 
     S_w = scale · q kᵀ   (causal: query i sees keys j ≤ i + Sk − Sq)
     S_p = scale · q prefix_kᵀ
     out = softmax(S_w) v  +  γ · softmax(S_p) prefix_v,   γ = tanh(gate) or gate
+
+Non-finite inputs propagate, as in PyTorch's attention, and every backend follows this (tests/
+test_nonfinite_inputs.py): an output row is NaN when its query, a key it sees, its sequence's prefix or its gate
+holds a NaN (an infinity gives NaN or hides a key, as the softmax makes of it). The only rows set to 0 are those
+that see no key at all (causal with Sq > Sk); a NaN never crosses from one packed sequence into another.
 """
 from __future__ import annotations
 
