@@ -255,6 +255,14 @@ def test_truncated_and_foreign_checkpoints_to_resume(shared_data, tmp_path, caps
     truncated.write_bytes(data[:len(data) // 2])
     message = error_of(capsys, train_args(shared_data, tmp_path / "other", "--resume", str(truncated)))
     assert message.startswith(f"{truncated}: not a readable training checkpoint")
+    # The newest checkpoint of a run damaged (a disk error, a copy cut short): --resume names the older one.
+    assert cli_main(train_args(shared_data, out, "--max-steps", "2", "--save-every", "1", "--resume")) == 0
+    capsys.readouterr()
+    newest = out / "checkpoints" / "step_000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    message = error_of(capsys, train_args(shared_data, out, "--max-steps", "3", "--resume"))
+    assert message.startswith(f"{newest}: not a readable training checkpoint")
+    assert message.endswith(f"; resume from an older checkpoint instead: --resume {path}")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     assert error_of(capsys, train_args(shared_data, tmp_path / "other", "--resume", str(foreign))) == (

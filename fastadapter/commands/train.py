@@ -135,12 +135,26 @@ def check_settings(args) -> None:
         raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
 
 
+def _load_resumed(path: str) -> dict:
+    """The checkpoint to resume; when it cannot be read, the error names the older checkpoints beside it."""
+    from ..training.checkpoint import list_checkpoints, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except ValueError as exc:
+        older = [p for _, p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+                 if os.path.abspath(p) != os.path.abspath(path)]
+        if not older:
+            raise
+        raise ValueError(f"{exc}; resume from an older checkpoint instead: --resume {older[-1]}") from exc
+
+
 def run(args) -> int:
     check_settings(args)  # before torch is even imported
 
     import torch
 
-    from ..training.checkpoint import load_checkpoint, resolve_resume
+    from ..training.checkpoint import resolve_resume
     from ..training.data import file_fingerprint
     from ..training.distributed import init_from_environment
     from ..training.run_folder import RunFolder
@@ -151,7 +165,7 @@ def run(args) -> int:
     context = init_from_environment(args.device)
     folder = None
     if context.is_main:
-        state = None if resume is None else load_checkpoint(resume)
+        state = None if resume is None else _load_resumed(resume)
         folder = RunFolder.open(args.out, resume_state=state, resume_path=resume, overwrite=args.overwrite)
     try:
         return _train(args, torch, context, folder, resume, data_file)
