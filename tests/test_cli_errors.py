@@ -505,3 +505,31 @@ def test_the_final_adapter_has_the_mode_of_the_checkpoints(shared_data, tmp_path
     # The closing suggestion works with this model: it names the tokenizer too.
     assert (f"try it: fastadapter generate --model {shared_data / 'stories260K.bin'} --tokenizer "
             f"{shared_data / 'tok512.bin'} --adapter {out / 'adapter.safetensors'} --template alpaca") in printed
+
+
+def test_a_malformed_hf_shard_index(shared_data, tmp_path, capsys):
+    """A JSONDecodeError traceback before (and a ``../`` shard was read from outside the folder)."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 512}))
+    index = folder / "model.safetensors.index.json"
+    argv = generate_args(shared_data)
+    argv[argv.index("--model") + 1] = str(folder)
+    index.write_text('{"weight_map": {"lm_head.weight": "model-00001')  # cut short
+    assert error_of(capsys, argv).startswith(f"{index}: not valid JSON (")
+    index.write_text('{"weight_map": {"lm_head.weight": "../model.safetensors"}}')
+    assert error_of(capsys, argv).startswith(f"{index}: shard '../model.safetensors' is not a file of the model "
+                                             f"folder {folder}")
+
+
+def test_a_diverging_run_is_an_error_and_writes_no_adapter(shared_data, tmp_path, capsys):
+    """``--lr 1e30`` (finite, so the flag check passes) finished "done" with an all-NaN adapter."""
+    out = tmp_path / "run"
+    message = error_of(capsys, train_args(shared_data, out, "--lr", "1e30", "--warmup", "0", "--max-steps", "4",
+                                          "--save-every", "1"))
+    assert message.startswith("training diverged: ") and message.endswith("lower --lr or raise --warmup")
+    assert not (out / "adapter.safetensors").exists()
+    for _, path in list_checkpoints(out / "checkpoints"):  # whatever was saved before is finite
+        assert all(bool(t.isfinite().all()) for t in load_checkpoint(path)["adapter"].values())
