@@ -450,9 +450,12 @@ class Trainer:
         ``run_folder``: ``config.out`` already opened by the caller (see :class:`RunFolder`); by default rank 0
         opens and locks it for the run (``overwrite``: a new run may replace the run already there)."""
         own_folder = run_folder is None and self.context.is_main
+        self._bar = None
         try:
             return self._run(resume, run_folder, overwrite)
         finally:
+            if self._bar is not None:  # also when the run stops with an error (diverged, full disk)
+                self._bar.close()
             if own_folder and self.run_folder is not None:
                 self.run_folder.release()
 
@@ -488,7 +491,7 @@ class Trainer:
                                "eval_loss": eval_loss})
                 if self.config.progress and self.context.is_main:
                     from tqdm.auto import tqdm
-                    bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                    bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                dynamic_ncols=True)
             while interrupted is None and self.step < self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
