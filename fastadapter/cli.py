@@ -3,8 +3,9 @@
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; they are
 imported only when their subcommand runs, so ``fastadapter --help`` stays fast.
 
-A user error — a ``FileNotFoundError`` naming a missing path, or a ``FileNotFoundError`` / ``ValueError`` raised
-by fastadapter's own checks (bad data file, bad setting, a checkpoint that does not fit) — prints
+A user error — a ``FileNotFoundError`` naming a missing path, a ``FileNotFoundError`` / ``ValueError`` raised
+by fastadapter's own checks (bad data file, bad setting, a checkpoint that does not fit), or an ``OSError`` of the
+machine around the run (full disk, read-only or forbidden folder, a file where a folder was expected) — prints
 ``fastadapter COMMAND: error: MESSAGE`` and exits with status 2, as argparse does for bad flags; any other
 exception is a bug and keeps its traceback (set ``FASTADAPTER_TRACEBACK=1`` to get the traceback of user errors
 too). Ctrl-C outside training prints ``fastadapter: interrupted`` and exits with status 130.
@@ -12,6 +13,7 @@ too). Ctrl-C outside training prints ``fastadapter: interrupted`` and exits with
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -43,11 +45,19 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+#: errno values of an ``OSError`` that describe the machine or the paths the user gave, not a bug.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ENOENT, errno.EIO})
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` reports a mistake of the user rather than a bug: a ``FileNotFoundError`` from the
-    operating system (it names the missing path), or a ``FileNotFoundError`` / ``ValueError`` raised by a
-    ``raise`` statement of fastadapter itself — not one a library or a failed operation inside fastadapter threw
-    (``int("x")`` in fastadapter's code is a bug)."""
+    operating system (it names the missing path), an ``OSError`` of :data:`ENVIRONMENT_ERRNOS` (full disk,
+    read-only or forbidden path, a file where a folder is expected, ...), or a ``FileNotFoundError`` /
+    ``ValueError`` raised by a ``raise`` statement of fastadapter itself — not one a library or a failed operation
+    inside fastadapter threw (``int("x")`` in fastadapter's code is a bug)."""
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        return True
     if not isinstance(exc, (FileNotFoundError, ValueError)):
         return False
     if isinstance(exc, FileNotFoundError) and exc.filename is not None:
@@ -84,11 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastadapter: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         if not is_user_error(exc) or os.environ.get("FASTADAPTER_TRACEBACK"):
             raise
-        print(f"fastadapter {selected}: error: {exc}", file=sys.stderr)
+        print(f"fastadapter {selected}: error: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one-line message of a user error: an ``OSError`` as ``what: path`` (without ``[Errno N]``)."""
+    if isinstance(exc, OSError) and exc.strerror and (exc.errno in ENVIRONMENT_ERRNOS or exc.filename):
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where += f" -> {exc.filename2}"
+        return f"{exc.strerror}{where}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ so that it is obviously right. Differentiable through autograd, which gives the 
     S_w = scale · q kᵀ   (causal: query i sees keys j ≤ i + Sk − Sq)
     S_p = scale · q prefix_kᵀ
     out = softmax(S_w) v  +  γ · softmax(S_p) prefix_v,   γ = tanh(gate) or gate
+
+Non-finite inputs propagate, as in PyTorch's attention, and every backend follows this (tests/
+test_nonfinite_inputs.py): an output row is NaN when its query, a key it sees, its sequence's prefix or its gate
+holds a NaN (an infinity gives NaN or hides a key, as the softmax makes of it). The only rows set to 0 are those
+that see no key at all (causal with Sq > Sk); a NaN never crosses from one packed sequence into another.
 """
 from __future__ import annotations
 
@@ -31,13 +36,18 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
 
     # -- words: causal softmax, bottom-right aligned
     scores_w = scale * (qh @ kh.transpose(-1, -2))  # [B, H, Sq, Sk]
+    hidden = None
     if causal:
         row = torch.arange(seqlen_q, device=q.device)[:, None]
         col = torch.arange(seqlen_k, device=q.device)[None, :]
-        scores_w = scores_w.masked_fill(col > row + seqlen_k - seqlen_q, float("-inf"))
+        hidden = col > row + seqlen_k - seqlen_q  # [Sq, Sk]
+        scores_w = scores_w.masked_fill(hidden, float("-inf"))
     lse_w = torch.logsumexp(scores_w.float(), dim=-1)  # [B, H, Sq]
     probs_w = torch.softmax(scores_w, dim=-1)
-    probs_w = torch.nan_to_num(probs_w, nan=0.0)  # rows with no visible key give 0
+    if hidden is not None:
+        # A row with no visible key (the first Sq − Sk queries) gives 0. Only those rows are zeroed: a NaN of
+        # the inputs (in q, or in a visible key) stays NaN, as in PyTorch's attention (DESIGN.md §1).
+        probs_w = probs_w.masked_fill(hidden.all(dim=-1)[:, None], 0.0)
     out_w = probs_w @ vh
 
     # -- prefix: its own softmax, never masked, scaled by the gate

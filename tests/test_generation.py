@@ -221,3 +221,31 @@ def test_cli_generate_notes_the_template_with_an_adapter(shared_data, capsys, tm
     missing = [str(tmp_path / "missing.safetensors") if a == str(tmp_path / "adapter.safetensors") else a for a in args]
     assert cli_main(missing) == 2
     assert "fastadapter generate: error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
+    ({"max_new_tokens": -2}, "max_new_tokens must be a positive int, got -2"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be a positive int, got 2.5"),
+    ({"temperature": -0.5}, r"temperature must be a finite number >= 0 \(0: greedy\), got -0.5"),
+    ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.01}, r"top_p must be in \(0, 1\], got 1.01"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
+], ids=lambda v: str(v))
+def test_generation_settings_out_of_range(settings, message):
+    """Checked before any forward pass (a NaN temperature sampled from NaN probabilities; 0 new tokens was an
+    empty answer, negative ones too)."""
+    model = LlamaModel(LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, hidden_dim=48,
+                                   max_seq_len=32))
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, **settings})
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused():
+    model = LlamaModel(LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, hidden_dim=48,
+                                   max_seq_len=32))
+    with pytest.raises(ValueError, match=r"prompt 1 holds token ids \[50, -1\] outside the model's vocabulary "
+                                         r"\[0, 50\): was it encoded with another model's tokenizer\?"):
+        generate(model, [[1, 2], [3, 50, -1]], max_new_tokens=2)

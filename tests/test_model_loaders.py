@@ -255,3 +255,46 @@ def test_dtype_conversion(shared_data):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     logits = model(torch.tensor([[1, 403, 407]]))
     assert logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "model.safetensors.index.json: not valid JSON"),
+    ('{"metadata": {}}', "model.safetensors.index.json: no 'weight_map' object"),
+    ('{"weight_map": ["model.safetensors"]}', "'weight_map' must map tensor names to shard file names"),
+    ('{"weight_map": {"lm_head.weight": "../outside.safetensors"}}',
+     "shard '../outside.safetensors' is not a file of the model folder"),
+    ('{"weight_map": {"lm_head.weight": "/etc/outside.safetensors"}}',
+     "shard '/etc/outside.safetensors' is not a file of the model folder"),
+], ids=["not-json", "no-weight-map", "weight-map-list", "dot-dot", "absolute"])
+def test_hf_shard_index_is_checked(tmp_path, index, message):
+    """A malformed index is a CheckpointError naming it (it was a JSONDecodeError / KeyError traceback), and a
+    shard outside the model folder is refused (it was loaded from wherever ``../`` pointed)."""
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "model")
+    # A real shard outside the folder: the old loader read it.
+    shutil.copy(tmp_path / "model" / "model.safetensors", tmp_path / "outside.safetensors")
+    (tmp_path / "model" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_model(tmp_path / "model")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_weights_are_refused_at_load(tmp_path, value):
+    source = LlamaModel(TINY).eval()
+    with torch.no_grad():
+        source.layers[1].feed_forward.w2.weight[3, 5] = value
+    _write_llama2c(tmp_path / "model.bin", source)
+    with pytest.raises(CheckpointError, match=r"model.bin: tensor 'layers.1.feed_forward.w2.weight' holds NaN or "
+                                              r"infinite values"):
+        load_model(tmp_path / "model.bin")
+
+
+def test_all_finite_checks_every_slice():
+    from fastadapter.model.checkpoints import all_finite
+
+    weight = torch.zeros(7, 13)
+    assert all_finite(weight, chunk_elements=10)
+    weight[6, 12] = float("nan")  # the very last value, in the last (short) slice
+    assert not all_finite(weight, chunk_elements=10)
+    assert not all_finite(weight.t(), chunk_elements=10)  # non-contiguous
+    assert all_finite(torch.zeros(0, 4)) and all_finite(torch.arange(5))

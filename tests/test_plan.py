@@ -71,5 +71,6 @@ def test_plan_command(capsys, shared_data):
     assert main(["plan", "--model", str(shared_data / "stories260K.bin"), "--data",
                  str(shared_data / "alpaca_tiny.json"), "--gpu", "h100", "--gpus", "1"]) == 0
     assert "top 5 layers" in capsys.readouterr().out  # --adapter-layers 30 clamped to the model
-    with pytest.raises(SystemExit, match="neither a named config"):
-        main(["plan", "--model", "llama-9b", "--data", str(shared_data / "alpaca_tiny.json"), "--gpu", "a100"])
+    # A user error: exit status 2 and an error line (it was SystemExit with status 1).
+    assert main(["plan", "--model", "llama-9b", "--data", str(shared_data / "alpaca_tiny.json"), "--gpu", "a100"]) == 2
+    assert "fastadapter plan: error: --model 'llama-9b' is neither a named config" in capsys.readouterr().err

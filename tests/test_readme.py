@@ -46,4 +46,4 @@ def test_readme_model_example_runs(shared_data, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(example, "README model example", "exec"), namespace)
     assert namespace["logits"].shape[-1] == 512
-    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "example" / "adapter.safetensors").is_file()  # in the git-ignored run/

@@ -134,3 +134,35 @@ def test_examples_digest_changes_with_the_tokenised_examples(shared_data, tokeni
     assert examples_digest(shorter) != examples_digest(examples)
     assert examples_digest(examples[::-1]) != examples_digest(examples)
     assert examples_digest([]) != examples_digest(examples[:1])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, tokenizer, suffix):
+    """Editors on Windows save UTF-8 with a BOM; json.loads refused the file ("Unexpected UTF-8 BOM")."""
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}, {"instruction": "Say no.", "output": "No."}]
+    text = json.dumps(rows) if suffix == ".json" else "\n".join(json.dumps(r) for r in rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    report = DataReport()
+    assert load_rows(path, report=report, on_bad_row="error") == [{**rows[0]}, rows[1]]
+    assert report.rows == 2 and not report.bad_rows
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path} is a folder; expected an Alpaca-format .json"):
+        load_rows(tmp_path)
+    with pytest.raises(DataError, match="is a folder"):
+        file_fingerprint(tmp_path)
+
+
+def test_examples_remember_their_row_in_the_file(tmp_path, tokenizer):
+    """Rows 1 and 3 are malformed and skipped: the examples still know rows 0, 2 and 4, so a message about one
+    of them (an over-long example, after shuffling) names the row a user can find in the file."""
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c"}, {"instruction": "d", "output": "e " * 300},
+            7, {"instruction": "f", "output": "g"}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    with pytest.warns(UserWarning, match="skipping malformed row"):
+        examples, report = load_examples(path, tokenizer, max_seq_len=1000)
+    assert [e.row for e in examples] == [0, 2, 4] == report.kept_rows
+    assert examples[0] == tokenize_rows([rows[0]], tokenizer, 1000)[0]  # the row does not take part in equality

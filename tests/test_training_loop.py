@@ -402,8 +402,8 @@ def test_cli_user_errors_print_a_message_and_exit_2(tmp_path, shared_data, capsy
     data = shared_data / "alpaca_tiny.json"
     assert cli_main(stories_train_args(shared_data, data, tmp_path / "run", "--eval-fraction", "1.5")) == 2
     assert capsys.readouterr().err == "fastadapter train: error: --eval-fraction must lie in [0, 1), got 1.5\n"
-    assert cli_main(stories_train_args(shared_data, data, tmp_path / "run", "--resume")) == 2
-    assert "error: --resume " in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert cli_main(stories_train_args(shared_data, data, tmp_path / "fresh", "--resume")) == 2
+    assert "error: --resume " in capsys.readouterr().err and not (tmp_path / "fresh").exists()
     # A ValueError that no check of fastadapter raised is a bug: it keeps its traceback.
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="invalid literal for int"):
@@ -470,3 +470,66 @@ def test_acceptance_train_on_alpaca_then_generate(tmp_path, shared_data, capsys)
     adapted = capsys.readouterr().out
     assert cli_main(generate) == 0
     assert adapted.strip() and adapted != capsys.readouterr().out
+
+
+def test_an_over_long_example_is_reported_by_its_row_in_the_file(tmp_path):
+    """pack_examples said "example 5" — its index after the epoch's shuffle, which no user can find."""
+    examples = [Example(e.tokens, e.labels, row=10 + i) for i, e in enumerate(toy_examples(12))]
+    long = max(examples, key=len)
+    config = TrainConfig(out=str(tmp_path), batch_tokens=len(long) - 1, max_steps=1, progress=False)
+    with pytest.raises(ValueError, match=f"data row {long.row} has {len(long)} tokens, more than a packed row holds "
+                                         f"\\(--batch-tokens {len(long) - 1}\\)"):
+        Trainer(tiny_adapted_model(), examples, [], config)
+
+
+def test_a_diverging_run_stops_without_saving_a_nan_adapter(tmp_path):
+    """lr 1e30: AdamW's first step moves every value by ~1e30 (still finite), the second makes the adapter
+    inf/NaN. The run used to go on and finish "done" with an all-NaN adapter.safetensors; now it raises naming the
+    step and the last good checkpoint, saves nothing of the diverged state, and writes no adapter."""
+    from fastadapter.training.trainer import TrainingDiverged
+
+    examples = toy_examples(16)
+    saved = []
+    good = TrainConfig(out=str(tmp_path), batch_tokens=64, max_steps=4, warmup_steps=0, save_every=1,
+                       progress=False)
+    huge = TrainConfig(**{**good.__dict__, "lr": 1e30})
+    with pytest.raises(TrainingDiverged, match="training diverged: step 2 made .* NaN or infinite .*the last "
+                                               "checkpoint, .*step_000001.pt, holds the adapter of step 1"):
+        train(open_gates(tiny_adapted_model()), examples, [], huge,
+              save_adapter_fn=lambda model, path: saved.append(path))
+    assert saved == [] and [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert read_metrics(tmp_path)[-1]["step"] == 1
+    # A NaN loss (the model, not the adapter, broken) is caught before the step touches the adapter.
+    model = open_gates(tiny_adapted_model())
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    trainer = Trainer(model, examples, [], good)
+    before = adapter_state(model)
+    with pytest.raises(TrainingDiverged, match="the training loss of step 1 is nan"):
+        trainer.train_step()
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
+
+
+@pytest.mark.parametrize("change", [{"warmup_steps": 3}, {"min_lr_ratio": 0.5}, {"grad_clip": 0.5},
+                                    {"dtype": "bf16"}], ids=lambda c: next(iter(c)))
+def test_resume_refuses_changed_schedule_clipping_and_dtype(tmp_path, change):
+    """The README says changed settings are refused; these four were accepted (the scheduler's state silently
+    kept the old warmup and floor)."""
+    examples = toy_examples(20)
+    config = TrainConfig(out=str(tmp_path), batch_tokens=96, max_steps=2, save_every=2, progress=False)
+    train(tiny_adapted_model(), examples, [], config)
+    key, value = next(iter(change.items()))
+    other = TrainConfig(**{**config.__dict__, "max_steps": 4, **change})
+    with pytest.raises(ValueError, match=f"{key}={getattr(config, key)}, this run has {key}={value}"):
+        train(tiny_adapted_model(), examples, [], other, resume=str(tmp_path / "checkpoints" / "step_000002.pt"))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": float("inf")}, "lr must be a finite number"), ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"min_lr_ratio": -5}, r"min_lr_ratio must lie in \[0, 1\]"), ({"min_lr_ratio": 5}, r"min_lr_ratio must lie"),
+    ({"grad_clip": float("nan")}, "grad_clip must be a finite number"), ({"warmup_steps": -1}, "warmup_steps >= 0"),
+    ({"save_every": -1}, "save_every must be >= 0"), ({"keep_checkpoints": -2}, "keep_checkpoints must be >= 0"),
+])
+def test_train_config_refuses_bad_optimiser_settings(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out=str(tmp_path), **settings)

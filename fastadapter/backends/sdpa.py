@@ -43,7 +43,16 @@ def sdpa_composition(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, scale
         out_p = F.scaled_dot_product_attention(qh, pkh, pvh, scale=scale, enable_gqa=True)
         gamma = torch.tanh(gate_rows) if gate_tanh else gate_rows
         out = out + gamma.to(out.dtype)[:, :, None, None] * out_p
-    return out.transpose(1, 2)
+    return propagate_nonfinite_queries(out.transpose(1, 2), q)
+
+
+def propagate_nonfinite_queries(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out [B, Sq, Hq, D]`` with NaN in every row whose query ``q [B, Sq, Hq, D]`` holds a NaN or an infinity.
+
+    PyTorch's fused CPU SDPA kernel returns a finite row (often 0) for a NaN query, where its math path, the
+    reference and the fused backends give NaN; adding ``0 · Σ q`` (NaN exactly for such rows, 0 elsewhere, no
+    gradient) makes this backend follow the others."""
+    return out + q.detach().sum(dim=-1, keepdim=True).mul(0).to(out.dtype)
 
 
 class SdpaBackend(Backend):

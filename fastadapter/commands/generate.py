@@ -6,6 +6,7 @@ trains on (:mod:`fastadapter.training.prompt`), so the model continues with the 
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -56,13 +57,40 @@ def prompt_text(prompt: str, template: str | None, input: str = "") -> str:
     return prompt
 
 
+#: The largest --seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
+
+
+def check_settings(args) -> None:
+    """Raise ``ValueError`` naming the first flag whose value is out of range (before anything loads)."""
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2**63 - 1], got {args.seed}")
+    for flag, value in (("--prompt", args.prompt), ("--input", args.input)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes the terminal's encoding could not decode (surrogateescape)
+            raise ValueError(f"{flag} is not valid text in this terminal's encoding (byte "
+                             f"{value[exc.start:exc.end].encode('utf-8', 'surrogateescape')!r} at {exc.start}); "
+                             f"pass UTF-8 text") from None
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the text to continue (or the instruction, with --template alpaca)")
+
+
 def run(args) -> int:
+    check_settings(args)
+
     import torch
 
     from ..model.adapter import load_adapter
     from ..model.checkpoints import load_model
     from ..model.generation import generate
-    from ..model.tokenizer import load_tokenizer
+    from ..model.tokenizer import check_vocabulary, load_tokenizer
 
     text = prompt_text(args.prompt, args.template, args.input)
     if args.adapter and args.template is None:
@@ -71,7 +99,9 @@ def run(args) -> int:
     model = load_model(args.model)
     if args.adapter:
         load_adapter(model, args.adapter)
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(args.model))
+    tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
     prompt = tokenizer.encode(text, bos=True)
     generator = torch.Generator().manual_seed(args.seed)
     new_tokens = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

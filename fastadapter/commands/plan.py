@@ -42,8 +42,8 @@ def _model_config(name_or_path: str):
     if name_or_path.lower() in NAMED_CONFIGS:
         return NAMED_CONFIGS[name_or_path.lower()]
     if not os.path.exists(name_or_path):
-        raise SystemExit(f"fastadapter plan: --model {name_or_path!r} is neither a named config "
-                         f"({', '.join(NAMED_CONFIGS)}) nor an existing checkpoint path")
+        raise ValueError(f"--model {name_or_path!r} is neither a named config ({', '.join(NAMED_CONFIGS)}) nor an "
+                         f"existing checkpoint path")
     from ..model.checkpoints import detect_checkpoint_format, load_model
 
     format = detect_checkpoint_format(name_or_path)
@@ -101,7 +101,21 @@ def _duration(hours: float) -> str:
     return f"{hours:.2f} h"
 
 
+def check_settings(args) -> None:
+    """Raise ``ValueError`` naming the first flag whose value is out of range."""
+    for flag, value in (("--gpus", args.gpus), ("--max-seq-len", args.max_seq_len),
+                        ("--batch-size", args.batch_size), ("--prompt-len", args.prompt_len),
+                        ("--adapter-layers", args.adapter_layers), ("--rows", args.rows), ("--epochs", args.epochs)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if not (math.isfinite(args.mfu) and 0 < args.mfu <= 1):
+        raise ValueError(f"--mfu must lie in (0, 1] (the share of the GPU's peak FLOP rate), got {args.mfu}")
+
+
 def run(args) -> int:
+    check_settings(args)
     from ..training.flops import epoch_flops, padded_lengths, training_hours
 
     config = _model_config(args.model)

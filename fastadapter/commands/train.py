@@ -14,7 +14,9 @@ once (SIGINT: ``fastadapter: interrupted``, status 130; SIGTERM: the default act
 """
 from __future__ import annotations
 
+import math
 import os
+import shlex
 
 HELP = "fine-tune a LLaMA-Adapter on Alpaca-format JSON/JSONL data (packed sequences, resumable, torchrun-ready)"
 
@@ -31,6 +33,9 @@ def add_arguments(parser) -> None:
     io.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, adapter.safetensors")
     io.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                     help="continue from a checkpoint file or folder; alone: the newest checkpoint in --out")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete the run already in --out (checkpoints, metrics, adapter) and start afresh; "
+                         "without it a new run refuses a used --out")
     io.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
                     help="a malformed data row is reported by index and skipped (default) or stops the run")
     io.add_argument("--eval-fraction", type=float, default=0.05, help="share of the rows held out for eval loss")
@@ -83,24 +88,100 @@ def _default_tokenizer(model_path: str) -> str:
     raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
 
 
-def run(args) -> int:
-    import torch
+#: The largest --seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
 
-    from ..model.adapter import AdapterConfig, add_adapter, save_adapter
-    from ..model.checkpoints import load_model
-    from ..model.tokenizer import load_tokenizer
-    from ..training.checkpoint import resolve_resume
-    from ..training.data import file_fingerprint, load_examples, split_examples
-    from ..training.distributed import init_from_environment
-    from ..training.packing import padding_report
-    from ..training.trainer import DTYPES, TrainConfig, train
 
-    # A bad setting, a missing data file or checkpoint fails before the model loads.
+def check_settings(args) -> None:
+    """Raise ``ValueError`` naming the first flag whose value is out of range (before anything loads)."""
+    def finite(flag: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+
+    for flag, value in (("--lr", args.lr), ("--min-lr-ratio", args.min_lr_ratio),
+                        ("--weight-decay", args.weight_decay), ("--grad-clip", args.grad_clip),
+                        ("--eval-fraction", args.eval_fraction)):
+        finite(flag, value)
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must lie in [0, 1] (the cosine decays to this fraction of --lr), got "
+                         f"{args.min_lr_ratio}")
     if not 0.0 <= args.eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--grad-clip", args.grad_clip),
+                        ("--warmup", args.warmup), ("--eval-every", args.eval_every),
+                        ("--save-every", args.save_every), ("--keep-checkpoints", args.keep_checkpoints)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--max-steps", args.max_steps), ("--epochs", args.epochs),
+                        ("--batch-tokens", args.batch_tokens), ("--grad-accum", args.grad_accum),
+                        ("--prompt-len", args.prompt_len), ("--adapter-layers", args.adapter_layers)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.max_seq_len is not None:
+        if args.max_seq_len < 2:
+            raise ValueError(f"--max-seq-len must be at least 2 (a prompt token and a response token), got "
+                             f"{args.max_seq_len}")
+        if args.batch_tokens < args.max_seq_len:
+            raise ValueError(f"--batch-tokens ({args.batch_tokens}) must be >= --max-seq-len ({args.max_seq_len}): "
+                             f"a packed row must hold the longest example")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must lie in [0, 2**63 - 1], got {args.seed}")
+    if os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out} is a file; expected a folder for the run (metrics.jsonl, "
+                         f"checkpoints/, adapter.safetensors)")
+    if args.overwrite and args.resume is not None:
+        raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+
+
+def _load_resumed(path: str) -> dict:
+    """The checkpoint to resume; when it cannot be read, the error names the older checkpoints beside it."""
+    from ..training.checkpoint import list_checkpoints, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except ValueError as exc:
+        older = [p for _, p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+                 if os.path.abspath(p) != os.path.abspath(path)]
+        if not older:
+            raise
+        raise ValueError(f"{exc}; resume from an older checkpoint instead: --resume {older[-1]}") from exc
+
+
+def run(args) -> int:
+    check_settings(args)  # before torch is even imported
+
+    import torch
+
+    from ..training.checkpoint import resolve_resume
+    from ..training.data import file_fingerprint
+    from ..training.distributed import init_from_environment
+    from ..training.run_folder import RunFolder
+
+    # A bad setting, a missing data file or checkpoint, a used or locked --out fail before the model loads.
     data_file = file_fingerprint(args.data)
     resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
     context = init_from_environment(args.device)
+    folder = None
+    if context.is_main:
+        state = None if resume is None else _load_resumed(resume)
+        folder = RunFolder.open(args.out, resume_state=state, resume_path=resume, overwrite=args.overwrite)
+    try:
+        return _train(args, torch, context, folder, resume, data_file)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _train(args, torch, context, folder, resume, data_file) -> int:
+    from ..model.adapter import AdapterConfig, add_adapter, save_adapter
+    from ..model.checkpoints import load_model
+    from ..model.tokenizer import check_vocabulary, load_tokenizer
+    from ..training.data import load_examples, split_examples
+    from ..training.packing import padding_report
+    from ..training.trainer import DTYPES, TrainConfig, train
+
     say = print if context.is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
@@ -118,7 +199,12 @@ def run(args) -> int:
         f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(args.model))
+    if args.batch_tokens < max_seq_len:
+        raise ValueError(f"--batch-tokens ({args.batch_tokens}) must be >= --max-seq-len ({max_seq_len}, the "
+                         f"default for this model): a packed row must hold the longest example")
+    tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
     examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row)
     say(f"data: {args.data}: {report.summary()}")
     train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
@@ -143,7 +229,7 @@ def run(args) -> int:
     if resume:
         say(f"resuming from {resume}")
     result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
-                   save_adapter_fn=save_adapter)
+                   save_adapter_fn=save_adapter, run_folder=folder)
     if result.interrupted_by is not None:
         say(f"interrupted by signal {result.interrupted_by} at step {result.steps}: checkpoint saved in "
             f"{os.path.join(args.out, 'checkpoints')}; continue with --resume")
@@ -153,6 +239,6 @@ def run(args) -> int:
     adapter_path = os.path.join(args.out, "adapter.safetensors")
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
         f"{adapter_path}")
-    say(f"try it: fastadapter generate --model {args.model} --adapter {adapter_path} --template alpaca "
-        f"--prompt '...'")
+    say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
+        f"--adapter {shlex.quote(adapter_path)} --template alpaca --prompt '...'")
     return 0

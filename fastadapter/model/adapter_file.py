@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from typing import Mapping
 
 import torch
@@ -140,10 +140,14 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
+    # The adapter gets the mode of every other file the run writes (0666 less the umask, as the checkpoints and
+    # metrics), not safetensors' (and tempfile.mkstemp's) 0600: the mode of a file created 0666 here.
+    tmp = os.path.join(folder, f".adapter-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         save_file(payload, tmp, metadata={METADATA_KEY: json.dumps(description)})
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

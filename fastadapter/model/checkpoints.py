@@ -53,9 +53,25 @@ def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sourc
     dtype = dtype or tensors["tok_embeddings.weight"].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{where}: weights must be floating point, the token embedding is {dtype}")
+    for name in expected:
+        if not all_finite(tensors[name]):
+            raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} holds NaN or infinite values; the "
+                                  f"checkpoint is corrupt (or was saved after training diverged)")
     state = {name: tensors[name].to(dtype) for name in expected}
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def all_finite(tensor: torch.Tensor, chunk_elements: int = 1 << 24) -> bool:
+    """Whether every value of ``tensor`` is finite, checked in slices of about ``chunk_elements`` values so that
+    a large weight (a 128K-token embedding) needs no mask of its size."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().reshape(-1)
+    for start in range(0, flat.numel(), chunk_elements):
+        if not bool(torch.isfinite(flat[start:start + chunk_elements]).all()):
+            return False
+    return True
 
 
 def detect_checkpoint_format(path: str) -> str:

@@ -7,6 +7,7 @@ layer's prefix keys and values are projected once, at the prefill, and reused by
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -15,15 +16,20 @@ from .kv_cache import KVCache
 from .llama import LlamaModel
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Raise ``ValueError`` unless ``temperature`` is finite and ``>= 0`` and ``top_p`` lies in ``(0, 1]``."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:  # also refuses NaN
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of ``logits [B, V]``: argmax when ``temperature == 0``, otherwise a sample of
     ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose probability reaches
     ``top_p`` (nucleus sampling). Returns int64 ``[B]``."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -55,12 +61,17 @@ def generate(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tok
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_sampling(temperature, top_p)
     config = model.config
+    vocab = config.vocab_size
+    for index, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {index} holds token ids {bad[:3]} outside the model's vocabulary [0, {vocab}): "
+                             f"was it encoded with another model's tokenizer?")
     results: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens == 0:
-        return results
     # The last generated token is returned, never fed back: the cache holds prompt + max_new_tokens − 1 positions.
     longest = max(len(p) for p in prompts) + max_new_tokens - 1
     if longest > config.max_seq_len:

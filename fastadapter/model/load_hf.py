@@ -77,11 +77,26 @@ def read_hf_config(folder: str) -> LlamaConfig:
 def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{index}: not valid JSON ({exc}); expected {{\"weight_map\": {{tensor: shard "
+                                  f"file}}}}") from exc
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index}: no 'weight_map' object; expected {{\"weight_map\": {{tensor: shard "
+                                  f"file}}}}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        root = os.path.realpath(folder)
         for name in files:
-            if not os.path.isfile(os.path.join(folder, name)):
+            # A shard is a file of this folder: "../x" or "/x" would load weights from anywhere on the machine.
+            target = os.path.realpath(os.path.join(folder, name))
+            if os.path.isabs(name) or os.path.dirname(target) != root:
+                raise CheckpointError(f"{index}: shard {name!r} is not a file of the model folder {folder}; "
+                                      f"shards must be plain file names next to the index")
+            if not os.path.isfile(target):
                 raise CheckpointError(f"{index}: lists shard {name}, which is missing")
         return [os.path.join(folder, name) for name in files]
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))

@@ -35,3 +35,14 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     if len(head) == 4 and 0 < int.from_bytes(head, "little") < 1024:
         return Llama2cTokenizer(path)
     raise ValueError(f"{path}: neither a SentencePiece .model nor a llama2.c tokenizer.bin")
+
+
+def check_vocabulary(tokenizer: Tokenizer, model_vocab_size: int, tokenizer_path: str = "the tokenizer",
+                     model_path: str = "the model") -> None:
+    """Raise ``ValueError`` when ``tokenizer`` can produce ids the model has no embedding for (its vocabulary is
+    larger than the model's ``model_vocab_size``): the tokenizer belongs to another model. A smaller tokenizer
+    is accepted (checkpoints often pad their embedding to a multiple of 64 or 128)."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size:,} tokens but {model_path} only "
+                         f"{model_vocab_size:,} embeddings: this tokenizer belongs to another model; pass "
+                         f"--tokenizer with the model's own tokenizer")

@@ -44,11 +44,13 @@ class Example:
         labels: ``n`` ids: ``labels[j]`` is the token after ``tokens[j]`` when it belongs to the response (EOS
             included), :data:`IGNORE_INDEX` otherwise.
         truncated: the example was cut to ``max_seq_len`` tokens (its EOS, maybe more, was lost).
+        row: the index of its row in the data file (0-based; None when not made from a file), for messages.
     """
 
     tokens: tuple[int, ...]
     labels: tuple[int, ...]
     truncated: bool = False
+    row: Optional[int] = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -66,12 +68,14 @@ class DataReport:
     Attributes:
         rows: rows in the file.
         bad_rows: ``(index, reason)`` of every malformed row that was skipped.
+        kept_rows: the index in the file of every row :func:`load_rows` returned, in order.
         truncated: examples cut to ``max_seq_len``.
         no_response: rows dropped because truncation left no response token to learn from.
     """
 
     rows: int = 0
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    kept_rows: list[int] = field(default_factory=list)
     truncated: int = 0
     no_response: int = 0
 
@@ -84,8 +88,10 @@ class DataReport:
 def _read_json_rows(path: str) -> list:
     """The rows of a JSON array or JSON-lines file; an undecodable JSONL line becomes a row of type ``str``
     (reported as malformed by :func:`_row_problem`) so that one bad line does not hide the others."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; expected an Alpaca-format .json (array) or .jsonl data file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not part of the JSON
             text = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"data file not found: {path}") from None
@@ -156,6 +162,7 @@ def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip",
         problem = _row_problem(row)
         if problem is None:
             good.append(row)
+            report.kept_rows.append(index)
             continue
         if on_bad_row == "error":
             raise DataError(f"{path}: row {index} is malformed: {problem} (pass --on-bad-row skip to skip it)")
@@ -167,19 +174,22 @@ def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip",
 
 
 def tokenize_rows(rows: Iterable[dict], tokenizer, max_seq_len: int,
-                  report: Optional[DataReport] = None) -> list[Example]:
+                  report: Optional[DataReport] = None, row_numbers: Optional[Sequence[int]] = None
+                  ) -> list[Example]:
     """Tokenise Alpaca rows into :class:`Example`: ``encode(prompt + output)`` with BOS and EOS, the first
     ``len(encode(prompt))`` positions masked, cut to ``max_seq_len`` input tokens.
 
     Args:
         tokenizer: ``encode(text, bos, eos) -> list[int]`` (see :func:`fastadapter.load_tokenizer`).
         max_seq_len: the longest model input kept; longer examples are truncated and counted in ``report``.
+        row_numbers: the index in the data file of each row (:attr:`DataReport.kept_rows`), kept in
+            :attr:`Example.row`; default: the position in ``rows``.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     report = DataReport() if report is None else report
     examples = []
-    for row in rows:
+    for position, row in enumerate(rows):
         prompt = format_prompt(row["instruction"], row.get("input", ""))
         full = tokenizer.encode(prompt + row["output"], bos=True, eos=True)
         prompt_tokens = len(tokenizer.encode(prompt, bos=True, eos=False))
@@ -192,7 +202,8 @@ def tokenize_rows(rows: Iterable[dict], tokenizer, max_seq_len: int,
         if all(label == IGNORE_INDEX for label in labels):
             report.no_response += 1
             continue
-        examples.append(Example(tuple(tokens), tuple(labels), truncated))
+        number = row_numbers[position] if row_numbers is not None else position
+        examples.append(Example(tuple(tokens), tuple(labels), truncated, row=number))
     return examples
 
 
@@ -201,7 +212,7 @@ def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int, *, on_ba
     """:func:`load_rows` then :func:`tokenize_rows`; returns the examples and what happened to the rows."""
     report = DataReport()
     rows = load_rows(path, on_bad_row=on_bad_row, report=report)
-    examples = tokenize_rows(rows, tokenizer, max_seq_len, report)
+    examples = tokenize_rows(rows, tokenizer, max_seq_len, report, row_numbers=report.kept_rows)
     if not examples:
         raise DataError(f"{os.fspath(path)}: no example left after truncation to {max_seq_len} tokens; raise "
                         f"--max-seq-len")
@@ -239,6 +250,8 @@ def file_fingerprint(path: str | os.PathLike, head_bytes: int = FINGERPRINT_HEAD
         FileNotFoundError: no file at ``path``.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; expected an Alpaca-format .json (array) or .jsonl data file")
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:

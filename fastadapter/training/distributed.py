@@ -38,9 +38,33 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def check_device(device: str | None) -> None:
+    """Raise ``ValueError`` unless ``device`` (``--device``) is None, ``cpu``, or ``cuda[:N]`` with such a GPU
+    here."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: fastadapter runs on cpu or cuda[:N], not {parsed.type}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} GPUs here")
+
+
 def init_from_environment(device: str | None = None) -> DistributedContext:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_*``),
-    with NCCL on GPUs and gloo on CPUs; a single process when ``WORLD_SIZE`` is unset or 1."""
+    with NCCL on GPUs and gloo on CPUs; a single process when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        ValueError: ``device`` is not ``cpu`` or an available ``cuda[:N]`` (see :func:`check_device`).
+    """
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if world_size <= 1:

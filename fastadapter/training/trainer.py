@@ -16,6 +16,10 @@ SIGINT and SIGTERM are caught from the start of :meth:`Trainer.run` on (resume, 
 a running evaluation stops at its next packed row, a training step runs to its end, and the run then saves a
 checkpoint (at step 0 when no step was taken) and returns with ``interrupted_by`` set.
 
+Rank 0 holds ``config.out`` through :class:`~fastadapter.training.run_folder.RunFolder` for the whole run: a
+lock against a second process, one run per folder, ``metrics.jsonl`` cut back atomically on resume. A loss or
+an adapter that turns NaN or infinite raises :class:`TrainingDiverged` before anything of it is saved.
+
 Backward stops at the lowest adapted layer by construction: :func:`fastadapter.add_adapter` freezes the base
 model, so no activation below that layer requires a gradient and autograd records no graph there.
 """
@@ -35,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (DataPosition, checkpoint_path, load_checkpoint, prune_checkpoints, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (DataPosition, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
+                         rng_state, save_checkpoint, set_rng_state)
 from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .packing import PackedBatch, collate_packed, pack_examples
+from .run_folder import RunFolder
 from .schedule import warmup_cosine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,10 +103,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got lr={self.lr}, "
                              f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
                              f"weight_decay={self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1] (the cosine's floor as a fraction of lr), got "
+                             f"{self.min_lr_ratio}")
+        for name in ("eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -117,8 +132,13 @@ class TrainResult:
 
 
 #: TrainConfig fields a resumed run must share with its checkpoint: they decide which rows each step sees
-#: (batch_tokens, seed), or the checkpoint's optimizer state would silently override them (lr, weight_decay).
-RESUME_KEYS = ("batch_tokens", "seed", "lr", "weight_decay")
+#: (batch_tokens, seed), the checkpoint's optimizer or scheduler state would silently override them (lr,
+#: weight_decay, warmup_steps, min_lr_ratio), or they change what a step computes (grad_clip, dtype).
+RESUME_KEYS = ("batch_tokens", "seed", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "dtype")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss or the adapter became NaN or infinite; nothing of the diverged state is saved."""
 
 
 class _StopRequest:
@@ -196,6 +216,14 @@ class Trainer:
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         if not self.train_examples:
             raise ValueError("no training examples")
+        for kind, examples in (("training", self.train_examples), ("eval", self.eval_examples)):
+            for index, example in enumerate(examples):
+                if len(example) > config.batch_tokens:
+                    where = (f"data row {example.row}" if example.row is not None else f"{kind} example {index}")
+                    raise ValueError(f"{where} has {len(example)} tokens, more than a packed row holds "
+                                     f"(--batch-tokens {config.batch_tokens}); raise --batch-tokens to at least "
+                                     f"--max-seq-len")
+        self.run_folder: Optional[RunFolder] = None
         self.params = adapter_parameters(model)
         self._rows_cache: dict[int, list[list[int]]] = {}
         self.optimizer = build_optimizer(self.params, config)
@@ -262,6 +290,10 @@ class Trainer:
                 loss = token_loss_sum(self.model, batch.to(self.context.device)) / loss_tokens
             self.scaler.scale(loss).backward()
             local_loss += float(loss.detach())
+        (loss_value,) = all_reduce_sum([local_loss], self.context)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._diverged(f"the training loss of step {self.step + 1} is {loss_value}"))
         parameters = [p for _, p in self.params]
         all_reduce_gradients(parameters, self.context)
         self.scaler.unscale_(self.optimizer)
@@ -273,8 +305,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += real_tokens
-        (loss_value,) = all_reduce_sum([local_loss], self.context)
+        # The adapter is small (1.2M values for LLaMA-7B): checking it costs nothing next to the step.
+        broken = [name for name, p in self.params if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise TrainingDiverged(self._diverged(f"step {self.step} made {', '.join(broken[:3])}"
+                                                  f"{' and others' if len(broken) > 3 else ''} NaN or infinite"))
         return loss_value, real_tokens
+
+    def _diverged(self, what: str) -> str:
+        folder = os.path.join(self.config.out, "checkpoints")
+        saved = list_checkpoints(folder)
+        last = (f"the last checkpoint, {saved[-1][1]}, holds the adapter of step {saved[-1][0]}" if saved
+                else "no checkpoint was saved")
+        return (f"training diverged: {what} (lr {self.config.lr}, warmup {self.config.warmup_steps} steps, "
+                f"grad clip {self.config.grad_clip}, {self.config.dtype}); nothing of it is saved and {last}; "
+                f"lower --lr or raise --warmup")
 
     @torch.no_grad()
     def evaluate(self, stop: Optional[_StopRequest] = None) -> Optional[float]:
@@ -311,7 +356,8 @@ class Trainer:
                 "adapter": {name: p.detach().clone() for name, p in self.params},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "config": asdict(self.config),
-                "world_size": self.context.world_size}
+                "world_size": self.context.world_size,
+                "run_id": self.run_folder.run_id if self.run_folder is not None else None}
 
     def resume_differences(self, state: dict) -> list[str]:
         """What differs between the run that wrote checkpoint ``state`` and this one, one line per difference
@@ -342,12 +388,16 @@ class Trainer:
                                    f"tokenizer, --max-seq-len, --eval-fraction, --on-bad-row or --seed)")
         return differences
 
-    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+    def check_resumable(self, state: dict, source: str = "the checkpoint") -> None:
+        """Raise ``ValueError`` listing :meth:`resume_differences` when there are any."""
         differences = self.resume_differences(state)
         if differences:
             raise ValueError(f"{source} was made with other data or settings, so resuming it would not continue "
                              f"the same run:\n  " + "\n  ".join(differences) +
                              "\nresume with the checkpoint's data and settings, or start a new run in another --out")
+
+    def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
+        self.check_resumable(state, source)
         names = [name for name, _ in self.params]
         if sorted(state["adapter"]) != sorted(names):
             raise ValueError(f"{source} holds adapter parameters {sorted(state['adapter'])}, the model has "
@@ -371,28 +421,21 @@ class Trainer:
         if self.context.is_main:
             folder = os.path.join(self.config.out, "checkpoints")
             path = checkpoint_path(folder, self.step)
-            save_checkpoint(path, self.state_dict())
+            try:
+                save_checkpoint(path, self.state_dict())
+            except OSError as exc:  # full disk, lost permission: the older checkpoints are untouched
+                saved = list_checkpoints(folder)
+                last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved yet"
+                raise OSError(exc.errno, f"{exc.strerror} while writing the checkpoint of step {self.step} "
+                                         f"({last}; fix this, then continue with --resume)", path) from exc
             prune_checkpoints(folder, self.config.keep_checkpoints)
         barrier(self.context)
         return path
 
     # -- the run --------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        if self.context.is_main:
-            with open(os.path.join(self.config.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines past the resumed step (written after the checkpoint by the stopped run)."""
-        path = os.path.join(self.config.out, "metrics.jsonl")
-        if not self.context.is_main or not os.path.exists(path):
-            return
-        # A run resumed at step 0 evaluates and logs step 0 again: keep nothing then.
-        last_kept = self.step if self.step > 0 else -1
-        with open(path, encoding="utf-8") as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_kept]
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
+        if self.run_folder is not None:
+            self.run_folder.log(record)
 
     def _signalled(self, stop: _StopRequest) -> Optional[int]:
         """The signal that asks this run to stop, when any rank received one (every rank must stop at the same
@@ -400,16 +443,42 @@ class Trainer:
         (signalled,) = all_reduce_sum([float(stop.signum or 0)], self.context)
         return (stop.signum or signal.SIGTERM) if signalled else None
 
-    def run(self, resume: Optional[str] = None) -> TrainResult:
-        """Train to ``total_steps`` (from ``resume``, a checkpoint file, when given)."""
-        os.makedirs(self.config.out, exist_ok=True)
+    def run(self, resume: Optional[str] = None, *, run_folder: Optional[RunFolder] = None,
+            overwrite: bool = False) -> TrainResult:
+        """Train to ``total_steps`` (from ``resume``, a checkpoint file, when given).
+
+        ``run_folder``: ``config.out`` already opened by the caller (see :class:`RunFolder`); by default rank 0
+        opens and locks it for the run (``overwrite``: a new run may replace the run already there)."""
+        own_folder = run_folder is None and self.context.is_main
+        self._bar = None
+        try:
+            return self._run(resume, run_folder, overwrite)
+        finally:
+            if self._bar is not None:  # also when the run stops with an error (diverged, full disk)
+                self._bar.close()
+            if own_folder and self.run_folder is not None:
+                self.run_folder.release()
+
+    def _run(self, resume: Optional[str], run_folder: Optional[RunFolder], overwrite: bool) -> TrainResult:
         initial_eval = eval_loss = None
         loss = math.nan
         bar = None
         with _StopRequest() as stop:
-            if resume is not None:
-                self.load_state_dict(load_checkpoint(resume, map_location=self.context.device), resume)
-                self._truncate_metrics()
+            state = None if resume is None else load_checkpoint(resume, map_location=self.context.device)
+            if state is not None:
+                self.check_resumable(state, resume)  # before the folder is touched
+            if self.context.is_main:
+                self.run_folder = run_folder or RunFolder.open(self.config.out, resume_state=state,
+                                                               resume_path=resume, overwrite=overwrite)
+            barrier(self.context)
+            if state is not None:
+                self.load_state_dict(state, resume)
+                if self.run_folder is not None:
+                    # Drop the lines the stopped run wrote past its checkpoint; the summary starts at step 0.
+                    kept = self.run_folder.restart_metrics(self.step)
+                    initial_eval = next((r.get("eval_loss") for r in kept if r["step"] == 0), None)
+                    eval_loss = next((r["eval_loss"] for r in reversed(kept) if "eval_loss" in r), None)
+                    loss = next((r["loss"] for r in reversed(kept) if "loss" in r), math.nan)
             if self.step == 0:
                 initial_eval = eval_loss = self.evaluate(stop)
             interrupted = self._signalled(stop)
@@ -422,7 +491,7 @@ class Trainer:
                                "eval_loss": eval_loss})
                 if self.config.progress and self.context.is_main:
                     from tqdm.auto import tqdm
-                    bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                    bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                dynamic_ncols=True)
             while interrupted is None and self.step < self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
@@ -469,7 +538,7 @@ def _describe_file(file: dict) -> str:
 
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
-          save_adapter_fn=None) -> TrainResult:
+          save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune the adapter of ``model`` (already given one by :func:`fastadapter.add_adapter`).
 
     Args:
@@ -480,8 +549,17 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
             :meth:`Trainer.resume_differences`; a ``ValueError`` lists what differs).
         context: this process's rank in a ``torch.distributed`` job (default: single process).
         save_adapter_fn: ``fn(model, path)`` writing the final adapter (``OUT/adapter.safetensors``).
+        run_folder: ``config.out`` already opened (and locked) by :meth:`RunFolder.open`; by default the run
+            opens it itself and unlocks it at the end.
+        overwrite: a new run replaces the run already in ``config.out`` instead of refusing the folder.
 
     Returns:
         :class:`TrainResult`.
+
+    Raises:
+        RunFolderError: ``config.out`` is locked by another process or holds another run.
+        TrainingDiverged: the loss or the adapter became NaN or infinite (nothing of it is saved).
+        OSError: a checkpoint or the metrics could not be written (the checkpoints before it are intact).
     """
-    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn).run(resume)
+    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn).run(
+        resume, run_folder=run_folder, overwrite=overwrite)
