@@ -267,7 +267,7 @@ def _matrix_in_process(archs: tuple[str, ...], dtypes: tuple[torch.dtype, ...], 
                 declined.append(dict(kernel=kernel, config=None, arch=f"sm_{cc}", dtype=DTYPE_NAMES[dtype],
                                      head_dim=head_dim, declined=reason))
                 continue
-            for config in _configs.candidates(kernel, facts.block_d, interpreter=False):
+            for config in _configs.candidates(kernel, facts.block_d, interpreter=False, capability=cc):
                 tasks.append((kernel, _config_key(config), cc, facts))
     if workers > 1 and len(tasks) > 1:
         # Workers start from a clean interpreter (spawn) and inherit this process's environment (no interpreter).

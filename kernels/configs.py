@@ -65,23 +65,31 @@ def _config(block_m: int, block_n: Optional[int], num_warps: int, num_stages: in
 # first-call cost (and the compile test) small.
 _COMPILED_CONFIGS = {
     128: {
-        # One program per query tile; key/value tiles stream through shared memory. 128×128 is for Hopper (it
-        # spills on sm_80/86/89 and the plan drops it there).
-        "forward": [_config(128, 64, 8, 3), _config(128, 128, 8, 2)],
+        # One program per query tile; key/value tiles stream through shared memory. 128×64 on 8 warps sits at
+        # 255 registers and spills 16-32 B at D = 80 (the masked, padded head dim): 64×64 on 8 warps is the
+        # fallback there. (128×128 is added on Hopper: it spills 56-72 B on sm_80/86.)
+        "forward": [_config(128, 64, 8, 3), _config(64, 64, 8, 2)],
         # Row statistics and prefix gradients: no loop over keys, only over query tiles.
         "backward_preprocess": [_config(32, None, 8, 2)],
-        # One program per key tile (dk, dv accumulators resident); query tiles stream.
-        "backward_dkdv": [_config(32, 64, 4, 2)],
+        # One program per key tile (dk, dv accumulators resident); query tiles stream. 32×64 on 4 warps spills
+        # 8-16 B on sm_86/89 (and at D = 80 on sm_80): 8 warps halve the accumulators per thread.
+        "backward_dkdv": [_config(32, 64, 4, 2), _config(32, 64, 8, 2)],
         # One program per query tile (dq accumulator resident); key/value tiles stream.
         "backward_dq": [_config(128, 32, 8, 2)],
     },
     256: {
-        "forward": [_config(32, 32, 4, 2)],
+        # 32×32 on 4 warps spills 104-160 B; ptxas gives 32×32 dq tiles on 4 warps 32 registers and spills kBs.
+        "forward": [_config(32, 32, 4, 2), _config(32, 32, 8, 2)],
         "backward_preprocess": [_config(32, None, 8, 1)],
         "backward_dkdv": [_config(16, 32, 4, 1)],
-        "backward_dq": [_config(32, 32, 4, 1)],
+        "backward_dq": [_config(32, 32, 4, 1), _config(32, 32, 8, 1), _config(64, 32, 8, 2)],
     },
 }
+
+#: Candidates only an architecture from this compute capability on may try: Hopper's register file and shared
+#: memory hold 128×128 forward tiles.
+_HOPPER_CONFIGS = {128: {"forward": [_config(128, 128, 8, 2)]}}
+HOPPER = 90
 
 _INTERPRETER_CONFIGS = {
     # Query and key tiles of different sizes, so that tests on short sequences cross tile and diagonal
@@ -102,15 +110,19 @@ def _width_class(block_d: int) -> int:
     return 128 if block_d <= 128 else 256
 
 
-def candidates(kernel: str, block_d: int = 128, interpreter: Optional[bool] = None) -> list[triton.Config]:
-    """The configurations ``kernel`` may try for a head-dim tile of ``block_d`` (before the resource check)."""
+def candidates(kernel: str, block_d: int = 128, interpreter: Optional[bool] = None,
+               capability: int = HOPPER) -> list[triton.Config]:
+    """The configurations ``kernel`` may try for a head-dim tile of ``block_d`` on ``sm_<capability>`` (before
+    the resource check)."""
     if kernel not in _INTERPRETER_CONFIGS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     if interpreter is None:
         interpreter = interpreting()
     if interpreter:
         return list(_INTERPRETER_CONFIGS[kernel])
-    return list(_COMPILED_CONFIGS[_width_class(block_d)][kernel])
+    width = _width_class(block_d)
+    extra = _HOPPER_CONFIGS.get(width, {}).get(kernel, []) if capability >= HOPPER else []
+    return list(_COMPILED_CONFIGS[width][kernel]) + list(extra)
 
 
 def configs(kernel: str, interpreter: Optional[bool] = None) -> list[triton.Config]:
@@ -121,7 +133,7 @@ def configs(kernel: str, interpreter: Optional[bool] = None) -> list[triton.Conf
         return list(_INTERPRETER_CONFIGS[kernel])
     seen, out = set(), []
     for width in sorted(_COMPILED_CONFIGS):
-        for c in _COMPILED_CONFIGS[width][kernel]:
+        for c in _COMPILED_CONFIGS[width][kernel] + _HOPPER_CONFIGS.get(width, {}).get(kernel, []):
             if config_name(c) not in seen:
                 seen.add(config_name(c))
                 out.append(c)
@@ -187,11 +199,12 @@ class Resources:
 def target_reason(dtype: torch.dtype, capability: int) -> Optional[str]:
     """Why the kernels cannot run ``dtype`` on compute capability ``capability`` at all (None when they can).
 
-    float32 is declined on every GPU and left to the ``sdpa`` backend: the kernels would multiply fp32 tiles in
-    IEEE precision, which uses no tensor cores and spills (3.5 KB/thread for the H100 forward at D = 128), and
-    TF32 dots would give up the accuracy a caller asking for fp32 wants (10 mantissa bits, errors ~1e-3
-    relative, worse than bf16 storage with fp32 accumulation needs). PyTorch's SDPA kernels run fp32 well.
-    Under the interpreter (CPU tensors, the tests) fp32 runs as every other dtype.
+    float32 is declined on every GPU and left to the ``sdpa`` backend. In IEEE precision the kernels' fp32 tile
+    products use no tensor cores and spill (3.5 KB/thread for the H100 forward at D = 128): slower than SDPA's
+    own fp32 kernels. TF32 dots would use the tensor cores but round every operand to 10 mantissa bits (relative
+    error ~5e-4 per product), which is not what a caller asking for fp32 expects, and would need a tolerance
+    looser than the fp32 tests hold every other backend to. Training runs in bf16/fp16, where the kernels
+    matter. Under the interpreter (CPU tensors, the tests) fp32 runs as every other dtype.
     """
     if dtype == torch.float32:
         return ("float32 on a GPU is left to the sdpa backend (IEEE-precision fp32 tiles use no tensor cores and "
@@ -228,7 +241,7 @@ def _relevant(kernel: str, facts: KernelFacts) -> KernelFacts:
 def _plan(kernel: str, facts: KernelFacts, capability: int, device_index: Optional[int]
           ) -> tuple[tuple[triton.Config, ...], tuple[str, ...]]:
     kept, rejected = [], []
-    for config in candidates(kernel, facts.block_d, interpreter=False):
+    for config in candidates(kernel, facts.block_d, interpreter=False, capability=capability):
         resources = _measure(kernel, config, facts, capability, device_index)
         if resources.fits:
             kept.append(config)

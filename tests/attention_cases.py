@@ -137,19 +137,25 @@ def check_against_reference(case: Case, backend: str, device="cpu", check_grads:
     (o, g), (o_pt, g_pt), (o_ref, g_ref) = (_run(f, kw, grad_out) for f in (fast, ref_lowp, ref_fp32))
     assert o.dtype == case.dtype and o.shape == kw["q"].shape
     _assert_within("out", case, o, o_pt, o_ref)
+    # A gradient that is exactly 0 by cancellation (one visible key: P = 1, so dS = P ∘ (dO vᵀ − D) = 0) has no
+    # magnitude of its own; a flash-style backward computes D = rowsum(dO ∘ out) from the rounded output, so it
+    # leaves rounding of the size of the cancelling terms, those of the word gradients. It is held to the
+    # relative standard of the largest word gradient of the case.
+    word_scale = max((g_ref[n].abs().max().item() for n in ("q", "k", "v") if g_ref[n].numel()), default=0.0)
     for name in INPUT_NAMES:
         assert g[name].shape == kw[name].shape, f"{backend}: d{name} has shape {tuple(g[name].shape)}"
-        _assert_within(f"d{name}", case, g[name], g_pt[name], g_ref[name])
+        _assert_within(f"d{name}", case, g[name], g_pt[name], g_ref[name], zero_scale=word_scale)
 
 
-def _assert_within(what: str, case: Case, got, plain, ref) -> None:
+def _assert_within(what: str, case: Case, got, plain, ref, zero_scale: float = 0.0) -> None:
     assert got.shape == ref.shape, f"{case.id}: {what} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
     if ref.numel() == 0:
         return
     ref = ref.float()
     err = (got.float() - ref).abs().max().item()
     err_plain = (plain.float() - ref).abs().max().item()
-    floor = REL_FLOOR[case.dtype] * ref.abs().max().item()
+    magnitude = ref.abs().max().item() or zero_scale
+    floor = REL_FLOOR[case.dtype] * magnitude
     assert err <= 2 * err_plain + floor, (f"{case.id}: {what} error {err:.3e} exceeds 2 x plain PyTorch's "
                                           f"{err_plain:.3e} + {floor:.1e}")
 
