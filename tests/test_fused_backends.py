@@ -83,7 +83,8 @@ def test_saved_log_sum_exps_match_reference(case, backend):
                                                     max_seqlen=inp.max_seqlen or None)
     assert lse_w.shape == lse_p.shape == inp.lse_shape() and lse_w.dtype == torch.float32
     assert out.is_contiguous() and out.shape == inp.q.shape
-    tol = 1e-5 if case.dtype == torch.float32 else 2e-2  # the kernels' scores use rounded-to-dtype inputs
+    # On a GPU the fp32 cases run in bf16: the same rounded inputs on both sides, only the summation order differs.
+    tol = 1e-5 if case.dtype == torch.float32 else 1e-4
     torch.testing.assert_close(lse_w, ref_w.to(lse_w.dtype), rtol=tol, atol=tol)
     torch.testing.assert_close(lse_p, ref_p.to(lse_p.dtype), rtol=tol, atol=tol)
     if case.seqlen_q > case.seqlen_k and not case.seqlens:
@@ -178,6 +179,8 @@ def test_torch_compile_fullgraph_through_the_fused_op(backend):
     block.zero_grad()
     eager = block(x)
     eager.sum().backward()
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    # bf16 on a GPU: inductor's projections may round differently from eager ones (one bf16 ulp, 2^-8).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
     for got, want in zip(compiled_grads, (p.grad for p in block.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
