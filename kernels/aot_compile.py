@@ -359,8 +359,13 @@ def compile_matrix(archs: Iterable[str] = MATRIX_ARCHS, dtypes: Iterable[torch.d
 def compile_report(archs: Iterable[str] = ("sm_80", "sm_90")) -> list[dict]:
     """The configurations the backend may launch at LLaMA-7B shapes (bf16, D = 128, P = 10), per arch: the
     rows of :func:`compile_matrix` that launch, each with ``seqlens`` (the S values of the README's table)."""
-    rows = compile_matrix(archs, (LLAMA_7B.dtype,), (LLAMA_7B.head_dim,))
-    kept = [r for r in rows if r.get("launches")]
+    return llama7b_rows(compile_matrix(archs, (LLAMA_7B.dtype,), (LLAMA_7B.head_dim,)))
+
+
+def llama7b_rows(rows: list[dict]) -> list[dict]:
+    """The rows of a compile matrix that may launch at LLaMA-7B shapes (bf16, D = 128), with ``seqlens``."""
+    kept = [dict(r) for r in rows if r.get("launches") and r["dtype"] == DTYPE_NAMES[LLAMA_7B.dtype]
+            and r["head_dim"] == LLAMA_7B.head_dim]
     for row in kept:
         row["seqlens"] = (512, 2048)
     return kept
