@@ -14,6 +14,7 @@ wrong and what was expected.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,6 +131,61 @@ def normalize_gate(gate: torch.Tensor, batch: int, heads_q: int) -> torch.Tensor
                      f"[{batch}, {heads_q}] (one row per sample), got {list(shape)}")
 
 
+def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.device) -> int:
+    """Check packed-sequence boundaries once, for every backend; returns ``max_seqlen`` as an int.
+
+    ``cu_seqlens`` must be a contiguous int32 tensor ``[N+1]`` on the inputs' device that starts at 0, never
+    decreases and ends at most at the token count ``tokens`` (tokens after it belong to no sequence);
+    ``max_seqlen`` a positive int at least the longest sequence. A kernel reading malformed boundaries would
+    read and write out of bounds, and one given a short ``max_seqlen`` would skip rows, so both are errors.
+
+    Cost: one small device-to-host copy (four numbers reduced on the device: a single sync per call, a few
+    microseconds, next to a kernel launch). Under ``torch.compile`` the values cannot be read without a graph
+    break, so they are checked there by ``torch._assert_async`` instead (device-side; same conditions).
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be an int32 tensor of shape [N+1] with N >= 1, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if not cu_seqlens.is_contiguous():
+        raise ValueError(f"cu_seqlens must be contiguous (the kernels read it with unit stride), got stride "
+                         f"{cu_seqlens.stride()}; pass cu_seqlens.contiguous()")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    try:
+        if isinstance(max_seqlen, bool):
+            raise TypeError
+        max_seqlen = operator.index(max_seqlen)
+    except TypeError:
+        raise ValueError(f"max_seqlen must be a positive int with cu_seqlens, got {max_seqlen!r}") from None
+    if max_seqlen <= 0:
+        raise ValueError(f"max_seqlen must be a positive int with cu_seqlens, got {max_seqlen}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if torch.compiler.is_compiling():
+        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+        torch._assert_async(lengths.min() >= 0, "cu_seqlens must never decrease")
+        torch._assert_async(cu_seqlens[-1] <= tokens, "cu_seqlens must end at most at the token count")
+        torch._assert_async(lengths.max() <= max_seqlen, "max_seqlen must be at least the longest sequence")
+        return max_seqlen
+    first, last, shortest, longest = torch.stack(
+        [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first} (cu_seqlens[i] is where sequence i starts)")
+    if shortest < 0:
+        at = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"cu_seqlens must never decrease, got cu_seqlens[{at}] = {int(cu_seqlens[at])} > "
+                         f"cu_seqlens[{at + 1}] = {int(cu_seqlens[at + 1])}")
+    if last > tokens:
+        raise ValueError(f"cu_seqlens ends at {last}, past the {tokens} packed tokens of q, k and v")
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest packed sequence ({longest} "
+                         f"tokens); pass max_seqlen >= {longest}")
+    return max_seqlen
+
+
 def validate_inputs(q, k, v, prefix_k, prefix_v, gate, *, causal: bool, softmax_scale: Optional[float],
                     gate_activation: str, cu_seqlens: Optional[torch.Tensor] = None,
                     max_seqlen: Optional[int] = None) -> AttentionInputs:
@@ -171,20 +227,11 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, gate, *, causal: bool, softmax_
                          f"for grouped-query attention")
 
     if varlen:
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
-        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must be an int32 tensor of shape [N+1] with N >= 1, got dtype "
-                             f"{cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"varlen q and k must hold the same tokens, got q {q.shape[0]} and k {k.shape[0]} "
                              f"tokens")
-        if max_seqlen is None or int(max_seqlen) <= 0:
-            raise ValueError(f"max_seqlen must be a positive int with cu_seqlens, got {max_seqlen}")
+        max_seqlen = validate_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
         batch = cu_seqlens.shape[0] - 1
-        max_seqlen = int(max_seqlen)
     else:
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens (varlen mode)")

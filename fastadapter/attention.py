@@ -32,9 +32,11 @@ def zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefi
         gate_activation: ``"tanh"`` (the original training code) or ``"none"`` (PEFT, litgpt).
         backend: ``None`` chooses automatically (``FASTADAPTER_BACKEND`` overrides), or one of ``"triton"``,
             ``"cpu"``, ``"sdpa"``, ``"reference"``; an explicit backend that cannot run the inputs raises.
-        cu_seqlens: int32 ``[N+1]``: q, k, v are N sequences packed along the first dimension; each attends
-            only to itself (self-attention, ``Sq == Sk`` per sequence). Prefix and gate rows are per sequence.
-        max_seqlen: the longest of the packed sequences (required with ``cu_seqlens``).
+        cu_seqlens: int32 ``[N+1]``, contiguous: q, k, v are N sequences packed along the first dimension; each
+            attends only to itself (self-attention, ``Sq == Sk`` per sequence). Prefix and gate rows are per
+            sequence. It starts at 0, never decreases and ends at most at the token count T (tokens after it
+            belong to no sequence and give 0); checked once for every backend (one small host sync).
+        max_seqlen: at least the longest of the packed sequences (required with ``cu_seqlens``).
 
     Returns:
         ``[B, Sq, Hq, D]`` (or ``[T, Hq, D]``) in q's dtype.

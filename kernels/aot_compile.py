@@ -1,33 +1,42 @@
-"""Ahead-of-time compilation of every kernel for real GPUs, without one: registers, spills, shared memory.
+"""Compiling the kernels for real GPUs and reading what the compiler made of them: registers, spills, shared
+memory. Used by the launch plan (:mod:`.configs`) and by the compile report.
 
-:func:`compile_report` compiles each kernel in each configuration its autotuner may pick (after pruning) at
-LLaMA-7B shapes (``Hq = Hkv = 32``, ``D = 128``, ``P = 10``, ``S = 512`` and ``2048``, bf16) for each requested
-architecture with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, then reads the cubin
-with the tools inside the triton wheel: ``cuobjdump --dump-resource-usage`` (registers, stack, local and
-static shared memory) and ``cuobjdump -sass`` (tensor-core ``HMMA``/``HGMMA`` instructions, local-memory
-``LDL``/``STL`` traffic that spilling would cause).
+Two ways to measure one (kernel, configuration, :class:`~.configs.KernelFacts`):
 
-The launch arguments are built by the same host code as a real launch, on ``meta`` tensors, so the compiled
-specialisation (pointer alignment, integers equal to 1 or divisible by 16) is the one a GPU run would get.
+* :func:`resources_on_device` (run time, a CUDA device): ``triton.compile`` for the device's target, then the
+  compiled kernel object's ``n_regs``, ``n_spills`` and ``metadata.shared`` once loaded on the device, against
+  the device's opt-in shared memory per block;
+* :func:`resources_ahead_of_time` (no GPU): ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
+  and the cubin read with the tools inside the triton wheel: ``cuobjdump --dump-resource-usage`` (registers,
+  stack, local and static shared memory) and ``cuobjdump -sass`` (tensor-core ``HMMA``/``HGMMA``, ``LDL``/``STL``
+  local-memory traffic), against :data:`~.configs.SHARED_MEMORY_PER_BLOCK`.
 
-:func:`compile_code_paths` compiles the branches those shapes do not take (varlen, fp16, padded head dims, no
-prefix, non-causal...) so that a kernel change the interpreter accepts but the compiler rejects is caught.
+The launch arguments are built by the launchers' own host code on ``meta`` tensors of representative inputs
+(:func:`representative_inputs`: LLaMA-like sizes, so the specialisation of pointers and integers, aligned or
+divisible by 16, is the one a real launch gets).
+
+:func:`compile_matrix` compiles every candidate of every kernel for a grid of architectures, dtypes and head
+dims and says which configurations the backend may launch and which combinations it declines (why): the
+facts ``tests/test_kernels_compile.py`` checks and ``python -m fastadapter.kernels.report --json FILE`` saves.
+Compiles run in parallel worker processes; Triton's own on-disk cache makes a second run fast.
 
 Compilation needs ``@triton.jit`` functions; under ``TRITON_INTERPRET=1`` (the tests) the kernels are
-interpreted Python functions instead, so the report is then produced by a child process with the interpreter
-off (``python -m fastadapter.kernels.report --json``). Results are cached in-process.
+interpreted Python functions instead, so the matrix is then produced by a child process with the interpreter
+off (``python -m fastadapter.kernels.report``).
 """
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import triton
@@ -36,15 +45,21 @@ from fastadapter._inputs import AttentionInputs
 
 from . import configs as _configs
 from ._interpreter import interpreting
+from .configs import KernelFacts, Resources, config_name
 from .layout import Layout
 
-#: LLaMA-7B attention: 32 heads of 128, the paper's prompt of 10 tokens, bf16.
-LLAMA_7B = dict(batch=4, heads=32, head_dim=128, prefix_len=10, dtype=torch.bfloat16)
-SEQLENS = (512, 2048)
 TENSOR_CORE_MNEMONICS = ("HGMMA", "HMMA")
+#: The grid of the compile matrix: every architecture the backend is checked for, dtypes, head dims.
+MATRIX_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+MATRIX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MATRIX_HEAD_DIMS = (64, 80, 128, 256)
+#: LLaMA-7B attention: 32 heads of 128, the paper's prompt of 10 tokens, bf16 (the README's table).
+LLAMA_7B = KernelFacts(dtype=torch.bfloat16, head_dim=128)
 
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
                     torch.int64: "i64"}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def _nvidia_tool(name: str) -> str:
@@ -62,49 +77,27 @@ def parse_arch(arch: str) -> int:
     return int(match.group(1))
 
 
-def _llama7b_inputs(seqlen: int) -> AttentionInputs:
-    """LLaMA-7B shaped inputs on the ``meta`` device (no memory, no GPU)."""
-    b, h, d, p, dtype = (LLAMA_7B[k] for k in ("batch", "heads", "head_dim", "prefix_len", "dtype"))
-    meta = dict(device="meta", dtype=dtype)
-    return AttentionInputs(q=torch.empty(b, seqlen, h, d, **meta), k=torch.empty(b, seqlen, h, d, **meta),
-                           v=torch.empty(b, seqlen, h, d, **meta), prefix_k=torch.empty(1, p, h, d, **meta),
-                           prefix_v=torch.empty(1, p, h, d, **meta),
-                           gate=torch.empty(1, h, device="meta", dtype=torch.float32), causal=True,
-                           softmax_scale=d ** -0.5, gate_tanh=True)
+def representative_inputs(facts: KernelFacts) -> AttentionInputs:
+    """LLaMA-like inputs with ``facts`` on the ``meta`` device (no memory, no GPU): 32 kv heads (8 with GQA,
+    for 32 query heads), S = 512 (or 4 packed sequences of up to 512), the prefix of ``facts.block_p``."""
+    heads_q, heads_kv = 32, (8 if facts.grouped else 32)
+    d = facts.head_dim
+    meta = dict(device="meta", dtype=facts.dtype)
+    p = 0 if not facts.has_prefix else (10 if facts.block_p == 16 else facts.block_p)
+    if facts.varlen:
+        q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(2048, heads_kv, d, **meta)
+        cu, max_seqlen = torch.empty(5, device="meta", dtype=torch.int32), 512
+    else:
+        q, kv = torch.empty(4, 512, heads_q, d, **meta), torch.empty(4, 512, heads_kv, d, **meta)
+        cu, max_seqlen = None, 0
+    prefix = torch.empty(1, p, heads_kv, d, **meta)
+    return AttentionInputs(q=q, k=kv, v=torch.empty_like(kv), prefix_k=prefix, prefix_v=torch.empty_like(prefix),
+                           gate=torch.empty(1, heads_q, device="meta", dtype=torch.float32), causal=facts.causal,
+                           softmax_scale=d ** -0.5, gate_tanh=facts.gate_tanh, cu_seqlens=cu,
+                           max_seqlen=max_seqlen)
 
 
-def _code_path_inputs(name: str) -> AttentionInputs:
-    """Inputs that take the branches the LLaMA-7B report does not (see :data:`CODE_PATHS`)."""
-    if name == "varlen-fp16-D72-P0-full-GQA":  # padded head dim, no prefix, no causal mask, 2 heads per kv head
-        meta = dict(device="meta", dtype=torch.float16)
-        q, kv, prefix = torch.empty(300, 8, 72, **meta), torch.empty(300, 4, 72, **meta), torch.empty(1, 0, 4, 72, **meta)
-        return AttentionInputs(q=q, k=kv, v=kv, prefix_k=prefix, prefix_v=prefix,
-                               gate=torch.empty(1, 8, device="meta"), causal=False, softmax_scale=0.1,
-                               gate_tanh=True, cu_seqlens=torch.empty(4, device="meta", dtype=torch.int32),
-                               max_seqlen=150)
-    if name == "strided-bf16-D64-P64-Sq<Sk-per-sample-prompt-raw-gate":  # largest prefix tile, bhsd views
-        meta = dict(device="meta", dtype=torch.bfloat16)
-        q = torch.empty(2, 4, 97, 64, **meta).transpose(1, 2)
-        kv = torch.empty(2, 2, 200, 64, **meta).transpose(1, 2)
-        prefix = torch.empty(2, 64, 2, 64, **meta)
-        return AttentionInputs(q=q, k=kv, v=kv, prefix_k=prefix, prefix_v=prefix,
-                               gate=torch.empty(2, 4, device="meta"), causal=True, softmax_scale=0.125,
-                               gate_tanh=False)
-    raise ValueError(f"unknown code path {name!r}; known: {CODE_PATHS}")
-
-
-#: Input families compiled by :func:`compile_code_paths`, beyond the LLaMA-7B shapes.
-CODE_PATHS = ("varlen-fp16-D72-P0-full-GQA", "strided-bf16-D64-P64-Sq<Sk-per-sample-prompt-raw-gate")
-
-
-def _inputs(shape: str) -> AttentionInputs:
-    """The inputs named ``shape``: ``"llama7b-S<seqlen>"`` or one of :data:`CODE_PATHS`."""
-    if shape.startswith("llama7b-S"):
-        return _llama7b_inputs(int(shape[len("llama7b-S"):]))
-    return _code_path_inputs(shape)
-
-
-def _launch_arguments(kernel: str, inp: AttentionInputs) -> dict:
+def _launch_arguments(kernel: str, inp: AttentionInputs, capability: int) -> dict:
     """The arguments a real launch of ``kernel`` would get for ``inp`` (built by the launchers' own code)."""
     from .backward import BackwardBuffers, dkdv_arguments, dq_arguments, preprocess_arguments
     from .forward import forward_arguments
@@ -112,11 +105,14 @@ def _launch_arguments(kernel: str, inp: AttentionInputs) -> dict:
     lse = torch.empty(inp.lse_shape(), device="meta", dtype=torch.float32)
     out = torch.empty(inp.q.shape, device="meta", dtype=inp.dtype)
     if kernel == "forward":
-        return forward_arguments(inp, layout, out, lse, torch.empty_like(lse))
-    buf = BackwardBuffers(inp, layout, out, lse, torch.empty_like(lse), torch.empty_like(out))
-    build = {"backward_preprocess": preprocess_arguments, "backward_dkdv": dkdv_arguments,
-             "backward_dq": dq_arguments}[kernel]
-    return build(inp, layout, buf)
+        args = forward_arguments(inp, layout, out, lse, torch.empty_like(lse))
+    else:
+        buf = BackwardBuffers(inp, layout, out, lse, torch.empty_like(lse), torch.empty_like(out))
+        build = {"backward_preprocess": preprocess_arguments, "backward_dkdv": dkdv_arguments,
+                 "backward_dq": dq_arguments}[kernel]
+        args = build(inp, layout, buf)
+    args["ARCH"] = capability
+    return args
 
 
 def _jit_function(kernel: str):
@@ -154,9 +150,18 @@ def _signature(fn, args: dict, config: triton.Config):
     return signature, constexprs, attrs
 
 
-def _config_name(config: triton.Config) -> str:
-    tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{tiles} warps={config.num_warps} stages={config.num_stages}"
+def compile_kernel(kernel: str, config: triton.Config, inp: AttentionInputs, target):
+    """``triton.compile`` of ``kernel`` in ``config`` for the launch ``inp`` would make, for ``target``
+    (a ``GPUTarget``). Returns Triton's compiled kernel (``asm["cubin"]``, ``asm["ttgir"]``, ``metadata``)."""
+    if interpreting():
+        raise RuntimeError("the kernels cannot be compiled under TRITON_INTERPRET=1 (they are interpreted Python "
+                           "functions): run `python -m fastadapter.kernels.report` without it")
+    from triton.compiler import ASTSource
+    fn = _jit_function(kernel)
+    signature, constexprs, attrs = _signature(fn, _launch_arguments(kernel, inp, target.arch), config)
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=target,
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                   "enable_fp_fusion": True})
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -176,121 +181,248 @@ def _resource_usage(cubin: bytes) -> dict:
                 local_memory_instructions=sum(m in ("LDL", "STL") for m in mnemonics))
 
 
+def _config_key(config: triton.Config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def _config_from_key(key: tuple) -> triton.Config:
+    kwargs, warps, stages = key
+    return triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
+
+
 @functools.lru_cache(maxsize=None)
-def _compile(kernel: str, config_index: int, cc: int, shape: str) -> dict:
+def _compile_row(kernel: str, config_key: tuple, capability: int, facts: KernelFacts) -> dict:
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    fn = _jit_function(kernel)
-    config = _configs.configs(kernel, interpreter=False)[config_index]
-    signature, constexprs, attrs = _signature(fn, _launch_arguments(kernel, _inputs(shape)), config)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages,
-                                       "enable_fp_fusion": True})
+    config = _config_from_key(config_key)
+    compiled = compile_kernel(kernel, config, representative_inputs(facts), GPUTarget("cuda", capability, 32))
     cubin = compiled.asm["cubin"]
     usage = _resource_usage(cubin)
-    return dict(kernel=kernel, config=_config_name(config), arch=f"sm_{cc}", registers=usage["registers"],
+    return dict(kernel=kernel, config=config_name(config), arch=f"sm_{capability}",
+                dtype=DTYPE_NAMES[facts.dtype], head_dim=facts.head_dim, registers=usage["registers"],
                 # ptxas places spilled registers in the thread's stack frame, in local memory.
                 spill_bytes=usage["stack"] + usage["local"],
                 shared_bytes=compiled.metadata.shared + usage["static_shared"],
-                cubin=cubin, tensor_cores=usage["tensor_cores"],
-                local_memory_instructions=usage["local_memory_instructions"])
+                shared_limit=_configs.SHARED_MEMORY_PER_BLOCK[capability], cubin=cubin,
+                tensor_cores=usage["tensor_cores"], local_memory_instructions=usage["local_memory_instructions"],
+                i32_tensor_products=i32_tensor_products(compiled.asm["ttir"]))
 
 
-def _candidate_configs(kernel: str, cc: int, seqlen: int) -> list[int]:
-    """Indices of the configurations of ``kernel`` that survive pruning at LLaMA-7B shapes on ``cc``."""
-    candidates = _configs.configs(kernel, interpreter=False)
-    layout = Layout.of(_llama7b_inputs(seqlen))
-    kept = _configs.prune(kernel, candidates, block_d=layout.block_d, block_p=layout.block_p,
-                          element_bytes=LLAMA_7B["dtype"].itemsize,
-                          shared_memory_limit=_configs.SHARED_MEMORY_PER_BLOCK[cc],
-                          seqlen_bucket=layout.seqlen_bucket())
-    return [candidates.index(c) for c in kept]
+def i32_tensor_products(ttir: str) -> int:
+    """How many element-wise 32-bit integer products of tensors a kernel's Triton IR computes.
+
+    Every tensor product in these kernels is a row offset (``row · stride``), which must be 64-bit: a 32-bit one
+    wraps past 2^31 elements (long sequences, views into fused qkv rows). 0 means every such product is i64.
+    """
+    return len(re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir))
 
 
-def _compile_in_process(archs: Iterable[str]) -> list[dict]:
-    rows = []
-    for arch in archs:
-        cc = parse_arch(arch)
+def _check_capability(capability: int) -> None:
+    if capability not in _configs.SHARED_MEMORY_PER_BLOCK:
+        raise ValueError(f"no shared-memory budget known for sm_{capability}; known: "
+                         f"{sorted(f'sm_{c}' for c in _configs.SHARED_MEMORY_PER_BLOCK)}")
+
+
+def resources_ahead_of_time(kernel: str, config: triton.Config, facts: KernelFacts, capability: int) -> Resources:
+    """Registers, spills and shared memory of ``kernel`` in ``config`` compiled for ``sm_<capability>`` (no GPU)."""
+    _check_capability(capability)
+    row = _compile_row(kernel, _config_key(config), capability, facts)
+    return Resources(registers=row["registers"], spill_bytes=row["spill_bytes"], shared_bytes=row["shared_bytes"],
+                     shared_limit=row["shared_limit"])
+
+
+def resources_on_device(kernel: str, config: triton.Config, facts: KernelFacts, device_index: int) -> Resources:
+    """The same, read from the compiled kernel object loaded on CUDA device ``device_index``."""
+    from triton.runtime.errors import OutOfResources
+    with torch.cuda.device(device_index):
+        driver = triton.runtime.driver.active
+        target = driver.get_current_target()
+        compiled = compile_kernel(kernel, config, representative_inputs(facts), target)
+        limit = driver.utils.get_device_properties(device_index)["max_shared_mem"]
+        try:
+            compiled._init_handles()  # loads the module: registers and local memory as the driver reports them
+        except OutOfResources:
+            return Resources(registers=0, spill_bytes=0, shared_bytes=compiled.metadata.shared, shared_limit=limit)
+        # n_spills is the local memory per thread (CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES) in 4-byte words.
+        return Resources(registers=compiled.n_regs, spill_bytes=4 * compiled.n_spills,
+                         shared_bytes=compiled.metadata.shared, shared_limit=limit)
+
+
+# -- the compile matrix ------------------------------------------------------------------------------------------
+
+def _matrix_task(task: tuple) -> dict:
+    kernel, config_key, capability, facts = task
+    return _compile_row(kernel, config_key, capability, facts)
+
+
+def _matrix_in_process(archs: tuple[str, ...], dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...],
+                       workers: int) -> list[dict]:
+    combos = [(parse_arch(a), dt, d) for a in archs for dt in dtypes for d in head_dims]
+    tasks, declined = [], []
+    for cc, dtype, head_dim in combos:
+        _check_capability(cc)
+        facts = KernelFacts(dtype=dtype, head_dim=head_dim)
+        reason = _configs.target_reason(dtype, cc)
         for kernel in _configs.KERNELS:
-            seqlens_of = {}
-            for seqlen in SEQLENS:
-                for index in _candidate_configs(kernel, cc, seqlen):
-                    seqlens_of.setdefault(index, []).append(seqlen)
-            for index, seqlens in seqlens_of.items():
-                # The sequence length is a runtime argument: one binary serves every S with the same
-                # specialisation (512 and 2048 are both divisible by 16), so compile it once.
-                row = dict(_compile(kernel, index, cc, f"llama7b-S{seqlens[0]}"))
-                row["seqlens"] = tuple(seqlens)
-                rows.append(row)
-    return rows
-
-
-def _compile_code_paths_in_process(archs: Iterable[str]) -> list[dict]:
+            if reason:
+                declined.append(dict(kernel=kernel, config=None, arch=f"sm_{cc}", dtype=DTYPE_NAMES[dtype],
+                                     head_dim=head_dim, declined=reason))
+                continue
+            for config in _configs.candidates(kernel, facts.block_d, interpreter=False, capability=cc):
+                tasks.append((kernel, _config_key(config), cc, facts))
+    if workers > 1 and len(tasks) > 1:
+        # Workers start from a clean interpreter (spawn) and inherit this process's environment (no interpreter).
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            compiled = list(pool.map(_matrix_task, tasks, chunksize=1))
+    else:
+        compiled = [_matrix_task(t) for t in tasks]
     rows = []
-    for arch in archs:
-        for name in CODE_PATHS:
-            for kernel in _configs.KERNELS:
-                row = dict(_compile(kernel, 0, parse_arch(arch), name))
-                row["code_path"] = name
-                rows.append(row)
-    return rows
+    by_combo: dict[tuple, list[dict]] = {}
+    for task, row in zip(tasks, compiled):
+        kernel, _, cc, facts = task
+        row = dict(row)
+        resources = Resources(row["registers"], row["spill_bytes"], row["shared_bytes"], row["shared_limit"])
+        row["launches"] = resources.fits
+        if not resources.fits:
+            row["rejected"] = resources.why_not()
+        by_combo.setdefault((kernel, cc, facts), []).append(row)
+        rows.append(row)
+    for (kernel, cc, facts), combo_rows in by_combo.items():
+        if not any(r["launches"] for r in combo_rows):
+            rows.append(dict(kernel=kernel, config=None, arch=f"sm_{cc}", dtype=DTYPE_NAMES[facts.dtype],
+                             head_dim=facts.head_dim,
+                             declined=f"no {kernel} configuration fits sm_{cc} (dtype {facts.dtype}, head_dim "
+                                      f"{facts.head_dim}): " + "; ".join(f"{r['config']}: {r['rejected']}"
+                                                                           for r in combo_rows)))
+    return rows + declined
 
 
-def _compile_in_child(archs: Iterable[str], code_paths: bool) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastadapter.kernels.report", "--json", "--archs", *archs]
-    result = subprocess.run(command + (["--code-paths"] if code_paths else []), capture_output=True, text=True,
-                            env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"the compile report child process failed:\n{result.stderr[-4000:]}")
-    rows = json.loads(result.stdout)
+def _jsonable(rows: list[dict], cubins: bool) -> list[dict]:
+    out = []
     for row in rows:
-        row["cubin"] = base64.b64decode(row["cubin"])
-        if "seqlens" in row:
-            row["seqlens"] = tuple(row["seqlens"])
+        row = {k: v for k, v in row.items() if k != "cubin" or cubins}
+        if cubins and "cubin" in row:
+            row["cubin"] = base64.b64encode(row["cubin"]).decode("ascii")
+        out.append(row)
+    return out
+
+
+def _matrix_in_child(archs, dtypes, head_dims, workers: int) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "matrix.json")
+        command = [sys.executable, "-m", "fastadapter.kernels.report", "--matrix", "--cubins", "--json", path,
+                   "--archs", *archs, "--dtypes", *(DTYPE_NAMES[d] for d in dtypes),
+                   "--head-dims", *(str(d) for d in head_dims), "--workers", str(workers)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"the compile matrix child process failed:\n{result.stderr[-4000:]}")
+        with open(path) as handle:
+            rows = json.load(handle)
+    for row in rows:
+        if "cubin" in row:
+            row["cubin"] = base64.b64decode(row["cubin"])
     return rows
+
+
+def default_workers() -> int:
+    """Worker processes for the matrix: one per CPU core (``FASTADAPTER_COMPILE_WORKERS`` overrides)."""
+    return max(1, int(os.environ.get("FASTADAPTER_COMPILE_WORKERS", 0)) or os.cpu_count() or 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _report(archs: tuple[str, ...], code_paths: bool = False) -> tuple[dict, ...]:
+def _matrix(archs: tuple[str, ...], dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...],
+            workers: int) -> tuple[dict, ...]:
     if interpreting():
-        return tuple(_compile_in_child(archs, code_paths))
-    return tuple(_compile_code_paths_in_process(archs) if code_paths else _compile_in_process(archs))
+        return tuple(_matrix_in_child(archs, dtypes, head_dims, workers))
+    return tuple(_matrix_in_process(archs, dtypes, head_dims, workers))
 
 
-def _check_archs(archs: tuple[str, ...]) -> None:
+def compile_matrix(archs: Iterable[str] = MATRIX_ARCHS, dtypes: Iterable[torch.dtype] = MATRIX_DTYPES,
+                   head_dims: Iterable[int] = MATRIX_HEAD_DIMS, workers: Optional[int] = None) -> list[dict]:
+    """Compile every candidate configuration of every kernel for each (arch, dtype, head dim).
+
+    Returns one row per compiled (kernel, configuration, arch, dtype, head_dim) with ``registers`` (per thread),
+    ``spill_bytes`` (stack + local memory per thread: 0 means no spills), ``shared_bytes`` (per block),
+    ``shared_limit`` (the arch's), ``launches`` (the backend may launch it: no spills, fits) or ``rejected``
+    (why not), ``tensor_cores`` (the tensor-core instruction families in the SASS), ``local_memory_instructions``
+    and ``cubin``; plus one row with ``config`` None and ``declined`` (the backend's reason) per (kernel, arch,
+    dtype, head_dim) for which nothing may launch. Representative inputs: :func:`representative_inputs` of
+    ``KernelFacts(dtype, head_dim)`` (P = 10, causal, batched, tanh gate, one query head per kv head).
+    """
+    archs = tuple(archs)
     for arch in archs:
-        cc = parse_arch(arch)
-        if cc not in _configs.SHARED_MEMORY_PER_BLOCK:
-            raise ValueError(f"no shared-memory budget known for {arch}; known: "
-                             f"{sorted(f'sm_{c}' for c in _configs.SHARED_MEMORY_PER_BLOCK)}")
+        _check_capability(parse_arch(arch))
+    return [dict(r) for r in _matrix(archs, tuple(dtypes), tuple(head_dims), workers or default_workers())]
 
 
 def compile_report(archs: Iterable[str] = ("sm_80", "sm_90")) -> list[dict]:
-    """Compile every kernel × every configuration the autotuner may pick at LLaMA-7B shapes, for each arch.
-
-    Returns:
-        One dict per (kernel, configuration, arch) with ``kernel``, ``config``, ``arch``, ``registers`` (per
-        thread), ``spill_bytes`` (stack + local memory per thread: 0 means no spills), ``shared_bytes`` (per
-        block), ``cubin`` (the binary), ``tensor_cores`` (the tensor-core instruction families in the SASS),
-        ``local_memory_instructions`` (``LDL``/``STL`` count) and ``seqlens`` (the S values at which the
-        autotuner may pick this configuration).
-    """
-    archs = tuple(archs)
-    _check_archs(archs)
-    return [dict(row) for row in _report(archs)]
+    """The configurations the backend may launch at LLaMA-7B shapes (bf16, D = 128, P = 10), per arch: the
+    rows of :func:`compile_matrix` that launch, each with ``seqlens`` (the S values of the README's table)."""
+    return llama7b_rows(compile_matrix(archs, (LLAMA_7B.dtype,), (LLAMA_7B.head_dim,)))
 
 
-def compile_code_paths(archs: Iterable[str] = ("sm_80",)) -> list[dict]:
-    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS`.
+def llama7b_rows(rows: list[dict]) -> list[dict]:
+    """The rows of a compile matrix that may launch at LLaMA-7B shapes (bf16, D = 128), with ``seqlens``."""
+    kept = [dict(r) for r in rows if r.get("launches") and r["dtype"] == DTYPE_NAMES[LLAMA_7B.dtype]
+            and r["head_dim"] == LLAMA_7B.head_dim]
+    for row in kept:
+        row["seqlens"] = (512, 2048)
+    return kept
 
-    The LLaMA-7B report takes one branch of each compile-time switch (bf16, D = 128, causal, batched, a shared
-    prompt, tanh gate); these inputs take the others (varlen, fp16, a padded head dim, no prefix, no mask, the
-    64-slot prefix, per-sample prompt and gate rows, raw gate, strided inputs), so a kernel change that only
-    the interpreter accepts is caught without a GPU. Returns rows as :func:`compile_report` with
-    ``code_path`` (the input family) instead of ``seqlens``.
-    """
-    archs = tuple(archs)
-    _check_archs(archs)
-    return [dict(row) for row in _report(archs, code_paths=True)]
+
+# -- the compile-time branches the matrix does not take ----------------------------------------------------------
+
+#: Input families compiled by :func:`compile_code_paths`, beyond the matrix's (batched, causal, P = 10, tanh).
+CODE_PATHS = {
+    "varlen-fp16-D72-P0-full-GQA": KernelFacts(dtype=torch.float16, head_dim=72, has_prefix=False, varlen=True,
+                                               causal=False, grouped=True),
+    "bf16-D64-P64-raw-gate": KernelFacts(dtype=torch.bfloat16, head_dim=64, block_p=64, gate_tanh=False),
+}
+
+
+def _code_paths_in_process(capability: int) -> list[dict]:
+    rows = []
+    for name, facts in CODE_PATHS.items():
+        for kernel in _configs.KERNELS:
+            config = _configs.candidates(kernel, facts.block_d, interpreter=False)[0]
+            row = dict(_compile_row(kernel, _config_key(config), capability, facts))
+            row["code_path"] = name
+            rows.append(row)
+    return rows
+
+
+def compile_code_paths(arch: str = "sm_80") -> list[dict]:
+    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS` (varlen, fp16, a
+    padded head dim, no prefix, no mask, GQA, the 64-slot prefix, raw gate), so that a kernel change only the
+    interpreter accepts is caught without a GPU. Rows as :func:`compile_matrix` with ``code_path``."""
+    capability = parse_arch(arch)
+    _check_capability(capability)
+    if not interpreting():
+        return _code_paths_in_process(capability)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "paths.json")
+        result = subprocess.run([sys.executable, "-m", "fastadapter.kernels.report", "--code-paths", "--cubins",
+                                 "--json", path, "--archs", arch], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"the code-path compile child process failed:\n{result.stderr[-4000:]}")
+        with open(path) as handle:
+            rows = json.load(handle)
+    for row in rows:
+        row["cubin"] = base64.b64decode(row["cubin"])
+    return rows
+
+
+def write_json(rows: list[dict], path: str, cubins: bool = False) -> None:
+    """Save ``rows`` as JSON (cubins base64-encoded when ``cubins``, else left out)."""
+    with open(path, "w") as handle:
+        json.dump(_jsonable(rows, cubins), handle, indent=1)
+        handle.write("\n")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``."""
+    if name not in _DTYPES_BY_NAME:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES_BY_NAME)}, got {name!r}")
+    return _DTYPES_BY_NAME[name]

@@ -19,8 +19,8 @@ from fastadapter._inputs import AttentionInputs
 from .backward_dkdv import dkdv_grid, zero_init_attention_backward_dkdv_kernel
 from .backward_dq import dq_grid, zero_init_attention_backward_dq_kernel
 from .backward_preprocess import preprocess_grid, zero_init_attention_backward_preprocess_kernel
-from .configs import configs
-from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
+from .configs import candidates, launch
+from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
 
 #: Programs the preprocess grid aims for: enough to fill a 132-SM GPU several times over.
 PREPROCESS_TARGET_PROGRAMS = 1024
@@ -32,7 +32,7 @@ def preprocess_splits(layout: Layout) -> int:
     No more than the tiles of the smallest configuration: more splits would only add idle programs.
     """
     batch_heads = max(layout.batch * layout.heads_q, 1)
-    smallest_tile = min(c.kwargs["BLOCK_M"] for c in configs("backward_preprocess"))
+    smallest_tile = min(c.kwargs["BLOCK_M"] for c in candidates("backward_preprocess", layout.block_d))
     tiles = max(triton.cdiv(layout.seqlen_q, smallest_tile), 1)
     return max(1, min(triton.cdiv(PREPROCESS_TARGET_PROGRAMS, batch_heads), tiles))
 
@@ -73,8 +73,10 @@ class BackwardBuffers:
             self.partial_dpk = self.partial_dpv = self.partial_dgamma = None
         alloc = torch.zeros if layout.varlen else torch.empty
         self.dq = alloc(inp.q.shape, dtype=inp.dtype, device=inp.device)
-        self.dk = alloc(inp.k.shape, dtype=inp.dtype, device=inp.device)
-        self.dv = alloc(inp.v.shape, dtype=inp.dtype, device=inp.device)
+        # With no query row (Sq = 0 or B = 0) the dk/dv kernel is not launched: the keys get no gradient.
+        alloc_kv = torch.zeros if layout.varlen or inp.q.numel() == 0 else torch.empty
+        self.dk = alloc_kv(inp.k.shape, dtype=inp.dtype, device=inp.device)
+        self.dv = alloc_kv(inp.v.shape, dtype=inp.dtype, device=inp.device)
 
 
 def preprocess_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuffers) -> dict:
@@ -107,7 +109,7 @@ def dkdv_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuffers) -
                 seqlen_k=layout.seqlen_k, heads_kv=layout.heads_kv, group=layout.group,
                 softmax_scale=inp.softmax_scale, seqlen_bucket=layout.seqlen_bucket(), CAUSAL=inp.causal,
                 HEAD_DIM=constexprs["HEAD_DIM"], BLOCK_D=constexprs["BLOCK_D"], VARLEN=varlen,
-                INTERPRETER=constexprs["INTERPRETER"])
+                INTERPRETER=constexprs["INTERPRETER"], ARCH=constexprs["ARCH"])
 
 
 def dq_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuffers) -> dict:
@@ -169,13 +171,14 @@ def attention_backward(inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Ten
     buf = BackwardBuffers(inp, layout, out, lse_w, lse_p, grad_out.to(inp.dtype))
     if inp.q.numel() and layout.batch:
         batch_heads = layout.batch * layout.heads_q
-        zero_init_attention_backward_preprocess_kernel[preprocess_grid(buf.num_splits, batch_heads)](
-            **preprocess_arguments(inp, layout, buf))
-        if inp.k.numel():
-            zero_init_attention_backward_dkdv_kernel[dkdv_grid(layout.seqlen_k, layout.batch * layout.heads_kv)](
-                **dkdv_arguments(inp, layout, buf))
-        zero_init_attention_backward_dq_kernel[dq_grid(layout.seqlen_q, batch_heads)](
-            **dq_arguments(inp, layout, buf))
+        with device_guard(inp.device):
+            launch("backward_preprocess", zero_init_attention_backward_preprocess_kernel,
+                   preprocess_grid(buf.num_splits, batch_heads), preprocess_arguments(inp, layout, buf))
+            if inp.k.numel():
+                launch("backward_dkdv", zero_init_attention_backward_dkdv_kernel,
+                       dkdv_grid(layout.seqlen_k, layout.batch * layout.heads_kv), dkdv_arguments(inp, layout, buf))
+            launch("backward_dq", zero_init_attention_backward_dq_kernel, dq_grid(layout.seqlen_q, batch_heads),
+                   dq_arguments(inp, layout, buf))
     elif buf.partial_dgamma is not None:  # no query row: every prefix partial is 0
         for partial in (buf.partial_dpk, buf.partial_dpv, buf.partial_dgamma):
             partial.zero_()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (LOG2E, dot, head_base, load_lse, load_rows, sequence_bounds, store_rows, tile_and_row,
+from .tiles import (stats_offset, LOG2E, dot, head_base, load_lse, load_rows, sequence_bounds, store_rows, tile_and_row,
                     to_dtype)
 
 
@@ -50,7 +50,7 @@ def zero_init_attention_backward_dkdv_kernel(
         stride_dvh, stride_lb, stride_lh,
         seqlen_q, seqlen_k, heads_kv, group, softmax_scale, seqlen_bucket,
         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-        INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N) · B · Hkv,)``. Writes ``DK``, ``DV`` (k's layout)."""
     pid_n, pid_bh = tile_and_row(tl.program_id(0), seqlen_k, BLOCK_N)
     b = pid_bh // heads_kv
@@ -85,7 +85,7 @@ def zero_init_attention_backward_dkdv_kernel(
         head = kv_head * group + j
         q_base = head_base(Q, b, token0, head, stride_qb, stride_qs, stride_qh)
         do_base = head_base(GRAD_OUT, b, token0, head, stride_dob, stride_dos, stride_doh)
-        stats = tl.cast(b, tl.int64) * stride_lb + head * stride_lh + token0
+        stats = stats_offset(b, head, token0, stride_lb, stride_lh)
         dk, dv = _query_tiles(dk, dv, k, v, q_base, do_base, LSE_W + stats, DELTA_W + stats, stride_qs,
                               stride_dos, keys, cols, m_lo, m_masked_hi, n_q, shift, qk_scale, True,
                               HEAD_DIM, BLOCK_D, BLOCK_M, INTERPRETER)

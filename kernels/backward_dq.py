@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds, store_rows,
+from .tiles import (stats_offset, LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds, store_rows,
                     tile_and_row, to_dtype, visible_key_range)
 
 
@@ -50,7 +50,7 @@ def zero_init_attention_backward_dq_kernel(
         seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_bucket,
         CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``DQ`` (q's layout)."""
     pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
     b = pid_bh // heads_q
@@ -68,7 +68,7 @@ def zero_init_attention_backward_dq_kernel(
                   HEAD_DIM, BLOCK_D)
     do = load_rows(head_base(GRAD_OUT, b, token0, head, stride_dob, stride_dos, stride_doh), stride_dos, rows,
                    n_q, cols, HEAD_DIM, BLOCK_D)
-    stats = tl.cast(b, tl.int64) * stride_lb + head * stride_lh + token0
+    stats = stats_offset(b, head, token0, stride_lb, stride_lh)
     lse = load_lse(LSE_W + stats, rows, n_q)
     delta = tl.load(DELTA_W + stats + rows, mask=rows < n_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

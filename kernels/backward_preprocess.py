@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds,
+from .tiles import (stats_offset, LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds,
                     store_rows, to_dtype)
 
 
@@ -37,7 +37,8 @@ def zero_init_attention_backward_preprocess_kernel(
         stride_lb, stride_lh,
         seqlen_q, prefix_len, heads_q, group, softmax_scale, num_splits, seqlen_bucket,
         GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-        HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr):
+        HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr,
+        BLOCK_M: tl.constexpr):
     """Grid ``(num_splits · B · Hq,)``. Writes ``DELTA_W`` (and ``DELTA_P``) in the layout of the lse, and the
     partials ``PARTIAL_DPK, PARTIAL_DPV [B·Hq, num_splits, P, D]``, ``PARTIAL_DGAMMA [B·Hq, num_splits]``."""
     pid = tl.program_id(0)
@@ -51,7 +52,7 @@ def zero_init_attention_backward_preprocess_kernel(
     q_base = head_base(Q, b, token0, head, stride_qb, stride_qs, stride_qh)
     o_base = head_base(OUT, b, token0, head, stride_ob, stride_os, stride_oh)
     do_base = head_base(GRAD_OUT, b, token0, head, stride_dob, stride_dos, stride_doh)
-    stats = tl.cast(b, tl.int64) * stride_lb + head * stride_lh + token0
+    stats = stats_offset(b, head, token0, stride_lb, stride_lh)
     qk_scale = softmax_scale * LOG2E
 
     if HAS_PREFIX:

@@ -20,9 +20,9 @@ import triton.language as tl
 
 from fastadapter._inputs import AttentionInputs
 
-from .configs import autotune
-from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import (LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, sequence_bounds, store_rows,
+from .configs import autotune, launch
+from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
+from .tiles import (stats_offset, LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, sequence_bounds, store_rows,
                     tile_and_row, to_dtype, visible_key_range)
 
 
@@ -64,7 +64,7 @@ def zero_init_attention_forward_kernel(
         seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_bucket,
         CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``OUT`` (q's layout) and ``LSE_W``, ``LSE_P``."""
     pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
     b = pid_bh // heads_q
@@ -118,7 +118,7 @@ def zero_init_attention_forward_kernel(
 
     o_base = head_base(OUT, b, token0, head, stride_ob, stride_os, stride_oh)
     store_rows(o_base, stride_os, rows, n_q, cols, to_dtype(out, OUT.dtype.element_ty, INTERPRETER), HEAD_DIM, BLOCK_D)
-    stats = tl.cast(b, tl.int64) * stride_lb + head * stride_lh + token0 + rows
+    stats = stats_offset(b, head, token0, stride_lb, stride_lh) + rows
     tl.store(LSE_W + stats, lse_w, mask=rows < n_q)
     tl.store(LSE_P + stats, lse_p, mask=rows < n_q)
 
@@ -172,6 +172,7 @@ def attention_forward(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor,
     lse_p = torch.empty_like(lse_w) if not layout.varlen else lse_w.clone()
     if out.numel() == 0:
         return out, lse_w, lse_p
-    zero_init_attention_forward_kernel[forward_grid(layout)](
-        **forward_arguments(inp, layout, out, lse_w, lse_p))
+    with device_guard(inp.device):
+        launch("forward", zero_init_attention_forward_kernel, forward_grid(layout),
+               forward_arguments(inp, layout, out, lse_w, lse_p))
     return out, lse_w, lse_p

@@ -8,6 +8,7 @@ must be contiguous (``stride(-1) == 1``) so that rows load as wide vectors.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,8 @@ class Layout:
         block_p: P rounded up likewise (the prefix is one tile).
         varlen: packed sequences.
         interpreter: the kernels run under Triton's interpreter (see :mod:`._interpreter`).
+        arch: the compute capability of the inputs' CUDA device (80 for sm_80; 0 off CUDA): part of the
+            autotuning key, and the target the launch plan is compiled for.
     """
 
     batch: int
@@ -71,6 +74,7 @@ class Layout:
     block_p: int
     varlen: bool
     interpreter: bool
+    arch: int = 0
 
     @staticmethod
     def of(inp: AttentionInputs) -> "Layout":
@@ -79,7 +83,7 @@ class Layout:
                       prefix_len=inp.prefix_len, head_dim=inp.head_dim,
                       block_d=max(16, triton.next_power_of_2(inp.head_dim)),
                       block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
-                      varlen=inp.varlen, interpreter=interpreting())
+                      varlen=inp.varlen, interpreter=interpreting(), arch=device_arch(inp.device))
 
     def seqlen_bucket(self) -> int:
         """The autotuning key: the longest sequence rounded up to a power of two, so that varlen batches of
@@ -89,7 +93,25 @@ class Layout:
     def common_constexprs(self) -> dict:
         """Compile-time parameters shared by every kernel of the call."""
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_P=self.block_p,
-                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, INTERPRETER=self.interpreter)
+                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, INTERPRETER=self.interpreter,
+                    ARCH=self.arch)
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one number (``(9, 0)`` -> 90); 0 for any other device."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def device_guard(device: torch.device):
+    """The context every launch runs in: ``torch.cuda.device(device)`` for CUDA tensors, so that the kernels run
+    on the inputs' GPU (and its current stream) rather than the current one (a model split over GPUs); nothing
+    otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def lse_strides(stats: torch.Tensor, varlen: bool) -> tuple[int, int]:

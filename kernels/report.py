@@ -1,54 +1,98 @@
-"""``python -m fastadapter.kernels.report``: print the ahead-of-time compile report of the Triton kernels.
+"""``python -m fastadapter.kernels.report``: compile the Triton kernels ahead of time and report what the compiler
+made of them (no GPU needed).
 
-    python -m fastadapter.kernels.report                 # table for sm_80 and sm_90
-    python -m fastadapter.kernels.report --archs sm_90   # one architecture
-    python -m fastadapter.kernels.report --json          # machine-readable (cubins base64-encoded)
-    python -m fastadapter.kernels.report --code-paths    # the other compile-time branches (varlen, fp16, ...)
+    python -m fastadapter.kernels.report                        # the matrix: sm_80/86/89/90 × fp16/bf16/fp32 × D
+    python -m fastadapter.kernels.report --json FILE            # the same rows saved as JSON
+    python -m fastadapter.kernels.report --archs sm_90 --dtypes bf16 --head-dims 128
+    python -m fastadapter.kernels.report --code-paths           # the other compile-time branches (varlen, ...)
+
+Every row is one compiled (kernel, configuration, arch, dtype, head_dim) with registers, spill bytes and shared
+bytes read from the cubin and whether the backend may launch it, or, where no configuration of a kernel fits, a
+``declined`` row with the backend's reason.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import sys
+import time
 
-from .aot_compile import compile_code_paths, compile_report
+from .aot_compile import (MATRIX_ARCHS, MATRIX_DTYPES, MATRIX_HEAD_DIMS, DTYPE_NAMES, compile_code_paths,
+                          compile_matrix, default_workers, dtype_of, write_json)
 
 
 def format_table(rows: list[dict]) -> str:
-    """The report as a fixed-width text table, one line per kernel × configuration × arch."""
-    last = "inputs" if rows and "code_path" in rows[0] else "S"
-    header = ("kernel", "config", "arch", "regs", "spill B", "shared B", "tensor cores", last)
-    lines = [[r["kernel"], r["config"], r["arch"], str(r["registers"]), str(r["spill_bytes"]),
-              str(r["shared_bytes"]), ",".join(r["tensor_cores"]) or "none",
-              r["code_path"] if "code_path" in r else ",".join(str(s) for s in r["seqlens"])] for r in rows]
+    """The rows as a fixed-width text table, one line per compiled configuration or declined combination."""
+    last = "inputs" if rows and "code_path" in rows[0] else ("S" if rows and "seqlens" in rows[0] else "launch")
+    header = ("kernel", "config", "arch", "dtype", "D", "regs", "spill B", "shared B", "tensor cores", last)
+
+    def cells(r):
+        if r.get("config") is None:
+            return [r["kernel"], "-", r["arch"], r.get("dtype", ""), str(r.get("head_dim", "")), "-", "-", "-", "-",
+                    "declined: " + r["declined"]]
+        if "code_path" in r:
+            tail = r["code_path"]
+        elif "seqlens" in r:
+            tail = ",".join(str(s) for s in r["seqlens"])
+        else:
+            tail = "yes" if r.get("launches") else f"no ({r.get('rejected', '')})"
+        return [r["kernel"], r["config"], r["arch"], r.get("dtype", ""), str(r.get("head_dim", "")),
+                str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
+                ",".join(r.get("tensor_cores", [])) or "none", tail]
+
+    lines = [cells(r) for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def summary(rows: list[dict]) -> str:
+    """Configurations kept per (arch, dtype, head dim) and kernel, and the declined combinations."""
+    combos: dict[tuple, dict[str, list[str]]] = {}
+    for r in rows:
+        per_kernel = combos.setdefault((r["arch"], r["dtype"], r["head_dim"]), {})
+        kept = per_kernel.setdefault(r["kernel"], [])
+        if r.get("launches"):
+            kept.append(r["config"])
+    lines = []
+    for (arch, dtype, head_dim), per_kernel in sorted(combos.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        counts = ", ".join(f"{k} {len(v)}" for k, v in per_kernel.items())
+        declined = [k for k, v in per_kernel.items() if not v]
+        state = f"declined ({', '.join(declined)})" if declined else "runs"
+        lines.append(f"{arch} {dtype} D={head_dim}: {state}; configurations kept: {counts}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastadapter.kernels.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", default=["sm_80", "sm_90"], help="target architectures")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--archs", nargs="+", default=list(MATRIX_ARCHS), help="target architectures")
+    parser.add_argument("--dtypes", nargs="+", default=[DTYPE_NAMES[d] for d in MATRIX_DTYPES],
+                        choices=sorted(DTYPE_NAMES.values()))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=list(MATRIX_HEAD_DIMS))
+    parser.add_argument("--json", metavar="FILE", help="save the rows as JSON to FILE (and print the summary)")
+    parser.add_argument("--cubins", action="store_true", help="with --json: include the cubins (base64)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="parallel compile processes")
+    parser.add_argument("--matrix", action="store_true", help="the compile matrix (the default)")
     parser.add_argument("--code-paths", action="store_true",
-                        help="compile the branches the LLaMA-7B shapes do not take, in the first configuration")
+                        help="compile the branches the matrix does not take, in the first configuration")
     args = parser.parse_args(argv)
-    rows = (compile_code_paths if args.code_paths else compile_report)(tuple(args.archs))
-    if args.json:
-        for row in rows:
-            row["cubin"] = base64.b64encode(row["cubin"]).decode("ascii")
-        json.dump(rows, sys.stdout)
+    start = time.perf_counter()
+    if args.code_paths:
+        rows = compile_code_paths(args.archs[0])
     else:
-        if args.code_paths:
-            print("Triton kernels compiled ahead of time for the branches LLaMA-7B shapes do not take")
-        else:
-            print("Triton kernels compiled ahead of time at LLaMA-7B shapes (Hq=Hkv=32, D=128, P=10, bf16)")
+        rows = compile_matrix(tuple(args.archs), tuple(dtype_of(d) for d in args.dtypes), tuple(args.head_dims),
+                              workers=args.workers)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        write_json(rows, args.json, cubins=args.cubins)
+    else:
         print(format_table(rows))
-        spills = [r for r in rows if r["spill_bytes"]]
-        no_tc = [r for r in rows if not r["tensor_cores"]]
-        print(f"\n{len(rows)} binaries; {len(spills)} with spills; {len(no_tc)} without tensor-core instructions")
+    if not args.code_paths:
+        compiled = [r for r in rows if r.get("config") is not None]
+        spills = [r for r in compiled if r["spill_bytes"]]
+        print(("\n" if not args.json else "") + summary(rows), file=sys.stderr if args.json else sys.stdout)
+        print(f"{len(compiled)} binaries ({len(spills)} spill, never launched) in {elapsed:.0f} s",
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -46,20 +46,23 @@ def head_base(ptr, b, token0, head, stride_b, stride_s, stride_h):
 
 @triton.jit
 def load_rows(base, stride_row, rows, n_rows, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Tile ``[len(rows), BLOCK_D]``; rows ``>= n_rows`` and columns ``>= HEAD_DIM`` (padding) read as 0."""
+    """Tile ``[len(rows), BLOCK_D]``; rows ``>= n_rows`` and columns ``>= HEAD_DIM`` (padding) read as 0.
+
+    Row offsets are 64-bit: ``row · stride_row`` passes 2^31 for long sequences or views into fused qkv rows.
+    """
     mask = rows[:, None] < n_rows
     if HEAD_DIM != BLOCK_D:
         mask = mask & (cols[None, :] < HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0)
+    return tl.load(base + rows[:, None].to(tl.int64) * stride_row + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def store_rows(base, stride_row, rows, n_rows, cols, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store a ``[len(rows), BLOCK_D]`` tile, skipping padding rows and columns."""
+    """Store a ``[len(rows), BLOCK_D]`` tile, skipping padding rows and columns (64-bit row offsets)."""
     mask = rows[:, None] < n_rows
     if HEAD_DIM != BLOCK_D:
         mask = mask & (cols[None, :] < HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_row + cols[None, :], value, mask=mask)
+    tl.store(base + rows[:, None].to(tl.int64) * stride_row + cols[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -95,7 +98,7 @@ def to_dtype(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 @triton.jit
 def gate_value(GATE, b, head, stride_gb, stride_gh, GATE_TANH: tl.constexpr):
     """γ of (sequence b, head): ``tanh(gate)`` or the raw gate. ``stride_gb`` is 0 for one gate row."""
-    g = tl.load(GATE + b * stride_gb + head * stride_gh)
+    g = tl.load(GATE + tl.cast(b, tl.int64) * stride_gb + tl.cast(head, tl.int64) * stride_gh)
     if GATE_TANH:
         # tanh(x) = 2·sigmoid(2x) − 1: exact 0 at 0 (the zero-init property) and available in the interpreter.
         g = 2.0 * tl.sigmoid(2.0 * g) - 1.0
@@ -112,6 +115,12 @@ def load_lse(LSE, rows, n_rows):
     lse = tl.load(LSE + rows, mask=rows < n_rows, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     return lse * LOG2E
+
+
+@triton.jit
+def stats_offset(b, head, token0, stride_lb, stride_lh):
+    """Offset of the first row statistic (lse, D) of (sequence b, head), 64-bit (``head · T`` for varlen)."""
+    return tl.cast(b, tl.int64) * stride_lb + tl.cast(head, tl.int64) * stride_lh + token0
 
 
 @triton.jit

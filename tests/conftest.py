@@ -1,12 +1,19 @@
-"""Shared test set-up: Triton's interpreter on CPU, the real artifacts in ../shared/data, seeds."""
+"""Shared test set-up: Triton's interpreter on CPU only, the real artifacts in ../shared/data, seeds.
+
+On a machine with CUDA the Triton kernels are compiled (the op grid runs on CUDA tensors, see
+attention_cases.device_for); without one they run on CPU tensors under Triton's interpreter.
+"""
 import os
 import pathlib
 
-# Must be set before triton is imported anywhere: the Triton backend runs CPU tensors under the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Must be decided before triton is imported anywhere (importing torch does not import triton). An explicit
+# TRITON_INTERPRET in the environment wins either way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 SHARED_DATA = pathlib.Path(os.environ.get("FASTADAPTER_SHARED_DATA",
                                           pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))

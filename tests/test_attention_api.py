@@ -209,13 +209,79 @@ def test_bad_input_says_what_was_wrong(overrides, error, message):
         zero_init_attention(**_inputs(**overrides))
 
 
-def test_bad_varlen_inputs():
-    q, k = torch.randn(7, 4, 8), torch.randn(7, 2, 8)
+ALL_BACKENDS = ("triton", "cpu", "sdpa", "reference")
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+#: Malformed packed-sequence boundaries for T = 8 tokens: each would read or write out of bounds in a kernel, or
+#: (sdpa, reference) return the wrong number of rows, or (triton, short max_seqlen) silently skip rows.
+BAD_CU_SEQLENS = [
+    (_i32(-3, 5, 8), 8, ValueError, "cu_seqlens must start at 0, got -3"),
+    (_i32(0, 5, 12), 8, ValueError, "cu_seqlens ends at 12, past the 8 packed tokens"),
+    (_i32(0, 6, 3, 8), 8, ValueError, r"cu_seqlens must never decrease, got cu_seqlens\[1\] = 6 > cu_seqlens\[2\] = 3"),
+    (_i32(0, 9, 5, 9, 8, 9)[::2], 8, ValueError, "cu_seqlens must be contiguous"),
+    (torch.tensor([0, 5, 8]), 8, TypeError, r"cu_seqlens must be an int32 tensor .N\+1., got dtype torch.int64"),
+    (_i32(0, 5, 8).float(), 8, TypeError, "got dtype torch.float32"),
+    ([0, 5, 8], 8, TypeError, r"cu_seqlens must be an int32 tensor .N\+1., got list"),
+    (_i32(8), 8, ValueError, r"shape \[N\+1\] with N >= 1, got shape \(1,\)"),
+    (_i32(0, 5, 8), 4, ValueError, r"max_seqlen = 4 is shorter than the longest packed sequence \(5 tokens\)"),
+    (_i32(0, 5, 8), None, ValueError, "max_seqlen must be a positive int with cu_seqlens, got None"),
+    (_i32(0, 5, 8), 0, ValueError, "max_seqlen must be a positive int with cu_seqlens, got 0"),
+    (_i32(0, 5, 8), 5.0, ValueError, "max_seqlen must be a positive int with cu_seqlens, got 5.0"),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("cu_seqlens,max_seqlen,error,message", BAD_CU_SEQLENS, ids=[m for *_, m in BAD_CU_SEQLENS])
+def test_bad_varlen_boundaries_raise_the_same_error_on_every_backend(backend, cu_seqlens, max_seqlen, error,
+                                                                     message):
+    q, k = torch.randn(8, 4, 8), torch.randn(8, 2, 8)
     pk = torch.randn(1, 3, 2, 8)
-    with pytest.raises(ValueError, match="cu_seqlens must be an int32 tensor"):
-        zero_init_attention(q, k, k, pk, pk, torch.zeros(4), cu_seqlens=torch.tensor([0, 7]), max_seqlen=7)
-    with pytest.raises(ValueError, match="max_seqlen must be a positive int"):
-        zero_init_attention(q, k, k, pk, pk, torch.zeros(4), cu_seqlens=torch.tensor([0, 7], dtype=torch.int32))
+    with pytest.raises(error, match=message):
+        zero_init_attention(q, k, k, pk, pk, torch.zeros(4), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_max_seqlen_shorter_than_a_sequence_is_an_error_not_missing_rows(backend):
+    """A 150-token sequence with max_seqlen = 8: the Triton grid used to cover 8 rows and leave 142 zero."""
+    q, k = torch.randn(160, 2, 16), torch.randn(160, 1, 16)
+    pk = torch.randn(1, 3, 1, 16)
+    with pytest.raises(ValueError, match=r"max_seqlen = 8 is shorter than the longest packed sequence \(150 tokens\)"):
+        zero_init_attention(q, k, k, pk, pk, torch.zeros(2), cu_seqlens=_i32(0, 150, 160), max_seqlen=8,
+                            backend=backend)
+
+
+#: Zero-size inputs: no query row (dk, dv must be exact zeros), no key, no sequence, empty packed sequences.
+ZERO_SIZE_CASES = [
+    Case(batch=2, seqlen_q=0, seqlen_k=17, head_dim=16),
+    Case(batch=1, seqlen_q=0, seqlen_k=5, head_dim=16, prefix_len=0, causal=False),
+    Case(batch=2, seqlen_q=6, seqlen_k=0, head_dim=16, causal=False),
+    Case(batch=0, seqlen_q=7, seqlen_k=7, head_dim=16),
+    Case(seqlens=[0, 9, 0], head_dim=16, gate_shape="rows", prefix_batch=3, unused_tail=2),
+]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("case", ZERO_SIZE_CASES, ids=lambda c: c.id)
+def test_zero_size_inputs_give_the_reference_and_zero_gradients(case, backend):
+    """Every backend: what the reference gives (zeros where nothing is seen), never uninitialised memory."""
+    kw = case.make()
+    out = zero_init_attention(**kw, backend=backend)
+    assert out.shape == kw["q"].shape and torch.isfinite(out).all()
+    out.backward(torch.randn_like(out))
+    # An input the output does not depend on (the prompt when P = 0) may get no gradient at all: that is 0.
+    grads = {n: kw[n].grad if kw[n].grad is not None else torch.zeros_like(kw[n])
+             for n in ("q", "k", "v", "prefix_k", "prefix_v", "gate")}
+    for name, grad in grads.items():
+        assert grad.shape == kw[name].shape and torch.isfinite(grad).all(), name
+    if kw["q"].numel() == 0:
+        for name in ("k", "v", "prefix_k", "prefix_v", "gate"):
+            assert torch.count_nonzero(grads[name]) == 0, f"{backend}: d{name} of no query row is not 0"
+    check_against_reference(case, backend)
 
 
 def test_reference_lse_and_upcast():

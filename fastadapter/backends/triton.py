@@ -3,6 +3,12 @@
 On CUDA tensors the kernels are compiled; on CPU tensors they run under Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set (how they are tested here), which is exact but slow, so the automatic choice
 takes this backend only for CUDA tensors.
+
+On CUDA the backend declines, with the reason, what its kernels cannot run well on the inputs' GPU, so that the
+automatic choice moves on (to ``sdpa``) instead of failing at launch: float32 (see
+:func:`fastadapter.kernels.configs.target_reason`), bfloat16 before sm_80, and any kernel of the call (the
+forward, and the three backward kernels when a gradient is needed) of which no configuration compiles for this
+GPU without spills and within its shared memory (:func:`fastadapter.kernels.configs.launch_plan`, cached).
 """
 from __future__ import annotations
 
@@ -24,6 +30,19 @@ def _interpreting() -> bool:
     # Not imported from fastadapter.kernels at module import: the kernels import triton.
     from fastadapter.kernels._interpreter import interpreting
     return interpreting()
+
+
+def _target(inp: AttentionInputs) -> Optional[tuple[int, Optional[int]]]:
+    """``(compute capability, CUDA device index)`` the kernels would be compiled for; None off CUDA."""
+    if inp.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(inp.device)
+    return 10 * major + minor, inp.device.index if inp.device.index is not None else torch.cuda.current_device()
+
+
+def _needs_backward(inp: AttentionInputs) -> bool:
+    tensors = (inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class TritonBackend(Backend):
@@ -54,7 +73,22 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim {inp.head_dim} > {MAX_HEAD_DIM}")
         if inp.prefix_len > MAX_PREFIX_LEN:
             reasons.append(f"prefix length {inp.prefix_len} > {MAX_PREFIX_LEN} (the prefix is one tile)")
+        target = _target(inp)
+        if not reasons and target is not None:
+            reasons += self.target_reasons(inp, *target)
         return reasons
+
+    def target_reasons(self, inp: AttentionInputs, capability: int, device_index: Optional[int]) -> list[str]:
+        """Why the kernels cannot run ``inp`` on sm_<capability> (``device_index`` None: judged ahead of time,
+        by compiling without a GPU). Empty when every kernel the call needs has a configuration that fits."""
+        from fastadapter.kernels import configs
+        reason = configs.target_reason(inp.dtype, capability)
+        if reason:
+            return [reason]
+        facts = configs.KernelFacts.of(inp)
+        kernels = configs.FORWARD_KERNELS + (configs.BACKWARD_KERNELS if _needs_backward(inp) else ())
+        reasons = [configs.decline_reason(kernel, facts, capability, device_index) for kernel in kernels]
+        return [r for r in reasons if r]
 
     def automatic_choice_reasons(self, inp: AttentionInputs) -> list[str]:
         reasons = self.not_supported_reasons(inp)
