@@ -53,8 +53,12 @@ def _cpu_extension():
 
 ext_modules, cmdclass = _cpu_extension() if "egg_info" not in sys.argv else ([], {})
 
+# kernels/ and benchmarks/ stay top-level folders of the checkout but install as fastadapter.kernels and
+# fastadapter.benchmarks (so `fastadapter bench` runs from any install, and the checkout root never needs to be
+# on sys.path).
 packages = find_packages(include=["fastadapter", "fastadapter.*"])
 packages += ["fastadapter.kernels"] + [f"fastadapter.kernels.{p}" for p in find_packages("kernels")]
+packages += ["fastadapter.benchmarks"] + [f"fastadapter.benchmarks.{p}" for p in find_packages("benchmarks")]
 
 setup(
     name="fastadapter",
@@ -64,7 +68,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"fastadapter.kernels": "kernels"},
+    package_dir={"fastadapter.kernels": "kernels", "fastadapter.benchmarks": "benchmarks"},
     install_requires=["torch>=2.5", "numpy", "safetensors", "sentencepiece", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
