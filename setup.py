@@ -75,7 +75,9 @@ setup(
         # The tests also run the benchmark machinery (plots, the pytest-benchmark plugin) on tiny shapes.
         "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib",
                  "pytest-benchmark"],
-        "bench": ["matplotlib", "pytest-benchmark", "transformers==5.23.0", "peft==0.21.2"],
+        # The integrations support transformers 5.17-5.23 and peft 0.18-0.21 (fastadapter/integrations/_versions.py;
+        # the test extra pins the newest, .ci/integration-versions.sh tests the oldest).
+        "bench": ["matplotlib", "pytest-benchmark", "transformers>=5.17,<5.24", "peft>=0.18,<0.22"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},
     ext_modules=ext_modules,

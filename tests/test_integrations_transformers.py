@@ -189,7 +189,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = _adapted_with_gate(tiny_model("llama"), prompt_len=5, layers=2)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            # transformers 5.23 renamed gradient_checkpointing_enable (5.17, the oldest supported, has only that)
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable()
             assert model.model.gradient_checkpointing
         model(tokens, labels=tokens).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
