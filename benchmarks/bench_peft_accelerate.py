@@ -72,7 +72,7 @@ def config_for(preset: str) -> StepConfig:
     if preset == "smoke":
         return StepConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, hidden_dim=176, batch=1, seqlen=64)
     if preset == "quick":
-        return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=256)
+        return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=128)
     if preset == "default":
         return StepConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1408, batch=1, seqlen=1024)
     if preset == "full":

@@ -46,6 +46,7 @@ class Progress:
         """One more suite done."""
         if self._bar is not None:
             self._bar.update(1)
+            self._bar.refresh()  # a suite takes seconds to minutes: always redraw, whatever tqdm's mininterval
 
     def close(self) -> None:
         if self._bar is not None:
