@@ -53,8 +53,12 @@ def _cpu_extension():
 
 ext_modules, cmdclass = _cpu_extension() if "egg_info" not in sys.argv else ([], {})
 
+# kernels/ and benchmarks/ stay top-level folders of the checkout but install as fastadapter.kernels and
+# fastadapter.benchmarks (so `fastadapter bench` runs from any install, and the checkout root never needs to be
+# on sys.path).
 packages = find_packages(include=["fastadapter", "fastadapter.*"])
 packages += ["fastadapter.kernels"] + [f"fastadapter.kernels.{p}" for p in find_packages("kernels")]
+packages += ["fastadapter.benchmarks"] + [f"fastadapter.benchmarks.{p}" for p in find_packages("benchmarks")]
 
 setup(
     name="fastadapter",
@@ -64,14 +68,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"fastadapter.kernels": "kernels"},
+    package_dir={"fastadapter.kernels": "kernels", "fastadapter.benchmarks": "benchmarks"},
     install_requires=["torch>=2.5", "numpy", "safetensors", "sentencepiece", "tqdm"],
     extras_require={
         "triton": ["triton>=3.2"],
         # The tests also run the benchmark machinery (plots, the pytest-benchmark plugin) on tiny shapes.
         "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib",
                  "pytest-benchmark"],
-        "bench": ["matplotlib", "pytest-benchmark", "transformers==5.23.0", "peft==0.21.2"],
+        # The integrations support transformers 5.17-5.23 and peft 0.18-0.21 (fastadapter/integrations/_versions.py;
+        # the test extra pins the newest, .ci/integration-versions.sh tests the oldest).
+        "bench": ["matplotlib", "pytest-benchmark", "transformers>=5.17,<5.24", "peft>=0.18,<0.22"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},
     ext_modules=ext_modules,

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -51,6 +51,10 @@ class GenerationConfig:
                 f"-H{self.n_heads}-P{self.prompt_len}")
 
 
+#: Modules this suite needs beyond torch (the runner skips it, with the reason, when one does not import).
+REQUIRES = ("transformers", "peft")
+
+
 def config_for(preset: str) -> GenerationConfig:
     """Small LLaMA shapes (LLaMA's 32000-token vocabulary, head_dim 64) sized for this preset.
 
@@ -58,6 +62,9 @@ def config_for(preset: str) -> GenerationConfig:
     suite's ~20 s on a 2-core CPU, so about a minute (dim 1024 at that workload, ~16× the default, would take
     ~5 minutes of ``--full``'s 30-minute budget).
     """
+    if preset == "smoke":
+        return GenerationConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=176, vocab_size=32000, batch=1,
+                                prompt_tokens=8, new_tokens=2)
     if preset == "quick":
         return GenerationConfig(dim=256, n_layers=4, n_heads=4, hidden_dim=704, vocab_size=32000, batch=2,
                                 prompt_tokens=32, new_tokens=8)
@@ -67,7 +74,7 @@ def config_for(preset: str) -> GenerationConfig:
     if preset == "full":
         return GenerationConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, vocab_size=32000, batch=8,
                                 prompt_tokens=256, new_tokens=64)
-    raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'smoke', 'quick', 'default' or 'full'")
 
 
 def build_models(config: GenerationConfig, device, folder: str, dtype: torch.dtype = torch.float32):
@@ -130,12 +137,13 @@ def thin_backends(device) -> list[str]:
     return names
 
 
-def run(quick: bool, device: str, *, full: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
     """Rows ``suite="generation"``, provider ``hf-peft`` (first: the baseline) and ``fastadapter-<backend>``,
     modes ``prefill`` and ``generate``, with ``tokens_per_s`` and ``agree`` (fraction of greedy tokens equal to
     Hugging Face's)."""
-    preset = "quick" if quick else "full" if full else "default"
-    warmup, repeats = (1, 2) if quick else (1, 3)
+    preset = preset or ("quick" if quick else "full" if full else "default")
+    warmup, repeats = {"smoke": (0, 1), "quick": (1, 2)}.get(preset, (1, 3))
     return run_config(config_for(preset), device, warmup=warmup, repeats=repeats, log=log)
 
 

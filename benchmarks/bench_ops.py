@@ -49,13 +49,15 @@ def _sweep(name: str, axis: str, base: OpConfig, values) -> Sweep:
 
 
 def plan_for(preset: str, device) -> Plan:
-    """The shapes of ``preset`` ("quick", "default" or "full") on ``device``.
+    """The shapes of ``preset`` ("smoke", "quick", "default" or "full") on ``device``.
 
     CPU runs fp32 with batch 1 (what a CPU can finish in minutes); CUDA runs bf16 with batch 4. Every preset keeps
     LLaMA-7B's heads (Hq = 32, D = 128) and prompt (P = 10).
     """
     cuda = torch.device(device).type == "cuda"
     base = OpConfig(batch=4 if cuda else 1, seqlen=1024, dtype=torch.bfloat16 if cuda else torch.float32)
+    if preset == "smoke":  # one short sequence, one timed run: checks that the suite runs
+        return Plan((_sweep("seqlen", "seqlen", base, (64,)),), warmup=0, repeats=1, max_seconds=0.1)
     if preset == "quick":
         return Plan((_sweep("seqlen", "seqlen", base, (128, 512)),), warmup=1, repeats=3, max_seconds=0.5)
     if preset == "default":
@@ -70,7 +72,7 @@ def plan_for(preset: str, device) -> Plan:
                      _sweep("gqa", "heads_kv", at_1k, (32, 8, 1)),
                      _sweep("prefix", "prefix_len", at_1k, (0, 10, 64))),
                     warmup=1 if not cuda else 10, repeats=5 if not cuda else 30, max_seconds=3.0)
-    raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'smoke', 'quick', 'default' or 'full'")
 
 
 def mode_callable(mode: str, fn: Callable, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor,
@@ -131,12 +133,13 @@ def benchmark_provider(provider: OpProvider, config: OpConfig, device, plan: Pla
     return rows
 
 
-def run(quick: bool, device: str, *, full: bool = False, providers: Optional[list[str]] = None,
-        log: Callable[[str], None] = print) -> list[dict]:
+def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
+        providers: Optional[list[str]] = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run the op-level benchmark on the shapes of a preset (see :func:`plan_for`).
 
     Args:
-        quick: the quick preset (two short sequences), for smoke runs; ``full`` the long sweeps.
+        quick: the quick preset (two short sequences), for smoke runs; ``full`` the long sweeps; ``preset``
+            (a name of :func:`plan_for`) overrides both.
         device: ``"cpu"`` or a CUDA device.
         providers: run only these provider names (default: every provider).
         log: progress lines go here.
@@ -146,7 +149,7 @@ def run(quick: bool, device: str, *, full: bool = False, providers: Optional[lis
         saved_bytes`` plus the shape (``sweep, x_axis, x, batch, seqlen, heads_q, heads_kv, head_dim, prefix_len,
         dtype``); a row with ``skipped`` set (and no times) for each provider that does not run a shape.
     """
-    plan = plan_for("quick" if quick else "full" if full else "default", device)
+    plan = plan_for(preset or ("quick" if quick else "full" if full else "default"), device)
     return run_plan(plan, device, providers=providers, log=log)
 
 

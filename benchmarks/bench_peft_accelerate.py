@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -53,6 +53,10 @@ class StepConfig:
                 f"-P{self.prompt_len}")
 
 
+#: Modules this suite needs beyond torch (the runner skips it, with the reason, when one does not import).
+REQUIRES = ("transformers", "peft", "fastadapter.integrations.peft")
+
+
 def config_for(preset: str) -> StepConfig:
     """LLaMA shapes (head_dim 64, 32000-token vocabulary) that take at most seconds per step on a CPU.
 
@@ -65,13 +69,15 @@ def config_for(preset: str) -> StepConfig:
     sequence: ~3.2× the FLOPs of ``default``, whose suite takes ~70 s on a 2-core CPU, so ~4 minutes. (At batch 4,
     ~13× the default, it would take ~15 minutes and push ``--full`` past its 30-minute budget.)
     """
+    if preset == "smoke":
+        return StepConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, hidden_dim=176, batch=1, seqlen=64)
     if preset == "quick":
-        return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=512)
+        return StepConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=704, batch=1, seqlen=128)
     if preset == "default":
         return StepConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1408, batch=1, seqlen=1024)
     if preset == "full":
         return StepConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=16, hidden_dim=2816, batch=1, seqlen=1024)
-    raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'smoke', 'quick', 'default' or 'full'")
 
 
 def build_peft_model(config: StepConfig, device):
@@ -142,13 +148,15 @@ def interleaved_times(fn: Callable[[], object], model, warmup: int, repeats: int
     return times
 
 
-def run(quick: bool, device: str, *, full: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
     """Rows ``suite="peft_accelerate"``, providers ``peft`` (the baseline) and ``peft+fastadapter``, modes
     ``train_step`` and ``forward``, batches ``dense`` and ``padded`` (in ``config``), with ``tokens_per_s``,
     ``cpu_median_ms`` (process CPU time), ``peak_mem_mb`` (train step) and ``max_grad_rel_err`` (accelerated
     against PEFT)."""
-    warmup, repeats = (1, 3) if quick else (2, 5)
-    return run_config(config_for("quick" if quick else "full" if full else "default"), device, warmup=warmup,
+    preset = preset or ("quick" if quick else "full" if full else "default")
+    warmup, repeats = {"smoke": (0, 1), "quick": (0, 2)}.get(preset, (2, 5))
+    return run_config(config_for(preset), device, warmup=warmup,
                       repeats=repeats, log=log)
 
 

@@ -29,7 +29,7 @@ import pathlib
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,19 +69,26 @@ class TrainingConfig:
                 f"-b{self.batch_size}/{self.batch_tokens}tok")
 
 
+#: Modules this suite needs beyond torch (the runner skips it, with the reason, when one does not import).
+REQUIRES = ("transformers", "peft")
+
+
 def config_for(preset: str) -> TrainingConfig:
     """Small LLaMA shapes whose step takes seconds on a CPU (head_dim 64, LLaMA's vocabulary).
 
     ``full`` is the default shape: its suite already takes ~5.5 minutes on a 2-core CPU (a PEFT step padded to
     512 takes ~25 s), the largest share of ``--full``'s 30-minute budget; a larger one would not fit.
     """
+    if preset == "smoke":
+        return TrainingConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=176, examples=2, batch_size=2,
+                              batch_tokens=512)
     if preset == "quick":
         return TrainingConfig(dim=256, n_layers=4, n_heads=4, hidden_dim=704, examples=16, batch_size=4,
                               batch_tokens=1024)
     if preset in ("default", "full"):
         return TrainingConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1408, examples=32, batch_size=8,
                               batch_tokens=2048)
-    raise ValueError(f"unknown preset {preset!r}; expected 'quick', 'default' or 'full'")
+    raise ValueError(f"unknown preset {preset!r}; expected 'smoke', 'quick', 'default' or 'full'")
 
 
 def alpaca_examples(count: int):
@@ -89,6 +96,11 @@ def alpaca_examples(count: int):
     from fastadapter.model.tokenizer import load_tokenizer
     from fastadapter.training.data import load_rows, tokenize_rows
 
+    missing = [name for name in ("alpaca_tiny.json", "llama_tokenizer.model") if not (SHARED_DATA / name).is_file()]
+    if missing:
+        from .runner import SuiteSkipped
+        raise SuiteSkipped(f"needs the shared data files {missing} in {SHARED_DATA} (set FASTADAPTER_SHARED_DATA "
+                           f"to the folder holding them)")
     rows = load_rows(SHARED_DATA / "alpaca_tiny.json")[:count]
     return tokenize_rows(rows, load_tokenizer(SHARED_DATA / "llama_tokenizer.model"), MAX_SEQ_LEN)
 
@@ -198,11 +210,13 @@ def _losses(steps_models, examples, config, device) -> dict[str, float]:
     return losses
 
 
-def run(quick: bool, device: str, *, full: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
     """Rows ``suite="training"``, mode ``train_step``, one per provider, with ``tokens_per_s`` (real tokens),
     ``peak_mem_mb``, ``padding_fraction`` and ``loss_rel_err`` (against fastadapter-packed)."""
-    warmup, repeats = (1, 3) if quick else (1, 5)
-    return run_config(config_for("quick" if quick else "full" if full else "default"), device, warmup=warmup,
+    preset = preset or ("quick" if quick else "full" if full else "default")
+    warmup, repeats = {"smoke": (0, 1), "quick": (1, 3)}.get(preset, (1, 5))
+    return run_config(config_for(preset), device, warmup=warmup,
                       repeats=repeats, log=log)
 
 

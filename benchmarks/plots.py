@@ -24,9 +24,23 @@ def _pyplot():
     return plt
 
 
+def _code_and_date(metadata: dict) -> str:
+    """``commit abc1234 (dirty) · 2026-12-01``, or the fastadapter version when no git checkout made the run."""
+    git = metadata.get("git") or {}
+    if git.get("commit"):
+        code = f"commit {git['commit'][:10]}" + (" (dirty)" if git.get("dirty") else "")
+    else:
+        code = f"fastadapter {(metadata.get('versions') or {}).get('fastadapter') or '?'} (no git checkout)"
+    when = (metadata.get("created_utc") or "")[:10]
+    return f"{code} · {when}" if when else code
+
+
 def _title(metadata: dict, what: str, two_lines: bool = False) -> str:
-    """``what — device``; on two lines for a figure too narrow for one (a figure does not shrink its title)."""
-    return f"{what}{chr(10) if two_lines else ' — '}{metadata.get('device_name', metadata.get('device', '?'))}"
+    """``what — machine`` and, on the next line, the commit and date that made the figures; ``what`` on a line
+    of its own for a figure too narrow for one line."""
+    machine = metadata.get("device_name", metadata.get("device", "unknown machine"))
+    head = f"{what}\n{machine}" if two_lines else f"{what} — {machine}"
+    return f"{head}\n{_code_and_date(metadata)}"
 
 
 _MARKERS = "osD^vP*X<>"

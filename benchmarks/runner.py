@@ -7,29 +7,75 @@ run and why). A suite whose ``run`` also accepts ``full`` (keyword) gets the lon
 accepting ``log`` prints its progress through the runner. A suite that raises does not stop the others: its
 error is printed and saved with the results. The time of each suite and of the run is printed and saved, with a
 warning when a preset overruns its budget (:data:`PRESET_BUDGET_SECONDS`).
+
+A suite runs with the preset's name when its ``run`` accepts ``preset`` (keyword): ``smoke`` (one tiny shape per
+suite, seconds: it checks that every suite runs, its figures mean nothing) and the three above. Optional
+dependencies: a suite lists the modules it needs in ``REQUIRES``; when one of them is missing or fails to
+import (whatever the error), the suite is skipped with that reason instead of failing, as it is when it raises
+:class:`SuiteSkipped` itself (e.g. for missing data). Only a suite that ran and raised makes the run fail.
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import importlib.util
 import inspect
 import pathlib
+import platform
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .metadata import collect_metadata
+from .progress import Progress
 from .report import format_table, write_csv, write_json
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
-DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
+#: The committed reference results of this project's build machine: never written by a run unless asked to.
+REFERENCE_RESULTS_DIR = BENCH_DIR / "results"
 #: Fields every measured row must have.
 REQUIRED_FIELDS = ("suite", "provider", "mode", "config", "median_ms", "p20_ms", "p80_ms")
-PRESETS = ("quick", "default", "full")
+PRESETS = ("smoke", "quick", "default", "full")
 #: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
 #: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
-PRESET_BUDGET_SECONDS = {"quick": 120.0, "default": None, "full": 1800.0}
+PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
+#: Suites a preset leaves out unless ``suites`` names them, and why (measured on the 2-core AVX2 CPU).
+PRESET_LEAVES_OUT = {
+    "quick": {"training": "one PEFT step over even 8 Alpaca rows padded to 512 takes ~15-20 s on a 2-core CPU "
+                          "(the 32000-way output layer at every padded position), so the suite alone overran the "
+                          "2-minute budget (531 s); run it with --suites training --quick, or the default preset"},
+}
+
+
+class SuiteSkipped(Exception):
+    """Raised by a suite that cannot run here (missing data, an optional library); its message says why."""
+
+
+def missing_requirement(module) -> Optional[str]:
+    """Why the suite ``module`` cannot run here, or None: the first of its ``REQUIRES`` modules that fails to
+    import, with the error (a missing package, an unsupported version, a package that is installed but broken)."""
+    for name in getattr(module, "REQUIRES", ()):
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - any import failure of an optional dependency skips the suite
+            message = (str(error).strip().splitlines() or [""])[0][:300]
+            return f"needs {name}, which does not import here: {type(error).__name__}: {message}"
+    return None
+
+
+def default_out_dir(now: Optional[datetime.datetime] = None) -> pathlib.Path:
+    """``bench-results/<machine>-<UTC time>/`` in the working directory: a new folder for every run (a suffix
+    ``-2``, ``-3``, ... when two runs start in the same second), so a run never overwrites another's files."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    machine = re.sub(r"[^A-Za-z0-9_.-]+", "-", platform.node() or "machine").strip("-.") or "machine"
+    base = pathlib.Path("bench-results") / f"{machine}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def discover_suites(bench_dir: pathlib.Path = BENCH_DIR) -> dict[str, pathlib.Path]:
@@ -67,17 +113,25 @@ def check_rows(suite: str, rows) -> list[dict]:
 
 
 def run_suite(path: pathlib.Path, preset: str, device: str, log: Callable[[str], None] = print) -> list[dict]:
-    """Import one suite file and run it with ``preset`` on ``device``; returns its checked rows."""
+    """Import one suite file and run it with ``preset`` on ``device``; returns its checked rows.
+
+    Raises :class:`SuiteSkipped` when one of the suite's ``REQUIRES`` does not import (see
+    :func:`missing_requirement`)."""
     module = _import_suite(path)
     if not callable(getattr(module, "run", None)):
         raise ValueError(f"{path} has no run(quick, device) function")
+    reason = missing_requirement(module)
+    if reason is not None:
+        raise SuiteSkipped(reason)
     parameters = inspect.signature(module.run).parameters
     kwargs = {}
+    if "preset" in parameters:
+        kwargs["preset"] = preset
     if "full" in parameters:
         kwargs["full"] = preset == "full"
     if "log" in parameters:
         kwargs["log"] = log
-    return check_rows(path.stem, module.run(preset == "quick", device, **kwargs))
+    return check_rows(path.stem, module.run(preset in ("quick", "smoke"), device, **kwargs))
 
 
 @dataclass
@@ -87,48 +141,73 @@ class BenchResult:
     metadata: dict
     rows: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    #: suites that could not run here: ``{"suite", "reason"}``
+    skipped: list[dict] = field(default_factory=list)
     files: list[pathlib.Path] = field(default_factory=list)
 
 
 def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Optional[list[str]] = None,
-                   out_dir: pathlib.Path = DEFAULT_RESULTS_DIR, name: Optional[str] = None, plots: bool = True,
+                   out_dir: Optional[pathlib.Path] = None, name: Optional[str] = None, plots: bool = True,
                    bench_dir: pathlib.Path = BENCH_DIR, argv: Optional[list[str]] = None,
-                   log: Callable[[str], None] = print) -> BenchResult:
+                   log: Optional[Callable[[str], None]] = None) -> BenchResult:
     """Run ``suites`` (default: all discovered), print the table, write ``<name>.json``/``.csv`` and the plots.
 
     Args:
-        preset: ``"quick"``, ``"default"`` or ``"full"``.
+        preset: ``"smoke"``, ``"quick"``, ``"default"`` or ``"full"``.
         device: ``"cpu"`` or a CUDA device.
         suites: suite names (``ops``, ``generation``, ...); unknown names raise ``ValueError`` listing the known.
-        out_dir: where the files go; ``name`` their stem (default ``<device type>-<preset>``).
+        out_dir: where the files go (default: a new :func:`default_out_dir`); ``name`` their stem (default
+            ``<device type>-<preset>``).
         plots: draw the PNG plots (matplotlib).
+        log: where progress lines go (default: stdout, each line flushed at once; a progress bar over the
+            suites below them when stdout is a terminal).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     available = discover_suites(bench_dir)
-    chosen = list(available) if suites is None else list(suites)
+    left_out = PRESET_LEAVES_OUT.get(preset, {}) if suites is None else {}
+    chosen = [s for s in available if s not in left_out] if suites is None else list(suites)
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; available here: {sorted(available)}")
     import torch
     result = BenchResult(metadata=collect_metadata(device, preset, argv))
     result.metadata["suites"] = chosen
-    for suite in chosen:
-        log(f"[{suite}] running ({preset}, {device})")
-        start = time.perf_counter()
-        try:
-            rows = run_suite(available[suite], preset, device, log)
-        except Exception as error:  # one broken suite must not lose the others' results
-            log(f"[{suite}] FAILED: {type(error).__name__}: {error}")
-            result.errors.append({"suite": suite, "error": f"{type(error).__name__}: {error}",
-                                  "traceback": traceback.format_exc()})
-            rows = []
-        result.rows += rows
-        seconds = time.perf_counter() - start
-        result.metadata.setdefault("suite_seconds", {})[suite] = round(seconds, 1)
-        log(f"[{suite}] {len(rows)} rows in {seconds:.0f} s")
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    for suite, reason in left_out.items():
+        if suite in available:
+            result.skipped.append({"suite": suite, "reason": f"left out of --{preset}: {reason}"})
+    progress = Progress(len(chosen), enabled=log is None)
+    log = log or progress.log
+    for skipped in result.skipped:
+        log(f"[{skipped['suite']}] skipped: {skipped['reason']}")
+    try:
+        for suite in chosen:
+            progress.describe(suite)
+            log(f"[{suite}] running ({preset}, {device})")
+            start, cpu_start = time.perf_counter(), time.process_time()
+            try:
+                rows = run_suite(available[suite], preset, device, log)
+            except SuiteSkipped as skip:
+                log(f"[{suite}] skipped: {skip}")
+                result.skipped.append({"suite": suite, "reason": str(skip)})
+                rows = []
+            except Exception as error:  # one broken suite must not lose the others' results
+                log(f"[{suite}] FAILED: {type(error).__name__}: {error}")
+                result.errors.append({"suite": suite, "error": f"{type(error).__name__}: {error}",
+                                      "traceback": traceback.format_exc()})
+                rows = []
+            result.rows += rows
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            result.metadata.setdefault("suite_seconds", {})[suite] = round(seconds, 1)
+            # CPU time of this process (all threads): unlike wall time, it does not grow when others hold the cores
+            result.metadata.setdefault("suite_cpu_seconds", {})[suite] = round(cpu_seconds, 1)
+            log(f"[{suite}] {len(rows)} rows in {seconds:.0f} s (CPU time {cpu_seconds:.0f} s)")
+            progress.advance()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        progress.close()
+    result.metadata["skipped_suites"] = result.skipped
     total = sum(result.metadata.get("suite_seconds", {}).values())
     budget = PRESET_BUDGET_SECONDS[preset]
     result.metadata.update(total_seconds=round(total, 1), budget_seconds=budget)
@@ -137,11 +216,13 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
         log(f"WARNING: this {preset} run took {total:.0f} s, over its {budget:.0f} s budget: "
             + ", ".join(f"{suite} {seconds:.0f} s" for suite, seconds in result.metadata["suite_seconds"].items()))
 
-    print(format_table(result.rows) if result.rows else "no results")
+    print(format_table(result.rows) if result.rows else "no results", flush=True)
+    for skipped in result.skipped:
+        print(f"suite {skipped['suite']} skipped: {skipped['reason']}", flush=True)
     for error in result.errors:
-        print(f"suite {error['suite']} failed: {error['error']}")
+        print(f"suite {error['suite']} failed: {error['error']}", flush=True)
     stem = name or f"{torch.device(device).type}-{preset}"
-    out_dir = pathlib.Path(out_dir)
+    out_dir = pathlib.Path(out_dir) if out_dir is not None else default_out_dir()
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
     write_json(json_path, result.metadata, result.rows, result.errors)
     write_csv(csv_path, result.metadata, result.rows)

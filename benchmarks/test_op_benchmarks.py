@@ -15,9 +15,9 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks.bench_ops import MODES, mode_callable, plan_for
-from benchmarks.flops import attention_flops
-from benchmarks.op_providers import check_provider, op_providers
+from fastadapter.benchmarks.bench_ops import MODES, mode_callable, plan_for
+from fastadapter.benchmarks.flops import attention_flops
+from fastadapter.benchmarks.op_providers import check_provider, op_providers
 
 _checked: dict[tuple[str, str, torch.dtype], str | None] = {}
 

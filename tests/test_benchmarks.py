@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
+import re
+import select
 import subprocess
 import sys
 import textwrap
@@ -15,22 +18,20 @@ import textwrap
 import pytest
 import torch
 
-# benchmarks/ lives beside fastadapter/ in the checkout but is not part of the installed package.
+# The checkout's benchmarks/ folder is installed as fastadapter.benchmarks: the tests import it from there.
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from benchmarks import baselines  # noqa: E402
-from benchmarks.bench_ops import MODES, Plan, Sweep, benchmark_provider, plan_for, run_plan  # noqa: E402
-from benchmarks.compare import compare_rows, format_comparison, geometric_mean  # noqa: E402
-from benchmarks.flops import attention_flops, tflops_per_second  # noqa: E402
-from benchmarks.memory import peak_from_allocation_events, peak_memory_bytes, saved_tensor_bytes  # noqa: E402
-from benchmarks.op_providers import OpConfig, OpProvider, check_provider, op_providers  # noqa: E402
-from benchmarks.report import format_markdown, format_table, load_json  # noqa: E402
-from benchmarks.runner import check_rows, run_benchmarks  # noqa: E402
-from benchmarks.timing import measure, quantile  # noqa: E402
+from fastadapter.benchmarks import baselines
+from fastadapter.benchmarks.bench_ops import MODES, Plan, Sweep, benchmark_provider, plan_for, run_plan
+from fastadapter.benchmarks.compare import compare_rows, format_comparison, geometric_mean
+from fastadapter.benchmarks.flops import attention_flops, tflops_per_second
+from fastadapter.benchmarks.memory import peak_from_allocation_events, peak_memory_bytes, saved_tensor_bytes
+from fastadapter.benchmarks.op_providers import OpConfig, OpProvider, check_provider, op_providers
+from fastadapter.benchmarks.report import format_markdown, format_table, load_json
+from fastadapter.benchmarks.runner import check_rows, run_benchmarks
+from fastadapter.benchmarks.timing import measure, quantile
 
-from fastadapter import zero_init_attention_reference  # noqa: E402
+from fastadapter import zero_init_attention_reference
 
 TINY = OpConfig(batch=1, seqlen=33, heads_q=4, heads_kv=2, head_dim=16, prefix_len=3)
 TINY_PLAN = Plan((Sweep("seqlen", "seqlen", (TINY, OpConfig(1, 47, 4, 2, 16, 3))),), warmup=0, repeats=2,
@@ -184,7 +185,7 @@ def test_run_plan_skips_what_cannot_run_and_refuses_unknown_providers():
 
 
 def test_a_provider_that_raises_is_skipped_with_its_error(monkeypatch):
-    import benchmarks.bench_ops as bench_ops
+    import fastadapter.benchmarks.bench_ops as bench_ops
     sdpa = next(p for p in op_providers() if p.name == "two-sdpa")
 
     def broken_install(*inputs):
@@ -220,7 +221,7 @@ def test_a_provider_that_raises_is_skipped_with_its_error(monkeypatch):
 
 
 def test_a_module_found_but_failing_to_import_is_skipped_with_its_error(tmp_path, monkeypatch):
-    from benchmarks.op_providers import _needs_cuda_module
+    from fastadapter.benchmarks.op_providers import _needs_cuda_module
     package = tmp_path / "fastadapter_test_broken_ext"
     package.mkdir()
     (package / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN2at4_ops')\n")
@@ -237,7 +238,7 @@ def test_a_module_found_but_failing_to_import_is_skipped_with_its_error(tmp_path
 
 
 def test_generation_models_agree_before_timing():
-    from benchmarks.bench_generation import GenerationConfig, run_config
+    from fastadapter.benchmarks.bench_generation import GenerationConfig, run_config
     tiny = GenerationConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=256, batch=2,
                             prompt_tokens=9, new_tokens=4, prompt_len=3)
     rows = run_config(tiny, "cpu", warmup=0, repeats=1, log=lambda line: None)
@@ -252,7 +253,7 @@ TINY_TRAINING = dict(dim=64, n_layers=2, n_heads=2, hidden_dim=128, examples=4, 
 
 
 def test_training_losses_agree_before_timing(shared_data):
-    from benchmarks.bench_training import TrainingConfig, run_config
+    from fastadapter.benchmarks.bench_training import TrainingConfig, run_config
     config = TrainingConfig(**TINY_TRAINING)
     logged = []
     rows = run_config(config, "cpu", warmup=0, repeats=1, log=logged.append)
@@ -269,7 +270,7 @@ def test_training_losses_agree_before_timing(shared_data):
 
 
 def test_training_does_not_time_a_provider_whose_loss_differs(shared_data, monkeypatch):
-    import benchmarks.bench_training as bench_training
+    import fastadapter.benchmarks.bench_training as bench_training
     losses = bench_training._losses
     monkeypatch.setattr(bench_training, "_losses", lambda *a: {**losses(*a), "peft-pad-512": 1.0})
     timed = []
@@ -285,7 +286,7 @@ def test_training_does_not_time_a_provider_whose_loss_differs(shared_data, monke
 
 
 def test_peft_accelerate_agrees_before_timing():
-    from benchmarks.bench_peft_accelerate import StepConfig, run_config
+    from fastadapter.benchmarks.bench_peft_accelerate import StepConfig, run_config
     config = StepConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, batch=2, seqlen=24,
                         vocab_size=256, prompt_len=3)
     rows = run_config(config, "cpu", warmup=0, repeats=1, log=lambda line: None)
@@ -303,8 +304,8 @@ def test_peft_accelerate_agrees_before_timing():
 
 def test_quick_presets_stay_small():
     """``--quick`` is a smoke run (under two minutes on a 2-core CPU): it must not grow unnoticed."""
-    from benchmarks import bench_generation, bench_peft_accelerate, bench_training
-    from benchmarks.runner import PRESET_BUDGET_SECONDS
+    from fastadapter.benchmarks import bench_generation, bench_peft_accelerate, bench_training
+    from fastadapter.benchmarks.runner import PRESET_BUDGET_SECONDS
     configs = [c for s in plan_for("quick", "cpu").sweeps for c in s.configs]
     assert len(configs) <= 2 and max(c.seqlen for c in configs) <= 512 and all(c.batch == 1 for c in configs)
     assert plan_for("quick", "cpu").repeats <= 3 and plan_for("quick", "cpu").max_seconds <= 0.5
@@ -312,21 +313,25 @@ def test_quick_presets_stay_small():
               bench_peft_accelerate.config_for("quick")]
     assert all(m.dim <= 256 and m.n_layers <= 4 for m in models)
     assert bench_training.config_for("quick").examples <= 16
-    assert bench_peft_accelerate.config_for("quick").batch * bench_peft_accelerate.config_for("quick").seqlen <= 512
+    assert bench_peft_accelerate.config_for("quick").batch * bench_peft_accelerate.config_for("quick").seqlen <= 256
     assert bench_generation.config_for("quick").new_tokens <= 8
-    assert PRESET_BUDGET_SECONDS == {"quick": 120.0, "default": None, "full": 1800.0}
+    assert PRESET_BUDGET_SECONDS == {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
+    smoke = [bench_generation.config_for("smoke"), bench_training.config_for("smoke"),
+             bench_peft_accelerate.config_for("smoke")]
+    assert all(m.dim <= 64 and m.n_layers <= 2 for m in smoke)
+    assert [c.seqlen for s in plan_for("smoke", "cpu").sweeps for c in s.configs] == [64]
 
 
 def test_every_suite_takes_every_preset():
     """The runner passes ``full`` only to a ``run`` that has it: a suite without it would run its default shapes
     under ``--full`` without saying so."""
     import inspect
-    from benchmarks.runner import _import_suite, discover_suites
+    from fastadapter.benchmarks.runner import _import_suite, discover_suites
     for name, path in discover_suites().items():
         module = _import_suite(path)
-        assert {"full", "log"} <= set(inspect.signature(module.run).parameters), name
+        assert {"full", "preset", "log"} <= set(inspect.signature(module.run).parameters), name
         if hasattr(module, "config_for"):
-            for preset in ("quick", "default", "full"):
+            for preset in ("smoke", "quick", "default", "full"):
                 assert module.config_for(preset).label, (name, preset)
 
 
@@ -335,8 +340,8 @@ def test_every_suite_takes_every_preset():
 
 _TINY_SUITE = textwrap.dedent('''
     """A tiny suite for the runner's test: the ops machinery on a toy shape, and one model-level row."""
-    from benchmarks.bench_ops import Plan, Sweep, run_plan
-    from benchmarks.op_providers import OpConfig
+    from fastadapter.benchmarks.bench_ops import Plan, Sweep, run_plan
+    from fastadapter.benchmarks.op_providers import OpConfig
 
     def run(quick, device):
         configs = (OpConfig(1, 17, 2, 1, 16, 2), OpConfig(1, 33, 2, 1, 16, 2))
@@ -385,7 +390,7 @@ def test_runner_writes_json_csv_and_plots_with_metadata(tmp_path, capsys):
 
 
 def test_runner_times_each_suite_and_warns_over_the_budget(tmp_path, monkeypatch):
-    import benchmarks.runner as runner
+    import fastadapter.benchmarks.runner as runner
     (tmp_path / "bench_one.py").write_text(textwrap.dedent('''
         def run(quick, device):
             return [{"suite": "one", "provider": "p", "mode": "m", "config": "c", "median_ms": 1.0, "p20_ms": 1.0,
@@ -410,7 +415,7 @@ def _git(repo: pathlib.Path, *args: str) -> None:
 
 
 def test_git_metadata_counts_untracked_source_files_as_dirty(tmp_path):
-    from benchmarks.metadata import UNTRACKED_LISTED, git_commit
+    from fastadapter.benchmarks.metadata import UNTRACKED_LISTED, git_commit
     repo = tmp_path / "repo"
     for folder in ("fastadapter", "csrc", "benchmarks/results", "docs"):
         (repo / folder).mkdir(parents=True)
@@ -520,7 +525,7 @@ def test_cli_lists_suites_and_saves_the_compile_report(tmp_path, capsys, monkeyp
 
 def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
     """The issue-3 target benchmark on tiny shapes: every table, the saved-bytes check, and the saved copy."""
-    from benchmarks import cpu_kernel_targets
+    from fastadapter.benchmarks import cpu_kernel_targets
     out = tmp_path / "targets.txt"
     assert cpu_kernel_targets.main(["--repeats", "1", "--seqlens", "64", "--dtypes", "fp32", "bf16",
                                     "--decode-seqlens", "32", "--decode-batches", "2", "--out", str(out)]) == 0
@@ -529,3 +534,143 @@ def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
     assert text.count("(expected") == 2 and "DIFFERENT" not in text
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert metadata["preset"] == "cpu-kernel-targets" and metadata["versions"]["torch"] == torch.__version__
+
+
+# -- optional dependencies, output, progress
+
+
+_ONE_ROW_SUITE = textwrap.dedent('''
+    REQUIRES = {requires!r}
+
+    def run(quick, device):
+        return [{{"suite": {name!r}, "provider": "p", "mode": "m", "config": "c", "median_ms": 1.0, "p20_ms": 1.0,
+                  "p80_ms": 1.0}}]
+''')
+
+
+def test_a_suite_whose_optional_dependency_is_missing_or_broken_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """A missing package, and one that is installed but raises on import (as transformers did when our kernels/
+    shadowed HF's), skip their suites with the error; the run still succeeds with the suites that could run."""
+    (tmp_path / "broken_dependency.py").write_text("raise RuntimeError('half-installed: libfoo.so missing')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    for name, requires in (("fine", ("json",)), ("missing", ("fastadapter_no_such_module",)),
+                           ("broken", ("broken_dependency",))):
+        (suites / f"bench_{name}.py").write_text(_ONE_ROW_SUITE.format(requires=requires, name=name))
+    logged = []
+    result = run_benchmarks(preset="smoke", device="cpu", out_dir=tmp_path / "out", bench_dir=suites, plots=False,
+                            log=logged.append)
+    assert not result.errors and [row["suite"] for row in result.rows] == ["fine"]
+    reasons = {skip["suite"]: skip["reason"] for skip in result.skipped}
+    assert "ModuleNotFoundError" in reasons["missing"] and "fastadapter_no_such_module" in reasons["missing"]
+    assert "RuntimeError: half-installed: libfoo.so missing" in reasons["broken"]
+    assert load_json(tmp_path / "out" / "cpu-smoke.json")["metadata"]["skipped_suites"] == result.skipped
+    assert any(line.startswith("[broken] skipped: needs broken_dependency") for line in logged)
+
+
+def test_bench_without_peft_runs_the_op_suite_and_exits_0(tmp_path, monkeypatch, capsys):
+    """The real suites: with peft not importable the model-level suites are skipped (saying so) and the op suite
+    runs; ``fastadapter bench`` exits 0. Every suite skipped (nothing measured) exits 1."""
+    from fastadapter.cli import main
+    monkeypatch.setitem(sys.modules, "peft", None)  # "import peft" now raises ImportError
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "--smoke", "--device", "cpu", "--suites", "ops", "generation", "--no-plots",
+                 "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "suite generation skipped: needs peft" in printed and "== ops ==" in printed
+    assert main(["bench", "--smoke", "--device", "cpu", "--suites", "generation", "--no-plots",
+                 "--out", str(tmp_path / "out2")]) == 1
+
+
+def test_bench_writes_each_run_to_a_new_folder_and_leaves_the_committed_results_alone(tmp_path, monkeypatch):
+    from fastadapter.benchmarks import runner
+    committed = {p.name: p.read_bytes() for p in runner.REFERENCE_RESULTS_DIR.iterdir()}
+    (tmp_path / "bench_one.py").write_text(_ONE_ROW_SUITE.format(requires=(), name="one"))
+    monkeypatch.chdir(tmp_path)
+    first = run_benchmarks(preset="smoke", device="cpu", bench_dir=tmp_path, plots=False, log=lambda line: None)
+    second = run_benchmarks(preset="smoke", device="cpu", bench_dir=tmp_path, plots=False, log=lambda line: None)
+    folders = {path.resolve().parent for path in first.files} | {path.resolve().parent for path in second.files}
+    assert len(folders) == 2 and all(f.parent == tmp_path.resolve() / "bench-results" for f in folders)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+-\d{8}T\d{6}Z(-\d+)?", f.name) for f in folders), folders
+    assert {p.name: p.read_bytes() for p in runner.REFERENCE_RESULTS_DIR.iterdir()} == committed
+
+
+def test_plot_titles_name_the_machine_and_the_commit(tmp_path):
+    from fastadapter.benchmarks import plots
+    metadata = {"device_name": "AMD EPYC 7B13 (2 cores, 24 GiB)", "created_utc": "2026-12-01T20:00:00Z",
+                "git": {"commit": "0123456789abcdef", "dirty": True}, "versions": {"fastadapter": "0.1.0"}}
+    title = plots._title(metadata, "zero-init attention")
+    assert "AMD EPYC 7B13" in title and "commit 0123456789 (dirty)" in title and "2026-12-01" in title
+    assert "fastadapter 0.1.0 (no git checkout)" in plots._title({**metadata, "git": {"commit": None}}, "x")
+    rows = [{"suite": "ops", "provider": p, "mode": "forward", "config": f"S{s}", "median_ms": t, "p20_ms": t,
+             "p80_ms": t, "sweep": "seqlen", "x_axis": "seqlen", "x": s, "batch": 1, "heads_q": 4, "heads_kv": 4,
+             "head_dim": 16, "prefix_len": 2, "seqlen": s, "dtype": "float32"}
+            for p, t in (("a", 1.0), ("b", 2.0)) for s in (16, 32)]
+    import matplotlib.pyplot as plt
+    titles = []
+    monkeypatch_savefig = plt.Figure.savefig
+    try:
+        plt.Figure.savefig = lambda fig, *args, **kwargs: titles.append(fig._suptitle.get_text())
+        plots.plot_op_times(rows, metadata, tmp_path / "t.png")
+    finally:
+        plt.Figure.savefig = monkeypatch_savefig
+    assert titles and "commit 0123456789 (dirty)" in titles[0] and "AMD EPYC 7B13" in titles[0]
+
+
+_BLOCKING_SUITE = textwrap.dedent('''
+    import pathlib, time
+
+    def run(quick, device, log):
+        log("[inside] waiting for the test to read this line")
+        sentinel = pathlib.Path(__file__).with_name("go")
+        deadline = time.monotonic() + 60
+        while not sentinel.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return []
+''')
+
+
+def test_progress_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
+    """stdout redirected (CI, nohup, tee): each progress line arrives as it is printed, not at the end."""
+    (tmp_path / "bench_block.py").write_text(_BLOCKING_SUITE)
+    script = (f"from fastadapter.benchmarks.runner import run_benchmarks\n"
+              f"run_benchmarks(preset='smoke', device='cpu', bench_dir={str(tmp_path)!r}, plots=False, "
+              f"out_dir={str(tmp_path / 'out')!r})\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env, cwd=tmp_path)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready, "no progress line within 60 s while the suite was running"
+        first = process.stdout.readline().decode()
+        assert first.startswith("[block] running (smoke, cpu)"), first
+    finally:
+        (tmp_path / "go").write_text("")
+        rest = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, rest
+    assert "[inside] waiting" in rest and "[block] 0 rows in" in rest
+
+
+def test_progress_shows_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    import io
+    from fastadapter.benchmarks.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress(2, stream=terminal)
+    progress.describe("ops")
+    progress.log("[ops] running")
+    progress.advance()
+    progress.close()
+    assert "[ops] running" in terminal.getvalue() and "1/2" in terminal.getvalue()
+    piped = io.StringIO()
+    plain = Progress(2, stream=piped)
+    plain.log("[ops] running")
+    plain.advance()
+    plain.close()
+    assert piped.getvalue() == "[ops] running\n"

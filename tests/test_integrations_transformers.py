@@ -6,7 +6,9 @@ rows without padding, generation without a cache, and fastadapter's own LLaMA lo
 Also imported by tests/test_integrations_peft.py for :func:`tiny_model` and :func:`peft_reference`.
 """
 import copy
+import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -187,7 +189,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = _adapted_with_gate(tiny_model("llama"), prompt_len=5, layers=2)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            # transformers 5.23 renamed gradient_checkpointing_enable (5.17, the oldest supported, has only that)
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable()
             assert model.model.gradient_checkpointing
         model(tokens, labels=tokens).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -281,8 +285,60 @@ def test_unsupported_attention_class_is_named():
 def test_unsupported_transformers_version_is_named(monkeypatch):
     # sys.modules' entry, which may be another object than the name imported above (transformers' lazy module).
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.0")
-    with pytest.raises(_versions.UnsupportedVersionError, match=r"transformers 4\.46\.0.*5\.23\.x"):
+    with pytest.raises(_versions.UnsupportedVersionError, match=r"transformers 4\.46\.0 is older.*5\.17\.x to 5\.23\.x"):
         apply_adapter(tiny_model("llama"), prompt_len=3, layers=1)
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.20.1", "5.23.0", "5.23.4"])
+def test_every_transformers_version_of_the_supported_range_is_accepted_silently(monkeypatch, version):
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _versions.require_supported_version("transformers")
+
+
+def test_a_newer_transformers_is_a_warning_once_not_an_error(monkeypatch):
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.30.0.dev0")
+    monkeypatch.setattr(_versions, "_warned", set())
+    with pytest.warns(_versions.UntestedVersionWarning, match=r"transformers 5\.30\.0\.dev0 is newer.*5\.23\.x"):
+        model = apply_adapter(tiny_model("llama"), prompt_len=3, layers=1)
+    assert adapted_layers(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        apply_adapter(tiny_model("llama"), prompt_len=3, layers=1)
+
+
+def test_an_installed_package_that_fails_to_import_is_reported_with_its_own_error(monkeypatch):
+    """Not "install peft" when peft is installed: the message carries the import's real error."""
+    import importlib
+    real_import = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name == "peft":
+            raise ModuleNotFoundError("Could not import module 'BloomPreTrainedModel'", name="transformers.models")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_versions.importlib, "import_module", broken)
+    with pytest.raises(ImportError, match=r"peft, which is installed but failed to import: ModuleNotFoundError: "
+                                          r"Could not import module 'BloomPreTrainedModel'") as raised:
+        _versions.require_supported_version("peft")
+    assert "pip install" not in str(raised.value)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setattr(_versions.importlib, "import_module", real_import)
+    with pytest.raises(ImportError, match=r"peft \(0\.18\.x to 0\.21\.x\), which is not installed: pip install"):
+        _versions.require_supported_version("peft")
+
+
+def test_more_layers_than_the_model_has_adapts_every_layer_with_a_note(caplog):
+    """As ``fastadapter train --adapter-layers 30`` on a smaller model: clamped to the model, and logged."""
+    with caplog.at_level(logging.WARNING, logger="fastadapter"):
+        model = apply_adapter(tiny_model("llama"), prompt_len=3, layers=30)
+    assert sorted(adapted_layers(model)) == [0, 1, 2]
+    assert "layers=30 but the model has 3 layers: adapting all 3" in caplog.text
+    with pytest.raises(ValueError, match="layers"):
+        apply_adapter(tiny_model("llama"), prompt_len=3, layers=0)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        apply_adapter(tiny_model("llama"), prompt_len=3, layers=[1, 5])
 
 
 def test_attention_dropout_in_training_is_refused():

@@ -1,6 +1,11 @@
-"""``fastadapter bench``: run the benchmark suite (``benchmarks/`` of a source checkout), or compare two runs.
+"""``fastadapter bench``: run the benchmark suite (:mod:`fastadapter.benchmarks`), or compare two runs.
 
-    fastadapter bench --quick                     # smoke run, < 2 minutes on a 2-core CPU
+The suites are installed with fastadapter (the checkout's ``benchmarks/`` folder is the package
+``fastadapter.benchmarks``), so the command runs from any install and any folder. Each run writes its files to a
+new folder, ``bench-results/<machine>-<UTC time>/`` in the working directory, unless ``--out`` names one.
+
+    fastadapter bench --smoke                     # one tiny shape per suite: checks that everything runs
+    fastadapter bench --quick                     # a few small shapes, < 2 minutes on a 2-core CPU
     fastadapter bench                             # the default shapes (README figures)
     fastadapter bench --full                      # every sweep, < 30 minutes on a 2-core CPU
     fastadapter bench --suites ops --device cuda  # one suite on a GPU
@@ -10,18 +15,17 @@
 """
 from __future__ import annotations
 
-import importlib
 import json
 import pathlib
 import sys
 
 HELP = "benchmark zero-init attention and the model against the baselines (tables, JSON, CSV, plots)"
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-
 
 def add_arguments(parser) -> None:
     preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--smoke", action="store_true",
+                        help="one tiny shape per suite (seconds each): checks that every suite runs; no figures")
     preset.add_argument("--quick", action="store_true", help="a few small shapes (under 2 minutes on CPU)")
     preset.add_argument("--full", action="store_true",
                         help="every sweep: seqlen to 4096, batch, GQA, prefix (under 30 minutes on CPU)")
@@ -29,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--suites", nargs="+", metavar="SUITE",
                         help="run only these suites (ops, generation, ...; see --list)")
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="folder of the JSON, CSV and PNG files (default: benchmarks/results)")
+                        help="folder of the JSON, CSV and PNG files (default: a new folder "
+                             "bench-results/<machine>-<UTC time>/ in the working directory)")
     parser.add_argument("--name", default=None, help="stem of the result files (default: <device>-<preset>)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--list", action="store_true", help="list the suites found and exit")
@@ -40,16 +45,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile-report", action="store_true",
                         help="compile the Triton kernels ahead of time for sm_80/sm_90 and print/save the "
                              "register, spill and shared-memory report (needs triton, no GPU)")
-
-
-def _benchmarks_package():
-    """Import ``benchmarks`` from the checkout this fastadapter is installed from (an editable install)."""
-    if not (_REPO / "benchmarks" / "runner.py").is_file():
-        raise SystemExit(f"fastadapter bench runs the benchmarks/ folder of a source checkout, and there is none "
-                         f"at {_REPO / 'benchmarks'}: clone the repository and `pip install -e .`")
-    if str(_REPO) not in sys.path:
-        sys.path.insert(0, str(_REPO))
-    return importlib.import_module("benchmarks")
 
 
 def _compile_report(out_dir: pathlib.Path) -> int:
@@ -72,42 +67,49 @@ def _compile_report(out_dir: pathlib.Path) -> int:
 
 
 def run(args) -> int:
-    _benchmarks_package()
-    from benchmarks.runner import DEFAULT_RESULTS_DIR, discover_suites, run_benchmarks
-    out_dir = args.out or DEFAULT_RESULTS_DIR
+    from fastadapter.benchmarks.runner import default_out_dir, discover_suites, run_benchmarks
     if args.compare:
-        from benchmarks.compare import format_comparison
+        from fastadapter.benchmarks.compare import format_comparison
         try:
             print(format_comparison(*args.compare), end="")
         except (FileNotFoundError, ValueError) as error:
-            print(f"fastadapter bench --compare: {error}", file=sys.stderr)
+            print(f"fastadapter bench: error: --compare: {error}", file=sys.stderr)
             return 2
         return 0
     if args.markdown:
-        from benchmarks.report import format_markdown, load_json
+        from fastadapter.benchmarks.report import format_markdown, load_json
         try:
             print(format_markdown(load_json(args.markdown)), end="")
         except (FileNotFoundError, ValueError) as error:
-            print(f"fastadapter bench --markdown: {error}", file=sys.stderr)
+            print(f"fastadapter bench: error: --markdown: {error}", file=sys.stderr)
             return 2
         return 0
     if args.list:
         for suite, module in discover_suites().items():
             print(f"{suite:<16} {module}")
         return 0
+    out_dir = args.out or default_out_dir()
     if args.compile_report:
         return _compile_report(out_dir)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA device is available here (torch {torch.__version__})")
-    preset = "quick" if args.quick else "full" if args.full else "default"
+        print(f"fastadapter bench: error: --device {device}: no CUDA device is available here (torch "
+              f"{torch.__version__})", file=sys.stderr)
+        return 2
+    preset = "smoke" if args.smoke else "quick" if args.quick else "full" if args.full else "default"
     command = ["fastadapter", "bench"] + ([] if preset == "default" else [f"--{preset}"]) + ["--device", device]
     command += ["--suites", *args.suites] if args.suites else []
     try:
         result = run_benchmarks(preset=preset, device=device, suites=args.suites, out_dir=out_dir,
                                 name=args.name, plots=not args.no_plots, argv=command)
     except ValueError as error:  # an unknown suite: the message lists the known ones
-        print(f"fastadapter bench: {error}", file=sys.stderr)
+        print(f"fastadapter bench: error: {error}", file=sys.stderr)
         return 2
-    return 1 if result.errors else 0
+    if result.errors:
+        return 1
+    if result.skipped and not result.rows:
+        print("fastadapter bench: every suite chosen was skipped (reasons above): nothing was measured",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -22,6 +22,7 @@ loads into fastadapter's thin LLaMA built from the same weights, and back (same 
 """
 from __future__ import annotations
 
+import logging
 import os
 import types
 from typing import Optional, Sequence, Union
@@ -35,6 +36,8 @@ from ..model.adapter_formats import detect_adapter_format, read_foreign_adapter
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
+
+_log = logging.getLogger("fastadapter.integrations")
 
 __all__ = ["AdapterAttention", "apply_adapter", "remove_adapter", "adapted_layers", "save_adapter", "load_adapter"]
 
@@ -130,7 +133,9 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
         model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (or their base models), or any
             model whose attention class follows the Llama pattern (see :mod:`._llama_pattern`).
         prompt_len: P, prompt tokens per adapted layer.
-        layers: the number of top layers to adapt, or an explicit list of layer indices.
+        layers: the number of top layers to adapt, or an explicit list of layer indices. A number larger than
+            the model's layer count adapts every layer, with a note logged on the ``fastadapter`` logger (as
+            ``fastadapter train --adapter-layers`` clamps it); the default 30 is the paper's, for LLaMA-7B's 32.
         gate_activation: ``"tanh"`` (the paper's training code) or ``"none"`` (raw gate, PEFT and litgpt).
         gate_per_head: one gate per query head (the paper) or one scalar per layer (PEFT).
 
@@ -138,14 +143,19 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
         ``model``; its only trainable parameters are ``…layers.{i}.self_attn.adapter.{prompt,gate}``.
 
     Raises:
-        UnsupportedVersionError: a transformers version other than the supported ones.
+        UnsupportedVersionError: a transformers older than the supported ones (a newer one only warns).
         UnsupportedAttentionError: an attention class that is not of the Llama pattern (names it).
-        ValueError: bad ``prompt_len`` / ``layers`` / ``gate_activation``.
+        ValueError: bad ``prompt_len`` / ``gate_activation``, ``layers`` not positive, or a list of ``layers``
+            naming a layer the model does not have.
     """
     require_supported_version("transformers")
+    decoder_layers = _decoder_layers(model)
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > len(decoder_layers):
+        _log.warning("apply_adapter: layers=%d but the model has %d layers: adapting all %d", layers,
+                  len(decoder_layers), len(decoder_layers))
+        layers = len(decoder_layers)
     config = AdapterConfig(prompt_len=prompt_len, layers=layers, gate_activation=gate_activation,
                            gate_per_head=gate_per_head)
-    decoder_layers = _decoder_layers(model)
     indices = config.layer_indices(len(decoder_layers))
     remove_adapter(model)
     for i in indices:  # check every layer before changing any
