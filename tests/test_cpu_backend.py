@@ -394,3 +394,20 @@ def test_info_command_lists_every_backend():
                             env={"PATH": "", "TRITON_INTERPRET": "0", "FASTADAPTER_CPU_ISA": "generic"}).stdout
     assert "forced by FASTADAPTER_CPU_ISA=generic" in forced
     assert "unavailable" in by_name["triton"] and "TRITON_INTERPRET=1" in by_name["triton"]
+
+
+def test_build_settings_without_openmp_or_compiler(tmp_path, monkeypatch):
+    """A compiler without OpenMP (Apple clang) builds single-threaded; no compiler skips with the reason. Builds
+    are portable and carry no debug info (issue 16: -g tripled the compile time)."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)
+    fake = tmp_path / "fake-c++"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    settings = _cpu_extension.build_settings(root)
+    assert settings.skip_reason is None and "-fopenmp" not in settings.cflags + settings.ldflags
+    assert any("single-threaded" in note for note in settings.notes)
+    assert "-g0" in settings.cflags and not any(f.startswith("-march") for f in settings.cflags)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert "no C++ compiler" in _cpu_extension.build_settings(root).skip_reason
