@@ -61,7 +61,7 @@ BF16_CASES = [c for c in KERNEL_CASES if c.dtype == BF16]
 
 @pytest.mark.parametrize("case", BF16_CASES[:4] + [c for c in BF16_CASES if c.seqlens], ids=lambda c: c.id)
 def test_bf16_mkl_path_matches_reference(case, monkeypatch):
-    """bf16 products run on AVX512-BF16 register tiles where the CPU has them (csrc/tile_gemm.h), else on MKL:
+    """bf16 products run on AVX512-BF16 register tiles where the CPU has them (csrc/tile_gemm_avx512.h), else on MKL:
     FASTADAPTER_CPU_GEMM=mkl forces MKL, so both paths are tested on a machine with the instructions."""
     monkeypatch.setenv("FASTADAPTER_CPU_GEMM", "mkl")
     check_against_reference(case, "cpu")
