@@ -28,6 +28,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TORCH = f"torch=={torch.__version__.split('+')[0]}"
 RUNTIME_DEPS = ["numpy", "safetensors", "sentencepiece", "tqdm"]
+# The README installs `wheel` beside torch: with --no-build-isolation, pip builds with the venv's own setuptools,
+# and Python 3.11's (65.5) makes wheels, editable ones included, only through the `wheel` package.
+BUILD_DEPS = ["wheel"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -80,9 +83,10 @@ def shared_source(tmp_path_factory) -> Path:
 
 
 def test_readme_editable_install_with_wheel_present_builds_the_kernels(tmp_path):
-    """Issue 15's route: ``wheel`` installed, then the README's editable install (its extras left out)."""
+    """Issue 15's route: ``wheel`` installed, then the README's editable install (its extras left out). Before
+    pyproject.toml, pip took the legacy ``setup.py develop`` route here and the kernels silently went missing."""
     source = _copy_of_repo(tmp_path / "source")
-    python = _fresh_venv(tmp_path / "venv", "wheel", *RUNTIME_DEPS)
+    python = _fresh_venv(tmp_path / "venv", *BUILD_DEPS, *RUNTIME_DEPS)
     _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", source], cwd=tmp_path)
     assert glob.glob(str(source / "fastadapter" / "_C*.so")), "the editable install built no fastadapter._C"
     _assert_cpu_backend_available(python, tmp_path, FASTADAPTER_SKIP_BUILD="1")
@@ -91,7 +95,7 @@ def test_readme_editable_install_with_wheel_present_builds_the_kernels(tmp_path)
 def test_non_editable_install_then_wheel_install(shared_source, tmp_path):
     """``pip install .`` works; then ``pip wheel`` from the same source gives a wheel that a fresh venv installs
     (no compiler needed: CXX names none) and runs."""
-    python = _fresh_venv(tmp_path / "venv", *RUNTIME_DEPS)
+    python = _fresh_venv(tmp_path / "venv", *BUILD_DEPS, *RUNTIME_DEPS)
     _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", shared_source], cwd=tmp_path)
     _assert_cpu_backend_available(python, tmp_path, FASTADAPTER_SKIP_BUILD="1")
 
@@ -110,7 +114,7 @@ def test_install_without_kernels_builds_them_on_first_use(tmp_path):
     """An install that skipped the kernels (FASTADAPTER_SKIP_BUILD=1 at install time) builds them on first use,
     with a message, into the torch extensions cache; the second use loads them from there."""
     source = _copy_of_repo(tmp_path / "source")
-    python = _fresh_venv(tmp_path / "venv", *RUNTIME_DEPS)
+    python = _fresh_venv(tmp_path / "venv", *BUILD_DEPS, *RUNTIME_DEPS)
     _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", source], cwd=tmp_path,
          FASTADAPTER_SKIP_BUILD="1")
     assert not glob.glob(str(source / "fastadapter" / "_C*.so"))
