@@ -1,20 +1,34 @@
-"""Build and install fastadapter.
+"""Build and install fastadapter (PEP 517/660 through pyproject.toml, so every pip takes this route).
 
 ``kernels/`` (the Triton kernels) is installed as ``fastadapter.kernels``: a top-level package named ``kernels``
 would collide with an existing PyPI package.
 
-Install torch first (``pip install torch``), then ``pip install --no-build-isolation .`` so the build reuses it.
+Install torch first (``pip install torch``), then ``pip install --no-build-isolation .`` (or ``-e .``, or
+``pip wheel --no-build-isolation .``) so the build reuses it.
 
 The C++ CPU kernels in ``csrc/`` are compiled into ``fastadapter._C`` with ninja whenever torch and a C++
-compiler are present. ``FASTADAPTER_SKIP_BUILD=1`` skips them (the ``cpu`` backend then reports itself
-unavailable and the automatic choice falls back to ``sdpa``); ``MAX_JOBS`` limits the parallel compile jobs.
+compiler are present: four translation units (the input checks and three kernel variants, chosen at run time
+from the CPU's features), no ``-march`` flag, so the binary (and a wheel) runs on every x86-64 CPU.
+``FASTADAPTER_SKIP_BUILD=1`` skips them (the first use then builds them into the torch extensions cache, see
+``fastadapter/_cpu_extension.py``); ``MAX_JOBS`` limits the parallel compile jobs (default: up to 4).
 """
+import importlib.util
 import os
-import shutil
 import sys
 import warnings
 
 from setuptools import find_packages, setup
+
+
+def _build_config():
+    """fastadapter/_cpu_extension.py's build settings, loaded without importing the fastadapter package."""
+    spec = importlib.util.spec_from_file_location(
+        "_fastadapter_cpu_extension", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastadapter",
+                                                   "_cpu_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cpu_extension():
@@ -22,36 +36,28 @@ def _cpu_extension():
     if os.environ.get("FASTADAPTER_SKIP_BUILD", "0") == "1":
         return [], {}
     try:
-        import torch
+        import torch  # noqa: F401
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        warnings.warn("torch is not importable: building without the C++ CPU kernels (install torch first and use "
-                      "pip install --no-build-isolation)")
+        warnings.warn("torch is not importable in this build environment: building fastadapter WITHOUT the C++ CPU "
+                      "kernels (the first use on CPU builds them instead). Install torch first and use "
+                      "pip install --no-build-isolation")
         return [], {}
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler.split()[0]) is None:
-        warnings.warn(f"no C++ compiler ({compiler}) found: building without the C++ CPU kernels")
+    config = _build_config().build_settings(os.path.dirname(os.path.abspath(__file__)))
+    if config.skip_reason:
+        warnings.warn(f"building fastadapter without the C++ CPU kernels: {config.skip_reason}")
         return [], {}
-    # fastadapter is built from source on the machine that runs it, so -march=native is safe and lets the
-    # compiler use that machine's widest vectors (AVX-512 here) for the softmax/conversion loops; at::vec
-    # picks its matching implementation from the same macros (csrc/attention_cpu.h). Set
-    # FASTADAPTER_PORTABLE_BUILD=1 to build a binary that runs on any x86-64 instead.
-    arch = [] if os.environ.get("FASTADAPTER_PORTABLE_BUILD", "0") == "1" else ["-march=native"]
-    # -fopenmp: at::parallel_for is an inline OpenMP loop in PyTorch's headers; without it the kernels run on
-    # one thread. -ffp-contract=fast lets the row loops use FMA. No -ffast-math: -inf marks masked rows.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", *arch]
-    macros = []
-    # The tile GEMMs call MKL (linked into and exported by every x86 libtorch_cpu) directly; other builds of
-    # PyTorch go through at::addmm_.
-    if torch.backends.mkl.is_available():
-        macros.append(("FASTADAPTER_WITH_MKL", None))
-    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
-    ext = CppExtension("fastadapter._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
-                       extra_link_args=["-fopenmp"], depends=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h")))
+    for message in config.notes:
+        print(f"fastadapter: {message}", file=sys.stderr)
+    os.environ.setdefault("MAX_JOBS", str(config.max_jobs))
+    ext = CppExtension("fastadapter._C", [os.path.relpath(p) for p in config.sources], define_macros=config.macros,
+                       extra_compile_args={"cxx": config.cflags}, extra_link_args=config.ldflags,
+                       depends=[os.path.relpath(p) for p in config.headers])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _cpu_extension() if "egg_info" not in sys.argv else ([], {})
+# Metadata steps (egg_info, PEP 517's dist_info) need no compiler.
+ext_modules, cmdclass = ([], {}) if {"egg_info", "dist_info"} & set(sys.argv) else _cpu_extension()
 
 # kernels/ and benchmarks/ stay top-level folders of the checkout but install as fastadapter.kernels and
 # fastadapter.benchmarks (so `fastadapter bench` runs from any install, and the checkout root never needs to be

@@ -9,6 +9,10 @@ At LLaMA-7B attention shapes (B = 1, H = 32, D = 128, P = 10), fp32 and bf16, ag
 * bytes saved for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``) = the inputs, the output
   and the two fp32 log-sum-exps, nothing else.
 
+``--compare-mkl`` adds a table of the register tiles against MKL products in the same kernel variant
+(``FASTADAPTER_CPU_GEMM=mkl``); ``FASTADAPTER_CPU_ISA=avx2`` runs the whole benchmark on the AVX2 variant (save
+it with ``--out benchmarks/results/cpu-kernel-targets-avx2.txt``). The variant that ran is printed first.
+
 The tables are printed and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
 library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every repetition runs each provider once, in turn, and the
 table reports the median of the repetitions and the ratios of those medians, all from one process.
@@ -16,7 +20,9 @@ table reports the median of the repetitions and the ratios of those medians, all
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -26,7 +32,7 @@ import torch
 
 from benchmarks.baselines import eager_v1, two_sdpa
 from benchmarks.metadata import collect_metadata
-from fastadapter import zero_init_attention
+from fastadapter import _cpu_extension, zero_init_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -34,6 +40,49 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def fastadapter_cpu(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
     return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, gate_activation="tanh" if gate_tanh else "none",
                                backend="cpu")
+
+
+@contextlib.contextmanager
+def _mkl_products():
+    """FASTADAPTER_CPU_GEMM=mkl for the calls inside (the kernels read it on every call)."""
+    before = os.environ.get("FASTADAPTER_CPU_GEMM")
+    os.environ["FASTADAPTER_CPU_GEMM"] = "mkl"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTADAPTER_CPU_GEMM"]
+        else:
+            os.environ["FASTADAPTER_CPU_GEMM"] = before
+
+
+def fastadapter_cpu_mkl(*args, **kwargs):
+    with _mkl_products():
+        return fastadapter_cpu(*args, **kwargs)
+
+
+def _forward_backward_mkl(args):
+    grad = torch.randn(args[0].shape, dtype=args[0].dtype)
+
+    def run():
+        with _mkl_products():
+            out = fastadapter_cpu(*args)
+            torch.autograd.grad(out, args, grad)
+    return run
+
+
+def mkl_rows(seqlens, dtypes, repeats):
+    """Register tiles against MKL products of the same variant: prefill forward and forward + backward."""
+    rows = []
+    for dt in dtypes:
+        for seqlen in seqlens:
+            args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
+            fwd = interleaved_medians({"tiles": _forward(fastadapter_cpu, args),
+                                       "mkl": _forward(fastadapter_cpu_mkl, args)}, repeats)
+            fb = interleaved_medians({"tiles": _forward_backward(fastadapter_cpu, args),
+                                      "mkl": _forward_backward_mkl(args)}, repeats)
+            rows.append((dt, seqlen, fwd, fb))
+    return rows
 
 
 def make_inputs(batch, seqlen_q, seqlen_k, heads, head_dim, prefix_len, dtype, requires_grad):
@@ -122,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-eager", action="store_true", help="skip eager_v1 (it materialises S×S scores)")
+    parser.add_argument("--compare-mkl", action="store_true",
+                        help="add a table of the register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
                         "cpu-kernel-targets.txt", help="where to save the printed tables (and a .json of metadata)")
     args = parser.parse_args(argv)
@@ -134,6 +185,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     emit(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H=32 D=128 P=10; "
          f"median of {args.repeats} interleaved runs (shared machine: ratios are the figures to read)")
+    path = _cpu_extension.cpu_path()
+    emit(f"cpu kernels: {path[0]} variant, {path[1]}" if path else "cpu kernels: unavailable")
 
     emit("\n# prefill (causal, Sq = Sk): milliseconds and speed-ups of fastadapter cpu")
     emit(f"{'dtype':<5} {'S':>5} | {'fwd cpu':>8} {'fwd 2sdpa':>9} {'x2sdpa':>7} (>=1.1) | {'f+b cpu':>8} "
@@ -151,6 +204,15 @@ def main(argv=None) -> int:
                                                 args.repeats):
         emit(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * med['cpu']:7.2f} {1e3 * med['two_sdpa']:7.2f} "
              f"{med['two_sdpa'] / med['cpu']:7.2f}")
+
+    if args.compare_mkl:
+        emit("\n# register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl), same variant: ms, speed-up")
+        emit(f"{'dtype':<5} {'S':>5} | {'fwd tile':>8} {'fwd mkl':>8} {'xmkl':>6} | {'f+b tile':>8} {'f+b mkl':>8} "
+             f"{'xmkl':>6}")
+        for dt, seqlen, fwd, fb in mkl_rows(args.seqlens, args.dtypes, args.repeats):
+            emit(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['tiles']:8.1f} {1e3 * fwd['mkl']:8.1f} "
+                 f"{fwd['mkl'] / fwd['tiles']:6.2f} | {1e3 * fb['tiles']:8.1f} {1e3 * fb['mkl']:8.1f} "
+                 f"{fb['mkl'] / fb['tiles']:6.2f}")
 
     emit("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")
     for dt in args.dtypes:

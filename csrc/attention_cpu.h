@@ -1,13 +1,19 @@
-// Shared pieces of the CPU kernels of zero-init attention (DESIGN.md §1): the problem description, how a
-// (sequence, head, row) maps to memory, row-major tile GEMMs, vectorised row helpers and the work scheduler.
+// Shared pieces of the CPU kernels of zero-init attention (DESIGN.md §1): how a (sequence, head, row) maps to
+// memory, row-major tile GEMMs, vectorised row helpers and the work scheduler.
 //
-// Everything here is header-only so that each of the three translation units (forward, backward,
-// registration) compiles on its own in ~20 s.
+// Compiled once per kernel variant (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp, see dispatch.h):
+// everything here lives in the variant's namespace fastadapter_cpu::FASTADAPTER_ISA, so the copies compiled for
+// different instruction sets never merge at link time.
 #pragma once
 
-// at::vec picks its implementation from CPU_CAPABILITY_* macros that PyTorch defines per kernel file. The
-// extension is compiled with -march=native (see setup.py), so the compiler tells us what the machine has; the
-// inline namespace gets our own name so that these instantiations can never be confused with libtorch's.
+#ifndef FASTADAPTER_ISA
+#error "attention_cpu.h is compiled inside a kernel variant (csrc/kernels_*.cpp), which defines FASTADAPTER_ISA"
+#endif
+
+// at::vec picks its implementation from CPU_CAPABILITY_* macros that PyTorch defines per kernel file; here they
+// follow the instruction set of the variant being compiled (its target pragma and macros), and the variant
+// names at::vec's inline namespace (CPU_CAPABILITY), so that these instantiations can never be confused with
+// libtorch's or another variant's.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
 #define CPU_CAPABILITY_AVX512
@@ -15,7 +21,7 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY fastadapter_native
+#error "a kernel variant defines CPU_CAPABILITY (at::vec's namespace) before including attention_cpu.h"
 #endif
 
 #include <ATen/ATen.h>
@@ -32,49 +38,12 @@
 #include <tuple>
 #include <vector>
 
-namespace fastadapter_cpu {
+#include "dispatch.h"
+
+namespace fastadapter_cpu::FASTADAPTER_ISA {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// -- problem ---------------------------------------------------------------------------------------------------
-
-// Sizes and options of one call. Batched inputs have `num_seqs` = B sequences of seqlen_q / seqlen_k rows;
-// varlen inputs have N sequences whose rows start at cu_seqlens[n] (self-attention: Sq == Sk per sequence).
-struct Problem {
-  int64_t num_seqs = 0;
-  int64_t seqlen_q = 0;  // batched: Sq; varlen: unused (see rows_q)
-  int64_t seqlen_k = 0;
-  int64_t heads_q = 0;
-  int64_t heads_kv = 0;
-  int64_t head_dim = 0;
-  int64_t prefix_len = 0;
-  int64_t prefix_batch = 1;  // 1 (shared prompt) or num_seqs
-  int64_t gate_batch = 1;    // 1 or num_seqs
-  const int32_t* cu_seqlens = nullptr;
-  bool causal = true;
-  bool gate_tanh = true;
-  float scale = 1.f;
-
-  int64_t group() const { return heads_q / heads_kv; }
-  int64_t rows_q(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_q; }
-  int64_t rows_k(int64_t n) const { return cu_seqlens ? cu_seqlens[n + 1] - cu_seqlens[n] : seqlen_k; }
-  int64_t prefix_row(int64_t n) const { return prefix_batch == 1 ? 0 : n; }
-  // Varlen: the first packed token after the last sequence. Tokens from there on (cu_seqlens[N] < T) belong
-  // to no sequence: their output and gradients are 0, their log-sum-exps -inf.
-  int64_t packed_end() const { return cu_seqlens ? cu_seqlens[num_seqs] : 0; }
-  // Index of the last key query row `i` of sequence `n` may see, plus one (bottom-right causal alignment).
-  int64_t visible_keys(int64_t n, int64_t i) const {
-    const int64_t sk = rows_k(n);
-    if (!causal) return sk;
-    return std::clamp<int64_t>(i + sk - rows_q(n) + 1, 0, sk);
-  }
-  // The gate value γ of sequence n, query head h (gate is fp32 [gate_batch, Hq], contiguous).
-  float gamma(const float* gate, int64_t n, int64_t h) const {
-    const float raw = gate[(gate_batch == 1 ? 0 : n) * heads_q + h];
-    return gate_tanh ? std::tanh(raw) : raw;
-  }
-};
 
 // Where element (sequence n, head h, row i, 0) of a tensor lives. Covers [B, S, H, D] tensors with any strides
 // (transposed bhsd views included), packed varlen [T, H, D] tensors, and the lse layouts [B, H, S] / [H, T].
@@ -138,10 +107,24 @@ Rows<T> mutable_rows_of(at::Tensor& t, const int32_t* cu_seqlens) {
   return Rows<T>{t.data_ptr<T>(), bshd_layout(t, cu_seqlens)};
 }
 
-// The dtypes of the kernels: fp32, bf16 and fp16 tensors, fp32 accumulation.
+// The dtypes of the kernels, fp32 accumulation: fp32, bf16 and fp16 in a variant with reduced-precision
+// products (FASTADAPTER_REDUCED_PRECISION_PRODUCTS: AVX512-BF16 tiles, MKL's bf16/fp16 GEMMs); elsewhere fp32
+// only, and the entry points run bf16 and fp16 inputs in fp32 (see run_in_fp32).
+#ifdef FASTADAPTER_REDUCED_PRECISION_PRODUCTS
+constexpr bool kReducedPrecisionProducts = true;
 #define FASTADAPTER_DISPATCH(TYPE, NAME, ...)                            \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#else
+constexpr bool kReducedPrecisionProducts = false;
+#define FASTADAPTER_DISPATCH(TYPE, NAME, ...) AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
+#endif
+
+// A bf16/fp16 input as the fp32 tensor a variant without reduced-precision products computes on: one exact
+// conversion of O(S·D) elements per call, against the O(S²·D) work of the kernels, and each result is rounded
+// once (at the end), where MKL's bf16 GEMM would need the probabilities and ds rounded to bf16 before every
+// product. The fp32 tiles are also the fast products of these CPUs (benchmarks/cpu_kernel_targets.py).
+inline at::Tensor run_in_fp32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
 // -- tile GEMMs ------------------------------------------------------------------------------------------------
 //
@@ -334,18 +317,4 @@ void parallel_tasks(int64_t num_tasks, const Fn& fn) {
   });
 }
 
-// -- entry points (attention_forward.cpp, attention_backward.cpp) ---------------------------------------------
-
-// Returns (out [q's shape, contiguous], lse_w, lse_p) for checked inputs; gate is fp32 [Bg, Hq] contiguous.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& problem, const at::Tensor& q,
-                                                                const at::Tensor& k, const at::Tensor& v,
-                                                                const at::Tensor& prefix_k,
-                                                                const at::Tensor& prefix_v, const at::Tensor& gate);
-
-// Returns (dq, dk, dv, dprefix_k, dprefix_v, dgate) with the inputs' shapes (contiguous).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const Problem& problem, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate,
-    const at::Tensor& out, const at::Tensor& lse_w, const at::Tensor& lse_p);
-
-}  // namespace fastadapter_cpu
+}  // namespace fastadapter_cpu::FASTADAPTER_ISA

@@ -7,14 +7,144 @@
 //                                      cu_seqlens, max_seqlen, causal, softmax_scale, gate_tanh)
 //       -> (dq, dk, dv, dprefix_k, dprefix_v, dgate)
 //
+//   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
+//
 // Shapes as DESIGN.md §1, gate already normalised to fp32 [Bg, Hq]; lse are fp32 [B, Hq, Sq] or [Hq, T].
+// Inputs with no element (B = 0, S = 0, T = 0) give empty or zero results without entering a kernel. Every other
+// call runs the kernel variant (dispatch.h) that this CPU supports best, or the one FASTADAPTER_CPU_ISA names.
+//
+// Compiled for the baseline (no target pragma): this file runs on every CPU, and it is linked first, so that the
+// linker keeps its copies of the inline functions the variants share.
 #include <Python.h>
 #include <torch/library.h>
 
-#include "attention_cpu.h"
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
 
 namespace fastadapter_cpu {
 namespace {
+
+// -- choice of the kernel variant ------------------------------------------------------------------------------
+
+enum class Variant { kGeneric, kAvx2, kAvx512 };
+
+const char* variant_name(Variant v) {
+  return v == Variant::kAvx512 ? "avx512" : v == Variant::kAvx2 ? "avx2" : "generic";
+}
+
+// What this CPU (and its operating system: __builtin_cpu_supports checks that the vector state is saved) runs.
+struct CpuFeatures {
+  bool avx2 = false;    // AVX2 and FMA
+  bool avx512 = false;  // AVX-512 F, BW, VL, DQ, CD and AVX512-BF16
+  bool avx512f = false;
+};
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = [] {
+    CpuFeatures f;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    f.avx512f = __builtin_cpu_supports("avx512f");
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+    f.avx512 = f.avx2 && f.avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd") &&
+               __builtin_cpu_supports("avx512bf16");
+#endif
+#endif
+    return f;
+  }();
+  return features;
+}
+
+bool compiled(Variant v) {
+  switch (v) {
+    case Variant::kGeneric: return true;
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+    case Variant::kAvx2: return true;
+#endif
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+    case Variant::kAvx512: return true;
+#endif
+    default: return false;
+  }
+}
+
+bool supported(Variant v) {
+  const CpuFeatures& f = cpu_features();
+  return compiled(v) && (v == Variant::kGeneric || (v == Variant::kAvx2 ? f.avx2 : f.avx512));
+}
+
+// The variant of this call and why: FASTADAPTER_CPU_ISA=avx512|avx2|generic forces one (an error where this
+// CPU or this build cannot run it), else the widest one this CPU runs.
+Variant choose_variant(std::string* why) {
+  const char* env = std::getenv("FASTADAPTER_CPU_ISA");
+  if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
+    Variant forced;
+    if (std::strcmp(env, "avx512") == 0) forced = Variant::kAvx512;
+    else if (std::strcmp(env, "avx2") == 0) forced = Variant::kAvx2;
+    else if (std::strcmp(env, "generic") == 0) forced = Variant::kGeneric;
+    else TORCH_CHECK(false, "fastadapter_cpu: FASTADAPTER_CPU_ISA must be auto, avx512, avx2 or generic, got '", env, "'");
+    TORCH_CHECK(compiled(forced), "fastadapter_cpu: FASTADAPTER_CPU_ISA=", env, " but this build has no ", env,
+                " kernels (they need GCC 10 or newer on x86-64)");
+    TORCH_CHECK(supported(forced), "fastadapter_cpu: FASTADAPTER_CPU_ISA=", env, " but this CPU lacks ",
+                forced == Variant::kAvx2 ? "AVX2 or FMA" : "one of AVX-512 F/BW/VL/DQ/CD and AVX512-BF16");
+    if (why) *why = std::string("forced by FASTADAPTER_CPU_ISA=") + env;
+    return forced;
+  }
+  const CpuFeatures& f = cpu_features();
+  if (supported(Variant::kAvx512)) {
+    if (why) *why = "this CPU has AVX-512 with AVX512-BF16";
+    return Variant::kAvx512;
+  }
+  if (supported(Variant::kAvx2)) {
+    if (why)
+      *why = !compiled(Variant::kAvx512) ? "this build has no AVX-512 kernels (GCC older than 10)"
+             : f.avx512f                  ? "this CPU has AVX-512 but not AVX512-BF16"
+                                          : "this CPU has AVX2 and FMA but no AVX-512";
+    return Variant::kAvx2;
+  }
+  if (why)
+    *why = !compiled(Variant::kAvx2) ? "this build has only the generic kernels (not x86-64 with GCC)"
+                                     : "this CPU has no AVX2/FMA";
+  return Variant::kGeneric;
+}
+
+// (variant, what it runs and why), for `python -m fastadapter.info`.
+std::tuple<std::string, std::string> cpu_path_op() {
+  std::string why;
+  const Variant v = choose_variant(&why);
+  const char* gemm = std::getenv("FASTADAPTER_CPU_GEMM");
+  const bool mkl_forced = gemm != nullptr && std::strcmp(gemm, "mkl") == 0;
+#ifdef FASTADAPTER_WITH_MKL
+  const std::string library = "MKL";
+#else
+  const std::string library = "at::addmm";
+#endif
+  std::string what;
+  switch (v) {
+    case Variant::kAvx512:
+      what = mkl_forced ? "AVX-512 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl)"
+                        : "AVX-512 register tiles (fp32 FMA, bf16 vdpbf16ps; fp16 on " + library + ")";
+      break;
+    case Variant::kAvx2:
+      what = mkl_forced ? "AVX2 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl), bf16/fp16 in fp32"
+                        : "AVX2 register tiles (fp32 FMA; bf16/fp16 computed in fp32)";
+      break;
+    case Variant::kGeneric:
+      what = library + " products, portable rows, bf16/fp16 computed in fp32";
+      break;
+  }
+  return {variant_name(v), what + ": " + why};
+}
+
+// -- input checks ----------------------------------------------------------------------------------------------
 
 // The kernels read rows through GEMM leading dimensions: the last dimension must be contiguous and the row
 // stride at least head_dim. Anything else (rare: expanded or oddly strided inputs) is copied once.
@@ -112,18 +242,33 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return pb;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
+ForwardResult forward_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens,
     int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
   const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale,
                                   gate_tanh);
+  if (q.numel() == 0) {  // B = 0, Sq = 0 or T = 0: nothing to compute (and no tile to split the work into)
+    const std::vector<int64_t> lse_shape = cu_seqlens ? std::vector<int64_t>{pb.heads_q, q.size(0)}
+                                                      : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
+    at::Tensor lse = at::full(lse_shape, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+    return {at::zeros(q.sizes(), q.options()), lse, lse.clone()};
+  }
   const int64_t row_dim = cu_seqlens ? 0 : 1;
-  return attention_forward(pb, rows_ready(q, row_dim), rows_ready(k, row_dim), rows_ready(v, row_dim),
-                           rows_ready(prefix_k, 1), rows_ready(prefix_v, 1), gate.contiguous());
+  const at::Tensor qr = rows_ready(q, row_dim), kr = rows_ready(k, row_dim), vr = rows_ready(v, row_dim);
+  const at::Tensor pk = rows_ready(prefix_k, 1), pv = rows_ready(prefix_v, 1), g = gate.contiguous();
+  switch (choose_variant(nullptr)) {
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+    case Variant::kAvx512: return avx512::attention_forward(pb, qr, kr, vr, pk, pv, g);
+#endif
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+    case Variant::kAvx2: return avx2::attention_forward(pb, qr, kr, vr, pk, pv, g);
+#endif
+    default: return generic::attention_forward(pb, qr, kr, vr, pk, pv, g);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+BackwardResult backward_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
     const at::Tensor& lse_w, const at::Tensor& lse_p, const std::optional<at::Tensor>& cu_seqlens,
@@ -141,11 +286,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 lse->device().is_cpu(), "fastadapter_cpu: lse_w and lse_p must be the forward's float32 ",
                 cu_seqlens ? "[Hq, T]" : "[B, Hq, Sq]", " log-sum-exps, got ", lse->scalar_type(), " ",
                 shape_of(*lse));
+  if (q.numel() == 0) {  // no query: every gradient is zero
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+            at::zeros(prefix_k.sizes(), prefix_k.options()), at::zeros(prefix_v.sizes(), prefix_v.options()),
+            at::zeros(gate.sizes(), gate.options().dtype(at::kFloat))};
+  }
   const int64_t row_dim = cu_seqlens ? 0 : 1;
-  return attention_backward(pb, rows_ready(grad_out.to(q.scalar_type()), row_dim), rows_ready(q, row_dim),
-                            rows_ready(k, row_dim), rows_ready(v, row_dim), rows_ready(prefix_k, 1),
-                            rows_ready(prefix_v, 1), gate.contiguous(), rows_ready(out.to(q.scalar_type()), row_dim),
-                            lse_w.contiguous(), lse_p.contiguous());
+  const at::Tensor go = rows_ready(grad_out.to(q.scalar_type()), row_dim), qr = rows_ready(q, row_dim);
+  const at::Tensor kr = rows_ready(k, row_dim), vr = rows_ready(v, row_dim), pk = rows_ready(prefix_k, 1);
+  const at::Tensor pv = rows_ready(prefix_v, 1), g = gate.contiguous();
+  const at::Tensor o = rows_ready(out.to(q.scalar_type()), row_dim), lw = lse_w.contiguous(), lp = lse_p.contiguous();
+  switch (choose_variant(nullptr)) {
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+    case Variant::kAvx512: return avx512::attention_backward(pb, go, qr, kr, vr, pk, pv, g, o, lw, lp);
+#endif
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+    case Variant::kAvx2: return avx2::attention_backward(pb, go, qr, kr, vr, pk, pv, g, o, lw, lp);
+#endif
+    default: return generic::attention_backward(pb, go, qr, kr, vr, pk, pv, g, o, lw, lp);
+  }
 }
 
 }  // namespace
@@ -156,6 +315,7 @@ TORCH_LIBRARY(fastadapter_cpu, m) {
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
         "Tensor out, Tensor lse_w, Tensor lse_p, Tensor? cu_seqlens, int max_seqlen, bool causal, "
         "float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_path() -> (str, str)", &cpu_path_op);
 }
 
 TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {

@@ -1,4 +1,5 @@
-"""``python -m fastadapter.info``: which backends of zero-init attention run here, and why the others don't."""
+"""``python -m fastadapter.info``: which backends of zero-init attention run here, and why the others don't; for
+the ``cpu`` backend also which kernel variant runs on this CPU (AVX-512 tiles, AVX2 tiles or MKL) and why."""
 from __future__ import annotations
 
 import sys
@@ -8,12 +9,26 @@ import torch
 from .backends import all_backends
 
 
+def _detail(backend) -> str:
+    detail = "fused kernels" if backend.fused else "composition"
+    if backend.name == "cpu":
+        from . import _cpu_extension
+        try:
+            path = _cpu_extension.cpu_path()
+        except RuntimeError as error:  # a bad FASTADAPTER_CPU_ISA
+            return f"{detail}; {str(error).splitlines()[0]}"
+        if path is not None:
+            variant, what = path
+            detail += f", {variant} variant: {what} (FASTADAPTER_CPU_ISA=avx512|avx2|generic forces one)"
+    return detail
+
+
 def backend_report() -> list[tuple[str, bool, str]]:
     """``(name, available, detail)`` for every registered backend on this machine."""
     rows = []
     for backend in all_backends():
         reason = backend.unavailable_reason()
-        rows.append((backend.name, reason is None, reason or ("fused kernels" if backend.fused else "composition")))
+        rows.append((backend.name, reason is None, reason or _detail(backend)))
     return rows
 
 

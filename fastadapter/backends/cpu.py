@@ -1,11 +1,13 @@
 """The ``cpu`` backend: the compiled C++ kernels of ``csrc/`` (``torch.ops.fastadapter_cpu``).
 
 Fused flash-style forward and memory-efficient backward for CPU tensors: multithreaded over sequences, kv heads
-and query tiles (split over the KV cache for decode), products on AVX-512 register tiles (bf16 on AVX512-BF16
-`vdpbf16ps`, fp32 on FMA; MKL for fp16, on CPUs without those instructions, or with FASTADAPTER_CPU_GEMM=mkl),
-fp32 accumulation. Supports every
-option of the contract (GQA/MQA, shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not,
-varlen) in fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
+and query tiles (split over the KV cache for decode), fp32 accumulation. The library holds three kernel variants
+and picks one per call from the CPU's features (csrc/dispatch.h; ``python -m fastadapter.info`` says which):
+AVX-512 register tiles (bf16 on AVX512-BF16 ``vdpbf16ps``, fp32 on FMA, fp16 on MKL), AVX2 register tiles (fp32
+FMA; bf16 and fp16 computed in fp32), or a generic one on MKL. ``FASTADAPTER_CPU_ISA=avx512|avx2|generic`` forces
+a variant, ``FASTADAPTER_CPU_GEMM=mkl`` MKL products within it. Supports every option of the contract (GQA/MQA,
+shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not, varlen, inputs without elements) in
+fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
 """
 from __future__ import annotations
 

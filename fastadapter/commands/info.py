@@ -1,5 +1,5 @@
-"""``fastadapter info``: the backends available on this machine."""
-HELP = "print which attention backends run here, and why the others don't"
+"""``fastadapter info``: the backends available on this machine, and which CPU kernel variant runs."""
+HELP = "print which attention backends run here (and the CPU kernel variant), and why the others don't"
 
 
 def add_arguments(parser) -> None:

@@ -10,13 +10,16 @@
 //     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
 //     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
 //     threads busy); the copies are summed at the end.
-// The word pass's five products run on AVX-512 register tiles over operands packed once per (sequence, head)
-// (tile_gemm.h) for fp32 and bf16, else on MKL; the prefix pass's thin products (P ~ 10) on MKL.
+// The word pass's five products run on register tiles over operands packed once per (sequence, head)
+// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL; the prefix pass's thin products (P ~ 10)
+// on MKL. Compiled once per kernel variant (dispatch.h).
+#pragma once
+
 #include "attention_cpu.h"
 #include "tile_gemm.h"
 
-namespace fastadapter_cpu {
-namespace {
+namespace fastadapter_cpu::FASTADAPTER_ISA {
+namespace backward_kernel {
 
 constexpr int64_t kQueryBlock = 64;   // query rows per tile
 constexpr int64_t kPrefixRows = 512;  // query rows per step of the prefix pass: its products are thin (P ~ 10)
@@ -281,12 +284,20 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
   });
 }
 
-}  // namespace
+}  // namespace backward_kernel
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const Problem& pb, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
-    const at::Tensor& lse_w, const at::Tensor& lse_p) {
+BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+                                  const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
+                                  const at::Tensor& lse_w, const at::Tensor& lse_p) {
+  using namespace backward_kernel;
+  if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
+    auto [dq, dk, dv, dpk, dpv, dgate] = attention_backward(
+        pb, run_in_fp32(grad_out), run_in_fp32(q), run_in_fp32(k), run_in_fp32(v), run_in_fp32(prefix_k),
+        run_in_fp32(prefix_v), gate, run_in_fp32(out), lse_w, lse_p);
+    const auto dtype = q.scalar_type();
+    return {dq.to(dtype), dk.to(dtype), dv.to(dtype), dpk.to(dtype), dpv.to(dtype), dgate};
+  }
   const int32_t* cu = pb.cu_seqlens;
   const auto f32 = q.options().dtype(at::kFloat);
   // Enough chunks of key blocks that every thread gets ~4 tasks, when batch × kv heads alone does not.
@@ -342,4 +353,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dpk, dpv, dgamma};
 }
 
-}  // namespace fastadapter_cpu
+}  // namespace fastadapter_cpu::FASTADAPTER_ISA

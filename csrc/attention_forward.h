@@ -6,16 +6,19 @@
 // into a small GEMM instead of G matrix-vector products. Memory stays O(S): the only per-tile buffers are
 // [rows, BK] scores and [rows, D] accumulators.
 //
-// The products q kᵀ and p v run on AVX-512 register tiles over K and V packed once per (sequence, kv head)
-// (tile_gemm.h) for fp32 and bf16, else on MKL.
+// The products q kᵀ and p v run on register tiles over K (and V) packed once per (sequence, kv head)
+// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL. Compiled once per kernel variant
+// (dispatch.h).
 //
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
 // memory order, split over the keys (split-K) so that batch 1 still uses every thread.
+#pragma once
+
 #include "attention_cpu.h"
 #include "tile_gemm.h"
 
-namespace fastadapter_cpu {
-namespace {
+namespace fastadapter_cpu::FASTADAPTER_ISA {
+namespace forward_kernel {
 
 constexpr int64_t kRowsPerTile = 64;    // stacked query rows (heads × positions) per tile
 constexpr int64_t kKeysPerBlock = 256;  // keys per step of the online softmax
@@ -346,12 +349,16 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
   });
 }
 
-}  // namespace
+}  // namespace forward_kernel
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& problem, const at::Tensor& q,
-                                                                const at::Tensor& k, const at::Tensor& v,
-                                                                const at::Tensor& prefix_k,
-                                                                const at::Tensor& prefix_v, const at::Tensor& gate) {
+ForwardResult attention_forward(const Problem& problem, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate) {
+  using namespace forward_kernel;
+  if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
+    auto [out, lse_w, lse_p] = attention_forward(problem, run_in_fp32(q), run_in_fp32(k), run_in_fp32(v),
+                                                 run_in_fp32(prefix_k), run_in_fp32(prefix_v), gate);
+    return {out.to(q.scalar_type()), lse_w, lse_p};
+  }
   const int32_t* cu = problem.cu_seqlens;
   at::Tensor out = at::empty(q.sizes(), q.options());
   std::vector<int64_t> lse_shape = cu ? std::vector<int64_t>{problem.heads_q, q.size(0)}
@@ -376,4 +383,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const Problem& 
   return {out, lse_w, lse_p};
 }
 
-}  // namespace fastadapter_cpu
+}  // namespace fastadapter_cpu::FASTADAPTER_ISA

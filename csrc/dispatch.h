@@ -1,0 +1,58 @@
+// The kernel variants of fastadapter._C and their entry points. Each variant is the same forward and backward
+// (attention_forward.h, attention_backward.h) compiled for one instruction set in its own translation unit and
+// namespace; registration.cpp picks one per call from the CPU's features (__builtin_cpu_supports), or as
+// FASTADAPTER_CPU_ISA says. No -march flag is ever used, so one binary runs on every x86-64 CPU:
+//
+//   generic  any CPU (the only variant off x86-64 or with another compiler than GCC): products on MKL, rows in
+//            at::vec's portable code; bf16 and fp16 computed in fp32
+//   avx2     AVX2 + FMA (Haswell, Zen and later): fp32 FMA register tiles (tile_gemm_avx2.h), 256-bit rows;
+//            bf16 and fp16 computed in fp32
+//   avx512   AVX-512 F/BW/VL/DQ + AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): fp32 FMA and
+//            bf16 `vdpbf16ps` register tiles (tile_gemm_avx512.h), 512-bit rows; fp16 on MKL
+//
+// The variants' functions are compiled under `#pragma GCC target` (per-function target attributes); the ATen
+// and standard headers are included before the pragma, so the inline functions every variant shares are
+// compiled for the baseline in each and the linker may keep any one copy.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "problem.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTADAPTER_HAS_AVX2_VARIANT 1
+#if __GNUC__ >= 10  // the first GCC with AVX512-BF16 intrinsics
+#define FASTADAPTER_HAS_AVX512_VARIANT 1
+#endif
+#endif
+
+namespace fastadapter_cpu {
+
+// (out [q's shape, contiguous], lse_w, lse_p) for checked inputs; gate is fp32 [Bg, Hq] contiguous.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// (dq, dk, dv, dprefix_k, dprefix_v, dgate) with the inputs' shapes (contiguous).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+#define FASTADAPTER_DECLARE_VARIANT(ISA)                                                                         \
+  namespace ISA {                                                                                                \
+  ForwardResult attention_forward(const Problem& problem, const at::Tensor& q, const at::Tensor& k,              \
+                                  const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,   \
+                                  const at::Tensor& gate);                                                       \
+  BackwardResult attention_backward(const Problem& problem, const at::Tensor& grad_out, const at::Tensor& q,     \
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,        \
+                                    const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,   \
+                                    const at::Tensor& lse_w, const at::Tensor& lse_p);                           \
+  }
+
+FASTADAPTER_DECLARE_VARIANT(generic)
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+FASTADAPTER_DECLARE_VARIANT(avx2)
+#endif
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+FASTADAPTER_DECLARE_VARIANT(avx512)
+#endif
+#undef FASTADAPTER_DECLARE_VARIANT
+
+}  // namespace fastadapter_cpu

@@ -1,0 +1,308 @@
+// Register-tiled products of the attention kernels on AVX-512: fp32 FMA, and bf16 pair dots (`vdpbf16ps`) at
+// twice the multiply rate of fp32 on the same cores (MKL's bf16 GEMM does not use them on every CPU: on this
+// project's AMD machine it runs no faster than fp32). Their B operands are packed once per (sequence, head), so
+// the tiles skip the repacking MKL does on every call (a sixth of the forward's time at 2048 tokens).
+//
+//   C[M, N] (fp32) = alpha · A B  (+ C when accumulating),  accumulators of MR × 32 in registers
+//
+// A k step is one fp32 element, or for bf16 one pair of elements: lane j gains A[i][2p] B[2p][j] +
+// A[i][2p+1] B[2p+1][j]. So for bf16 A is read as 32-bit words (A[i][2p], A[i][2p+1]) and B is "pair-packed":
+// word (p, j) = (B[2p][j], B[2p+1][j]) at data + p * k_stride + 2 j. pack_panels makes every B operand.
+//
+// The tiles need AVX-512F/BW and AVX512-BF16 (the avx512 variant, kernels_avx512.cpp): elsewhere (the generic
+// variant) kHasTileGemm is false and the kernels use MKL. FASTADAPTER_CPU_GEMM=mkl forces MKL (the tests run
+// both). fp16 always uses MKL.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define FASTADAPTER_HAS_TILE_GEMM 1
+#endif
+
+namespace fastadapter_cpu::FASTADAPTER_ISA {
+
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+constexpr bool kHasTileGemm = true;
+#else
+constexpr bool kHasTileGemm = false;
+#endif
+
+// The dtypes the tiles multiply.
+template <typename T>
+constexpr bool kTileable = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+
+// Elements of one k step: one fp32, a pair of bf16.
+template <typename T>
+constexpr int64_t kStep = std::is_same_v<T, float> ? 1 : 2;
+
+// Whether this call's products use the register tiles: fp32, and bf16 with an even head_dim (q's rows are read
+// as pairs in place); not when FASTADAPTER_CPU_GEMM=mkl.
+template <typename T>
+inline bool use_tile_gemm(int64_t head_dim) {
+  if constexpr (!kTileable<T>) {
+    return false;
+  } else {
+    if (!kHasTileGemm || head_dim % kStep<T> != 0) return false;
+    const char* env = std::getenv("FASTADAPTER_CPU_GEMM");
+    return env == nullptr || std::strcmp(env, "mkl") != 0;
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// The A operand of a product: k step (i, k) at data + i * row_stride + k * k_stride (elements). A row-major matrix
+// has row_stride = lda and k_stride = kStep; fp32 reads a transposed view in place (pᵀ: row_stride 1,
+// k_stride ld); bf16 reads a pair-major buffer from interleave_rows (row_stride 2, k_stride 2 · width).
+template <typename T>
+struct TileA {
+  const T* data;
+  int64_t row_stride;
+  int64_t k_stride;
+};
+
+// The B operand: k row k (fp32 elements, or bf16 pairs) at data + k * k_stride.
+template <typename T>
+struct TileB {
+  const T* data;
+  int64_t k_stride;
+};
+
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+namespace detail {
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// MR rows × 16·NV columns of C over all k steps. The MR · NV ≤ 16 accumulators must stay in registers: the loops
+// over rows and vectors are unrolled completely (GCC otherwise kept part of `acc` on the stack and stored it at
+// every step, which measured 4x slower inside the backward kernel).
+template <int MR, int NV, typename T>
+__attribute__((always_inline)) inline void tile(int64_t steps, const TileA<T>& a, const TileB<T>& b, float* c,
+                                                int64_t ldc, int64_t cols, float alpha, bool accumulate) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) mask[v] = lanes(cols - 16 * v);
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const T* ak = a.data;
+  const T* bk = b.data;
+  for (int64_t k = 0; k < steps; ++k, ak += a.k_stride, bk += b.k_stride) {
+    if constexpr (std::is_same_v<T, float>) {
+      __m512 bv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], bk + 16 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const __m512 av = _mm512_set1_ps(ak[i * a.row_stride]);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+      }
+    } else {
+      __m512bh bv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], bk + 32 * v);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        int32_t word;
+        std::memcpy(&word, ak + i * a.row_stride, sizeof(word));
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(word);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+      }
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* out = c + i * ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(acc[i][v], va);
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask[v], out));
+      _mm512_mask_storeu_ps(out, mask[v], r);
+    }
+}
+
+template <int NV, typename T>
+inline void rows_of_tiles(int64_t m, int64_t steps, const TileA<T>& a, const TileB<T>& b, float* c, int64_t ldc,
+                          int64_t cols, float alpha, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8)
+    tile<8, NV>(steps, TileA<T>{a.data + i * a.row_stride, a.row_stride, a.k_stride}, b, c + i * ldc, ldc, cols,
+                alpha, accumulate);
+  const TileA<T> rest{a.data + i * a.row_stride, a.row_stride, a.k_stride};
+  float* cr = c + i * ldc;
+  switch (m - i) {
+#define FASTADAPTER_TILE_CASE(R) \
+  case R: tile<R, NV>(steps, rest, b, cr, ldc, cols, alpha, accumulate); break;
+    FASTADAPTER_TILE_CASE(1) FASTADAPTER_TILE_CASE(2) FASTADAPTER_TILE_CASE(3) FASTADAPTER_TILE_CASE(4)
+    FASTADAPTER_TILE_CASE(5) FASTADAPTER_TILE_CASE(6) FASTADAPTER_TILE_CASE(7)
+#undef FASTADAPTER_TILE_CASE
+    default: break;
+  }
+}
+
+}  // namespace detail
+#endif
+
+// C[m, n] = alpha · A B (+ C when `accumulate`) over `steps` k steps (bf16: K = 2 · steps, A and B zero where K
+// is padded). Reads exactly n columns of B.
+template <typename T>
+inline void tile_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const TileA<T>& a, const TileB<T>& b,
+                      bool accumulate, float* c, int64_t ldc) {
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+  if (m <= 0 || n <= 0) return;
+  // 32 columns at a time: the B panel (steps × 32) stays in L1 while every row of A streams past it.
+  for (int64_t j = 0; j < n; j += 32) {
+    const int64_t cols = std::min<int64_t>(32, n - j);
+    const TileB<T> bj{b.data + kStep<T> * j, b.k_stride};
+    if (cols > 16)
+      detail::rows_of_tiles<2>(m, steps, a, bj, c + j, ldc, cols, alpha, accumulate);
+    else
+      detail::rows_of_tiles<1>(m, steps, a, bj, c + j, ldc, cols, alpha, accumulate);
+  }
+#else
+  (void)m, (void)n, (void)steps, (void)alpha, (void)a, (void)b, (void)accumulate, (void)c, (void)ldc;
+  TORCH_CHECK(false, "fastadapter_cpu: tile_gemm needs AVX-512 with BF16");
+#endif
+}
+
+// Rows 2u and 2u + 1 of an fp32 [rows, width] block (leading dimension ld) as bf16 words
+// (x[2u][j], x[2u+1][j]) at out[u * 2 · out_width + 2 j]: the pair-major A of a product whose K runs over the
+// rows (pᵀ dO, dsᵀ q). An odd last row is paired with zeros; columns from width to out_width are zero.
+inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t ld, at::BFloat16* out,
+                            int64_t out_width) {
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+  // Lane order of (a0..a15, b0..b15) -> (a0, b0, a1, b1, ...).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i order = _mm512_load_si512(kInterleave);
+  for (int64_t u = 0; u < (rows + 1) / 2; ++u) {
+    const float* r0 = x + 2 * u * ld;
+    const float* r1 = 2 * u + 1 < rows ? r0 + ld : nullptr;
+    at::BFloat16* o = out + u * 2 * out_width;
+    for (int64_t j = 0; j < out_width; j += 16) {
+      const int64_t left = std::min<int64_t>(16, std::max<int64_t>(width - j, 0));
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(mask, r0 + j);
+      const __m512 b = r1 ? _mm512_maskz_loadu_ps(mask, r1 + j) : _mm512_setzero_ps();
+      const __m512i ab = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      const int64_t words = std::min<int64_t>(16, out_width - j);
+      _mm512_mask_storeu_epi32(o + 2 * j, words >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << words) - 1), ab);
+    }
+  }
+#else
+  (void)x, (void)rows, (void)width, (void)ld, (void)out, (void)out_width;
+  TORCH_CHECK(false, "fastadapter_cpu: interleave_rows needs AVX512-BF16");
+#endif
+}
+
+// Packed panels of an input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of different
+// sequences differ in size (varlen), so each sequence's panels start at base[n].
+template <typename T>
+struct PackedPanels {
+  at::Tensor storage;          // every panel
+  std::vector<int64_t> base;   // [N] first element of sequence n's panels
+  std::vector<int64_t> size;   // [N] elements of one panel of sequence n
+  std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
+
+  TileB<T> at(int64_t n, int64_t h) const { return {storage.const_data_ptr<T>() + base[n] + h * size[n], pitch[n]}; }
+};
+
+// How an input [L, D] of one (sequence, head) becomes a B operand:
+//  kTransposed: B = Xᵀ, the keys of a score product (q kᵀ, dO vᵀ). fp32: element (d, j) = X[j][d]; bf16: word
+//    (p, j) = (X[j][2p], X[j][2p+1]).
+//  kRows (bf16): B = X with its rows in pairs, word (u, d) = (X[2u][d], X[2u+1][d]), for a product over the rows
+//    (p v, ds k, pᵀ dO, dsᵀ q). fp32 reads such rows in place: a copy measured no faster.
+enum class PackKind { kTransposed, kRows };
+
+// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
+// (sequence, head) are equally spaced); head_dim a multiple of kStep<T>. Only what the tiles read is written:
+// kTransposed, the columns up to round_up(L, 16); kRows, the head_dim columns of every row (odd bf16 partners as
+// zeros).
+template <typename T, typename LenFn, typename RowFn>
+PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
+                            const RowFn& row) {
+  static_assert(kTileable<T>);
+  constexpr int64_t step = kStep<T>;
+  TORCH_CHECK(head_dim % step == 0, "fastadapter_cpu: pack_panels needs head_dim a multiple of ", step, ", got ",
+              head_dim);
+  TORCH_CHECK((std::is_same_v<T, at::BFloat16>) || kind == PackKind::kTransposed,
+              "fastadapter_cpu: fp32 rows are read in place, not packed");
+  PackedPanels<T> packed;
+  packed.base.resize(num_seqs);
+  packed.size.resize(num_seqs);
+  packed.pitch.resize(num_seqs);
+  const int64_t words_d = head_dim / step;  // 32-bit words of one row
+  int64_t total = 0;
+  for (int64_t n = 0; n < num_seqs; ++n) {
+    const int64_t len = rows(n), k_rows = kind == PackKind::kRows ? (len + step - 1) / step : words_d;
+    // Pitches of a whole number of cache lines plus one: a power-of-two pitch (2 KB for 512 bf16 keys) would
+    // map every row of a B panel to the same few sets of the 8-way L1 and evict the panel while it is in use.
+    packed.pitch[n] = step * (round_up(kind == PackKind::kRows ? head_dim : len, 16) + 16);
+    packed.size[n] = k_rows * packed.pitch[n];
+    packed.base[n] = total;
+    total += heads * packed.size[n];
+  }
+  packed.storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+  T* out = packed.storage.template data_ptr<T>();
+  // bf16 lane order of (x0[0..15], x1[0..15]) -> (x0[0], x1[0], x0[1], x1[1], ...).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+    const __m512i interleave = _mm512_load_si512(kInterleave);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / heads, h = task % heads, len = rows(n);
+      T* panel = out + packed.base[n] + h * packed.size[n];
+      const int64_t pitch = packed.pitch[n];
+      if (len == 0) continue;
+      const T* first = reinterpret_cast<const T*>(row(n, h, 0));
+      const int64_t row_stride = len > 1 ? reinterpret_cast<const T*>(row(n, h, 1)) - first : 0;
+      if (kind == PackKind::kTransposed) {
+        // Panel word (p, j) = word p of row j: 16 rows at a time, one gathered vector per word p.
+        const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                  _mm512_set1_epi32(static_cast<int32_t>(row_stride / step)));
+        for (int64_t j = 0; j < len; j += 16) {
+          const __mmask16 valid = detail::lanes(len - j);
+          const auto* x = reinterpret_cast<const int32_t*>(first + j * row_stride);
+          for (int64_t p = 0; p < words_d; ++p)
+            _mm512_storeu_si512(panel + p * pitch + step * j,
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows16, x + p, 4));
+        }
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        for (int64_t u = 0; u < (len + 1) / 2; ++u) {
+          const T* x0 = first + 2 * u * row_stride;
+          const bool partner = 2 * u + 1 < len;
+          T* o = panel + u * pitch;
+          for (int64_t d = 0; d < head_dim; d += 16) {
+            const __mmask16 valid = detail::lanes(head_dim - d);
+            const __m256i a = _mm256_maskz_loadu_epi16(valid, x0 + d);
+            const __m256i b = partner ? _mm256_maskz_loadu_epi16(valid, x0 + row_stride + d) : _mm256_setzero_si256();
+            const __m512i ab = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), interleave,
+                                                         _mm512_castsi256_si512(b));
+            _mm512_mask_storeu_epi32(o + 2 * d, valid, ab);
+          }
+        }
+      }
+    }
+  });
+#else
+  (void)row;
+  TORCH_CHECK(false, "fastadapter_cpu: pack_panels needs AVX512-BF16");
+#endif
+  return packed;
+}
+
+}  // namespace fastadapter_cpu::FASTADAPTER_ISA
