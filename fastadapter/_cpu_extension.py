@@ -139,11 +139,15 @@ def build_on_first_use() -> None:
     # One cache entry per torch version: a library built against another torch does not load.
     name = "fastadapter_C_torch_" + re.sub(r"\W", "_", torch.__version__)
     os.environ.setdefault("MAX_JOBS", str(settings.max_jobs))
-    print(f"fastadapter: building the C++ CPU kernels (fastadapter._C was not installed) into "
-          f"{cpp_extension._get_build_directory(name, verbose=False)} with {os.environ['MAX_JOBS']} jobs; "
-          f"this takes about a minute, once (FASTADAPTER_SKIP_BUILD=1 skips it) ...", file=sys.stderr, flush=True)
-    for note in settings.notes:
-        print(f"fastadapter: {note}", file=sys.stderr, flush=True)
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    # A library already in the cache loads at once (load() rebuilds it only when csrc/ or the flags changed).
+    cached = os.path.exists(os.path.join(build_dir, f"{name}.so"))
+    if not cached:
+        print(f"fastadapter: building the C++ CPU kernels (fastadapter._C was not installed) into {build_dir} "
+              f"with {os.environ['MAX_JOBS']} jobs; this takes about a minute, once (FASTADAPTER_SKIP_BUILD=1 "
+              f"skips it) ...", file=sys.stderr, flush=True)
+        for note in settings.notes:
+            print(f"fastadapter: {note}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
         cpp_extension.load(name=name, sources=settings.sources, extra_cflags=settings.cflags +
@@ -152,8 +156,10 @@ def build_on_first_use() -> None:
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         tail = " ".join(str(error).strip().splitlines()[-3:])
         raise ImportError(f"building it on first use failed: {tail}") from None
-    print(f"fastadapter: built the C++ CPU kernels in {time.perf_counter() - start:.0f} s", file=sys.stderr,
-          flush=True)
+    elapsed = time.perf_counter() - start
+    if not cached or elapsed > 5:
+        print(f"fastadapter: {'re' if cached else ''}built the C++ CPU kernels in {elapsed:.0f} s into {build_dir}",
+              file=sys.stderr, flush=True)
 
 
 def _import_or_build() -> None:

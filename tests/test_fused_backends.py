@@ -17,6 +17,7 @@ import torch
 from fastadapter import zero_init_attention, zero_init_attention_reference
 from fastadapter.backends import get_backend
 from fastadapter.kernels import configs as kernel_configs
+from fastadapter.kernels.layout import device_arch
 
 from attention_cases import (BF16, FP16, INPUT_NAMES, KERNEL_CASES, Case, backend_inputs, check_against_reference,
                              device_for)
@@ -46,25 +47,34 @@ def test_matches_reference_long_sequence(backend):
 
 
 #: Cases for the compiled tile sizes: several 128-row tiles with a ragged last one, P = 10 padded to a 16-slot
-#: tile, D = 80 padded to 128, GQA, Sq < Sk, varlen across tile edges.
+#: tile, D = 80 padded to 128, GQA, Sq < Sk, varlen across tile edges; with the first or the last candidate
+#: configuration of every kernel.
+_TILE_CASE = Case(batch=1, seqlen_q=260, seqlen_k=260, heads_q=2, heads_kv=1, head_dim=80, dtype=BF16)
 COMPILED_TILE_CASES = [
-    Case(batch=1, seqlen_q=300, seqlen_k=300, heads_q=2, heads_kv=1, head_dim=80, dtype=BF16),
-    Case(batch=1, seqlen_q=150, seqlen_k=270, heads_q=1, heads_kv=1, head_dim=64, dtype=FP16, prefix_batch=1),
-    Case(seqlens=[130, 257, 3], heads_q=2, heads_kv=1, head_dim=80, dtype=BF16, gate_shape="rows",
-         prefix_batch=3),
+    (_TILE_CASE, 0),
+    (_TILE_CASE, -1),
+    (Case(batch=1, seqlen_q=150, seqlen_k=270, heads_q=1, heads_kv=1, head_dim=64, dtype=FP16), -1),
+    (Case(seqlens=[130, 40, 3], heads_q=2, heads_kv=1, head_dim=80, dtype=BF16, gate_shape="rows",
+          prefix_batch=3), 0),
 ]
 
 
-@pytest.mark.parametrize("which", [0, -1], ids=["first-candidates", "last-candidates"])
-@pytest.mark.parametrize("case", COMPILED_TILE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,which", COMPILED_TILE_CASES,
+                         ids=[f"{c.id}-{'first' if w == 0 else 'last'}" for c, w in COMPILED_TILE_CASES])
 def test_triton_at_compiled_tile_configurations(case, which):
     """The configurations the GPU launches (first or last candidate of every kernel), forced under the
     interpreter too: the multi-tile paths at real tile sizes (and on CUDA, each configuration compiled)."""
-    block_d = max(16, 1 << (case.head_dim - 1).bit_length())
-    chosen = {k: kernel_configs.candidates(k, block_d, interpreter=False)[which] for k in kernel_configs.KERNELS}
+    device = device_for("triton")
+    if device == "cuda":  # only what this GPU's launch plan keeps (a candidate may not fit its shared memory)
+        facts = kernel_configs.KernelFacts.of(backend_inputs(case, device))
+        arch, index = device_arch(torch.device(device)), torch.cuda.current_device()
+        chosen = {k: kernel_configs.launch_plan(k, facts, arch, index)[0][which] for k in kernel_configs.KERNELS}
+    else:
+        block_d = max(16, 1 << (case.head_dim - 1).bit_length())
+        chosen = {k: kernel_configs.candidates(k, block_d, interpreter=False)[which] for k in kernel_configs.KERNELS}
     assert chosen["forward"].kwargs["BLOCK_M"] >= 64
     with kernel_configs.forced_configs(chosen):
-        check_against_reference(case, "triton", device=device_for("triton"))
+        check_against_reference(case, "triton", device=device)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
