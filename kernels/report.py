@@ -5,6 +5,7 @@ made of them (no GPU needed).
     python -m fastadapter.kernels.report --json FILE            # the same rows saved as JSON
     python -m fastadapter.kernels.report --archs sm_90 --dtypes bf16 --head-dims 128
     python -m fastadapter.kernels.report --code-paths           # the other compile-time branches (varlen, ...)
+    python -m fastadapter.kernels.report --decode               # the split-KV decode kernels (sm_80, sm_90)
 
 Every row is one compiled (kernel, configuration, arch, dtype, head_dim) with registers, spill bytes and shared
 bytes read from the cubin and whether the backend may launch it, or, where no configuration of a kernel fits, a
@@ -22,7 +23,8 @@ from .aot_compile import (MATRIX_ARCHS, MATRIX_DTYPES, MATRIX_HEAD_DIMS, DTYPE_N
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table, one line per compiled configuration or declined combination."""
-    last = "inputs" if rows and "code_path" in rows[0] else ("S" if rows and "seqlens" in rows[0] else "launch")
+    last = ("inputs" if rows and ("code_path" in rows[0] or "shape" in rows[0])
+            else ("S" if rows and "seqlens" in rows[0] else "launch"))
     header = ("kernel", "config", "arch", "dtype", "D", "regs", "spill B", "shared B", "tensor cores", last)
 
     def cells(r):
@@ -31,6 +33,8 @@ def format_table(rows: list[dict]) -> str:
                     "declined: " + r["declined"]]
         if "code_path" in r:
             tail = r["code_path"]
+        elif "shape" in r:  # decode kernels: the launch shape and its splits
+            tail = r["shape"]
         elif "seqlens" in r:
             tail = ",".join(str(s) for s in r["seqlens"])
         else:
@@ -65,7 +69,8 @@ def summary(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastadapter.kernels.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archs", nargs="+", default=list(MATRIX_ARCHS), help="target architectures")
+    parser.add_argument("--archs", nargs="+", default=None,
+                        help=f"target architectures (default: {' '.join(MATRIX_ARCHS)}; sm_80 sm_90 with --decode)")
     parser.add_argument("--dtypes", nargs="+", default=[DTYPE_NAMES[d] for d in MATRIX_DTYPES],
                         choices=sorted(DTYPE_NAMES.values()))
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(MATRIX_HEAD_DIMS))
@@ -75,9 +80,16 @@ def main(argv=None) -> int:
     parser.add_argument("--matrix", action="store_true", help="the compile matrix (the default)")
     parser.add_argument("--code-paths", action="store_true",
                         help="compile the branches the matrix does not take, in the first configuration")
+    parser.add_argument("--decode", action="store_true",
+                        help="the split-KV decode kernels (kernels/decode.py), bf16 D = 128 P = 10 (LLaMA-7B)")
     args = parser.parse_args(argv)
+    if args.archs is None:
+        args.archs = ["sm_80", "sm_90"] if args.decode else list(MATRIX_ARCHS)
     start = time.perf_counter()
-    if args.code_paths:
+    if args.decode:
+        from .decode import compile_decode_kernels
+        rows = compile_decode_kernels(tuple(args.archs))
+    elif args.code_paths:
         rows = compile_code_paths(args.archs[0])
     else:
         rows = compile_matrix(tuple(args.archs), tuple(dtype_of(d) for d in args.dtypes), tuple(args.head_dims),
@@ -87,7 +99,7 @@ def main(argv=None) -> int:
         write_json(rows, args.json, cubins=args.cubins)
     else:
         print(format_table(rows))
-    if not args.code_paths:
+    if not (args.code_paths or args.decode):
         compiled = [r for r in rows if r.get("config") is not None]
         spills = [r for r in compiled if r["spill_bytes"]]
         print(("\n" if not args.json else "") + summary(rows), file=sys.stderr if args.json else sys.stdout)

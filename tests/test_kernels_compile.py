@@ -5,8 +5,10 @@ compiles with zero spills within that architecture's shared memory, and every co
 configuration or is declined by the backend with a reason. Also: 64-bit row offsets in every kernel, tensor
 cores at LLaMA-7B shapes, and the compile-time branches the matrix does not take.
 
-The matrix compiles 206 binaries in parallel worker processes (a child process: the tests run the interpreter);
-~13 CPU-minutes cold, Triton's on-disk cache makes later runs a few minutes (reading every cubin back)."""
+The whole matrix compiles 206 binaries in parallel worker processes (a child process: the tests run the
+interpreter); ~13 CPU-minutes cold, Triton's on-disk cache makes later runs a few minutes (reading every cubin
+back). Its tests are marked ``slow`` (CI runs them with ``-m slow``); the default run checks LLaMA-7B's part of it
+(bf16, D = 128 on sm_80 and sm_90) with the same assertions."""
 import dataclasses
 import json
 import os
@@ -32,7 +34,18 @@ DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 @pytest.fixture(scope="module")
 def matrix():
+    """The whole matrix: every arch, dtype and head dim (slow)."""
     return compile_matrix()
+
+
+@pytest.fixture(scope="module")
+def llama_matrix():
+    """LLaMA-7B's part of the matrix (bf16, D = 128) on A100 and H100: what the default test run compiles."""
+    return compile_matrix(archs=("sm_80", "sm_90"), dtypes=(torch.bfloat16,), head_dims=(128,))
+
+
+#: The tests that hold for any part of the matrix run on LLaMA-7B's part by default and on the whole under -m slow.
+PARTS = [pytest.param("llama_matrix", id="llama-7b"), pytest.param("matrix", id="whole", marks=pytest.mark.slow)]
 
 
 def _combos():
@@ -44,7 +57,9 @@ def test_the_matrix_is_the_one_asked_for():
     assert set(MATRIX_DTYPES) == set(DTYPES) and set(MATRIX_HEAD_DIMS) == {64, 80, 128, 256}
 
 
-def test_every_configuration_that_may_launch_has_no_spills_and_fits_shared_memory(matrix):
+@pytest.mark.parametrize("part", PARTS)
+def test_every_configuration_that_may_launch_has_no_spills_and_fits_shared_memory(part, request):
+    matrix = request.getfixturevalue(part)
     launched = [r for r in matrix if r.get("launches")]
     assert launched
     for row in launched:
@@ -57,6 +72,7 @@ def test_every_configuration_that_may_launch_has_no_spills_and_fits_shared_memor
             f"{what} needs {row['shared_bytes']} B of shared memory")
 
 
+@pytest.mark.slow
 def test_every_combination_runs_or_is_declined_with_a_reason(matrix):
     for arch, dtype, head_dim in _combos():
         for kernel in kernel_configs.KERNELS:
@@ -83,6 +99,7 @@ def test_every_combination_runs_or_is_declined_with_a_reason(matrix):
     assert fp32 and all(r.get("config") is None and "sdpa" in r["declined"] for r in fp32)
 
 
+@pytest.mark.slow
 def test_the_backend_gives_the_same_answer_from_these_figures(matrix, monkeypatch):
     """The backend's own decision (not_supported_reasons on a GPU), fed the cubins' figures: it runs what the
     matrix says runs and declines, with the kernel named, what the matrix declines."""
@@ -116,16 +133,18 @@ def test_the_backend_gives_the_same_answer_from_these_figures(matrix, monkeypatc
         kernel_configs._plan.cache_clear()
 
 
-def test_row_offsets_are_64_bit_in_every_kernel(matrix):
+@pytest.mark.parametrize("part", PARTS)
+def test_row_offsets_are_64_bit_in_every_kernel(part, request):
     """No 32-bit tensor products in the Triton IR: ``row · stride`` cannot wrap (it did: int32 in tiles.py)."""
+    matrix = request.getfixturevalue(part)
     for row in matrix:
         if row.get("config") is not None:
             assert row["i32_tensor_products"] == 0, f"{row['kernel']} {row['dtype']} D={row['head_dim']}"
 
 
-def test_tensor_cores_at_llama_7b_shapes(matrix):
+def test_tensor_cores_at_llama_7b_shapes(llama_matrix):
     """What compile_report (``fastadapter bench --compile-report``) lists: the launchable LLaMA-7B binaries."""
-    rows = [r for r in llama7b_rows(matrix) if r["arch"] in ("sm_80", "sm_90")]
+    rows = [r for r in llama7b_rows(llama_matrix) if r["arch"] in ("sm_80", "sm_90")]
     assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in kernel_configs.KERNELS
                                                          for a in ("sm_80", "sm_90")}
     for row in rows:
@@ -146,6 +165,7 @@ def test_every_code_path_compiles():
         assert bool(row["tensor_cores"]) == multiplies_tiles, f"{row['kernel']} on {row['code_path']}"
 
 
+@pytest.mark.slow
 def test_report_command_writes_the_rows(tmp_path, matrix):
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
