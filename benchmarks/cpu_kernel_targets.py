@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from benchmarks.baselines import eager_v1, two_sdpa
-from benchmarks.metadata import collect_metadata
+from .baselines import eager_v1, two_sdpa
+from .metadata import collect_metadata
 from fastadapter import _cpu_extension, zero_init_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -78,6 +80,7 @@ def _clean_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow  # a fresh venv and two installs: minutes (CI runs it with -m slow)
 def test_readme_main_command_succeeds_in_a_fresh_venv_with_only_the_bench_extra(tmp_path, shared_data):
     """The README's main command, verbatim but for ``--smoke`` (one tiny shape per suite), in a copy of the
     checkout with a fresh venv: the ``bench`` extra has no triton, and every suite must run (the model-level ones
