@@ -134,8 +134,16 @@ std::tuple<std::string, std::string> cpu_path_op() {
                         : "AVX-512 register tiles (fp32 FMA, bf16 vdpbf16ps; fp16 on " + library + ")";
       break;
     case Variant::kAvx2:
+#ifdef FASTADAPTER_WITH_MKL
+      // MKL is the default here (measured faster than the AVX2 tiles, csrc/tile_gemm_avx2.h).
+      what = gemm != nullptr && std::strcmp(gemm, "tiles") == 0
+                 ? "AVX2 register tiles (FASTADAPTER_CPU_GEMM=tiles; fp32 FMA, bf16/fp16 computed in fp32)"
+                 : "AVX2 rows, MKL products (faster than the AVX2 tiles here; FASTADAPTER_CPU_GEMM=tiles selects "
+                   "them), bf16/fp16 computed in fp32";
+#else
       what = mkl_forced ? "AVX2 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl), bf16/fp16 in fp32"
                         : "AVX2 register tiles (fp32 FMA; bf16/fp16 computed in fp32)";
+#endif
       break;
     case Variant::kGeneric:
       what = library + " products, portable rows, bf16/fp16 computed in fp32";
