@@ -7,6 +7,9 @@ what does not take the decode path; and the compiled kernels neither spill nor e
 sm_90.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +192,20 @@ def test_compiled_for_sm80_and_sm90_without_spills():
 def test_widest_head_dim_fits_the_smallest_shared_memory():
     """bf16, D = 256 on sm_86 (A10, RTX 3090: 99 KB of shared memory per block): no spills, fits."""
     _check_compiled(decode.compile_decode_kernels(("sm_86",), (("bf16", 256, 10),)), ("sm_86",))
+
+
+def test_compile_report_lists_the_decode_kernels():
+    """``python -m fastadapter.kernels.report --decode``: one table row per compiled decode launch, read from the
+    cubins (the same rows as :func:`decode.compile_decode_kernels`)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "fastadapter.kernels.report", "--decode", "--archs", "sm_90"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["kernel", "config", "arch"]
+    rows = lines[2:]
+    expected = decode.compile_decode_kernels(("sm_90",))
+    assert len(rows) == len(expected) and {r.split()[0] for r in rows} == {"decode_split", "decode_merge"}
+    for row in rows:
+        assert " sm_90 " in row and "MMA" in row, row  # tensor cores (HMMA or HGMMA) in every launch
+    assert {r["shape"] for r in expected} == {row.split()[-1] for row in rows}
