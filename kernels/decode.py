@@ -24,7 +24,6 @@ report compiles, :func:`compile_decode_kernels` compiles them and reads the cubi
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -41,8 +40,8 @@ import triton.language as tl
 
 from fastadapter._inputs import AttentionInputs
 
-from .layout import Layout, broadcast_strides, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import LN2, LOG2E, dot, head_base, load_prefix, to_dtype
+from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
+from .tiles import LN2, LOG2E, dot, head_base, load_prefix, online_softmax_tiles, to_dtype
 
 #: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
 MAX_DECODE_QUERIES = 16
@@ -83,40 +82,6 @@ def _load_stacked(base, b, i, head, valid, stride_b, stride_s, stride_h, cols, H
 
 
 @triton.jit
-def _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_lo, n_hi, shift, qk_scale,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Online softmax over the key tiles ``[n_lo, n_hi)`` (``n_lo`` a multiple of ``BLOCK_N``); ``MASKED`` tiles
-    apply the chunk end ``n_hi`` and the causal mask (row ``i`` sees keys ``j ≤ i + shift``)."""
-    dmask = cols[None, :] < HEAD_DIM
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + tl.arange(0, BLOCK_N)
-        kmask = keys[:, None] < n_hi
-        if HEAD_DIM != BLOCK_D:
-            kmask = kmask & dmask
-        koff = tl.cast(keys, tl.int64)[:, None] * stride_ks + cols[None, :]
-        k = tl.load(k_base + koff, mask=kmask, other=0.0)
-        s = dot(q, tl.trans(k), INTERPRETER) * qk_scale
-        if MASKED:
-            visible = keys[None, :] < n_hi
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= i[:, None] + shift)
-            s = tl.where(visible, s, float("-inf"))
-        # -- a row that has seen nothing yet keeps m = -inf and uses 0 as its reference
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        voff = tl.cast(keys, tl.int64)[:, None] * stride_vs + cols[None, :]
-        v = tl.load(v_base + voff, mask=kmask, other=0.0)
-        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
 def zero_init_attention_decode_split_kernel(
         Q, K, V, M_PART, L_PART, ACC_PART,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -154,10 +119,13 @@ def zero_init_attention_decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     qk_scale = softmax_scale * LOG2E
-    acc, l_i, m_i = _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, lo, n_full,
-                               shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
-    acc, l_i, m_i = _key_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_full, hi,
-                               shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+    # The chunk's end plays the sequence end: keys from hi on read 0 and are hidden (masked tiles).
+    acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, lo,
+                                         n_full, hi, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         INTERPRETER)
+    acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_full,
+                                         hi, hi, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         INTERPRETER)
 
     part = tl.cast(rest, tl.int64) * num_splits + split
     slots = tl.arange(0, BLOCK_M)
@@ -377,7 +345,7 @@ def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, 
         return out, lse_w, lse_p
     sm_count = None if layout.interpreter else _sm_count(inp.device.index or 0)
     split, merge, split_grid, merge_grid, config = decode_arguments(inp, layout, out, lse_w, lse_p, sm_count)
-    with torch.cuda.device(inp.device) if inp.device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(inp.device):
         zero_init_attention_decode_split_kernel[split_grid](**split, num_warps=config.split_warps,
                                                             num_stages=config.split_stages)
         zero_init_attention_decode_merge_kernel[merge_grid](**merge, num_warps=config.merge_warps, num_stages=1)

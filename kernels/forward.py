@@ -22,36 +22,8 @@ from fastadapter._inputs import AttentionInputs
 
 from .configs import autotune, launch
 from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import (stats_offset, LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, sequence_bounds, store_rows,
-                    tile_and_row, to_dtype, visible_key_range)
-
-
-@triton.jit
-def _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_lo, n_hi, n_k, shift,
-                qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr):
-    """Online softmax over the key tiles ``[n_lo, n_hi)``; ``MASKED`` tiles apply the causal and length masks."""
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, stride_ks, keys, n_k, cols, HEAD_DIM, BLOCK_D)
-        s = dot(q, tl.trans(k), INTERPRETER) * qk_scale
-        if MASKED:
-            visible = keys[None, :] < n_k
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= rows[:, None] + shift)
-            s = tl.where(visible, s, float("-inf"))
-        # -- update the running max; a row that has seen nothing yet keeps -inf and uses 0 as its reference
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        # -- rescale what was accumulated under the old max, add this tile
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
-        m_i = m_new
-    return acc, l_i, m_i
+from .tiles import (LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, online_softmax_tiles,
+                    sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
 
 
 @autotune("forward")
@@ -89,10 +61,12 @@ def zero_init_attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, 0, n_full,
-                                n_k, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
-    acc, l_i, m_i = _word_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_full,
-                                n_hi, n_k, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
+    acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, 0,
+                                         n_full, n_k, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         INTERPRETER)
+    acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_full,
+                                         n_hi, n_k, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         INTERPRETER)
     seen = l_i > 0.0  # rows with no visible word give 0 (and lse_w = -inf)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse_w = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))

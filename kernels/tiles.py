@@ -148,3 +148,37 @@ def load_prefix(PREFIX, b, kv_head, stride_b, stride_s, stride_h, prefix_len, co
     """
     base = PREFIX + tl.cast(b, tl.int64) * stride_b + tl.cast(kv_head, tl.int64) * stride_h
     return load_rows(base, stride_s, tl.arange(0, BLOCK_P), prefix_len, cols, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_lo, n_hi, n_k, shift,
+                qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr):
+    """Online softmax of the query tile ``q`` over the key tiles ``[n_lo, n_hi)`` (``n_lo`` a multiple of
+    ``BLOCK_N``): returns the updated ``(acc [BLOCK_M, BLOCK_D], l_i [BLOCK_M], m_i [BLOCK_M])``, max in log2 units.
+
+    Keys ``>= n_k`` read as 0; ``MASKED`` tiles hide them and, when ``CAUSAL``, the keys row ``rows[r]`` must not
+    see (``j > rows[r] + shift``, bottom-right alignment). The forward kernel passes the sequence's key count as
+    ``n_k``; the decode split kernel passes its chunk's end and each stacked row's query index as ``rows``.
+    """
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, stride_ks, keys, n_k, cols, HEAD_DIM, BLOCK_D)
+        s = dot(q, tl.trans(k), INTERPRETER) * qk_scale
+        if MASKED:
+            visible = keys[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        # -- update the running max; a row that has seen nothing yet keeps -inf and uses 0 as its reference
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        # -- rescale what was accumulated under the old max, add this tile
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+        m_i = m_new
+    return acc, l_i, m_i

@@ -15,6 +15,7 @@ from fastadapter import zero_init_attention
 from fastadapter.backends import get_backend, select_backend
 from fastadapter.backends import triton as triton_backend
 from fastadapter.kernels import configs as kernel_configs
+from fastadapter.kernels import decode as kernel_decode
 from fastadapter.kernels import forward as kernel_forward
 from fastadapter.kernels.backward_dkdv import zero_init_attention_backward_dkdv_kernel
 from fastadapter.kernels.forward import zero_init_attention_forward_kernel
@@ -228,9 +229,13 @@ def test_launches_run_under_the_inputs_device(monkeypatch):
         entered.append(device)
         return real(device)
     monkeypatch.setattr(kernel_forward, "device_guard", recording)
-    inp = backend_inputs(Case(batch=1, seqlen_q=5, seqlen_k=5, heads_q=1, heads_kv=1, head_dim=16))
-    get_backend("triton").forward(inp)
-    assert entered == [inp.device]
+    monkeypatch.setattr(kernel_decode, "device_guard", recording)
+    prefill = backend_inputs(Case(batch=1, seqlen_q=20, seqlen_k=20, heads_q=1, heads_kv=1, head_dim=16))
+    step = backend_inputs(Case(batch=1, seqlen_q=1, seqlen_k=20, heads_q=1, heads_kv=1, head_dim=16))
+    assert not kernel_decode.decode_applies(prefill) and kernel_decode.decode_applies(step)
+    for inp in (prefill, step):  # the forward kernel, then the split-KV decode kernels
+        get_backend("triton").forward(inp)
+    assert entered == [prefill.device, step.device]
 
 
 def test_inputs_on_different_devices_are_an_error_naming_them():
