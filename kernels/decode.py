@@ -41,7 +41,7 @@ import triton.language as tl
 from fastadapter._inputs import AttentionInputs
 
 from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import LN2, LOG2E, dot, head_base, load_prefix, online_softmax_tiles, to_dtype
+from .tiles import LN2, LOG2E, head_base, online_softmax_tiles, prefix_softmax, to_dtype
 
 #: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
 MAX_DECODE_QUERIES = 16
@@ -175,22 +175,13 @@ def zero_init_attention_decode_merge_kernel(
     # -- prefix: one tile for the whole group, its own softmax, scaled by each row's gate
     if HAS_PREFIX:
         q = _load_stacked(Q, b, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
-        p_slots = tl.arange(0, BLOCK_P)
-        pk = load_prefix(PREFIX_K, b, kv_head, stride_pkb, stride_pks, stride_pkh, prefix_len, cols, HEAD_DIM,
-                         BLOCK_D, BLOCK_P)
-        s_p = dot(q, tl.trans(pk), INTERPRETER) * (softmax_scale * LOG2E)
-        s_p = tl.where(p_slots[None, :] < prefix_len, s_p, float("-inf"))
-        m_p = tl.max(s_p, 1)
-        p_p = tl.exp2(s_p - m_p[:, None])
-        l_p = tl.sum(p_p, 1)
-        pv = load_prefix(PREFIX_V, b, kv_head, stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, HEAD_DIM,
-                         BLOCK_D, BLOCK_P)
-        out_p = dot(to_dtype(p_p, pv.dtype, INTERPRETER), pv, INTERPRETER) / l_p[:, None]
+        out_p, lse_p = prefix_softmax(q, PREFIX_K, PREFIX_V, b, kv_head, stride_pkb, stride_pks, stride_pkh,
+                                      stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, softmax_scale * LOG2E,
+                                      HEAD_DIM, BLOCK_D, BLOCK_P, INTERPRETER)
         gamma = tl.load(GATE + b * stride_gb + head * stride_gh, mask=valid, other=0.0)
         if GATE_TANH:  # as tiles.gate_value: exact 0 at 0 (the zero-init property)
             gamma = 2.0 * tl.sigmoid(2.0 * gamma) - 1.0
         out = out + gamma[:, None] * out_p
-        lse_p = (m_p + tl.log2(l_p)) * LN2
     else:
         lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 

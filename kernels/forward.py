@@ -22,7 +22,7 @@ from fastadapter._inputs import AttentionInputs
 
 from .configs import autotune, launch
 from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import (LN2, LOG2E, dot, gate_value, head_base, load_prefix, load_rows, online_softmax_tiles,
+from .tiles import (LN2, LOG2E, gate_value, head_base, load_rows, online_softmax_tiles, prefix_softmax,
                     sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
 
 
@@ -73,20 +73,10 @@ def zero_init_attention_forward_kernel(
 
     # -- prefix: one tile, its own softmax, scaled by the gate
     if HAS_PREFIX:
-        slots = tl.arange(0, BLOCK_P)
-        pk = load_prefix(PREFIX_K, b, kv_head, stride_pkb, stride_pks, stride_pkh, prefix_len, cols, HEAD_DIM,
-                         BLOCK_D, BLOCK_P)
-        s_p = dot(q, tl.trans(pk), INTERPRETER) * qk_scale
-        s_p = tl.where(slots[None, :] < prefix_len, s_p, float("-inf"))
-        m_p = tl.max(s_p, 1)
-        p_p = tl.exp2(s_p - m_p[:, None])
-        l_p = tl.sum(p_p, 1)
-        pv = load_prefix(PREFIX_V, b, kv_head, stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, HEAD_DIM,
-                         BLOCK_D, BLOCK_P)
-        out_p = dot(to_dtype(p_p, pv.dtype, INTERPRETER), pv, INTERPRETER) / l_p[:, None]
-        gamma = gate_value(GATE, b, head, stride_gb, stride_gh, GATE_TANH)
-        out = out + gamma * out_p
-        lse_p = (m_p + tl.log2(l_p)) * LN2
+        out_p, lse_p = prefix_softmax(q, PREFIX_K, PREFIX_V, b, kv_head, stride_pkb, stride_pks, stride_pkh,
+                                      stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, qk_scale, HEAD_DIM,
+                                      BLOCK_D, BLOCK_P, INTERPRETER)
+        out = out + gate_value(GATE, b, head, stride_gb, stride_gh, GATE_TANH) * out_p
     else:
         lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 

@@ -182,3 +182,24 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def prefix_softmax(q, PREFIX_K, PREFIX_V, b, kv_head, stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs,
+                   stride_pvh, prefix_len, cols, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_P: tl.constexpr, INTERPRETER: tl.constexpr):
+    """The prefix part of the query tile ``q [BLOCK_M, BLOCK_D]``: its own softmax over the whole prompt of
+    (sequence b, kv head) as one tile. Returns ``(out_p [BLOCK_M, BLOCK_D], lse_p [BLOCK_M])``: the normalised
+    ``softmax(S_p) prefix_v`` (before the gate) and the log-sum-exp in natural log."""
+    slots = tl.arange(0, BLOCK_P)
+    pk = load_prefix(PREFIX_K, b, kv_head, stride_pkb, stride_pks, stride_pkh, prefix_len, cols, HEAD_DIM,
+                     BLOCK_D, BLOCK_P)
+    s_p = dot(q, tl.trans(pk), INTERPRETER) * qk_scale
+    s_p = tl.where(slots[None, :] < prefix_len, s_p, float("-inf"))
+    m_p = tl.max(s_p, 1)
+    p_p = tl.exp2(s_p - m_p[:, None])
+    l_p = tl.sum(p_p, 1)
+    pv = load_prefix(PREFIX_V, b, kv_head, stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, HEAD_DIM,
+                     BLOCK_D, BLOCK_P)
+    out_p = dot(to_dtype(p_p, pv.dtype, INTERPRETER), pv, INTERPRETER) / l_p[:, None]
+    return out_p, (m_p + tl.log2(l_p)) * LN2
