@@ -20,8 +20,8 @@ from . import Backend, register_backend
 def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool, scale: float):
     """softmax(scale · q kᵀ) v over ``[B, H, S, D]`` tensors, causal bottom-right aligned."""
     seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
-    if seqlen_k == 0 or seqlen_q == 0:  # no key (an empty ragged sequence): the word part is 0
-        return qh.new_zeros(qh.shape[:3] + (vh.shape[-1],))
+    if seqlen_k == 0:  # no key (an empty ragged sequence): the word part is 0, still part of q's graph
+        return qh.new_zeros(qh.shape[:3] + (vh.shape[-1],)) + qh[..., :0].sum(dim=-1, keepdim=True)
     if not causal:
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     if seqlen_q == seqlen_k:
@@ -46,7 +46,7 @@ def _used_keys_attention(qh, kh, vh, seqused_k: torch.Tensor, causal: bool, scal
     if causal:
         allowed = allowed & (col <= row + used - seqlen_q)  # [B, 1, Sq, Sk]
     blind = ~allowed.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
-    if seqlen_k == 0 or seqlen_q == 0:
+    if seqlen_k == 0:
         return _word_attention(qh, kh, vh, causal, scale)
     # A fully masked row would be NaN (forward and backward): let it see key 0, then zero it.
     allowed = allowed | (blind & (col == 0))
