@@ -10,6 +10,8 @@ the C++ checks of the new arguments.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -206,3 +208,17 @@ def test_ragged_ops_trace_under_torch_compile():
     assert eager[1].shape == (args["q"].shape[1], args["q"].shape[0])
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want)
+
+
+def test_ragged_benchmark_prints_and_saves_its_tables(tmp_path, capsys):
+    """benchmarks/cpu_ragged.py at toy sizes: both tables, every provider, saved with its metadata."""
+    from fastadapter.benchmarks import cpu_ragged
+    out = tmp_path / "ragged.txt"
+    assert cpu_ragged.main(["--repeats", "1", "--dtypes", "fp32", "--decode-lengths", "9", "1", "4",
+                            "--prefill-lengths", "5", "1", "3", "--heads", "2", "--head-dim", "8",
+                            "--prefix-len", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "# ragged decode step: 3 rows, cache lengths [9, 1, 4]" in text and "# packed prefill" in text
+    rows = [line for line in text.splitlines() if line.startswith("fp32")]
+    assert len(rows) == 3 and all(len(re.findall(r"\d+\.\d+", row)) >= 5 for row in rows), rows
+    assert out.with_suffix(".json").exists()
