@@ -347,7 +347,7 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   using namespace backward_kernel;
   if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
     auto [dq, dk, dv, dpk, dpv, dgate] = attention_backward(
-        pb, run_in_fp32(grad_out), run_in_fp32(q), run_in_fp32(k), run_in_fp32(v), run_in_fp32(prefix_k),
+        pb, run_in_fp32(grad_out), run_in_fp32(q), used_keys_in_fp32(pb, k), used_keys_in_fp32(pb, v), run_in_fp32(prefix_k),
         run_in_fp32(prefix_v), gate, run_in_fp32(out), lse_w, lse_p);
     const auto dtype = q.scalar_type();
     return {dq.to(dtype), dk.to(dtype), dv.to(dtype), dpk.to(dtype), dpv.to(dtype), dgate};

@@ -371,7 +371,8 @@ ForwardResult attention_forward(const Problem& problem, const at::Tensor& q, con
                                 const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate) {
   using namespace forward_kernel;
   if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
-    auto [out, lse_w, lse_p] = attention_forward(problem, run_in_fp32(q), run_in_fp32(k), run_in_fp32(v),
+    auto [out, lse_w, lse_p] = attention_forward(problem, run_in_fp32(q), used_keys_in_fp32(problem, k),
+                                                 used_keys_in_fp32(problem, v),
                                                  run_in_fp32(prefix_k), run_in_fp32(prefix_v), gate);
     return {out.to(q.scalar_type()), lse_w, lse_p};
   }

@@ -220,5 +220,5 @@ def test_ragged_benchmark_prints_and_saves_its_tables(tmp_path, capsys):
     text = out.read_text()
     assert "# ragged decode step: 3 rows, cache lengths [9, 1, 4]" in text and "# packed prefill" in text
     rows = [line for line in text.splitlines() if line.startswith("fp32")]
-    assert len(rows) == 3 and all(len(re.findall(r"\d+\.\d+", row)) >= 5 for row in rows), rows
+    assert len(rows) == 3 and all(len(re.findall(r"\d+\.\d+", row)) >= 4 for row in rows), rows
     assert out.with_suffix(".json").exists()
