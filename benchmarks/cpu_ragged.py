@@ -1,7 +1,8 @@
 """Ragged batches in one launch of the compiled CPU kernels (issue 11), side by side: ``python -m benchmarks.cpu_ragged``.
 
 Two tables, every provider timed in the same process, interleaved (each repetition runs every provider once, in
-turn; medians and the ratios of medians, as ``benchmarks/cpu_kernel_targets.py``):
+turn, each repetition starting with the next provider; medians and the ratios of medians, as
+``benchmarks/cpu_kernel_targets.py``):
 
 * **ragged decode step**: 8 rows of mixed cache lengths in one padded KV cache ``[8, S_cache, H, D]``, one query
   token per row. ``seqused_k`` (one call over the padded cache, each row read up to its length) against the
@@ -121,7 +122,8 @@ def prefill_providers(lengths, heads, head_dim, prefix_len, dtype, backward):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per provider (median)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="timed repetitions per provider (median; a multiple of 3 starts each provider as often)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=DECODE_LENGTHS,
                         help="cache length of each row of the decode step")
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
          "before issue 11); per_row: one call per row on views")
     emit(f"{'dtype':<5} | {'seqused_k':>9} {'gathered':>9} {'per_row':>9} | {'xgathered':>9} {'xper_row':>8}")
     for dt in args.dtypes:
-        med = interleaved_medians(decode_providers(args.decode_lengths, dtype=DTYPES[dt], **shape), args.repeats)
+        med = interleaved_medians(decode_providers(args.decode_lengths, dtype=DTYPES[dt], **shape), args.repeats,
+                                  rotate=True)
         emit(f"{dt:<5} | {1e3 * med['seqused_k']:9.2f} {1e3 * med['gathered']:9.2f} {1e3 * med['per_row']:9.2f} | "
              f"{med['gathered'] / med['seqused_k']:9.2f} {med['per_row'] / med['seqused_k']:8.2f}")
 
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     for dt in args.dtypes:
         for backward in (False, True):
             med = interleaved_medians(prefill_providers(args.prefill_lengths, dtype=DTYPES[dt], backward=backward,
-                                                        **shape), args.repeats)
+                                                        **shape), args.repeats, rotate=True)
             emit(f"{dt:<5} {'f+b' if backward else 'fwd':<4} | {1e3 * med['shared']:8.1f} "
                  f"{1e3 * med['separate']:8.1f} {1e3 * med['chunk']:8.1f} | "
                  f"{med['separate'] / med['shared']:15.2f}")

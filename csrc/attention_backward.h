@@ -8,8 +8,10 @@
 //  2. word pass, one task per (sequence, kv head, chunk of key blocks): for each block of keys it walks every
 //     query block that sees it (all query heads of the group) and accumulates dk, dv of the block in
 //     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
-//     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
-//     threads busy); the copies are summed at the end.
+//     chunk adds into its own fp32 copy of dq; the copies are summed at the end. Each sequence gets as many
+//     chunks as its share of the work asks for (word_tasks: one unless it is long against the rest of a ragged
+//     batch, or batch × kv heads is too small to keep the threads busy). Keys past seqused_k are never read;
+//     the sequence's first chunk writes their dk, dv as 0.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL; the prefix pass's thin products (P ~ 10)
 // on MKL. Compiled once per kernel variant (dispatch.h).

@@ -47,9 +47,6 @@ struct Problem {
   // belong to no sequence: their output and gradients are 0, their log-sum-exps -inf.
   int64_t packed_end_q() const { return cu_seqlens_q ? cu_seqlens_q[num_seqs] : 0; }
   int64_t packed_end_k() const { return cu_seqlens_k ? cu_seqlens_k[num_seqs] : 0; }
-  // Whether some stored key row is never read (past seqused_k, or after the last varlen sequence): its dk and dv
-  // are 0, written by the backward's caller rather than by the kernel.
-  bool has_unused_keys() const { return seqused_k != nullptr; }
   // Index of the last key query row `i` of sequence `n` may see, plus one: bottom-right causal alignment, query i
   // of Sq_n sees key j iff j <= i + Sk_n - Sq_n (Sk_n = the keys used).
   int64_t visible_keys(int64_t n, int64_t i) const {
