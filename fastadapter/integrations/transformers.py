@@ -44,7 +44,7 @@ __all__ = ["AdapterAttention", "apply_adapter", "remove_adapter", "adapted_layer
 # Plain attributes of the Llama-pattern attention classes that their forward (and transformers' bookkeeping)
 # reads; copied onto the replacement.
 _ATTRIBUTES = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
-               "is_causal", "sliding_window", "layer_type")
+               "is_causal", "sliding_window", "layer_type", "is_sliding", "use_rope", "attn_logit_softcapping")
 
 
 class AdapterAttention(nn.Module):
@@ -61,11 +61,13 @@ class AdapterAttention(nn.Module):
 
     def __init__(self, base: nn.Module, adapter: LayerAdapter):
         super().__init__()
-        self._rotary = check_llama_pattern(base)
+        self._spec = check_llama_pattern(base)
         for name in _ATTRIBUTES:
             if hasattr(base, name):
                 setattr(self, name, getattr(base, name))
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        if self._spec.norms:
+            self.q_norm, self.k_norm = base.q_norm, base.k_norm
         self.adapter = adapter
         # The original module, outside the module tree (its weights are the ones above): remove_adapter puts it
         # back.
@@ -76,7 +78,7 @@ class AdapterAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError("AdapterAttention needs the (cos, sin) position_embeddings that the decoder layer "
                              "passes (transformers >= 5)")
-        out = llama_pattern_attention(self, self._rotary, hidden_states, position_embeddings, attention_mask,
+        out = llama_pattern_attention(self, self._spec, hidden_states, position_embeddings, attention_mask,
                                       past_key_values, self.adapter.prompt, self.adapter.gate,
                                       self.adapter.gate_activation)
         return self.o_proj(out), None
