@@ -32,8 +32,8 @@ Padding rows (queries that may see no key: left padding's first ``pad_b`` querie
 unpatched model computes for them, because transformers' loss includes the last padding position of a left-padded
 batch (its logits predict the first real token): with a bool mask (sdpa) PyTorch's SDPA gives 0 for the word part,
 as the fused op does; with an additive mask (eager) every key gets the same score ``s + min(dtype) == min(dtype)``,
-so the softmax is uniform and the word part is the mean of the row's values over all ``Sk`` keys, which
-:meth:`BatchLayout.attention` adds. The prefix is never masked (DESIGN.md §1): the prompt is not a position of the
+so the softmax is uniform and the word part is the mean of the row's values over all ``Sk`` keys, with the
+gradient of a softmax at the uniform point, which :meth:`BatchLayout.attention` adds (:func:`_uniform_words`). The prefix is never masked (DESIGN.md §1): the prompt is not a position of the
 sequence.
 """
 from __future__ import annotations
@@ -94,10 +94,22 @@ def _allowed(mask: torch.Tensor) -> tuple[Optional[torch.Tensor], str]:
     return allowed[:, 0], ""
 
 
-def _uniform_words(v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, Hq, D]`` fp32: the word part of a query whose every key is blocked by an additive mask, the mean of the
-    row's values ``v [B, Sk, Hkv, D]`` (all scores equal ``min(dtype)``: a uniform softmax)."""
-    return v.float().mean(dim=1).repeat_interleave(heads // v.shape[2], dim=1)
+def _uniform_words(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[B, Sq', Hq, D]`` fp32: the word part of queries ``q [B, Sq', Hq, D]`` whose every key of
+    ``k, v [B, Sk, Hkv, D]`` is blocked by an additive mask, as eager attention computes it.
+
+    Every score is ``s + min(dtype) == min(dtype)``: the softmax is uniform and the output the mean of the values.
+    Its gradient is that of the softmax at the uniform point (the mask is a constant, so autograd sends
+    ``p (dp - Σ p dp)`` on to the scores, hence to q and k): ``softmax(s - s.detach())`` is exactly that, so when a
+    gradient is needed the scores of these queries are formed (``[B, Hq, Sq', Sk]``, padding queries only).
+    """
+    heads, group = q.shape[2], q.shape[2] // v.shape[2]
+    vh = v.float().repeat_interleave(group, dim=2)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return vh.mean(dim=1, keepdim=True).expand(-1, q.shape[1], heads, -1)
+    kh = k.float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kh) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores - scores.detach(), dim=-1), vh)
 
 
 def _causal(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
@@ -123,8 +135,8 @@ class BatchLayout:
         seqlen_q, seqlen_k: the query length and the number of keys this layout was made for.
         mask: the explicit mask ``[B, 1 or H, Sq, Sk]`` (``"masked"`` only).
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: the main varlen call (``"left"``, ``"right"``).
-        blind: bool ``[B, Sq, 1, 1]``, the queries that see no key (``"left"``), when their word part is the
-            uniform mean of the row's values (an additive mask); None when it is 0.
+        blind: bool ``[B, n, 1, 1]``: which of the first n queries see no key (``"left"``), when their word part
+            is the uniform mean of the row's values (an additive mask, :func:`_uniform_words`); None when it is 0.
         pad_rows: int64 ``[n_pad]`` indices into the flattened ``[B·Sq]`` queries of the padding queries
             (``"right"``), and ``pad_cu_seqlens_q``, ``pad_max_seqlen_q`` of their non-causal call over the real
             keys (its key offsets are ``cu_seqlens_k``).
@@ -180,8 +192,11 @@ class BatchLayout:
             out = out.index_copy(0, self.pad_rows, pad_out)
         out = out.view(batch, seqlen_q, heads, dim)
         if self.blind is not None:
-            # The eager softmax of a fully blocked row is uniform over the row's Sk keys (module docstring).
-            out = out + (self.blind * _uniform_words(v, heads)[:, None]).to(out.dtype)
+            # The eager softmax of a fully blocked row is uniform over the row's Sk keys (module docstring); those
+            # rows are among the first blind.shape[1] queries.
+            rows = self.blind.shape[1]
+            fix = self.blind * _uniform_words(q[:, :rows], k, v, softmax_scale)
+            out = out + F.pad(fix, (0, 0, 0, 0, 0, seqlen_q - rows)).to(out.dtype)
         return out
 
 
@@ -237,7 +252,8 @@ def _read_layout(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> BatchLayou
         if mask.dtype != torch.bool:
             rows = torch.arange(seqlen_q, device=device)[None, :]
             blind_rows = rows + (seqlen_k - seqlen_q) < pads[:, None]  # [B, Sq]: queries that see no key
-            blind = blind_rows[:, :, None, None] if bool(blind_rows.any()) else None
+            count = int(blind_rows.sum(-1).max())  # they are the first ones of their row
+            blind = blind_rows[:, :count, None, None] if count else None
         return BatchLayout("left", seqlen_q, seqlen_k,
                            cu_seqlens_q=_offsets(torch.zeros_like(pads), ends),
                            cu_seqlens_k=_offsets(pads, seqlen_k - pads), max_seqlen_q=seqlen_q,
@@ -288,7 +304,7 @@ def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         blind = ~allowed.any(dim=-1, keepdim=True) if mask.dtype != torch.bool else None  # [B, 1 or H, Sq, 1]
     words = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=softmax_scale, enable_gqa=True)
     if blind is not None and bool(blind.any()):
-        words = words + (blind * _uniform_words(v, q.shape[2])[:, :, None]).to(words.dtype)
+        words = words + (blind * _uniform_words(q, k, v, softmax_scale).transpose(1, 2)).to(words.dtype)
     prefix = sdpa_composition(q, k[:, :0], v[:, :0], prefix_k, prefix_v, gate.float().reshape(1, -1), False,
                               softmax_scale, gate_activation == "tanh")
     return words.transpose(1, 2) + prefix
