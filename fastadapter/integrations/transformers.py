@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..model.adapter import AdapterConfig
-from ..model.adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
-from ..model.adapter_formats import detect_adapter_format, read_foreign_adapter
+from ..model.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
+from ..model.adapter_file import base_model_fingerprint
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
@@ -186,17 +184,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     The file loads into fastadapter's LLaMA (``fastadapter.load_adapter``) built from the same weights, and into
     this model with :func:`load_adapter`.
     """
-    adapters = adapted_layers(model)
-    if not adapters:
-        raise ValueError(f"{type(model).__name__} has no adapter to save: call apply_adapter first")
-    first = next(iter(adapters.values())).adapter
-    config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
-                           gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
-    tensors = {}
-    for i, attn in adapters.items():
-        tensors[f"layers.{i}.adapter_prompt"] = attn.adapter.prompt
-        tensors[f"layers.{i}.adapter_gate"] = attn.adapter.gate
-    write_adapter_file(path, tensors, config.to_dict(len(_decoder_layers(model))), _base_model_description(model))
+    adapters = {i: attn.adapter for i, attn in adapted_layers(model).items()}
+    write_adapter(path, adapters, _base_model_description(model), what=type(model).__name__)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> nn.Module:
@@ -212,54 +201,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Opt
         AdapterFileError: an unreadable file, or one made for another base model (dimensions or fingerprint),
             naming the file and the mismatch.
     """
-    path = os.fspath(path)
-    format = format or detect_adapter_format(path)
-    dims = _model_dims(model)
-    if format == "fastadapter":
-        tensors, meta = read_adapter_file(path)
-        _check_base_model(model, path, meta["base_model"])
-        config_dict = meta["config"]
-    else:
-        # The foreign readers only need the model's dimensions.
-        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**dims))
-    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
-                           gate_activation=config_dict["gate_activation"],
-                           gate_per_head=config_dict["gate_per_head"])
-    _check_fits(path, config, tensors, dims)
+    config, tensors, _ = read_adapter(path, _base_model_description(model), format=format,
+                                      what=type(model).__name__)
     apply_adapter(model, config.prompt_len, list(config.layers), config.gate_activation,
                   gate_per_head=config.gate_per_head)
-    with torch.no_grad():
-        for i, attn in adapted_layers(model).items():
-            attn.adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
-            attn.adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    copy_adapter_tensors({i: attn.adapter for i, attn in adapted_layers(model).items()}, tensors)
     return model
-
-
-def _check_base_model(model: nn.Module, path: str, base_model: dict) -> None:
-    """Raise :class:`AdapterFileError` when the file was made for another base model than ``model``."""
-    mine = _base_model_description(model)
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        if int(base_model[key]) != mine[key]:
-            raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
-                                   f"but {type(model).__name__} has {key}={mine[key]}")
-    if base_model["fingerprint"] != mine["fingerprint"]:
-        raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
-                               f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
-                               f"{mine['fingerprint'][:12]}…)")
-
-
-def _check_fits(path: str, config: AdapterConfig, tensors: dict, dims: dict) -> None:
-    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs."""
-    try:
-        indices = config.layer_indices(dims["n_layers"])
-    except ValueError as exc:
-        raise AdapterFileError(f"{path}: {exc}") from exc
-    gate_numel = dims["n_heads"] if config.gate_per_head else 1
-    for i in indices:
-        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, dims["dim"])),
-                            (f"layers.{i}.adapter_gate", (gate_numel,))):
-            if name not in tensors:
-                raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
-            if tuple(tensors[name].shape) != shape:
-                raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, the model "
-                                       f"needs {list(shape)}")
