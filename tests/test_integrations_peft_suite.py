@@ -10,9 +10,13 @@ mirror; ``git show <ref>:tests/test_adaption_prompt.py`` with ``<ref>`` the tag 
 * wraps ``peft.get_peft_model`` and ``PeftModel.from_pretrained`` so that every model they return goes through
   :func:`fastadapter.integrations.peft.accelerate` (adapters its tests add later are fused by accelerate itself).
 
-Expected outcome, checked from the run's JUnit report: every Llama and Mistral test passes; every GPT-2 test fails
-with accelerate's refusal of ``AdaptedAttentionGPT`` (PEFT adds GPT-2's prefix after ``c_proj``: see the README).
-Slow: one pytest run of ~48 tests in a subprocess.
+Expected outcome, checked from the run's JUnit report: every GPT-2 test fails with accelerate's refusal of
+``AdaptedAttentionGPT`` (PEFT adds GPT-2's prefix after ``c_proj``: see the README); every Llama and Mistral test
+passes, or fails exactly as it fails with PEFT's own code (rerun without accelerate). The stored peft mirror has no
+v0.21.2 tag (its newest is 0.20.1.dev0, where the file last changed in October 2025); there
+``test_sequence_adapter_ops`` and ``test_add_and_set_while_disabled`` expect ``add_adapter`` to activate the new
+adapter, which peft 0.21 no longer does ("adding an adapter must not change which adapter is active"), so they
+fail with PEFT alone too. Slow: one pytest run of 36 tests in a subprocess, and the rerun of those that failed.
 """
 import os
 import pathlib
@@ -27,6 +31,8 @@ PEFT_REPO = os.environ.get("FASTADAPTER_PEFT_REPO", "/work/.mirror/huggingface+p
 PEFT_FILE = "tests/test_adaption_prompt.py"
 
 CONFTEST = '''
+import os
+
 import torch
 import transformers
 import peft
@@ -63,9 +69,14 @@ _real_from_pretrained = PeftModel.from_pretrained.__func__
 
 
 def _accelerated(model):
+    if PLAIN:
+        return model
     accelerate(model)
     assert any(isinstance(m, FusedAdaptedAttention) for m in model.modules()), "accelerate fused nothing"
     return model
+
+
+PLAIN = os.environ.get("FASTADAPTER_PEFT_SUITE_PLAIN") == "1"  # the baseline run: PEFT's own code
 
 
 def get_peft_model(*args, **kwargs):
@@ -98,17 +109,17 @@ def _peft_test_file() -> str:
     raise FileNotFoundError(f"cannot read {PEFT_FILE} from {PEFT_REPO}: {'; '.join(errors)}")
 
 
-@pytest.mark.slow
-def test_peft_adaption_prompt_suite_passes_accelerated(tmp_path):
-    (tmp_path / "test_adaption_prompt.py").write_text(_peft_test_file())
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    report = tmp_path / "report.xml"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path / "test_adaption_prompt.py"), "-q",
-                          "-p", "no:cacheprovider", f"--junitxml={report}", "--rootdir", str(tmp_path)],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert report.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+def _run_suite(folder: pathlib.Path, selection: list[str], *, plain: bool) -> tuple[dict, str]:
+    """``({test name: "passed" | "skipped" | failure message}, output)`` of one pytest run in ``folder``."""
+    report = folder / ("plain.xml" if plain else "accelerated.xml")
+    env = {**os.environ, "FASTADAPTER_PEFT_SUITE_PLAIN": "1" if plain else "0",
+           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
+                          f"--junitxml={report}", "--rootdir", str(folder)],
+                         capture_output=True, text=True, cwd=folder, env=env, timeout=900)
+    output = run.stdout[-4000:] + run.stderr[-2000:]
+    assert report.exists(), output
     outcomes = {}
     for case in ElementTree.parse(report).iter("testcase"):
         failure = case.find("failure")
@@ -116,10 +127,26 @@ def test_peft_adaption_prompt_suite_passes_accelerated(tmp_path):
             failure = case.find("error")
         skipped = case.find("skipped") is not None
         outcomes[case.get("name")] = ("skipped" if skipped else "passed" if failure is None
-                                      else failure.get("message", ""))
-    assert len(outcomes) >= 40, run.stdout[-3000:]
+                                      else failure.get("message", "").splitlines()[0])
+    return outcomes, output
+
+
+@pytest.mark.slow
+def test_peft_adaption_prompt_suite_passes_accelerated(tmp_path):
+    (tmp_path / "test_adaption_prompt.py").write_text(_peft_test_file())
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    outcomes, output = _run_suite(tmp_path, ["test_adaption_prompt.py"], plain=False)
+    assert len(outcomes) >= 30, output
+    failed = []
     for name, outcome in outcomes.items():
         if "gpt2" in name:
             assert "AdaptedAttentionGPT cannot be accelerated" in outcome, (name, outcome)
-        else:
-            assert outcome == "passed", (name, outcome, run.stdout[-4000:])
+        elif outcome not in ("passed", "skipped"):
+            failed.append(name)
+    assert sum(outcome == "passed" for outcome in outcomes.values()) >= 15, output
+    if failed:
+        plain, output = _run_suite(tmp_path, [f"test_adaption_prompt.py::TestAdaptionPrompt::{n}" for n in failed],
+                                   plain=True)
+        for name in failed:
+            assert plain[name] == outcomes[name], (name, "fails accelerated but not (or otherwise) with PEFT alone",
+                                                   outcomes[name], plain[name], output)
