@@ -252,3 +252,20 @@ def test_adapters_added_or_loaded_after_accelerate_run_the_fused_op(tmp_path):
     accelerated.add_adapter("fourth", config)
     accelerated.set_adapter("fourth")
     assert [type(m) for m in _adapted_modules(accelerated)] == [AdaptedAttention]
+
+
+@pytest.mark.slow
+def test_generation_benchmark_checks_the_tokens_and_names_the_backend():
+    """bench_peft_accelerate's generate() rows: both providers generated the same tokens (else it refuses to time),
+    prefill and per-token rows for each, and the backend the op chose."""
+    from fastadapter.benchmarks.bench_peft_accelerate import StepConfig, left_padded_prompts, run_generation
+    config = StepConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, batch=1, seqlen=20,
+                        vocab_size=97, prompt_len=3)
+    prompts = left_padded_prompts(config, "cpu")
+    assert prompts["attention_mask"].sum(-1).tolist() == [5, 7, 9, 11, 13, 15, 17, 20]
+    rows = run_generation(config, "cpu", new_tokens=3, warmup=0, repeats=1, log=lambda line: None)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, provider) for provider in ("peft", "peft+fastadapter") for mode in ("prefill", "decode_per_token")]
+    assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert {r["backend"] for r in rows if r["provider"] == "peft+fastadapter"} <= {"triton", "cpu", "sdpa",
+                                                                                 "reference"}
