@@ -14,8 +14,9 @@ layer's own ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (same objects, same stat
   attention of the adapted layers changes, and ``remove_adapter`` puts the original modules back.
 
 Masks: with no padding the layer receives no mask (sdpa) or exactly the causal one (eager) and runs the fused
-causal path; left/right padding, packed sequences and sliding windows run an exact masked composition (see
-:mod:`._attention_mask`).
+causal path; a left- or right-padded batch is read once per forward into ragged offsets and runs the fused op in
+one varlen call per layer (two for right padding); packed sequences and sliding windows that cut run an exact
+masked composition (see :mod:`._attention_mask`).
 
 Adapter files are fastadapter's (``fastadapter.model.adapter_file``): an adapter trained on a Hugging Face model
 loads into fastadapter's thin LLaMA built from the same weights, and back (same base-model fingerprint).
@@ -130,8 +131,9 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
     the base model computes. Lower layers are untouched. Replaces an adapter applied before.
 
     Args:
-        model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (or their base models), or any
-            model whose attention class follows the Llama pattern (see :mod:`._llama_pattern`).
+        model: a causal LM (or its base model) whose attention class is on the allowlist of
+            :mod:`._llama_pattern`: Llama, Mistral, Qwen2, Qwen3, Gemma2 (without logit soft-capping), Gemma3, Olmo,
+            SmolLM3.
         prompt_len: P, prompt tokens per adapted layer.
         layers: the number of top layers to adapt, or an explicit list of layer indices. A number larger than
             the model's layer count adapts every layer, with a note logged on the ``fastadapter`` logger (as
@@ -144,7 +146,8 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
 
     Raises:
         UnsupportedVersionError: a transformers older than the supported ones (a newer one only warns).
-        UnsupportedAttentionError: an attention class that is not of the Llama pattern (names it).
+        UnsupportedAttentionError: an attention class that is not on the allowlist, or a feature of it that the
+            fused op cannot compute (logit soft-capping, fused qkv, bidirectional attention): names both.
         ValueError: bad ``prompt_len`` / ``gate_activation``, ``layers`` not positive, or a list of ``layers``
             naming a layer the model does not have.
     """
