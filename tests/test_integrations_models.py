@@ -180,7 +180,7 @@ def test_zero_gates_equal_the_base_model(family):
     torch.testing.assert_close(model(tokens[:1]).logits, plain, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "gemma2")])  # those two: below
 def test_nonzero_gates_equal_the_reference_on_a_left_padded_batch(family):
     check_against_reference(*adapted_pair(family), "left")
 
