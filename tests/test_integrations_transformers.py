@@ -209,6 +209,10 @@ def test_layout_is_read_once_per_forward(monkeypatch):
     mask = (torch.arange(9)[None] >= torch.tensor([[2], [0], [5]])).long()
     model(random_tokens(3, 9), attention_mask=mask)
     assert reads == [(9, 9)]
+    causal = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    assert batch_layout(causal, 4, 4) is batch_layout(causal, 4, 4)  # kept on the tensor
+    causal[..., 3, 0] = False  # changed in place: read again
+    assert batch_layout(causal, 4, 4).kind == "masked"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

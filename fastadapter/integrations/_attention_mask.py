@@ -215,16 +215,18 @@ def batch_layout(attention_mask, seqlen_q: int, seqlen_k: int) -> BatchLayout:
     """
     if attention_mask is None:
         return BatchLayout("causal", seqlen_q, seqlen_k)
+    # The key includes the tensor's version counter: a mask changed in place is read again.
+    key = (seqlen_q, seqlen_k, getattr(attention_mask, "_version", 0))
     cache = getattr(attention_mask, _CACHE_ATTRIBUTE, None)
-    if cache is not None and (seqlen_q, seqlen_k) in cache:
-        return cache[seqlen_q, seqlen_k]
+    if cache is not None and key in cache:
+        return cache[key]
     layout = _read_layout(_check_mask(attention_mask, seqlen_q, seqlen_k), seqlen_q, seqlen_k)
     if layout.kind == "masked":
         return layout  # not kept: it holds the mask, which would then keep itself alive
     if cache is None:
         cache = {}
         setattr(attention_mask, _CACHE_ATTRIBUTE, cache)
-    cache[seqlen_q, seqlen_k] = layout
+    cache[key] = layout
     return layout
 
 
