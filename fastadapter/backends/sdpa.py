@@ -100,12 +100,14 @@ class SdpaBackend(Backend):
         outs = []
         for i in range(len(bounds_q) - 1):
             q_lo, q_hi = bounds_q[i], bounds_q[i + 1]
+            if q_hi == q_lo:  # a sequence of keys only (e.g. a row's left padding): nothing to compute
+                continue
             k_lo, k_hi = bounds_k[i], bounds_k[i + 1] if used is None else bounds_k[i] + used[i]
             pick = (lambda t: t[i:i + 1] if t.shape[0] > 1 else t)
             outs.append(sdpa_composition(inp.q[None, q_lo:q_hi], inp.k[None, k_lo:k_hi], inp.v[None, k_lo:k_hi],
                                          pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate), *args)[0])
         tail = inp.q.shape[0] - bounds_q[-1]  # tokens after the last sequence belong to none: 0
-        outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
+        outs.append(inp.q.new_zeros((tail,) + inp.q.shape[1:]) + inp.q[:0].sum())
         return torch.cat(outs, dim=0)
 
 
