@@ -17,8 +17,8 @@ TEMPLATES = ("alpaca", "none")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
-    parser.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: "
-                                            "tokenizer.model in the model's folder)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
+                         "tokenizer.bin (default: the first of these in the model's folder)")
     parser.add_argument("--adapter", help="adapter file or PEFT folder (fastadapter, LLaMA-Adapter v1, PEFT, litgpt)")
     parser.add_argument("--prompt", required=True,
                         help="the text to continue; with --template alpaca, the instruction")
@@ -36,12 +36,8 @@ def add_arguments(parser) -> None:
 
 
 def _default_tokenizer(model_path: str) -> str:
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    for name in ("tokenizer.model", "tokenizer.bin"):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+    from ..model.tokenizer import find_tokenizer
+    return find_tokenizer(model_path)
 
 
 def prompt_text(prompt: str, template: str | None, input: str = "") -> str:

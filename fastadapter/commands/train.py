@@ -27,8 +27,8 @@ PAPER_ADAPTER_LAYERS = 30
 def add_arguments(parser) -> None:
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
-    io.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: tokenizer.model "
-                                        "or tokenizer.bin in the model's folder)")
+    io.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
+                         "tokenizer.bin (default: the first of these in the model's folder)")
     io.add_argument("--data", required=True, help="Alpaca-format .json (array) or .jsonl: instruction, input, output")
     io.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, adapter.safetensors")
     io.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
@@ -80,12 +80,8 @@ def add_arguments(parser) -> None:
 
 
 def _default_tokenizer(model_path: str) -> str:
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    for name in ("tokenizer.model", "tokenizer.bin"):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+    from ..model.tokenizer import find_tokenizer
+    return find_tokenizer(model_path)
 
 
 #: The largest --seed: torch's generators take 64-bit seeds.
