@@ -68,10 +68,9 @@ def test_sharegpt_rows_and_errors():
 
 def test_template_that_looks_ahead_is_refused(chat_folder):
     tokenizer = load_tokenizer(chat_folder)
-    # Writes a footer only once the conversation is complete: a prefix is not the start of the whole.
-    odd = ChatTemplate("{% for m in messages %}{{ m.content }}|{% endfor %}{% if messages|length > 1 %}!"
-                       "{% endif %}", {})
-    with pytest.raises(ValueError, match="renders the conversation up to turn 1 differently"):
+    # Writes the number of turns first: the rendering of a prefix is not the start of the whole.
+    odd = ChatTemplate("{{ messages|length }}:{% for m in messages %}{{ m.content }}|{% endfor %}", {})
+    with pytest.raises(ValueError, match="renders the conversation up to turn 1 differently from the whole"):
         tokenize_conversation(row_messages(CHAT_ROWS[0]), tokenizer, odd, max_seq_len=64)
 
 
