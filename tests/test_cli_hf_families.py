@@ -70,6 +70,7 @@ def test_mistral_chat_train_resume_generate_export_to_peft(mistral_folder, tmp_p
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qwen2_folder_trains_from_the_cli_on_chat_rows(shared_data, tmp_path, capsys):
     folder = write_chat_tokenizer(shared_data, tmp_path / "qwen2")
     save_tiny_model(folder, "qwen2")

@@ -106,7 +106,8 @@ def run(args) -> int:
               "--template alpaca (or chat)", file=sys.stderr)
     model = load_model(args.model, dtype=dtype)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        from ..model.adapter_v2 import is_v2_file, load_adapter_v2
+        (load_adapter_v2 if is_v2_file(args.adapter) else load_adapter)(model, args.adapter)
     model.to(device)
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)

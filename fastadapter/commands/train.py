@@ -78,6 +78,9 @@ def add_arguments(parser) -> None:
     optim.add_argument("--seed", type=int, default=0, help="seed of the adapter initialisation, split and shuffling")
 
     adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--adapter", choices=("v1", "v2"), default="v1",
+                         help="v1: prompts and zero-init gates (LLaMA-Adapter); v2: also bias and scale of every "
+                              "linear layer and the norms (LLaMA-Adapter V2, arXiv 2304.15010)")
     adapter.add_argument("--prompt-len", type=int, default=10, help="learnable prompt tokens per adapted layer")
     adapter.add_argument("--adapter-layers", type=int, default=PAPER_ADAPTER_LAYERS,
                          help="adapt the top N layers; N is clamped to the model's layer count (default 30, the "
@@ -225,11 +228,17 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
         raise ValueError(f"--adapter-layers must be positive, got {args.adapter_layers}")
     adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation,
                                    gate_per_head=args.gate_shape == "head")
-    add_adapter(model, adapter_config)
+    if args.adapter == "v2":
+        from ..model.adapter_v2 import add_adapter_v2, save_adapter_v2
+        add_adapter_v2(model, adapter_config)
+        save_fn = save_adapter_v2  # the run's final adapter file is a V2 file
+    else:
+        add_adapter(model, adapter_config)
+        save_fn = save_adapter
     model.to(context.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
-        f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
+    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter {args.adapter}: top {layers} "
+        f"layers, prompt {args.prompt_len}, {trainable:,} trainable parameters")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
     if args.batch_tokens < max_seq_len:
@@ -263,7 +272,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
                                       "prompt_len": args.prompt_len,
                                       "adapter_layers": adapter_config.layer_indices(n_layers),
-                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape,
+                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape, "adapter": args.adapter,
                                       "template": args.template})
     hooks = _run_hooks(args, context, tokenizer, chat_template)
     closers = hooks.pop("_close")
@@ -271,7 +280,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
         say(f"resuming from {resume}")
     try:
         result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
-                       save_adapter_fn=save_adapter, run_folder=folder, **hooks)
+                       save_adapter_fn=save_fn, run_folder=folder, **hooks)
     finally:
         for close in closers:
             close()

@@ -38,13 +38,14 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+    from .adapter_v2 import is_v2_file
+    if is_v2_file(adapter_path):
+        raise AdapterFileError(f"{adapter_path}: a LLaMA-Adapter V2 adapter (bias, scale and norms of every layer); "
+                               f"PEFT, litgpt and v1 have no place for those: export a --adapter v1 run")
     tensors, meta = read_adapter_file(adapter_path)
     config, base = meta["config"], meta["base_model"]
     layers, n_layers, n_heads = list(config["layers"]), int(base["n_layers"]), int(base["n_heads"])
     activation, per_head = config["gate_activation"], bool(config["gate_per_head"])
-    if extra := sorted(k for k in tensors if not k.endswith(("adapter_prompt", "adapter_gate"))):
-        raise AdapterFileError(f"{adapter_path}: holds tensors {extra[:3]} that {to} has no place for (a "
-                               f"LLaMA-Adapter V2 adapter exports only to fastadapter's own format)")
     top = list(range(n_layers - len(layers), n_layers))
     if layers != top and to in ("peft", "v1"):
         raise AdapterFileError(f"{adapter_path}: adapts layers {layers}, but {to} adapts the top layers only "
