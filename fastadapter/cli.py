@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command_parser = parser._subparsers._group_actions[0].choices[selected]
         if any(a.dest == "config" for a in command_parser._actions):  # --config run.yaml: its flags first
-            from .training.config_file import with_config
+            from .commands._config_file import with_config
             argv = [selected] + with_config(command_parser, argv[1:])
         args = parser.parse_args(argv)
         return int(module.run(args) or 0)

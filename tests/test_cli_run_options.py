@@ -8,7 +8,7 @@ import torch
 from fastadapter.cli import build_parser, main
 from fastadapter.model.adapter import AdapterConfig, add_adapter, load_adapter, save_adapter
 from fastadapter.model.checkpoints import load_model
-from fastadapter.training.config_file import config_words, with_config
+from fastadapter.commands._config_file import config_words, with_config
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(24)]
 

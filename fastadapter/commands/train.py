@@ -7,7 +7,7 @@ Examples are formatted with the Alpaca template (:mod:`fastadapter.training.prom
 for conversation rows (``messages`` or ShareGPT ``conversations``), with the tokenizer's own chat template and the
 loss on the assistant turns (:mod:`fastadapter.training.chat`, ``--template chat``); prompt the trained adapter
 the same way with ``fastadapter generate --template alpaca|chat``. ``--config run.yaml`` holds any of the flags
-(:mod:`fastadapter.training.config_file`; flags on the command line override it).
+(:mod:`fastadapter.commands._config_file`; flags on the command line override it).
 
 SIGINT and SIGTERM: from the resume and the step-0 evaluation on, a signal makes the run finish its current step
 (or evaluation row), save a checkpoint — at step 0 if no step was taken — and exit with status 128 + the signal.
