@@ -26,6 +26,7 @@ COMMANDS = {
     "plan": "plan",
     "bench": "bench",
     "info": "info",
+    "export": "export",
 }
 
 
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     parser = build_parser(selected)
-    args = parser.parse_args(argv)
     module = importlib.import_module(f"fastadapter.commands.{COMMANDS[selected]}")
     try:
+        command_parser = parser._subparsers._group_actions[0].choices[selected]
+        if any(a.dest == "config" for a in command_parser._actions):  # --config run.yaml: its flags first
+            from .commands._config_file import with_config
+            argv = [selected] + with_config(command_parser, argv[1:])
+        args = parser.parse_args(argv)
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("fastadapter: interrupted", file=sys.stderr)

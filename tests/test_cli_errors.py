@@ -123,6 +123,10 @@ TRAIN_SETTINGS = [
     (["--device", "tpu"], "--device 'tpu' is not a device; expected cpu, cuda or cuda:N"),  # a traceback
     (["--device", "meta"], "--device 'meta': fastadapter runs on cpu or cuda[:N], not meta"),
     (["--overwrite", "--resume"], "--overwrite starts a new run; it cannot be combined with --resume"),
+    (["--chat-template", "t.jinja"], "--chat-template is the template of --template chat; add --template chat"),
+    (["--template", "chat", "--chat-template", "missing.jinja"], "--chat-template file not found: missing.jinja"),
+    (["--eval-prompts", "missing.txt"], "--eval-prompts file not found: missing.txt"),
+    (["--eval-max-new-tokens", "0"], "--eval-max-new-tokens must be positive, got 0"),
 ]
 
 
@@ -533,3 +537,11 @@ def test_a_diverging_run_is_an_error_and_writes_no_adapter(shared_data, tmp_path
     assert not (out / "adapter.safetensors").exists()
     for _, path in list_checkpoints(out / "checkpoints"):  # whatever was saved before is finite
         assert all(bool(t.isfinite().all()) for t in load_checkpoint(path)["adapter"].values())
+
+
+def test_chat_template_with_a_sentencepiece_tokenizer(shared_data, tmp_path, capsys):
+    data = tmp_path / "chat.json"
+    data.write_text('[{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]')
+    command = ["train", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+               "--data", str(data), "--out", str(tmp_path / "run"), "--template", "chat", "--no-progress"]
+    assert "--template chat needs a Hugging Face tokenizer.json" in error_of(capsys, command)

@@ -298,3 +298,56 @@ def test_all_finite_checks_every_slice():
     assert not all_finite(weight, chunk_elements=10)
     assert not all_finite(weight.t(), chunk_elements=10)  # non-contiguous
     assert all_finite(torch.zeros(0, 4)) and all_finite(torch.arange(5))
+
+
+def _hf_family_model(family: str, **overrides):
+    """A tiny random Hugging Face model of ``family`` (head dim 10, GQA, vocab 97)."""
+    import transformers
+    config_class, model_class = {"mistral": ("MistralConfig", "MistralForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    kwargs = dict(hidden_size=80, intermediate_size=72, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=97, max_position_embeddings=512)
+    config = getattr(transformers, config_class)(**{**kwargs, **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # random biases: zero biases would not show a loader that drops or misplaces them
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family, overrides, max_seq_len", [
+    ("mistral", dict(sliding_window=None), 512),
+    ("mistral", dict(sliding_window=300), 300),  # the window caps max_seq_len: runs within it are exact
+    ("qwen2", dict(tie_word_embeddings=True), 512),  # q/k/v biases, tied output as Qwen2-0.5B
+    ("qwen2", dict(use_sliding_window=True, sliding_window=256, max_window_layers=0), 256),
+], ids=["mistral", "mistral-window", "qwen2-tied", "qwen2-window"])
+def test_hf_families_give_transformers_logits(tmp_path, family, overrides, max_seq_len):
+    hf = _hf_family_model(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.qkv_bias == (family == "qwen2")
+    assert model.config.max_seq_len == max_seq_len
+    tokens = torch.randint(0, 97, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_unknown_family_names_the_supported_ones(tmp_path):
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
+    with pytest.raises(CheckpointError, match="model_type is 'gemma2'; fastadapter loads llama, mistral, qwen2"):
+        load_model(tmp_path)
+
+
+def test_qwen2_missing_bias_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _hf_family_model("qwen2").save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.1.attention.wk.bias' is missing \(expected shape "
+                                              r"\[40\]\)"):
+        load_model(tmp_path)

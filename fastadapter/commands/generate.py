@@ -12,19 +12,20 @@ import sys
 
 HELP = "continue a prompt with a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder), optionally adapted"
 
-TEMPLATES = ("alpaca", "none")
+TEMPLATES = ("alpaca", "chat", "none")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
-    parser.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: "
-                                            "tokenizer.model in the model's folder)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
+                         "tokenizer.bin (default: the first of these in the model's folder)")
     parser.add_argument("--adapter", help="adapter file or PEFT folder (fastadapter, LLaMA-Adapter v1, PEFT, litgpt)")
     parser.add_argument("--prompt", required=True,
                         help="the text to continue; with --template alpaca, the instruction")
     parser.add_argument("--template", choices=TEMPLATES, default=None,
                         help="alpaca: wrap --prompt (and --input) in the Alpaca template that `fastadapter train` "
                              "trains on and print the response — use it with adapters made by `fastadapter train`; "
+                             "chat: --prompt as a user turn in the tokenizer's chat template (train --template chat); "
                              "none (default): the prompt as it is, as a base model continues text (a note on "
                              "stderr recalls this option when --adapter is given without --template)")
     parser.add_argument("--input", default="",
@@ -33,15 +34,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    from ._device import add_device_arguments
+    add_device_arguments(parser)
 
 
 def _default_tokenizer(model_path: str) -> str:
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    for name in ("tokenizer.model", "tokenizer.bin"):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+    from ..model.tokenizer import find_tokenizer
+    return find_tokenizer(model_path)
 
 
 def prompt_text(prompt: str, template: str | None, input: str = "") -> str:
@@ -92,20 +91,42 @@ def run(args) -> int:
     from ..model.generation import generate
     from ..model.tokenizer import check_vocabulary, load_tokenizer
 
-    text = prompt_text(args.prompt, args.template, args.input)
+    from ._device import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.template == "chat":
+        text = None
+        if args.input:
+            raise ValueError("--input is the Alpaca input field: it needs --template alpaca")
+    else:
+        text = prompt_text(args.prompt, args.template, args.input)
     if args.adapter and args.template is None:
         print("note: the prompt is fed as it is; an adapter trained by `fastadapter train` expects "
-              "--template alpaca", file=sys.stderr)
-    model = load_model(args.model)
+              "--template alpaca (or chat)", file=sys.stderr)
+    model = load_model(args.model, dtype=dtype)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        from ..model.adapter_v2 import is_v2_file, load_adapter_v2
+        (load_adapter_v2 if is_v2_file(args.adapter) else load_adapter)(model, args.adapter)
+    model.to(device)
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
-    prompt = tokenizer.encode(text, bos=True)
-    generator = torch.Generator().manual_seed(args.seed)
+    if text is None:
+        from ..training.chat import chat_template_of
+        text = chat_template_of(tokenizer).render([{"role": "user", "content": args.prompt}],
+                                                  add_generation_prompt=True)
+        prompt = tokenizer.encode(text, bos=False)  # the template writes BOS when the model wants one
+    else:
+        prompt = tokenizer.encode(text, bos=True)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stops = getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id]
     new_tokens = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator)[0]
+                          top_p=args.top_p, eos_id=stops[0], generator=generator)[0]
+    for position, token in enumerate(new_tokens):  # every stop id ends the answer (Qwen: <|im_end|>, <|endoftext|>)
+        if token in stops:
+            new_tokens = new_tokens[:position]
+            break
     # Decode prompt and continuation together (a word may span both), then print what follows the prompt.
     prompt_decoded = tokenizer.decode(prompt)
     full_text = tokenizer.decode(prompt + new_tokens)

@@ -3,8 +3,11 @@
 Runs on one process, or on several with ``torchrun --nproc-per-node N -m fastadapter.cli train ...`` (data
 parallel: each rank takes its share of every global batch of ``--grad-accum × N`` packed rows).
 
-Examples are formatted with the Alpaca template (:mod:`fastadapter.training.prompt`); prompt the trained
-adapter the same way with ``fastadapter generate --template alpaca``.
+Examples are formatted with the Alpaca template (:mod:`fastadapter.training.prompt`, ``--template alpaca``) or,
+for conversation rows (``messages`` or ShareGPT ``conversations``), with the tokenizer's own chat template and the
+loss on the assistant turns (:mod:`fastadapter.training.chat`, ``--template chat``); prompt the trained adapter
+the same way with ``fastadapter generate --template alpaca|chat``. ``--config run.yaml`` holds any of the flags
+(:mod:`fastadapter.commands._config_file`; flags on the command line override it).
 
 SIGINT and SIGTERM: from the resume and the step-0 evaluation on, a signal makes the run finish its current step
 (or evaluation row), save a checkpoint — at step 0 if no step was taken — and exit with status 128 + the signal.
@@ -18,7 +21,8 @@ import math
 import os
 import shlex
 
-HELP = "fine-tune a LLaMA-Adapter on Alpaca-format JSON/JSONL data (packed sequences, resumable, torchrun-ready)"
+HELP = ("fine-tune a LLaMA-Adapter on Alpaca or chat JSON/JSONL data (packed sequences, resumable, "
+        "torchrun-ready)")
 
 #: The paper adapts the top 30 of LLaMA-7B's 32 layers; a smaller model gets min(30, its layer count).
 PAPER_ADAPTER_LAYERS = 30
@@ -27,9 +31,18 @@ PAPER_ADAPTER_LAYERS = 30
 def add_arguments(parser) -> None:
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
-    io.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: tokenizer.model "
-                                        "or tokenizer.bin in the model's folder)")
-    io.add_argument("--data", required=True, help="Alpaca-format .json (array) or .jsonl: instruction, input, output")
+    io.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
+                         "tokenizer.bin (default: the first of these in the model's folder)")
+    io.add_argument("--config", metavar="RUN.yaml",
+                    help="a YAML mapping of any of these flags (model: DIR, lr: 0.01, ...); flags given on the "
+                         "command line override it")
+    io.add_argument("--data", required=True,
+                    help=".json (array) or .jsonl: Alpaca rows (instruction, input, output) or, with --template "
+                         "chat, conversations (messages with roles, or ShareGPT conversations)")
+    io.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
+                    help="alpaca: the Alpaca prompt, loss on the response; chat: the tokenizer's chat template, "
+                         "loss on the assistant turns (needs a tokenizer.json with a chat template)")
+    io.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the tokenizer's")
     io.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, adapter.safetensors")
     io.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                     help="continue from a checkpoint file or folder; alone: the newest checkpoint in --out")
@@ -57,19 +70,26 @@ def add_arguments(parser) -> None:
     optim.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this fraction of --lr")
     optim.add_argument("--weight-decay", type=float, default=0.02, help="AdamW weight decay of the prompts")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    optim.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="base weights and autocast dtype; adapter parameters stay fp32")
+    optim.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="base weights and autocast dtype; adapter parameters stay fp32 (default auto: bf16 on a "
+                            "GPU of sm_80 or later, else fp32)")
     optim.add_argument("--activation-checkpointing", action="store_true",
                        help="recompute the adapted blocks' activations in backward (less memory, more compute)")
     optim.add_argument("--seed", type=int, default=0, help="seed of the adapter initialisation, split and shuffling")
 
     adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--adapter", choices=("v1", "v2"), default="v1",
+                         help="v1: prompts and zero-init gates (LLaMA-Adapter); v2: also bias and scale of every "
+                              "linear layer and the norms (LLaMA-Adapter V2, arXiv 2304.15010)")
     adapter.add_argument("--prompt-len", type=int, default=10, help="learnable prompt tokens per adapted layer")
     adapter.add_argument("--adapter-layers", type=int, default=PAPER_ADAPTER_LAYERS,
                          help="adapt the top N layers; N is clamped to the model's layer count (default 30, the "
                               "paper's setting for LLaMA-7B: all 5 layers of stories260K)")
     adapter.add_argument("--gate-activation", choices=("tanh", "none"), default="tanh",
                          help="tanh(gate) as the paper's training code, or the raw gate as PEFT/litgpt")
+    adapter.add_argument("--gate-shape", choices=("head", "scalar"), default="head",
+                         help="one gate per query head (the paper) or one per layer (PEFT's and litgpt's layout: "
+                              "use scalar with --gate-activation none to export to them)")
 
     run = parser.add_argument_group("bookkeeping")
     run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
@@ -77,15 +97,17 @@ def add_arguments(parser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     run.add_argument("--device", help="cpu, cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--eval-prompts", metavar="FILE",
+                     help="prompts (one per line, or JSON lines with 'prompt' / 'instruction' / 'messages') "
+                          "generated greedily at every evaluation into OUT/samples.jsonl")
+    run.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per --eval-prompts prompt")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write the metrics as TensorBoard scalars to OUT/tensorboard (needs tensorboard)")
 
 
 def _default_tokenizer(model_path: str) -> str:
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    for name in ("tokenizer.model", "tokenizer.bin"):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
+    from ..model.tokenizer import find_tokenizer
+    return find_tokenizer(model_path)
 
 
 #: The largest --seed: torch's generators take 64-bit seeds.
@@ -133,6 +155,18 @@ def check_settings(args) -> None:
                          f"checkpoints/, adapter.safetensors)")
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+    if args.chat_template is not None and args.template != "chat":
+        raise ValueError("--chat-template is the template of --template chat; add --template chat")
+    for flag, path in (("--chat-template", args.chat_template), ("--eval-prompts", args.eval_prompts)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} file not found: {path}")
+    if args.eval_max_new_tokens <= 0:
+        raise ValueError(f"--eval-max-new-tokens must be positive, got {args.eval_max_new_tokens}")
+    if args.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
 def _load_resumed(path: str) -> dict:
@@ -184,6 +218,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
 
     say = print if context.is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    args.dtype = dtype_name(args.dtype, context.device)
 
     model = load_model(args.model, dtype=DTYPES[args.dtype])
     model.activation_checkpointing = args.activation_checkpointing
@@ -191,12 +226,19 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     layers = min(args.adapter_layers, n_layers)
     if layers <= 0:
         raise ValueError(f"--adapter-layers must be positive, got {args.adapter_layers}")
-    adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation)
-    add_adapter(model, adapter_config)
+    adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation,
+                                   gate_per_head=args.gate_shape == "head")
+    if args.adapter == "v2":
+        from ..model.adapter_v2 import add_adapter_v2, save_adapter_v2
+        add_adapter_v2(model, adapter_config)
+        save_fn = save_adapter_v2  # the run's final adapter file is a V2 file
+    else:
+        add_adapter(model, adapter_config)
+        save_fn = save_adapter
     model.to(context.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
-        f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
+    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter {args.adapter}: top {layers} "
+        f"layers, prompt {args.prompt_len}, {trainable:,} trainable parameters")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
     if args.batch_tokens < max_seq_len:
@@ -205,7 +247,12 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
-    examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row)
+    chat_template = None
+    if args.template == "chat":
+        from ..training.chat import chat_template_of
+        chat_template = chat_template_of(tokenizer, args.chat_template)
+    examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row,
+                                     template=args.template, chat_template=chat_template)
     say(f"data: {args.data}: {report.summary()}")
     train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
     waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
@@ -225,11 +272,18 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
                                       "prompt_len": args.prompt_len,
                                       "adapter_layers": adapter_config.layer_indices(n_layers),
-                                      "gate_activation": args.gate_activation})
+                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape, "adapter": args.adapter,
+                                      "template": args.template})
+    hooks = _run_hooks(args, context, tokenizer, chat_template)
+    closers = hooks.pop("_close")
     if resume:
         say(f"resuming from {resume}")
-    result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
-                   save_adapter_fn=save_adapter, run_folder=folder)
+    try:
+        result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
+                       save_adapter_fn=save_fn, run_folder=folder, **hooks)
+    finally:
+        for close in closers:
+            close()
     if result.interrupted_by is not None:
         say(f"interrupted by signal {result.interrupted_by} at step {result.steps}: checkpoint saved in "
             f"{os.path.join(args.out, 'checkpoints')}; continue with --resume")
@@ -240,5 +294,41 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
         f"{adapter_path}")
     say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
-        f"--adapter {shlex.quote(adapter_path)} --template alpaca --prompt '...'")
+        f"--adapter {shlex.quote(adapter_path)} --template {args.template} --prompt '...'")
     return 0
+
+
+def dtype_name(name: str, device) -> str:
+    """``--dtype`` resolved on ``device`` (``auto``: bf16 on a GPU of sm_80 or later, else fp32) as its name."""
+    import torch
+
+    from ._device import resolve_dtype
+    dtype = resolve_dtype(name, device)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _run_hooks(args, context, tokenizer, chat_template) -> dict:
+    """The trainer's ``eval_hook`` (``--eval-prompts``) and ``metrics_hook`` (``--tensorboard``), rank 0 only;
+    ``_close`` lists what to close at the end."""
+    hooks: dict = {"_close": []}
+    if not context.is_main:
+        return hooks
+    if args.eval_prompts:
+        from ..training.samples import SampleWriter, read_prompts
+        writer = SampleWriter(os.path.join(args.out, "samples.jsonl"), read_prompts(args.eval_prompts),
+                              tokenizer, template=args.template, chat_template=chat_template,
+                              max_new_tokens=args.eval_max_new_tokens)
+        hooks["eval_hook"] = writer
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(os.path.join(args.out, "tensorboard"))
+
+        def metrics_hook(record: dict) -> None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    board.add_scalar(key, value, record["step"])
+            board.flush()
+
+        hooks["metrics_hook"] = metrics_hook
+        hooks["_close"].append(board.close)
+    return hooks

@@ -40,6 +40,7 @@ class LlamaConfig:
         rope_scaling: LLaMA-3.1 frequency scaling, or None.
         max_seq_len: the longest sequence the model was trained for (bounds the KV cache).
         tie_embeddings: the output layer shares the token embedding's weight.
+        qkv_bias: ``wq``/``wk``/``wv`` have biases (Qwen2); ``wo`` and the feed-forward never do.
     """
 
     dim: int
@@ -53,6 +54,7 @@ class LlamaConfig:
     rope_scaling: Optional[Llama3RopeScaling] = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    qkv_bias: bool = False
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):

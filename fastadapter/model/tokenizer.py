@@ -1,6 +1,7 @@
-"""``load_tokenizer``: the tokenizer in a file, whichever of LLaMA's formats it is in.
+"""``load_tokenizer``: the tokenizer in a file, whichever of LLaMA's formats it is in: SentencePiece ``.model``,
+llama2.c ``tokenizer.bin`` or Hugging Face ``tokenizer.json`` (Llama-3, Mistral, Qwen).
 
-Both tokenizers offer ``encode(text, bos=True, eos=False) -> list[int]``, ``decode(ids) -> str``, ``bos_id``,
+Every tokenizer offers ``encode(text, bos=True, eos=False) -> list[int]``, ``decode(ids) -> str``, ``bos_id``,
 ``eos_id`` and ``vocab_size``.
 """
 from __future__ import annotations
@@ -8,33 +9,54 @@ from __future__ import annotations
 import os
 from typing import Union
 
+from .tokenizer_hf import HFTokenizer
 from .tokenizer_llama2c import Llama2cTokenizer
 from .tokenizer_spm import SentencePieceTokenizer
 
-Tokenizer = Union[SentencePieceTokenizer, Llama2cTokenizer]
+Tokenizer = Union[SentencePieceTokenizer, Llama2cTokenizer, HFTokenizer]
+
+#: Tokenizer files looked for in a folder, in this order: a folder with tokenizer.json has its configuration
+#: (special tokens, chat template) beside it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin")
+
+
+def find_tokenizer(model_path: Union[str, os.PathLike]) -> str:
+    """The tokenizer file of the model at ``model_path`` (its folder, or the folder of a ``.bin`` file): the first
+    of :data:`TOKENIZER_FILES` that exists."""
+    model_path = os.fspath(model_path)
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    for name in TOKENIZER_FILES:
+        candidate = os.path.join(folder, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no --tokenizer given and no {', '.join(TOKENIZER_FILES)} in {folder}")
 
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
-    """A SentencePiece ``.model`` or a llama2.c ``tokenizer.bin``; a folder is searched for ``tokenizer.model``.
+    """A SentencePiece ``.model``, a llama2.c ``tokenizer.bin`` or a Hugging Face ``tokenizer.json``; a folder is
+    searched for :data:`TOKENIZER_FILES` in order.
 
-    The format is told by the file's first bytes: a SentencePiece model is a protobuf whose first field is a
-    piece (tag byte ``0x0a``), a llama2.c tokenizer starts with a small little-endian int32.
+    The format is told by the file's first bytes: ``{`` is a tokenizer.json, a SentencePiece model is a protobuf
+    whose first field is a piece (tag byte ``0x0a``), a llama2.c tokenizer starts with a small little-endian int32.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        candidate = os.path.join(path, "tokenizer.model")
-        if not os.path.isfile(candidate):
-            raise FileNotFoundError(f"{path}: no tokenizer.model in this folder")
-        path = candidate
+        found = [os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{path}: no {', '.join(TOKENIZER_FILES)} in this folder")
+        path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head.lstrip()[:1] == b"{":
+        return HFTokenizer(path)
     if head[:1] == b"\x0a":
         return SentencePieceTokenizer(path)
     if len(head) == 4 and 0 < int.from_bytes(head, "little") < 1024:
         return Llama2cTokenizer(path)
-    raise ValueError(f"{path}: neither a SentencePiece .model nor a llama2.c tokenizer.bin")
+    raise ValueError(f"{path}: neither a SentencePiece .model nor a llama2.c tokenizer.bin nor a Hugging Face "
+                     f"tokenizer.json")
 
 
 def check_vocabulary(tokenizer: Tokenizer, model_vocab_size: int, tokenizer_path: str = "the tokenizer",

@@ -126,6 +126,8 @@ def _row_problem(row) -> Optional[str]:
         return f"expected an object with 'instruction', 'input', 'output', got {type(row).__name__}"
     for key in ("instruction", "output"):
         if key not in row:
+            if "messages" in row or "conversations" in row:
+                return f"missing key {key!r}: this is a conversation row; pass --template chat"
             return f"missing key {key!r}"
     for key in ("instruction", "input", "output"):
         if key in row and not isinstance(row[key], str):
@@ -207,12 +209,40 @@ def tokenize_rows(rows: Iterable[dict], tokenizer, max_seq_len: int,
     return examples
 
 
-def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int, *, on_bad_row: str = "skip"
-                  ) -> tuple[list[Example], DataReport]:
-    """:func:`load_rows` then :func:`tokenize_rows`; returns the examples and what happened to the rows."""
+#: The data templates of :func:`load_examples`.
+TEMPLATES = ("alpaca", "chat")
+
+
+def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int, *, on_bad_row: str = "skip",
+                  template: str = "alpaca", chat_template=None) -> tuple[list[Example], DataReport]:
+    """The examples of a data file and what happened to its rows.
+
+    Args:
+        template: ``"alpaca"``: Alpaca rows (:func:`load_rows` then :func:`tokenize_rows`); ``"chat"``:
+            conversation rows rendered with ``chat_template`` (see :mod:`fastadapter.training.chat`).
+        chat_template: a :class:`~fastadapter.training.chat.ChatTemplate`; default: the tokenizer's own.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     report = DataReport()
-    rows = load_rows(path, on_bad_row=on_bad_row, report=report)
-    examples = tokenize_rows(rows, tokenizer, max_seq_len, report, row_numbers=report.kept_rows)
+    if template == "alpaca":
+        rows = load_rows(path, on_bad_row=on_bad_row, report=report)
+        examples = tokenize_rows(rows, tokenizer, max_seq_len, report, row_numbers=report.kept_rows)
+    else:
+        from .chat import chat_template_of, tokenize_chat_rows
+        if on_bad_row not in ON_BAD_ROW_CHOICES:
+            raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW_CHOICES}, got {on_bad_row!r}")
+        chat_template = chat_template or chat_template_of(tokenizer)
+        rows = _read_json_rows(os.fspath(path))
+        if not isinstance(rows, list):
+            raise DataError(f"{os.fspath(path)}: expected a JSON array of rows, got a JSON {type(rows).__name__}")
+        report.rows = len(rows)
+        examples = tokenize_chat_rows(rows, tokenizer, chat_template, max_seq_len, report=report,
+                                      row_numbers=range(len(rows)), on_bad_row=on_bad_row, path=os.fspath(path))
+        report.kept_rows = [e.row for e in examples]
+        if not examples and report.bad_rows and len(report.bad_rows) == len(rows):
+            raise DataError(f"{os.fspath(path)}: none of the {len(rows)} rows is a usable conversation (first "
+                            f"problem, row {report.bad_rows[0][0]}: {report.bad_rows[0][1]})")
     if not examples:
         raise DataError(f"{os.fspath(path)}: no example left after truncation to {max_seq_len} tokens; raise "
                         f"--max-seq-len")

@@ -210,8 +210,13 @@ class Trainer:
     """Runs :class:`TrainConfig` on an adapted model; see :func:`train`."""
 
     def __init__(self, model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
-                 config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None):
+                 config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None,
+                 eval_hook=None, metrics_hook=None):
         self.model, self.config = model, config
+        #: ``eval_hook(model, step, eval_loss)`` after every evaluation (rank 0), e.g. sample generations.
+        self.eval_hook = eval_hook
+        #: ``metrics_hook(record)`` with every metrics record (rank 0), e.g. TensorBoard scalars.
+        self.metrics_hook = metrics_hook
         self.context = context or DistributedContext(device=next(model.parameters()).device)
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         if not self.train_examples:
@@ -436,6 +441,16 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.run_folder is not None:
             self.run_folder.log(record)
+        if self.metrics_hook is not None and self.context.is_main:
+            self.metrics_hook(record)
+
+    def _after_eval(self, eval_loss: Optional[float]) -> None:
+        if self.eval_hook is not None and self.context.is_main:
+            was_training = self.model.training
+            self.model.eval()
+            with self.autocast:
+                self.eval_hook(self.model, self.step, eval_loss)
+            self.model.train(was_training)
 
     def _signalled(self, stop: _StopRequest) -> Optional[int]:
         """The signal that asks this run to stop, when any rank received one (every rank must stop at the same
@@ -489,6 +504,7 @@ class Trainer:
                 if self.step == 0:
                     self._log({"step": 0, "tokens": 0, "lr": self.scheduler.get_last_lr()[0],
                                "eval_loss": eval_loss})
+                    self._after_eval(eval_loss)
                 if self.config.progress and self.context.is_main:
                     from tqdm.auto import tqdm
                     bar = self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
@@ -505,6 +521,8 @@ class Trainer:
                     value = self.evaluate(stop)
                     if value is not None:  # None: no eval examples, or a signal cut the evaluation short
                         eval_loss = record["eval_loss"] = value
+                    if stop.signum is None:
+                        self._after_eval(value)
                 self._log(record)
                 if bar is not None:
                     postfix = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
@@ -538,7 +556,8 @@ def _describe_file(file: dict) -> str:
 
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
-          save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False) -> TrainResult:
+          save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False,
+          eval_hook=None, metrics_hook=None) -> TrainResult:
     """Fine-tune the adapter of ``model`` (already given one by :func:`fastadapter.add_adapter`).
 
     Args:
@@ -552,6 +571,9 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         run_folder: ``config.out`` already opened (and locked) by :meth:`RunFolder.open`; by default the run
             opens it itself and unlocks it at the end.
         overwrite: a new run replaces the run already in ``config.out`` instead of refusing the folder.
+        eval_hook: ``fn(model, step, eval_loss)`` called on rank 0 after every evaluation (the model in eval mode,
+            under the run's autocast), e.g. :class:`fastadapter.training.samples.SampleWriter`.
+        metrics_hook: ``fn(record)`` called on rank 0 with every metrics record (``step``, ``loss``, ...).
 
     Returns:
         :class:`TrainResult`.
@@ -561,5 +583,6 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         TrainingDiverged: the loss or the adapter became NaN or infinite (nothing of it is saved).
         OSError: a checkpoint or the metrics could not be written (the checkpoints before it are intact).
     """
-    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn).run(
+    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn, eval_hook,
+                   metrics_hook).run(
         resume, run_folder=run_folder, overwrite=overwrite)

@@ -1,0 +1,82 @@
+"""The CLI on the models people use today: a tiny random Mistral folder with a tokenizer.json and a chat template,
+trained from ``fastadapter train`` on chat rows (through --config run.yaml), resumed, sampled at every
+evaluation, generated from, and exported to PEFT, where real PEFT computes the same logits."""
+import json
+
+import pytest
+import torch
+
+from fastadapter.cli import main
+
+from hf_folders import CHAT_ROWS, save_tiny_model, write_chat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def mistral_folder(shared_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_mistral")
+    write_chat_tokenizer(shared_data, folder)
+    save_tiny_model(folder, "mistral")
+    return folder
+
+
+def _train_argv(folder, data, out, *extra):
+    return ["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--batch-tokens", "256",
+            "--max-seq-len", "128", "--eval-fraction", "0.2", "--no-progress", "--prompt-len", "4",
+            "--warmup", "1", "--lr", "0.05", *extra]
+
+
+@pytest.mark.slow
+def test_mistral_chat_train_resume_generate_export_to_peft(mistral_folder, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import MistralForCausalLM
+
+    from fastadapter.model.adapter import load_adapter
+    from fastadapter.model.checkpoints import load_model
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(CHAT_ROWS[i % 3]) for i in range(30)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a colour.\n{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}]}\n")
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("template: chat\ngate_shape: scalar\ngate_activation: none\nmax_steps: 2\n"
+                        f"eval_every: 1\nsave_every: 1\neval_prompts: {prompts}\neval_max_new_tokens: 4\n")
+    out = tmp_path / "run"
+    assert main(_train_argv(mistral_folder, data, out, "--config", str(run_yaml))) == 0
+    printed = capsys.readouterr().out
+    assert "--template chat" in printed
+    # Resume the finished run to 4 steps: the command line overrides the file's max_steps.
+    assert main(_train_argv(mistral_folder, data, out, "--config", str(run_yaml), "--max-steps", "4",
+                            "--resume")) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert all("eval_loss" in m for m in metrics)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert all(isinstance(s["output"], str) for s in samples)
+
+    adapter = out / "adapter.safetensors"
+    assert main(["generate", "--model", str(mistral_folder), "--adapter", str(adapter), "--template", "chat",
+                 "--prompt", "Name a colour.", "--max-new-tokens", "3", "--device", "cpu", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+
+    exported = tmp_path / "peft"
+    assert main(["export", "--to", "peft", str(adapter), str(exported)]) == 0
+    model = load_model(mistral_folder)
+    load_adapter(model, adapter)
+    assert float(model.layers[-1].attention.adapter.gate.detach().abs()) > 0  # trained: the check below is not vacuous
+    hf = PeftModel.from_pretrained(MistralForCausalLM.from_pretrained(mistral_folder), exported).eval()
+    tokens = torch.randint(0, 32002, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_qwen2_folder_trains_from_the_cli_on_chat_rows(shared_data, tmp_path, capsys):
+    folder = write_chat_tokenizer(shared_data, tmp_path / "qwen2")
+    save_tiny_model(folder, "qwen2")
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(CHAT_ROWS * 4))
+    assert main(_train_argv(folder, data, tmp_path / "run", "--template", "chat", "--max-steps", "1",
+                            "--eval-every", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "eval loss" in printed and (tmp_path / "run" / "adapter.safetensors").is_file()
