@@ -71,6 +71,14 @@ def add_arguments(parser) -> None:
     adapter.add_argument("--gate-activation", choices=("tanh", "none"), default="tanh",
                          help="tanh(gate) as the paper's training code, or the raw gate as PEFT/litgpt")
 
+    memory = parser.add_argument_group("past one GPU's memory")
+    memory.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen base over the ranks with FSDP2 (fully_shard per "
+                             "transformer block, loaded shard by shard); the adapter is replicated")
+    memory.add_argument("--quantize", choices=("int8", "int4"),
+                        help="weight-only quantization of the frozen base's projections through torchao: int8 "
+                             "(per-row scales) or int4 (NF4: 4-bit codes, blockwise scales); the adapter stays fp32")
+
     run = parser.add_argument_group("bookkeeping")
     run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
     run.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end)")
@@ -133,6 +141,10 @@ def check_settings(args) -> None:
                          f"checkpoints/, adapter.safetensors)")
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+    if getattr(args, "fsdp", False) and getattr(args, "quantize", None):
+        raise ValueError(f"--fsdp and --quantize {args.quantize} cannot be combined: torchao's quantized weights are "
+                         f"not sharded by FSDP here; shard a bf16 base (--fsdp --dtype bf16) or quantize a base that "
+                         f"fits on one GPU")
 
 
 def _load_resumed(path: str) -> dict:
@@ -185,18 +197,37 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     say = print if context.is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
 
-    model = load_model(args.model, dtype=DTYPES[args.dtype])
+    if args.fsdp:
+        if not context.active:
+            raise ValueError("--fsdp shards the base over the ranks of a torchrun job, and this is one process: "
+                             "launch with torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ... (N >= 2)")
+        from ..model.load_sharded import load_sharded
+        model = load_sharded(args.model, context, dtype=DTYPES[args.dtype])
+    else:
+        model = load_model(args.model, dtype=DTYPES[args.dtype])
     model.activation_checkpointing = args.activation_checkpointing
     n_layers = model.config.n_layers
     layers = min(args.adapter_layers, n_layers)
     if layers <= 0:
         raise ValueError(f"--adapter-layers must be positive, got {args.adapter_layers}")
     adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation)
-    add_adapter(model, adapter_config)
-    model.to(context.device)
+    add_adapter(model, adapter_config)  # under --fsdp: on every rank (replicated), the same seeded values
+    if not args.fsdp:
+        model.to(context.device)
+    if args.quantize:  # on the device: torchao packs the weights for the kernels of the device they run on
+        from ..model.quantize import quantize_base
+        quantize_base(model, args.quantize)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
         f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
+    if args.fsdp:
+        from ..training.fsdp import resident_base_bytes
+        local, total = resident_base_bytes(model)
+        say(f"fsdp: the base is sharded over {context.world_size} ranks: {local / 2**20:,.1f} MiB of its "
+            f"{total / 2**20:,.1f} MiB on rank 0")
+    if args.quantize:
+        from ..model.quantize import base_weight_bytes
+        say(f"quantize: {args.quantize} base projections, {base_weight_bytes(model) / 2**20:,.2f} MiB")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
     if args.batch_tokens < max_seq_len:
@@ -225,7 +256,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
                                       "prompt_len": args.prompt_len,
                                       "adapter_layers": adapter_config.layer_indices(n_layers),
-                                      "gate_activation": args.gate_activation})
+                                      "gate_activation": args.gate_activation, "quantize": args.quantize})
     if resume:
         say(f"resuming from {resume}")
     result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
