@@ -83,6 +83,8 @@ setup(
                  "pytest-benchmark"],
         # The integrations support transformers 5.17-5.23 and peft 0.18-0.21 (fastadapter/integrations/_versions.py;
         # the test extra pins the newest, .ci/integration-versions.sh tests the oldest).
+        # --quantize int8|int4: torchao's weight-only quantization (CPU and CUDA).
+        "quantize": ["torchao>=0.18"],
         "bench": ["matplotlib", "pytest-benchmark", "transformers>=5.17,<5.24", "peft>=0.18,<0.22"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},

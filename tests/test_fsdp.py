@@ -151,13 +151,10 @@ def test_one_rank_fsdp_loads_and_trains_like_the_plain_model(tmp_path, shared_da
     evaluation reach the plain model's adapter."""
     from fastadapter.model.adapter import AdapterConfig, add_adapter
     from fastadapter.model.load_sharded import load_sharded
-    from fastadapter.training.data import load_examples
-    from fastadapter.model.tokenizer import load_tokenizer
 
     checkpoint = str(shared_data / "stories260K.bin")
-    examples, _ = load_examples(str(shared_data / "alpaca_tiny.json"), load_tokenizer(str(shared_data / "tok512.bin")),
-                                256)
-    config = dict(batch_tokens=256, max_steps=2, lr=1e-2, warmup_steps=1, eval_every=0, save_every=0,
+    examples = toy_examples(15)
+    config = dict(batch_tokens=64, max_steps=2, lr=1e-2, warmup_steps=1, eval_every=0, save_every=0,
                   progress=False)
     adapters = []
     for sharded in (True, False):

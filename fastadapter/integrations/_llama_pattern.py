@@ -68,10 +68,13 @@ def check_llama_pattern(attn: nn.Module) -> Callable:
     return rotary
 
 
-def project_prompt(attn: nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_prompt(attn: nn.Module, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The adaption prompt ``[P, hidden]`` through the layer's frozen ``k_proj``/``v_proj`` (biases included, no
-    RoPE): ``prefix_k, prefix_v [1, P, Hkv, D]`` in the projections' dtype."""
-    prompt = prompt.to(attn.k_proj.weight.dtype)
+    RoPE): ``prefix_k, prefix_v [1, P, Hkv, D]``.
+
+    ``dtype`` is the compute dtype, the hidden states' — never the projection weight's dtype, which for a
+    quantized model is its storage dtype (``uint8`` for bitsandbytes' 4-bit weights)."""
+    prompt = prompt.to(dtype)
     shape = (1, prompt.shape[0], -1, attn.head_dim)
     return attn.k_proj(prompt).view(shape), attn.v_proj(prompt).view(shape)
 
@@ -106,7 +109,7 @@ def llama_pattern_attention(attn: nn.Module, rotary: Callable, hidden_states: to
         # The cache stores [B, Hkv, S, D]; its result is read back as a strided [B, Sk, Hkv, D] view (no copy).
         k, v = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-    prefix_k, prefix_v = project_prompt(attn, prompt)
+    prefix_k, prefix_v = project_prompt(attn, prompt, hidden_states.dtype)
 
     if attention_mask is None:
         seen = keys_seen_without_mask(seqlen, k.shape[1])
