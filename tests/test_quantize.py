@@ -69,7 +69,7 @@ def test_zero_gates_reproduce_the_quantized_base(scheme, dtype):
     torch.testing.assert_close(model(_tokens()), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("int4", marks=pytest.mark.slow)])  # NF4 is slow on CPU
 def test_quantized_model_computes_its_dequantized_weights(scheme):
     """With open gates: logits and the adapter's gradients equal those of the plain model holding the
     dequantized weights (the reference), so only the base's weights changed, not the attention or adapter math."""
