@@ -169,6 +169,7 @@ def test_one_rank_fsdp_loads_and_trains_like_the_plain_model(tmp_path, shared_da
         adapters.append(_final_adapter(out))
     for name, tensor in adapters[1].items():
         torch.testing.assert_close(adapters[0][name], tensor, rtol=1e-5, atol=1e-7)
+    assert all(t.abs().max() > 0 for n, t in adapters[0].items() if "gate" in n)  # the step moved the gates
 
 
 def test_shard_base_refuses_bad_input():
