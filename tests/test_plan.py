@@ -112,6 +112,7 @@ def test_memory_plan_activations_match_the_saved_tensors():
     from fastadapter.model.adapter import AdapterConfig, add_adapter
     from fastadapter.model.llama import LlamaModel
     from fastadapter.model.config import LlamaConfig
+    from fastadapter.model.rope import rope_angles, rope_inverse_frequencies
     from fastadapter.training.memory_plan import estimate_memory
 
     config = LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=352,
@@ -128,9 +129,8 @@ def test_memory_plan_activations_match_the_saved_tensors():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         h = model.tok_embeddings(tokens)
         h.requires_grad_(False)
-        inv = __import__("fastadapter.model.rope", fromlist=["x"])
-        freqs = inv.rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        cos, sin = inv.rope_angles(torch.arange(256)[None], freqs)
+        freqs = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        cos, sin = rope_angles(torch.arange(256)[None], freqs)
         for block in model.layers:
             h = block(h, cos, sin)
     measured = sum(storages.values())

@@ -49,8 +49,11 @@ def base_projections(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is one of torchao's quantized tensor subclasses."""
-    return type(weight) is not torch.Tensor and type(weight) is not nn.Parameter and _inner_tensors(weight) != []
+    """Whether ``weight`` is one of torchao's quantized tensor subclasses (a tensor subclass made of inner
+    tensors; FSDP's ``DTensor`` shards are not quantized weights)."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(weight, DTensor) and _inner_tensors(weight) != []
 
 
 def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
