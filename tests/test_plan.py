@@ -74,3 +74,82 @@ def test_plan_command(capsys, shared_data):
     # A user error: exit status 2 and an error line (it was SystemExit with status 1).
     assert main(["plan", "--model", "llama-9b", "--data", str(shared_data / "alpaca_tiny.json"), "--gpu", "a100"]) == 2
     assert "fastadapter plan: error: --model 'llama-9b' is neither a named config" in capsys.readouterr().err
+
+
+# -- memory per GPU (fastadapter plan --fsdp/--gpus/--quantize) ------------------------------------------------
+
+def test_memory_plan_base_bytes_match_the_real_tensors(shared_data):
+    """The plan's base bytes are the measured bytes of a real model: bf16 exactly, quantized within 2%."""
+    pytest.importorskip("torchao")
+    from fastadapter.model.checkpoints import load_model
+    from fastadapter.model.quantize import base_weight_bytes, quantize_base, tensor_bytes
+    from fastadapter.training.memory_plan import estimate_memory
+
+    for scheme in (None, "int8", "int4"):
+        model = load_model(str(shared_data / "stories260K.bin"), dtype=torch.bfloat16).requires_grad_(False)
+        if scheme:
+            quantize_base(model, scheme)
+        measured = sum(tensor_bytes(p) for p in model.parameters())
+        plan = estimate_memory(model.config, batch_tokens=64, adapter_layers=5, prompt_len=10, quantize=scheme)
+        if scheme is None:
+            assert plan.base == measured
+        else:  # stories' small weights take fewer NF4 scales per double-quantization block than the plan's 256
+            assert plan.base == pytest.approx(measured, rel=0.02), (scheme, base_weight_bytes(model))
+    split = estimate_memory(NAMED_CONFIGS["llama-7b"], batch_tokens=4096, adapter_layers=30, prompt_len=10, gpus=8,
+                            fsdp=True)
+    whole = estimate_memory(NAMED_CONFIGS["llama-7b"], batch_tokens=4096, adapter_layers=30, prompt_len=10, gpus=8)
+    assert split.base == pytest.approx(whole.base / 8) and whole.gathered == 0 and split.gathered > 0
+    assert whole.base / 2**30 == pytest.approx(6.74e9 * 2 / 2**30, rel=0.01)  # 6.74B parameters in bf16
+    assert split.adapter == whole.adapter == 16 * 1_229_760  # replicated: weight, grad, two AdamW moments
+    with pytest.raises(ValueError, match="FSDP with a quantized base is not supported"):
+        estimate_memory(NAMED_CONFIGS["llama-7b"], batch_tokens=1, adapter_layers=1, prompt_len=1, fsdp=True,
+                        quantize="int4")
+
+
+def test_memory_plan_activations_match_the_saved_tensors():
+    """The activations the plan counts per token and adapted layer against the bytes autograd really saves for
+    backward in a bf16 model (measured with saved_tensors_hooks, storages counted once), within 25%."""
+    from fastadapter.model.adapter import AdapterConfig, add_adapter
+    from fastadapter.model.llama import LlamaModel
+    from fastadapter.model.config import LlamaConfig
+    from fastadapter.model.rope import rope_angles, rope_inverse_frequencies
+    from fastadapter.training.memory_plan import estimate_memory
+
+    config = LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=352,
+                         max_seq_len=512)
+    torch.manual_seed(0)
+    model = add_adapter(LlamaModel(config).to(torch.bfloat16), AdapterConfig(prompt_len=4, layers=2))
+    tokens = torch.randint(0, 64, (1, 256))
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = model.tok_embeddings(tokens)
+        h.requires_grad_(False)
+        freqs = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        cos, sin = rope_angles(torch.arange(256)[None], freqs)
+        for block in model.layers:
+            h = block(h, cos, sin)
+    measured = sum(storages.values())
+    plan = estimate_memory(config, batch_tokens=256, adapter_layers=2, prompt_len=4)
+    assert plan.activations == pytest.approx(measured, rel=0.25), (plan.activations, measured)
+
+
+def test_plan_prints_memory_per_gpu_and_the_cards_that_fit(capsys, shared_data):
+    args = ["plan", "--model", "llama-7b", "--data", str(shared_data / "alpaca_tiny.json"), "--gpu", "a100",
+            "--tokenizer", str(shared_data / "llama_tokenizer.model")]
+    assert main(args + ["--gpus", "1", "--batch-tokens", "1024"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("llama-7b", "llama-13b", "llama-65b", "llama2-70b")}
+    assert sorted(rows) == ["llama-13b", "llama-65b", "llama-7b", "llama2-70b"]
+    assert rows["llama-7b"].endswith("24 GB, 40 GB, 80 GB") and rows["llama-65b"].endswith("none of 24, 40, 80 GB")
+    assert main(args + ["--gpus", "8", "--fsdp", "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "sharded by FSDP over 8 GPUs" in out
+    line = next(l for l in out.splitlines() if l.startswith("llama-65b"))
+    assert line.endswith("40 GB, 80 GB")  # 65B fits on 40 GB cards once sharded 8 ways
+    assert main(args + ["--fsdp", "--quantize", "int4"]) == 2
+    assert "--fsdp and --quantize int4 cannot be combined" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """``fastadapter plan``: how many FLOPs, and how many GPU-hours, a LLaMA-Adapter fine-tuning run costs with and
-without sequence packing (see :mod:`fastadapter.training.flops` for what is counted)."""
+without sequence packing (see :mod:`fastadapter.training.flops` for what is counted), and how much memory each
+GPU needs — bf16 or quantized base, replicated or sharded by FSDP — for LLaMA 7B to 70B, with the cards
+(24, 40, 80 GB) each fits on (see :mod:`fastadapter.training.memory_plan`)."""
 from __future__ import annotations
 
 import math
@@ -34,6 +36,14 @@ def add_arguments(parser) -> None:
                         help=f"rows of the planned run: the data's length distribution is scaled to this "
                              f"(default {PAPER_ROWS:,}, Alpaca)")
     parser.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help=f"default {PAPER_EPOCHS}, the paper's")
+    memory = parser.add_argument_group("memory per GPU")
+    memory.add_argument("--batch-tokens", type=int, default=4096,
+                        help="tokens of one packed micro-batch per GPU (default 4096, as fastadapter train)")
+    memory.add_argument("--fsdp", action="store_true",
+                        help="the base sharded over the --gpus by FSDP (default: every GPU holds the whole base)")
+    memory.add_argument("--quantize", choices=("int8", "int4"), help="the base's projections quantized")
+    memory.add_argument("--activation-checkpointing", action="store_true",
+                        help="keep only each adapted block's input for backward")
 
 
 def _model_config(name_or_path: str):
@@ -105,11 +115,14 @@ def check_settings(args) -> None:
     """Raise ``ValueError`` naming the first flag whose value is out of range."""
     for flag, value in (("--gpus", args.gpus), ("--max-seq-len", args.max_seq_len),
                         ("--batch-size", args.batch_size), ("--prompt-len", args.prompt_len),
-                        ("--adapter-layers", args.adapter_layers), ("--rows", args.rows), ("--epochs", args.epochs)):
+                        ("--adapter-layers", args.adapter_layers), ("--rows", args.rows), ("--epochs", args.epochs),
+                        ("--batch-tokens", args.batch_tokens)):
         if value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.fsdp and args.quantize:
+        raise ValueError(f"--fsdp and --quantize {args.quantize} cannot be combined (as in fastadapter train)")
     if not (math.isfinite(args.mfu) and 0 < args.mfu <= 1):
         raise ValueError(f"--mfu must lie in (0, 1] (the share of the GPU's peak FLOP rate), got {args.mfu}")
 
@@ -150,4 +163,35 @@ def run(args) -> int:
     print(f"packing does the run in {_duration(hours[names[2]])} instead of {_duration(hours[names[0]])} "
           f"({hours[names[0]] / hours[names[2]]:.1f}x less compute than padding to {args.max_seq_len}, "
           f"{hours[names[1]] / hours[names[2]]:.1f}x less than padding to the longest of a batch)")
+    from ..training.memory_plan import PLAN_MODELS
+    print_memory_plan(args, None if args.model.lower() in PLAN_MODELS else args.model, config)
     return 0
+
+
+def print_memory_plan(args, own_name: str | None, own_config) -> None:
+    """The per-GPU memory table: the planned model (when it is not one of the tabulated bases) and LLaMA 7B,
+    13B, 65B and Llama-2 70B, under the run's --batch-tokens, --gpus, --fsdp, --quantize."""
+    from ..training.flops import NAMED_CONFIGS
+    from ..training.memory_plan import CARDS_GIB, GIB, PLAN_MODELS, estimate_memory, fitting_cards
+
+    base = {None: "bf16", "int8": "int8 projections", "int4": "int4 (NF4) projections"}[args.quantize]
+    layout = (f"sharded by FSDP over {args.gpus} GPUs" if args.fsdp else
+              f"replicated on each of {args.gpus} GPUs (data parallel)" if args.gpus > 1 else "on one GPU")
+    print(f"memory per GPU: base in {base}, {layout}; micro-batch of {args.batch_tokens:,} tokens, top "
+          f"{args.adapter_layers} layers adapted, prompt {args.prompt_len}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''} (GiB)")
+    header = (f"{'model':<12} {'base':>7} {'gathered':>9} {'adapter':>8} {'activations':>12} {'logits':>7} "
+              f"{'overhead':>9} {'total':>7}  fits on")
+    print(header)
+    print("-" * (len(header) + 12))
+    rows = ([(own_name, own_config)] if own_name else []) + [(name, NAMED_CONFIGS[name]) for name in PLAN_MODELS]
+    for name, config in rows:
+        m = estimate_memory(config, batch_tokens=args.batch_tokens, adapter_layers=args.adapter_layers,
+                            prompt_len=args.prompt_len, gpus=args.gpus, fsdp=args.fsdp, quantize=args.quantize,
+                            activation_checkpointing=args.activation_checkpointing)
+        cards = fitting_cards(m.total)
+        fits = ", ".join(f"{c} GB" for c in cards) if cards else f"none of {', '.join(map(str, CARDS_GIB))} GB"
+        label = os.path.basename(os.path.normpath(name)) if name == own_name else name
+        print(f"{label[:12]:<12} {m.base / GIB:>7.2f} {m.gathered / GIB:>9.2f} {m.adapter / GIB:>8.3f} "
+              f"{m.activations / GIB:>12.2f} {m.logits / GIB:>7.2f} {m.overhead / GIB:>9.2f} {m.total / GIB:>7.2f}"
+              f"  {fits}")

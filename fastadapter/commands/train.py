@@ -91,6 +91,14 @@ def add_arguments(parser) -> None:
                          help="one gate per query head (the paper) or one per layer (PEFT's and litgpt's layout: "
                               "use scalar with --gate-activation none to export to them)")
 
+    memory = parser.add_argument_group("past one GPU's memory")
+    memory.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen base over the ranks with FSDP2 (fully_shard per "
+                             "transformer block, loaded shard by shard); the adapter is replicated")
+    memory.add_argument("--quantize", choices=("int8", "int4"),
+                        help="weight-only quantization of the frozen base's projections through torchao: int8 "
+                             "(per-row scales) or int4 (NF4: 4-bit codes, blockwise scales); the adapter stays fp32")
+
     run = parser.add_argument_group("bookkeeping")
     run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
     run.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end)")
@@ -167,6 +175,10 @@ def check_settings(args) -> None:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if args.fsdp and args.quantize:
+        raise ValueError(f"--fsdp and --quantize {args.quantize} cannot be combined: torchao's quantized weights are "
+                         f"not sharded by FSDP here; shard a bf16 base (--fsdp --dtype bf16) or quantize a base that "
+                         f"fits on one GPU")
 
 
 def _load_resumed(path: str) -> dict:
@@ -220,7 +232,14 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     torch.manual_seed(args.seed)
     args.dtype = dtype_name(args.dtype, context.device)
 
-    model = load_model(args.model, dtype=DTYPES[args.dtype])
+    if args.fsdp:
+        if not context.active:
+            raise ValueError("--fsdp shards the base over the ranks of a torchrun job, and this is one process: "
+                             "launch with torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ... (N >= 2)")
+        from ..model.load_sharded import load_sharded
+        model = load_sharded(args.model, context, dtype=DTYPES[args.dtype])
+    else:
+        model = load_model(args.model, dtype=DTYPES[args.dtype])
     model.activation_checkpointing = args.activation_checkpointing
     n_layers = model.config.n_layers
     layers = min(args.adapter_layers, n_layers)
@@ -233,12 +252,24 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
         add_adapter_v2(model, adapter_config)
         save_fn = save_adapter_v2  # the run's final adapter file is a V2 file
     else:
-        add_adapter(model, adapter_config)
+        add_adapter(model, adapter_config)  # under --fsdp: on every rank (replicated), the same seeded values
         save_fn = save_adapter
-    model.to(context.device)
+    if not args.fsdp:
+        model.to(context.device)
+    if args.quantize:  # on the device: torchao packs the weights for the kernels of the device they run on
+        from ..model.quantize import quantize_base
+        quantize_base(model, args.quantize)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter {args.adapter}: top {layers} "
         f"layers, prompt {args.prompt_len}, {trainable:,} trainable parameters")
+    if args.fsdp:
+        from ..training.fsdp import resident_base_bytes
+        local, total = resident_base_bytes(model)
+        say(f"fsdp: the base is sharded over {context.world_size} ranks: {local / 2**20:,.1f} MiB of its "
+            f"{total / 2**20:,.1f} MiB on rank 0")
+    if args.quantize:
+        from ..model.quantize import base_weight_bytes
+        say(f"quantize: {args.quantize} base projections, {base_weight_bytes(model) / 2**20:,.2f} MiB")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
     if args.batch_tokens < max_seq_len:
@@ -272,8 +303,9 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
                                       "prompt_len": args.prompt_len,
                                       "adapter_layers": adapter_config.layer_indices(n_layers),
-                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape, "adapter": args.adapter,
-                                      "template": args.template})
+                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape,
+                                      "adapter": args.adapter, "template": args.template,
+                                      "quantize": args.quantize})
     hooks = _run_hooks(args, context, tokenizer, chat_template)
     closers = hooks.pop("_close")
     if resume:

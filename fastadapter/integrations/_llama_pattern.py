@@ -118,11 +118,14 @@ def _clip(x: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return x if spec.clip_qkv is None else x.clamp(-spec.clip_qkv, spec.clip_qkv)
 
 
-def project_prompt(attn: nn.Module, spec: AttentionSpec, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_prompt(attn: nn.Module, spec: AttentionSpec, prompt: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The adaption prompt ``[P, hidden]`` through the layer's frozen key and value path (``k_proj``/``v_proj``
-    with their biases, the qkv clamp, ``k_norm``; no RoPE): ``prefix_k, prefix_v [1, P, Hkv, D]`` in the
-    projections' dtype."""
-    prompt = prompt.to(attn.k_proj.weight.dtype)
+    with their biases, the qkv clamp, ``k_norm``; no RoPE): ``prefix_k, prefix_v [1, P, Hkv, D]``.
+
+    ``dtype`` is the compute dtype, the hidden states' — never the projection weight's dtype, which for a
+    quantized model is its storage dtype (``uint8`` for bitsandbytes' 4-bit weights)."""
+    prompt = prompt.to(dtype)
     shape = (1, prompt.shape[0], -1, attn.head_dim)
     prefix_k = _clip(attn.k_proj(prompt), spec).view(shape)
     prefix_v = _clip(attn.v_proj(prompt), spec).view(shape)
@@ -165,7 +168,7 @@ def llama_pattern_attention(attn: nn.Module, spec: AttentionSpec, hidden_states:
         # The cache stores [B, Hkv, S, D]; its result is read back as a strided [B, Sk, Hkv, D] view (no copy).
         k, v = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-    prefix_k, prefix_v = project_prompt(attn, spec, prompt)
+    prefix_k, prefix_v = project_prompt(attn, spec, prompt, hidden_states.dtype)
 
     if attention_mask is None:
         seen = keys_seen_without_mask(seqlen, k.shape[1])

@@ -93,7 +93,10 @@ def add_adapter(model: LlamaModel, config: Optional[AdapterConfig] = None) -> Ll
 def base_model_description(model: LlamaModel) -> dict:
     """The ``base_model`` part of an adapter file's description: fingerprint and dimensions of ``model``."""
     c = model.config
-    return {"fingerprint": base_model_fingerprint(model.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads),
+    # A base sharded by FSDP (fastadapter.training.fsdp) recorded its fingerprint while the embedding was whole.
+    fingerprint = getattr(model, "base_fingerprint", None) or base_model_fingerprint(
+        model.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads)
+    return {"fingerprint": fingerprint,
             "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
             "vocab_size": c.vocab_size}
 

@@ -10,8 +10,10 @@ merged — Hugging Face's permuted ``wq``/``wk``, model-parallel shards — are 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -28,6 +30,24 @@ def build_on_meta(config: LlamaConfig) -> LlamaModel:
     """A :class:`LlamaModel` whose parameters take no memory, ready for :func:`assign_weights`."""
     with torch.device("meta"):
         return LlamaModel(config)
+
+
+#: Set by :func:`receive_weights`: what :func:`assign_weights` does with the checked tensors instead of assigning
+#: them (the FSDP loader takes each rank's shards of the memory-mapped tensors, see :mod:`.load_sharded`).
+_WEIGHTS_RECEIVER: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("weights_receiver",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def receive_weights(receiver: Callable[[LlamaModel, Mapping[str, torch.Tensor], torch.dtype], LlamaModel]
+                    ) -> Iterator[None]:
+    """While active, :func:`load_model` hands ``receiver(meta_model, tensors, dtype)`` the checked (still
+    memory-mapped, unconverted) tensors instead of assigning them; what it returns is the loaded model."""
+    token = _WEIGHTS_RECEIVER.set(receiver)
+    try:
+        yield
+    finally:
+        _WEIGHTS_RECEIVER.reset(token)
 
 
 def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sources: Mapping[str, str],
@@ -57,6 +77,9 @@ def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sourc
         if not all_finite(tensors[name]):
             raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} holds NaN or infinite values; the "
                                   f"checkpoint is corrupt (or was saved after training diverged)")
+    receiver = _WEIGHTS_RECEIVER.get()
+    if receiver is not None:
+        return receiver(model, {name: tensors[name] for name in expected}, dtype)
     state = {name: tensors[name].to(dtype) for name in expected}
     model.load_state_dict(state, strict=True, assign=True)
     return model

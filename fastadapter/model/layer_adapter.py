@@ -29,11 +29,13 @@ class LayerAdapter(nn.Module):
     def prompt_len(self) -> int:
         return self.prompt.shape[0]
 
-    def prefix_kv(self, wk: nn.Linear, wv: nn.Linear, n_kv_heads: int, head_dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt projected by the layer's ``wk`` and ``wv``: ``prefix_k, prefix_v [1, P, Hkv, D]`` in the
-        projections' dtype."""
-        prompt = self.prompt.to(wk.weight.dtype)
+    def prefix_kv(self, wk: nn.Linear, wv: nn.Linear, n_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt projected by the layer's ``wk`` and ``wv``: ``prefix_k, prefix_v [1, P, Hkv, D]``.
+
+        ``dtype``: the compute dtype the prompt is cast to (the hidden states'); by default the projections'
+        weight dtype. A quantized base needs the former: its weights' storage dtype may be an integer type."""
+        prompt = self.prompt.to(dtype or wk.weight.dtype)
         shape = (1, self.prompt_len, n_kv_heads, head_dim)
         return wk(prompt).view(shape), wv(prompt).view(shape)
 

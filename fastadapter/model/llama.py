@@ -78,7 +78,7 @@ class Attention(nn.Module):
             return empty, empty, x.new_zeros(1, dtype=torch.float32), "tanh"
 
         def project():
-            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim)
+            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype)
 
         prefix_k, prefix_v = project() if cache is None else cache.prefix_kv(self.layer_index, project)
         return prefix_k, prefix_v, self.adapter.gate, self.adapter.gate_activation

@@ -43,6 +43,7 @@ from .checkpoint import (DataPosition, checkpoint_path, list_checkpoints, load_c
                          rng_state, save_checkpoint, set_rng_state)
 from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
+from .fsdp import is_sharded
 from .packing import PackedBatch, collate_packed, pack_examples
 from .run_folder import RunFolder
 from .schedule import warmup_cosine
@@ -334,15 +335,25 @@ class Trainer:
             return None
         self.model.eval()
         rows = pack_examples([len(e) for e in self.eval_examples], self.config.batch_tokens)
+        mine = rows[self.context.rank::self.context.world_size]
+        # Under FSDP every forward gathers weights with the other ranks: all ranks run the same number of
+        # forwards (a rank short of rows repeats its first one and ignores it) and agree on a signal at each row.
+        lockstep = self.context.active and is_sharded(self.model)
+        forwards = -(-len(rows) // self.context.world_size) if lockstep else len(mine)
         loss_sum, count, stopped = 0.0, 0, 0.0
-        for row in rows[self.context.rank::self.context.world_size]:
-            if stop is not None and stop.signum is not None:
+        for index in range(forwards):
+            signalled = float(stop is not None and stop.signum is not None)
+            if lockstep and stop is not None:
+                (signalled,) = all_reduce_sum([signalled], self.context)
+            if signalled:
                 stopped = 1.0
                 break
-            batch = collate_packed([self.eval_examples[i] for i in row])
+            batch = collate_packed([self.eval_examples[i] for i in (mine[index] if index < len(mine) else rows[0])])
             with self.autocast:
-                loss_sum += float(token_loss_sum(self.model, batch.to(self.context.device)))
-            count += batch.loss_tokens
+                value = float(token_loss_sum(self.model, batch.to(self.context.device)))
+            if index < len(mine):
+                loss_sum += value
+                count += batch.loss_tokens
         # One collective whether or not this rank stopped early, so that every rank agrees on the answer.
         loss_sum, count, stopped = all_reduce_sum([loss_sum, count, stopped], self.context)
         return None if stopped else loss_sum / count
