@@ -1,5 +1,6 @@
-"""Generation: stories260K against an independent numpy transcription of llama2.c's run.c, batches of prompts of
-different lengths, the prefix projected once per call, EOS, sampling, and the ``fastadapter generate`` CLI."""
+"""Generation: stories260K against an independent numpy transcription of llama2.c's run.c, the prefix projected once
+per call, EOS, sampling, and the ``fastadapter generate`` CLI (batches of prompts of different lengths:
+test_ragged_generation.py)."""
 import numpy as np
 import pytest
 import torch
@@ -105,19 +106,6 @@ def test_logits_equal_run_c_logits(stories, shared_data):
     with torch.no_grad():
         got = model(torch.tensor([tokens]))[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_batch_of_different_lengths_equals_each_prompt_alone(stories):
-    model, tokenizer = stories
-    add_adapter(model, AdapterConfig(prompt_len=4, layers=3))
-    with torch.no_grad():
-        for adapter in adapted_layers(model).values():
-            adapter.gate.fill_(0.4)
-    prompts = [tokenizer.encode(t) for t in ("Once upon a time", "Tom", "The big red dog ran to the", "Lily")]
-    assert len({len(p) for p in prompts}) == 4
-    batched = generate(model, prompts, max_new_tokens=20)
-    alone = [generate(model, [p], max_new_tokens=20)[0] for p in prompts]
-    assert batched == alone and all(len(row) == 20 for row in batched)
 
 
 def test_prefix_projected_once_per_generate_call(monkeypatch):
