@@ -18,6 +18,8 @@ import math
 import os
 import shlex
 
+from ._paths import default_tokenizer as _default_tokenizer
+
 HELP = "fine-tune a LLaMA-Adapter on Alpaca-format JSON/JSONL data (packed sequences, resumable, torchrun-ready)"
 
 #: The paper adapts the top 30 of LLaMA-7B's 32 layers; a smaller model gets min(30, its layer count).
@@ -77,15 +79,6 @@ def add_arguments(parser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     run.add_argument("--device", help="cpu, cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _default_tokenizer(model_path: str) -> str:
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    for name in ("tokenizer.model", "tokenizer.bin"):
-        candidate = os.path.join(folder, name)
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no tokenizer.model or tokenizer.bin in {folder}")
 
 
 #: The largest --seed: torch's generators take 64-bit seeds.

@@ -86,6 +86,7 @@ def add_adapter(model: LlamaModel, config: Optional[AdapterConfig] = None) -> Ll
                                                    gate_per_head=config.gate_per_head,
                                                    gate_activation=config.gate_activation, device=device)
     model.adapter_config = config
+    model.adapter_source = None
     return model
 
 
@@ -112,7 +113,8 @@ def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
     write_adapter_file(path, tensors, config.to_dict(model.config.n_layers), base_model_description(model))
 
 
-def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> LlamaModel:
+def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None,
+                 gate_activation: Optional[str] = None) -> LlamaModel:
     """Give ``model`` the adapter stored at ``path`` (in place; replaces any adapter it had).
 
     Args:
@@ -120,6 +122,13 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
             checkpoint, a PEFT ``adaption_prompt`` folder (or its ``adapter_model.safetensors``), a litgpt adapter
             checkpoint.
         format: ``"fastadapter"``, ``"llama_adapter_v1"``, ``"peft"`` or ``"litgpt"``; detected when None.
+        gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
+            default (LLaMA-Adapter v1: ``"tanh"``, its training code; ``"none"`` reproduces its inference code; see
+            :func:`~fastadapter.model.adapter_formats.read_foreign_adapter`). A fastadapter file records the
+            activation it was trained with: asking for another one is an error.
+
+    After the call, ``model.adapter_source`` is ``{"path", "format", "gate_activation", "gate_activation_reason"}``:
+    where the adapter came from and which gate activation it runs with, and why.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -131,9 +140,15 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
     if format == "fastadapter":
         tensors, meta = read_adapter_file(path)
         _check_base_model(model, path, meta["base_model"])
-        config_dict = meta["config"]
+        config_dict = dict(meta["config"])
+        if gate_activation not in (None, config_dict["gate_activation"]):
+            raise ValueError(f"{path}: this fastadapter adapter was trained with gate_activation="
+                             f"{config_dict['gate_activation']!r}; gate_activation={gate_activation!r} applies to "
+                             f"adapters of other projects (LLaMA-Adapter v1, PEFT, litgpt)")
+        config_dict["gate_activation_reason"] = "the activation recorded in the file (the one it was trained with)"
     else:
-        config_dict, tensors, path = read_foreign_adapter(path, format, model.config)
+        config_dict, tensors, path = read_foreign_adapter(path, format, model.config,
+                                                          gate_activation=gate_activation)
     config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
                            gate_activation=config_dict["gate_activation"],
                            gate_per_head=config_dict["gate_per_head"])
@@ -143,6 +158,8 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
         for i, adapter in adapted_layers(model).items():
             adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
             adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    model.adapter_source = {"path": path, "format": format, "gate_activation": config.gate_activation,
+                            "gate_activation_reason": config_dict["gate_activation_reason"]}
     return model
 
 

@@ -173,6 +173,9 @@ class LlamaModel(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         #: The AdapterConfig of the adapter that fastadapter.add_adapter gave the model (None: not adapted).
         self.adapter_config = None
+        #: Where fastadapter.load_adapter read the adapter from, and its gate activation with the reason (None when
+        #: the adapter was not loaded from a file).
+        self.adapter_source = None
 
     @property
     def output_weight(self) -> torch.Tensor:
