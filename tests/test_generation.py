@@ -211,6 +211,52 @@ def test_cli_generate_notes_the_template_with_an_adapter(shared_data, capsys, tm
     assert "fastadapter generate: error: " in capsys.readouterr().err
 
 
+def test_cli_generate_gate_activation_of_a_v1_adapter(shared_data, capsys, tmp_path, stories):
+    """The v1 import says which activation it used and why; --gate-activation none runs the raw gate of the original
+    inference code (what a model adapted with gate_activation="none" generates)."""
+    model, tokenizer = stories
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=5, gate_activation="none"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for adapter in adapted_layers(model).values():
+            adapter.gate.uniform_(1.5, 3.0)  # far from tanh's range: the two activations generate differently
+    state = {"adapter_query.weight": torch.cat([a.prompt.detach() for a in adapted_layers(model).values()])}
+    for i, adapter in adapted_layers(model).items():
+        state[f"layers.{i}.attention.gate"] = adapter.gate.detach().reshape(1, -1, 1, 1).clone()
+    torch.save(state, tmp_path / "llama_adapter_len4_layer5.pth")
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--adapter", str(tmp_path / "llama_adapter_len4_layer5.pth"), "--prompt", "Once upon a time",
+            "--template", "none", "--max-new-tokens", "12"]
+    assert cli_main(args) == 0
+    default = capsys.readouterr()
+    assert "note: llama_adapter_v1 adapter" in default.err
+    assert "gates applied as tanh(gate), as the original LLaMA-Adapter v1 training code" in default.err
+    assert cli_main(args + ["--gate-activation", "none"]) == 0
+    raw = capsys.readouterr()
+    assert "gates applied as the raw gate, as the caller asked" in raw.err
+    prompt = tokenizer.encode("Once upon a time", bos=True)
+    expected = tokenizer.decode(prompt + generate(model, [prompt], max_new_tokens=12)[0])
+    assert raw.out.strip() and expected.endswith(raw.out.rstrip("\n")) and raw.out != default.out
+    no_adapter = [a for a in args if a not in ("--adapter", str(tmp_path / "llama_adapter_len4_layer5.pth"))]
+    assert cli_main(no_adapter + ["--gate-activation", "none"]) == 2
+    assert ("fastadapter generate: error: --gate-activation says how an --adapter's gates are applied; no "
+            "--adapter was given") in capsys.readouterr().err
+
+
+def test_the_default_tokenizer_is_found_beside_the_model_by_train_and_generate(tmp_path):
+    from fastadapter.commands import _paths, generate as generate_command, train as train_command
+
+    assert train_command._default_tokenizer is _paths.default_tokenizer
+    assert generate_command.default_tokenizer is _paths.default_tokenizer
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no --tokenizer given and no tokenizer.model or tokenizer.bin in"):
+        _paths.default_tokenizer(str(tmp_path / "model.bin"))
+    (tmp_path / "tokenizer.bin").write_bytes(b"")
+    assert _paths.default_tokenizer(str(tmp_path / "model.bin")) == str(tmp_path / "tokenizer.bin")
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # SentencePiece first
+    assert _paths.default_tokenizer(str(tmp_path)) == str(tmp_path / "tokenizer.model")
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive int, got 0"),
     ({"max_new_tokens": -2}, "max_new_tokens must be a positive int, got -2"),
