@@ -24,7 +24,8 @@ to an eighth of it, odd lengths included), side by side in one run:
 
 Modes ``prefill`` (as above) and ``per_token``: the time of one decoding step of the whole batch,
 ``(t(generate new_tokens) − t(prefill)) / (new_tokens − 1)`` from the medians (p20/p80 likewise), with
-``tokens_per_s`` = batch / that time. ``agree`` is the fraction of greedy tokens equal to the ragged path's.
+``tokens_per_s`` = batch / that time. ``agree`` is the fraction of greedy tokens equal to the ragged path's. The
+providers' runs alternate (one run of each in turn), so that a shared machine's changing load reaches all alike.
 
     python -m benchmarks.bench_generation --quick
     python -m benchmarks.bench_generation --ragged-only --out bench-results/generation-ragged.json
@@ -42,7 +43,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .timing import measure
+from .bench_training import interleaved_times
+from .timing import measure, summarize
 
 
 @dataclass(frozen=True)
@@ -322,22 +324,34 @@ def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1,
             runners += [(f"fastadapter-{backend}-per-length", thin_generate, backend, _per_length_path),
                         (f"fastadapter-{backend}", thin_generate, backend, contextlib.nullcontext)]
         expected = thin_generate(new_tokens)
-        timings, skipped = {}, {}
+
+        def in_context(runner, backend, path, n):
+            def call():
+                chosen = _backend(backend) if backend not in ("", "auto") else contextlib.nullcontext()
+                with chosen, path():
+                    return runner(n)
+            return call
+
+        agreement, skipped, steps = {}, {}, {}
         for provider, runner, backend, path in runners:
             log(f"  generation: {label} {provider}")
-            chosen = _backend(backend) if backend not in ("", "auto") else contextlib.nullcontext()
-            with chosen, path():
-                try:
-                    produced = runner(new_tokens)
-                except ValueError as exc:  # a forced backend that cannot run ragged inputs (yet)
-                    if "cannot run these inputs" not in str(exc):
-                        raise
-                    skipped[provider] = str(exc)
-                    continue
-                agree = sum(a == b for got, want in zip(produced, expected) for a, b in zip(got, want))
-                prefill = measure(lambda: runner(1), warmup=warmup, repeats=repeats, device=device)
-                whole = measure(lambda: runner(new_tokens), warmup=warmup, repeats=repeats, device=device)
-            timings[provider] = (prefill, _per_token(prefill, whole, new_tokens), agree / (batch * new_tokens))
+            try:
+                produced = in_context(runner, backend, path, new_tokens)()
+            except ValueError as exc:  # a forced backend that cannot run ragged inputs (yet)
+                if "cannot run these inputs" not in str(exc):
+                    raise
+                skipped[provider] = str(exc)
+                continue
+            agree = sum(a == b for got, want in zip(produced, expected) for a, b in zip(got, want))
+            agreement[provider] = agree / (batch * new_tokens)
+            steps[f"{provider}|prefill"] = in_context(runner, backend, path, 1)
+            steps[f"{provider}|whole"] = in_context(runner, backend, path, new_tokens)
+        # The providers alternate run by run: on a shared machine the load changes over seconds.
+        times = interleaved_times(steps, warmup, repeats, device)
+        timings = {}
+        for provider, agree in agreement.items():
+            prefill, whole = summarize(times[f"{provider}|prefill"]), summarize(times[f"{provider}|whole"])
+            timings[provider] = (prefill, _per_token(prefill, whole, new_tokens), agree)
         for provider, reason in skipped.items():
             rows += [{"suite": "generation", "provider": provider, "mode": mode, "config": label, "median_ms": None,
                       "skipped": reason} for mode in ("prefill", "per_token")]
