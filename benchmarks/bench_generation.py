@@ -12,7 +12,23 @@ Modes: ``prefill`` (the prompts only: one forward, first token) and ``generate``
 generated tokens for generate, over the whole batch. The thin model runs once per available fused/composed
 backend (``FASTADAPTER_BACKEND``).
 
+Ragged batches (config label ``…-ragged8``): 8 prompts of mixed lengths (from the preset's ``prompt_tokens`` down
+to an eighth of it, odd lengths included), side by side in one run:
+
+* ``hf-peft-left-padded``: Hugging Face + PEFT ``generate()`` on the left-padded batch (the baseline);
+* ``fastadapter-<backend>-per-length``: the thin model's previous cache attention, kept here as the reference
+  of the comparison (:func:`per_length_attention`): the prefill stored each prompt's keys row by row and every
+  decoding step made one op call per group of rows of equal length (8 calls per layer here);
+* ``fastadapter-<backend>``: the ragged path, one op call per layer per step over the padded cache
+  (``seqused_k``).
+
+Modes ``prefill`` (as above) and ``per_token``: the time of one decoding step of the whole batch,
+``(t(generate new_tokens) − t(prefill)) / (new_tokens − 1)`` from the medians (p20/p80 likewise), with
+``tokens_per_s`` = batch / that time. ``agree`` is the fraction of greedy tokens equal to the ragged path's. The
+providers' runs alternate (one run of each in turn), so that a shared machine's changing load reaches all alike.
+
     python -m benchmarks.bench_generation --quick
+    python -m benchmarks.bench_generation --ragged-only --out bench-results/generation-ragged.json
 """
 from __future__ import annotations
 
@@ -27,7 +43,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .timing import measure
+from .bench_training import interleaved_times
+from .timing import measure, summarize
 
 
 @dataclass(frozen=True)
@@ -144,7 +161,9 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
     Hugging Face's)."""
     preset = preset or ("quick" if quick else "full" if full else "default")
     warmup, repeats = {"smoke": (0, 1), "quick": (1, 2)}.get(preset, (1, 3))
-    return run_config(config_for(preset), device, warmup=warmup, repeats=repeats, log=log)
+    config = config_for(preset)
+    return (run_config(config, device, warmup=warmup, repeats=repeats, log=log)
+            + run_ragged_config(config, device, warmup=warmup, repeats=repeats, log=log))
 
 
 def run_config(config: GenerationConfig, device: str, *, warmup: int = 1, repeats: int = 3,
@@ -194,14 +213,187 @@ def run_config(config: GenerationConfig, device: str, *, warmup: int = 1, repeat
     return rows
 
 
+#: Lengths of the ragged batch's 8 prompts, as fractions of the preset's prompt_tokens (all distinct).
+RAGGED_FRACTIONS = (1.0, 0.23, 0.61, 0.37, 0.89, 0.125, 0.74, 0.5)
+
+
+def ragged_lengths(prompt_tokens: int) -> list[int]:
+    """The 8 prompt lengths of the ragged workload for a preset of ``prompt_tokens`` (distinct when
+    ``prompt_tokens >= 8``)."""
+    return [max(1, round(prompt_tokens * f)) for f in RAGGED_FRACTIONS]
+
+
+def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None, cache=None, cache_step=None):
+    """The thin model's ``Attention.forward`` before ragged batches, kept only as this benchmark's reference: the
+    packed prefill stores each sequence's keys and values row by row, and a step with a cache groups the rows by
+    length and makes one op call per group (the causal mask bottom-right aligned within each group)."""
+    from fastadapter import zero_init_attention
+    from fastadapter.model.rope import apply_rope
+
+    batch, seqlen, _ = x.shape
+    q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
+    k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+    v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+    prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache)
+
+    def attend(q_, k_, v_, **varlen):
+        return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True, gate_activation=activation,
+                                   **varlen)
+
+    if cu_seqlens is not None:
+        out = attend(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
+        if cache is not None:
+            bounds = cu_seqlens.tolist()
+            for row in range(len(bounds) - 1):
+                lo, hi = bounds[row], bounds[row + 1]
+                cache.keys[self.layer_index][row, :hi - lo] = k[0, lo:hi]
+                cache.values[self.layer_index][row, :hi - lo] = v[0, lo:hi]
+    elif cache is not None:
+        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
+        by_length: dict[int, list[int]] = {}
+        for row, length in enumerate(cache.lengths):
+            keys[row, length:length + seqlen] = k[row]
+            values[row, length:length + seqlen] = v[row]
+            by_length.setdefault(length, []).append(row)
+        out = q.new_empty(q.shape)
+        for length, rows in by_length.items():
+            index = torch.tensor(rows, device=q.device)
+            end = length + seqlen
+            out[index] = attend(q[index], keys[index, :end], values[index, :end])
+    else:
+        out = attend(q, k, v)
+    return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
+
+
+@contextlib.contextmanager
+def _per_length_path():
+    """Run the thin model's attention through :func:`per_length_attention` inside the block."""
+    from fastadapter.model.llama import Attention
+    ragged = Attention.forward
+    Attention.forward = per_length_attention
+    try:
+        yield
+    finally:
+        Attention.forward = ragged
+
+
+def _per_token(prefill: dict, generate: dict, new_tokens: int) -> dict:
+    """The time of one decoding step from the timings of a prefill and of a whole generation."""
+    steps = new_tokens - 1
+    return {key: (generate[key] - prefill[key]) / steps for key in ("median_ms", "p20_ms", "p80_ms")} | {
+        "runs": min(prefill["runs"], generate["runs"])}
+
+
+def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1, repeats: int = 3,
+                      log: Callable[[str], None] = print) -> list[dict]:
+    """Rows of the ragged workload (module docstring): 8 prompts of :func:`ragged_lengths`, prefill and per-token
+    times of HF + PEFT on the left-padded batch, the previous per-length path and the ragged path."""
+    from fastadapter import generate
+
+    lengths = ragged_lengths(config.prompt_tokens)
+    batch = len(lengths)
+    new_tokens = max(config.new_tokens, 2)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    label = f"{config.label}-ragged{batch}"
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        peft_model, thin = build_models(config, device, folder, dtype)
+        longest = max(lengths)
+        input_ids = torch.zeros(batch, longest, dtype=torch.long)
+        attention_mask = torch.zeros(batch, longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding, as batched HF generation needs
+            input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, longest - len(prompt):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+        @torch.no_grad()
+        def hf_generate(n: int) -> list[list[int]]:
+            out = peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return out[:, longest:].tolist()
+
+        def thin_generate(n: int) -> list[list[int]]:
+            return generate(thin, prompts, max_new_tokens=n)
+
+        runners = [("hf-peft-left-padded", hf_generate, "", contextlib.nullcontext)]
+        # "auto": the backend choice a user gets (per call: the fused kernel where it runs the inputs, else sdpa).
+        for backend in ["auto"] + thin_backends(device):
+            runners += [(f"fastadapter-{backend}-per-length", thin_generate, backend, _per_length_path),
+                        (f"fastadapter-{backend}", thin_generate, backend, contextlib.nullcontext)]
+        expected = thin_generate(new_tokens)
+
+        def in_context(runner, backend, path, n):
+            def call():
+                chosen = _backend(backend) if backend not in ("", "auto") else contextlib.nullcontext()
+                with chosen, path():
+                    return runner(n)
+            return call
+
+        agreement, skipped, steps = {}, {}, {}
+        for provider, runner, backend, path in runners:
+            log(f"  generation: {label} {provider}")
+            try:
+                produced = in_context(runner, backend, path, new_tokens)()
+            except ValueError as exc:  # a forced backend that cannot run ragged inputs (yet)
+                if "cannot run these inputs" not in str(exc):
+                    raise
+                skipped[provider] = str(exc)
+                continue
+            agree = sum(a == b for got, want in zip(produced, expected) for a, b in zip(got, want))
+            agreement[provider] = agree / (batch * new_tokens)
+            steps[f"{provider}|prefill"] = in_context(runner, backend, path, 1)
+            steps[f"{provider}|whole"] = in_context(runner, backend, path, new_tokens)
+        # The providers alternate run by run: on a shared machine the load changes over seconds.
+        times = interleaved_times(steps, warmup, repeats, device)
+        timings = {}
+        for provider, agree in agreement.items():
+            prefill, whole = summarize(times[f"{provider}|prefill"]), summarize(times[f"{provider}|whole"])
+            timings[provider] = (prefill, _per_token(prefill, whole, new_tokens), agree)
+        for provider, reason in skipped.items():
+            rows += [{"suite": "generation", "provider": provider, "mode": mode, "config": label, "median_ms": None,
+                      "skipped": reason} for mode in ("prefill", "per_token")]
+        for provider, (prefill, per_token, agree) in timings.items():
+            reference = timings.get(provider + "-per-length")
+            for mode, timing, tokens, index in (("prefill", prefill, sum(lengths), 0),
+                                                ("per_token", per_token, batch, 1)):
+                row = {"suite": "generation", "provider": provider, "mode": mode, "config": label, **timing,
+                       "tokens_per_s": tokens / (timing["median_ms"] / 1e3), "agree": agree,
+                       "dtype": str(dtype).replace("torch.", ""), "batch": batch, "prompt_lengths": lengths,
+                       "new_tokens": new_tokens}
+                if reference is not None:
+                    row["speedup_vs_per_length"] = reference[index]["median_ms"] / timing["median_ms"]
+                rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="generation tokens/s, thin model vs HF + PEFT")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--ragged-only", action="store_true",
+                        help="only the ragged workload (8 prompts of mixed lengths)")
+    parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from .report import format_table
-    print(format_table(run(args.quick, args.device, full=args.full)))
+    from .report import format_table, write_json
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    if args.ragged_only:
+        warmup, repeats = {"quick": (1, 2)}.get(preset, (1, 3))
+        rows = run_ragged_config(config_for(preset), args.device, warmup=warmup, repeats=repeats)
+    else:
+        rows = run(args.quick, args.device, full=args.full)
+    print(format_table(rows))
+    for row in rows:
+        if "speedup_vs_per_length" in row:
+            print(f"{row['config']} {row['mode']:9s} {row['provider']}: {row['speedup_vs_per_length']:.2f}x the "
+                  f"per-length path")
+    if args.out:
+        from .metadata import collect_metadata
+        write_json(args.out, collect_metadata(args.device, preset, argv), rows)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -160,20 +160,38 @@ def test_v1_prompt_length_from_the_caller_the_file_name_or_the_paper(tmp_path):
     assert base.adapter_config == AdapterConfig(prompt_len=10, layers=list(range(2, 32)))
 
 
-def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, tokens):
+def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, tokens, caplog):
     trained, base = _twin_models(prompt_len=5, layers=3, gate_activation="none")
     path = _official_v1_file(tmp_path / "adapter.pth", trained)
-    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY)
+    with caplog.at_level("INFO", logger="fastadapter"):
+        config, _, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY)
     assert config["gate_activation"] == "tanh"  # the default: the original training code
-    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY, gate_activation="none")
-    add_adapter(base, AdapterConfig(**config))
-    with torch.no_grad():
-        for i, adapter in adapted_layers(base).items():
-            adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
-            adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    assert "tanh(gate), as the original LLaMA-Adapter v1 training code" in config["gate_activation_reason"]
+    assert "adapter.pth: llama_adapter_v1 adapter, gates applied as tanh(gate)" in caplog.text
+    # load_adapter passes the choice through, and says on the model which activation it used and why.
+    load_adapter(base, path)
+    assert base.adapter_source["gate_activation"] == "tanh"
+    assert "its inference code multiplies by the raw gate" in base.adapter_source["gate_activation_reason"]
+    assert not torch.equal(_logits(base, tokens), _logits(trained, tokens))
+    load_adapter(base, path, gate_activation="none")
+    assert base.adapter_source == {"path": str(path), "format": "llama_adapter_v1", "gate_activation": "none",
+                                   "gate_activation_reason": "the raw gate, as the caller asked"}
     torch.testing.assert_close(_logits(base, tokens), _logits(trained, tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="gate_activation must be 'tanh' or 'none', got 'sigmoid'"):
-        read_foreign_adapter(str(path), "llama_adapter_v1", TINY, gate_activation="sigmoid")
+        load_adapter(base, path, gate_activation="sigmoid")
+
+
+def test_a_fastadapter_file_keeps_the_activation_it_was_trained_with(tmp_path):
+    trained, base = _twin_models(gate_activation="tanh")
+    save_adapter(trained, tmp_path / "a.safetensors")
+    load_adapter(base, tmp_path / "a.safetensors", gate_activation="tanh")  # the same: allowed
+    assert base.adapter_source["gate_activation"] == "tanh"
+    with pytest.raises(ValueError, match=r"a.safetensors: this fastadapter adapter was trained with "
+                                         r"gate_activation='tanh'; gate_activation='none' applies to adapters of "
+                                         r"other projects"):
+        load_adapter(base, tmp_path / "a.safetensors", gate_activation="none")
+    add_adapter(base, AdapterConfig(layers=2))
+    assert base.adapter_source is None  # a fresh adapter comes from no file
 
 
 def test_v1_gate_of_a_layer_the_model_lacks(tmp_path):
@@ -187,19 +205,85 @@ def test_v1_gate_of_a_layer_the_model_lacks(tmp_path):
         load_adapter(LlamaModel(TINY), path)
 
 
-@pytest.mark.parametrize("gate_shape", [(1, 1, 8, 1), (1, 8, 1, 1)], ids=["current", "older"])
-def test_litgpt_layout(tmp_path, tokens, gate_shape):
-    trained, base = _twin_models(gate_activation="none", gate_per_head=True)
+def _litgpt_file(path, trained, gate_shape=(1, 1, 8, 1)):
     state = {"transformer.wte.weight": torch.zeros(3)}  # a base weight that an adapter checkpoint may carry
     for i, a in adapted_layers(trained).items():
         state[f"transformer.h.{i}.attn.adapter_wte.weight"] = a.prompt.detach().clone()
         state[f"transformer.h.{i}.attn.gating_factor"] = a.gate.detach().reshape(gate_shape).clone()
-    torch.save({"model": state}, tmp_path / "lit_model.pth.adapter")  # Lightning Fabric nests under "model"
-    load_adapter(base, tmp_path / "lit_model.pth.adapter", format="litgpt")
+    torch.save({"model": state}, path)  # Lightning Fabric nests under "model"
+    return path
+
+
+@pytest.mark.parametrize("gate_shape", [(1, 1, 8, 1), (1, 8, 1, 1)], ids=["current", "older"])
+def test_litgpt_layout(tmp_path, tokens, gate_shape):
+    trained, base = _twin_models(gate_activation="none", gate_per_head=True)
+    path = _litgpt_file(tmp_path / "lit_model.pth.adapter", trained, gate_shape)
+    with pytest.warns(UserWarning, match=r"lit_model.pth.adapter: litgpt >= 0.5.5 projects .* litgpt's prefix keys "
+                                         r"differ from these on heads 0-3, 6-7 and its prefix values on heads 0-5 of "
+                                         r"this model"):
+        load_adapter(base, path, format="litgpt")
+    assert base.adapter_source["gate_activation"] == "none"
     torch.testing.assert_close(_logits(base, tokens), _logits(trained, tokens), rtol=0, atol=0)
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside PEFT
+def _litgpt_prefix_kv(attention, prompt):
+    """What litgpt >= 0.5.5's adapter computes as the prefix keys and values, transcribed from reading
+    ``litgpt/adapter.py`` and ``litgpt/model.py`` (0.5.13): the fused ``qkv`` weight is ``[Wq; Wk; Wv]`` (all query
+    heads, then the keys, then the values), and the adapter views the prompt's output as ``[G, r + 2, head_size]``
+    and splits each group into r queries, one key, one value. Returns ``[G, P, head_size]`` each."""
+    fused = torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight])
+    out = prompt @ fused.T  # [P, (H + 2G)·hs]
+    groups, per_group = attention.n_kv_heads, attention.n_heads // attention.n_kv_heads
+    out = out.view(prompt.shape[0], groups, per_group + 2, attention.head_dim).permute(1, 2, 0, 3)
+    _, keys, values = out.split((per_group, 1, 1), dim=1)
+    return keys[:, 0], values[:, 0]
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, expected_key_groups", [
+    (8, 4, [False, False, True, False]),  # r = 2: group 2's keys land on their true block 10
+    (8, 2, [False, False]),
+    (6, 6, [False] * 6),
+    (3, 3, [False, True, False]),  # r = 1: group 1's keys land on their true block 4
+    (8, 1, [True]),
+], ids=["gqa", "gqa4", "mha", "mha-3", "mqa"])
+def test_litgpt_prefix_rows_are_right_only_for_multi_query_attention(n_heads, n_kv_heads, expected_key_groups):
+    from fastadapter.model.adapter_formats import litgpt_mismatched_heads, litgpt_prefix_blocks
+
+    config = LlamaConfig(dim=48, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=11, hidden_dim=8)
+    torch.manual_seed(0)
+    model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=5, layers=1))
+    attention = model.layers[0].attention
+    prompt = attention.adapter.prompt.detach()
+    with torch.no_grad():
+        ours_k, ours_v = attention.adapter.prefix_kv(attention.wk, attention.wv, n_kv_heads, config.head_dim)
+        lit_k, lit_v = _litgpt_prefix_kv(attention, prompt)
+    # The blocks litgpt_prefix_blocks names are those the transcription reads.
+    fused_out = (prompt @ torch.cat([attention.wq.weight, attention.wk.weight, attention.wv.weight]).T).detach()
+    blocks = fused_out.view(prompt.shape[0], -1, config.head_dim)
+    key_blocks, value_blocks = litgpt_prefix_blocks(n_heads, n_kv_heads)
+    torch.testing.assert_close(lit_k, blocks[:, key_blocks].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(lit_v, blocks[:, value_blocks].transpose(0, 1), rtol=0, atol=0)
+    def same(a, b):  # up to the rounding of two matmul shapes; the wrong rows differ by O(1)
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    same_keys = [same(lit_k[g], ours_k[0, :, g]) for g in range(n_kv_heads)]
+    same_values = [same(lit_v[g], ours_v[0, :, g]) for g in range(n_kv_heads)]
+    # The values are right only for the last group; the keys almost never (both only for multi-query attention).
+    assert same_values == [g == n_kv_heads - 1 for g in range(n_kv_heads)]
+    assert same_keys == expected_key_groups
+    per_group = n_heads // n_kv_heads
+    wrong_keys, wrong_values = litgpt_mismatched_heads(n_heads, n_kv_heads)
+    assert wrong_values == list(range((n_kv_heads - 1) * per_group))
+    assert wrong_keys == [h for h in range(n_heads) if not same_keys[h // per_group]]
+
+
+def test_litgpt_import_is_exact_and_silent_for_multi_query_models(tmp_path, recwarn):
+    trained, base = _twin_models(DEEP, gate_activation="none", gate_per_head=True, layers=2)
+    path = _litgpt_file(tmp_path / "mqa.pth", trained, gate_shape=(1, 1, 2, 1))
+    load_adapter(base, path, format="litgpt")
+    assert not [w for w in recwarn if "litgpt" in str(w.message)]
+
+
 def test_peft_adaption_prompt_gives_peft_logits(tmp_path, tokens):
     from peft import AdaptionPromptConfig, get_peft_model
     from transformers import LlamaConfig as HFConfig, LlamaForCausalLM

@@ -1,5 +1,6 @@
-"""Generation: stories260K against an independent numpy transcription of llama2.c's run.c, batches of prompts of
-different lengths, the prefix projected once per call, EOS, sampling, and the ``fastadapter generate`` CLI."""
+"""Generation: stories260K against an independent numpy transcription of llama2.c's run.c, the prefix projected once
+per call, EOS, sampling, and the ``fastadapter generate`` CLI (batches of prompts of different lengths:
+test_ragged_generation.py)."""
 import numpy as np
 import pytest
 import torch
@@ -107,19 +108,6 @@ def test_logits_equal_run_c_logits(stories, shared_data):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_batch_of_different_lengths_equals_each_prompt_alone(stories):
-    model, tokenizer = stories
-    add_adapter(model, AdapterConfig(prompt_len=4, layers=3))
-    with torch.no_grad():
-        for adapter in adapted_layers(model).values():
-            adapter.gate.fill_(0.4)
-    prompts = [tokenizer.encode(t) for t in ("Once upon a time", "Tom", "The big red dog ran to the", "Lily")]
-    assert len({len(p) for p in prompts}) == 4
-    batched = generate(model, prompts, max_new_tokens=20)
-    alone = [generate(model, [p], max_new_tokens=20)[0] for p in prompts]
-    assert batched == alone and all(len(row) == 20 for row in batched)
-
-
 def test_prefix_projected_once_per_generate_call(monkeypatch):
     model = add_adapter(LlamaModel(LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50,
                                                hidden_dim=40, max_seq_len=64)), AdapterConfig(prompt_len=3, layers=2))
@@ -221,6 +209,52 @@ def test_cli_generate_notes_the_template_with_an_adapter(shared_data, capsys, tm
     missing = [str(tmp_path / "missing.safetensors") if a == str(tmp_path / "adapter.safetensors") else a for a in args]
     assert cli_main(missing) == 2
     assert "fastadapter generate: error: " in capsys.readouterr().err
+
+
+def test_cli_generate_gate_activation_of_a_v1_adapter(shared_data, capsys, tmp_path, stories):
+    """The v1 import says which activation it used and why; --gate-activation none runs the raw gate of the original
+    inference code (what a model adapted with gate_activation="none" generates)."""
+    model, tokenizer = stories
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=5, gate_activation="none"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for adapter in adapted_layers(model).values():
+            adapter.gate.uniform_(1.5, 3.0)  # far from tanh's range: the two activations generate differently
+    state = {"adapter_query.weight": torch.cat([a.prompt.detach() for a in adapted_layers(model).values()])}
+    for i, adapter in adapted_layers(model).items():
+        state[f"layers.{i}.attention.gate"] = adapter.gate.detach().reshape(1, -1, 1, 1).clone()
+    torch.save(state, tmp_path / "llama_adapter_len4_layer5.pth")
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--adapter", str(tmp_path / "llama_adapter_len4_layer5.pth"), "--prompt", "Once upon a time",
+            "--template", "none", "--max-new-tokens", "12"]
+    assert cli_main(args) == 0
+    default = capsys.readouterr()
+    assert "note: llama_adapter_v1 adapter" in default.err
+    assert "gates applied as tanh(gate), as the original LLaMA-Adapter v1 training code" in default.err
+    assert cli_main(args + ["--gate-activation", "none"]) == 0
+    raw = capsys.readouterr()
+    assert "gates applied as the raw gate, as the caller asked" in raw.err
+    prompt = tokenizer.encode("Once upon a time", bos=True)
+    expected = tokenizer.decode(prompt + generate(model, [prompt], max_new_tokens=12)[0])
+    assert raw.out.strip() and expected.endswith(raw.out.rstrip("\n")) and raw.out != default.out
+    no_adapter = [a for a in args if a not in ("--adapter", str(tmp_path / "llama_adapter_len4_layer5.pth"))]
+    assert cli_main(no_adapter + ["--gate-activation", "none"]) == 2
+    assert ("fastadapter generate: error: --gate-activation says how an --adapter's gates are applied; no "
+            "--adapter was given") in capsys.readouterr().err
+
+
+def test_the_default_tokenizer_is_found_beside_the_model_by_train_and_generate(tmp_path):
+    from fastadapter.commands import _paths, generate as generate_command, train as train_command
+
+    assert train_command._default_tokenizer is _paths.default_tokenizer
+    assert generate_command.default_tokenizer is _paths.default_tokenizer
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no --tokenizer given and no tokenizer.model or tokenizer.bin in"):
+        _paths.default_tokenizer(str(tmp_path / "model.bin"))
+    (tmp_path / "tokenizer.bin").write_bytes(b"")
+    assert _paths.default_tokenizer(str(tmp_path / "model.bin")) == str(tmp_path / "tokenizer.bin")
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # SentencePiece first
+    assert _paths.default_tokenizer(str(tmp_path)) == str(tmp_path / "tokenizer.model")
 
 
 @pytest.mark.parametrize("settings, message", [

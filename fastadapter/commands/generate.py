@@ -7,8 +7,9 @@ trains on (:mod:`fastadapter.training.prompt`), so the model continues with the 
 from __future__ import annotations
 
 import math
-import os
 import sys
+
+from ._paths import default_tokenizer
 
 HELP = "continue a prompt with a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder), optionally adapted"
 
@@ -20,6 +21,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
                          "tokenizer.bin (default: the first of these in the model's folder)")
     parser.add_argument("--adapter", help="adapter file or PEFT folder (fastadapter, LLaMA-Adapter v1, PEFT, litgpt)")
+    parser.add_argument("--gate-activation", choices=("tanh", "none"), default=None,
+                        help="how the gates of an adapter of another project are applied (default: its format's: "
+                             "tanh(gate) for LLaMA-Adapter v1, as its training code; 'none', the raw gate, "
+                             "reproduces the v1 inference code; PEFT and litgpt use the raw gate); a fastadapter "
+                             "file keeps the activation it was trained with")
     parser.add_argument("--prompt", required=True,
                         help="the text to continue; with --template alpaca, the instruction")
     parser.add_argument("--template", choices=TEMPLATES, default=None,
@@ -36,11 +42,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     from ._device import add_device_arguments
     add_device_arguments(parser)
-
-
-def _default_tokenizer(model_path: str) -> str:
-    from ..model.tokenizer import find_tokenizer
-    return find_tokenizer(model_path)
 
 
 def prompt_text(prompt: str, template: str | None, input: str = "") -> str:
@@ -77,6 +78,8 @@ def check_settings(args) -> None:
             raise ValueError(f"{flag} is not valid text in this terminal's encoding (byte "
                              f"{value[exc.start:exc.end].encode('utf-8', 'surrogateescape')!r} at {exc.start}); "
                              f"pass UTF-8 text") from None
+    if getattr(args, "gate_activation", None) and not args.adapter:
+        raise ValueError("--gate-activation says how an --adapter's gates are applied; no --adapter was given")
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the text to continue (or the instruction, with --template alpaca)")
 
@@ -107,9 +110,19 @@ def run(args) -> int:
     model = load_model(args.model, dtype=dtype)
     if args.adapter:
         from ..model.adapter_v2 import is_v2_file, load_adapter_v2
-        (load_adapter_v2 if is_v2_file(args.adapter) else load_adapter)(model, args.adapter)
+        if is_v2_file(args.adapter):
+            if args.gate_activation is not None:
+                raise ValueError("--gate-activation applies to adapters of other projects; a LLaMA-Adapter V2 file "
+                                 "of fastadapter keeps the activation it was trained with")
+            load_adapter_v2(model, args.adapter)
+        else:
+            load_adapter(model, args.adapter, gate_activation=args.gate_activation)
+            source = model.adapter_source
+            if source["format"] != "fastadapter":
+                print(f"note: {source['format']} adapter {source['path']}: gates applied as "
+                      f"{source['gate_activation_reason']}", file=sys.stderr)
     model.to(device)
-    tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
+    tokenizer_path = args.tokenizer or default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
     if text is None:

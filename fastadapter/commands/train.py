@@ -21,6 +21,8 @@ import math
 import os
 import shlex
 
+from ._paths import default_tokenizer as _default_tokenizer
+
 HELP = ("fine-tune a LLaMA-Adapter on Alpaca or chat JSON/JSONL data (packed sequences, resumable, "
         "torchrun-ready)")
 
@@ -111,11 +113,6 @@ def add_arguments(parser) -> None:
     run.add_argument("--eval-max-new-tokens", type=int, default=64, help="tokens generated per --eval-prompts prompt")
     run.add_argument("--tensorboard", action="store_true",
                      help="also write the metrics as TensorBoard scalars to OUT/tensorboard (needs tensorboard)")
-
-
-def _default_tokenizer(model_path: str) -> str:
-    from ..model.tokenizer import find_tokenizer
-    return find_tokenizer(model_path)
 
 
 #: The largest --seed: torch's generators take 64-bit seeds.

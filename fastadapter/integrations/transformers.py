@@ -191,22 +191,32 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     write_adapter(path, adapters, _base_model_description(model), what=type(model).__name__)
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> nn.Module:
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Optional[str] = None,
+                 gate_activation: Optional[str] = None) -> nn.Module:
     """Give ``model`` the adapter stored at ``path`` (in place; replaces any adapter it had).
 
     Args:
         path: a fastadapter adapter file, a PEFT ``adaption_prompt`` folder (or its weights file), a litgpt or an
             original LLaMA-Adapter v1 checkpoint.
         format: ``"fastadapter"``, ``"peft"``, ``"litgpt"`` or ``"llama_adapter_v1"``; detected when None.
+        gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
+            default (as :func:`fastadapter.model.load_adapter`); a fastadapter file keeps the one it records.
+
+    After the call, ``model.adapter_source`` says where the adapter came from, which gate activation it runs
+    with, and why (as :func:`fastadapter.model.load_adapter`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
+        ValueError: ``gate_activation`` other than the one a fastadapter file was trained with.
         AdapterFileError: an unreadable file, or one made for another base model (dimensions or fingerprint),
             naming the file and the mismatch.
     """
-    config, tensors, _ = read_adapter(path, _base_model_description(model), format=format,
-                                      what=type(model).__name__)
+    read = read_adapter(path, _base_model_description(model), format=format, what=type(model).__name__,
+                        gate_activation=gate_activation)
+    config = read.config
     apply_adapter(model, config.prompt_len, list(config.layers), config.gate_activation,
                   gate_per_head=config.gate_per_head)
-    copy_adapter_tensors({i: attn.adapter for i, attn in adapted_layers(model).items()}, tensors)
+    copy_adapter_tensors({i: attn.adapter for i, attn in adapted_layers(model).items()}, read.tensors)
+    model.adapter_source = {"path": read.path, "format": read.format, "gate_activation": config.gate_activation,
+                            "gate_activation_reason": read.gate_activation_reason}
     return model

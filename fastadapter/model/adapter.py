@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import types
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -87,6 +87,7 @@ def add_adapter(model: LlamaModel, config: Optional[AdapterConfig] = None) -> Ll
                                                    gate_per_head=config.gate_per_head,
                                                    gate_activation=config.gate_activation, device=device)
     model.adapter_config = config
+    model.adapter_source = None
     return model
 
 
@@ -117,13 +118,31 @@ def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: di
     write_adapter_file(path, tensors, config.to_dict(description["n_layers"]), description)
 
 
+class ReadAdapter(NamedTuple):
+    """What :func:`read_adapter` found: the adapter's configuration, its tensors in fastadapter's layout, the file
+    they came from (the weights file inside a PEFT folder), its format, and why its gates are applied as they are."""
+
+    config: AdapterConfig
+    tensors: dict
+    path: str
+    format: str
+    gate_activation_reason: str
+
+
 def read_adapter(path: Union[str, os.PathLike], description: dict, *, format: Optional[str] = None,
-                 what: str = "the model") -> tuple[AdapterConfig, dict, str]:
-    """Read the adapter at ``path`` for the base model ``description``; returns ``(config, tensors, path)`` (the
-    path of the weights file for a folder), every tensor checked against the model's shapes.
+                 what: str = "the model", gate_activation: Optional[str] = None) -> ReadAdapter:
+    """Read the adapter at ``path`` for the base model ``description``, every tensor checked against the model's
+    shapes. Shared by fastadapter's LLaMA and the Hugging Face integration.
+
+    Args:
+        format: ``"fastadapter"``, ``"peft"``, ``"litgpt"`` or ``"llama_adapter_v1"``; detected when None.
+        gate_activation: for an adapter of another project, how its raw gates are applied (``"tanh"`` or
+            ``"none"``; None: its format's default, see :func:`read_foreign_adapter`). A fastadapter file keeps the
+            activation it records, and asking for another one is an error.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
+        ValueError: ``gate_activation`` other than the one a fastadapter file was trained with.
         AdapterFileError: an unreadable file, or an adapter made for another base model (a different fingerprint
             or shape); the message names the file and the mismatch.
     """
@@ -132,15 +151,21 @@ def read_adapter(path: Union[str, os.PathLike], description: dict, *, format: Op
     if format == "fastadapter":
         tensors, meta = read_adapter_file(path)
         _check_base_model(description, path, meta["base_model"], what)
-        config_dict = meta["config"]
+        config_dict = dict(meta["config"])
+        if gate_activation not in (None, config_dict["gate_activation"]):
+            raise ValueError(f"{path}: this fastadapter adapter was trained with gate_activation="
+                             f"{config_dict['gate_activation']!r}; gate_activation={gate_activation!r} applies to "
+                             f"adapters of other projects (LLaMA-Adapter v1, PEFT, litgpt)")
+        config_dict["gate_activation_reason"] = "the activation recorded in the file (the one it was trained with)"
     else:
         # The foreign readers only need the model's dimensions.
-        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**description))
+        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**description),
+                                                          gate_activation=gate_activation)
     config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
                            gate_activation=config_dict["gate_activation"],
                            gate_per_head=config_dict["gate_per_head"])
     _check_fits(description, path, config, tensors)
-    return config, tensors, path
+    return ReadAdapter(config, tensors, path, format, config_dict["gate_activation_reason"])
 
 
 def copy_adapter_tensors(adapters: dict, tensors: dict) -> None:
@@ -156,7 +181,8 @@ def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
     write_adapter(path, adapted_layers(model), base_model_description(model))
 
 
-def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> LlamaModel:
+def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None,
+                 gate_activation: Optional[str] = None) -> LlamaModel:
     """Give ``model`` the adapter stored at ``path`` (in place; replaces any adapter it had).
 
     Args:
@@ -164,15 +190,24 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
             checkpoint, a PEFT ``adaption_prompt`` folder (or its ``adapter_model.safetensors``), a litgpt adapter
             checkpoint.
         format: ``"fastadapter"``, ``"llama_adapter_v1"``, ``"peft"`` or ``"litgpt"``; detected when None.
+        gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
+            default (LLaMA-Adapter v1: ``"tanh"``, its training code; ``"none"`` reproduces its inference code; see
+            :func:`~fastadapter.model.adapter_formats.read_foreign_adapter`). A fastadapter file records the
+            activation it was trained with: asking for another one is an error.
+
+    After the call, ``model.adapter_source`` is ``{"path", "format", "gate_activation", "gate_activation_reason"}``:
+    where the adapter came from and which gate activation it runs with, and why.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
         AdapterFileError: an unreadable file, or an adapter made for another base model (a different fingerprint
             or shape); the message names the file (for a PEFT folder, its weights file) and the mismatch.
     """
-    config, tensors, _ = read_adapter(path, base_model_description(model), format=format)
-    add_adapter(model, config)
-    copy_adapter_tensors(adapted_layers(model), tensors)
+    read = read_adapter(path, base_model_description(model), format=format, gate_activation=gate_activation)
+    add_adapter(model, read.config)
+    copy_adapter_tensors(adapted_layers(model), read.tensors)
+    model.adapter_source = {"path": read.path, "format": read.format, "gate_activation": read.config.gate_activation,
+                            "gate_activation_reason": read.gate_activation_reason}
     return model
 
 

@@ -10,14 +10,38 @@
 * ``peft`` (``adaption_prompt``): ``…layers.{i}.self_attn.adaption_prompt [1, P, hidden]`` and
   ``…adaption_gate [1]``; raw scalar gate.
 * ``litgpt``: ``transformer.h.{i}.attn.adapter_wte.weight [P, n_embd]`` and ``…attn.gating_factor [1, 1, H, 1]``
-  (older versions: ``[1, H, 1, 1]``); raw gate, one per head.
+  (older versions: ``[1, H, 1, 1]``); raw gate, one per head. See "litgpt >= 0.5.5" below.
 
 Every one of them projects the prompt with the layer's frozen key/value projections, without RoPE, and adds the
 gated, separately softmaxed prefix attention to the word attention: the computation of zero-init attention.
+
+The gate activation of a v1 import. The original LLaMA-Adapter v1 *training* code gates the prefix with
+``tanh(gate)``, its *inference* code (``llama/model.py`` of the release) multiplies by the raw gate. fastadapter
+imports v1 checkpoints with ``tanh`` by default, the function the gates were trained under, so the adapter computes
+what training optimised; ``gate_activation="none"`` reproduces what the released inference code prints. Which one
+was used, and why, is in the ``gate_activation_reason`` of :func:`read_foreign_adapter`'s config (also logged on
+the ``fastadapter`` logger, and kept by ``load_adapter`` as ``model.adapter_source``).
+
+litgpt >= 0.5.5. litgpt 0.5.5 (commit fabf765, "Drop interleave placement in QKV matrix") changed its fused
+``qkv`` weight from per-group interleaved rows ``[q_0..q_{r-1}, k, v]`` per kv group to three blocks
+``[all q heads; all k heads; all v heads]``, but ``litgpt/adapter.py`` (up to 0.5.13 at least) still reads the
+prompt's ``qkv`` output as the interleaved layout: for kv group g of G (``r = n_head / G`` query heads per group)
+its prefix keys come from head-size block ``g·(r+2) + r`` of that output and its values from block
+``g·(r+2) + r + 1`` (:func:`litgpt_prefix_blocks`), where the keys and values really are blocks ``n_head + g`` and
+``n_head + G + g``. The values agree only for the last group (g = G − 1), the keys only where
+``g·(r+1) = r·(G−1)``; both agree only for multi-query attention (G = 1). So on every model with several kv groups
+(LLaMA-7B's MHA included) the prefix keys and values of essentially every head are the prompt projected through
+query rows or another head's rows. fastadapter projects the prompt with the true key/value weights (the paper,
+litgpt < 0.5.5). An adapter trained with litgpt >= 0.5.5 therefore runs here with the prefix attention the paper
+defines, not the one it was trained against: wherever a gate is non-zero its heads attend to other keys and
+values than in litgpt, and the outputs differ from litgpt's (zero gates give the base model in both; multi-query
+models compute exactly what litgpt computes). Its learned effect is not reproduced; the file does not record
+litgpt's version, so a litgpt import on a model with several kv groups warns, naming the heads.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -29,6 +53,17 @@ from .adapter_file import METADATA_KEY, AdapterFileError
 from .config import LlamaConfig
 
 FORMATS = ("fastadapter", "llama_adapter_v1", "peft", "litgpt")
+
+_log = logging.getLogger("fastadapter")
+
+#: Why each format's gates get their default activation (the ``gate_activation_reason`` of an import).
+_DEFAULT_ACTIVATION_REASONS = {
+    "llama_adapter_v1": ("tanh(gate), as the original LLaMA-Adapter v1 training code that learned these gates "
+                         "(its inference code multiplies by the raw gate instead: pass gate_activation='none' to "
+                         "reproduce what that code computes)"),
+    "peft": "the raw gate, as PEFT's adaption_prompt computes it",
+    "litgpt": "the raw gate, as litgpt's adapter computes it",
+}
 
 _V1_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.gate$")
 # The names of the official v1 releases ("llama_adapter_len10_layer30_release.pth") say P and L.
@@ -118,6 +153,9 @@ def read_foreign_adapter(path: str, format: str, model_config: LlamaConfig, *, p
             ``llama_adapter_v1`` gives ``"tanh"``, as the original training code (``γ = tanh(gate)``), while the
             original v1 *inference* code multiplies by the raw gate: pass ``"none"`` to reproduce what that code
             computes with a released checkpoint. PEFT and litgpt use the raw gate (``"none"``).
+
+    ``config_dict["gate_activation_reason"]`` says which activation was used and why (also logged at INFO on the
+    ``fastadapter`` logger). A litgpt adapter on a model with several kv groups warns: see the module docstring.
     """
     if gate_activation not in (None, "tanh", "none"):
         raise ValueError(f"gate_activation must be 'tanh' or 'none', got {gate_activation!r}")
@@ -139,7 +177,63 @@ def read_foreign_adapter(path: str, format: str, model_config: LlamaConfig, *, p
                                f"prompt_len={prompt_len} was asked for")
     if gate_activation is not None:
         config_dict["gate_activation"] = gate_activation
+        config_dict["gate_activation_reason"] = f"{_activation_words(gate_activation)}, as the caller asked"
+    else:
+        config_dict["gate_activation_reason"] = _DEFAULT_ACTIVATION_REASONS[format]
+    _log.info("%s: %s adapter, gates applied as %s", weights, format, config_dict["gate_activation_reason"])
+    if format == "litgpt":
+        _warn_litgpt_prefix_rows(weights, model_config)
     return config_dict, tensors, weights
+
+
+def _activation_words(activation: str) -> str:
+    return "tanh(gate)" if activation == "tanh" else "the raw gate"
+
+
+def litgpt_prefix_blocks(n_heads: int, n_kv_heads: int) -> tuple[list[int], list[int]]:
+    """The head-size blocks of the fused ``qkv`` output that litgpt >= 0.5.5's adapter takes as the prefix keys
+    and values of each kv group: ``(key_blocks [G], value_blocks [G])``.
+
+    litgpt's fused output is ``n_heads + 2·G`` blocks of ``head_size`` (queries, then keys, then values); the true
+    key and value blocks of group g are ``n_heads + g`` and ``n_heads + G + g``. ``litgpt/adapter.py`` views the
+    output as ``[G, r + 2, head_size]`` (``r = n_heads / G``), the interleaved layout of litgpt < 0.5.5, and takes
+    slots r and r + 1 of each group (see this module's docstring).
+    """
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads must be a positive multiple of n_kv_heads, got {n_heads} and {n_kv_heads}")
+    per_group = n_heads // n_kv_heads
+    keys = [g * (per_group + 2) + per_group for g in range(n_kv_heads)]
+    return keys, [block + 1 for block in keys]
+
+
+def litgpt_mismatched_heads(n_heads: int, n_kv_heads: int) -> tuple[list[int], list[int]]:
+    """``(heads with wrong keys, heads with wrong values)``: the query heads whose prefix keys, resp. values,
+    litgpt >= 0.5.5 projects through other rows than the true key/value weights (both empty only for multi-query
+    attention)."""
+    keys, values = litgpt_prefix_blocks(n_heads, n_kv_heads)
+    per_group = n_heads // n_kv_heads
+
+    def heads(groups):
+        return [h for g in groups for h in range(g * per_group, (g + 1) * per_group)]
+
+    return (heads(g for g in range(n_kv_heads) if keys[g] != n_heads + g),
+            heads(g for g in range(n_kv_heads) if values[g] != n_heads + n_kv_heads + g))
+
+
+def _warn_litgpt_prefix_rows(path: str, model_config) -> None:
+    n_heads = model_config.n_heads
+    n_kv_heads = getattr(model_config, "n_kv_heads", None) or n_heads
+    wrong_keys, wrong_values = litgpt_mismatched_heads(n_heads, n_kv_heads)
+    if not wrong_keys and not wrong_values:
+        return
+    warnings.warn(f"{path}: litgpt >= 0.5.5 projects the adaption prompt's keys and values through the wrong rows "
+                  f"of its fused qkv weight (its adapter still reads the interleaved layout litgpt 0.5.5 dropped); "
+                  f"fastadapter uses the layer's true key/value weights, as the paper and litgpt < 0.5.5. If this "
+                  f"adapter was trained with litgpt >= 0.5.5, litgpt's prefix keys differ from these on heads "
+                  f"{_ranges(wrong_keys) or 'none'} and its prefix values on heads {_ranges(wrong_values) or 'none'} "
+                  f"of this model: wherever those heads' gates are non-zero the outputs differ from litgpt's and the "
+                  f"learned effect is not reproduced (adapters of litgpt < 0.5.5 are exact)",
+                  UserWarning, stacklevel=4)
 
 
 def _by_layer(path: str, state: dict, pattern: re.Pattern) -> dict[int, dict[str, torch.Tensor]]:

@@ -1,9 +1,11 @@
 """``generate``: autoregressive decoding with a KV cache — greedy, temperature, top-p, stop at EOS.
 
-A batch of prompts of different lengths needs no padding: the prompts are packed into one prefill call
-(zero_init_attention's varlen mode) that fills one cache row each, and every decoding step appends one token to
-each row at its own position. Each row is therefore computed exactly as if it were generated alone. Each adapted
-layer's prefix keys and values are projected once, at the prefill, and reused by every step.
+A batch of prompts of different lengths needs no padding of its tokens: the prompts are packed into one prefill
+call (zero_init_attention's varlen mode) that fills one cache row each, and every decoding step appends one token
+to each row at its own position, then attends over the whole padded cache in one call per layer, each row read up
+to its own length (``seqused_k``). Each row is therefore computed exactly as if it were generated alone. Each
+adapted layer's prefix keys and values (one prompt for the batch, or one per sample) are projected once, at the
+prefill, and reused by every step.
 """
 from __future__ import annotations
 

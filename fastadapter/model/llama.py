@@ -13,6 +13,10 @@ Three ways to call the model:
   positions restarting at each sequence (zero_init_attention's varlen mode);
 * with a :class:`KVCache` (generation): a packed prefill of the prompts into empty rows, then decoding steps
   ``tokens [B, s]`` appended at each row's own length.
+
+Each layer makes one attention call per model call whatever the rows' lengths: the packed prefill runs the op's
+varlen mode, and a step with a cache reads the padded cache of the whole batch, each row up to its own length
+(``seqused_k``).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention import zero_init_attention
 from .config import LlamaConfig
-from .kv_cache import KVCache
+from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
 from .rope import apply_rope, rope_angles, rope_inverse_frequencies
 
@@ -85,55 +89,39 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """``x [B, S, dim]`` (packed: ``[1, T, dim]``), ``cos, sin [B or 1, S, D/2]`` → ``[B, S, dim]``."""
+                cache: Optional[KVCache] = None, cache_step: Optional[CacheStep] = None) -> torch.Tensor:
+        """``x [B, S, dim]`` (packed: ``[1, T, dim]``), ``cos, sin [B or 1, S, D/2]`` → ``[B, S, dim]``.
+
+        With ``cache``, ``cache_step`` (from :meth:`KVCache.plan_packed` or :meth:`KVCache.plan_append`, made once
+        per model call) says where this call's keys and values go; the attention then reads them back with the
+        rows' past in one call.
+        """
         batch, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
         prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache)
 
-        def attend(q_, k_, v_, **varlen):
+        def attend(q_, k_, v_, **ragged):
             return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True,
-                                       gate_activation=activation, **varlen)
+                                       gate_activation=activation, **ragged)
 
+        if cache is not None and cache_step is None:
+            raise ValueError("a call with a KV cache needs its cache_step (KVCache.plan_packed / plan_append)")
         if cu_seqlens is not None:
+            # Prefill (or training): N sequences packed, each attending to itself.
             out = attend(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
             if cache is not None:
-                self._store_packed(cache, k[0], v[0], cu_seqlens)
+                cache.write(self.layer_index, cache_step, k[0], v[0])
         elif cache is not None:
-            out = self._attend_cached(cache, q, k, v, attend)
+            # A step over the padded cache: every row's past plus its new tokens, each row up to its own length.
+            cache.write(self.layer_index, cache_step, k.reshape(batch * seqlen, self.n_kv_heads, self.head_dim),
+                        v.reshape(batch * seqlen, self.n_kv_heads, self.head_dim))
+            keys, values = cache.read(self.layer_index, cache_step)
+            out = attend(q, keys, values, seqused_k=cache_step.seqused_k)
         else:
             out = attend(q, k, v)
         return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
-
-    def _store_packed(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-        """Write the keys/values of packed sequence ``n`` (``k, v [T, Hkv, D]``) to the start of cache row n."""
-        bounds = cu_seqlens.tolist()
-        for row in range(len(bounds) - 1):
-            lo, hi = bounds[row], bounds[row + 1]
-            cache.keys[self.layer_index][row, :hi - lo] = k[lo:hi]
-            cache.values[self.layer_index][row, :hi - lo] = v[lo:hi]
-
-    def _attend_cached(self, cache: KVCache, q, k, v, attend) -> torch.Tensor:
-        """Append ``k, v [B, s, Hkv, D]`` at each row's length and attend to each row's whole past; rows of
-        equal length share one call (the causal mask is bottom-right aligned, as decoding needs)."""
-        keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
-        seqlen = q.shape[1]
-        by_length: dict[int, list[int]] = {}
-        for row, length in enumerate(cache.lengths):
-            keys[row, length:length + seqlen] = k[row]
-            values[row, length:length + seqlen] = v[row]
-            by_length.setdefault(length, []).append(row)
-        if len(by_length) == 1:
-            end = cache.lengths[0] + seqlen
-            return attend(q, keys[:, :end], values[:, :end])
-        out = q.new_empty(q.shape)
-        for length, rows in by_length.items():
-            index = torch.tensor(rows, device=q.device)
-            end = length + seqlen
-            out[index] = attend(q[index], keys[index, :end], values[index, :end])
-        return out
 
 
 class TransformerBlock(nn.Module):
@@ -185,6 +173,9 @@ class LlamaModel(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         #: The AdapterConfig of the adapter that fastadapter.add_adapter gave the model (None: not adapted).
         self.adapter_config = None
+        #: Where fastadapter.load_adapter read the adapter from, and its gate activation with the reason (None when
+        #: the adapter was not loaded from a file).
+        self.adapter_source = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -212,23 +203,20 @@ class LlamaModel(nn.Module):
         Returns:
             ``[B, S, V]`` logits in the model's dtype (``[B, K, V]`` with ``logits_positions``).
         """
-        tokens, positions, cu_seqlens, max_seqlen = self._check_call(tokens, cu_seqlens, max_seqlen, positions,
-                                                                     cache)
+        tokens, positions, cu_seqlens, max_seqlen, step = self._check_call(tokens, cu_seqlens, max_seqlen,
+                                                                           positions, cache)
         inv_freq = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
                                             device=tokens.device)
         cos, sin = rope_angles(positions, inv_freq)
         h = self.tok_embeddings(tokens)
-        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_step=step)
         for block in self.layers:
             if self.activation_checkpointing and self._takes_part_in_gradient(block, h):
                 h = checkpoint(block, h, cos, sin, use_reentrant=False, **kwargs)
             else:
                 h = block(h, cos, sin, **kwargs)
         if cache is not None:
-            if cu_seqlens is not None:
-                cache.advance((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
-            else:
-                cache.advance([length + tokens.shape[1] for length in cache.lengths])
+            cache.advance(step.new_lengths)
         if logits_positions is not None:
             h = h.index_select(1, logits_positions)
         return F.linear(self.norm(h), self.output_weight)
@@ -239,7 +227,8 @@ class LlamaModel(nn.Module):
         return torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in block.parameters()))
 
     def _check_call(self, tokens, cu_seqlens, max_seqlen, positions, cache):
-        """Validate the arguments of :meth:`forward`; return tokens, positions and the varlen arguments."""
+        """Validate the arguments of :meth:`forward`; return tokens, positions, the varlen arguments and the
+        :class:`CacheStep` of a call with a cache (None without)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be an integer tensor [B, S], got "
                             f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
@@ -252,6 +241,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}), got ids from {int(tokens.min())} to "
                              f"{int(tokens.max())}")
         batch, seqlen = tokens.shape
+        step = None
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"packed tokens (with cu_seqlens) must have shape [1, T], got {tuple(tokens.shape)}")
@@ -268,16 +258,13 @@ class LlamaModel(nn.Module):
                 max_seqlen = int(lengths.max())
             if positions is None:
                 positions = positions_from_cu_seqlens(cu_seqlens, seqlen)[None]
-            if cache is not None and (cache.batch != lengths.numel() or any(cache.lengths)):
-                raise ValueError(f"a packed call fills an empty KV cache with one row per sequence: the cache has "
-                                 f"{cache.batch} rows of lengths {cache.lengths}, the call packs "
-                                 f"{lengths.numel()} sequences")
+            step = None if cache is None else cache.plan_packed(lengths.tolist())
         elif max_seqlen is not None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens")
         elif cache is not None:
             if cache.batch != batch:
                 raise ValueError(f"the KV cache has {cache.batch} rows, tokens have {batch}")
-            cache.reserve([length + seqlen for length in cache.lengths])
+            step = cache.plan_append(seqlen)
             if positions is None:
                 offsets = torch.tensor(cache.lengths, device=tokens.device)[:, None]
                 positions = offsets + torch.arange(seqlen, device=tokens.device)
@@ -288,4 +275,4 @@ class LlamaModel(nn.Module):
         if positions.shape[-1] != seqlen or positions.shape[0] not in (1, batch):
             raise ValueError(f"positions must have shape [{seqlen}] or [{batch}, {seqlen}], got "
                              f"{tuple(positions.shape)}")
-        return tokens, positions, cu_seqlens, max_seqlen
+        return tokens, positions, cu_seqlens, max_seqlen, step
