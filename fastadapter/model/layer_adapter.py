@@ -29,12 +29,14 @@ class LayerAdapter(nn.Module):
     def prompt_len(self) -> int:
         return self.prompt.shape[0]
 
-    def prefix_kv(self, wk: nn.Linear, wv: nn.Linear, n_kv_heads: int, head_dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_kv(self, wk: nn.Linear, wv: nn.Linear, n_kv_heads: int, head_dim: int,
+                  offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt projected by the layer's ``wk`` and ``wv``: ``prefix_k, prefix_v [1, P, Hkv, D]`` in the
-        projections' dtype."""
-        prompt = self.prompt.to(wk.weight.dtype)
-        shape = (1, self.prompt_len, n_kv_heads, head_dim)
+        projections' dtype; with ``offset [N, P or 1, dim]`` (a per-sequence addition, e.g. an image's projected
+        features), the N prompts ``prompt + offset[n]``: ``[N, P, Hkv, D]``."""
+        prompt = self.prompt if offset is None else self.prompt + offset
+        prompt = prompt.to(wk.weight.dtype)
+        shape = (prompt.shape[0] if offset is not None else 1, self.prompt_len, n_kv_heads, head_dim)
         return wk(prompt).view(shape), wv(prompt).view(shape)
 
     def extra_repr(self) -> str:
