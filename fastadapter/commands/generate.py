@@ -33,6 +33,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--image", help="an image file to condition on (needs a multimodal --adapter, trained with "
+                                        "`fastadapter train --vision-model`, and --vision-model)")
+    parser.add_argument("--vision-model", metavar="DIR", help="the vision tower the --adapter was trained with")
 
 
 def _default_tokenizer(model_path: str) -> str:
@@ -80,6 +83,15 @@ def check_settings(args) -> None:
                              f"pass UTF-8 text") from None
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the text to continue (or the instruction, with --template alpaca)")
+    image, vision_model = getattr(args, "image", None), getattr(args, "vision_model", None)
+    if image is not None:
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"--image file not found: {image}")
+        if not args.adapter or vision_model is None:
+            raise ValueError("--image needs a multimodal --adapter (trained with --vision-model) and the "
+                             "--vision-model it was trained with")
+    if vision_model is not None and not os.path.isdir(vision_model):
+        raise FileNotFoundError(f"--vision-model folder not found: {vision_model}")
 
 
 def run(args) -> int:
@@ -97,15 +109,28 @@ def run(args) -> int:
         print("note: the prompt is fed as it is; an adapter trained by `fastadapter train` expects "
               "--template alpaca", file=sys.stderr)
     model = load_model(args.model)
-    if args.adapter:
+    mm = None
+    if getattr(args, "image", None) is not None:
+        from ..training.image_data import open_image
+        from ..vision import load_multimodal_adapter
+        image = open_image(args.image)
+        mm = load_multimodal_adapter(model, args.adapter, args.vision_model)
+    elif args.adapter:
+        if getattr(args, "vision_model", None) is not None:
+            raise ValueError("--vision-model is given without --image: pass the image to condition on")
         load_adapter(model, args.adapter)
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
     prompt = tokenizer.encode(text, bos=True)
     generator = torch.Generator().manual_seed(args.seed)
-    new_tokens = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator)[0]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    eos_id=tokenizer.eos_id, generator=generator)
+    if mm is not None:
+        from ..vision import generate_with_images
+        new_tokens = generate_with_images(mm, [prompt], [image], **sampling)[0]
+    else:
+        new_tokens = generate(model, [prompt], **sampling)[0]
     # Decode prompt and continuation together (a word may span both), then print what follows the prompt.
     prompt_decoded = tokenizer.decode(prompt)
     full_text = tokenizer.decode(prompt + new_tokens)

@@ -71,6 +71,24 @@ def add_arguments(parser) -> None:
     adapter.add_argument("--gate-activation", choices=("tanh", "none"), default="tanh",
                          help="tanh(gate) as the paper's training code, or the raw gate as PEFT/litgpt")
 
+    vision = parser.add_argument_group("images (multimodal LLaMA-Adapter)")
+    vision.add_argument("--vision-model", metavar="DIR",
+                        help="a local Hugging Face vision model folder (CLIPVisionModel and its preprocessor config): "
+                             "its frozen multi-scale image features, projected, are added to the adaption prompts; "
+                             "--data is then a ScienceQA folder (problems.json, pid_splits.json, images/) or an "
+                             "Alpaca JSON/JSONL whose rows may add an 'image' path")
+    vision.add_argument("--vision-layers", metavar="I,J,...",
+                        help="1-based encoder layers whose CLS token forms the image feature (default: 4 evenly "
+                             "spaced layers, the last included)")
+    vision.add_argument("--vision-pooling", choices=("cls", "mean"), default="cls",
+                        help="a layer's global token: CLS (CLIP) or the mean over tokens")
+    vision.add_argument("--fusion", choices=("all", "early"), default="all",
+                        help="add the image to every adapted layer's prompt (LLaMA-Adapter), or only to the lowest "
+                             "--early-fusion-layers adapted layers (LLaMA-Adapter V2's early fusion)")
+    vision.add_argument("--early-fusion-layers", type=int, default=1,
+                        help="with --fusion early: how many of the lowest adapted layers see the image")
+    vision.add_argument("--split", default="train", help="the ScienceQA split trained on (pid_splits.json)")
+
     run = parser.add_argument_group("bookkeeping")
     run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
     run.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end)")
@@ -133,7 +151,38 @@ def check_settings(args) -> None:
                          f"checkpoints/, adapter.safetensors)")
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+    check_vision_settings(args)
 
+
+def parse_layer_list(text: str | None, flag: str) -> list[int] | None:
+    """``"3,6,9"`` → ``[3, 6, 9]``; None stays None; ``ValueError`` naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated layer numbers such as 3,6,9,12, got {text!r}") from None
+    if not layers:
+        raise ValueError(f"{flag} must name at least one layer, got {text!r}")
+    return layers
+
+
+def check_vision_settings(args) -> None:
+    """The image flags: values in range, and --vision-model given exactly when the data has images."""
+    if getattr(args, "vision_model", None) is None:
+        for flag, given in (("--vision-layers", args.vision_layers is not None), ("--fusion", args.fusion != "all")):
+            if given:
+                raise ValueError(f"{flag} configures the image features: it needs --vision-model")
+        from ..training.image_data import has_images
+        if os.path.exists(args.data) and has_images(args.data):
+            raise ValueError(f"--data {args.data} holds images (a ScienceQA folder or rows with 'image'): pass "
+                             f"--vision-model DIR, the vision tower that encodes them")
+        return
+    if not os.path.isdir(args.vision_model):
+        raise FileNotFoundError(f"--vision-model folder not found: {args.vision_model}")
+    parse_layer_list(args.vision_layers, "--vision-layers")
+    if args.early_fusion_layers <= 0:
+        raise ValueError(f"--early-fusion-layers must be positive, got {args.early_fusion_layers}")
 
 def _load_resumed(path: str) -> dict:
     """The checkpoint to resume; when it cannot be read, the error names the older checkpoints beside it."""
@@ -160,7 +209,7 @@ def run(args) -> int:
     from ..training.run_folder import RunFolder
 
     # A bad setting, a missing data file or checkpoint, a used or locked --out fail before the model loads.
-    data_file = file_fingerprint(args.data)
+    data_file = file_fingerprint(os.path.join(args.data, "problems.json") if os.path.isdir(args.data) else args.data)
     resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
     context = init_from_environment(args.device)
     folder = None
@@ -194,7 +243,16 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation)
     add_adapter(model, adapter_config)
     model.to(context.device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mm = None
+    if args.vision_model:
+        from ..vision import VisionTower, VisualPromptConfig, add_vision
+        tower = VisionTower.from_folder(args.vision_model, layers=parse_layer_list(args.vision_layers,
+                                                                                   "--vision-layers"),
+                                        pooling=args.vision_pooling, dtype=DTYPES[args.dtype])
+        mm = add_vision(model, tower, VisualPromptConfig(fusion=args.fusion, early_layers=args.early_fusion_layers))
+        say(f"vision: {args.vision_model} (C={tower.hidden_size}, layers {tower.layers}, {args.vision_pooling}); "
+            f"images reach adapted layers {mm.fused_layers}")
+    trainable = sum(p.numel() for p in (mm or model).parameters() if p.requires_grad)
     say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter: top {layers} layers, "
         f"prompt {args.prompt_len}, {trainable:,} trainable parameters")
 
@@ -205,7 +263,22 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
-    examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row)
+    collate_fn = None
+    if mm is not None:
+        from ..training.image_data import (PixelCache, collate_images, images_digest,
+                                           load_image_instruction_examples)
+        from ..training.scienceqa import load_scienceqa_examples
+        if os.path.isdir(args.data):
+            examples, report = load_scienceqa_examples(args.data, tokenizer, max_seq_len, split=args.split,
+                                                       on_bad_row=args.on_bad_row)
+        else:
+            examples, report = load_image_instruction_examples(args.data, tokenizer, max_seq_len,
+                                                               on_bad_row=args.on_bad_row)
+        pixels = PixelCache(mm.tower.preprocess)
+        collate_fn = lambda rows: collate_images(rows, pixels)  # noqa: E731
+        say(f"images: {sum(e.image is not None for e in examples)} of {len(examples)} examples have one")
+    else:
+        examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row)
     say(f"data: {args.data}: {report.summary()}")
     train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
     waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
@@ -226,10 +299,19 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "prompt_len": args.prompt_len,
                                       "adapter_layers": adapter_config.layer_indices(n_layers),
                                       "gate_activation": args.gate_activation})
+    if mm is not None:
+        from ..vision.multimodal import vision_description
+        config.fingerprint.update({"vision": vision_description(mm), "split": args.split,
+                                   "images": images_digest(examples)})
     if resume:
         say(f"resuming from {resume}")
-    result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
-                   save_adapter_fn=save_adapter, run_folder=folder)
+    if mm is not None:
+        from ..vision import save_multimodal_adapter
+        result = train(mm, train_examples, eval_examples, config, resume=resume, context=context,
+                       save_adapter_fn=save_multimodal_adapter, run_folder=folder, collate_fn=collate_fn)
+    else:
+        result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
+                       save_adapter_fn=save_adapter, run_folder=folder)
     if result.interrupted_by is not None:
         say(f"interrupted by signal {result.interrupted_by} at step {result.steps}: checkpoint saved in "
             f"{os.path.join(args.out, 'checkpoints')}; continue with --resume")
@@ -239,6 +321,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     adapter_path = os.path.join(args.out, "adapter.safetensors")
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
         f"{adapter_path}")
+    image = f" --vision-model {shlex.quote(args.vision_model)} --image IMAGE" if mm is not None else ""
     say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
-        f"--adapter {shlex.quote(adapter_path)} --template alpaca --prompt '...'")
+        f"--adapter {shlex.quote(adapter_path)}{image} --template alpaca --prompt '...'")
     return 0

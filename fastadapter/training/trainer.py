@@ -201,8 +201,10 @@ def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     # The output head runs only at the loss tokens (about half of Alpaca's): it costs 2·dim·V FLOPs per token
     # and a [T, V] fp32 logits tensor, often the step's peak memory.
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
+    extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
     logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                   logits_positions=positions)[0]
+                   logits_positions=positions, **extra)[0]
     return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
 
 
@@ -210,8 +212,11 @@ class Trainer:
     """Runs :class:`TrainConfig` on an adapted model; see :func:`train`."""
 
     def __init__(self, model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
-                 config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None):
+                 config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None,
+                 collate_fn=None):
         self.model, self.config = model, config
+        #: examples of one packed row → its batch (default collate_packed; images: image_data.collate_images).
+        self.collate_fn = collate_fn or collate_packed
         self.context = context or DistributedContext(device=next(model.parameters()).device)
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         if not self.train_examples:
@@ -285,7 +290,7 @@ class Trainer:
         self.model.train()
         local_loss = 0.0
         for micro in range(self.config.grad_accum):
-            batch = collate_packed(global_batch[micro * self.context.world_size + self.context.rank])
+            batch = self.collate_fn(global_batch[micro * self.context.world_size + self.context.rank])
             with self.autocast:
                 loss = token_loss_sum(self.model, batch.to(self.context.device)) / loss_tokens
             self.scaler.scale(loss).backward()
@@ -334,7 +339,7 @@ class Trainer:
             if stop is not None and stop.signum is not None:
                 stopped = 1.0
                 break
-            batch = collate_packed([self.eval_examples[i] for i in row])
+            batch = self.collate_fn([self.eval_examples[i] for i in row])
             with self.autocast:
                 loss_sum += float(token_loss_sum(self.model, batch.to(self.context.device)))
             count += batch.loss_tokens
@@ -538,7 +543,8 @@ def _describe_file(file: dict) -> str:
 
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
-          save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False) -> TrainResult:
+          save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False,
+          collate_fn=None) -> TrainResult:
     """Fine-tune the adapter of ``model`` (already given one by :func:`fastadapter.add_adapter`).
 
     Args:
@@ -552,6 +558,8 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         run_folder: ``config.out`` already opened (and locked) by :meth:`RunFolder.open`; by default the run
             opens it itself and unlocks it at the end.
         overwrite: a new run replaces the run already in ``config.out`` instead of refusing the folder.
+        collate_fn: the examples of one packed row → a :class:`PackedBatch` (default :func:`collate_packed`; a
+            batch with ``extra_inputs()`` passes them to the model, as images to a multimodal model).
 
     Returns:
         :class:`TrainResult`.
@@ -561,5 +569,5 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         TrainingDiverged: the loss or the adapter became NaN or infinite (nothing of it is saved).
         OSError: a checkpoint or the metrics could not be written (the checkpoints before it are intact).
     """
-    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn).run(
+    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn, collate_fn).run(
         resume, run_folder=run_folder, overwrite=overwrite)
