@@ -93,8 +93,8 @@ def representative_inputs(facts: KernelFacts) -> AttentionInputs:
     prefix = torch.empty(1, p, heads_kv, d, **meta)
     return AttentionInputs(q=q, k=kv, v=torch.empty_like(kv), prefix_k=prefix, prefix_v=torch.empty_like(prefix),
                            gate=torch.empty(1, heads_q, device="meta", dtype=torch.float32), causal=facts.causal,
-                           softmax_scale=d ** -0.5, gate_tanh=facts.gate_tanh, cu_seqlens=cu,
-                           max_seqlen=max_seqlen)
+                           softmax_scale=d ** -0.5, gate_tanh=facts.gate_tanh, cu_seqlens_q=cu,
+                           cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
 
 
 def _launch_arguments(kernel: str, inp: AttentionInputs, capability: int) -> dict:

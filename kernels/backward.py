@@ -87,7 +87,7 @@ def preprocess_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuff
     return dict(Q=buf.q, PREFIX_K=buf.prefix_k, PREFIX_V=buf.prefix_v, GATE=buf.gate, OUT=buf.out,
                 GRAD_OUT=buf.grad_out, LSE_P=buf.lse_p, DELTA_W=buf.delta_w, DELTA_P=buf.delta_p,
                 PARTIAL_DPK=buf.partial_dpk, PARTIAL_DPV=buf.partial_dpv, PARTIAL_DGAMMA=buf.partial_dgamma,
-                CU_SEQLENS=inp.cu_seqlens, **_strides("q", buf.q, varlen), **_prefix_strides("pk", buf.prefix_k),
+                CU_SEQLENS=inp.cu_seqlens_q, **_strides("q", buf.q, varlen), **_prefix_strides("pk", buf.prefix_k),
                 **_prefix_strides("pv", buf.prefix_v), stride_gb=gb, stride_gh=gh,
                 **_strides("o", buf.out, varlen), **_strides("do", buf.grad_out, varlen),
                 stride_lb=lb, stride_lh=lh, seqlen_q=layout.seqlen_q, prefix_len=layout.prefix_len,
@@ -102,7 +102,7 @@ def dkdv_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuffers) -
     lb, lh = lse_strides(buf.lse_w, varlen)
     constexprs = layout.common_constexprs()
     return dict(Q=buf.q, K=buf.k, V=buf.v, GRAD_OUT=buf.grad_out, LSE_W=buf.lse_w, DELTA_W=buf.delta_w,
-                DK=buf.dk, DV=buf.dv, CU_SEQLENS=inp.cu_seqlens, **_strides("q", buf.q, varlen),
+                DK=buf.dk, DV=buf.dv, CU_SEQLENS=inp.cu_seqlens_q, **_strides("q", buf.q, varlen),
                 **_strides("k", buf.k, varlen), **_strides("v", buf.v, varlen),
                 **_strides("do", buf.grad_out, varlen), **_strides("dk", buf.dk, varlen),
                 **_strides("dv", buf.dv, varlen), stride_lb=lb, stride_lh=lh, seqlen_q=layout.seqlen_q,
@@ -119,7 +119,7 @@ def dq_arguments(inp: AttentionInputs, layout: Layout, buf: BackwardBuffers) -> 
     gb, gh = broadcast_strides(buf.gate)
     return dict(Q=buf.q, K=buf.k, V=buf.v, PREFIX_K=buf.prefix_k, PREFIX_V=buf.prefix_v, GATE=buf.gate,
                 GRAD_OUT=buf.grad_out, LSE_W=buf.lse_w, LSE_P=buf.lse_p, DELTA_W=buf.delta_w,
-                DELTA_P=buf.delta_p, DQ=buf.dq, CU_SEQLENS=inp.cu_seqlens, **_strides("q", buf.q, varlen),
+                DELTA_P=buf.delta_p, DQ=buf.dq, CU_SEQLENS=inp.cu_seqlens_q, **_strides("q", buf.q, varlen),
                 **_strides("k", buf.k, varlen), **_strides("v", buf.v, varlen),
                 **_prefix_strides("pk", buf.prefix_k), **_prefix_strides("pv", buf.prefix_v),
                 stride_gb=gb, stride_gh=gh, **_strides("do", buf.grad_out, varlen),

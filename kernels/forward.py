@@ -101,7 +101,7 @@ def forward_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, l
                        + row_strides(v, layout.varlen) + row_strides(out, layout.varlen)))
     lb, lh = lse_strides(lse_w, layout.varlen)
     return dict(Q=q, K=k, V=v, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
-                CU_SEQLENS=inp.cu_seqlens, **strides,
+                CU_SEQLENS=inp.cu_seqlens_q, **strides,
                 stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh, stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh,
                 stride_gb=gb, stride_gh=gh, stride_lb=lb, stride_lh=lh,
                 seqlen_q=layout.seqlen_q, seqlen_k=layout.seqlen_k, prefix_len=layout.prefix_len,
