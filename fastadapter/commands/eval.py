@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from ._device import add_device_arguments, resolve_device, resolve_dtype
+
 HELP = "evaluate an adapter on a benchmark (ScienceQA: answer accuracy by subject, context and grade, as JSON)"
 
 TASKS = ("scienceqa",)
@@ -33,14 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed row of options")
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
                         help="a malformed problem is reported by pid and skipped (default) or stops the evaluation")
-    try:
-        from ._device import add_device_arguments
-    except ImportError:  # the shared helper of the commands
-        parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-        parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                            help="dtype of the base weights")
-    else:
-        add_device_arguments(parser)
+    add_device_arguments(parser, dtype_help="the base model's and the tower's dtype")
 
 
 def check_settings(args) -> None:
@@ -57,20 +52,8 @@ def check_settings(args) -> None:
         raise ValueError(f"--out {args.out} is a folder; expected the path of the JSON report")
 
 
-def _device_and_dtype(args, torch):
-    try:
-        from ._device import resolve_device, resolve_dtype
-    except ImportError:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    device = resolve_device(args.device)
-    return device, resolve_dtype(args.dtype, device)
-
-
 def run(args) -> int:
     check_settings(args)
-
-    import torch
 
     from ..model.adapter import load_adapter
     from ..model.checkpoints import load_model
@@ -81,7 +64,8 @@ def run(args) -> int:
     from ..training.scienceqa_eval import accuracy_report, predict
     from .train import _default_tokenizer
 
-    device, dtype = _device_and_dtype(args, torch)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     report = DataReport()
     problems = load_problems(args.data, args.split, on_bad_row=args.on_bad_row, report=report)
     if args.limit is not None:
