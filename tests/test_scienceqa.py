@@ -309,3 +309,21 @@ def test_image_data_without_a_vision_model_is_refused(tmp_path, shared_data, sci
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "holds images" in err and "pass --vision-model DIR" in err
+
+
+def test_eval_and_train_refuse_image_flags_that_do_not_fit(tmp_path, shared_data, scienceqa, capsys):
+    from fastadapter.model import load_model, save_adapter
+
+    model = add_adapter(load_model(shared_data / "stories260K.bin"), AdapterConfig(prompt_len=2, layers=1))
+    text_only = tmp_path / "text.safetensors"
+    save_adapter(model, text_only)
+    tower = write_tower(tmp_path / "tower")
+    common = ["eval", "--task", "scienceqa", "--model", str(shared_data / "stories260K.bin"), "--tokenizer",
+              str(shared_data / "tok512.bin"), "--data", str(scienceqa)]
+    assert cli_main(common + ["--adapter", str(text_only), "--vision-model", str(tower)]) == 2
+    assert "text-only adapter (no image projection)" in capsys.readouterr().err
+    assert cli_main(common + ["--limit", "0"]) == 2
+    assert "--limit must be positive" in capsys.readouterr().err
+    assert cli_main(["train", "--model", str(shared_data / "stories260K.bin"), "--data",
+                     str(shared_data / "alpaca_tiny.json"), "--out", str(tmp_path / "r"), "--fusion", "early"]) == 2
+    assert "--fusion configures the image features: it needs --vision-model" in capsys.readouterr().err
