@@ -4,7 +4,6 @@ categories, and the commands end to end on stories260K with a tiny CLIP tower: `
 --vision-model` (and its exact resume), `fastadapter eval --task scienceqa`, `fastadapter generate --image`."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
