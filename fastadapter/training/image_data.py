@@ -175,13 +175,15 @@ def load_image_instruction_examples(path: str | os.PathLike, tokenizer, max_seq_
 
 
 def has_images(path: str | os.PathLike) -> bool:
-    """Whether the data at ``path`` is image data: a ScienceQA folder, or a JSON/JSONL file with an ``"image"``
-    key in some row (read cheaply: the text is searched for the key)."""
+    """Whether the data at ``path`` is image data: a ScienceQA folder, or a JSON/JSONL file some row of which has
+    an ``"image"``. An unreadable file is not (reading it reports the problem later)."""
+    from .data import _read_json_rows
+
     path = os.fspath(path)
     if os.path.isdir(path):
         return os.path.isfile(os.path.join(path, "problems.json"))
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return '"image"' in f.read()
-    except (OSError, UnicodeDecodeError):
+        rows = _read_json_rows(path)
+    except (OSError, DataError):
         return False
+    return isinstance(rows, list) and any(isinstance(row, dict) and row.get("image") is not None for row in rows)
