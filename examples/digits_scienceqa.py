@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", type=int, default=4, help="digits 0..N-1 (4: fixed options; up to 10)")
     parser.add_argument("--epochs", type=int, default=8, help="passes over the training problems")
     parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--eval-limit", type=int, help="evaluate only the first N test problems (default: all)")
     parser.add_argument("--prepare-only", action="store_true", help="write the data and the tower, then stop")
     args = parser.parse_args(argv)
 
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     adapter = os.path.join(run, "adapter.safetensors")
     common = ["eval", "--task", "scienceqa", "--model", model, "--tokenizer", tokenizer, "--adapter", adapter,
               "--data", data, "--split", "test"]
+    if args.eval_limit:
+        common += ["--limit", str(args.eval_limit)]
     code = fastadapter(common + ["--vision-model", tower, "--out", os.path.join(args.out, "eval-test.json")])
     if code:
         return code
