@@ -168,7 +168,7 @@ def step_functions(mm, pixels, examples, images, config: MultimodalConfig) -> di
                         logits_positions=positions, pixel_values=pixels, image_index=index)[0]
             loss = F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
@@ -185,7 +185,7 @@ def step_functions(mm, pixels, examples, images, config: MultimodalConfig) -> di
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.to(device).flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
