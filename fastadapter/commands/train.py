@@ -170,7 +170,8 @@ def parse_layer_list(text: str | None, flag: str) -> list[int] | None:
 def check_vision_settings(args) -> None:
     """The image flags: values in range, and --vision-model given exactly when the data has images."""
     if getattr(args, "vision_model", None) is None:
-        for flag, given in (("--vision-layers", args.vision_layers is not None), ("--fusion", args.fusion != "all")):
+        for flag, given in (("--vision-layers", getattr(args, "vision_layers", None) is not None),
+                            ("--fusion", getattr(args, "fusion", "all") != "all")):
             if given:
                 raise ValueError(f"{flag} configures the image features: it needs --vision-model")
         from ..training.image_data import has_images
@@ -209,7 +210,8 @@ def run(args) -> int:
     from ..training.run_folder import RunFolder
 
     # A bad setting, a missing data file or checkpoint, a used or locked --out fail before the model loads.
-    data_file = file_fingerprint(os.path.join(args.data, "problems.json") if os.path.isdir(args.data) else args.data)
+    problems = os.path.join(args.data, "problems.json")  # a ScienceQA folder: its problems are the data file
+    data_file = file_fingerprint(problems if os.path.isfile(problems) else args.data)
     resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
     context = init_from_environment(args.device)
     folder = None
