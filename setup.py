@@ -80,11 +80,13 @@ setup(
         "triton": ["triton>=3.2"],
         # The tests also run the benchmark machinery (plots, the pytest-benchmark plugin) on tiny shapes.
         "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib", "torchao>=0.18",
-                 "pytest-benchmark", "tensorboard"],
+                 "pytest-benchmark", "tensorboard", "scikit-learn", "Pillow"],
         # --quantize int8|int4: torchao's weight-only quantization (CPU and CUDA).
         "quantize": ["torchao>=0.18"],
         # The integrations support transformers 5.17-5.23 and peft 0.18-0.21 (fastadapter/integrations/_versions.py;
         # the test extra pins the newest, .ci/integration-versions.sh tests the oldest).
+        # Multimodal LLaMA-Adapter (fastadapter.vision): the vision tower and its image processor.
+        "vision": ["transformers>=5.17,<5.24", "Pillow"],
         "bench": ["matplotlib", "pytest-benchmark", "transformers>=5.17,<5.24", "peft>=0.18,<0.22"],
     },
     entry_points={"console_scripts": ["fastadapter=fastadapter.cli:main"]},

@@ -23,6 +23,7 @@ import traceback
 COMMANDS = {
     "generate": "generate",
     "train": "train",
+    "eval": "eval",
     "plan": "plan",
     "bench": "bench",
     "info": "info",

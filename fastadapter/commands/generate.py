@@ -7,6 +7,7 @@ trains on (:mod:`fastadapter.training.prompt`), so the model continues with the 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from ._paths import default_tokenizer
@@ -42,6 +43,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     from ._device import add_device_arguments
     add_device_arguments(parser)
+    parser.add_argument("--image", help="an image file to condition on (needs a multimodal --adapter, trained with "
+                                        "`fastadapter train --vision-model`, and --vision-model)")
+    parser.add_argument("--vision-model", metavar="DIR", help="the vision tower the --adapter was trained with")
+
 
 
 def prompt_text(prompt: str, template: str | None, input: str = "") -> str:
@@ -82,6 +87,15 @@ def check_settings(args) -> None:
         raise ValueError("--gate-activation says how an --adapter's gates are applied; no --adapter was given")
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the text to continue (or the instruction, with --template alpaca)")
+    image, vision_model = getattr(args, "image", None), getattr(args, "vision_model", None)
+    if image is not None:
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"--image file not found: {image}")
+        if not args.adapter or vision_model is None:
+            raise ValueError("--image needs a multimodal --adapter (trained with --vision-model) and the "
+                             "--vision-model it was trained with")
+    if vision_model is not None and not os.path.isdir(vision_model):
+        raise FileNotFoundError(f"--vision-model folder not found: {vision_model}")
 
 
 def run(args) -> int:
@@ -108,7 +122,15 @@ def run(args) -> int:
         print("note: the prompt is fed as it is; an adapter trained by `fastadapter train` expects "
               "--template alpaca (or chat)", file=sys.stderr)
     model = load_model(args.model, dtype=dtype)
-    if args.adapter:
+    mm = None
+    if getattr(args, "image", None) is not None:
+        from ..training.image_data import open_image
+        from ..vision import load_multimodal_adapter
+        image = open_image(args.image)
+        mm = load_multimodal_adapter(model, args.adapter, args.vision_model)
+    elif args.adapter:
+        if getattr(args, "vision_model", None) is not None:
+            raise ValueError("--vision-model is given without --image: pass the image to condition on")
         from ..model.adapter_v2 import is_v2_file, load_adapter_v2
         if is_v2_file(args.adapter):
             if args.gate_activation is not None:
@@ -121,7 +143,7 @@ def run(args) -> int:
             if source["format"] != "fastadapter":
                 print(f"note: {source['format']} adapter {source['path']}: gates applied as "
                       f"{source['gate_activation_reason']}", file=sys.stderr)
-    model.to(device)
+    (mm or model).to(device)
     tokenizer_path = args.tokenizer or default_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
@@ -134,8 +156,13 @@ def run(args) -> int:
         prompt = tokenizer.encode(text, bos=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stops = getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id]
-    new_tokens = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, eos_id=stops[0], generator=generator)[0]
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    eos_id=stops[0], generator=generator)
+    if mm is not None:
+        from ..vision import generate_with_images
+        new_tokens = generate_with_images(mm, [prompt], [image], **sampling)[0]
+    else:
+        new_tokens = generate(model, [prompt], **sampling)[0]
     for position, token in enumerate(new_tokens):  # every stop id ends the answer (Qwen: <|im_end|>, <|endoftext|>)
         if token in stops:
             new_tokens = new_tokens[:position]

@@ -101,6 +101,24 @@ def add_arguments(parser) -> None:
                         help="weight-only quantization of the frozen base's projections through torchao: int8 "
                              "(per-row scales) or int4 (NF4: 4-bit codes, blockwise scales); the adapter stays fp32")
 
+    vision = parser.add_argument_group("images (multimodal LLaMA-Adapter)")
+    vision.add_argument("--vision-model", metavar="DIR",
+                        help="a local Hugging Face vision model folder (CLIPVisionModel and its preprocessor config): "
+                             "its frozen multi-scale image features, projected, are added to the adaption prompts; "
+                             "--data is then a ScienceQA folder (problems.json, pid_splits.json, images/) or an "
+                             "Alpaca JSON/JSONL whose rows may add an 'image' path")
+    vision.add_argument("--vision-layers", metavar="I,J,...",
+                        help="1-based encoder layers whose CLS token forms the image feature (default: 4 evenly "
+                             "spaced layers, the last included)")
+    vision.add_argument("--vision-pooling", choices=("cls", "mean"), default="cls",
+                        help="a layer's global token: CLS (CLIP) or the mean over tokens")
+    vision.add_argument("--fusion", choices=("all", "early"), default="all",
+                        help="add the image to every adapted layer's prompt (LLaMA-Adapter), or only to the lowest "
+                             "--early-fusion-layers adapted layers (LLaMA-Adapter V2's early fusion)")
+    vision.add_argument("--early-fusion-layers", type=int, default=1,
+                        help="with --fusion early: how many of the lowest adapted layers see the image")
+    vision.add_argument("--split", default="train", help="the ScienceQA split trained on (pid_splits.json)")
+
     run = parser.add_argument_group("bookkeeping")
     run.add_argument("--eval-every", type=int, default=20, help="eval loss every N steps (also at 0 and the end)")
     run.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end)")
@@ -176,7 +194,44 @@ def check_settings(args) -> None:
         raise ValueError(f"--fsdp and --quantize {args.quantize} cannot be combined: torchao's quantized weights are "
                          f"not sharded by FSDP here; shard a bf16 base (--fsdp --dtype bf16) or quantize a base that "
                          f"fits on one GPU")
+    check_vision_settings(args)
 
+
+def parse_layer_list(text: str | None, flag: str) -> list[int] | None:
+    """``"3,6,9"`` → ``[3, 6, 9]``; None stays None; ``ValueError`` naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated layer numbers such as 3,6,9,12, got {text!r}") from None
+    if not layers:
+        raise ValueError(f"{flag} must name at least one layer, got {text!r}")
+    return layers
+
+
+def check_vision_settings(args) -> None:
+    """The image flags: values in range, and --vision-model given exactly when the data has images."""
+    if getattr(args, "vision_model", None) is None:
+        for flag, given in (("--vision-layers", getattr(args, "vision_layers", None) is not None),
+                            ("--fusion", getattr(args, "fusion", "all") != "all")):
+            if given:
+                raise ValueError(f"{flag} configures the image features: it needs --vision-model")
+        from ..training.image_data import has_images
+        if os.path.exists(args.data) and has_images(args.data):
+            raise ValueError(f"--data {args.data} holds images (a ScienceQA folder or rows with 'image'): pass "
+                             f"--vision-model DIR, the vision tower that encodes them")
+        return
+    if not os.path.isdir(args.vision_model):
+        raise FileNotFoundError(f"--vision-model folder not found: {args.vision_model}")
+    for flag, given in (("--fsdp", args.fsdp), ("--adapter v2", args.adapter == "v2"),
+                        ("--template chat", args.template == "chat")):
+        if given:
+            raise ValueError(f"--vision-model trains a LLaMA-Adapter V1 with image prompts on Alpaca-style rows; "
+                             f"{flag} is not combined with it")
+    parse_layer_list(args.vision_layers, "--vision-layers")
+    if args.early_fusion_layers <= 0:
+        raise ValueError(f"--early-fusion-layers must be positive, got {args.early_fusion_layers}")
 
 def _load_resumed(path: str) -> dict:
     """The checkpoint to resume; when it cannot be read, the error names the older checkpoints beside it."""
@@ -203,7 +258,8 @@ def run(args) -> int:
     from ..training.run_folder import RunFolder
 
     # A bad setting, a missing data file or checkpoint, a used or locked --out fail before the model loads.
-    data_file = file_fingerprint(args.data)
+    problems = os.path.join(args.data, "problems.json")  # a ScienceQA folder: its problems are the data file
+    data_file = file_fingerprint(problems if os.path.isfile(problems) else args.data)
     resume = None if args.resume is None else resolve_resume(args.resume or args.out, args.out)
     context = init_from_environment(args.device)
     folder = None
@@ -267,6 +323,17 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     if args.quantize:
         from ..model.quantize import base_weight_bytes
         say(f"quantize: {args.quantize} base projections, {base_weight_bytes(model) / 2**20:,.2f} MiB")
+    mm = None
+    if args.vision_model:
+        from ..vision import VisionTower, VisualPromptConfig, add_vision
+        tower = VisionTower.from_folder(args.vision_model, layers=parse_layer_list(args.vision_layers,
+                                                                                   "--vision-layers"),
+                                        pooling=args.vision_pooling, dtype=DTYPES[args.dtype])
+        mm = add_vision(model, tower, VisualPromptConfig(fusion=args.fusion, early_layers=args.early_fusion_layers))
+        mm.to(context.device)
+        say(f"vision: {args.vision_model} (C={tower.hidden_size}, layers {tower.layers}, {args.vision_pooling}); "
+            f"images reach adapted layers {mm.fused_layers}; "
+            f"{sum(p.numel() for p in mm.parameters() if p.requires_grad):,} trainable parameters with the projection")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
     if args.batch_tokens < max_seq_len:
@@ -279,8 +346,23 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     if args.template == "chat":
         from ..training.chat import chat_template_of
         chat_template = chat_template_of(tokenizer, args.chat_template)
-    examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row,
-                                     template=args.template, chat_template=chat_template)
+    collate_fn = None
+    if mm is not None:
+        from ..training.image_data import (PixelCache, collate_images, images_digest,
+                                           load_image_instruction_examples)
+        from ..training.scienceqa import load_scienceqa_examples
+        if os.path.isdir(args.data):
+            examples, report = load_scienceqa_examples(args.data, tokenizer, max_seq_len, split=args.split,
+                                                       on_bad_row=args.on_bad_row)
+        else:
+            examples, report = load_image_instruction_examples(args.data, tokenizer, max_seq_len,
+                                                               on_bad_row=args.on_bad_row)
+        pixels = PixelCache(mm.tower.preprocess)
+        collate_fn = lambda rows: collate_images(rows, pixels)  # noqa: E731
+        say(f"images: {sum(e.image is not None for e in examples)} of {len(examples)} examples have one")
+    else:
+        examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row,
+                                         template=args.template, chat_template=chat_template)
     say(f"data: {args.data}: {report.summary()}")
     train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
     waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
@@ -303,13 +385,21 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                       "gate_activation": args.gate_activation, "gate_shape": args.gate_shape,
                                       "adapter": args.adapter, "template": args.template,
                                       "quantize": args.quantize})
+    if mm is not None:
+        from ..vision import save_multimodal_adapter
+        from ..vision.multimodal import vision_description
+        config.fingerprint.update({"vision": vision_description(mm), "split": args.split,
+                                   "images": images_digest(examples)})
+        trained, save_fn, extra = mm, save_multimodal_adapter, {"collate_fn": collate_fn}
+    else:
+        trained, extra = model, {}
     hooks = _run_hooks(args, context, tokenizer, chat_template)
     closers = hooks.pop("_close")
     if resume:
         say(f"resuming from {resume}")
     try:
-        result = train(model, train_examples, eval_examples, config, resume=resume, context=context,
-                       save_adapter_fn=save_fn, run_folder=folder, **hooks)
+        result = train(trained, train_examples, eval_examples, config, resume=resume, context=context,
+                       save_adapter_fn=save_fn, run_folder=folder, **hooks, **extra)
     finally:
         for close in closers:
             close()
@@ -322,8 +412,9 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     adapter_path = os.path.join(args.out, "adapter.safetensors")
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
         f"{adapter_path}")
+    image = f" --vision-model {shlex.quote(args.vision_model)} --image IMAGE" if mm is not None else ""
     say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
-        f"--adapter {shlex.quote(adapter_path)} --template {args.template} --prompt '...'")
+        f"--adapter {shlex.quote(adapter_path)}{image} --template {args.template} --prompt '...'")
     return 0
 
 

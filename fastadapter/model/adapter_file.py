@@ -12,6 +12,10 @@ Layout (format_version 1):
        "base_model": {"fingerprint": str, "dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
                       "vocab_size": int}}
 
+A multimodal adapter (:mod:`fastadapter.vision`) also holds its image projection, tensors named
+``vision.{name}`` (fp32), and a ``"vision"`` object in the description (the vision tower's identity, feature
+layers and fusion; :mod:`fastadapter.vision.multimodal` checks it).
+
 The base-model fingerprint lets ``load_adapter`` refuse an adapter trained on another model. It hashes the
 dimensions and three rows of the token embedding, which is cheap (no pass over the weights) and the same
 whichever loader (llama2.c, Meta, Hugging Face) built the model.
@@ -32,6 +36,8 @@ import torch
 FORMAT_VERSION = 1
 #: The safetensors metadata key under which the JSON description is stored.
 METADATA_KEY = "fastadapter"
+#: Name prefix of the image projection's tensors in a multimodal adapter.
+VISION_PREFIX = "vision."
 _TENSOR_NAME = re.compile(r"^layers\.(\d+)\.(adapter_prompt|adapter_gate)$")
 _CONFIG_KEYS = ("prompt_len", "layers", "gate_activation", "gate_per_head")
 _BASE_MODEL_KEYS = ("fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
@@ -83,8 +89,12 @@ def _check_description(path: str, config: Mapping, base_model: Mapping) -> None:
                                f"{config['gate_activation']!r}")
 
 
-def _check_tensors(path: str, tensors: Mapping[str, torch.Tensor], config: Mapping, base_model: Mapping) -> None:
-    """Raise :class:`AdapterFileError` unless ``tensors`` are exactly the prompts and gates ``config`` says."""
+def _check_tensors(path: str, tensors: Mapping[str, torch.Tensor], config: Mapping, base_model: Mapping,
+                   vision: bool = False) -> None:
+    """Raise :class:`AdapterFileError` unless ``tensors`` are exactly the prompts and gates ``config`` says
+    (and, with ``vision``, any ``vision.*`` tensors of the image projection)."""
+    if vision:
+        tensors = {name: t for name, t in tensors.items() if not name.startswith(VISION_PREFIX)}
     layers = list(config["layers"])
     prompt_shape = (int(config["prompt_len"]), int(base_model["dim"]))
     gate_shape = (int(base_model["n_heads"]),) if config["gate_per_head"] else (1,)
@@ -108,7 +118,7 @@ def _check_tensors(path: str, tensors: Mapping[str, torch.Tensor], config: Mappi
 
 
 def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config_dict: Mapping,
-                       base_model_dict: Mapping) -> None:
+                       base_model_dict: Mapping, vision: Mapping | None = None) -> None:
     """Write an adapter file atomically (a temporary file in the same folder, then ``os.replace``).
 
     Args:
@@ -116,6 +126,7 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
         tensors: ``{"layers.{i}.adapter_prompt": [P, dim], "layers.{i}.adapter_gate": [Hq] or [1]}``; stored fp32.
         config_dict: ``{"prompt_len", "layers" (explicit index list), "gate_activation", "gate_per_head"}``.
         base_model_dict: ``{"fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"}``.
+        vision: the multimodal description (JSON-serialisable); it allows ``vision.*`` tensors.
 
     Raises:
         AdapterFileError: tensors that do not match the description (the message names the tensor and shape).
@@ -124,6 +135,8 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
 
     path = os.fspath(path)
     for name in tensors:
+        if vision is not None and name.startswith(VISION_PREFIX):
+            continue
         if not _TENSOR_NAME.match(name):
             raise AdapterFileError(f"{path}: tensor name {name!r} is not layers.{{i}}.adapter_prompt or "
                                    f"layers.{{i}}.adapter_gate")
@@ -131,10 +144,12 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
     if "layers" in config:  # accept a tuple or a range; store a JSON list
         config["layers"] = [int(i) for i in config["layers"]]
     _check_description(path, config, base_model_dict)
-    _check_tensors(path, tensors, config, base_model_dict)
+    _check_tensors(path, tensors, config, base_model_dict, vision is not None)
     description = {"format_version": FORMAT_VERSION,
                    "config": {k: config[k] for k in _CONFIG_KEYS},
                    "base_model": {k: base_model_dict[k] for k in _BASE_MODEL_KEYS}}
+    if vision is not None:
+        description["vision"] = dict(vision)
     # safetensors refuses views sharing storage and non-contiguous tensors: give it fresh fp32 CPU copies.
     payload = {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in tensors.items()}
 
@@ -160,7 +175,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
     Returns:
         ``(tensors, meta)``: fp32 tensors by name, and the parsed JSON description
-        (``{"format_version", "config", "base_model"}``).
+        (``{"format_version", "config", "base_model"}``, and ``"vision"`` for a multimodal adapter).
 
     Raises:
         FileNotFoundError: no such file.
@@ -196,5 +211,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     for name, t in tensors.items():
         if t.dtype != torch.float32:
             raise AdapterFileError(f"{path}: tensor {name!r} is {t.dtype}, expected torch.float32")
-    _check_tensors(path, tensors, config, base_model)
+    if "vision" in meta and not isinstance(meta["vision"], dict):
+        raise AdapterFileError(f"{path}: the 'vision' description must be an object, got {meta['vision']!r}")
+    _check_tensors(path, tensors, config, base_model, "vision" in meta)
     return tensors, meta

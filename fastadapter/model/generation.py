@@ -10,7 +10,7 @@ prefill, and reused by every step.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -47,7 +47,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: flo
 @torch.no_grad()
 def generate(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, eos_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None,
+             prompt_offsets: Optional[Mapping[int, torch.Tensor]] = None) -> list[list[int]]:
     """Continue every prompt.
 
     Args:
@@ -57,6 +58,8 @@ def generate(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tok
         temperature, top_p: sampling (``temperature == 0``: greedy); see :func:`sample_next_token`.
         eos_id: stop a row when it produces this token (not included in the result).
         generator: the random generator of sampling (seeded by the caller for reproducible output).
+        prompt_offsets: ``{layer: [len(prompts), P or 1, dim]}``, one adaption prompt per prompt (an image's
+            features, :func:`fastadapter.vision.generate_with_images`); see :meth:`LlamaModel.forward`.
 
     Returns:
         The generated tokens of each prompt, in order.
@@ -86,7 +89,9 @@ def generate(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tok
     cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32)
     cu_seqlens[1:] = lengths.cumsum(0)
     packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=weight.device)[None]
-    logits = model(packed, cu_seqlens=cu_seqlens.to(weight.device), cache=cache)
+    # The per-prompt prefix K/V are projected at the prefill and kept in the cache for every decoding step.
+    extra = {"prompt_offsets": prompt_offsets} if prompt_offsets else {}
+    logits = model(packed, cu_seqlens=cu_seqlens.to(weight.device), cache=cache, **extra)
     last = logits[0, cu_seqlens[1:].long().to(weight.device) - 1]  # [B, V]: each prompt's last position
 
     finished = [False] * len(prompts)

@@ -30,13 +30,17 @@ class LayerAdapter(nn.Module):
         return self.prompt.shape[0]
 
     def prefix_kv(self, wk: nn.Linear, wv: nn.Linear, n_kv_heads: int, head_dim: int,
-                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt projected by the layer's ``wk`` and ``wv``: ``prefix_k, prefix_v [1, P, Hkv, D]``.
+                  dtype: torch.dtype | None = None,
+                  offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt projected by the layer's ``wk`` and ``wv``: ``prefix_k, prefix_v [1, P, Hkv, D]``; with
+        ``offset [N, P or 1, dim]`` (a per-sequence addition, e.g. an image's projected features), the N prompts
+        ``prompt + offset[n]``: ``[N, P, Hkv, D]``.
 
         ``dtype``: the compute dtype the prompt is cast to (the hidden states'); by default the projections'
         weight dtype. A quantized base needs the former: its weights' storage dtype may be an integer type."""
-        prompt = self.prompt.to(dtype or wk.weight.dtype)
-        shape = (1, self.prompt_len, n_kv_heads, head_dim)
+        prompt = self.prompt if offset is None else self.prompt + offset
+        prompt = prompt.to(dtype or wk.weight.dtype)
+        shape = (prompt.shape[0] if offset is not None else 1, self.prompt_len, n_kv_heads, head_dim)
         return wk(prompt).view(shape), wv(prompt).view(shape)
 
     def extra_repr(self) -> str:

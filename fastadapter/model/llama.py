@@ -20,7 +20,7 @@ varlen mode, and a step with a cache reads the padded cache of the whole batch, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,32 +75,39 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.adapter: Optional[LayerAdapter] = None
 
-    def _prefix_and_gate(self, x: torch.Tensor, cache: Optional[KVCache]):
-        """``prefix_k, prefix_v [1, P, Hkv, D]``, the raw gate and its activation (P = 0 when not adapted)."""
+    def _prefix_and_gate(self, x: torch.Tensor, cache: Optional[KVCache],
+                         prompt_offset: Optional[torch.Tensor] = None):
+        """``prefix_k, prefix_v [1, P, Hkv, D]`` (``[N, P, Hkv, D]`` with a per-sequence ``prompt_offset
+        [N, P or 1, dim]``), the raw gate and its activation (P = 0 when not adapted)."""
         if self.adapter is None:
+            if prompt_offset is not None:
+                raise ValueError(f"prompt_offsets name layer {self.layer_index}, which has no adapter")
             empty = x.new_zeros(1, 0, self.n_kv_heads, self.head_dim)
             return empty, empty, x.new_zeros(1, dtype=torch.float32), "tanh"
 
         def project():
-            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype)
+            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype,
+                                          offset=prompt_offset)
 
         prefix_k, prefix_v = project() if cache is None else cache.prefix_kv(self.layer_index, project)
         return prefix_k, prefix_v, self.adapter.gate, self.adapter.gate_activation
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
-                cache: Optional[KVCache] = None, cache_step: Optional[CacheStep] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, cache_step: Optional[CacheStep] = None,
+                prompt_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x [B, S, dim]`` (packed: ``[1, T, dim]``), ``cos, sin [B or 1, S, D/2]`` → ``[B, S, dim]``.
 
         With ``cache``, ``cache_step`` (from :meth:`KVCache.plan_packed` or :meth:`KVCache.plan_append`, made once
         per model call) says where this call's keys and values go; the attention then reads them back with the
-        rows' past in one call.
+        rows' past in one call. ``prompt_offset [N, P or 1, dim]``: added to this layer's prompt for each of the N
+        sequences (rows, or packed sequences), giving the fused op one prompt per sequence.
         """
         batch, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache)
+        prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache, prompt_offset)
 
         def attend(q_, k_, v_, **ragged):
             return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True,
@@ -185,7 +192,8 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None,
-                logits_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_positions: Optional[torch.Tensor] = None,
+                prompt_offsets: Optional[Mapping[int, torch.Tensor]] = None) -> torch.Tensor:
         """Logits of every position (or of ``logits_positions``).
 
         Args:
@@ -199,6 +207,11 @@ class LlamaModel(nn.Module):
             logits_positions: int64 ``[K]``: compute the logits only at these positions of the sequence axis
                 (the training loss needs them only at response tokens; the output head and its ``[T, V]``
                 logits are often a step's largest cost in memory).
+            prompt_offsets: ``{layer index: [N, P or 1, dim]}``, one prompt per sequence (multimodal
+                LLaMA-Adapter, :mod:`fastadapter.vision`): layer ``i``'s adaption prompt becomes
+                ``prompt + prompt_offsets[i][n]`` for sequence ``n`` (the N rows of ``tokens``, or its N packed
+                sequences); a zero row is the plain prompt. Layers not named keep the shared prompt. With a
+                ``cache``, give them at the prefill: the per-sequence prefix K/V are kept for the decoding steps.
 
         Returns:
             ``[B, S, V]`` logits in the model's dtype (``[B, K, V]`` with ``logits_positions``).
@@ -210,8 +223,10 @@ class LlamaModel(nn.Module):
         cos, sin = rope_angles(positions, inv_freq)
         h = self.tok_embeddings(tokens)
         kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_step=step)
-        for block in self.layers:
-            if self.activation_checkpointing and self._takes_part_in_gradient(block, h):
+        offsets = self._check_prompt_offsets(prompt_offsets, tokens, cu_seqlens)
+        for index, block in enumerate(self.layers):
+            kwargs["prompt_offset"] = offsets.get(index)
+            if self.activation_checkpointing and self._takes_part_in_gradient(block, h, kwargs["prompt_offset"]):
                 h = checkpoint(block, h, cos, sin, use_reentrant=False, **kwargs)
             else:
                 h = block(h, cos, sin, **kwargs)
@@ -222,9 +237,31 @@ class LlamaModel(nn.Module):
         return F.linear(self.norm(h), self.output_weight)
 
     @staticmethod
-    def _takes_part_in_gradient(block: nn.Module, h: torch.Tensor) -> bool:
+    def _takes_part_in_gradient(block: nn.Module, h: torch.Tensor, offset: Optional[torch.Tensor] = None) -> bool:
         # A frozen block on inputs that need no gradient records no graph: recomputing it would be wasted work.
-        return torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in block.parameters()))
+        return torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in block.parameters())
+                                            or (offset is not None and offset.requires_grad))
+
+    def _check_prompt_offsets(self, prompt_offsets, tokens: torch.Tensor, cu_seqlens) -> dict:
+        """``prompt_offsets`` checked against the call: adapted layers, N sequences, ``[N, P or 1, dim]``."""
+        if not prompt_offsets:
+            return {}
+        sequences = tokens.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        checked = {}
+        for layer, offset in prompt_offsets.items():
+            if not isinstance(layer, int) or not 0 <= layer < self.config.n_layers:
+                raise ValueError(f"prompt_offsets keys must be layer indices in [0, {self.config.n_layers}), "
+                                 f"got {layer!r}")
+            adapter = self.layers[layer].attention.adapter
+            if adapter is None:
+                raise ValueError(f"prompt_offsets name layer {layer}, which has no adapter (add_adapter first)")
+            if (not isinstance(offset, torch.Tensor) or offset.dim() != 3 or offset.shape[0] != sequences
+                    or offset.shape[1] not in (1, adapter.prompt_len) or offset.shape[2] != self.config.dim):
+                raise ValueError(f"prompt_offsets[{layer}] must have shape [{sequences}, {adapter.prompt_len} or 1, "
+                                 f"{self.config.dim}] (sequences, prompt tokens, dim), got "
+                                 f"{tuple(getattr(offset, 'shape', ()))}")
+            checked[layer] = offset
+        return checked
 
     def _check_call(self, tokens, cu_seqlens, max_seqlen, positions, cache):
         """Validate the arguments of :meth:`forward`; return tokens, positions, the varlen arguments and the

@@ -25,7 +25,6 @@ model, so no activation below that layer requires a gradient and autograd record
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -202,8 +201,10 @@ def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     # The output head runs only at the loss tokens (about half of Alpaca's): it costs 2·dim·V FLOPs per token
     # and a [T, V] fp32 logits tensor, often the step's peak memory.
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
+    extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
     logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                   logits_positions=positions)[0]
+                   logits_positions=positions, **extra)[0]
     return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
 
 
@@ -212,12 +213,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
                  config: TrainConfig, context: Optional[DistributedContext] = None, save_adapter_fn=None,
-                 eval_hook=None, metrics_hook=None):
+                 eval_hook=None, metrics_hook=None, collate_fn=None):
         self.model, self.config = model, config
         #: ``eval_hook(model, step, eval_loss)`` after every evaluation (rank 0), e.g. sample generations.
         self.eval_hook = eval_hook
         #: ``metrics_hook(record)`` with every metrics record (rank 0), e.g. TensorBoard scalars.
         self.metrics_hook = metrics_hook
+        #: examples of one packed row → its batch (default collate_packed; images: image_data.collate_images).
+        self.collate_fn = collate_fn or collate_packed
         self.context = context or DistributedContext(device=next(model.parameters()).device)
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         if not self.train_examples:
@@ -291,7 +294,7 @@ class Trainer:
         self.model.train()
         local_loss = 0.0
         for micro in range(self.config.grad_accum):
-            batch = collate_packed(global_batch[micro * self.context.world_size + self.context.rank])
+            batch = self.collate_fn(global_batch[micro * self.context.world_size + self.context.rank])
             with self.autocast:
                 loss = token_loss_sum(self.model, batch.to(self.context.device)) / loss_tokens
             self.scaler.scale(loss).backward()
@@ -348,7 +351,8 @@ class Trainer:
             if signalled:
                 stopped = 1.0
                 break
-            batch = collate_packed([self.eval_examples[i] for i in (mine[index] if index < len(mine) else rows[0])])
+            batch = self.collate_fn([self.eval_examples[i]
+                                     for i in (mine[index] if index < len(mine) else rows[0])])
             with self.autocast:
                 value = float(token_loss_sum(self.model, batch.to(self.context.device)))
             if index < len(mine):
@@ -568,7 +572,7 @@ def _describe_file(file: dict) -> str:
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
           save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False,
-          eval_hook=None, metrics_hook=None) -> TrainResult:
+          eval_hook=None, metrics_hook=None, collate_fn=None) -> TrainResult:
     """Fine-tune the adapter of ``model`` (already given one by :func:`fastadapter.add_adapter`).
 
     Args:
@@ -585,6 +589,8 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         eval_hook: ``fn(model, step, eval_loss)`` called on rank 0 after every evaluation (the model in eval mode,
             under the run's autocast), e.g. :class:`fastadapter.training.samples.SampleWriter`.
         metrics_hook: ``fn(record)`` called on rank 0 with every metrics record (``step``, ``loss``, ...).
+        collate_fn: the examples of one packed row → a :class:`PackedBatch` (default :func:`collate_packed`; a
+            batch with ``extra_inputs()`` passes them to the model, as images to a multimodal model).
 
     Returns:
         :class:`TrainResult`.
@@ -594,6 +600,6 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
         TrainingDiverged: the loss or the adapter became NaN or infinite (nothing of it is saved).
         OSError: a checkpoint or the metrics could not be written (the checkpoints before it are intact).
     """
-    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn, eval_hook,
-                   metrics_hook).run(
+    return Trainer(model, train_examples, eval_examples, config, context, save_adapter_fn, eval_hook=eval_hook,
+                   metrics_hook=metrics_hook, collate_fn=collate_fn).run(
         resume, run_folder=run_folder, overwrite=overwrite)
