@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 
 import torch
 
 from .baselines import eager_v1, two_sdpa
-from .metadata import collect_metadata
+from .metadata import save_text_report
 from fastadapter import _cpu_extension, zero_init_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -229,11 +227,7 @@ def main(argv=None) -> int:
         measured = {"cpu": saved_bytes(fastadapter_cpu, inputs), "two_sdpa": saved_bytes(two_sdpa, inputs)}
         emit(f"{dt} S={seqlen}: cpu {measured['cpu'] / 2**20:.2f} MiB (expected {expected / 2**20:.2f} MiB, "
              f"{'equal' if measured['cpu'] == expected else 'DIFFERENT'}), two_sdpa {measured['two_sdpa'] / 2**20:.2f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    metadata = collect_metadata("cpu", "cpu-kernel-targets", argv if argv is not None else sys.argv[1:])
-    args.out.with_suffix(".json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    print(f"\nsaved {args.out} and {args.out.with_suffix('.json')}")
+    save_text_report(args.out, lines, "cpu-kernel-targets", argv)
     return 0
 
 

@@ -20,14 +20,12 @@ with the machine, library versions and git commit beside it (``.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import sys
 
 import torch
 
 from .cpu_kernel_targets import DTYPES, interleaved_medians
-from .metadata import collect_metadata
+from .metadata import save_text_report
 from fastadapter import _cpu_extension, zero_init_attention
 
 #: Cache lengths of the 8 rows of the decode step (all different: the per-length grouping makes 8 calls).
@@ -173,11 +171,7 @@ def main(argv=None) -> int:
                  f"{1e3 * med['separate']:8.1f} {1e3 * med['chunk']:8.1f} | "
                  f"{med['separate'] / med['shared']:15.2f}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    metadata = collect_metadata("cpu", "cpu-ragged", argv if argv is not None else sys.argv[1:])
-    args.out.with_suffix(".json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    print(f"\nsaved {args.out} and {args.out.with_suffix('.json')}")
+    save_text_report(args.out, lines, "cpu-ragged", argv)
     return 0
 
 

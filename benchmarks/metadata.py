@@ -112,3 +112,15 @@ def collect_metadata(device, preset: str, argv: Optional[list[str]] = None) -> d
         "versions": library_versions(),
         "git": git_commit(),
     }
+
+
+def save_text_report(out: pathlib.Path, lines: list[str], suite: str, argv: Optional[list[str]]) -> None:
+    """Write a printed report's ``lines`` to ``out`` and the run's metadata (:func:`collect_metadata` on the CPU,
+    with the command line ``argv``, default ``sys.argv[1:]``) beside it as ``out`` with suffix ``.json``."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    metadata = collect_metadata("cpu", suite, argv if argv is not None else sys.argv[1:])
+    out.with_suffix(".json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    print(f"\nsaved {out} and {out.with_suffix('.json')}")

@@ -102,10 +102,12 @@ def base_model_description(model: LlamaModel) -> dict:
             "vocab_size": c.vocab_size}
 
 
-def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: dict, what: str = "the model") -> None:
+def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: dict, what: str = "the model", *,
+                  extra_tensors: Optional[dict] = None, vision: Optional[dict] = None) -> None:
     """Write ``{layer index: LayerAdapter}`` (prompts and gates, fp32) to the adapter file ``path`` for the base
-    model ``description`` (:func:`base_model_description`'s keys). Shared by fastadapter's LLaMA and the Hugging
-    Face integration, so both write the same files."""
+    model ``description`` (:func:`base_model_description`'s keys). Shared by fastadapter's LLaMA, the Hugging
+    Face integration and the multimodal model, so all write the same files; the last adds ``extra_tensors`` (its
+    image projection) and the ``vision`` description (see :func:`~fastadapter.model.adapter_file.write_adapter_file`)."""
     if not adapters:
         raise ValueError(f"{what} has no adapter to save: call add_adapter (apply_adapter) first")
     first = next(iter(adapters.values()))
@@ -115,7 +117,8 @@ def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: di
     for i, adapter in adapters.items():
         tensors[f"layers.{i}.adapter_prompt"] = adapter.prompt
         tensors[f"layers.{i}.adapter_gate"] = adapter.gate
-    write_adapter_file(path, tensors, config.to_dict(description["n_layers"]), description)
+    tensors.update(extra_tensors or {})
+    write_adapter_file(path, tensors, config.to_dict(description["n_layers"]), description, vision=vision)
 
 
 class ReadAdapter(NamedTuple):

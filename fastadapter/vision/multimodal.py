@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..model.adapter import (AdapterConfig, _check_base_model, _check_fits, adapted_layers, add_adapter,
-                             base_model_description)
-from ..model.adapter_file import VISION_PREFIX, AdapterFileError, read_adapter_file, write_adapter_file
+                             base_model_description, write_adapter)
+from ..model.adapter_file import VISION_PREFIX, AdapterFileError, read_adapter_file
 from ..model.generation import generate
 from ..model.llama import LlamaModel
 from .projection import VisualProjection, VisualPromptConfig
@@ -133,18 +133,9 @@ def save_multimodal_adapter(mm: MultimodalLlama, path: str | os.PathLike) -> Non
     """Write the prompts, gates and the image projection of ``mm`` (fp32) to the safetensors file ``path``,
     with the tower's identity, the feature layers and the fusion in the metadata."""
     model = mm.llama
-    adapters = adapted_layers(model)
-    first = next(iter(adapters.values()))
-    config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
-                           gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
-    tensors = {}
-    for i, adapter in adapters.items():
-        tensors[f"layers.{i}.adapter_prompt"] = adapter.prompt
-        tensors[f"layers.{i}.adapter_gate"] = adapter.gate
-    for name, p in mm.projection.state_dict().items():
-        tensors[f"{VISION_PREFIX}projection.{name}"] = p
-    write_adapter_file(path, tensors, config.to_dict(model.config.n_layers), base_model_description(model),
-                       vision=vision_description(mm))
+    projection = {f"{VISION_PREFIX}projection.{name}": p for name, p in mm.projection.state_dict().items()}
+    write_adapter(path, adapted_layers(model), base_model_description(model), extra_tensors=projection,
+                  vision=vision_description(mm))
 
 
 def check_tower(path: str, vision: dict, tower: VisionTower) -> None:
