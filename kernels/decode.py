@@ -2,15 +2,19 @@
 
 Generation runs ``Sq ≤ 16`` query rows per step (one token, or a short speculative/chunked step) against a KV
 cache of ``Sk`` keys. The forward kernel would give each (sequence, query head) one program with a mostly empty
-128-row tile, and walk all ``Sk`` keys in it: batch 1 then occupies a handful of SMs. Here instead:
+128-row tile, and walk all ``Sk`` keys in it: batch 1 then occupies a handful of SMs. Ragged batches take the same
+kernels: a padded cache ``[B, S_cache, Hkv, D]`` read up to each row's ``seqused_k[b]``, or an unpadded varlen
+step (``max_seqlen_q ≤ 16`` queries per sequence over its packed keys, offsets of its own); each program reads its
+sequence's bounds, and chunks past a sequence's keys are empty (see :func:`decode_not_supported_reasons` for
+what takes this path). Here:
 
 1. **split** (:func:`zero_init_attention_decode_split_kernel`): the keys are cut into ``num_splits`` chunks of
    ``chunk`` keys (a multiple of ``BLOCK_N``); one program handles one chunk for one row tile of one
    (sequence, kv head). The query heads of a kv group are stacked in the tile (row ``r = g · Sq + i`` is query
    row ``i`` of head ``kv_head · group + g``), so each k/v tile is read once per group, not once per query
-   head. Each program runs the online softmax over its chunk (bottom-right causal: row ``i`` sees keys
-   ``j ≤ i + Sk − Sq``) and writes its partial state — running max ``m`` (log2 units), sum ``l`` and the
-   unnormalised output ``acc`` — to fp32 scratch.
+   head. Each program runs the online softmax over its chunk (bottom-right causal: row ``i`` of sequence b sees
+   keys ``j ≤ i + Sk_b − Sq_b``) and writes its partial state — running max ``m`` (log2 units), sum ``l`` and
+   the unnormalised output ``acc`` — to fp32 scratch.
 2. **merge** (:func:`zero_init_attention_decode_merge_kernel`): one program per row tile combines the chunks'
    states (``m = max m_s``, ``l = Σ l_s·2^(m_s−m)``, ``acc = Σ acc_s·2^(m_s−m)``), adds the prefix part
    (computed once, its own softmax, times ``γ = tanh(gate)`` or the raw gate) and writes ``out`` and the two
@@ -75,7 +79,8 @@ def _load_stacked(base, b, token0, i, head, valid, stride_b, stride_s, stride_h,
                   BLOCK_D: tl.constexpr):
     """``[BLOCK_M, BLOCK_D]`` tile of rows ``(i, head)`` of sequence b (whose first token is ``token0``);
     invalid rows and padded columns read 0."""
-    offsets = (tl.cast(b, tl.int64) * stride_b + (tl.cast(token0, tl.int64) + tl.cast(i, tl.int64))[:, None] * stride_s
+    token = tl.cast(token0, tl.int64) + tl.cast(i, tl.int64)
+    offsets = (tl.cast(b, tl.int64) * stride_b + token[:, None] * stride_s
                + tl.cast(head, tl.int64)[:, None] * stride_h + cols[None, :])
     mask = valid[:, None]
     if HEAD_DIM != BLOCK_D:
@@ -191,7 +196,8 @@ def zero_init_attention_decode_merge_kernel(
     else:
         lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    o_offsets = (tl.cast(b, tl.int64) * stride_ob + (tl.cast(q_token0, tl.int64) + tl.cast(i, tl.int64))[:, None] * stride_os
+    token = tl.cast(q_token0, tl.int64) + tl.cast(i, tl.int64)
+    o_offsets = (tl.cast(b, tl.int64) * stride_ob + token[:, None] * stride_os
                  + tl.cast(head, tl.int64)[:, None] * stride_oh + cols[None, :])
     o_mask = valid[:, None]
     if HEAD_DIM != BLOCK_D:
