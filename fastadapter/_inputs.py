@@ -4,9 +4,17 @@ Two layouts are accepted (DESIGN.md §1):
 
 * batched: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, ``prefix_k, prefix_v [Bp, P, Hkv, D]`` with
   ``Bp in {1, B}``, ``gate [Hq] | [1] | [B, Hq]``;
-* varlen (packed sequences): ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` with ``cu_seqlens`` (int32 ``[N+1]``,
-  cumulative sequence starts) and ``max_seqlen``; every sequence attends only to itself (``Sq == Sk`` per
-  sequence), ``prefix_k, prefix_v [Bp, P, Hkv, D]`` with ``Bp in {1, N}``, ``gate [Hq] | [1] | [N, Hq]``.
+  and, optionally, ``seqused_k`` (int32 ``[B]``): row b reads only its first ``seqused_k[b]`` keys (a padded KV
+  cache read up to each row's length);
+* varlen (ragged sequences, as ``flash_attn_varlen_func``): ``q [Tq, Hq, D]`` and ``k, v [Tk, Hkv, D]`` packed
+  along their first dimension, with their own offsets ``cu_seqlens_q`` and ``cu_seqlens_k`` (int32 ``[N+1]``,
+  cumulative sequence starts) and the longest lengths ``max_seqlen_q``, ``max_seqlen_k``; sequence b attends only
+  to its own keys, optionally only the first ``seqused_k[b]`` of them. ``cu_seqlens``/``max_seqlen`` are the
+  shorthand for q and k sharing their offsets (packed self-attention, ``Sq == Sk`` per sequence).
+  ``prefix_k, prefix_v [Bp, P, Hkv, D]`` with ``Bp in {1, N}``, ``gate [Hq] | [1] | [N, Hq]``.
+
+In both modes, with ``Sq_b`` queries and ``Sk_b`` keys in sequence b (``seqused_k[b]`` when given), causal
+masking is bottom-right aligned per sequence: query i sees key j iff ``j <= i + Sk_b - Sq_b``.
 
 Bad input raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) that says what was
 wrong and what was expected.
@@ -36,11 +44,12 @@ class AttentionInputs:
         k, v: ``[B, Sk, Hkv, D]`` or ``[T, Hkv, D]``.
         prefix_k, prefix_v: ``[Bp, P, Hkv, D]``.
         gate: fp32 ``[Bg, Hq]``, the raw gate (before the activation).
-        causal: causal masking over the words, bottom-right aligned when ``Sq != Sk``.
+        causal: causal masking over the words, bottom-right aligned per sequence.
         softmax_scale: the scale of the scores (resolved: never None).
         gate_tanh: ``True`` for ``gate_activation="tanh"``, ``False`` for ``"none"``.
-        cu_seqlens: int32 ``[N+1]`` in varlen mode, else None.
-        max_seqlen: the longest sequence in varlen mode, else 0.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[N+1]`` in varlen mode (both set, possibly the same tensor), else None.
+        max_seqlen_q, max_seqlen_k: the longest query and key sequence in varlen mode, else 0.
+        seqused_k: int32 ``[B]`` (dense) or ``[N]`` (varlen): the keys each sequence uses; None: all of them.
     """
 
     q: torch.Tensor
@@ -52,25 +61,40 @@ class AttentionInputs:
     causal: bool
     softmax_scale: float
     gate_tanh: bool
-    cu_seqlens: Optional[torch.Tensor] = None
-    max_seqlen: int = 0
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    seqused_k: Optional[torch.Tensor] = None
 
     @property
     def varlen(self) -> bool:
-        return self.cu_seqlens is not None
+        return self.cu_seqlens_q is not None
+
+    @property
+    def shares_offsets(self) -> bool:
+        """Varlen with one offsets tensor for q and k (packed self-attention, ``Sq == Sk`` per sequence)."""
+        return self.varlen and self.cu_seqlens_q is self.cu_seqlens_k
+
+    @property
+    def ragged(self) -> bool:
+        """Anything beyond dense or shared-offset inputs: separate q/k offsets or ``seqused_k``."""
+        return self.seqused_k is not None or (self.varlen and not self.shares_offsets)
 
     @property
     def batch(self) -> int:
         """B in batched mode, N (number of sequences) in varlen mode."""
-        return self.cu_seqlens.shape[0] - 1 if self.varlen else self.q.shape[0]
+        return self.cu_seqlens_q.shape[0] - 1 if self.varlen else self.q.shape[0]
 
     @property
     def seqlen_q(self) -> int:
-        return self.max_seqlen if self.varlen else self.q.shape[1]
+        """The (longest) query sequence: Sq, or ``max_seqlen_q`` in varlen mode."""
+        return self.max_seqlen_q if self.varlen else self.q.shape[1]
 
     @property
     def seqlen_k(self) -> int:
-        return self.max_seqlen if self.varlen else self.k.shape[1]
+        """The (longest) key sequence: Sk, or ``max_seqlen_k`` in varlen mode."""
+        return self.max_seqlen_k if self.varlen else self.k.shape[1]
 
     @property
     def heads_q(self) -> int:
@@ -97,7 +121,7 @@ class AttentionInputs:
         return self.q.device
 
     def lse_shape(self) -> tuple[int, ...]:
-        """Shape of the fp32 log-sum-exps saved for backward: ``[B, Hq, Sq]``, or ``[Hq, T]`` varlen."""
+        """Shape of the fp32 log-sum-exps saved for backward: ``[B, Hq, Sq]``, or ``[Hq, Tq]`` varlen."""
         if self.varlen:
             return (self.heads_q, self.q.shape[0])
         return (self.q.shape[0], self.heads_q, self.q.shape[1])
@@ -131,68 +155,146 @@ def normalize_gate(gate: torch.Tensor, batch: int, heads_q: int) -> torch.Tensor
                      f"[{batch}, {heads_q}] (one row per sample), got {list(shape)}")
 
 
-def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.device) -> int:
+def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.device, *,
+                        name: str = "cu_seqlens", max_name: str = "max_seqlen", what: str = "q, k and v") -> int:
     """Check packed-sequence boundaries once, for every backend; returns ``max_seqlen`` as an int.
 
     ``cu_seqlens`` must be a contiguous int32 tensor ``[N+1]`` on the inputs' device that starts at 0, never
     decreases and ends at most at the token count ``tokens`` (tokens after it belong to no sequence);
     ``max_seqlen`` a positive int at least the longest sequence. A kernel reading malformed boundaries would
     read and write out of bounds, and one given a short ``max_seqlen`` would skip rows, so both are errors.
+    ``name``, ``max_name`` and ``what`` are the argument names and the tensors they describe, for the messages
+    (``cu_seqlens_q``/``max_seqlen_q``/"q" and ``cu_seqlens_k``/``max_seqlen_k``/"k and v").
 
     Cost: one small device-to-host copy (four numbers reduced on the device: a single sync per call, a few
     microseconds, next to a kernel launch). Under ``torch.compile`` the values cannot be read without a graph
     break, so they are checked there by ``torch._assert_async`` instead (device-side; same conditions).
     """
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got dtype {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be an int32 tensor [N+1], got dtype {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be an int32 tensor of shape [N+1] with N >= 1, got shape "
+        raise ValueError(f"{name} must be an int32 tensor of shape [N+1] with N >= 1, got shape "
                          f"{tuple(cu_seqlens.shape)}")
     if not cu_seqlens.is_contiguous():
-        raise ValueError(f"cu_seqlens must be contiguous (the kernels read it with unit stride), got stride "
-                         f"{cu_seqlens.stride()}; pass cu_seqlens.contiguous()")
+        raise ValueError(f"{name} must be contiguous (the kernels read it with unit stride), got stride "
+                         f"{cu_seqlens.stride()}; pass {name}.contiguous()")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    try:
-        if isinstance(max_seqlen, bool):
-            raise TypeError
-        max_seqlen = operator.index(max_seqlen)
-    except TypeError:
-        raise ValueError(f"max_seqlen must be a positive int with cu_seqlens, got {max_seqlen!r}") from None
-    if max_seqlen <= 0:
-        raise ValueError(f"max_seqlen must be a positive int with cu_seqlens, got {max_seqlen}")
+        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
+    max_seqlen = _index(max_seqlen, f"{max_name} must be a positive int with {name}", minimum=1)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     if torch.compiler.is_compiling():
-        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
-        torch._assert_async(lengths.min() >= 0, "cu_seqlens must never decrease")
-        torch._assert_async(cu_seqlens[-1] <= tokens, "cu_seqlens must end at most at the token count")
-        torch._assert_async(lengths.max() <= max_seqlen, "max_seqlen must be at least the longest sequence")
+        torch._assert_async(cu_seqlens[0] == 0, f"{name} must start at 0")
+        torch._assert_async(lengths.min() >= 0, f"{name} must never decrease")
+        torch._assert_async(cu_seqlens[-1] <= tokens, f"{name} must end at most at the token count")
+        torch._assert_async(lengths.max() <= max_seqlen, f"{max_name} must be at least the longest sequence")
         return max_seqlen
     first, last, shortest, longest = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
     if first != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {first} (cu_seqlens[i] is where sequence i starts)")
+        raise ValueError(f"{name} must start at 0, got {first} ({name}[i] is where sequence i starts)")
     if shortest < 0:
         at = int(torch.nonzero(lengths < 0)[0])
-        raise ValueError(f"cu_seqlens must never decrease, got cu_seqlens[{at}] = {int(cu_seqlens[at])} > "
-                         f"cu_seqlens[{at + 1}] = {int(cu_seqlens[at + 1])}")
+        raise ValueError(f"{name} must never decrease, got {name}[{at}] = {int(cu_seqlens[at])} > "
+                         f"{name}[{at + 1}] = {int(cu_seqlens[at + 1])}")
     if last > tokens:
-        raise ValueError(f"cu_seqlens ends at {last}, past the {tokens} packed tokens of q, k and v")
+        raise ValueError(f"{name} ends at {last}, past the {tokens} packed tokens of {what}")
     if longest > max_seqlen:
-        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest packed sequence ({longest} "
-                         f"tokens); pass max_seqlen >= {longest}")
+        raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest packed sequence ({longest} "
+                         f"tokens); pass {max_name} >= {longest}")
     return max_seqlen
+
+
+def _index(value, message: str, minimum: int) -> int:
+    """``value`` as a Python int ``>= minimum`` (``operator.index``: ints and 0-d integer tensors, not bools)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{message}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{message}, got {value}")
+    return value
+
+
+def validate_seqused_k(seqused_k, batch: int, key_lengths: torch.Tensor | int, device: torch.device) -> None:
+    """Check ``seqused_k``: a contiguous int32 ``[batch]`` tensor on the inputs' device with
+    ``0 <= seqused_k[b] <= key_lengths[b]`` (the keys sequence b holds: Sk dense, ``cu_seqlens_k`` lengths varlen).
+
+    One small host sync, or ``torch._assert_async`` under ``torch.compile``, as :func:`validate_cu_seqlens`.
+    """
+    if not isinstance(seqused_k, torch.Tensor):
+        raise TypeError(f"seqused_k must be an int32 tensor [{batch}], got {type(seqused_k).__name__}")
+    if seqused_k.dtype != torch.int32:
+        raise TypeError(f"seqused_k must be an int32 tensor [{batch}], got dtype {seqused_k.dtype}")
+    if tuple(seqused_k.shape) != (batch,):
+        raise ValueError(f"seqused_k must have shape [{batch}] (one count per sequence), got "
+                         f"{list(seqused_k.shape)}")
+    if not seqused_k.is_contiguous():
+        raise ValueError(f"seqused_k must be contiguous, got stride {seqused_k.stride()}; pass "
+                         f"seqused_k.contiguous()")
+    if seqused_k.device != device:
+        raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {device}")
+    if batch == 0:
+        return
+    over = seqused_k - key_lengths
+    if torch.compiler.is_compiling():
+        torch._assert_async(seqused_k.min() >= 0, "seqused_k must be >= 0")
+        torch._assert_async(over.max() <= 0, "seqused_k must be at most each sequence's keys")
+        return
+    smallest, most_over = torch.stack([seqused_k.min(), over.max()]).tolist()
+    if smallest < 0:
+        at = int(torch.nonzero(seqused_k < 0)[0])
+        raise ValueError(f"seqused_k must be >= 0, got seqused_k[{at}] = {smallest}")
+    if most_over > 0:
+        at = int(torch.nonzero(over > 0)[0])
+        held = key_lengths if isinstance(key_lengths, int) else int(key_lengths[at])
+        raise ValueError(f"seqused_k[{at}] = {int(seqused_k[at])} is more than the {held} keys sequence {at} "
+                         f"holds")
+
+
+def resolve_offsets(cu_seqlens=None, max_seqlen=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                    max_seqlen_k=None) -> tuple:
+    """The varlen arguments of the op as ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``.
+
+    ``cu_seqlens``/``max_seqlen`` are the shorthand for q and k sharing their offsets (one tensor for both); it
+    cannot be mixed with the separate arguments, and ``cu_seqlens_q`` and ``cu_seqlens_k`` come together.
+    """
+    if cu_seqlens is not None or max_seqlen is not None:
+        separate = [n for n, a in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                                   ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)) if a is not None]
+        if separate:
+            raise ValueError(f"pass either cu_seqlens/max_seqlen (q and k share offsets) or cu_seqlens_q, "
+                             f"cu_seqlens_k, max_seqlen_q, max_seqlen_k, not both (got cu_seqlens and "
+                             f"{', '.join(separate)})")
+        if cu_seqlens is None:
+            raise ValueError("max_seqlen is only meaningful with cu_seqlens (varlen mode)")
+        return cu_seqlens, cu_seqlens, max_seqlen, max_seqlen
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        given, missing = ("cu_seqlens_q", "cu_seqlens_k") if cu_seqlens_k is None else ("cu_seqlens_k",
+                                                                                          "cu_seqlens_q")
+        raise ValueError(f"{given} needs {missing}: varlen q and k each have their offsets (pass cu_seqlens for "
+                         f"offsets they share)")
+    if cu_seqlens_q is None and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q and max_seqlen_k are only meaningful with cu_seqlens_q and cu_seqlens_k "
+                         "(varlen mode)")
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def validate_inputs(q, k, v, prefix_k, prefix_v, gate, *, causal: bool, softmax_scale: Optional[float],
                     gate_activation: str, cu_seqlens: Optional[torch.Tensor] = None,
-                    max_seqlen: Optional[int] = None) -> AttentionInputs:
+                    max_seqlen: Optional[int] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                    cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+                    max_seqlen_k: Optional[int] = None,
+                    seqused_k: Optional[torch.Tensor] = None) -> AttentionInputs:
     """Check every input against the contract of DESIGN.md §1 and return the normalised bundle."""
-    varlen = cu_seqlens is not None
+    cu_q, cu_k, max_seqlen_q, max_seqlen_k = resolve_offsets(cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k,
+                                                             max_seqlen_q, max_seqlen_k)
+    varlen = cu_q is not None
     if varlen:
-        lay_q, lay_kv = "[T, Hq, D] (varlen)", "[T, Hkv, D] (varlen)"
+        lay_q, lay_kv = "[Tq, Hq, D] (varlen)", "[Tk, Hkv, D] (varlen)"
         ndim = 3
     else:
         lay_q, lay_kv = "[B, Sq, Hq, D]", "[B, Sk, Hkv, D]"
@@ -227,18 +329,30 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, gate, *, causal: bool, softmax_
                          f"for grouped-query attention")
 
     if varlen:
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"varlen q and k must hold the same tokens, got q {q.shape[0]} and k {k.shape[0]} "
-                             f"tokens")
-        max_seqlen = validate_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
-        batch = cu_seqlens.shape[0] - 1
+        if cu_q is cu_k:
+            if k.shape[0] != q.shape[0]:
+                raise ValueError(f"varlen q and k sharing cu_seqlens must hold the same tokens, got q "
+                                 f"{q.shape[0]} and k {k.shape[0]} tokens (pass cu_seqlens_q and cu_seqlens_k "
+                                 f"for separate offsets)")
+            max_seqlen_q = max_seqlen_k = validate_cu_seqlens(cu_q, max_seqlen_q, q.shape[0], q.device)
+        else:
+            max_seqlen_q = validate_cu_seqlens(cu_q, max_seqlen_q, q.shape[0], q.device, name="cu_seqlens_q",
+                                               max_name="max_seqlen_q", what="q")
+            max_seqlen_k = validate_cu_seqlens(cu_k, max_seqlen_k, k.shape[0], q.device, name="cu_seqlens_k",
+                                               max_name="max_seqlen_k", what="k and v")
+            if cu_k.shape[0] != cu_q.shape[0]:
+                raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                                 f"{cu_q.shape[0] - 1} and {cu_k.shape[0] - 1}")
+        batch = cu_q.shape[0] - 1
+        key_lengths = cu_k[1:] - cu_k[:-1]
     else:
-        if max_seqlen is not None:
-            raise ValueError("max_seqlen is only meaningful with cu_seqlens (varlen mode)")
         batch = q.shape[0]
         if k.shape[0] != batch:
             raise ValueError(f"k has batch {k.shape[0]} but q has {batch}; they must match")
-        max_seqlen = 0
+        max_seqlen_q = max_seqlen_k = 0
+        key_lengths = k.shape[1]
+    if seqused_k is not None:
+        validate_seqused_k(seqused_k, batch, key_lengths, q.device)
 
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and "
@@ -263,4 +377,5 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, gate, *, causal: bool, softmax_
 
     return AttentionInputs(q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, gate=gate2d,
                            causal=bool(causal), softmax_scale=softmax_scale,
-                           gate_tanh=gate_activation == "tanh", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                           gate_tanh=gate_activation == "tanh", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)

@@ -18,8 +18,9 @@ class ZeroInitAttention(nn.Module):
         gate_activation: ``"tanh"`` or ``"none"``.
         causal, softmax_scale, backend: as :func:`fastadapter.zero_init_attention`.
 
-    ``forward(q, k, v, prefix_k, prefix_v, cu_seqlens=None, max_seqlen=None)`` takes the shapes of
-    :func:`fastadapter.zero_init_attention` and returns ``[B, Sq, Hq, D]``.
+    ``forward(q, k, v, prefix_k, prefix_v, **ragged)`` takes the shapes of :func:`fastadapter.zero_init_attention`
+    and its keyword arguments for ragged batches (``cu_seqlens``/``max_seqlen``, or ``cu_seqlens_q``,
+    ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``, and ``seqused_k``); it returns q's shape.
     """
 
     def __init__(self, num_heads: int, *, gate_per_head: bool = True, gate_activation: str = "tanh",
@@ -36,10 +37,13 @@ class ZeroInitAttention(nn.Module):
         self.backend = backend
         self.gate = nn.Parameter(torch.zeros(num_heads if gate_per_head else 1))
 
-    def forward(self, q, k, v, prefix_k, prefix_v, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+    def forward(self, q, k, v, prefix_k, prefix_v, cu_seqlens=None, max_seqlen=None, *, cu_seqlens_q=None,
+                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None) -> torch.Tensor:
         return zero_init_attention(q, k, v, prefix_k, prefix_v, self.gate, causal=self.causal,
                                    softmax_scale=self.softmax_scale, gate_activation=self.gate_activation,
-                                   backend=self.backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                   backend=self.backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, gate={tuple(self.gate.shape)}, "

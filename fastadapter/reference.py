@@ -3,7 +3,7 @@
 Plain PyTorch, one line per formula, materialising the full score matrices: slow and memory-hungry on purpose,
 so that it is obviously right. Differentiable through autograd, which gives the reference gradients.
 
-    S_w = scale · q kᵀ   (causal: query i sees keys j ≤ i + Sk − Sq)
+    S_w = scale · q kᵀ   (causal: query i sees keys j ≤ i + Sk − Sq, per sequence; keys past seqused_k unseen)
     S_p = scale · q prefix_kᵀ
     out = softmax(S_w) v  +  γ · softmax(S_p) prefix_v,   γ = tanh(gate) or gate
 
@@ -22,8 +22,9 @@ from ._inputs import AttentionInputs, validate_inputs
 
 
 def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, scale: float, gate_tanh: bool,
-                       compute_dtype: torch.dtype):
-    """out ``[B, Sq, Hq, D]`` and the log-sum-exps ``lse_w, lse_p [B, Hq, Sq]`` (fp32) of one batch."""
+                       compute_dtype: torch.dtype, seqused_k: Optional[torch.Tensor] = None):
+    """out ``[B, Sq, Hq, D]`` and the log-sum-exps ``lse_w, lse_p [B, Hq, Sq]`` (fp32) of one batch; row b sees
+    only its first ``seqused_k[b]`` keys when ``seqused_k`` (int32 ``[B]``) is given."""
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -37,17 +38,23 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
     # -- words: causal softmax, bottom-right aligned
     scores_w = scale * (qh @ kh.transpose(-1, -2))  # [B, H, Sq, Sk]
     hidden = None
-    if causal:
-        row = torch.arange(seqlen_q, device=q.device)[:, None]
-        col = torch.arange(seqlen_k, device=q.device)[None, :]
+    row = torch.arange(seqlen_q, device=q.device)[:, None]
+    col = torch.arange(seqlen_k, device=q.device)[None, :]
+    if seqused_k is not None:
+        used = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]: each row's own key count
+        hidden = col >= used  # [B, 1, 1, Sk]
+        if causal:
+            hidden = hidden | (col > row + used - seqlen_q)  # [B, 1, Sq, Sk]
+    elif causal:
         hidden = col > row + seqlen_k - seqlen_q  # [Sq, Sk]
+    if hidden is not None:
         scores_w = scores_w.masked_fill(hidden, float("-inf"))
     lse_w = torch.logsumexp(scores_w.float(), dim=-1)  # [B, H, Sq]
     probs_w = torch.softmax(scores_w, dim=-1)
     if hidden is not None:
         # A row with no visible key (the first Sq − Sk queries) gives 0. Only those rows are zeroed: a NaN of
         # the inputs (in q, or in a visible key) stays NaN, as in PyTorch's attention (DESIGN.md §1).
-        probs_w = probs_w.masked_fill(hidden.all(dim=-1)[:, None], 0.0)
+        probs_w = probs_w.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
     out_w = probs_w @ vh
 
     # -- prefix: its own softmax, never masked, scaled by the gate
@@ -65,24 +72,26 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
 def reference_attention(inp: AttentionInputs, *, upcast: bool = True, return_lse: bool = False):
     """Reference attention of already validated inputs (see :func:`zero_init_attention_reference`)."""
     compute_dtype = torch.float32 if upcast else inp.dtype
+    args = (inp.causal, inp.softmax_scale, inp.gate_tanh, compute_dtype)
     if not inp.varlen:
-        out, lse_w, lse_p = _batched_reference(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
-                                               inp.causal, inp.softmax_scale, inp.gate_tanh, compute_dtype)
+        out, lse_w, lse_p = _batched_reference(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate, *args,
+                                               seqused_k=inp.seqused_k)
     else:
         # One sequence at a time: a sequence never sees another one.
         outs, lses_w, lses_p = [], [], []
-        bounds = inp.cu_seqlens.tolist()
-        for i in range(len(bounds) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
+        bounds_q, bounds_k = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
+        used = inp.seqused_k.tolist() if inp.seqused_k is not None else None
+        for i in range(len(bounds_q) - 1):
+            q_lo, q_hi = bounds_q[i], bounds_q[i + 1]
+            k_lo, k_hi = bounds_k[i], bounds_k[i + 1] if used is None else bounds_k[i] + used[i]
             pick = (lambda t: t[i:i + 1] if t.shape[0] > 1 else t)
-            o, lw, lp = _batched_reference(inp.q[None, lo:hi], inp.k[None, lo:hi], inp.v[None, lo:hi],
-                                           pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate),
-                                           inp.causal, inp.softmax_scale, inp.gate_tanh, compute_dtype)
+            o, lw, lp = _batched_reference(inp.q[None, q_lo:q_hi], inp.k[None, k_lo:k_hi], inp.v[None, k_lo:k_hi],
+                                           pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate), *args)
             outs.append(o[0])
             lses_w.append(lw[0])
             lses_p.append(lp[0])
-        # Tokens after the last sequence (cu_seqlens[-1] < T) belong to none: 0 output, -inf log-sum-exps.
-        tail = inp.q.shape[0] - bounds[-1]
+        # Tokens after the last sequence (cu_seqlens_q[-1] < Tq) belong to none: 0 output, -inf log-sum-exps.
+        tail = inp.q.shape[0] - bounds_q[-1]
         outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
         lses_w.append(lses_w[0].new_full((lses_w[0].shape[0], tail), float("-inf")))
         lses_p.append(lses_p[0].new_full((lses_p[0].shape[0], tail), float("-inf")))
@@ -95,22 +104,28 @@ def reference_attention(inp: AttentionInputs, *, upcast: bool = True, return_lse
 def zero_init_attention_reference(q, k, v, prefix_k, prefix_v, gate, *, causal: bool = True,
                                   softmax_scale: Optional[float] = None, gate_activation: str = "tanh",
                                   cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                                  cu_seqlens_q: Optional[torch.Tensor] = None,
+                                  cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
+                                  max_seqlen_k: Optional[int] = None, seqused_k: Optional[torch.Tensor] = None,
                                   upcast: bool = True, return_lse: bool = False):
     """Zero-init attention computed the obvious way.
 
     Args:
-        q: ``[B, Sq, Hq, D]`` (or ``[T, Hq, D]`` with ``cu_seqlens``).
-        k, v: ``[B, Sk, Hkv, D]`` (or ``[T, Hkv, D]``).
+        q: ``[B, Sq, Hq, D]`` (or ``[Tq, Hq, D]`` varlen).
+        k, v: ``[B, Sk, Hkv, D]`` (or ``[Tk, Hkv, D]``).
         prefix_k, prefix_v: ``[1 or B, P, Hkv, D]``.
         gate: ``[Hq]``, ``[1]`` or ``[B, Hq]``, the raw gate.
-        causal, softmax_scale, gate_activation, cu_seqlens, max_seqlen: as :func:`fastadapter.zero_init_attention`.
+        causal, softmax_scale, gate_activation, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, seqused_k: as :func:`fastadapter.zero_init_attention`.
         upcast: compute in fp32 and return fp32 (the oracle). ``False`` computes in the inputs' dtype, which is
             what "plain PyTorch in that dtype" means in the tests' tolerances.
-        return_lse: also return the fp32 log-sum-exps ``lse_w, lse_p`` (``[B, Hq, Sq]``, or ``[Hq, T]``).
+        return_lse: also return the fp32 log-sum-exps ``lse_w, lse_p`` (``[B, Hq, Sq]``, or ``[Hq, Tq]``).
 
     Returns:
         ``out`` with q's shape (fp32 when ``upcast``), or ``(out, lse_w, lse_p)``.
     """
     inp = validate_inputs(q, k, v, prefix_k, prefix_v, gate, causal=causal, softmax_scale=softmax_scale,
-                          gate_activation=gate_activation, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                          gate_activation=gate_activation, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                          max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
     return reference_attention(inp, upcast=upcast, return_lse=return_lse)

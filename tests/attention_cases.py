@@ -24,7 +24,9 @@ INPUT_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
 
 @dataclass
 class Case:
-    """One set of inputs. ``seqlens`` set means varlen: q/k/v are packed ``[T, H, D]``."""
+    """One set of inputs. ``seqlens`` set means varlen: q/k/v are packed ``[T, H, D]`` (one ``cu_seqlens``);
+    with ``seqlens_k`` too, k/v hold their own sequences (``cu_seqlens_q``/``cu_seqlens_k``, ragged). ``seqused``
+    sets ``seqused_k`` (one count per row or sequence)."""
 
     batch: int = 2
     seqlen_q: int = 97
@@ -40,6 +42,9 @@ class Case:
     dtype: torch.dtype = torch.float32
     seqlens: Optional[list[int]] = None
     unused_tail: int = 0  # varlen: packed tokens after the last sequence (cu_seqlens[-1] < T)
+    seqlens_k: Optional[list[int]] = None  # varlen: the key sequences' own lengths (separate offsets)
+    unused_tail_k: int = 0  # separate offsets: packed key tokens after the last key sequence
+    seqused: Optional[list[int]] = None  # seqused_k: the keys each row (dense) or sequence (varlen) reads
     transposed: bool = False  # pass q/k/v as bshd views of bhsd tensors
     softmax_scale: Optional[float] = None
     extra: dict = field(default_factory=dict)
@@ -49,6 +54,11 @@ class Case:
         dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         shape = (f"T{sum(self.seqlens) + self.unused_tail}-N{len(self.seqlens)}" if self.seqlens else
                  f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}")
+        if self.seqlens_k:
+            shape = (f"q{'.'.join(map(str, self.seqlens))}+{self.unused_tail}"
+                     f"-k{'.'.join(map(str, self.seqlens_k))}+{self.unused_tail_k}")
+        if self.seqused:
+            shape += f"-used{'.'.join(map(str, self.seqused))}"
         return (f"{shape}-H{self.heads_q}x{self.heads_kv}-D{self.head_dim}-P{self.prefix_len}x{self.prefix_batch}"
                 f"-g{self.gate_shape}-{self.gate_activation}-{'causal' if self.causal else 'full'}-{dt}"
                 + ("-T" if self.transposed else ""))
@@ -64,14 +74,22 @@ class Case:
 
         n = len(self.seqlens) if self.seqlens else self.batch
         kw = {}
-        if self.seqlens:
+        if self.seqlens and self.seqlens_k:
+            assert len(self.seqlens_k) == n, "seqlens_k needs one length per sequence of seqlens"
+            kw["q"] = randn(sum(self.seqlens) + self.unused_tail, self.heads_q, self.head_dim)
+            tokens_k = sum(self.seqlens_k) + self.unused_tail_k
+            kw["k"] = randn(tokens_k, self.heads_kv, self.head_dim)
+            kw["v"] = randn(tokens_k, self.heads_kv, self.head_dim)
+            kw["cu_seqlens_q"] = _offsets(self.seqlens).to(device)
+            kw["cu_seqlens_k"] = _offsets(self.seqlens_k).to(device)
+            kw["max_seqlen_q"] = max(max(self.seqlens), 1)
+            kw["max_seqlen_k"] = max(max(self.seqlens_k), 1)
+        elif self.seqlens:
             total = sum(self.seqlens) + self.unused_tail
             kw["q"] = randn(total, self.heads_q, self.head_dim)
             kw["k"] = randn(total, self.heads_kv, self.head_dim)
             kw["v"] = randn(total, self.heads_kv, self.head_dim)
-            cu = torch.zeros(n + 1, dtype=torch.int32)
-            cu[1:] = torch.cumsum(torch.tensor(self.seqlens), 0)
-            kw["cu_seqlens"] = cu.to(device)
+            kw["cu_seqlens"] = _offsets(self.seqlens).to(device)
             kw["max_seqlen"] = max(self.seqlens)
         else:
             kw["q"] = randn(self.batch, self.seqlen_q, self.heads_q, self.head_dim, transposed=self.transposed)
@@ -82,10 +100,20 @@ class Case:
         kw["prefix_v"] = randn(pb, self.prefix_len, self.heads_kv, self.head_dim)
         gate_shape = {"heads": (self.heads_q,), "scalar": (1,), "rows": (n, self.heads_q)}[self.gate_shape]
         kw["gate"] = (0.5 * torch.randn(*gate_shape, device=device)).requires_grad_(requires_grad)
+        if self.seqused is not None:
+            assert len(self.seqused) == n, "seqused needs one count per row or sequence"
+            kw["seqused_k"] = torch.tensor(self.seqused, dtype=torch.int32, device=device)
         kw["causal"] = self.causal
         kw["gate_activation"] = self.gate_activation
         kw["softmax_scale"] = self.softmax_scale
         return kw
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    """int32 ``[N+1]`` cumulative starts of sequences of ``lengths``."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    return cu
 
 
 def device_for(backend: str) -> str:
@@ -97,10 +125,7 @@ def device_for(backend: str) -> str:
 def backend_inputs(case: Case, device="cpu") -> AttentionInputs:
     """``case``'s inputs validated as a backend receives them (no gradients), for calling a backend directly."""
     kw = case.make(device, requires_grad=False)
-    return validate_inputs(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["gate"],
-                           causal=kw["causal"], softmax_scale=kw["softmax_scale"],
-                           gate_activation=kw["gate_activation"], cu_seqlens=kw.get("cu_seqlens"),
-                           max_seqlen=kw.get("max_seqlen"))
+    return validate_inputs(**kw)
 
 
 def _run(fn, kw: dict, grad_out: torch.Tensor):

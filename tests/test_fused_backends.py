@@ -89,8 +89,8 @@ def test_saved_log_sum_exps_match_reference(case, backend):
     out, lse_w, lse_p = get_backend(backend).forward(inp)
     _, ref_w, ref_p = zero_init_attention_reference(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
                                                     causal=inp.causal, return_lse=True,
-                                                    cu_seqlens=inp.cu_seqlens,
-                                                    max_seqlen=inp.max_seqlen or None)
+                                                    cu_seqlens=inp.cu_seqlens_q,
+                                                    max_seqlen=inp.max_seqlen_q or None)
     assert lse_w.shape == lse_p.shape == inp.lse_shape() and lse_w.dtype == torch.float32
     assert out.is_contiguous() and out.shape == inp.q.shape
     # On a GPU the fp32 cases run in bf16: the same rounded inputs on both sides, only the summation order differs.

@@ -40,17 +40,19 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {inp.device} (the cpu backend runs CPU tensors only)")
         if inp.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {inp.dtype} (supported: float32, bfloat16, float16)")
+        if inp.ragged:
+            reasons.append("separate query/key offsets or seqused_k (not yet in the C++ kernels)")
         return reasons
 
     def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.fastadapter_cpu.forward(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
-                                                 inp.cu_seqlens, inp.max_seqlen, inp.causal, inp.softmax_scale,
+                                                 inp.cu_seqlens_q, inp.max_seqlen_q, inp.causal, inp.softmax_scale,
                                                  inp.gate_tanh)
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.ops.fastadapter_cpu.backward(grad_out, inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v,
-                                                  inp.gate, out, lse_w, lse_p, inp.cu_seqlens, inp.max_seqlen,
+                                                  inp.gate, out, lse_w, lse_p, inp.cu_seqlens_q, inp.max_seqlen_q,
                                                   inp.causal, inp.softmax_scale, inp.gate_tanh)
 
 

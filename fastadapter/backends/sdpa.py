@@ -7,6 +7,8 @@ kernel for each call, and autograd differentiates the composition.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -18,6 +20,8 @@ from . import Backend, register_backend
 def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool, scale: float):
     """softmax(scale · q kᵀ) v over ``[B, H, S, D]`` tensors, causal bottom-right aligned."""
     seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
+    if seqlen_k == 0 or seqlen_q == 0:  # no key (an empty ragged sequence): the word part is 0
+        return qh.new_zeros(qh.shape[:3] + (vh.shape[-1],))
     if not causal:
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     if seqlen_q == seqlen_k:
@@ -31,11 +35,35 @@ def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal
     return torch.cat([seen.new_zeros(seen.shape[:2] + (blind, seen.shape[3])), seen], dim=2)
 
 
-def sdpa_composition(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, scale: float, gate_tanh: bool):
+def _used_keys_attention(qh, kh, vh, seqused_k: torch.Tensor, causal: bool, scale: float):
+    """softmax(scale · q kᵀ) v over ``[B, H, S, D]`` tensors where row b sees only its first ``seqused_k[b]``
+    keys (causal bottom-right aligned on them); rows that see no key give 0."""
+    seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
+    used = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]
+    row = torch.arange(seqlen_q, device=qh.device)[:, None]
+    col = torch.arange(seqlen_k, device=qh.device)[None, :]
+    allowed = col < used
+    if causal:
+        allowed = allowed & (col <= row + used - seqlen_q)  # [B, 1, Sq, Sk]
+    blind = ~allowed.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
+    if seqlen_k == 0 or seqlen_q == 0:
+        return _word_attention(qh, kh, vh, causal, scale)
+    # A fully masked row would be NaN (forward and backward): let it see key 0, then zero it.
+    allowed = allowed | (blind & (col == 0))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale, enable_gqa=True)
+    return out.masked_fill(blind, 0.0)
+
+
+def sdpa_composition(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, scale: float, gate_tanh: bool,
+                     seqused_k: Optional[torch.Tensor] = None):
     """One batch: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, ``prefix_* [Bp, P, Hkv, D]``,
-    ``gate_rows`` fp32 ``[Bg, Hq]``; returns ``[B, Sq, Hq, D]`` (a transposed view)."""
+    ``gate_rows`` fp32 ``[Bg, Hq]``, optionally ``seqused_k`` int32 ``[B]`` (row b reads only its first
+    ``seqused_k[b]`` keys); returns ``[B, Sq, Hq, D]`` (a transposed view)."""
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = _word_attention(qh, kh, vh, causal, scale)
+    if seqused_k is not None:
+        out = _used_keys_attention(qh, kh, vh, seqused_k, causal, scale)
+    else:
+        out = _word_attention(qh, kh, vh, causal, scale)
     if prefix_k.shape[1] > 0:
         batch = q.shape[0]
         pkh = prefix_k.transpose(1, 2).expand(batch, -1, -1, -1)
@@ -56,7 +84,8 @@ def propagate_nonfinite_queries(out: torch.Tensor, q: torch.Tensor) -> torch.Ten
 
 
 class SdpaBackend(Backend):
-    """Two SDPA calls per batch (per sequence in varlen mode); memory as PyTorch's own SDPA kernels."""
+    """Two SDPA calls per batch (per sequence in varlen mode; a boolean mask for ``seqused_k``); memory as
+    PyTorch's own SDPA kernels."""
 
     name = "sdpa"
     fused = False
@@ -64,15 +93,18 @@ class SdpaBackend(Backend):
     def attention(self, inp: AttentionInputs) -> torch.Tensor:
         args = (inp.causal, inp.softmax_scale, inp.gate_tanh)
         if not inp.varlen:
-            return sdpa_composition(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate, *args)
-        bounds = inp.cu_seqlens.tolist()
+            return sdpa_composition(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate, *args,
+                                    seqused_k=inp.seqused_k)
+        bounds_q, bounds_k = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
+        used = inp.seqused_k.tolist() if inp.seqused_k is not None else None
         outs = []
-        for i in range(len(bounds) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
+        for i in range(len(bounds_q) - 1):
+            q_lo, q_hi = bounds_q[i], bounds_q[i + 1]
+            k_lo, k_hi = bounds_k[i], bounds_k[i + 1] if used is None else bounds_k[i] + used[i]
             pick = (lambda t: t[i:i + 1] if t.shape[0] > 1 else t)
-            outs.append(sdpa_composition(inp.q[None, lo:hi], inp.k[None, lo:hi], inp.v[None, lo:hi],
+            outs.append(sdpa_composition(inp.q[None, q_lo:q_hi], inp.k[None, k_lo:k_hi], inp.v[None, k_lo:k_hi],
                                          pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate), *args)[0])
-        tail = inp.q.shape[0] - bounds[-1]  # tokens after the last sequence belong to none: 0
+        tail = inp.q.shape[0] - bounds_q[-1]  # tokens after the last sequence belong to none: 0
         outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
         return torch.cat(outs, dim=0)
 
