@@ -76,6 +76,7 @@ print("standalone kernels ok")
 """
 
 
+@pytest.mark.slow  # a child process importing torch and triton, then interpreting two kernels (~10 s)
 def test_kernels_import_and_run_with_the_rest_of_the_package_unimportable():
     root = str(KERNELS.parent)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -149,8 +149,8 @@ def test_what_takes_the_decode_path():
     assert decode.decode_applies(backend_inputs(Case(batch=1, seqlen_q=16, seqlen_k=40)))
     longer = backend_inputs(Case(batch=1, seqlen_q=17, seqlen_k=40))
     assert "Sq = 17 > 16" in decode.decode_not_supported_reasons(longer)[0]
-    packed = backend_inputs(Case(seqlens=[3, 1]))
-    assert "varlen" in decode.decode_not_supported_reasons(packed)[0]
+    packed = backend_inputs(Case(seqlens=[3, 1]))  # packed self-attention: no longer key cache
+    assert "max_seqlen_k = 3 <= max_seqlen_q = 3" in decode.decode_not_supported_reasons(packed)[0]
     with pytest.raises(ValueError, match="Sq = 17 > 16 query rows"):
         decode.attention_decode(longer)
 

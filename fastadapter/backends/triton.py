@@ -80,8 +80,6 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim {inp.head_dim} > {MAX_HEAD_DIM}")
         if inp.prefix_len > MAX_PREFIX_LEN:
             reasons.append(f"prefix length {inp.prefix_len} > {MAX_PREFIX_LEN} (the prefix is one tile)")
-        if inp.ragged:
-            reasons.append("separate query/key offsets or seqused_k (not yet in the Triton kernels)")
         target = _target(inp)
         if not reasons and target is not None:
             reasons += self.target_reasons(inp, *target)
