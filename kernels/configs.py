@@ -72,8 +72,11 @@ _COMPILED_CONFIGS = {
         # Row statistics and prefix gradients: no loop over keys, only over query tiles.
         "backward_preprocess": [_config(32, None, 8, 2)],
         # One program per key tile (dk, dv accumulators resident); query tiles stream. 32×64 on 4 warps spills
-        # 8-16 B on sm_86/89 (and at D = 80 on sm_80): 8 warps halve the accumulators per thread.
-        "backward_dkdv": [_config(32, 64, 4, 2), _config(32, 64, 8, 2)],
+        # 8-16 B on sm_86/89 (and at D = 80 on sm_80): 8 warps halve the accumulators per thread. Varlen GQA
+        # (separate key offsets, the group's heads looped over) spills 16-56 B even on 8 warps on sm_90 at
+        # D = 80/128: 16-row query tiles on 8 warps fit there (207-216 registers), so ragged Hugging Face batches
+        # keep the kernel rather than falling back to sdpa.
+        "backward_dkdv": [_config(32, 64, 4, 2), _config(32, 64, 8, 2), _config(16, 64, 8, 2)],
         # One program per query tile (dq accumulator resident); key/value tiles stream.
         "backward_dq": [_config(128, 32, 8, 2)],
     },
