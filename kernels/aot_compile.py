@@ -78,14 +78,19 @@ def parse_arch(arch: str) -> int:
 
 def representative_inputs(facts: KernelFacts) -> AttentionProblem:
     """LLaMA-like inputs with ``facts`` on the ``meta`` device (no memory, no GPU): 32 kv heads (8 with GQA,
-    for 32 query heads), S = 512 (or 4 packed sequences of up to 512 queries over up to 1024 keys, with their
-    own offsets), the prefix of ``facts.block_p``, and ``seqused_k`` when ``facts.seqused``."""
+    for 32 query heads), S = 512 (or 4 packed sequences of up to 512 tokens sharing one ``cu_seqlens``, or with
+    ``facts.shared_offsets`` False up to 512 queries over up to 1024 keys with offsets of their own), the prefix
+    of ``facts.block_p``, and ``seqused_k`` when ``facts.seqused``."""
     heads_q, heads_kv = 32, (8 if facts.grouped else 32)
     d = facts.head_dim
     meta = dict(device="meta", dtype=facts.dtype)
     offsets = dict(device="meta", dtype=torch.int32)
     p = 0 if not facts.has_prefix else (10 if facts.block_p == 16 else facts.block_p)
-    if facts.varlen:
+    if facts.varlen and facts.shared_offsets:
+        q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(2048, heads_kv, d, **meta)
+        cu = torch.empty(5, **offsets)
+        lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512, max_seqlen_k=512)
+    elif facts.varlen:
         q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(4096, heads_kv, d, **meta)
         lengths = dict(cu_seqlens_q=torch.empty(5, **offsets), cu_seqlens_k=torch.empty(5, **offsets),
                        max_seqlen_q=512, max_seqlen_k=1024)
@@ -378,7 +383,7 @@ def llama7b_rows(rows: list[dict]) -> list[dict]:
 #: Input families compiled by :func:`compile_code_paths`, beyond the matrix's (batched, causal, P = 10, tanh).
 CODE_PATHS = {
     "varlen-fp16-D72-P0-full-GQA": KernelFacts(dtype=torch.float16, head_dim=72, has_prefix=False, varlen=True,
-                                               causal=False, grouped=True),
+                                               causal=False, grouped=True, shared_offsets=True),
     "varlen-seqused-bf16-D80-GQA": KernelFacts(dtype=torch.bfloat16, head_dim=80, varlen=True, grouped=True,
                                                seqused=True),
     "seqused-fp16-D128": KernelFacts(dtype=torch.float16, head_dim=128, seqused=True),
@@ -398,8 +403,8 @@ def _code_paths_in_process(capability: int) -> list[dict]:
 
 
 def compile_code_paths(arch: str = "sm_80") -> list[dict]:
-    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS` (varlen with its own
-    key offsets, ``seqused_k`` dense and varlen, fp16, a padded head dim, no prefix, no mask, GQA, the 64-slot
+    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS` (varlen with shared
+    and with separate key offsets, ``seqused_k`` dense and varlen, fp16, a padded head dim, no prefix, no mask, GQA, the 64-slot
     prefix, raw gate), so that a kernel change only the
     interpreter accepts is caught without a GPU. Rows as :func:`compile_matrix` with ``code_path``."""
     capability = parse_arch(arch)

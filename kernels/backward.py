@@ -99,7 +99,7 @@ def preprocess_arguments(inp: AttentionProblem, layout: Layout, buf: BackwardBuf
                 stride_lb=lb, stride_lh=lh, seqlen_q=layout.seqlen_q, prefix_len=layout.prefix_len,
                 heads_q=layout.heads_q, group=layout.group, softmax_scale=inp.softmax_scale,
                 num_splits=buf.num_splits, seqlen_q_bucket=layout.seqlen_buckets()["seqlen_q_bucket"],
-                GATE_TANH=inp.gate_tanh, **_without(layout.common_constexprs(), "HAS_SEQUSED"))
+                GATE_TANH=inp.gate_tanh, **_without(layout.common_constexprs(), "SHARED_OFFSETS", "HAS_SEQUSED"))
 
 
 def dkdv_arguments(inp: AttentionProblem, layout: Layout, buf: BackwardBuffers) -> dict:

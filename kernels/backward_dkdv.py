@@ -50,7 +50,7 @@ def zero_init_attention_backward_dkdv_kernel(
         stride_dvh, stride_lb, stride_lh,
         seqlen_q, seqlen_k, heads_kv, group, softmax_scale, seqlen_q_bucket, seqlen_k_bucket,
         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-        HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
+        SHARED_OFFSETS: tl.constexpr, HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sk, BLOCK_N) · B · Hkv,)``. Writes ``DK``, ``DV`` (k's layout) for the keys the sequence uses;
     keys past them (``seqused_k``, or a shorter varlen sequence) are not written: the launcher zeroes them."""
@@ -58,7 +58,7 @@ def zero_init_attention_backward_dkdv_kernel(
     b = pid_bh // heads_kv
     kv_head = pid_bh % heads_kv
     token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
-                                                 VARLEN, HAS_SEQUSED)
+                                                 VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     start_n = pid_n * BLOCK_N
     if start_n >= n_k:
         return

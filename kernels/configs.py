@@ -162,6 +162,7 @@ class KernelFacts:
     gate_tanh: bool = True
     grouped: bool = False  # GQA/MQA: more than one query head per kv head
     seqused: bool = False  # seqused_k given: each sequence reads only its first keys
+    shared_offsets: bool = False  # varlen q and k share one cu_seqlens (packed self-attention)
 
     @property
     def block_d(self) -> int:
@@ -174,7 +175,8 @@ class KernelFacts:
                            block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
                            has_prefix=inp.prefix_len > 0, varlen=inp.varlen, causal=inp.causal,
                            gate_tanh=inp.gate_tanh, grouped=inp.heads_q != inp.heads_kv,
-                           seqused=getattr(inp, "seqused_k", None) is not None)
+                           seqused=getattr(inp, "seqused_k", None) is not None,
+                           shared_offsets=bool(getattr(inp, "shares_offsets", False)))
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ def _measure(kernel: str, config: triton.Config, facts: KernelFacts, capability:
 
 _PLAN_LOCK = threading.Lock()
 #: The switches a kernel does not take (its binary does not depend on them): normalised away from plan keys.
-_IGNORED_FACTS = {"backward_preprocess": dict(causal=True, seqused=False),
+_IGNORED_FACTS = {"backward_preprocess": dict(causal=True, seqused=False, shared_offsets=False),
                   "backward_dkdv": dict(block_p=16, has_prefix=True, gate_tanh=True)}
 
 
@@ -321,7 +323,8 @@ def _args_facts(args: dict, q: torch.Tensor) -> KernelFacts:
     return KernelFacts(dtype=q.dtype, head_dim=args["HEAD_DIM"], block_p=args.get("BLOCK_P", 16),
                        has_prefix=args.get("HAS_PREFIX", True), varlen=args["VARLEN"],
                        causal=args.get("CAUSAL", True), gate_tanh=args.get("GATE_TANH", True),
-                       grouped=args["group"] != 1, seqused=args.get("HAS_SEQUSED", False))
+                       grouped=args["group"] != 1, seqused=args.get("HAS_SEQUSED", False),
+                       shared_offsets=args.get("SHARED_OFFSETS", False))
 
 
 def autotune_pruner(kernel: str) -> Callable:
@@ -347,7 +350,7 @@ def autotune_pruner(kernel: str) -> Callable:
 #: the key sequences' buckets (a few queries over a long cache are not tuned as a long prefill), the head dim,
 #: the prefix tile, the GQA group, the switches, and the device's architecture.
 AUTOTUNE_KEY = ("seqlen_q_bucket", "seqlen_k_bucket", "HEAD_DIM", "BLOCK_P", "group", "CAUSAL", "VARLEN",
-                "HAS_SEQUSED", "HAS_PREFIX", "ARCH")
+                "SHARED_OFFSETS", "HAS_SEQUSED", "HAS_PREFIX", "ARCH")
 
 
 def autotune(kernel: str):

@@ -93,7 +93,8 @@ def zero_init_attention_decode_split_kernel(
         Q, K, V, M_PART, L_PART, ACC_PART, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         seqlen_q, seqlen_k, heads_kv, group, softmax_scale, num_splits, row_tiles, chunk,
-        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+        HAS_SEQUSED: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(num_splits · row_tiles · B · Hkv,)``: the partial softmax state of one key chunk for one row tile.
 
@@ -109,7 +110,7 @@ def zero_init_attention_decode_split_kernel(
     b = bh // heads_kv
     kv_head = bh % heads_kv
     q_token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
-                                                   VARLEN, HAS_SEQUSED)
+                                                   VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     r, i, head, valid = _stacked_rows(tile, seqlen_q, n_q, group, kv_head, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     q = _load_stacked(Q, b, q_token0, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
@@ -334,7 +335,8 @@ def decode_arguments(inp: AttentionProblem, layout: Layout, out: torch.Tensor, l
     split = dict(Q=q, K=k, V=v, M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, **sequence_arguments(inp),
                  stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_kb=kb, stride_ks=ks, stride_kh=kh,
                  stride_vb=vb, stride_vs=vs, stride_vh=vh, seqlen_k=layout.seqlen_k, chunk=chunk, **shape,
-                 CAUSAL=inp.causal, VARLEN=varlen, HAS_SEQUSED=layout.seqused, BLOCK_N=block_n, **common)
+                 CAUSAL=inp.causal, VARLEN=varlen, SHARED_OFFSETS=layout.shared_offsets, HAS_SEQUSED=layout.seqused,
+                 BLOCK_N=block_n, **common)
     merge = dict(Q=q, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
                  M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, CU_SEQLENS_Q=inp.cu_seqlens_q,
                  stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh,

@@ -37,15 +37,16 @@ def zero_init_attention_forward_kernel(
         stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
         seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_q_bucket, seqlen_k_bucket,
         CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
-        INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+        HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``OUT`` (q's layout) and ``LSE_W``, ``LSE_P``."""
     pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
     b = pid_bh // heads_q
     head = pid_bh % heads_q
     kv_head = head // group
     q_token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
-                                                   VARLEN, HAS_SEQUSED)
+                                                   VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     start_m = pid_m * BLOCK_M
     if start_m >= n_q:  # a varlen sequence shorter than the longest one
         return

@@ -57,6 +57,9 @@ class Layout:
         head_dim: D; ``block_d`` is D rounded up to a power of two (at least 16, the smallest ``tl.dot``).
         block_p: P rounded up likewise (the prefix is one tile).
         varlen: packed sequences.
+        shared_offsets: varlen q and k share one ``cu_seqlens`` (packed self-attention): the kernels read the
+            key offsets from the query offsets (one register less, which keeps the dk/dv kernel's GQA loop from
+            spilling on sm_90).
         seqused: ``seqused_k`` is given (each sequence reads only its first keys).
         interpreter: the kernels run under Triton's interpreter (see :mod:`._interpreter`).
         arch: the compute capability of the inputs' CUDA device (80 for sm_80; 0 off CUDA): part of the
@@ -77,6 +80,7 @@ class Layout:
     interpreter: bool
     arch: int = 0
     seqused: bool = False
+    shared_offsets: bool = False
 
     @staticmethod
     def of(problem: AttentionProblem) -> "Layout":
@@ -86,7 +90,7 @@ class Layout:
                       block_d=max(16, triton.next_power_of_2(problem.head_dim)),
                       block_p=max(16, triton.next_power_of_2(max(problem.prefix_len, 1))),
                       varlen=problem.varlen, interpreter=interpreting(), arch=device_arch(problem.device),
-                      seqused=problem.seqused_k is not None)
+                      seqused=problem.seqused_k is not None, shared_offsets=problem.shares_offsets)
 
     def seqlen_buckets(self) -> dict:
         """The autotuning keys of the lengths: the (longest) query and key sequence, each rounded up to a power
@@ -98,7 +102,8 @@ class Layout:
     def common_constexprs(self) -> dict:
         """Compile-time parameters shared by every kernel of the call."""
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_P=self.block_p,
-                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, HAS_SEQUSED=self.seqused,
+                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, SHARED_OFFSETS=self.shared_offsets,
+                    HAS_SEQUSED=self.seqused,
                     INTERPRETER=self.interpreter, ARCH=self.arch)
 
 

@@ -85,8 +85,15 @@ class AttentionProblem:
 
     @property
     def shares_offsets(self) -> bool:
-        """Varlen q and k with the same offsets (packed self-attention: ``Sq_b == Sk_b``)."""
-        return self.varlen and self.cu_seqlens_q is self.cu_seqlens_k
+        """Varlen q and k with one offsets tensor (packed self-attention: ``Sq_b == Sk_b``): the same tensor, or
+        two views of the same memory (a ``meta`` tensor has no memory: only the same tensor counts)."""
+        if not self.varlen:
+            return False
+        cu_q, cu_k = self.cu_seqlens_q, self.cu_seqlens_k
+        if cu_q is cu_k:
+            return True
+        return (cu_q.device.type != "meta" and cu_q.device == cu_k.device and cu_q.shape == cu_k.shape
+                and cu_q.data_ptr() == cu_k.data_ptr())
 
     @property
     def heads_q(self) -> int:

@@ -38,16 +38,21 @@ def query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN: tl.constexpr):
 
 @triton.jit
 def sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
-                    HAS_SEQUSED: tl.constexpr):
+                    SHARED_OFFSETS: tl.constexpr, HAS_SEQUSED: tl.constexpr):
     """``(q_token0, k_token0, n_q, n_k)`` of sequence ``b``: the first query and key token, and how many queries
-    and keys it has. Dense: 0, 0, Sq and Sk; varlen: from ``cu_seqlens_q`` and ``cu_seqlens_k``; with
-    ``seqused_k`` the sequence uses only its first ``seqused_k[b]`` keys (a padded KV cache)."""
+    and keys it has. Dense: 0, 0, Sq and Sk; varlen: from ``cu_seqlens_q`` and ``cu_seqlens_k`` (read once when
+    ``SHARED_OFFSETS``: packed self-attention, whose kernels then keep one token offset in registers, not two);
+    with ``seqused_k`` the sequence uses only its first ``seqused_k[b]`` keys (a padded KV cache)."""
     q_token0, n_q = query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k_token0 = 0
     n_k = seqlen_k
     if VARLEN:
-        k_token0 = tl.load(CU_SEQLENS_K + b)
-        n_k = tl.load(CU_SEQLENS_K + b + 1) - k_token0
+        if SHARED_OFFSETS:
+            k_token0 = q_token0
+            n_k = n_q
+        else:
+            k_token0 = tl.load(CU_SEQLENS_K + b)
+            n_k = tl.load(CU_SEQLENS_K + b + 1) - k_token0
     if HAS_SEQUSED:
         n_k = tl.load(SEQUSED_K + b)
     return q_token0, k_token0, n_q, n_k
