@@ -397,6 +397,8 @@ DECODE_COMPILE_SHAPES = {"llama7b-Sq1-Hkv32": (1, 32, 1, "dense"), "llama7b-Sq1-
                          "llama7b-Sq16-Hkv8": (16, 8, 1, "dense"),
                          "llama7b-B8-Sq1-Hkv8-seqused": (1, 8, 8, "seqused"),
                          "llama7b-N8-Sq1-Hkv8-varlen": (1, 8, 8, "varlen")}
+#: The ragged entries of :data:`DECODE_COMPILE_SHAPES`.
+RAGGED_DECODE_SHAPES = tuple(name for name, (*_, mode) in DECODE_COMPILE_SHAPES.items() if mode != "dense")
 _TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
 #: The cache length of :data:`DECODE_COMPILE_SHAPES`.
 _COMPILE_CACHE_LEN = 2048
@@ -426,12 +428,13 @@ def _compile_problem(seqlen_q: int, heads_kv: int, batch: int, mode: str, dtype:
 
 
 def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat16, head_dim: int = 128,
-                         prefix_len: int = 10) -> list[dict]:
+                         prefix_len: int = 10, shapes: Optional[Iterable[str]] = None) -> list[dict]:
     """The launches of :func:`attention_decode` at the shapes of :data:`DECODE_COMPILE_SHAPES`, for compiling.
 
     Args:
         arch: ``"sm_80"`` or ``"sm_90"`` (its SM count sets the split plan, as on that GPU).
         dtype, head_dim, prefix_len: the inputs' dtype, D and P (Hq = 32, Sk = 2048, causal, tanh gate).
+        shapes: the keys of :data:`DECODE_COMPILE_SHAPES` to compile (None: all of them).
 
     Returns:
         One dict per (kernel, shape): ``kernel`` ("decode_split" or "decode_merge"), ``shape`` (the key of
@@ -442,8 +445,13 @@ def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat1
     cc = int(arch.removeprefix("sm_").rstrip("a"))
     if cc not in SM_COUNT_OF_ARCH:
         raise ValueError(f"no SM count known for {arch!r}; known: {sorted(f'sm_{c}' for c in SM_COUNT_OF_ARCH)}")
+    unknown = set(shapes or ()) - set(DECODE_COMPILE_SHAPES)
+    if unknown:
+        raise ValueError(f"unknown decode shapes {sorted(unknown)}; known: {list(DECODE_COMPILE_SHAPES)}")
     specs = []
     for shape, (seqlen_q, heads_kv, batch, mode) in DECODE_COMPILE_SHAPES.items():
+        if shapes is not None and shape not in shapes:
+            continue
         inp = _compile_problem(seqlen_q, heads_kv, batch, mode, dtype, head_dim, prefix_len)
         layout = Layout(**{**Layout.of(inp).__dict__, "interpreter": False})
         out = torch.empty(inp.q.shape, device="meta", dtype=dtype)
@@ -493,13 +501,14 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> list[dict]:
+def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...],
+                        shapes: Optional[tuple[str, ...]]) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     rows = []
     for arch, (dtype, head_dim, prefix_len) in ((a, v) for a in archs for v in variants):
         cc = int(arch.removeprefix("sm_").rstrip("a"))
-        for spec in decode_compile_specs(arch, _DTYPES[dtype], head_dim, prefix_len):
+        for spec in decode_compile_specs(arch, _DTYPES[dtype], head_dim, prefix_len, shapes):
             signature, constexprs, attrs = _signature(spec["fn"], spec["arguments"])
             compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", cc, 32),
@@ -525,14 +534,15 @@ def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> tuple[dict, ...]:
+def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...],
+                    shapes: Optional[tuple[str, ...]]) -> tuple[dict, ...]:
     from ._interpreter import interpreting
     if not interpreting():
-        return tuple(_compile_in_process(archs, variants))
+        return tuple(_compile_in_process(archs, variants, shapes))
     # Interpreted functions cannot be compiled: compile in a child process with the interpreter off.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; from fastadapter.kernels.decode import compile_decode_kernels; "
-            f"json.dump(compile_decode_kernels({archs!r}, {variants!r}), sys.stdout)")
+            f"json.dump(compile_decode_kernels({archs!r}, {variants!r}, {shapes!r}), sys.stdout)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"compiling the decode kernels in a child process failed:\n{result.stderr[-4000:]}")
@@ -540,9 +550,11 @@ def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int]
 
 
 def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90"),
-                           variants: Iterable[tuple[str, int, int]] = (("bf16", 128, 10),)) -> list[dict]:
+                           variants: Iterable[tuple[str, int, int]] = (("bf16", 128, 10),),
+                           shapes: Optional[Iterable[str]] = None) -> list[dict]:
     """Compile every launch of :func:`decode_compile_specs` for each arch and each ``(dtype, head_dim,
-    prefix_len)`` variant (dtype "bf16", "fp16" or "fp32"; default LLaMA-7B's) and read the cubins.
+    prefix_len)`` variant (dtype "bf16", "fp16" or "fp32"; default LLaMA-7B's) at ``shapes`` (keys of
+    :data:`DECODE_COMPILE_SHAPES`; None: all) and read the cubins.
 
     Returns:
         One dict per (kernel, shape, arch, variant): ``kernel``, ``shape``, ``arch``, ``dtype``, ``head_dim``,
@@ -550,4 +562,5 @@ def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90"),
         memory per thread), ``shared_bytes`` (per block), ``tensor_cores`` (HMMA/HGMMA families in the SASS),
         ``local_memory_instructions``.
     """
-    return [dict(row) for row in _compile_cached(tuple(archs), tuple(tuple(v) for v in variants))]
+    shapes = None if shapes is None else tuple(shapes)
+    return [dict(row) for row in _compile_cached(tuple(archs), tuple(tuple(v) for v in variants), shapes)]
