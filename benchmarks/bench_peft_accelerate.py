@@ -11,10 +11,16 @@ Modes:
 * ``train_step``: forward with labels, backward, AdamW step on the adapter parameters, ``zero_grad``;
 * ``forward``: inference forward (``torch.no_grad``).
 
-Batches: ``dense`` (no padding: the fused causal path) and ``padded`` (right padding to the longest row, about
-a third of the tokens: the explicit-mask path, see ``fastadapter/integrations/_attention_mask.py``).
+* ``prefill`` and ``decode_per_token``: ``generate()`` (greedy, KV cache) on a left-padded batch of 8 prompts of
+  mixed lengths (1/4 to all of ``seqlen``, capped at 256): the prefill is one ``generate(max_new_tokens=1)``, the
+  per-token time ``(generate(N) - prefill) / (N - 1)`` for the whole batch. Before timing, both providers must
+  generate the same tokens.
 
-    python -m benchmarks.bench_peft_accelerate --quick
+Batches of the training step: ``dense`` (no padding: the fused causal path) and ``padded`` (right padding: one
+ragged call over the real tokens and one over the padding queries per layer, see
+``fastadapter/integrations/_attention_mask.py``). The rows say which fastadapter backend ran (``backend``).
+
+    python -m benchmarks.bench_peft_accelerate --quick --output benchmarks/results/peft-accelerate-quick.json
 """
 from __future__ import annotations
 
@@ -153,11 +159,89 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
     """Rows ``suite="peft_accelerate"``, providers ``peft`` (the baseline) and ``peft+fastadapter``, modes
     ``train_step`` and ``forward``, batches ``dense`` and ``padded`` (in ``config``), with ``tokens_per_s``,
     ``cpu_median_ms`` (process CPU time), ``peak_mem_mb`` (train step) and ``max_grad_rel_err`` (accelerated
-    against PEFT)."""
+    against PEFT); then the ``prefill`` and ``decode_per_token`` rows of :func:`run_generation`."""
     preset = preset or ("quick" if quick else "full" if full else "default")
     warmup, repeats = {"smoke": (0, 1), "quick": (0, 2)}.get(preset, (2, 5))
-    return run_config(config_for(preset), device, warmup=warmup,
-                      repeats=repeats, log=log)
+    config = config_for(preset)
+    rows = run_config(config, device, warmup=warmup, repeats=repeats, log=log)
+    new_tokens = {"smoke": 3, "quick": 8}.get(preset, 16)
+    return rows + run_generation(config, device, new_tokens=new_tokens, warmup=warmup, repeats=repeats, log=log)
+
+
+def _backends_used(fn: Callable[[], object]) -> str:
+    """The fastadapter backends the op chose while ``fn()`` ran (``"-"`` when it never ran)."""
+    import fastadapter.attention as attention
+    chosen = set()
+    real = attention.select_backend
+
+    def recording(*args, **kwargs):
+        backend = real(*args, **kwargs)
+        chosen.add(backend.name)
+        return backend
+
+    attention.select_backend = recording
+    try:
+        fn()
+    finally:
+        attention.select_backend = real
+    return ",".join(sorted(chosen)) or "-"
+
+
+def left_padded_prompts(config: StepConfig, device, batch: int = 8) -> dict:
+    """``input_ids``, ``attention_mask`` ``[batch, S]`` of ``batch`` prompts of lengths S/4 .. S (S = ``seqlen``
+    capped at 256), left-padded as ``generate()`` wants them."""
+    longest = min(config.seqlen, 256)
+    lengths = torch.linspace(max(longest // 4, 1), longest, batch).long()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, config.vocab_size, (batch, longest), generator=generator)
+    mask = (torch.arange(longest)[None] >= (longest - lengths)[:, None]).long()
+    return {"input_ids": tokens.masked_fill(mask == 0, 0).to(device), "attention_mask": mask.to(device)}
+
+
+def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, warmup: int = 2, repeats: int = 5,
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """Rows of ``generate()`` on :func:`left_padded_prompts`: modes ``prefill`` (``tokens_per_s`` over the prompt
+    tokens) and ``decode_per_token`` (ms per generated token of the whole batch), providers as :func:`run_config`,
+    after checking that both generate the same tokens."""
+    providers = _providers()
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_peft_model(config, device).eval()
+        prompts = left_padded_prompts(config, device)
+        settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+        @torch.no_grad()
+        def generate(n: int):
+            return model.generate(**prompts, max_new_tokens=n, min_new_tokens=n, **settings)
+
+        outputs = {}
+        for name, switch in providers.items():
+            switch(model)
+            outputs[name] = generate(new_tokens)
+        if not torch.equal(outputs["peft"], outputs["peft+fastadapter"]):
+            raise AssertionError("peft and peft+fastadapter generated different tokens: not timed")
+        providers["peft+fastadapter"](model)
+        backend = _backends_used(lambda: generate(2))
+        label = f"{config.label}-gen8x{prompts['input_ids'].shape[1]}+{new_tokens}"
+        log(f"  peft_accelerate: {label}: same tokens from both; fastadapter backend {backend}")
+        prefill = interleaved_times(lambda: generate(1), model, warmup, repeats, device)
+        whole = interleaved_times(lambda: generate(new_tokens), model, warmup, repeats, device)
+        prompt_tokens = int(prompts["attention_mask"].sum())
+        for provider in providers:
+            first, total = summarize(prefill[provider][0]), summarize(whole[provider][0])
+            per_token = (total["median_ms"] - first["median_ms"]) / max(new_tokens - 1, 1)
+            common = {"suite": "peft_accelerate", "provider": provider, "config": label,
+                      "backend": backend if provider != "peft" else "-"}
+            rows.append({**common, "mode": "prefill", **first,
+                         "cpu_median_ms": statistics.median(prefill[provider][1]),
+                         "tokens_per_s": prompt_tokens / (first["median_ms"] / 1e3)})
+            cpu_per_token = (statistics.median(whole[provider][1]) - statistics.median(prefill[provider][1])) / max(
+                new_tokens - 1, 1)
+            rows.append({**common, "mode": "decode_per_token", "median_ms": per_token, "cpu_median_ms": cpu_per_token,
+                         "tokens_per_s": prompts["input_ids"].shape[0] / (per_token / 1e3)})
+        providers["peft"](model)
+    return rows
 
 
 def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int = 5,
@@ -191,12 +275,14 @@ def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int
             log(f"  peft_accelerate: {config.label} {batch_kind}: loss {loss_ref:.6f} vs {loss_acc:.6f}, "
                 f"max relative gradient error {err:.2e}")
             label = f"{config.label}-{batch_kind}"
+            backend = _backends_used(forward)
             for mode, fn in (("train_step", train_step), ("forward", forward)):
                 log(f"  peft_accelerate: {label} {mode}")
                 times = interleaved_times(fn, model, warmup, repeats, device)
                 for provider, (wall_ms, cpu_ms) in times.items():
                     timing = summarize(wall_ms)
                     row = {"suite": "peft_accelerate", "provider": provider, "mode": mode, "config": label,
+                           "backend": backend if provider != "peft" else "-",
                            **timing, "cpu_median_ms": statistics.median(cpu_ms),
                            "tokens_per_s": tokens / (timing["median_ms"] / 1e3),
                            "max_grad_rel_err": err, "loss": loss_acc if provider != "peft" else loss_ref}
@@ -227,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (one thread is steadier on a machine shared with others)")
     args = parser.parse_args(argv)
@@ -236,6 +323,13 @@ def main(argv=None) -> int:
     rows = run(args.quick, args.device, full=args.full)
     print(format_table(rows))
     print(_speedups(rows))
+    if args.output:
+        import pathlib
+        from .metadata import collect_metadata
+        from .report import write_json
+        preset = "quick" if args.quick else "full" if args.full else "default"
+        write_json(pathlib.Path(args.output), collect_metadata(args.device, preset, argv), rows)
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -8,8 +8,10 @@
 //  2. word pass, one task per (sequence, kv head, chunk of key blocks): for each block of keys it walks every
 //     query block that sees it (all query heads of the group) and accumulates dk, dv of the block in
 //     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
-//     chunk adds into its own fp32 copy of dq (one chunk unless batch × kv heads is too small to keep the
-//     threads busy); the copies are summed at the end.
+//     chunk adds into its own fp32 copy of dq; the copies are summed at the end. Each sequence gets as many
+//     chunks as its share of the work asks for (word_tasks: one unless it is long against the rest of a ragged
+//     batch, or batch × kv heads is too small to keep the threads busy). Keys past seqused_k are never read;
+//     the sequence's first chunk writes their dk, dv as 0.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL; the prefix pass's thin products (P ~ 10)
 // on MKL. Compiled once per kernel variant (dispatch.h).
@@ -98,14 +100,18 @@ template <typename T>
 void prefix_pass(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len;
   const int64_t threads = at::get_num_threads();
-  const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens);
+  const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens_q);
   struct Scratch {
     std::vector<float> s, dp, o;
     std::vector<T> s_t, dp_t;
   };
   std::vector<Scratch> scratch(threads);
+  // Longest sequences first (a task's cost is its query rows): balanced for ragged batches.
+  std::vector<int64_t> order(pb.num_seqs);
+  for (int64_t n = 0; n < pb.num_seqs; ++n) order[n] = n;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pb.rows_q(a) > pb.rows_q(b); });
   parallel_tasks(pb.num_seqs * pb.heads_kv, [&](int64_t task, int64_t slot) {
-    const int64_t n = task / pb.heads_kv, hkv = task % pb.heads_kv, pn = pb.prefix_row(n);
+    const int64_t n = order[task / pb.heads_kv], hkv = task % pb.heads_kv, pn = pb.prefix_row(n);
     Scratch& sc = scratch[slot];
     if (sc.o.empty()) {
       sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
@@ -161,8 +167,52 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
   });
 }
 
+// One task of the word pass: chunk `chunk` (of `chunks`) of the key blocks of sequence n, kv head hkv.
+struct WordTask {
+  int64_t n, hkv, chunk, chunks;
+};
+
+// The word pass's tasks, most expensive first, and how many fp32 copies of dq they write. Each sequence splits its
+// key blocks into as many chunks as its share of the work asks for (~4 tasks per thread in all, at most
+// kMaxChunks, at most one per key block): a long sequence of a ragged batch gets several tasks, a short one a
+// single task, so the tasks cost about the same. A chunk's cost is its key blocks times the query rows that
+// read them.
+inline std::vector<WordTask> word_tasks(const Problem& pb, int64_t* copies) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> blocks(pb.num_seqs), work(pb.num_seqs);
+  int64_t total = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) {
+    blocks[n] = (pb.rows_k(n) + kKeyBlock - 1) / kKeyBlock;
+    work[n] = blocks[n] * (pb.rows_q(n) + 1);
+    total += work[n] * pb.heads_kv;
+  }
+  const int64_t per_task = std::max<int64_t>((total + 4 * threads - 1) / (4 * threads), 1);
+  std::vector<WordTask> tasks;
+  std::vector<int64_t> cost;
+  *copies = 1;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) {
+    // At least one task per sequence, even without keys: it writes the dk, dv rows of the keys nobody reads.
+    const int64_t chunks = std::clamp<int64_t>((work[n] + per_task - 1) / per_task, 1,
+                                               std::max<int64_t>(std::min(kMaxChunks, blocks[n]), 1));
+    *copies = std::max(*copies, chunks);
+    for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv)
+      for (int64_t c = 0; c < chunks; ++c) {
+        tasks.push_back({n, hkv, c, chunks});
+        cost.push_back(work[n] / chunks);
+      }
+  }
+  std::vector<int64_t> order(tasks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::vector<WordTask> sorted;
+  sorted.reserve(tasks.size());
+  for (int64_t i : order) sorted.push_back(tasks[i]);
+  return sorted;
+}
+
 template <typename T>
-void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const PackedOperands<T>* packed) {
+void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
+               const PackedOperands<T>* packed) {
   const int64_t group = pb.group(), d = pb.head_dim;
   const int64_t threads = at::get_num_threads();
   struct Scratch {
@@ -170,14 +220,20 @@ void word_pass(const Problem& pb, const Operands<T>& op, int64_t chunks, const P
     std::vector<T> p_t, ds_t, ds_rows;
   };
   std::vector<Scratch> scratch(threads);
-  parallel_tasks(pb.num_seqs * pb.heads_kv * chunks, [&](int64_t task, int64_t slot) {
-    const int64_t chunk = task % chunks, hkv = (task / chunks) % pb.heads_kv, n = task / (chunks * pb.heads_kv);
-    const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens);
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
+    const int64_t chunk = tasks[task].chunk, chunks = tasks[task].chunks, hkv = tasks[task].hkv, n = tasks[task].n;
+    const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens_q);
     Scratch& sc = scratch[slot];
     if (sc.s.empty()) {
       for (auto* buf : {&sc.s, &sc.dp}) buf->resize(kQueryBlock * kKeyBlock);
       for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(kQueryBlock * kKeyBlock);
       for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(kKeyBlock * d);
+    }
+    if (chunk == 0) {  // keys past seqused_k: never read, so their gradients are 0
+      for (int64_t j = pb.rows_k(n); j < pb.stored_k(n); ++j) {
+        std::fill_n(op.dk.at(n, hkv, j), d, T(0.f));
+        std::fill_n(op.dv.at(n, hkv, j), d, T(0.f));
+      }
     }
     const int64_t sq = pb.rows_q(n), sk = pb.rows_k(n);
     const int64_t blocks = (sk + kKeyBlock - 1) / kKeyBlock;
@@ -293,20 +349,16 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   using namespace backward_kernel;
   if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
     auto [dq, dk, dv, dpk, dpv, dgate] = attention_backward(
-        pb, run_in_fp32(grad_out), run_in_fp32(q), run_in_fp32(k), run_in_fp32(v), run_in_fp32(prefix_k),
+        pb, run_in_fp32(grad_out), run_in_fp32(q), used_keys_in_fp32(pb, k), used_keys_in_fp32(pb, v), run_in_fp32(prefix_k),
         run_in_fp32(prefix_v), gate, run_in_fp32(out), lse_w, lse_p);
     const auto dtype = q.scalar_type();
     return {dq.to(dtype), dk.to(dtype), dv.to(dtype), dpk.to(dtype), dpv.to(dtype), dgate};
   }
-  const int32_t* cu = pb.cu_seqlens;
+  const int32_t* cu_q = pb.cu_seqlens_q;
+  const int32_t* cu_k = pb.cu_seqlens_k;
   const auto f32 = q.options().dtype(at::kFloat);
-  // Enough chunks of key blocks that every thread gets ~4 tasks, when batch × kv heads alone does not.
-  int64_t longest_k = 0;
-  for (int64_t n = 0; n < pb.num_seqs; ++n) longest_k = std::max(longest_k, pb.rows_k(n));
-  const int64_t units = std::max<int64_t>(pb.num_seqs * pb.heads_kv, 1);
-  const int64_t chunks = std::clamp<int64_t>((4 * at::get_num_threads() + units - 1) / units, 1,
-                                             std::min<int64_t>(kMaxChunks, std::max<int64_t>(
-                                                 (longest_k + kKeyBlock - 1) / kKeyBlock, 1)));
+  int64_t chunks = 1;  // fp32 copies of dq
+  const std::vector<WordTask> tasks = word_tasks(pb, &chunks);
   std::vector<int64_t> dq_shape{chunks};
   dq_shape.insert(dq_shape.end(), q.sizes().begin(), q.sizes().end());
   at::Tensor dq_acc = at::zeros(dq_shape, f32);
@@ -318,23 +370,24 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   at::Tensor delta_w = at::empty(lse_w.sizes(), f32);
 
   FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::backward", [&] {
-    Operands<scalar_t> op{rows_of<scalar_t>(q, cu), rows_of<scalar_t>(k, cu), rows_of<scalar_t>(v, cu),
+    Operands<scalar_t> op{rows_of<scalar_t>(q, cu_q), rows_of<scalar_t>(k, cu_k), rows_of<scalar_t>(v, cu_k),
                           rows_of<scalar_t>(prefix_k, nullptr), rows_of<scalar_t>(prefix_v, nullptr),
-                          rows_of<scalar_t>(out, cu), rows_of<scalar_t>(grad_out, cu), gate.const_data_ptr<float>(),
-                          Rows<const float>{lse_w.const_data_ptr<float>(), lse_layout(lse_w, cu)},
-                          Rows<const float>{lse_p.const_data_ptr<float>(), lse_layout(lse_p, cu)},
-                          Rows<float>{delta_w.data_ptr<float>(), lse_layout(delta_w, cu)},
-                          mutable_rows_of<scalar_t>(dk, cu), mutable_rows_of<scalar_t>(dv, cu), dq_acc,
+                          rows_of<scalar_t>(out, cu_q), rows_of<scalar_t>(grad_out, cu_q),
+                          gate.const_data_ptr<float>(),
+                          Rows<const float>{lse_w.const_data_ptr<float>(), lse_layout(lse_w, cu_q)},
+                          Rows<const float>{lse_p.const_data_ptr<float>(), lse_layout(lse_p, cu_q)},
+                          Rows<float>{delta_w.data_ptr<float>(), lse_layout(delta_w, cu_q)},
+                          mutable_rows_of<scalar_t>(dk, cu_k), mutable_rows_of<scalar_t>(dv, cu_k), dq_acc,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
     std::optional<PackedOperands<scalar_t>> packed;
     if constexpr (kTileable<scalar_t>) {
       if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
     }
-    word_pass<scalar_t>(pb, op, chunks, packed ? &*packed : nullptr);
+    word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);
   });
-  if (cu && pb.packed_end() < k.size(0)) {
-    const int64_t end = pb.packed_end(), tail = k.size(0) - end;
+  if (cu_k && pb.packed_end_k() < k.size(0)) {  // keys of no sequence
+    const int64_t end = pb.packed_end_k(), tail = k.size(0) - end;
     dk.narrow(0, end, tail).zero_();
     dv.narrow(0, end, tail).zero_();
   }

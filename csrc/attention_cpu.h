@@ -126,6 +126,12 @@ constexpr bool kReducedPrecisionProducts = false;
 // product. The fp32 tiles are also the fast products of these CPUs (benchmarks/cpu_kernel_targets.py).
 inline at::Tensor run_in_fp32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
+// k or v ([B, S, Hkv, D] or varlen [Tk, Hkv, D]) as run_in_fp32 gives it, but with seqused_k only the key rows
+// the kernels read are converted (the rest of the fp32 copy is left unwritten and is never read): a decode step
+// over a padded KV cache converts each row's used keys, not the whole cache, which would cost as much as the
+// step itself (defined below, after the row helpers).
+at::Tensor used_keys_in_fp32(const Problem& pb, const at::Tensor& t);
+
 // -- tile GEMMs ------------------------------------------------------------------------------------------------
 //
 // C[m, n] = alpha · op(A) op(B) + beta · C, all row-major, C in fp32. op(X) = Xᵀ when the flag is set.
@@ -297,6 +303,34 @@ inline void convert_row_to_float(const T* src, float* dst, int64_t n) {
   } else {
     at::vec::convert(src, dst, n);
   }
+}
+
+template <typename T>
+void convert_used_keys(const Problem& pb, const at::Tensor& src, at::Tensor& dst) {
+  const Rows<const T> from = rows_of<T>(src, pb.cu_seqlens_k);
+  const Rows<float> to = mutable_rows_of<float>(dst, pb.cu_seqlens_k);
+  // Rows [first[n], first[n + 1]) of the flat index are the used keys of sequence n: split evenly over threads.
+  std::vector<int64_t> first(pb.num_seqs + 1, 0);
+  for (int64_t n = 0; n < pb.num_seqs; ++n) first[n + 1] = first[n] + pb.rows_k(n);
+  const int64_t heads = pb.heads_kv, d = pb.head_dim;
+  at::parallel_for(0, first[pb.num_seqs], 64, [&](int64_t begin, int64_t end) {
+    int64_t n = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+    for (int64_t row = begin; row < end; ++row) {
+      while (row >= first[n + 1]) ++n;
+      const int64_t j = row - first[n];
+      for (int64_t h = 0; h < heads; ++h) convert_row_to_float(from.at(n, h, j), to.at(n, h, j), d);
+    }
+  });
+}
+
+inline at::Tensor used_keys_in_fp32(const Problem& pb, const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  if (pb.seqused_k == nullptr) return t.to(at::kFloat);
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  AT_DISPATCH_SWITCH(t.scalar_type(), "fastadapter_cpu::used_keys_in_fp32",
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { convert_used_keys<scalar_t>(pb, t, out); })
+                         AT_DISPATCH_CASE(at::kHalf, [&] { convert_used_keys<scalar_t>(pb, t, out); }));
+  return out;
 }
 
 // -- scheduling ------------------------------------------------------------------------------------------------

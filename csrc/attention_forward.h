@@ -190,13 +190,18 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t tile_rows = group * bq;
   if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
 
-  // Tiles, latest positions first: under the causal mask they are the most expensive, and handing them out
-  // first keeps the dynamic schedule balanced at the end.
+  // Tiles, most expensive first (the keys a tile's rows see, times its rows): handing them out first keeps the
+  // dynamic schedule balanced at the end, for ragged sequences as for the causal mask's late positions.
   std::vector<Tile> tiles;
-  for (int64_t i0 = ((longest - 1) / bq) * bq; i0 >= 0; i0 -= bq)
-    for (int64_t n = 0; n < pb.num_seqs; ++n)
-      if (i0 < pb.rows_q(n))
-        for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
+  std::vector<int64_t> cost;
+  for (int64_t n = 0; n < pb.num_seqs; ++n)
+    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq)
+      for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
+  cost.reserve(tiles.size());
+  for (const Tile& t : tiles) cost.push_back(t.bq * (tile_key_end(pb, t) + pb.prefix_len + 1));
+  std::vector<int64_t> order(tiles.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group.
   std::optional<PackedPanels<T>> keys_t, value_rows;
   Operands<T> ops = op;
@@ -216,7 +221,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t threads = at::get_num_threads();
   std::vector<Scratch<T>> scratch(threads);
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t task, int64_t slot) {
-    const Tile& t = tiles[task];
+    const Tile& t = tiles[order[task]];
     Scratch<T>& sc = scratch[slot];
     if (sc.acc.empty()) sc.reserve(tile_rows, d, std::max(kKeysPerBlock, pb.prefix_len));
     reset_state(sc, group * t.bq, d);
@@ -231,36 +236,47 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
 // of the sequence in registers/L1, instead of per head (keys 16 KB apart for LLaMA-7B: one TLB miss per key).
 // Each task takes a chunk of the keys of one sequence for all heads (split-K, so that batch 1 uses every
 // thread) and leaves per-row (max, sum, accumulator); one task per (sequence, kv head) then merges the chunks
-// and adds the prefix through finish_tile.
+// and adds the prefix through finish_tile. Chunks hold the same number of key blocks in every sequence, so a
+// ragged cache (rows of very different lengths, seqused_k) splits into tasks of equal cost: a long row gets
+// many chunks, a short one few.
 template <typename T>
 void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
   const int64_t group = pb.group(), d = pb.head_dim, heads_q = pb.heads_q;
   const int64_t state_rows = heads_q * longest;  // row h · sq + i: head h, position i
   const int64_t threads = at::get_num_threads();
-  int64_t longest_k = 0;
-  for (int64_t n = 0; n < pb.num_seqs; ++n) longest_k = std::max(longest_k, pb.rows_k(n));
-  const int64_t key_blocks = std::max<int64_t>((longest_k + kDecodeKeys - 1) / kDecodeKeys, 1);
-  const int64_t chunks = std::clamp<int64_t>((4 * threads + pb.num_seqs - 1) / pb.num_seqs, 1, key_blocks);
-  const int64_t stride = state_rows * (d + 2);  // per (sequence, chunk): acc [rows, D], m [rows], l [rows]
-  std::vector<float> partial(static_cast<size_t>(pb.num_seqs * chunks * stride));
+  // Keys sequence n reads: those its last query row sees.
+  auto key_end_of = [&](int64_t n) { return pb.rows_q(n) > 0 ? pb.visible_keys(n, pb.rows_q(n) - 1) : 0; };
+  int64_t total_blocks = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) total_blocks += (key_end_of(n) + kDecodeKeys - 1) / kDecodeKeys;
+  // ~4 tasks per thread: the dynamic schedule evens out what the equal split leaves.
+  const int64_t blocks_per_chunk = std::max<int64_t>((total_blocks + 4 * threads - 1) / (4 * threads), 1);
+  std::vector<int64_t> first_chunk(pb.num_seqs + 1, 0);  // sequence n's chunks: [first_chunk[n], first_chunk[n+1])
+  std::vector<int64_t> chunk_seq;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) {
+    const int64_t blocks = (key_end_of(n) + kDecodeKeys - 1) / kDecodeKeys;
+    const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+    first_chunk[n + 1] = first_chunk[n] + chunks;
+    chunk_seq.insert(chunk_seq.end(), chunks, n);
+  }
+  const int64_t num_chunks = first_chunk[pb.num_seqs];
+  const int64_t stride = state_rows * (d + 2);  // per chunk: acc [rows, D], m [rows], l [rows]
+  std::vector<float> partial(static_cast<size_t>(num_chunks * stride));
 
   struct DecodeScratch {
     std::vector<float> q, s;  // [rows, D] scaled fp32 queries; [rows, kDecodeKeys] scores
   };
   std::vector<DecodeScratch> decode_scratch(threads);
-  parallel_tasks(pb.num_seqs * chunks, [&](int64_t task, int64_t slot) {
-    const int64_t n = task / chunks, chunk = task % chunks, sq = pb.rows_q(n), rows = heads_q * sq;
+  parallel_tasks(num_chunks, [&](int64_t task, int64_t slot) {
+    const int64_t n = chunk_seq[task], chunk = task - first_chunk[n], sq = pb.rows_q(n), rows = heads_q * sq;
     float* acc = partial.data() + task * stride;
     float* m = acc + state_rows * d;
     float* l = m + state_rows;
     std::fill_n(m, rows, kNegInf);
     std::fill_n(l, rows, 0.f);
     std::fill_n(acc, rows * d, 0.f);
-    const int64_t blocks = (pb.rows_k(n) + kDecodeKeys - 1) / kDecodeKeys;
-    const int64_t per_chunk = (blocks + chunks - 1) / chunks;
-    const int64_t key_end = sq > 0 ? pb.visible_keys(n, sq - 1) : 0;
-    const int64_t begin = std::min(chunk * per_chunk * kDecodeKeys, key_end);
-    const int64_t end = std::min((chunk + 1) * per_chunk * kDecodeKeys, key_end);
+    const int64_t key_end = key_end_of(n);
+    const int64_t begin = std::min(chunk * blocks_per_chunk * kDecodeKeys, key_end);
+    const int64_t end = std::min((chunk + 1) * blocks_per_chunk * kDecodeKeys, key_end);
     if (begin >= end) return;
     DecodeScratch& sc = decode_scratch[slot];
     if (sc.q.empty()) {
@@ -328,8 +344,8 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
     Scratch<T>& sc = scratch[slot];
     if (sc.acc.empty()) sc.reserve(group * longest, d, std::max(kKeysPerBlock, pb.prefix_len));
     reset_state(sc, rows, d);
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const float* acc = partial.data() + (n * chunks + chunk) * stride;
+    for (int64_t chunk = first_chunk[n]; chunk < first_chunk[n + 1]; ++chunk) {
+      const float* acc = partial.data() + chunk * stride;
       const float* m = acc + state_rows * d;
       const float* l = m + state_rows;
       for (int64_t r = 0; r < rows; ++r) {
@@ -355,27 +371,29 @@ ForwardResult attention_forward(const Problem& problem, const at::Tensor& q, con
                                 const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate) {
   using namespace forward_kernel;
   if (!kReducedPrecisionProducts && q.scalar_type() != at::kFloat) {
-    auto [out, lse_w, lse_p] = attention_forward(problem, run_in_fp32(q), run_in_fp32(k), run_in_fp32(v),
+    auto [out, lse_w, lse_p] = attention_forward(problem, run_in_fp32(q), used_keys_in_fp32(problem, k),
+                                                 used_keys_in_fp32(problem, v),
                                                  run_in_fp32(prefix_k), run_in_fp32(prefix_v), gate);
     return {out.to(q.scalar_type()), lse_w, lse_p};
   }
-  const int32_t* cu = problem.cu_seqlens;
+  const int32_t* cu_q = problem.cu_seqlens_q;
+  const int32_t* cu_k = problem.cu_seqlens_k;
   at::Tensor out = at::empty(q.sizes(), q.options());
-  std::vector<int64_t> lse_shape = cu ? std::vector<int64_t>{problem.heads_q, q.size(0)}
-                                      : std::vector<int64_t>{q.size(0), problem.heads_q, q.size(1)};
+  std::vector<int64_t> lse_shape = cu_q ? std::vector<int64_t>{problem.heads_q, q.size(0)}
+                                        : std::vector<int64_t>{q.size(0), problem.heads_q, q.size(1)};
   at::Tensor lse_w = at::empty(lse_shape, q.options().dtype(at::kFloat));
   at::Tensor lse_p = at::empty(lse_shape, q.options().dtype(at::kFloat));
   FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::forward", [&] {
-    Operands<scalar_t> op{rows_of<scalar_t>(q, cu),        rows_of<scalar_t>(k, cu),
-                          rows_of<scalar_t>(v, cu),        rows_of<scalar_t>(prefix_k, nullptr),
+    Operands<scalar_t> op{rows_of<scalar_t>(q, cu_q),      rows_of<scalar_t>(k, cu_k),
+                          rows_of<scalar_t>(v, cu_k),      rows_of<scalar_t>(prefix_k, nullptr),
                           rows_of<scalar_t>(prefix_v, nullptr), gate.const_data_ptr<float>(),
-                          mutable_rows_of<scalar_t>(out, cu),
-                          Rows<float>{lse_w.data_ptr<float>(), lse_layout(lse_w, cu)},
-                          Rows<float>{lse_p.data_ptr<float>(), lse_layout(lse_p, cu)}};
+                          mutable_rows_of<scalar_t>(out, cu_q),
+                          Rows<float>{lse_w.data_ptr<float>(), lse_layout(lse_w, cu_q)},
+                          Rows<float>{lse_p.data_ptr<float>(), lse_layout(lse_p, cu_q)}};
     run_forward<scalar_t>(problem, op);
   });
-  if (cu && problem.packed_end() < q.size(0)) {
-    const int64_t end = problem.packed_end(), tail = q.size(0) - end;
+  if (cu_q && problem.packed_end_q() < q.size(0)) {
+    const int64_t end = problem.packed_end_q(), tail = q.size(0) - end;
     out.narrow(0, end, tail).zero_();
     lse_w.narrow(1, end, tail).fill_(kNegInf);
     lse_p.narrow(1, end, tail).fill_(kNegInf);

@@ -1,15 +1,20 @@
 // The `fastadapter_cpu` operator library: schemas, input checks with messages that say what was expected, and
 // the `fastadapter._C` Python module whose import registers the ops.
 //
-//   torch.ops.fastadapter_cpu.forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal,
-//                                     softmax_scale, gate_tanh) -> (out, lse_w, lse_p)
+//   torch.ops.fastadapter_cpu.forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, seqused_k,
+//                                     max_seqlen_q, max_seqlen_k, causal, softmax_scale, gate_tanh)
+//       -> (out, lse_w, lse_p)
 //   torch.ops.fastadapter_cpu.backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w, lse_p,
-//                                      cu_seqlens, max_seqlen, causal, softmax_scale, gate_tanh)
+//                                      cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, causal,
+//                                      softmax_scale, gate_tanh)
 //       -> (dq, dk, dv, dprefix_k, dprefix_v, dgate)
 //
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
-// Shapes as DESIGN.md §1, gate already normalised to fp32 [Bg, Hq]; lse are fp32 [B, Hq, Sq] or [Hq, T].
+// Shapes as DESIGN.md §1 and the ragged contract (problem.h): dense q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; varlen
+// q [Tq, Hq, D], k/v [Tk, Hkv, D] with cu_seqlens_q and cu_seqlens_k int32 [N+1] (both or neither; the same tensor
+// for packed self-attention); seqused_k int32 [B or N] (optional, both modes). Gate already normalised to fp32
+// [Bg, Hq]; lse are fp32 [B, Hq, Sq] or [Hq, Tq].
 // Inputs with no element (B = 0, S = 0, T = 0) give empty or zero results without entering a kernel. Every other
 // call runs the kernel variant (dispatch.h) that this CPU supports best, or the one FASTADAPTER_CPU_ISA names.
 //
@@ -170,14 +175,37 @@ std::string shape_of(const at::Tensor& t) {
   return s + "]";
 }
 
-// Checks every input and fills the problem description (cu_seqlens must outlive it).
+// The offsets `name` (cu_seqlens_q or cu_seqlens_k) of a varlen call over `tokens` packed rows, checked as the
+// Python layer checks them (fastadapter/_inputs.py validate_cu_seqlens).
+const int32_t* check_offsets(const at::Tensor& cu, const char* name, int64_t tokens, int64_t max_seqlen,
+                             const char* max_name) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2 && cu.device().is_cpu(),
+              "fastadapter_cpu: ", name, " must be a CPU int32 tensor [N+1] with N >= 1, got ", cu.scalar_type(),
+              " ", shape_of(cu), " on ", cu.device());
+  TORCH_CHECK(cu.is_contiguous(), "fastadapter_cpu: ", name, " must be contiguous");
+  const int32_t* c = cu.const_data_ptr<int32_t>();
+  const int64_t n_seqs = cu.size(0) - 1;
+  TORCH_CHECK(c[0] == 0 && c[n_seqs] <= tokens, "fastadapter_cpu: ", name, " must start at 0 and end at most at the "
+              "number of tokens (", tokens, "), got ", c[0], " and ", c[n_seqs]);
+  for (int64_t n = 0; n < n_seqs; ++n)
+    TORCH_CHECK(c[n + 1] >= c[n] && c[n + 1] - c[n] <= max_seqlen, "fastadapter_cpu: ", name, " must be "
+                "non-decreasing with sequences no longer than ", max_name, " (", max_seqlen, "); sequence ", n,
+                " spans [", c[n], ", ", c[n + 1], ")");
+  return c;
+}
+
+// Checks every input and fills the problem description (the offsets and seqused_k must outlive it).
 Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-                     const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens,
-                     int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
-  const bool varlen = cu_seqlens.has_value();
+                     const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens_q,
+                     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+                     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale, bool gate_tanh) {
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "fastadapter_cpu: cu_seqlens_q and "
+              "cu_seqlens_k come together (varlen) or not at all (dense), got only ",
+              cu_seqlens_q ? "cu_seqlens_q" : "cu_seqlens_k");
+  const bool varlen = cu_seqlens_q.has_value();
   const int64_t ndim = varlen ? 3 : 4;
-  const char* q_layout = varlen ? "[T, Hq, D] (varlen)" : "[B, Sq, Hq, D]";
-  const char* kv_layout = varlen ? "[T, Hkv, D] (varlen)" : "[B, Sk, Hkv, D]";
+  const char* q_layout = varlen ? "[Tq, Hq, D] (varlen)" : "[B, Sq, Hq, D]";
+  const char* kv_layout = varlen ? "[Tk, Hkv, D] (varlen)" : "[B, Sk, Hkv, D]";
   TORCH_CHECK(q.dim() == ndim, "fastadapter_cpu: q must be ", q_layout, ", got shape ", shape_of(q));
   TORCH_CHECK(k.dim() == ndim && v.dim() == ndim, "fastadapter_cpu: k and v must be ", kv_layout, ", got k ",
               shape_of(k), " and v ", shape_of(v));
@@ -208,28 +236,32 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(pb.heads_q % pb.heads_kv == 0, "fastadapter_cpu: the query heads (", pb.heads_q, ") must be a "
               "multiple of the key/value heads (", pb.heads_kv, ")");
   if (varlen) {
-    const at::Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2 && cu.device().is_cpu(),
-                "fastadapter_cpu: cu_seqlens must be a CPU int32 tensor [N+1] with N >= 1, got ", cu.scalar_type(),
-                " ", shape_of(cu), " on ", cu.device());
-    TORCH_CHECK(cu.is_contiguous(), "fastadapter_cpu: cu_seqlens must be contiguous");
-    TORCH_CHECK(k.size(0) == q.size(0), "fastadapter_cpu: varlen q and k must hold the same tokens, got ",
-                q.size(0), " and ", k.size(0));
-    const int32_t* c = cu.const_data_ptr<int32_t>();
-    pb.num_seqs = cu.size(0) - 1;
-    TORCH_CHECK(c[0] == 0 && c[pb.num_seqs] <= q.size(0), "fastadapter_cpu: cu_seqlens must start at 0 and end "
-                "at most at the number of tokens (", q.size(0), "), got ", c[0], " and ", c[pb.num_seqs]);
-    for (int64_t n = 0; n < pb.num_seqs; ++n)
-      TORCH_CHECK(c[n + 1] >= c[n] && c[n + 1] - c[n] <= max_seqlen, "fastadapter_cpu: cu_seqlens must be "
-                  "non-decreasing with sequences no longer than max_seqlen (", max_seqlen, "); sequence ", n,
-                  " spans [", c[n], ", ", c[n + 1], ")");
-    pb.cu_seqlens = c;
-    pb.seqlen_q = pb.seqlen_k = max_seqlen;
+    const at::Tensor& cu_q = *cu_seqlens_q;
+    const at::Tensor& cu_k = *cu_seqlens_k;
+    pb.cu_seqlens_q = check_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
+    pb.cu_seqlens_k = check_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
+    TORCH_CHECK(cu_q.size(0) == cu_k.size(0), "fastadapter_cpu: cu_seqlens_q and cu_seqlens_k must describe the "
+                "same number of sequences, got ", cu_q.size(0) - 1, " and ", cu_k.size(0) - 1);
+    pb.num_seqs = cu_q.size(0) - 1;
+    pb.seqlen_q = max_seqlen_q;
+    pb.seqlen_k = max_seqlen_k;
   } else {
     TORCH_CHECK(k.size(0) == q.size(0), "fastadapter_cpu: k has batch ", k.size(0), " but q has ", q.size(0));
     pb.num_seqs = q.size(0);
     pb.seqlen_q = q.size(1);
     pb.seqlen_k = k.size(1);
+  }
+  if (seqused_k) {
+    const at::Tensor& used = *seqused_k;
+    TORCH_CHECK(used.scalar_type() == at::kInt && used.dim() == 1 && used.size(0) == pb.num_seqs &&
+                used.device().is_cpu(), "fastadapter_cpu: seqused_k must be a CPU int32 tensor [", pb.num_seqs,
+                "] (one length per sequence), got ", used.scalar_type(), " ", shape_of(used), " on ", used.device());
+    TORCH_CHECK(used.is_contiguous(), "fastadapter_cpu: seqused_k must be contiguous");
+    const int32_t* u = used.const_data_ptr<int32_t>();
+    for (int64_t n = 0; n < pb.num_seqs; ++n)
+      TORCH_CHECK(u[n] >= 0 && u[n] <= pb.stored_k(n), "fastadapter_cpu: seqused_k[", n, "] must be between 0 and "
+                  "the ", pb.stored_k(n), " keys sequence ", n, " holds, got ", u[n]);
+    pb.seqused_k = u;
   }
   TORCH_CHECK(prefix_k.size(0) == 1 || prefix_k.size(0) == pb.num_seqs, "fastadapter_cpu: the prefix batch must "
               "be 1 (shared prompt) or ", pb.num_seqs, " (one per sequence), got ", prefix_k.size(0));
@@ -252,17 +284,19 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 ForwardResult forward_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-    const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
-  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale,
-                                  gate_tanh);
+    const at::Tensor& prefix_v, const at::Tensor& gate, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale, bool gate_tanh) {
+  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                  max_seqlen_q, max_seqlen_k, causal, softmax_scale, gate_tanh);
+  const bool varlen = pb.varlen();
   if (q.numel() == 0) {  // B = 0, Sq = 0 or T = 0: nothing to compute (and no tile to split the work into)
-    const std::vector<int64_t> lse_shape = cu_seqlens ? std::vector<int64_t>{pb.heads_q, q.size(0)}
-                                                      : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
+    const std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{pb.heads_q, q.size(0)}
+                                                  : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
     at::Tensor lse = at::full(lse_shape, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
     return {at::zeros(q.sizes(), q.options()), lse, lse.clone()};
   }
-  const int64_t row_dim = cu_seqlens ? 0 : 1;
+  const int64_t row_dim = varlen ? 0 : 1;
   const at::Tensor qr = rows_ready(q, row_dim), kr = rows_ready(k, row_dim), vr = rows_ready(v, row_dim);
   const at::Tensor pk = rows_ready(prefix_k, 1), pv = rows_ready(prefix_v, 1), g = gate.contiguous();
   switch (choose_variant(nullptr)) {
@@ -279,27 +313,29 @@ ForwardResult forward_op(
 BackwardResult backward_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,
-    const at::Tensor& lse_w, const at::Tensor& lse_p, const std::optional<at::Tensor>& cu_seqlens,
-    int64_t max_seqlen, bool causal, double softmax_scale, bool gate_tanh) {
-  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale,
-                                  gate_tanh);
+    const at::Tensor& lse_w, const at::Tensor& lse_p, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale, bool gate_tanh) {
+  const Problem pb = check_inputs(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                  max_seqlen_q, max_seqlen_k, causal, softmax_scale, gate_tanh);
+  const bool varlen = pb.varlen();
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "fastadapter_cpu: grad_out and out must "
               "have q's shape ", shape_of(q), ", got ", shape_of(grad_out), " and ", shape_of(out));
   TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu(), "fastadapter_cpu: grad_out and out must be CPU "
               "tensors");
-  const std::vector<int64_t> lse_shape = cu_seqlens ? std::vector<int64_t>{pb.heads_q, q.size(0)}
-                                                    : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
+  const std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{pb.heads_q, q.size(0)}
+                                                : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
   for (const auto* lse : {&lse_w, &lse_p})
     TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->sizes() == at::IntArrayRef(lse_shape) &&
                 lse->device().is_cpu(), "fastadapter_cpu: lse_w and lse_p must be the forward's float32 ",
-                cu_seqlens ? "[Hq, T]" : "[B, Hq, Sq]", " log-sum-exps, got ", lse->scalar_type(), " ",
+                varlen ? "[Hq, Tq]" : "[B, Hq, Sq]", " log-sum-exps, got ", lse->scalar_type(), " ",
                 shape_of(*lse));
   if (q.numel() == 0) {  // no query: every gradient is zero
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
             at::zeros(prefix_k.sizes(), prefix_k.options()), at::zeros(prefix_v.sizes(), prefix_v.options()),
             at::zeros(gate.sizes(), gate.options().dtype(at::kFloat))};
   }
-  const int64_t row_dim = cu_seqlens ? 0 : 1;
+  const int64_t row_dim = varlen ? 0 : 1;
   const at::Tensor go = rows_ready(grad_out.to(q.scalar_type()), row_dim), qr = rows_ready(q, row_dim);
   const at::Tensor kr = rows_ready(k, row_dim), vr = rows_ready(v, row_dim), pk = rows_ready(prefix_k, 1);
   const at::Tensor pv = rows_ready(prefix_v, 1), g = gate.contiguous();
@@ -318,11 +354,13 @@ BackwardResult backward_op(
 }  // namespace
 
 TORCH_LIBRARY(fastadapter_cpu, m) {
-  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, Tensor? cu_seqlens, "
-        "int max_seqlen, bool causal, float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor)");
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
+        "bool causal, float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor)");
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor gate, "
-        "Tensor out, Tensor lse_w, Tensor lse_p, Tensor? cu_seqlens, int max_seqlen, bool causal, "
-        "float softmax_scale, bool gate_tanh) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor out, Tensor lse_w, Tensor lse_p, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
+        "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, bool gate_tanh) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_path() -> (str, str)", &cpu_path_op);
 }
 

@@ -102,15 +102,16 @@ def _register_fakes() -> None:
     """Shapes of the C++ ops' results, for ``torch.compile`` (mirrors csrc/registration.cpp)."""
 
     @torch.library.register_fake("fastadapter_cpu::forward")
-    def _forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens, max_seqlen, causal, softmax_scale, gate_tanh):
+    def _forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                 max_seqlen_k, causal, softmax_scale, gate_tanh):
         heads_q = q.shape[-2]
-        lse_shape = (heads_q, q.shape[0]) if cu_seqlens is not None else (q.shape[0], heads_q, q.shape[1])
+        lse_shape = (heads_q, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], heads_q, q.shape[1])
         return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
                 q.new_empty(lse_shape, dtype=torch.float32))
 
     @torch.library.register_fake("fastadapter_cpu::backward")
-    def _backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w, lse_p, cu_seqlens, max_seqlen, causal,
-                  softmax_scale, gate_tanh):
+    def _backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k,
+                  seqused_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, gate_tanh):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
                 prefix_v.new_empty(prefix_v.shape), gate.new_empty(gate.shape, dtype=torch.float32))
 

@@ -120,7 +120,8 @@ def test_variants_without_bf16_products_round_only_the_results(variant, dtype, m
     _skip_unless_this_cpu_runs(variant, monkeypatch)
     inp = backend_inputs(Case(batch=2, seqlen_q=90, seqlen_k=90, head_dim=64, dtype=dtype))
     low = dict(q=inp.q, k=inp.k, v=inp.v, prefix_k=inp.prefix_k, prefix_v=inp.prefix_v, gate=inp.gate,
-               cu_seqlens=None, max_seqlen=0, causal=True, softmax_scale=inp.softmax_scale, gate_tanh=True)
+               cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=True,
+               softmax_scale=inp.softmax_scale, gate_tanh=True)
     full = {n: t.float() if isinstance(t, torch.Tensor) else t for n, t in low.items()}
     out, lse_w, lse_p = torch.ops.fastadapter_cpu.forward(**low)
     out_full, lse_w_full, lse_p_full = torch.ops.fastadapter_cpu.forward(**full)
@@ -227,9 +228,9 @@ def test_inputs_without_elements_give_empty_or_zero_results(case):
 def test_varlen_op_without_tokens_gives_empty_results():
     """T = 0 packed tokens (the Python API asks for max_seqlen > 0 first; the op itself accepts it)."""
     q, k, pk = torch.randn(0, 4, 8), torch.randn(0, 2, 8), torch.randn(1, 3, 2, 8)
-    args = dict(q=q, k=k, v=k, prefix_k=pk, prefix_v=pk, gate=torch.zeros(1, 4),
-                cu_seqlens=torch.zeros(3, dtype=torch.int32), max_seqlen=0, causal=True, softmax_scale=0.3,
-                gate_tanh=True)
+    cu = torch.zeros(3, dtype=torch.int32)
+    args = dict(q=q, k=k, v=k, prefix_k=pk, prefix_v=pk, gate=torch.zeros(1, 4), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                seqused_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=True, softmax_scale=0.3, gate_tanh=True)
     out, lse_w, lse_p = _forward(args)
     assert out.shape == (0, 4, 8) and lse_w.shape == lse_p.shape == (4, 0)
     grads = torch.ops.fastadapter_cpu.backward(grad_out=out, out=out, lse_w=lse_w, lse_p=lse_p, **args)
@@ -294,7 +295,8 @@ def test_one_thread_gives_the_same_result(case):
 def _raw_args(**overrides):
     inp = backend_inputs(Case(batch=2, seqlen_q=6, seqlen_k=6, heads_q=4, heads_kv=2, head_dim=8, prefix_len=3))
     args = dict(q=inp.q, k=inp.k, v=inp.v, prefix_k=inp.prefix_k, prefix_v=inp.prefix_v, gate=inp.gate,
-                cu_seqlens=None, max_seqlen=0, causal=True, softmax_scale=inp.softmax_scale, gate_tanh=True)
+                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=True,
+                softmax_scale=inp.softmax_scale, gate_tanh=True)
     args.update(overrides)
     return args
 
@@ -330,14 +332,19 @@ def test_cpp_checks_varlen_and_backward_inputs():
     q, k = torch.randn(7, 4, 8), torch.randn(7, 2, 8)
     pk = torch.randn(1, 3, 2, 8)
     gate = torch.zeros(1, 4)
-    varlen = dict(q=q, k=k, v=k, prefix_k=pk, prefix_v=pk, gate=gate, cu_seqlens=None, max_seqlen=7,
-                  causal=True, softmax_scale=0.3, gate_tanh=True)
-    with pytest.raises(RuntimeError, match="cu_seqlens must be a CPU int32 tensor"):
-        _forward({**varlen, "cu_seqlens": torch.tensor([0, 7])})
-    with pytest.raises(RuntimeError, match=r"must start at 0 and end at most at the number of tokens \(7\)"):
-        _forward({**varlen, "cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)})
-    with pytest.raises(RuntimeError, match=r"no longer than max_seqlen \(3\); sequence 1 spans \[3, 7\)"):
-        _forward({**varlen, "cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen": 3})
+    cu_k = torch.tensor([0, 7], dtype=torch.int32)
+    varlen = dict(q=q, k=k, v=k, prefix_k=pk, prefix_v=pk, gate=gate, cu_seqlens_q=None, cu_seqlens_k=cu_k,
+                  seqused_k=None, max_seqlen_q=7, max_seqlen_k=7, causal=True, softmax_scale=0.3, gate_tanh=True)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q and cu_seqlens_k come together .* got only cu_seqlens_k"):
+        _forward(varlen)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be a CPU int32 tensor"):
+        _forward({**varlen, "cu_seqlens_q": torch.tensor([0, 7])})
+    with pytest.raises(RuntimeError, match=r"cu_seqlens_q must start at 0 and end at most at the number of tokens "
+                                           r"\(7\)"):
+        _forward({**varlen, "cu_seqlens_q": torch.tensor([0, 8], dtype=torch.int32)})
+    with pytest.raises(RuntimeError, match=r"no longer than max_seqlen_q \(3\); sequence 1 spans \[3, 7\)"):
+        _forward({**varlen, "cu_seqlens_q": torch.tensor([0, 3, 7], dtype=torch.int32),
+                  "cu_seqlens_k": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen_q": 3})
     args = _raw_args()
     out, lse_w, lse_p = _forward(args)
     backward = torch.ops.fastadapter_cpu.backward

@@ -192,5 +192,80 @@ def test_gpt2_adapted_attention_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32))
     peft_model = get_peft_model(gpt2, AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"))
-    with pytest.raises(UnsupportedAttentionError, match="AdaptedAttentionGPT.*LlamaAttention or MistralAttention"):
+    with pytest.raises(UnsupportedAttentionError, match=r"AdaptedAttentionGPT cannot be accelerated: .*adds the prefix "
+                                                         r"attention to the output of GPT-2's c_proj, unprojected"):
         accelerate(peft_model)
+
+
+def test_adaption_prompt_over_a_class_peft_computes_differently_is_refused(monkeypatch):
+    """PEFT recomputes the queries as q_proj + RoPE: over Qwen3 (q/k norms) that is not Qwen3's attention, so the
+    fused op would not reproduce PEFT; apply_adapter is the way to adapt it."""
+    from peft.tuners.adaption_prompt import config as peft_adaption_config
+    from test_integrations_models import build
+    monkeypatch.setitem(peft_adaption_config.TRANSFORMERS_MODEL_CONFIG, "qwen3",
+                        peft_adaption_config.TRANSFORMERS_MODEL_CONFIG["llama"])
+    peft_model = peft_reference(build("qwen3"))
+    with pytest.raises(UnsupportedAttentionError, match=r"AdaptedAttention over Qwen3Attention cannot be accelerated"):
+        accelerate(peft_model)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_accelerated_eager_padded_training_batch_equals_peft(padding):
+    """The issue's case: a PEFT-accelerated eager Llama on a left-padded training batch had gradients 28% off
+    (transformers' loss includes the last padding position, whose row differed)."""
+    from test_integrations_models import padded_batch
+    reference, accelerated = _pair("llama", attn_implementation="eager")
+    tokens, mask, positions, labels = padded_batch(padding)
+    for model in (reference, accelerated):
+        model.train()
+    _check_logits_loss_gradients(reference, accelerated, input_ids=tokens, attention_mask=mask,
+                                 position_ids=positions, labels=labels)
+
+
+def _set_gates(peft_model, value):
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name.endswith("adaption_gate"):
+                param.fill_(value)
+
+
+def test_adapters_added_or_loaded_after_accelerate_run_the_fused_op(tmp_path):
+    from peft import AdaptionPromptConfig
+    reference, accelerated = _pair("llama")
+    config = AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM")
+    for model in (reference, accelerated):
+        torch.manual_seed(11)  # the same random prompt in both
+        model.add_adapter("second", config)
+        model.set_adapter("second")
+        _set_gates(model, -0.4)
+    assert [type(m) for m in _adapted_modules(accelerated)] == [FusedAdaptedAttention]
+    tokens = random_tokens()
+    torch.testing.assert_close(accelerated(input_ids=tokens).logits, reference(input_ids=tokens).logits,
+                               atol=2e-5, rtol=1e-4)
+    reference.save_pretrained(tmp_path, selected_adapters=["second"])
+    accelerated.load_adapter(tmp_path / "second", adapter_name="third")
+    accelerated.set_adapter("third")
+    assert [type(m) for m in _adapted_modules(accelerated)] == [FusedAdaptedAttention]
+    torch.testing.assert_close(accelerated(input_ids=tokens).logits, reference(input_ids=tokens).logits,
+                               atol=2e-5, rtol=1e-4)
+    restore(accelerated)
+    accelerated.add_adapter("fourth", config)
+    accelerated.set_adapter("fourth")
+    assert [type(m) for m in _adapted_modules(accelerated)] == [AdaptedAttention]
+
+
+@pytest.mark.slow
+def test_generation_benchmark_checks_the_tokens_and_names_the_backend():
+    """bench_peft_accelerate's generate() rows: both providers generated the same tokens (else it refuses to time),
+    prefill and per-token rows for each, and the backend the op chose."""
+    from fastadapter.benchmarks.bench_peft_accelerate import StepConfig, left_padded_prompts, run_generation
+    config = StepConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, batch=1, seqlen=20,
+                        vocab_size=97, prompt_len=3)
+    prompts = left_padded_prompts(config, "cpu")
+    assert prompts["attention_mask"].sum(-1).tolist() == [5, 7, 9, 11, 13, 15, 17, 20]
+    rows = run_generation(config, "cpu", new_tokens=3, warmup=0, repeats=1, log=lambda line: None)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, provider) for provider in ("peft", "peft+fastadapter") for mode in ("prefill", "decode_per_token")]
+    assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert {r["backend"] for r in rows if r["provider"] == "peft+fastadapter"} <= {"triton", "cpu", "sdpa",
+                                                                                 "reference"}

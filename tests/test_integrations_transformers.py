@@ -17,8 +17,8 @@ from peft import AdaptionPromptConfig, get_peft_model
 from peft.tuners.adaption_prompt import config as peft_adaption_config
 
 from fastadapter.integrations import _versions
-from fastadapter.integrations import _llama_pattern
-from fastadapter.integrations._attention_mask import as_explicit_mask, left_padding, right_padding
+from fastadapter.integrations import _attention_mask
+from fastadapter.integrations._attention_mask import BatchLayout, batch_layout
 from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
 from fastadapter.integrations.transformers import (AdapterAttention, adapted_layers, apply_adapter, load_adapter,
                                                    remove_adapter, save_adapter)
@@ -165,21 +165,54 @@ def test_generate_with_caches_equals_without_and_equals_peft(monkeypatch):
     assert cached.tolist() == uncached.tolist() == static.tolist() == reference.tolist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_generation_runs_the_fused_op_and_equals_rows_alone(family, monkeypatch):
-    """Prefill and every decode step of a left-padded batch go through zero_init_attention, not the SDPA pair."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a left-padded batch took the explicit-mask path")
+def count_op_calls(monkeypatch):
+    """Record every zero_init_attention call of the integrations (its keyword arguments) and refuse the
+    masked-SDPA fallback: a padded batch must run the fused op."""
+    calls = []
+    real = _attention_mask.zero_init_attention
 
-    monkeypatch.setattr(_llama_pattern, "masked_zero_init_attention", refuse)
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a padded batch took the explicit-mask path")
+
+    monkeypatch.setattr(_attention_mask, "zero_init_attention", counting)
+    monkeypatch.setattr(_attention_mask, "masked_zero_init_attention", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_generation_makes_one_ragged_call_per_layer_and_equals_rows_alone(family, monkeypatch):
+    """Prefill and every decode step of a left-padded batch: one varlen zero_init_attention call per adapted layer
+    (no per-row loop, no SDPA pair), and each row generates what it generates alone."""
     model = _adapted_with_gate(tiny_model(family), gate=0.8, prompt_len=5, layers=2)
     short, long = random_tokens(1, 4, seed=5)[0], random_tokens(1, 7, seed=6)[0]
     batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
     mask = (torch.arange(7)[None] >= torch.tensor([[3], [0]])).long()
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    calls = count_op_calls(monkeypatch)
     together = model.generate(batch, attention_mask=mask, **settings)
+    assert len(calls) == 2 * 6  # 2 adapted layers x (prefill + 5 decode steps)
+    assert all(c.get("cu_seqlens_q") is not None and c.get("cu_seqlens_k") is not None for c in calls)
     assert together[0, 7:].tolist() == model.generate(short[None], **settings)[0, 4:].tolist()
     assert together[1, 7:].tolist() == model.generate(long[None], **settings)[0, 7:].tolist()
+
+
+def test_layout_is_read_once_per_forward(monkeypatch):
+    """The mask is read into offsets once per forward (kept on the shared mask tensor), not once per layer."""
+    model = _adapted_with_gate(tiny_model("llama", num_hidden_layers=4), prompt_len=3, layers=3)
+    reads = []
+    real = _attention_mask._read_layout
+    monkeypatch.setattr(_attention_mask, "_read_layout", lambda *a: reads.append(a[1:]) or real(*a))
+    mask = (torch.arange(9)[None] >= torch.tensor([[2], [0], [5]])).long()
+    model(random_tokens(3, 9), attention_mask=mask)
+    assert reads == [(9, 9)]
+    causal = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    assert batch_layout(causal, 4, 4) is batch_layout(causal, 4, 4)  # kept on the tensor
+    causal[..., 3, 0] = False  # changed in place: read again
+    assert batch_layout(causal, 4, 4).kind == "masked"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -209,19 +242,58 @@ def test_eager_model_takes_the_fused_path_and_equals_sdpa_model():
     torch.testing.assert_close(eager(tokens).logits, sdpa(tokens).logits, atol=2e-5, rtol=1e-4)
 
 
-def test_explicit_mask_recognises_the_causal_mask():
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def test_layout_recognises_the_causal_mask_and_names_the_fallbacks():
     causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)[None, None]
-    assert as_explicit_mask(None, 5, 7) is None
-    assert as_explicit_mask(causal, 5, 7) is None
-    additive = torch.zeros(1, 1, 5, 7).masked_fill(~causal, torch.finfo(torch.float32).min)
-    assert as_explicit_mask(additive, 5, 7) is None
-    padded = causal.clone()
-    padded[..., 0] = False
-    assert torch.equal(as_explicit_mask(padded, 5, 7), padded)
-    # A soft additive bias (not 0 / -inf) must keep the explicit path.
-    assert as_explicit_mask(additive * 1e-30, 5, 7) is not None
+    assert batch_layout(None, 5, 7).kind == "causal"
+    assert batch_layout(causal.clone(), 5, 7).kind == "causal"
+    assert batch_layout(_additive(causal), 5, 7).kind == "causal"
+    # A soft additive bias (not 0 / -inf) must keep the explicit path, and say why.
+    soft = batch_layout(_additive(causal) * 1e-30, 5, 7)
+    assert soft.kind == "masked" and "soft bias" in soft.reason
+    per_head = batch_layout(causal.expand(1, 2, 5, 7).clone(), 5, 7)
+    assert per_head.kind == "masked" and "per head" in per_head.reason
+    window = causal.clone()
+    window[..., 4, 0] = False  # a sliding window that cuts into the causal window
+    assert batch_layout(window, 5, 7).kind == "masked"
     with pytest.raises(TypeError, match="4D attention mask"):
-        as_explicit_mask(torch.ones(1, 7), 5, 7)
+        batch_layout(torch.ones(1, 7), 5, 7)
+    with pytest.raises(ValueError, match="does not cover"):
+        batch_layout(causal.clone(), 5, 8)
+
+
+def test_layout_of_a_left_padded_mask_is_two_sequences_per_row():
+    causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)
+    left = causal[None].repeat(3, 1, 1)
+    left[1, :, :2] = False  # row 1: two pad keys
+    left[2, :, :4] = False  # row 2: four (its first two queries see no key)
+    for mask in (left[:, None].clone(), _additive(left[:, None])):
+        layout = batch_layout(mask, 5, 7)
+        assert layout.kind == "left"
+        assert layout.cu_seqlens_q.tolist() == [0, 0, 5, 5, 10, 10, 15]
+        assert layout.cu_seqlens_k.tolist() == [0, 0, 7, 9, 14, 18, 21]
+        assert (layout.blind is None) == (mask.dtype == torch.bool)
+    assert batch_layout(_additive(left[:, None]), 5, 7).blind[:, :, 0, 0].nonzero().tolist() == [[2, 0], [2, 1]]
+    empty = left.clone()
+    empty[0] = False
+    assert batch_layout(empty[:, None], 5, 7).reason == "a row with no key at all"
+
+
+def test_layout_of_a_right_padded_mask_sets_the_padding_queries_apart():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    right = causal[None].repeat(2, 1, 1)
+    right[1, :, 4:] = False  # row 1: 4 real tokens, then padding
+    layout = batch_layout(right[:, None].clone(), 6, 6)
+    assert layout.kind == "right"
+    assert layout.cu_seqlens_q.tolist() == layout.cu_seqlens_k.tolist() == [0, 6, 6, 10, 12]
+    assert layout.pad_rows.tolist() == [10, 11]
+    assert layout.pad_cu_seqlens_q.tolist() == [0, 0, 0, 2, 2]
+    padded_keys_seen = right.clone()
+    padded_keys_seen[1, 5, 4] = True  # a padding query that sees a padding key
+    assert batch_layout(padded_keys_seen[:, None], 6, 6).kind == "masked"
 
 
 def test_sliding_window_mask_is_honoured():
@@ -273,11 +345,21 @@ def test_remove_adapter_restores_the_original_modules():
     assert [layer.self_attn for layer in model.model.layers] == originals
 
 
-def test_unsupported_attention_class_is_named():
-    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = transformers.Qwen3ForCausalLM(config)
-    with pytest.raises(UnsupportedAttentionError, match=r"Qwen3Attention.*q_norm.*LlamaAttention, MistralAttention"):
+_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**_SMALL)), r"Phi3Attention.*fused qkv projection"),
+    (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**_SMALL)),  # soft-capping 50 by default
+     r"Gemma2Attention.*logit soft-capping \(attn_logit_softcapping=50"),
+    (lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**_SMALL)),
+     r"GraniteAttention.*not one of the classes"),
+], ids=["fused-qkv", "softcapping", "not-allowlisted"])
+def test_unsupported_attention_is_refused_with_the_reason(make, reason):
+    """By allowlist: a class of the Llama structure that was not checked is refused, not warned about."""
+    model = make()
+    with pytest.raises(UnsupportedAttentionError, match=reason + r".*Supported attention classes: LlamaAttention"):
         apply_adapter(model, prompt_len=3, layers=1)
     assert not adapted_layers(model)
 
@@ -348,52 +430,29 @@ def test_attention_dropout_in_training_is_refused():
     assert torch.isfinite(model.eval()(random_tokens()).logits).all()  # no dropout at inference: runs
 
 
-def test_left_padding_is_recognised_from_the_mask():
-    causal = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)
-    left = causal[None].repeat(3, 1, 1)
-    left[1, :, :2] = False  # row 1: two pad keys
-    left[2, :, :4] = False  # row 2: four (its first queries see no key)
-    assert left_padding(left[:, None], 5, 7) == [0, 2, 4]
-    additive = torch.zeros(3, 1, 5, 7).masked_fill(~left[:, None], torch.finfo(torch.float32).min)
-    assert left_padding(additive, 5, 7) == [0, 2, 4]
-    right = causal[None].repeat(2, 1, 1)
-    right[1, :, 5:] = False  # right padding is not a left-padded causal mask
-    assert left_padding(right[:, None], 5, 7) is None
-    assert left_padding(torch.ones(1, 1, 5, 7, dtype=torch.bool), 5, 7) is None  # not causal
-    assert left_padding(left[:, None].expand(3, 2, 5, 7), 5, 7) is None  # one mask per head
-    empty = left.clone()
-    empty[0] = False
-    assert left_padding(empty[:, None], 5, 7) is None  # a row with no key at all
-
-
-def test_right_padding_is_recognised_from_the_mask():
-    causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    right = causal[None].repeat(2, 1, 1)
-    right[1, :, 4:] = False  # row 1: 4 real tokens, then padding
-    assert right_padding(right[:, None], 6, 6) == [6, 4]
-    assert left_padding(right[:, None], 6, 6) is None
-    assert right_padding(right[:, None, 2:], 4, 6) is None  # with a cache (Sq < Sk): not this shape
-    padded_keys_seen = right.clone()
-    padded_keys_seen[1, 5, 4] = True  # a padding query that sees a padding key
-    assert right_padding(padded_keys_seen[:, None], 6, 6) is None
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_right_padded_training_batch_runs_the_fused_op_and_equals_the_masked_math(family, monkeypatch):
-    """PEFT-style right padding: loss and every adapter gradient equal the two-SDPA masked computation."""
+    """PEFT-style right padding: two ragged calls per layer, and logits (padding rows included), loss and every
+    adapter gradient equal the two-SDPA masked computation."""
     model = _adapted_with_gate(tiny_model(family), gate=0.6, prompt_len=5, layers=2)
     tokens = random_tokens(3, 10, seed=7)
     mask = (torch.arange(10)[None] < torch.tensor([[10], [6], [3]])).long()
     labels = tokens.masked_fill(mask == 0, -100)
     results = []
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(_llama_pattern, "right_padding", lambda *args: None)
+        if fused:
+            calls = count_op_calls(monkeypatch)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(_attention_mask, "_read_layout",
+                                lambda mask, sq, sk: BatchLayout("masked", sq, sk, reason="test", mask=mask))
         model.zero_grad()
         out = model(tokens, attention_mask=mask, labels=labels)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((out.logits.detach(), out.loss.detach(), grads))
+        if fused:
+            assert [c["causal"] for c in calls] == [True, False] * 2  # per layer: real tokens, padding queries
     (logits, loss, grads), (logits_ref, loss_ref, grads_ref) = results
     torch.testing.assert_close(logits, logits_ref, atol=2e-5, rtol=1e-4)  # padding positions included
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-5)

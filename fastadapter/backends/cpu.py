@@ -6,8 +6,9 @@ and picks one per call from the CPU's features (csrc/dispatch.h; ``python -m fas
 AVX-512 register tiles (bf16 on AVX512-BF16 ``vdpbf16ps``, fp32 on FMA, fp16 on MKL), AVX2 register tiles (fp32
 FMA; bf16 and fp16 computed in fp32), or a generic one on MKL. ``FASTADAPTER_CPU_ISA=avx512|avx2|generic`` forces
 a variant, ``FASTADAPTER_CPU_GEMM=mkl`` MKL products within it. Supports every option of the contract (GQA/MQA,
-shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not, varlen, inputs without elements) in
-fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
+shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not, inputs without elements) and the ragged
+forms: packed sequences with separate query and key offsets (``cu_seqlens_q``/``cu_seqlens_k``, bottom-right
+causal per sequence), ``seqused_k`` over a padded KV cache or packed keys, in fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
 """
 from __future__ import annotations
 
@@ -40,20 +41,24 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {inp.device} (the cpu backend runs CPU tensors only)")
         if inp.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {inp.dtype} (supported: float32, bfloat16, float16)")
-        if inp.ragged:
-            reasons.append("separate query/key offsets or seqused_k (not yet in the C++ kernels)")
         return reasons
 
     def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(out, lse_w, lse_p)``: out has q's shape, the log-sum-exps are fp32 ``inp.lse_shape()``."""
         return torch.ops.fastadapter_cpu.forward(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
-                                                 inp.cu_seqlens_q, inp.max_seqlen_q, inp.causal, inp.softmax_scale,
-                                                 inp.gate_tanh)
+                                                 *_ragged_args(inp), inp.causal, inp.softmax_scale, inp.gate_tanh)
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(dq, dk, dv, dprefix_k, dprefix_v, dgate)`` with the inputs' shapes (dgate fp32 ``[Bg, Hq]``)."""
         return torch.ops.fastadapter_cpu.backward(grad_out, inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v,
-                                                  inp.gate, out, lse_w, lse_p, inp.cu_seqlens_q, inp.max_seqlen_q,
-                                                  inp.causal, inp.softmax_scale, inp.gate_tanh)
+                                                  inp.gate, out, lse_w, lse_p, *_ragged_args(inp), inp.causal,
+                                                  inp.softmax_scale, inp.gate_tanh)
+
+
+def _ragged_args(inp: AttentionInputs) -> tuple:
+    """``(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)`` of the C++ ops (0 maxima dense)."""
+    return inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqused_k, inp.max_seqlen_q, inp.max_seqlen_k
 
 
 register_backend(CpuBackend())

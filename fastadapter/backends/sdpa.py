@@ -20,8 +20,8 @@ from . import Backend, register_backend
 def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool, scale: float):
     """softmax(scale · q kᵀ) v over ``[B, H, S, D]`` tensors, causal bottom-right aligned."""
     seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
-    if seqlen_k == 0 or seqlen_q == 0:  # no key (an empty ragged sequence): the word part is 0
-        return qh.new_zeros(qh.shape[:3] + (vh.shape[-1],))
+    if seqlen_k == 0:  # no key (an empty ragged sequence): the word part is 0, still part of q's graph
+        return qh.new_zeros(qh.shape[:3] + (vh.shape[-1],)) + qh[..., :0].sum(dim=-1, keepdim=True)
     if not causal:
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     if seqlen_q == seqlen_k:
@@ -46,7 +46,7 @@ def _used_keys_attention(qh, kh, vh, seqused_k: torch.Tensor, causal: bool, scal
     if causal:
         allowed = allowed & (col <= row + used - seqlen_q)  # [B, 1, Sq, Sk]
     blind = ~allowed.any(dim=-1, keepdim=True)  # [B, 1, Sq, 1]
-    if seqlen_k == 0 or seqlen_q == 0:
+    if seqlen_k == 0:
         return _word_attention(qh, kh, vh, causal, scale)
     # A fully masked row would be NaN (forward and backward): let it see key 0, then zero it.
     allowed = allowed | (blind & (col == 0))
@@ -100,12 +100,14 @@ class SdpaBackend(Backend):
         outs = []
         for i in range(len(bounds_q) - 1):
             q_lo, q_hi = bounds_q[i], bounds_q[i + 1]
+            if q_hi == q_lo:  # a sequence of keys only (e.g. a row's left padding): nothing to compute
+                continue
             k_lo, k_hi = bounds_k[i], bounds_k[i + 1] if used is None else bounds_k[i] + used[i]
             pick = (lambda t: t[i:i + 1] if t.shape[0] > 1 else t)
             outs.append(sdpa_composition(inp.q[None, q_lo:q_hi], inp.k[None, k_lo:k_hi], inp.v[None, k_lo:k_hi],
                                          pick(inp.prefix_k), pick(inp.prefix_v), pick(inp.gate), *args)[0])
         tail = inp.q.shape[0] - bounds_q[-1]  # tokens after the last sequence belong to none: 0
-        outs.append(outs[0].new_zeros((tail,) + outs[0].shape[1:]))
+        outs.append(inp.q.new_zeros((tail,) + inp.q.shape[1:]) + inp.q[:0].sum())
         return torch.cat(outs, dim=0)
 
 

@@ -1,7 +1,8 @@
 """Drop-in LLaMA-Adapter for Hugging Face models, built on :func:`fastadapter.zero_init_attention`.
 
-* :mod:`fastadapter.integrations.transformers`: ``apply_adapter(model)`` turns a ``LlamaForCausalLM`` (Mistral,
-  Qwen2, any attention of the Llama pattern) into a LLaMA-Adapter model in place; ``save_adapter`` /
+* :mod:`fastadapter.integrations.transformers`: ``apply_adapter(model)`` turns a Llama, Mistral, Qwen2, Qwen3,
+  Gemma2, Gemma3, Olmo or SmolLM3 causal LM (the allowlist of :mod:`._llama_pattern`) into a LLaMA-Adapter model in
+  place; ``save_adapter`` /
   ``load_adapter`` move adapters between Hugging Face models and fastadapter's own LLaMA.
 * :mod:`fastadapter.integrations.peft`: ``accelerate(peft_model)`` runs the ``AdaptedAttention`` layers of a PEFT
   ``adaption_prompt`` model through the fused op, sharing PEFT's parameters; ``export_to_peft`` writes a

@@ -1,34 +1,53 @@
-"""The attention masks Hugging Face hands to an attention layer, and zero-init attention under an explicit mask.
+"""How a padded Hugging Face batch becomes one ragged zero-init attention call per adapted layer.
 
-transformers builds one 4D mask per forward (``masking_utils.create_causal_mask``) and gives it to every layer:
+transformers builds one mask per forward (``masking_utils.create_causal_mask``; one per layer type for models with
+sliding layers) and hands the same tensor to every layer:
 
 * ``None`` when SDPA's own ``is_causal`` is exact: no padding and ``Sq == Sk`` or ``Sq == 1``, or a prefill into an
   empty static cache (``Sk`` > ``Sq``: the tail of the cache is empty). SDPA's ``is_causal`` is *top-left*
   aligned, so in that last case the keys after the first ``Sq`` are never seen (:func:`keys_seen_without_mask`);
-* a bool ``[B, 1, Sq, Sk]`` (SDPA: True = may attend) or an additive float ``[B, 1, Sq, Sk]`` (eager: 0 or the
-  dtype's minimum) when it is not: left padding, right padding, packed sequences, sliding windows.
+* a bool ``[B, 1, Sq, Sk]`` (sdpa: True = may attend) or an additive float ``[B, 1, Sq, Sk]`` (eager: 0 or the
+  dtype's minimum) otherwise: left padding, right padding, packed sequences, sliding windows.
 
-:func:`as_explicit_mask` turns a mask that is exactly the bottom-right causal mask (the eager implementation
-always builds one) into ``None``, so that it takes the fused causal path. :func:`left_padding` recognises the
-causal mask of a left-padded batch (``generate()`` on prompts of different lengths, prefill and every decode step)
-and :func:`right_padding` that of a right-padded one (training batches as PEFT users pad them): each row then runs
-the fused op on its own keys. Anything else (packed rows, sliding windows) runs :func:`masked_zero_init_attention`,
-two SDPA calls that honour the mask exactly. The prefix is never masked
-(DESIGN.md §1): the prompt is not a position of the sequence.
+:func:`batch_layout` reads that mask **once per forward** (the result is kept on the mask tensor, which every
+layer shares) and decides, in this one place, how every adapted layer runs:
+
+``causal``
+    no mask, or exactly the bottom-right causal one: one dense call.
+``left``
+    a left-padded batch (``generate()`` on prompts of different lengths: prefill and every decode step; left-padded
+    training): one varlen call. q and k are flattened to ``[B·S, H, D]`` without any gather: row b is two
+    sequences, its ``pad_b`` padding keys with no query, then its queries over the keys ``[pad_b, Sk)``.
+``right``
+    a right-padded batch (``Sq == Sk``, training as PEFT users pad): one causal varlen call over the rows' real
+    tokens (row b is its ``len_b`` real tokens, then its padding tokens as a sequence of their own), and one
+    non-causal varlen call over the padding queries alone, which see every real key of their row.
+``masked``
+    anything else, with the reason: a mask per head, an additive mask with values other than 0 and "blocked"
+    (a soft bias), sliding windows that cut into the causal window, packed sequences (block-diagonal masks), rows
+    with no key at all. These run :func:`masked_zero_init_attention`: the mask through SDPA for the words, the
+    gated prefix through the sdpa backend's composition.
+
+Padding rows (queries that may see no key: left padding's first ``pad_b`` queries at prefill) get exactly what the
+unpatched model computes for them, because transformers' loss includes the last padding position of a left-padded
+batch (its logits predict the first real token): with a bool mask (sdpa) PyTorch's SDPA gives 0 for the word part,
+as the fused op does; with an additive mask (eager) every key gets the same score ``s + min(dtype) == min(dtype)``,
+so the softmax is uniform and the word part is the mean of the row's values over all ``Sk`` keys, with the
+gradient of a softmax at the uniform point, which :meth:`BatchLayout.attention` adds (:func:`_uniform_words`). The prefix is never masked (DESIGN.md §1): the prompt is not a position of the
+sequence.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..attention import zero_init_attention
+from ..backends.sdpa import sdpa_composition
 
-def _bottom_right_causal(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
-    """bool ``[Sq, Sk]``: query i may see key j iff ``j <= i + Sk - Sq`` (fastadapter's causal convention)."""
-    row = torch.arange(seqlen_q, device=device)[:, None]
-    col = torch.arange(seqlen_k, device=device)[None, :]
-    return col <= row + (seqlen_k - seqlen_q)
+_CACHE_ATTRIBUTE = "_fastadapter_layouts"
 
 
 def keys_seen_without_mask(seqlen_q: int, seqlen_k: int) -> int:
@@ -42,23 +61,7 @@ def keys_seen_without_mask(seqlen_q: int, seqlen_k: int) -> int:
     return seqlen_q if 1 < seqlen_q < seqlen_k else seqlen_k
 
 
-def as_explicit_mask(attention_mask, seqlen_q: int, seqlen_k: int) -> Optional[torch.Tensor]:
-    """The mask to apply explicitly, or ``None`` when causal attention alone is exact.
-
-    Args:
-        attention_mask: what the decoder layer received: ``None``, bool or float ``[B, 1 or H, Sq, Sk']`` with
-            ``Sk' >= Sk`` (HF may hand a mask as wide as a static cache; only the first ``Sk`` columns count).
-        seqlen_q, seqlen_k: the query length and the number of keys (cache included).
-
-    Returns:
-        ``None`` for no mask or exactly the bottom-right causal mask; else the mask cut to ``[..., Sq, Sk]``.
-
-    Raises:
-        TypeError: a mask that is not a 4D tensor (a flex-attention ``BlockMask``, or the 2D padding mask of a
-            flash-attention implementation), naming what was given.
-    """
-    if attention_mask is None:
-        return None
+def _check_mask(attention_mask, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         kind = type(attention_mask).__name__
         shape = f" of shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor) else ""
@@ -68,90 +71,208 @@ def as_explicit_mask(attention_mask, seqlen_q: int, seqlen_k: int) -> Optional[t
     if attention_mask.shape[-2] != seqlen_q or attention_mask.shape[-1] < seqlen_k:
         raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} does not cover {seqlen_q} queries "
                          f"and {seqlen_k} keys")
-    mask = attention_mask[..., :seqlen_k]
-    causal = _bottom_right_causal(seqlen_q, seqlen_k, mask.device)
-    if mask.dtype == torch.bool:
-        allowed = mask
-        fully_blocking = True
-    else:
-        # An additive mask is causal only if it adds exactly 0 where allowed and a value that zeroes the
-        # probability (-inf, or the dtype's minimum as HF uses) everywhere else.
-        allowed = mask == 0
-        fully_blocking = bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all())
-    # One O(B·Sq·Sk) comparison against attention's O(B·H·Sq·Sk·D): cheap, and it moves eager-mode models and
-    # padding-free batches onto the fused path.
-    if fully_blocking and bool((allowed == causal).all()):
-        return None
-    return mask
+    return attention_mask[..., :seqlen_k]
 
 
-def _allowed(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """bool ``[B, Sq, Sk]`` (True = may attend) of a mask with one head, or None (several heads, or an additive mask
-    with values other than 0 and "blocked")."""
-    if mask.shape[1] != 1:
-        return None
+def _as_bool(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The bool form (True = may attend) of a bool mask or of an additive one that only adds 0 or "blocked" (-inf,
+    or the dtype's minimum as HF uses); None for an additive mask with other values (a soft bias)."""
     if mask.dtype == torch.bool:
-        return mask[:, 0]
+        return mask
     if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
         return None
-    return mask[:, 0] == 0
+    return mask == 0
 
 
-def left_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[list[int]]:
-    """The left padding of each row when ``mask`` is exactly causal attention over a left-padded batch, else None.
+def _allowed(mask: torch.Tensor) -> tuple[Optional[torch.Tensor], str]:
+    """bool ``[B, Sq, Sk]`` (True = may attend) of a mask with one head, or ``(None, why not)``."""
+    if mask.shape[1] != 1:
+        return None, f"a mask per head ({mask.shape[1]} heads)"
+    allowed = _as_bool(mask)
+    if allowed is None:
+        return None, "an additive mask with values other than 0 and 'blocked' (a soft bias)"
+    return allowed[:, 0], ""
 
-    Row b of such a mask lets query i see key j iff ``pad_b <= j <= i + Sk - Sq``: bottom-right causal over the
-    keys ``[pad_b, Sk)``, which is :func:`fastadapter.zero_init_attention` on those keys alone (queries that see no
-    key get 0 for their word part there too).
+
+def _uniform_words(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[B, Sq', Hq, D]`` fp32: the word part of queries ``q [B, Sq', Hq, D]`` whose every key of
+    ``k, v [B, Sk, Hkv, D]`` is blocked by an additive mask, as eager attention computes it.
+
+    Every score is ``s + min(dtype) == min(dtype)``: the softmax is uniform and the output the mean of the values.
+    Its gradient is that of the softmax at the uniform point (the mask is a constant, so autograd sends
+    ``p (dp - Σ p dp)`` on to the scores, hence to q and k): ``softmax(s - s.detach())`` is exactly that, so when a
+    gradient is needed the scores of these queries are formed (``[B, Hq, Sq', Sk]``, padding queries only).
+    """
+    heads, group = q.shape[2], q.shape[2] // v.shape[2]
+    vh = v.float().repeat_interleave(group, dim=2)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return vh.mean(dim=1, keepdim=True).expand(-1, q.shape[1], heads, -1)
+    kh = k.float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kh) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores - scores.detach(), dim=-1), vh)
+
+
+def _causal(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """bool ``[Sq, Sk]``: query i may see key j iff ``j <= i + Sk - Sq`` (fastadapter's causal convention)."""
+    row = torch.arange(seqlen_q, device=device)[:, None]
+    col = torch.arange(seqlen_k, device=device)[None, :]
+    return col <= row + (seqlen_k - seqlen_q)
+
+
+def _offsets(*parts: torch.Tensor) -> torch.Tensor:
+    """int32 ``[2B+1]`` offsets of sequences whose lengths alternate ``parts[0][b], parts[1][b]`` row by row."""
+    lengths = torch.stack(parts, dim=1).reshape(-1)
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+@dataclass
+class BatchLayout:
+    """How the adapted layers of one forward run their attention (see the module docstring).
+
+    Attributes:
+        kind: ``"causal"``, ``"left"``, ``"right"`` or ``"masked"``.
+        reason: why a ``"masked"`` batch cannot take the fused path (empty otherwise).
+        seqlen_q, seqlen_k: the query length and the number of keys this layout was made for.
+        mask: the explicit mask ``[B, 1 or H, Sq, Sk]`` (``"masked"`` only).
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: the main varlen call (``"left"``, ``"right"``).
+        blind: bool ``[B, n, 1, 1]``: which of the first n queries see no key (``"left"``), when their word part
+            is the uniform mean of the row's values (an additive mask, :func:`_uniform_words`); None when it is 0.
+        pad_rows: int64 ``[n_pad]`` indices into the flattened ``[B·Sq]`` queries of the padding queries
+            (``"right"``), and ``pad_cu_seqlens_q``, ``pad_max_seqlen_q`` of their non-causal call over the real
+            keys (its key offsets are ``cu_seqlens_k``).
+    """
+
+    kind: str
+    seqlen_q: int
+    seqlen_k: int
+    reason: str = ""
+    mask: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    blind: Optional[torch.Tensor] = None
+    pad_rows: Optional[torch.Tensor] = None
+    pad_cu_seqlens_q: Optional[torch.Tensor] = None
+    pad_max_seqlen_q: int = 0
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                  prefix_v: torch.Tensor, gate: torch.Tensor, *, softmax_scale: float,
+                  gate_activation: str) -> torch.Tensor:
+        """Zero-init attention of one adapted layer under this layout.
+
+        Args:
+            q: ``[B, Sq, Hq, D]``; k, v: ``[B, Sk, Hkv, D]`` (cache included; strided views are fine).
+            prefix_k, prefix_v: ``[1, P, Hkv, D]``; gate: raw ``[Hq]`` or ``[1]``.
+            softmax_scale, gate_activation: as :func:`fastadapter.zero_init_attention`.
+
+        Returns:
+            ``[B, Sq, Hq, D]``: what the unpatched model's attention computes for every row, padding included,
+            plus the gated prefix part.
+        """
+        if (q.shape[1], k.shape[1]) != (self.seqlen_q, self.seqlen_k):
+            raise ValueError(f"this layout was made for {self.seqlen_q} queries and {self.seqlen_k} keys, got "
+                             f"{q.shape[1]} and {k.shape[1]}")
+        common = dict(softmax_scale=softmax_scale, gate_activation=gate_activation)
+        if self.kind == "causal":
+            return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, causal=True, **common)
+        if self.kind == "masked":
+            return masked_zero_init_attention(q, k, v, prefix_k, prefix_v, gate, self.mask, **common)
+        batch, seqlen_q, heads, dim = q.shape
+        q_flat = q.reshape(batch * seqlen_q, heads, dim)
+        k_flat = k.reshape(batch * self.seqlen_k, k.shape[2], k.shape[3])
+        v_flat = v.reshape(batch * self.seqlen_k, v.shape[2], v.shape[3])
+        varlen = dict(cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k, **common)
+        out = zero_init_attention(q_flat, k_flat, v_flat, prefix_k, prefix_v, gate, causal=True,
+                                  cu_seqlens_q=self.cu_seqlens_q, max_seqlen_q=self.max_seqlen_q, **varlen)
+        if self.kind == "right" and self.pad_rows.numel():
+            pad_out = zero_init_attention(q_flat.index_select(0, self.pad_rows), k_flat, v_flat, prefix_k,
+                                          prefix_v, gate, causal=False, cu_seqlens_q=self.pad_cu_seqlens_q,
+                                          max_seqlen_q=self.pad_max_seqlen_q, **varlen)
+            out = out.index_copy(0, self.pad_rows, pad_out)
+        out = out.view(batch, seqlen_q, heads, dim)
+        if self.blind is not None:
+            # The eager softmax of a fully blocked row is uniform over the row's Sk keys (module docstring); those
+            # rows are among the first blind.shape[1] queries.
+            rows = self.blind.shape[1]
+            fix = self.blind * _uniform_words(q[:, :rows], k, v, softmax_scale)
+            out = out + F.pad(fix, (0, 0, 0, 0, 0, seqlen_q - rows)).to(out.dtype)
+        return out
+
+
+def batch_layout(attention_mask, seqlen_q: int, seqlen_k: int) -> BatchLayout:
+    """The layout of a batch from the mask its layers receive; computed once per mask tensor and shape.
 
     Args:
-        mask: an explicit mask from :func:`as_explicit_mask`, bool or additive ``[B, 1, Sq, Sk]``.
-        seqlen_q, seqlen_k: the query length and the number of keys.
+        attention_mask: what the decoder layer received: ``None``, bool or additive float ``[B, 1 or H, Sq, Sk']``
+            with ``Sk' >= Sk`` (HF may hand a mask as wide as a static cache; only the first ``Sk`` columns count).
+        seqlen_q, seqlen_k: the query length and the number of keys (cache included).
 
-    Returns:
-        ``[pad_0, ..., pad_{B-1}]``, or None for any other mask (a head dimension other than 1 included).
+    Raises:
+        TypeError: a mask that is not a 4D tensor (a flex-attention ``BlockMask``, or the 2D padding mask of a
+            flash-attention implementation), naming what was given.
+        ValueError: a mask that does not cover ``Sq`` queries and ``Sk`` keys.
     """
-    allowed = _allowed(mask)
+    if attention_mask is None:
+        return BatchLayout("causal", seqlen_q, seqlen_k)
+    # The key includes the tensor's version counter: a mask changed in place is read again.
+    key = (seqlen_q, seqlen_k, getattr(attention_mask, "_version", 0))
+    cache = getattr(attention_mask, _CACHE_ATTRIBUTE, None)
+    if cache is not None and key in cache:
+        return cache[key]
+    layout = _read_layout(_check_mask(attention_mask, seqlen_q, seqlen_k), seqlen_q, seqlen_k)
+    if layout.kind == "masked":
+        return layout  # not kept: it holds the mask, which would then keep itself alive
+    if cache is None:
+        cache = {}
+        setattr(attention_mask, _CACHE_ATTRIBUTE, cache)
+    cache[key] = layout
+    return layout
+
+
+def _read_layout(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> BatchLayout:
+    def masked(reason: str) -> BatchLayout:
+        return BatchLayout("masked", seqlen_q, seqlen_k, reason=reason, mask=mask)
+
+    allowed, why = _allowed(mask)
     if allowed is None:
-        return None
-    # The last query sees every key that is not padding: its first allowed key is the row's padding. A row with
-    # no key at all is left to the explicit path.
-    last = allowed[:, -1]
+        return masked(why)
+    device = mask.device
+    causal = _causal(seqlen_q, seqlen_k, device)
+    if bool((allowed == causal).all()):
+        return BatchLayout("causal", seqlen_q, seqlen_k)
+    last = allowed[:, -1]  # the last query sees every key of its row that is not padding
     if not bool(last.any(-1).all()):
-        return None
-    pads = last.int().argmax(-1)
-    causal = _bottom_right_causal(seqlen_q, seqlen_k, mask.device)
-    keys = torch.arange(seqlen_k, device=mask.device)
-    expected = causal[None] & (keys[None, None, :] >= pads[:, None, None])
-    if not bool((allowed == expected).all()):
-        return None
-    return [int(p) for p in pads]
+        return masked("a row with no key at all")
+    keys = torch.arange(seqlen_k, device=device)
+    batch = mask.shape[0]
 
+    pads = last.int().argmax(-1)  # the first key the last query sees
+    if bool((allowed == (causal[None] & (keys[None, None, :] >= pads[:, None, None]))).all()):
+        ends = torch.full_like(pads, seqlen_q)
+        blind = None
+        if mask.dtype != torch.bool:
+            rows = torch.arange(seqlen_q, device=device)[None, :]
+            blind_rows = rows + (seqlen_k - seqlen_q) < pads[:, None]  # [B, Sq]: queries that see no key
+            count = int(blind_rows.sum(-1).max())  # they are the first ones of their row
+            blind = blind_rows[:, :count, None, None] if count else None
+        return BatchLayout("left", seqlen_q, seqlen_k,
+                           cu_seqlens_q=_offsets(torch.zeros_like(pads), ends),
+                           cu_seqlens_k=_offsets(pads, seqlen_k - pads), max_seqlen_q=seqlen_q,
+                           max_seqlen_k=seqlen_k, blind=blind)
 
-def right_padding(mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> Optional[list[int]]:
-    """The length of each row when ``mask`` is exactly causal self-attention over a right-padded batch, else None.
-
-    Row b of such a mask (``Sq == Sk``, no cache: training and prefill as PEFT users pad) lets query i see key j iff
-    ``j <= i`` and ``j < len_b``: the real queries ``[0, len_b)`` attend causally to the real keys, and the padding
-    queries ``[len_b, S)`` to all of them — two calls of :func:`fastadapter.zero_init_attention` per row.
-
-    Returns:
-        ``[len_0, ..., len_{B-1}]`` (each at least 1), or None for any other mask.
-    """
-    allowed = _allowed(mask)
-    if allowed is None or seqlen_q != seqlen_k:
-        return None
-    # The last query sees exactly the real keys.
-    last = allowed[:, -1]
     lengths = last.sum(-1)
-    if not bool((lengths > 0).all()):
-        return None
-    keys = torch.arange(seqlen_k, device=mask.device)
-    causal = _bottom_right_causal(seqlen_q, seqlen_k, mask.device)
-    expected = causal[None] & (keys[None, None, :] < lengths[:, None, None])
-    if not bool((allowed == expected).all()):
-        return None
-    return [int(n) for n in lengths]
+    if seqlen_q == seqlen_k and bool((allowed == (causal[None] & (keys[None, None, :] < lengths[:, None, None]))).all()):
+        padding = seqlen_k - lengths
+        offsets = _offsets(lengths, padding)
+        rows = torch.arange(seqlen_q, device=device)[None, :]
+        pad_rows = (rows + seqlen_q * torch.arange(batch, device=device)[:, None])[rows >= lengths[:, None]]
+        return BatchLayout("right", seqlen_q, seqlen_k, cu_seqlens_q=offsets, cu_seqlens_k=offsets,
+                           max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k, pad_rows=pad_rows,
+                           pad_cu_seqlens_q=_offsets(padding, torch.zeros_like(padding)),
+                           pad_max_seqlen_q=max(int(padding.max()), 1))
+    return masked("neither causal nor causal over a left- or right-padded batch (sliding windows that cut, packed "
+                  "sequences, or another pattern)")
 
 
 def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
@@ -168,18 +289,24 @@ def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         softmax_scale, gate_activation: as :func:`fastadapter.zero_init_attention`.
 
     Returns:
-        ``[B, Sq, Hq, D]`` in q's dtype. A query row that may see no word gets 0 for its word part (PyTorch's
-        SDPA convention, and DESIGN.md's), so left-padding rows stay finite.
+        ``[B, Sq, Hq, D]`` in q's dtype. The word part is PyTorch's SDPA under the mask, as the unpatched sdpa and
+        eager models compute it (a fully blocked row: 0 under a bool mask, the uniform mean under an additive one);
+        the prefix part is :func:`fastadapter.backends.sdpa.sdpa_composition` over no word.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if mask.dtype != torch.bool and mask.dtype != q.dtype:
-        mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=softmax_scale, enable_gqa=True)
-    if prefix_k.shape[1] > 0:
-        batch = q.shape[0]
-        pkh = prefix_k.transpose(1, 2).expand(batch, -1, -1, -1)
-        pvh = prefix_v.transpose(1, 2).expand(batch, -1, -1, -1)
-        out_p = F.scaled_dot_product_attention(qh, pkh, pvh, scale=softmax_scale, enable_gqa=True)
-        gamma = torch.tanh(gate.float()) if gate_activation == "tanh" else gate.float()
-        out = out + gamma.to(out.dtype).reshape(1, -1, 1, 1) * out_p
-    return out.transpose(1, 2)
+    allowed = _as_bool(mask)
+    if allowed is None:  # a soft bias: SDPA adds it as it is
+        attn_mask = mask if mask.dtype == q.dtype else mask.to(q.dtype)
+        blind = None
+    else:
+        # SDPA under the bool form: a fully blocked row gives 0 forward and backward. (Under the additive form,
+        # the gradients of such rows from PyTorch's fused CPU kernel differ from eager's, measured: the backward
+        # recomputes their probabilities from a log-sum-exp that rounds to min(dtype).)
+        attn_mask = allowed
+        blind = ~allowed.any(dim=-1, keepdim=True) if mask.dtype != torch.bool else None  # [B, 1 or H, Sq, 1]
+    words = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=softmax_scale, enable_gqa=True)
+    if blind is not None and bool(blind.any()):
+        words = words + (blind * _uniform_words(q, k, v, softmax_scale).transpose(1, 2)).to(words.dtype)
+    prefix = sdpa_composition(q, k[:, :0], v[:, :0], prefix_k, prefix_v, gate.float().reshape(1, -1), False,
+                              softmax_scale, gate_activation == "tanh")
+    return words.transpose(1, 2) + prefix

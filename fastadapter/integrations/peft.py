@@ -32,7 +32,7 @@ require_supported_version("peft")
 from peft.tuners.adaption_prompt.layer import AdaptedAttention, _BaseAdaptedAttention  # noqa: E402
 from peft.tuners.adaption_prompt.model import AdaptionPromptModel  # noqa: E402
 
-__all__ = ["FusedAdaptedAttention", "accelerate", "restore", "export_to_peft"]
+__all__ = ["FusedAdaptedAttention", "FusedAdaptionPromptModel", "accelerate", "restore", "export_to_peft"]
 
 
 class FusedAdaptedAttention(AdaptedAttention):
@@ -48,8 +48,8 @@ class FusedAdaptedAttention(AdaptedAttention):
             raise NotImplementedError("output_attentions is not supported by the fused attention (no weights are "
                                       "formed); call fastadapter.integrations.peft.restore(model) first")
         base = self.model
-        rotary = self.__dict__.get("_rotary") or check_llama_pattern(base)
-        out = llama_pattern_attention(base, rotary, kwargs["hidden_states"], kwargs["position_embeddings"],
+        spec = self.__dict__.get("_spec") or check_llama_pattern(base)
+        out = llama_pattern_attention(base, spec, kwargs["hidden_states"], kwargs["position_embeddings"],
                                       kwargs.get("attention_mask"), kwargs.get("past_key_values"),
                                       self.adaption_prompt[0], self.adaption_gate, "none")
         out = base.o_proj(out)
@@ -58,6 +58,17 @@ class FusedAdaptedAttention(AdaptedAttention):
             # counts twice there, and must here too for the outputs to match.
             out = out + base.o_proj.bias
         return out, None
+
+
+#: The attention classes whose PEFT ``AdaptedAttention`` forward :class:`FusedAdaptedAttention` reproduces: PEFT
+#: recomputes the queries as ``q_proj`` + RoPE and scales the prefix scores by ``1/sqrt(head_dim)``, which is the
+#: class's own attention only for these (no q/k norms, clipping or skipped RoPE, the standard scale).
+PEFT_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+_GPT2_REASON = ("PEFT's AdaptedAttentionGPT (GPT-2) adds the prefix attention to the output of GPT-2's c_proj, "
+                "unprojected, while the word attention goes through c_proj: the two parts cannot come out of one "
+                "fused attention output (and GPT-2's fused c_attn Conv1D is not the Llama pattern); GPT-2 keeps "
+                "running PEFT's own code")
 
 
 def _adaption_prompt_model(peft_model: nn.Module) -> AdaptionPromptModel:
@@ -80,47 +91,83 @@ def _adapted_attentions(adaption_model: AdaptionPromptModel) -> list[_BaseAdapte
     return found
 
 
+def _check_acceleratable(module: _BaseAdaptedAttention):
+    """The :class:`AttentionSpec` of an adapted attention that :class:`FusedAdaptedAttention` can run, else raise
+    :class:`UnsupportedAttentionError` with the reason."""
+    supported = ", ".join(PEFT_ATTENTION_CLASSES)
+    if not isinstance(module, AdaptedAttention):
+        reason = _GPT2_REASON if type(module).__name__ == "AdaptedAttentionGPT" else "not PEFT's AdaptedAttention"
+        raise UnsupportedAttentionError(f"{type(module).__name__} cannot be accelerated: {reason}. Supported: PEFT's "
+                                        f"AdaptedAttention over {supported}")
+    name = type(module.model).__name__
+    spec = check_llama_pattern(module.model)
+    if name not in PEFT_ATTENTION_CLASSES or abs(module.model.scaling * module.model.head_dim ** 0.5 - 1) > 1e-6:
+        raise UnsupportedAttentionError(f"AdaptedAttention over {name} cannot be accelerated: PEFT computes its "
+                                        f"prefix queries as q_proj + RoPE scaled by 1/sqrt(head_dim), which is not "
+                                        f"what {name} computes, so the fused op would not reproduce PEFT; "
+                                        f"supported: AdaptedAttention over {supported} (fastadapter.integrations."
+                                        f"transformers.apply_adapter adapts {name} exactly)")
+    return spec
+
+
+def _accelerate_modules(modules) -> None:
+    specs = [_check_acceleratable(module) for module in modules]  # check every module before changing any
+    for module, spec in zip(modules, specs):
+        # The forward reuses the spec found by the check instead of checking at every call.
+        module.__dict__["_spec"] = spec
+        module.__class__ = FusedAdaptedAttention
+
+
+class FusedAdaptionPromptModel(AdaptionPromptModel):
+    """PEFT's ``AdaptionPromptModel`` whose adapters added later (``add_adapter``, ``load_adapter``, which both
+    create their modules in ``_create_adapted_attentions``) are fused too. Set by :func:`accelerate` on the
+    instance (``__class__``), undone by :func:`restore`."""
+
+    def _create_adapted_attentions(self, config, parents) -> None:
+        super()._create_adapted_attentions(config, parents)
+        _accelerate_modules([getattr(parent, config.target_modules) for parent in parents])
+
+
 def accelerate(peft_model: nn.Module) -> nn.Module:
     """Run every ``AdaptedAttention`` of a PEFT ``adaption_prompt`` model through the fused op (in place).
 
-    Idempotent: call it again after ``add_adapter`` to accelerate the new adapter's layers too.
+    Adapters added afterwards (``peft_model.add_adapter``, ``peft_model.load_adapter``) are fused as they are
+    created. Idempotent.
 
     Args:
         peft_model: what ``peft.get_peft_model(model, AdaptionPromptConfig(...))`` or
-            ``PeftModel.from_pretrained`` returned, on a Llama or Mistral model.
+            ``PeftModel.from_pretrained`` returned, on a Llama or Mistral model (or Qwen2 run through PEFT's Llama
+            code).
 
     Returns:
         ``peft_model``; parameters, ``state_dict`` and saved files unchanged.
 
     Raises:
         UnsupportedVersionError: transformers or peft outside the supported versions.
-        UnsupportedAttentionError: an adapted attention that is not PEFT's Llama ``AdaptedAttention`` over a
-            Llama-pattern module (e.g. ``AdaptedAttentionGPT``), naming the class.
+        UnsupportedAttentionError: an adapted attention whose PEFT computation the fused op does not reproduce,
+            naming the class and the reason (GPT-2's ``AdaptedAttentionGPT``: see the README).
     """
     require_supported_version("transformers")
     require_supported_version("peft")
-    modules = _adapted_attentions(_adaption_prompt_model(peft_model))
+    adaption_model = _adaption_prompt_model(peft_model)
+    modules = _adapted_attentions(adaption_model)
     if not modules:
         raise ValueError("the PEFT model has no adapted attention layers to accelerate")
-    rotaries = []
-    for module in modules:  # check every module before changing any
-        if not isinstance(module, AdaptedAttention):
-            raise UnsupportedAttentionError(f"{type(module).__name__} cannot be accelerated; supported: PEFT's "
-                                            f"AdaptedAttention over LlamaAttention or MistralAttention")
-        rotaries.append(check_llama_pattern(module.model))
-    for module, rotary in zip(modules, rotaries):
-        # The forward reuses the RoPE function found by the check instead of checking at every call.
-        module.__dict__["_rotary"] = rotary
-        module.__class__ = FusedAdaptedAttention
+    _accelerate_modules(modules)
+    adaption_model.__class__ = FusedAdaptionPromptModel
     return peft_model
 
 
 def restore(peft_model: nn.Module) -> nn.Module:
-    """Undo :func:`accelerate`: PEFT's own ``AdaptedAttention`` forward again (in place)."""
-    for module in _adapted_attentions(_adaption_prompt_model(peft_model)):
+    """Undo :func:`accelerate`: PEFT's own ``AdaptedAttention`` forward again (in place), for adapters added later
+    too."""
+    adaption_model = _adaption_prompt_model(peft_model)
+    for module in _adapted_attentions(adaption_model):
         if type(module) is FusedAdaptedAttention:
-            module.__dict__.pop("_rotary", None)
+            module.__dict__.pop("_spec", None)
             module.__class__ = AdaptedAttention
+    if type(adaption_model) is FusedAdaptionPromptModel:
+        adaption_model.__class__ = AdaptionPromptModel
     return peft_model
 
 

@@ -14,8 +14,9 @@ layer's own ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (same objects, same stat
   attention of the adapted layers changes, and ``remove_adapter`` puts the original modules back.
 
 Masks: with no padding the layer receives no mask (sdpa) or exactly the causal one (eager) and runs the fused
-causal path; left/right padding, packed sequences and sliding windows run an exact masked composition (see
-:mod:`._attention_mask`).
+causal path; a left- or right-padded batch is read once per forward into ragged offsets and runs the fused op in
+one varlen call per layer (two for right padding); packed sequences and sliding windows that cut run an exact
+masked composition (see :mod:`._attention_mask`).
 
 Adapter files are fastadapter's (``fastadapter.model.adapter_file``): an adapter trained on a Hugging Face model
 loads into fastadapter's thin LLaMA built from the same weights, and back (same base-model fingerprint).
@@ -24,15 +25,13 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..model.adapter import AdapterConfig
-from ..model.adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
-from ..model.adapter_formats import detect_adapter_format, read_foreign_adapter
+from ..model.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
+from ..model.adapter_file import base_model_fingerprint
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
@@ -44,7 +43,7 @@ __all__ = ["AdapterAttention", "apply_adapter", "remove_adapter", "adapted_layer
 # Plain attributes of the Llama-pattern attention classes that their forward (and transformers' bookkeeping)
 # reads; copied onto the replacement.
 _ATTRIBUTES = ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
-               "is_causal", "sliding_window", "layer_type")
+               "is_causal", "sliding_window", "layer_type", "is_sliding", "use_rope", "attn_logit_softcapping")
 
 
 class AdapterAttention(nn.Module):
@@ -61,11 +60,13 @@ class AdapterAttention(nn.Module):
 
     def __init__(self, base: nn.Module, adapter: LayerAdapter):
         super().__init__()
-        self._rotary = check_llama_pattern(base)
+        self._spec = check_llama_pattern(base)
         for name in _ATTRIBUTES:
             if hasattr(base, name):
                 setattr(self, name, getattr(base, name))
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        if self._spec.norms:
+            self.q_norm, self.k_norm = base.q_norm, base.k_norm
         self.adapter = adapter
         # The original module, outside the module tree (its weights are the ones above): remove_adapter puts it
         # back.
@@ -76,7 +77,7 @@ class AdapterAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError("AdapterAttention needs the (cos, sin) position_embeddings that the decoder layer "
                              "passes (transformers >= 5)")
-        out = llama_pattern_attention(self, self._rotary, hidden_states, position_embeddings, attention_mask,
+        out = llama_pattern_attention(self, self._spec, hidden_states, position_embeddings, attention_mask,
                                       past_key_values, self.adapter.prompt, self.adapter.gate,
                                       self.adapter.gate_activation)
         return self.o_proj(out), None
@@ -130,8 +131,9 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
     the base model computes. Lower layers are untouched. Replaces an adapter applied before.
 
     Args:
-        model: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (or their base models), or any
-            model whose attention class follows the Llama pattern (see :mod:`._llama_pattern`).
+        model: a causal LM (or its base model) whose attention class is on the allowlist of
+            :mod:`._llama_pattern`: Llama, Mistral, Qwen2, Qwen3, Gemma2 (without logit soft-capping), Gemma3, Olmo,
+            SmolLM3.
         prompt_len: P, prompt tokens per adapted layer.
         layers: the number of top layers to adapt, or an explicit list of layer indices. A number larger than
             the model's layer count adapts every layer, with a note logged on the ``fastadapter`` logger (as
@@ -144,7 +146,8 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
 
     Raises:
         UnsupportedVersionError: a transformers older than the supported ones (a newer one only warns).
-        UnsupportedAttentionError: an attention class that is not of the Llama pattern (names it).
+        UnsupportedAttentionError: an attention class that is not on the allowlist, or a feature of it that the
+            fused op cannot compute (logit soft-capping, fused qkv, bidirectional attention): names both.
         ValueError: bad ``prompt_len`` / ``gate_activation``, ``layers`` not positive, or a list of ``layers``
             naming a layer the model does not have.
     """
@@ -184,17 +187,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     The file loads into fastadapter's LLaMA (``fastadapter.load_adapter``) built from the same weights, and into
     this model with :func:`load_adapter`.
     """
-    adapters = adapted_layers(model)
-    if not adapters:
-        raise ValueError(f"{type(model).__name__} has no adapter to save: call apply_adapter first")
-    first = next(iter(adapters.values())).adapter
-    config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
-                           gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
-    tensors = {}
-    for i, attn in adapters.items():
-        tensors[f"layers.{i}.adapter_prompt"] = attn.adapter.prompt
-        tensors[f"layers.{i}.adapter_gate"] = attn.adapter.gate
-    write_adapter_file(path, tensors, config.to_dict(len(_decoder_layers(model))), _base_model_description(model))
+    adapters = {i: attn.adapter for i, attn in adapted_layers(model).items()}
+    write_adapter(path, adapters, _base_model_description(model), what=type(model).__name__)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> nn.Module:
@@ -210,54 +204,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Opt
         AdapterFileError: an unreadable file, or one made for another base model (dimensions or fingerprint),
             naming the file and the mismatch.
     """
-    path = os.fspath(path)
-    format = format or detect_adapter_format(path)
-    dims = _model_dims(model)
-    if format == "fastadapter":
-        tensors, meta = read_adapter_file(path)
-        _check_base_model(model, path, meta["base_model"])
-        config_dict = meta["config"]
-    else:
-        # The foreign readers only need the model's dimensions.
-        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**dims))
-    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
-                           gate_activation=config_dict["gate_activation"],
-                           gate_per_head=config_dict["gate_per_head"])
-    _check_fits(path, config, tensors, dims)
+    config, tensors, _ = read_adapter(path, _base_model_description(model), format=format,
+                                      what=type(model).__name__)
     apply_adapter(model, config.prompt_len, list(config.layers), config.gate_activation,
                   gate_per_head=config.gate_per_head)
-    with torch.no_grad():
-        for i, attn in adapted_layers(model).items():
-            attn.adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
-            attn.adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    copy_adapter_tensors({i: attn.adapter for i, attn in adapted_layers(model).items()}, tensors)
     return model
-
-
-def _check_base_model(model: nn.Module, path: str, base_model: dict) -> None:
-    """Raise :class:`AdapterFileError` when the file was made for another base model than ``model``."""
-    mine = _base_model_description(model)
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        if int(base_model[key]) != mine[key]:
-            raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
-                                   f"but {type(model).__name__} has {key}={mine[key]}")
-    if base_model["fingerprint"] != mine["fingerprint"]:
-        raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
-                               f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
-                               f"{mine['fingerprint'][:12]}…)")
-
-
-def _check_fits(path: str, config: AdapterConfig, tensors: dict, dims: dict) -> None:
-    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs."""
-    try:
-        indices = config.layer_indices(dims["n_layers"])
-    except ValueError as exc:
-        raise AdapterFileError(f"{path}: {exc}") from exc
-    gate_numel = dims["n_heads"] if config.gate_per_head else 1
-    for i in indices:
-        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, dims["dim"])),
-                            (f"layers.{i}.adapter_gate", (gate_numel,))):
-            if name not in tensors:
-                raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
-            if tuple(tensors[name].shape) != shape:
-                raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, the model "
-                                       f"needs {list(shape)}")

@@ -7,6 +7,7 @@ zero-initialised gate; the lower layers keep plain causal attention. With the pa
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -97,11 +98,12 @@ def base_model_description(model: LlamaModel) -> dict:
             "vocab_size": c.vocab_size}
 
 
-def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
-    """Write the adapter of ``model`` (prompts and gates only, fp32) to the safetensors file ``path``."""
-    adapters = adapted_layers(model)
+def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: dict, what: str = "the model") -> None:
+    """Write ``{layer index: LayerAdapter}`` (prompts and gates, fp32) to the adapter file ``path`` for the base
+    model ``description`` (:func:`base_model_description`'s keys). Shared by fastadapter's LLaMA and the Hugging
+    Face integration, so both write the same files."""
     if not adapters:
-        raise ValueError("the model has no adapter to save: call add_adapter first")
+        raise ValueError(f"{what} has no adapter to save: call add_adapter (apply_adapter) first")
     first = next(iter(adapters.values()))
     config = AdapterConfig(prompt_len=first.prompt_len, layers=list(adapters),
                            gate_activation=first.gate_activation, gate_per_head=first.gate.numel() != 1)
@@ -109,7 +111,46 @@ def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
     for i, adapter in adapters.items():
         tensors[f"layers.{i}.adapter_prompt"] = adapter.prompt
         tensors[f"layers.{i}.adapter_gate"] = adapter.gate
-    write_adapter_file(path, tensors, config.to_dict(model.config.n_layers), base_model_description(model))
+    write_adapter_file(path, tensors, config.to_dict(description["n_layers"]), description)
+
+
+def read_adapter(path: Union[str, os.PathLike], description: dict, *, format: Optional[str] = None,
+                 what: str = "the model") -> tuple[AdapterConfig, dict, str]:
+    """Read the adapter at ``path`` for the base model ``description``; returns ``(config, tensors, path)`` (the
+    path of the weights file for a folder), every tensor checked against the model's shapes.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        AdapterFileError: an unreadable file, or an adapter made for another base model (a different fingerprint
+            or shape); the message names the file and the mismatch.
+    """
+    path = os.fspath(path)
+    format = format or detect_adapter_format(path)
+    if format == "fastadapter":
+        tensors, meta = read_adapter_file(path)
+        _check_base_model(description, path, meta["base_model"], what)
+        config_dict = meta["config"]
+    else:
+        # The foreign readers only need the model's dimensions.
+        config_dict, tensors, path = read_foreign_adapter(path, format, types.SimpleNamespace(**description))
+    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
+                           gate_activation=config_dict["gate_activation"],
+                           gate_per_head=config_dict["gate_per_head"])
+    _check_fits(description, path, config, tensors)
+    return config, tensors, path
+
+
+def copy_adapter_tensors(adapters: dict, tensors: dict) -> None:
+    """Copy the prompts and gates read by :func:`read_adapter` into ``{layer index: LayerAdapter}``."""
+    with torch.no_grad():
+        for i, adapter in adapters.items():
+            adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
+            adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+
+
+def save_adapter(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
+    """Write the adapter of ``model`` (prompts and gates only, fp32) to the safetensors file ``path``."""
+    write_adapter(path, adapted_layers(model), base_model_description(model))
 
 
 def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Optional[str] = None) -> LlamaModel:
@@ -126,50 +167,33 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
         AdapterFileError: an unreadable file, or an adapter made for another base model (a different fingerprint
             or shape); the message names the file (for a PEFT folder, its weights file) and the mismatch.
     """
-    path = os.fspath(path)
-    format = format or detect_adapter_format(path)
-    if format == "fastadapter":
-        tensors, meta = read_adapter_file(path)
-        _check_base_model(model, path, meta["base_model"])
-        config_dict = meta["config"]
-    else:
-        config_dict, tensors, path = read_foreign_adapter(path, format, model.config)
-    config = AdapterConfig(prompt_len=config_dict["prompt_len"], layers=list(config_dict["layers"]),
-                           gate_activation=config_dict["gate_activation"],
-                           gate_per_head=config_dict["gate_per_head"])
-    _check_fits(model, path, config, tensors)
+    config, tensors, _ = read_adapter(path, base_model_description(model), format=format)
     add_adapter(model, config)
-    with torch.no_grad():
-        for i, adapter in adapted_layers(model).items():
-            adapter.prompt.copy_(tensors[f"layers.{i}.adapter_prompt"])
-            adapter.gate.copy_(tensors[f"layers.{i}.adapter_gate"])
+    copy_adapter_tensors(adapted_layers(model), tensors)
     return model
 
 
-def _check_base_model(model: LlamaModel, path: str, base_model: dict) -> None:
-    """Raise :class:`AdapterFileError` when the file's base model is not ``model``."""
-    c = model.config
+def _check_base_model(description: dict, path: str, base_model: dict, what: str) -> None:
+    """Raise :class:`AdapterFileError` when the file's base model is not the model ``description``."""
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-        if int(base_model[key]) != getattr(c, key):
+        if int(base_model[key]) != description[key]:
             raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
-                                   f"but the model has {key}={getattr(c, key)}")
-    fingerprint = base_model_description(model)["fingerprint"]
-    if base_model["fingerprint"] != fingerprint:
+                                   f"but {what} has {key}={description[key]}")
+    if base_model["fingerprint"] != description["fingerprint"]:
         raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
                                f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
-                               f"{fingerprint[:12]}…)")
+                               f"{description['fingerprint'][:12]}…)")
 
 
-def _check_fits(model: LlamaModel, path: str, config: AdapterConfig, tensors: dict) -> None:
-    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape ``model`` needs."""
-    c = model.config
+def _check_fits(description: dict, path: str, config: AdapterConfig, tensors: dict) -> None:
+    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs."""
     try:
-        indices = config.layer_indices(c.n_layers)
+        indices = config.layer_indices(description["n_layers"])
     except ValueError as exc:
         raise AdapterFileError(f"{path}: {exc}") from exc
-    gate_numel = c.n_heads if config.gate_per_head else 1
+    gate_numel = description["n_heads"] if config.gate_per_head else 1
     for i in indices:
-        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, c.dim)),
+        for name, shape in ((f"layers.{i}.adapter_prompt", (config.prompt_len, description["dim"])),
                             (f"layers.{i}.adapter_gate", (gate_numel,))):
             if name not in tensors:
                 raise AdapterFileError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
