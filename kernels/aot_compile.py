@@ -41,12 +41,11 @@ from typing import Iterable, Optional
 import torch
 import triton
 
-from fastadapter._inputs import AttentionInputs
-
 from . import configs as _configs
 from ._interpreter import interpreting
 from .configs import KernelFacts, Resources, config_name
 from .layout import Layout
+from .problem import AttentionProblem
 
 TENSOR_CORE_MNEMONICS = ("HGMMA", "HMMA")
 #: The grid of the compile matrix: every architecture the backend is checked for, dtypes, head dims.
@@ -77,27 +76,35 @@ def parse_arch(arch: str) -> int:
     return int(match.group(1))
 
 
-def representative_inputs(facts: KernelFacts) -> AttentionInputs:
+def representative_inputs(facts: KernelFacts) -> AttentionProblem:
     """LLaMA-like inputs with ``facts`` on the ``meta`` device (no memory, no GPU): 32 kv heads (8 with GQA,
-    for 32 query heads), S = 512 (or 4 packed sequences of up to 512), the prefix of ``facts.block_p``."""
+    for 32 query heads), S = 512 (or 4 packed sequences of up to 512 tokens sharing one ``cu_seqlens``, or with
+    ``facts.shared_offsets`` False up to 512 queries over up to 1024 keys with offsets of their own), the prefix
+    of ``facts.block_p``, and ``seqused_k`` when ``facts.seqused``."""
     heads_q, heads_kv = 32, (8 if facts.grouped else 32)
     d = facts.head_dim
     meta = dict(device="meta", dtype=facts.dtype)
+    offsets = dict(device="meta", dtype=torch.int32)
     p = 0 if not facts.has_prefix else (10 if facts.block_p == 16 else facts.block_p)
-    if facts.varlen:
+    if facts.varlen and facts.shared_offsets:
         q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(2048, heads_kv, d, **meta)
-        cu, max_seqlen = torch.empty(5, device="meta", dtype=torch.int32), 512
+        cu = torch.empty(5, **offsets)
+        lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512, max_seqlen_k=512)
+    elif facts.varlen:
+        q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(4096, heads_kv, d, **meta)
+        lengths = dict(cu_seqlens_q=torch.empty(5, **offsets), cu_seqlens_k=torch.empty(5, **offsets),
+                       max_seqlen_q=512, max_seqlen_k=1024)
     else:
         q, kv = torch.empty(4, 512, heads_q, d, **meta), torch.empty(4, 512, heads_kv, d, **meta)
-        cu, max_seqlen = None, 0
+        lengths = {}
     prefix = torch.empty(1, p, heads_kv, d, **meta)
-    return AttentionInputs(q=q, k=kv, v=torch.empty_like(kv), prefix_k=prefix, prefix_v=torch.empty_like(prefix),
-                           gate=torch.empty(1, heads_q, device="meta", dtype=torch.float32), causal=facts.causal,
-                           softmax_scale=d ** -0.5, gate_tanh=facts.gate_tanh, cu_seqlens_q=cu,
-                           cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    return AttentionProblem(q=q, k=kv, v=torch.empty_like(kv), prefix_k=prefix, prefix_v=torch.empty_like(prefix),
+                            gate=torch.empty(1, heads_q, device="meta", dtype=torch.float32), causal=facts.causal,
+                            softmax_scale=d ** -0.5, gate_tanh=facts.gate_tanh,
+                            seqused_k=torch.empty(4, **offsets) if facts.seqused else None, **lengths)
 
 
-def _launch_arguments(kernel: str, inp: AttentionInputs, capability: int) -> dict:
+def _launch_arguments(kernel: str, inp: AttentionProblem, capability: int) -> dict:
     """The arguments a real launch of ``kernel`` would get for ``inp`` (built by the launchers' own code)."""
     from .backward import BackwardBuffers, dkdv_arguments, dq_arguments, preprocess_arguments
     from .forward import forward_arguments
@@ -150,7 +157,7 @@ def _signature(fn, args: dict, config: triton.Config):
     return signature, constexprs, attrs
 
 
-def compile_kernel(kernel: str, config: triton.Config, inp: AttentionInputs, target):
+def compile_kernel(kernel: str, config: triton.Config, inp: AttentionProblem, target):
     """``triton.compile`` of ``kernel`` in ``config`` for the launch ``inp`` would make, for ``target``
     (a ``GPUTarget``). Returns Triton's compiled kernel (``asm["cubin"]``, ``asm["ttgir"]``, ``metadata``)."""
     if interpreting():
@@ -376,7 +383,10 @@ def llama7b_rows(rows: list[dict]) -> list[dict]:
 #: Input families compiled by :func:`compile_code_paths`, beyond the matrix's (batched, causal, P = 10, tanh).
 CODE_PATHS = {
     "varlen-fp16-D72-P0-full-GQA": KernelFacts(dtype=torch.float16, head_dim=72, has_prefix=False, varlen=True,
-                                               causal=False, grouped=True),
+                                               causal=False, grouped=True, shared_offsets=True),
+    "varlen-seqused-bf16-D80-GQA": KernelFacts(dtype=torch.bfloat16, head_dim=80, varlen=True, grouped=True,
+                                               seqused=True),
+    "seqused-fp16-D128": KernelFacts(dtype=torch.float16, head_dim=128, seqused=True),
     "bf16-D64-P64-raw-gate": KernelFacts(dtype=torch.bfloat16, head_dim=64, block_p=64, gate_tanh=False),
 }
 
@@ -393,8 +403,9 @@ def _code_paths_in_process(capability: int) -> list[dict]:
 
 
 def compile_code_paths(arch: str = "sm_80") -> list[dict]:
-    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS` (varlen, fp16, a
-    padded head dim, no prefix, no mask, GQA, the 64-slot prefix, raw gate), so that a kernel change only the
+    """Compile every kernel, in its first configuration, for the inputs of :data:`CODE_PATHS` (varlen with shared
+    and with separate key offsets, ``seqused_k`` dense and varlen, fp16, a padded head dim, no prefix, no mask, GQA, the 64-slot
+    prefix, raw gate), so that a kernel change only the
     interpreter accepts is caught without a GPU. Rows as :func:`compile_matrix` with ``code_path``."""
     capability = parse_arch(arch)
     _check_capability(capability)

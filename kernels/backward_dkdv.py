@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (stats_offset, LOG2E, dot, head_base, load_lse, load_rows, sequence_bounds, store_rows, tile_and_row,
-                    to_dtype)
+from .tiles import (LOG2E, dot, head_base, load_lse, load_rows, sequence_bounds, stats_offset, store_rows,
+                    tile_and_row, to_dtype)
 
 
 @triton.jit
@@ -44,18 +44,21 @@ def _query_tiles(dk, dv, k, v, q_base, do_base, LSE, DELTA, stride_qs, stride_do
 @autotune("backward_dkdv")
 @triton.jit
 def zero_init_attention_backward_dkdv_kernel(
-        Q, K, V, GRAD_OUT, LSE_W, DELTA_W, DK, DV, CU_SEQLENS,
+        Q, K, V, GRAD_OUT, LSE_W, DELTA_W, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs,
         stride_dvh, stride_lb, stride_lh,
-        seqlen_q, seqlen_k, heads_kv, group, softmax_scale, seqlen_bucket,
+        seqlen_q, seqlen_k, heads_kv, group, softmax_scale, seqlen_q_bucket, seqlen_k_bucket,
         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
-        INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid ``(cdiv(Sk, BLOCK_N) · B · Hkv,)``. Writes ``DK``, ``DV`` (k's layout)."""
+        SHARED_OFFSETS: tl.constexpr, HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    """Grid ``(cdiv(Sk, BLOCK_N) · B · Hkv,)``. Writes ``DK``, ``DV`` (k's layout) for the keys the sequence uses;
+    keys past them (``seqused_k``, or a shorter varlen sequence) are not written: the launcher zeroes them."""
     pid_n, pid_bh = tile_and_row(tl.program_id(0), seqlen_k, BLOCK_N)
     b = pid_bh // heads_kv
     kv_head = pid_bh % heads_kv
-    token0, n_q, n_k = sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN)
+    token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
+                                                 VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     start_n = pid_n * BLOCK_N
     if start_n >= n_k:
         return
@@ -63,9 +66,9 @@ def zero_init_attention_backward_dkdv_kernel(
     keys = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     qk_scale = softmax_scale * LOG2E
-    k = load_rows(head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh), stride_ks, keys, n_k, cols,
+    k = load_rows(head_base(K, b, k_token0, kv_head, stride_kb, stride_ks, stride_kh), stride_ks, keys, n_k, cols,
                   HEAD_DIM, BLOCK_D)
-    v = load_rows(head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh), stride_vs, keys, n_k, cols,
+    v = load_rows(head_base(V, b, k_token0, kv_head, stride_vb, stride_vs, stride_vh), stride_vs, keys, n_k, cols,
                   HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -93,8 +96,8 @@ def zero_init_attention_backward_dkdv_kernel(
                               stride_dos, keys, cols, m_full, n_q, n_q, shift, qk_scale, False,
                               HEAD_DIM, BLOCK_D, BLOCK_M, INTERPRETER)
 
-    dk_base = head_base(DK, b, token0, kv_head, stride_dkb, stride_dks, stride_dkh)
-    dv_base = head_base(DV, b, token0, kv_head, stride_dvb, stride_dvs, stride_dvh)
+    dk_base = head_base(DK, b, k_token0, kv_head, stride_dkb, stride_dks, stride_dkh)
+    dv_base = head_base(DV, b, k_token0, kv_head, stride_dvb, stride_dvs, stride_dvh)
     dk = to_dtype(dk * softmax_scale, DK.dtype.element_ty, INTERPRETER)
     dv = to_dtype(dv, DV.dtype.element_ty, INTERPRETER)
     store_rows(dk_base, stride_dks, keys, n_k, cols, dk, HEAD_DIM, BLOCK_D)

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (stats_offset, LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds, store_rows,
-                    tile_and_row, to_dtype, visible_key_range)
+from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds,
+                    stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
 
 
 @triton.jit
@@ -43,20 +43,23 @@ def _key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, rows
 @autotune("backward_dq")
 @triton.jit
 def zero_init_attention_backward_dq_kernel(
-        Q, K, V, PREFIX_K, PREFIX_V, GATE, GRAD_OUT, LSE_W, LSE_P, DELTA_W, DELTA_P, DQ, CU_SEQLENS,
+        Q, K, V, PREFIX_K, PREFIX_V, GATE, GRAD_OUT, LSE_W, LSE_P, DELTA_W, DELTA_P, DQ, CU_SEQLENS_Q, CU_SEQLENS_K,
+        SEQUSED_K,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh, stride_gb, stride_gh,
         stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh,
-        seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_bucket,
+        seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_q_bucket, seqlen_k_bucket,
         CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr,
-        ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+        HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``DQ`` (q's layout)."""
     pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
     b = pid_bh // heads_q
     head = pid_bh % heads_q
     kv_head = head // group
-    token0, n_q, n_k = sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN)
+    token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
+                                                 VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     start_m = pid_m * BLOCK_M
     if start_m >= n_q:
         return
@@ -76,8 +79,8 @@ def zero_init_attention_backward_dq_kernel(
     # -- words: the tiles the forward pass visited, in the same order
     shift = n_k - n_q
     n_full, n_hi = visible_key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh)
-    v_base = head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh)
+    k_base = head_base(K, b, k_token0, kv_head, stride_kb, stride_ks, stride_kh)
+    v_base = head_base(V, b, k_token0, kv_head, stride_vb, stride_vs, stride_vh)
     dq = _key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, rows, cols, 0, n_full, n_k,
                     shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRETER)
     dq = _key_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, rows, cols, n_full, n_hi, n_k,

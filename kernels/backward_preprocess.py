@@ -23,19 +23,19 @@ import triton
 import triton.language as tl
 
 from .configs import autotune
-from .tiles import (stats_offset, LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, sequence_bounds,
-                    store_rows, to_dtype)
+from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, query_bounds,
+                    stats_offset, store_rows, to_dtype)
 
 
 @autotune("backward_preprocess")
 @triton.jit
 def zero_init_attention_backward_preprocess_kernel(
         Q, PREFIX_K, PREFIX_V, GATE, OUT, GRAD_OUT, LSE_P, DELTA_W, DELTA_P, PARTIAL_DPK, PARTIAL_DPV,
-        PARTIAL_DGAMMA, CU_SEQLENS,
+        PARTIAL_DGAMMA, CU_SEQLENS_Q,
         stride_qb, stride_qs, stride_qh, stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
         stride_gb, stride_gh, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
         stride_lb, stride_lh,
-        seqlen_q, prefix_len, heads_q, group, softmax_scale, num_splits, seqlen_bucket,
+        seqlen_q, prefix_len, heads_q, group, softmax_scale, num_splits, seqlen_q_bucket,
         GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr,
         BLOCK_M: tl.constexpr):
@@ -47,7 +47,7 @@ def zero_init_attention_backward_preprocess_kernel(
     b = pid_bh // heads_q
     head = pid_bh % heads_q
     kv_head = head // group
-    token0, n_q, _ = sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_q, VARLEN)
+    token0, n_q = query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN)  # row statistics need no key
     cols = tl.arange(0, BLOCK_D)
     q_base = head_base(Q, b, token0, head, stride_qb, stride_qs, stride_qh)
     o_base = head_base(OUT, b, token0, head, stride_ob, stride_os, stride_oh)

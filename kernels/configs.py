@@ -72,8 +72,11 @@ _COMPILED_CONFIGS = {
         # Row statistics and prefix gradients: no loop over keys, only over query tiles.
         "backward_preprocess": [_config(32, None, 8, 2)],
         # One program per key tile (dk, dv accumulators resident); query tiles stream. 32×64 on 4 warps spills
-        # 8-16 B on sm_86/89 (and at D = 80 on sm_80): 8 warps halve the accumulators per thread.
-        "backward_dkdv": [_config(32, 64, 4, 2), _config(32, 64, 8, 2)],
+        # 8-16 B on sm_86/89 (and at D = 80 on sm_80): 8 warps halve the accumulators per thread. Varlen GQA
+        # (separate key offsets, the group's heads looped over) spills 16-56 B even on 8 warps on sm_90 at
+        # D = 80/128: 16-row query tiles on 8 warps fit there (207-216 registers), so ragged Hugging Face batches
+        # keep the kernel rather than falling back to sdpa.
+        "backward_dkdv": [_config(32, 64, 4, 2), _config(32, 64, 8, 2), _config(16, 64, 8, 2)],
         # One program per query tile (dq accumulator resident); key/value tiles stream.
         "backward_dq": [_config(128, 32, 8, 2)],
     },
@@ -158,6 +161,8 @@ class KernelFacts:
     causal: bool = True
     gate_tanh: bool = True
     grouped: bool = False  # GQA/MQA: more than one query head per kv head
+    seqused: bool = False  # seqused_k given: each sequence reads only its first keys
+    shared_offsets: bool = False  # varlen q and k share one cu_seqlens (packed self-attention)
 
     @property
     def block_d(self) -> int:
@@ -165,11 +170,13 @@ class KernelFacts:
 
     @staticmethod
     def of(inp) -> "KernelFacts":
-        """The facts of validated inputs (:class:`fastadapter._inputs.AttentionInputs`)."""
+        """The facts of an :class:`~.problem.AttentionProblem` (or of validated inputs with its fields)."""
         return KernelFacts(dtype=inp.dtype, head_dim=inp.head_dim,
                            block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
                            has_prefix=inp.prefix_len > 0, varlen=inp.varlen, causal=inp.causal,
-                           gate_tanh=inp.gate_tanh, grouped=inp.heads_q != inp.heads_kv)
+                           gate_tanh=inp.gate_tanh, grouped=inp.heads_q != inp.heads_kv,
+                           seqused=getattr(inp, "seqused_k", None) is not None,
+                           shared_offsets=bool(getattr(inp, "shares_offsets", False)))
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,7 @@ def _measure(kernel: str, config: triton.Config, facts: KernelFacts, capability:
 
 _PLAN_LOCK = threading.Lock()
 #: The switches a kernel does not take (its binary does not depend on them): normalised away from plan keys.
-_IGNORED_FACTS = {"backward_preprocess": dict(causal=True),
+_IGNORED_FACTS = {"backward_preprocess": dict(causal=True, seqused=False, shared_offsets=False),
                   "backward_dkdv": dict(block_p=16, has_prefix=True, gate_tanh=True)}
 
 
@@ -303,9 +310,12 @@ def forced_configs(chosen: dict[str, triton.Config]) -> Iterator[None]:
         _FORCED.update(previous)
 
 
-def _short_enough(configs_: list[triton.Config], seqlen_bucket: int) -> list[triton.Config]:
-    """Drop tiles larger than the sequence's bucket, when a smaller configuration remains."""
-    short = [c for c in configs_ if max(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_N", 0)) <= max(seqlen_bucket, 16)]
+def _short_enough(configs_: list[triton.Config], args: dict) -> list[triton.Config]:
+    """Drop configurations whose query tile (``BLOCK_M``) exceeds the query sequences' bucket or whose key tile
+    (``BLOCK_N``) exceeds the key sequences' bucket, when a smaller configuration remains."""
+    q_bucket = max(args["seqlen_q_bucket"], 16)
+    k_bucket = max(args.get("seqlen_k_bucket", q_bucket), 16)
+    short = [c for c in configs_ if c.kwargs["BLOCK_M"] <= q_bucket and c.kwargs.get("BLOCK_N", 0) <= k_bucket]
     return short or configs_
 
 
@@ -313,7 +323,8 @@ def _args_facts(args: dict, q: torch.Tensor) -> KernelFacts:
     return KernelFacts(dtype=q.dtype, head_dim=args["HEAD_DIM"], block_p=args.get("BLOCK_P", 16),
                        has_prefix=args.get("HAS_PREFIX", True), varlen=args["VARLEN"],
                        causal=args.get("CAUSAL", True), gate_tanh=args.get("GATE_TANH", True),
-                       grouped=args["group"] != 1)
+                       grouped=args["group"] != 1, seqused=args.get("HAS_SEQUSED", False),
+                       shared_offsets=args.get("SHARED_OFFSETS", False))
 
 
 def autotune_pruner(kernel: str) -> Callable:
@@ -331,13 +342,15 @@ def autotune_pruner(kernel: str) -> Callable:
         launchable = [c for c in configs_ if config_name(c) in names]
         if not launchable:  # the backend declines such inputs before launching anything
             raise RuntimeError(f"no configuration of {kernel} fits this GPU: " + "; ".join(rejected))
-        return _short_enough(launchable, args["seqlen_bucket"])
+        return _short_enough(launchable, args)
     return early_config_prune
 
 
-#: What the tuned configuration depends on besides the tensors' dtypes (the autotuner adds those): the
-#: sequence bucket, the head dim, the prefix tile, the GQA group, the switches, and the device's architecture.
-AUTOTUNE_KEY = ("seqlen_bucket", "HEAD_DIM", "BLOCK_P", "group", "CAUSAL", "VARLEN", "HAS_PREFIX", "ARCH")
+#: What the tuned configuration depends on besides the tensors' dtypes (the autotuner adds those): the query and
+#: the key sequences' buckets (a few queries over a long cache are not tuned as a long prefill), the head dim,
+#: the prefix tile, the GQA group, the switches, and the device's architecture.
+AUTOTUNE_KEY = ("seqlen_q_bucket", "seqlen_k_bucket", "HEAD_DIM", "BLOCK_P", "group", "CAUSAL", "VARLEN",
+                "SHARED_OFFSETS", "HAS_SEQUSED", "HAS_PREFIX", "ARCH")
 
 
 def autotune(kernel: str):
@@ -364,7 +377,7 @@ def launch(kernel: str, autotuned, grid, args: dict) -> None:
             kept, rejected = launch_plan(kernel, _args_facts(args, q), args["ARCH"], q.device.index)
             if not kept:
                 raise RuntimeError(f"no configuration of {kernel} fits this GPU: " + "; ".join(rejected))
-            config = _short_enough(kept, args["seqlen_bucket"])[0]
+            config = _short_enough(kept, args)[0]
     if config is None:
         autotuned[grid](**args)
     else:

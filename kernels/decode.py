@@ -2,15 +2,19 @@
 
 Generation runs ``Sq ≤ 16`` query rows per step (one token, or a short speculative/chunked step) against a KV
 cache of ``Sk`` keys. The forward kernel would give each (sequence, query head) one program with a mostly empty
-128-row tile, and walk all ``Sk`` keys in it: batch 1 then occupies a handful of SMs. Here instead:
+128-row tile, and walk all ``Sk`` keys in it: batch 1 then occupies a handful of SMs. Ragged batches take the same
+kernels: a padded cache ``[B, S_cache, Hkv, D]`` read up to each row's ``seqused_k[b]``, or an unpadded varlen
+step (``max_seqlen_q ≤ 16`` queries per sequence over its packed keys, offsets of its own); each program reads its
+sequence's bounds, and chunks past a sequence's keys are empty (see :func:`decode_not_supported_reasons` for
+what takes this path). Here:
 
 1. **split** (:func:`zero_init_attention_decode_split_kernel`): the keys are cut into ``num_splits`` chunks of
    ``chunk`` keys (a multiple of ``BLOCK_N``); one program handles one chunk for one row tile of one
    (sequence, kv head). The query heads of a kv group are stacked in the tile (row ``r = g · Sq + i`` is query
    row ``i`` of head ``kv_head · group + g``), so each k/v tile is read once per group, not once per query
-   head. Each program runs the online softmax over its chunk (bottom-right causal: row ``i`` sees keys
-   ``j ≤ i + Sk − Sq``) and writes its partial state — running max ``m`` (log2 units), sum ``l`` and the
-   unnormalised output ``acc`` — to fp32 scratch.
+   head. Each program runs the online softmax over its chunk (bottom-right causal: row ``i`` of sequence b sees
+   keys ``j ≤ i + Sk_b − Sq_b``) and writes its partial state — running max ``m`` (log2 units), sum ``l`` and
+   the unnormalised output ``acc`` — to fp32 scratch.
 2. **merge** (:func:`zero_init_attention_decode_merge_kernel`): one program per row tile combines the chunks'
    states (``m = max m_s``, ``l = Σ l_s·2^(m_s−m)``, ``acc = Σ acc_s·2^(m_s−m)``), adds the prefix part
    (computed once, its own softmax, times ``γ = tanh(gate)`` or the raw gate) and writes ``out`` and the two
@@ -38,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastadapter._inputs import AttentionInputs
-
-from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
-from .tiles import LN2, LOG2E, head_base, online_softmax_tiles, prefix_softmax, to_dtype
+from .layout import (Layout, broadcast_strides, device_guard, lse_strides, row_strides, sequence_arguments,
+                     unit_stride_head_dim)
+from .problem import AttentionProblem
+from .tiles import LN2, LOG2E, head_base, online_softmax_tiles, prefix_softmax, query_bounds, sequence_bounds, to_dtype
 
 #: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
 MAX_DECODE_QUERIES = 16
@@ -59,21 +63,24 @@ SM_COUNT_OF_ARCH = {80: 108, 86: 84, 89: 128, 90: 132}
 
 
 @triton.jit
-def _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M: tl.constexpr):
+def _stacked_rows(tile, seqlen_q, n_q, group, kv_head, BLOCK_M: tl.constexpr):
     """Rows of one tile of the stacked ``[group · Sq]`` queries of a kv head: ``(r, query row i, query head,
-    valid)`` with ``r = g · Sq + i`` and head ``kv_head · group + g``."""
+    valid)`` with ``r = g · Sq + i`` and head ``kv_head · group + g``. ``Sq`` is the launch's (longest) query
+    count; rows past the sequence's own ``n_q`` queries are not valid."""
     r = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid = r < group * seqlen_q
     i = r % seqlen_q
+    valid = (r < group * seqlen_q) & (i < n_q)
     head = kv_head * group + r // seqlen_q
     return r, i, head, valid
 
 
 @triton.jit
-def _load_stacked(base, b, i, head, valid, stride_b, stride_s, stride_h, cols, HEAD_DIM: tl.constexpr,
+def _load_stacked(base, b, token0, i, head, valid, stride_b, stride_s, stride_h, cols, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    """``[BLOCK_M, BLOCK_D]`` tile of rows ``(i, head)`` of sequence b; invalid rows and padded columns read 0."""
-    offsets = (tl.cast(b, tl.int64) * stride_b + tl.cast(i, tl.int64)[:, None] * stride_s
+    """``[BLOCK_M, BLOCK_D]`` tile of rows ``(i, head)`` of sequence b (whose first token is ``token0``);
+    invalid rows and padded columns read 0."""
+    token = tl.cast(token0, tl.int64) + tl.cast(i, tl.int64)
+    offsets = (tl.cast(b, tl.int64) * stride_b + token[:, None] * stride_s
                + tl.cast(head, tl.int64)[:, None] * stride_h + cols[None, :])
     mask = valid[:, None]
     if HEAD_DIM != BLOCK_D:
@@ -83,15 +90,17 @@ def _load_stacked(base, b, i, head, valid, stride_b, stride_s, stride_h, cols, H
 
 @triton.jit
 def zero_init_attention_decode_split_kernel(
-        Q, K, V, M_PART, L_PART, ACC_PART,
+        Q, K, V, M_PART, L_PART, ACC_PART, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         seqlen_q, seqlen_k, heads_kv, group, softmax_scale, num_splits, row_tiles, chunk,
-        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+        HAS_SEQUSED: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(num_splits · row_tiles · B · Hkv,)``: the partial softmax state of one key chunk for one row tile.
 
     Writes ``M_PART, L_PART [B·Hkv·row_tiles, num_splits, BLOCK_M]`` (max in log2 units, sum) and
-    ``ACC_PART [B·Hkv·row_tiles, num_splits, BLOCK_M, BLOCK_D]`` (unnormalised output), all fp32.
+    ``ACC_PART [B·Hkv·row_tiles, num_splits, BLOCK_M, BLOCK_D]`` (unnormalised output), all fp32. A chunk past
+    the sequence's keys (a shorter varlen sequence, ``seqused_k``) writes the empty state (``-inf``, 0, 0).
     """
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -100,21 +109,23 @@ def zero_init_attention_decode_split_kernel(
     bh = rest // row_tiles
     b = bh // heads_kv
     kv_head = bh % heads_kv
-    r, i, head, valid = _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M)
+    q_token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
+                                                   VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
+    r, i, head, valid = _stacked_rows(tile, seqlen_q, n_q, group, kv_head, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    q = _load_stacked(Q, b, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
+    q = _load_stacked(Q, b, q_token0, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
 
-    # -- this chunk's keys: [lo, hi); keys from the diagonal on need the causal mask
-    shift = seqlen_k - seqlen_q
+    # -- this chunk's keys: [lo, hi) (empty past the sequence's keys); from the diagonal on the causal mask
+    shift = n_k - n_q  # bottom-right alignment, per sequence
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, seqlen_k)
+    hi = tl.minimum(lo + chunk, n_k)
     if CAUSAL:
         unmasked_end = tl.minimum(tl.maximum(shift + 1, 0), hi)  # every row sees keys <= shift
     else:
         unmasked_end = hi
     n_full = tl.maximum(lo + (unmasked_end - lo) // BLOCK_N * BLOCK_N, lo)
-    k_base = head_base(K, b, 0, kv_head, stride_kb, stride_ks, stride_kh)
-    v_base = head_base(V, b, 0, kv_head, stride_vb, stride_vs, stride_vh)
+    k_base = head_base(K, b, k_token0, kv_head, stride_kb, stride_ks, stride_kh)
+    v_base = head_base(V, b, k_token0, kv_head, stride_vb, stride_vs, stride_vh)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -136,19 +147,20 @@ def zero_init_attention_decode_split_kernel(
 
 @triton.jit
 def zero_init_attention_decode_merge_kernel(
-        Q, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, M_PART, L_PART, ACC_PART,
+        Q, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, M_PART, L_PART, ACC_PART, CU_SEQLENS_Q,
         stride_qb, stride_qs, stride_qh, stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh,
         stride_gb, stride_gh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
         seqlen_q, prefix_len, heads_kv, group, softmax_scale, num_splits, row_tiles,
-        GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-        HAS_PREFIX: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr):
+        GATE_TANH: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr):
     """Grid ``(row_tiles · B · Hkv,)``: merge the chunks' states, add the gated prefix, write out and lse."""
     rest = tl.program_id(0)
     tile = rest % row_tiles
     bh = rest // row_tiles
     b = bh // heads_kv
     kv_head = bh % heads_kv
-    r, i, head, valid = _stacked_rows(tile, seqlen_q, group, kv_head, BLOCK_M)
+    q_token0, n_q = query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
+    r, i, head, valid = _stacked_rows(tile, seqlen_q, n_q, group, kv_head, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     slots = tl.arange(0, BLOCK_M)
 
@@ -174,7 +186,7 @@ def zero_init_attention_decode_merge_kernel(
 
     # -- prefix: one tile for the whole group, its own softmax, scaled by each row's gate
     if HAS_PREFIX:
-        q = _load_stacked(Q, b, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
+        q = _load_stacked(Q, b, q_token0, i, head, valid, stride_qb, stride_qs, stride_qh, cols, HEAD_DIM, BLOCK_D)
         out_p, lse_p = prefix_softmax(q, PREFIX_K, PREFIX_V, b, kv_head, stride_pkb, stride_pks, stride_pkh,
                                       stride_pvb, stride_pvs, stride_pvh, prefix_len, cols, softmax_scale * LOG2E,
                                       HEAD_DIM, BLOCK_D, BLOCK_P, INTERPRETER)
@@ -185,22 +197,42 @@ def zero_init_attention_decode_merge_kernel(
     else:
         lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    o_offsets = (tl.cast(b, tl.int64) * stride_ob + tl.cast(i, tl.int64)[:, None] * stride_os
+    token = tl.cast(q_token0, tl.int64) + tl.cast(i, tl.int64)
+    o_offsets = (tl.cast(b, tl.int64) * stride_ob + token[:, None] * stride_os
                  + tl.cast(head, tl.int64)[:, None] * stride_oh + cols[None, :])
     o_mask = valid[:, None]
     if HEAD_DIM != BLOCK_D:
         o_mask = o_mask & (cols[None, :] < HEAD_DIM)
     tl.store(OUT + o_offsets, to_dtype(out, OUT.dtype.element_ty, INTERPRETER), mask=o_mask)
-    stats = tl.cast(b, tl.int64) * stride_lb + tl.cast(head, tl.int64) * stride_lh + i
+    stats = tl.cast(b, tl.int64) * stride_lb + tl.cast(head, tl.int64) * stride_lh + q_token0 + i
     tl.store(LSE_W + stats, lse_w, mask=valid)
     tl.store(LSE_P + stats, lse_p, mask=valid)
 
 
-def decode_not_supported_reasons(inp: AttentionInputs) -> list[str]:
-    """Why the decode kernels do not take ``inp`` (empty: they do). The forward kernel handles the rest."""
+def decode_not_supported_reasons(inp) -> list[str]:
+    """Why the decode kernels do not take ``inp`` (empty: they do). The forward kernel handles the rest.
+
+    They take a few query rows per sequence over its keys, where the forward kernel would give each (sequence,
+    query head) one mostly empty 64/128-row tile and walk every key in it:
+
+    * dense ``1 ≤ Sq ≤ 16`` (with or without ``seqused_k``: a padded KV cache read up to each row's length);
+    * varlen with ``max_seqlen_q ≤ 16`` and more keys than queries (``max_seqlen_k > max_seqlen_q``): an unpadded
+      decode step (one query per sequence over its packed cache, as a Hugging Face batch gives once unpadded) or
+      a short chunked/speculative step. Packed self-attention (``Sq_b == Sk_b``, shared offsets) keeps the
+      forward kernel even for short sequences: with no long cache there is nothing to split, and a packed batch
+      of thousands of sequences would only pay for the split kernels' fp32 scratch (``N · Hkv · BLOCK_M · D``).
+    """
+    inp = AttentionProblem.of(inp)
     reasons = []
     if inp.varlen:
-        reasons.append("varlen (packed) inputs: the decode kernels take batched [B, Sq, H, D] inputs")
+        if inp.max_seqlen_q > MAX_DECODE_QUERIES:
+            reasons.append(f"max_seqlen_q = {inp.max_seqlen_q} > {MAX_DECODE_QUERIES} query rows per sequence "
+                           f"(not a decode step)")
+        elif inp.max_seqlen_k <= inp.max_seqlen_q:
+            reasons.append(f"max_seqlen_k = {inp.max_seqlen_k} <= max_seqlen_q = {inp.max_seqlen_q}: packed "
+                           f"sequences with no longer key cache (the forward kernel)")
+        elif inp.q.shape[0] == 0:
+            reasons.append("no query token: nothing to compute")
     elif inp.seqlen_q > MAX_DECODE_QUERIES:
         reasons.append(f"Sq = {inp.seqlen_q} > {MAX_DECODE_QUERIES} query rows (not a decode step)")
     elif inp.seqlen_q == 0:
@@ -208,8 +240,8 @@ def decode_not_supported_reasons(inp: AttentionInputs) -> list[str]:
     return reasons
 
 
-def decode_applies(inp: AttentionInputs) -> bool:
-    """True when :func:`attention_decode` takes ``inp`` (batched, ``1 ≤ Sq ≤ 16``)."""
+def decode_applies(inp) -> bool:
+    """True when :func:`attention_decode` takes ``inp`` (see :func:`decode_not_supported_reasons`)."""
     return not decode_not_supported_reasons(inp)
 
 
@@ -273,7 +305,7 @@ def split_plan(layout: Layout, sm_count: Optional[int], block_m: int, block_n: i
     return row_tiles, triton.cdiv(seqlen_k, chunk), chunk
 
 
-def decode_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
+def decode_arguments(inp: AttentionProblem, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
                      lse_p: torch.Tensor, sm_count: Optional[int]) -> tuple[dict, dict, tuple, tuple, DecodeConfig]:
     """Arguments and grids of the split and the merge kernel: ``(split_args, merge_args, split_grid,
     merge_grid, config)``, the fp32 scratch allocated on ``inp``'s device."""
@@ -287,51 +319,61 @@ def decode_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, ls
     m_part = torch.empty(states, num_splits, block_m, **scratch)
     l_part = torch.empty(states, num_splits, block_m, **scratch)
     acc_part = torch.empty(states, num_splits, block_m, layout.block_d, **scratch)
-    qb, qs, qh = row_strides(q, False)
-    kb, ks, kh = row_strides(k, False)
-    vb, vs, vh = row_strides(v, False)
-    ob, os_, oh = row_strides(out, False)
+    varlen = layout.varlen
+    qb, qs, qh = row_strides(q, varlen)
+    kb, ks, kh = row_strides(k, varlen)
+    vb, vs, vh = row_strides(v, varlen)
+    ob, os_, oh = row_strides(out, varlen)
     pkb, pks, pkh, _ = broadcast_strides(pk)
     pvb, pvs, pvh, _ = broadcast_strides(pv)
     gb, gh = broadcast_strides(inp.gate)
-    lb, lh = lse_strides(lse_w, False)
+    lb, lh = lse_strides(lse_w, varlen)
     shape = dict(seqlen_q=layout.seqlen_q, heads_kv=layout.heads_kv, group=layout.group,
                  softmax_scale=inp.softmax_scale, num_splits=num_splits, row_tiles=row_tiles)
     common = dict(HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d, INTERPRETER=layout.interpreter,
                   BLOCK_M=block_m)
-    split = dict(Q=q, K=k, V=v, M_PART=m_part, L_PART=l_part, ACC_PART=acc_part,
+    split = dict(Q=q, K=k, V=v, M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, **sequence_arguments(inp),
                  stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_kb=kb, stride_ks=ks, stride_kh=kh,
                  stride_vb=vb, stride_vs=vs, stride_vh=vh, seqlen_k=layout.seqlen_k, chunk=chunk, **shape,
-                 CAUSAL=inp.causal, BLOCK_N=block_n, **common)
+                 CAUSAL=inp.causal, VARLEN=varlen, SHARED_OFFSETS=layout.shared_offsets, HAS_SEQUSED=layout.seqused,
+                 BLOCK_N=block_n, **common)
     merge = dict(Q=q, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
-                 M_PART=m_part, L_PART=l_part, ACC_PART=acc_part,
+                 M_PART=m_part, L_PART=l_part, ACC_PART=acc_part, CU_SEQLENS_Q=inp.cu_seqlens_q,
                  stride_qb=qb, stride_qs=qs, stride_qh=qh, stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh,
                  stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh, stride_gb=gb, stride_gh=gh,
                  stride_ob=ob, stride_os=os_, stride_oh=oh, stride_lb=lb, stride_lh=lh,
-                 prefix_len=layout.prefix_len, **shape, GATE_TANH=inp.gate_tanh, BLOCK_P=layout.block_p,
+                 prefix_len=layout.prefix_len, **shape, GATE_TANH=inp.gate_tanh, VARLEN=varlen,
+                 BLOCK_P=layout.block_p,
                  HAS_PREFIX=layout.prefix_len > 0, **common)
     return split, merge, (num_splits * states,), (states,), config
 
 
-def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_decode(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass of a decode step with the split-KV kernels.
 
     Args:
-        inp: validated batched inputs with ``1 ≤ Sq ≤ 16`` (see :func:`decode_applies`): ``q [B, Sq, Hq, D]``,
-            ``k, v [B, Sk, Hkv, D]`` (the KV cache), ``prefix_k, prefix_v [Bp, P, Hkv, D]``, gate fp32
-            ``[Bg, Hq]``.
+        inp: an :class:`~.problem.AttentionProblem` (or validated inputs with its fields) that
+            :func:`decode_applies` to: dense ``q [B, Sq, Hq, D]`` with ``1 ≤ Sq ≤ 16``, ``k, v [B, Sk, Hkv, D]``
+            (the KV cache, ``seqused_k [B]`` optional), or varlen ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with
+            ``max_seqlen_q ≤ 16 < max_seqlen_k``; ``prefix_k, prefix_v [Bp, P, Hkv, D]``, gate fp32 ``[Bg, Hq]``.
 
     Returns:
         As :func:`.forward.attention_forward`: ``out`` (q's shape and dtype, contiguous) and fp32
-        ``lse_w, lse_p [B, Hq, Sq]``, natural log, ``-inf`` where nothing is visible or P == 0.
+        ``lse_w, lse_p`` (``[B, Hq, Sq]`` or ``[Hq, Tq]``), natural log, ``-inf`` where nothing is visible or
+        P == 0; query tokens after ``cu_seqlens_q[-1]`` give 0 and ``-inf``.
     """
+    inp = AttentionProblem.of(inp)
     reasons = decode_not_supported_reasons(inp)
     if reasons:
         raise ValueError(f"the decode kernels do not take these inputs: {'; '.join(reasons)}")
     layout = Layout.of(inp)
-    out = torch.empty(inp.q.shape, dtype=inp.dtype, device=inp.device)
-    lse_w = torch.empty(inp.lse_shape(), dtype=torch.float32, device=inp.device)
-    lse_p = torch.empty_like(lse_w)
+    if layout.varlen:  # tokens outside every sequence are never visited
+        out = torch.zeros(inp.q.shape, dtype=inp.dtype, device=inp.device)
+        lse_w = torch.full(inp.lse_shape(), float("-inf"), dtype=torch.float32, device=inp.device)
+    else:
+        out = torch.empty(inp.q.shape, dtype=inp.dtype, device=inp.device)
+        lse_w = torch.empty(inp.lse_shape(), dtype=torch.float32, device=inp.device)
+    lse_p = torch.empty_like(lse_w) if not layout.varlen else lse_w.clone()
     if out.numel() == 0:
         return out, lse_w, lse_p
     sm_count = None if layout.interpreter else _sm_count(inp.device.index or 0)
@@ -346,19 +388,53 @@ def attention_decode(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU needed): the launches of LLaMA-7B decode steps, compiled for sm_80 / sm_90.
 
-#: Decode steps at LLaMA-7B heads (bf16, D = 128, P = 10, Hq = 32, a 2048-token cache): one token with
-#: multi-head and grouped (Hkv = 8) attention, and a 16-row step of the grouped model (the largest row tile).
-DECODE_COMPILE_SHAPES = {"llama7b-Sq1-Hkv32": (1, 32), "llama7b-Sq1-Hkv8": (1, 8), "llama7b-Sq16-Hkv8": (16, 8)}
-_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+#: Decode steps at LLaMA-7B heads (bf16, D = 128, P = 10, Hq = 32, a 2048-token cache): ``(Sq, Hkv, batch,
+#: mode)``. One token with multi-head and grouped (Hkv = 8) attention, and a 16-row step of the grouped model
+#: (the largest row tile), at batch 1; then a batch of 8 ragged rows: a padded cache read up to each row's length
+#: (``seqused_k``, the thin model's generation) and one query per sequence over packed caches (varlen with its
+#: own key offsets, an unpadded Hugging Face decode step).
+DECODE_COMPILE_SHAPES = {"llama7b-Sq1-Hkv32": (1, 32, 1, "dense"), "llama7b-Sq1-Hkv8": (1, 8, 1, "dense"),
+                         "llama7b-Sq16-Hkv8": (16, 8, 1, "dense"),
+                         "llama7b-B8-Sq1-Hkv8-seqused": (1, 8, 8, "seqused"),
+                         "llama7b-N8-Sq1-Hkv8-varlen": (1, 8, 8, "varlen")}
+#: The ragged entries of :data:`DECODE_COMPILE_SHAPES`.
+RAGGED_DECODE_SHAPES = tuple(name for name, (*_, mode) in DECODE_COMPILE_SHAPES.items() if mode != "dense")
+_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32"}
+#: The cache length of :data:`DECODE_COMPILE_SHAPES`.
+_COMPILE_CACHE_LEN = 2048
+
+
+def _compile_problem(seqlen_q: int, heads_kv: int, batch: int, mode: str, dtype: torch.dtype, head_dim: int,
+                     prefix_len: int) -> AttentionProblem:
+    """The inputs of one entry of :data:`DECODE_COMPILE_SHAPES`, on the ``meta`` device."""
+    meta = dict(device="meta", dtype=dtype)
+    offsets = dict(device="meta", dtype=torch.int32)
+    lengths = {}
+    if mode == "varlen":
+        q = torch.empty(batch * seqlen_q, 32, head_dim, **meta)
+        k = torch.empty(batch * _COMPILE_CACHE_LEN, heads_kv, head_dim, **meta)
+        lengths = dict(cu_seqlens_q=torch.empty(batch + 1, **offsets), cu_seqlens_k=torch.empty(batch + 1, **offsets),
+                       max_seqlen_q=seqlen_q, max_seqlen_k=_COMPILE_CACHE_LEN)
+    else:
+        q = torch.empty(batch, seqlen_q, 32, head_dim, **meta)
+        k = torch.empty(batch, _COMPILE_CACHE_LEN, heads_kv, head_dim, **meta)
+        if mode == "seqused":
+            lengths = dict(seqused_k=torch.empty(batch, **offsets))
+    return AttentionProblem(q=q, k=k, v=torch.empty_like(k),
+                            prefix_k=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
+                            prefix_v=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
+                            gate=torch.empty(1, 32, device="meta", dtype=torch.float32), causal=True,
+                            softmax_scale=head_dim ** -0.5, gate_tanh=True, **lengths)
 
 
 def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat16, head_dim: int = 128,
-                         prefix_len: int = 10) -> list[dict]:
+                         prefix_len: int = 10, shapes: Optional[Iterable[str]] = None) -> list[dict]:
     """The launches of :func:`attention_decode` at the shapes of :data:`DECODE_COMPILE_SHAPES`, for compiling.
 
     Args:
         arch: ``"sm_80"`` or ``"sm_90"`` (its SM count sets the split plan, as on that GPU).
-        dtype, head_dim, prefix_len: the inputs' dtype, D and P (Hq = 32, B = 1, Sk = 2048, causal, tanh gate).
+        dtype, head_dim, prefix_len: the inputs' dtype, D and P (Hq = 32, Sk = 2048, causal, tanh gate).
+        shapes: the keys of :data:`DECODE_COMPILE_SHAPES` to compile (None: all of them).
 
     Returns:
         One dict per (kernel, shape): ``kernel`` ("decode_split" or "decode_merge"), ``shape`` (the key of
@@ -369,18 +445,16 @@ def decode_compile_specs(arch: str = "sm_90", dtype: torch.dtype = torch.bfloat1
     cc = int(arch.removeprefix("sm_").rstrip("a"))
     if cc not in SM_COUNT_OF_ARCH:
         raise ValueError(f"no SM count known for {arch!r}; known: {sorted(f'sm_{c}' for c in SM_COUNT_OF_ARCH)}")
+    unknown = set(shapes or ()) - set(DECODE_COMPILE_SHAPES)
+    if unknown:
+        raise ValueError(f"unknown decode shapes {sorted(unknown)}; known: {list(DECODE_COMPILE_SHAPES)}")
     specs = []
-    for shape, (seqlen_q, heads_kv) in DECODE_COMPILE_SHAPES.items():
-        meta = dict(device="meta", dtype=dtype)
-        inp = AttentionInputs(q=torch.empty(1, seqlen_q, 32, head_dim, **meta),
-                              k=torch.empty(1, 2048, heads_kv, head_dim, **meta),
-                              v=torch.empty(1, 2048, heads_kv, head_dim, **meta),
-                              prefix_k=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
-                              prefix_v=torch.empty(1, prefix_len, heads_kv, head_dim, **meta),
-                              gate=torch.empty(1, 32, device="meta", dtype=torch.float32), causal=True,
-                              softmax_scale=head_dim ** -0.5, gate_tanh=True)
+    for shape, (seqlen_q, heads_kv, batch, mode) in DECODE_COMPILE_SHAPES.items():
+        if shapes is not None and shape not in shapes:
+            continue
+        inp = _compile_problem(seqlen_q, heads_kv, batch, mode, dtype, head_dim, prefix_len)
         layout = Layout(**{**Layout.of(inp).__dict__, "interpreter": False})
-        out = torch.empty(inp.q.shape, **meta)
+        out = torch.empty(inp.q.shape, device="meta", dtype=dtype)
         lse = torch.empty(inp.lse_shape(), device="meta", dtype=torch.float32)
         split, merge, _, _, config = decode_arguments(inp, layout, out, lse, torch.empty_like(lse),
                                                       SM_COUNT_OF_ARCH[cc])
@@ -397,7 +471,8 @@ def _signature(fn, args: dict):
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         value = args[param.name]
-        if param.is_constexpr or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+        if (param.is_constexpr or value is None or isinstance(value, bool)
+                or (isinstance(value, int) and value == 1)):
             signature[param.name], constexprs[param.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TORCH_TO_TRITON[value.dtype]
@@ -426,13 +501,14 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> list[dict]:
+def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...],
+                        shapes: Optional[tuple[str, ...]]) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     rows = []
     for arch, (dtype, head_dim, prefix_len) in ((a, v) for a in archs for v in variants):
         cc = int(arch.removeprefix("sm_").rstrip("a"))
-        for spec in decode_compile_specs(arch, _DTYPES[dtype], head_dim, prefix_len):
+        for spec in decode_compile_specs(arch, _DTYPES[dtype], head_dim, prefix_len, shapes):
             signature, constexprs, attrs = _signature(spec["fn"], spec["arguments"])
             compiled = triton.compile(ASTSource(spec["fn"], signature, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", cc, 32),
@@ -458,14 +534,15 @@ def _compile_in_process(archs: tuple[str, ...], variants: tuple[tuple[str, int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...]) -> tuple[dict, ...]:
+def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int], ...],
+                    shapes: Optional[tuple[str, ...]]) -> tuple[dict, ...]:
     from ._interpreter import interpreting
     if not interpreting():
-        return tuple(_compile_in_process(archs, variants))
+        return tuple(_compile_in_process(archs, variants, shapes))
     # Interpreted functions cannot be compiled: compile in a child process with the interpreter off.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; from fastadapter.kernels.decode import compile_decode_kernels; "
-            f"json.dump(compile_decode_kernels({archs!r}, {variants!r}), sys.stdout)")
+            f"json.dump(compile_decode_kernels({archs!r}, {variants!r}, {shapes!r}), sys.stdout)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"compiling the decode kernels in a child process failed:\n{result.stderr[-4000:]}")
@@ -473,9 +550,11 @@ def _compile_cached(archs: tuple[str, ...], variants: tuple[tuple[str, int, int]
 
 
 def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90"),
-                           variants: Iterable[tuple[str, int, int]] = (("bf16", 128, 10),)) -> list[dict]:
+                           variants: Iterable[tuple[str, int, int]] = (("bf16", 128, 10),),
+                           shapes: Optional[Iterable[str]] = None) -> list[dict]:
     """Compile every launch of :func:`decode_compile_specs` for each arch and each ``(dtype, head_dim,
-    prefix_len)`` variant (dtype "bf16", "fp16" or "fp32"; default LLaMA-7B's) and read the cubins.
+    prefix_len)`` variant (dtype "bf16", "fp16" or "fp32"; default LLaMA-7B's) at ``shapes`` (keys of
+    :data:`DECODE_COMPILE_SHAPES`; None: all) and read the cubins.
 
     Returns:
         One dict per (kernel, shape, arch, variant): ``kernel``, ``shape``, ``arch``, ``dtype``, ``head_dim``,
@@ -483,4 +562,5 @@ def compile_decode_kernels(archs: Iterable[str] = ("sm_80", "sm_90"),
         memory per thread), ``shared_bytes`` (per block), ``tensor_cores`` (HMMA/HGMMA families in the SASS),
         ``local_memory_instructions``.
     """
-    return [dict(row) for row in _compile_cached(tuple(archs), tuple(tuple(v) for v in variants))]
+    shapes = None if shapes is None else tuple(shapes)
+    return [dict(row) for row in _compile_cached(tuple(archs), tuple(tuple(v) for v in variants), shapes)]

@@ -4,9 +4,11 @@ One program computes a ``BLOCK_M`` tile of query rows of one (sequence, query he
 
 1. the prefix scores ``q · prefix_kᵀ`` (the whole prefix is one tile, P ≤ 64) and their own softmax, which
    gives ``O_p`` and ``lse_p`` with no loop;
-2. an online softmax over the key tiles, bottom-right causal (query i sees keys ``j ≤ i + Sk − Sq``): first the
-   tiles every row sees in full (no mask), then the tiles on the diagonal (masked); tiles no row sees are never
-   loaded. This gives ``O_w`` and ``lse_w``;
+2. an online softmax over the key tiles of its sequence, bottom-right causal (query i of a sequence of ``Sq_b``
+   queries and ``Sk_b`` keys sees keys ``j ≤ i + Sk_b − Sq_b``; ``Sk_b`` is ``seqused_k[b]`` when given): first
+   the tiles every row sees in full (no mask), then the tiles on the diagonal and the sequence's ragged last tile
+   (masked); tiles no row sees are never loaded. This gives ``O_w`` and ``lse_w`` (a row that sees no key:
+   ``O_w = 0``, ``lse_w = -inf``);
 3. ``out = O_w + γ · O_p`` with ``γ = tanh(gate)`` (or the raw gate), stored in q's dtype; both log-sum-exps
    are saved for the backward pass (fp32, natural log, ``-inf`` where nothing is visible).
 
@@ -18,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastadapter._inputs import AttentionInputs
-
 from .configs import autotune, launch
-from .layout import Layout, broadcast_strides, device_guard, lse_strides, row_strides, unit_stride_head_dim
+from .layout import (Layout, broadcast_strides, device_guard, lse_strides, row_strides, sequence_arguments,
+                     unit_stride_head_dim)
+from .problem import AttentionProblem
 from .tiles import (LN2, LOG2E, gate_value, head_base, load_rows, online_softmax_tiles, prefix_softmax,
                     sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
 
@@ -29,20 +31,22 @@ from .tiles import (LN2, LOG2E, gate_value, head_base, load_rows, online_softmax
 @autotune("forward")
 @triton.jit
 def zero_init_attention_forward_kernel(
-        Q, K, V, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, CU_SEQLENS,
+        Q, K, V, PREFIX_K, PREFIX_V, GATE, OUT, LSE_W, LSE_P, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_pkb, stride_pks, stride_pkh, stride_pvb, stride_pvs, stride_pvh, stride_gb, stride_gh,
         stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-        seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_bucket,
+        seqlen_q, seqlen_k, prefix_len, heads_q, group, softmax_scale, seqlen_q_bucket, seqlen_k_bucket,
         CAUSAL: tl.constexpr, GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, INTERPRETER: tl.constexpr,
-        ARCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_P: tl.constexpr, HAS_PREFIX: tl.constexpr, VARLEN: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+        HAS_SEQUSED: tl.constexpr, INTERPRETER: tl.constexpr, ARCH: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M) · B · Hq,)``. Writes ``OUT`` (q's layout) and ``LSE_W``, ``LSE_P``."""
     pid_m, pid_bh = tile_and_row(tl.program_id(0), seqlen_q, BLOCK_M)
     b = pid_bh // heads_q
     head = pid_bh % heads_q
     kv_head = head // group
-    token0, n_q, n_k = sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN)
+    q_token0, k_token0, n_q, n_k = sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k,
+                                                   VARLEN, SHARED_OFFSETS, HAS_SEQUSED)
     start_m = pid_m * BLOCK_M
     if start_m >= n_q:  # a varlen sequence shorter than the longest one
         return
@@ -50,14 +54,14 @@ def zero_init_attention_forward_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     qk_scale = softmax_scale * LOG2E
-    q = load_rows(head_base(Q, b, token0, head, stride_qb, stride_qs, stride_qh), stride_qs, rows, n_q, cols,
+    q = load_rows(head_base(Q, b, q_token0, head, stride_qb, stride_qs, stride_qh), stride_qs, rows, n_q, cols,
                   HEAD_DIM, BLOCK_D)
 
     # -- words: full tiles first, then the diagonal (or the ragged last tile) with masks
     shift = n_k - n_q  # bottom-right alignment: query i sees keys j <= i + shift
     n_full, n_hi = visible_key_range(start_m, n_q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = head_base(K, b, token0, kv_head, stride_kb, stride_ks, stride_kh)
-    v_base = head_base(V, b, token0, kv_head, stride_vb, stride_vs, stride_vh)
+    k_base = head_base(K, b, k_token0, kv_head, stride_kb, stride_ks, stride_kh)
+    v_base = head_base(V, b, k_token0, kv_head, stride_vb, stride_vs, stride_vh)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -80,14 +84,14 @@ def zero_init_attention_forward_kernel(
     else:
         lse_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    o_base = head_base(OUT, b, token0, head, stride_ob, stride_os, stride_oh)
+    o_base = head_base(OUT, b, q_token0, head, stride_ob, stride_os, stride_oh)
     store_rows(o_base, stride_os, rows, n_q, cols, to_dtype(out, OUT.dtype.element_ty, INTERPRETER), HEAD_DIM, BLOCK_D)
-    stats = stats_offset(b, head, token0, stride_lb, stride_lh) + rows
+    stats = stats_offset(b, head, q_token0, stride_lb, stride_lh) + rows
     tl.store(LSE_W + stats, lse_w, mask=rows < n_q)
     tl.store(LSE_P + stats, lse_p, mask=rows < n_q)
 
 
-def forward_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
+def forward_arguments(inp: AttentionProblem, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
                       lse_p: torch.Tensor) -> dict:
     """Every argument of :func:`zero_init_attention_forward_kernel` but the autotuned tile sizes."""
     q, k, v = (unit_stride_head_dim(t) for t in (inp.q, inp.k, inp.v))
@@ -101,12 +105,12 @@ def forward_arguments(inp: AttentionInputs, layout: Layout, out: torch.Tensor, l
                        + row_strides(v, layout.varlen) + row_strides(out, layout.varlen)))
     lb, lh = lse_strides(lse_w, layout.varlen)
     return dict(Q=q, K=k, V=v, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
-                CU_SEQLENS=inp.cu_seqlens_q, **strides,
+                **sequence_arguments(inp), **strides,
                 stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh, stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh,
                 stride_gb=gb, stride_gh=gh, stride_lb=lb, stride_lh=lh,
                 seqlen_q=layout.seqlen_q, seqlen_k=layout.seqlen_k, prefix_len=layout.prefix_len,
                 heads_q=layout.heads_q, group=layout.group, softmax_scale=inp.softmax_scale,
-                seqlen_bucket=layout.seqlen_bucket(), CAUSAL=inp.causal, GATE_TANH=inp.gate_tanh,
+                **layout.seqlen_buckets(), CAUSAL=inp.causal, GATE_TANH=inp.gate_tanh,
                 **layout.common_constexprs())
 
 
@@ -115,18 +119,21 @@ def forward_grid(layout: Layout):
     return lambda meta: (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * layout.batch * layout.heads_q,)
 
 
-def attention_forward(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_forward(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     Args:
-        inp: validated inputs (``q [B, Sq, Hq, D]`` or varlen ``[T, Hq, D]``, gate fp32 ``[Bg, Hq]``).
+        inp: an :class:`~.problem.AttentionProblem` (or validated inputs with its fields): ``q [B, Sq, Hq, D]``,
+            ``k, v [B, Sk, Hkv, D]`` (``seqused_k [B]`` optional), or varlen ``q [Tq, Hq, D]``,
+            ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q``, ``cu_seqlens_k``; gate fp32 ``[Bg, Hq]``.
 
     Returns:
         ``out`` (q's shape and dtype, contiguous) and fp32 ``lse_w, lse_p`` of shape ``inp.lse_shape()``
-        (``[B, Hq, Sq]`` or ``[Hq, T]``), natural log, ``-inf`` where nothing is visible or P == 0.
+        (``[B, Hq, Sq]`` or ``[Hq, Tq]``), natural log, ``-inf`` where nothing is visible or P == 0.
     """
+    inp = AttentionProblem.of(inp)
     layout = Layout.of(inp)
-    # Varlen tokens outside every sequence (cu_seqlens[-1] < T) are never visited: give them 0 and -inf.
+    # Varlen tokens outside every sequence (cu_seqlens_q[-1] < Tq) are never visited: give them 0 and -inf.
     if layout.varlen:
         out = torch.zeros(inp.q.shape, dtype=inp.dtype, device=inp.device)
         lse_w = torch.full(inp.lse_shape(), float("-inf"), dtype=torch.float32, device=inp.device)

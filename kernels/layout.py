@@ -2,7 +2,8 @@
 
 The kernels have a single source for both layouts. A tensor is described by ``(stride_b, stride_s, stride_h)``:
 batched ``[B, S, H, D]`` tensors use their own strides; packed varlen ``[T, H, D]`` tensors use ``stride_b = 0``
-and find each sequence's first token in ``cu_seqlens``. Broadcast operands use stride 0 too: a prefix shared by
+and find each sequence's first token in ``cu_seqlens_q`` (q, out, their gradients and row statistics) or
+``cu_seqlens_k`` (k, v and their gradients). Broadcast operands use stride 0 too: a prefix shared by
 the batch (``Bp == 1``) and a gate with one row (``Bg == 1``) are read by every sequence. The head dimension
 must be contiguous (``stride(-1) == 1``) so that rows load as wide vectors.
 """
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from fastadapter._inputs import AttentionInputs
-
 from ._interpreter import interpreting
+from .problem import AttentionProblem
 
 #: The largest prefix that fits one tile (the prompt of LLaMA-Adapter is 10 tokens).
 MAX_PREFIX_LEN = 64
@@ -52,11 +52,15 @@ class Layout:
         batch: B, or the number of packed sequences N.
         heads_q, heads_kv, group: query heads, kv heads and ``heads_q // heads_kv``.
         seqlen_q, seqlen_k: the (longest) query and key sequence; the kernels read each varlen length from
-            ``cu_seqlens``.
+            ``cu_seqlens_q`` / ``cu_seqlens_k``, and the keys used from ``seqused_k``.
         prefix_len: P (0 means no prefix).
         head_dim: D; ``block_d`` is D rounded up to a power of two (at least 16, the smallest ``tl.dot``).
         block_p: P rounded up likewise (the prefix is one tile).
         varlen: packed sequences.
+        shared_offsets: varlen q and k share one ``cu_seqlens`` (packed self-attention): the kernels read the
+            key offsets from the query offsets (one register less, which keeps the dk/dv kernel's GQA loop from
+            spilling on sm_90).
+        seqused: ``seqused_k`` is given (each sequence reads only its first keys).
         interpreter: the kernels run under Triton's interpreter (see :mod:`._interpreter`).
         arch: the compute capability of the inputs' CUDA device (80 for sm_80; 0 off CUDA): part of the
             autotuning key, and the target the launch plan is compiled for.
@@ -75,26 +79,32 @@ class Layout:
     varlen: bool
     interpreter: bool
     arch: int = 0
+    seqused: bool = False
+    shared_offsets: bool = False
 
     @staticmethod
-    def of(inp: AttentionInputs) -> "Layout":
-        return Layout(batch=inp.batch, heads_q=inp.heads_q, heads_kv=inp.heads_kv,
-                      group=inp.heads_q // inp.heads_kv, seqlen_q=inp.seqlen_q, seqlen_k=inp.seqlen_k,
-                      prefix_len=inp.prefix_len, head_dim=inp.head_dim,
-                      block_d=max(16, triton.next_power_of_2(inp.head_dim)),
-                      block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
-                      varlen=inp.varlen, interpreter=interpreting(), arch=device_arch(inp.device))
+    def of(problem: AttentionProblem) -> "Layout":
+        return Layout(batch=problem.batch, heads_q=problem.heads_q, heads_kv=problem.heads_kv,
+                      group=problem.heads_q // problem.heads_kv, seqlen_q=problem.seqlen_q,
+                      seqlen_k=problem.seqlen_k, prefix_len=problem.prefix_len, head_dim=problem.head_dim,
+                      block_d=max(16, triton.next_power_of_2(problem.head_dim)),
+                      block_p=max(16, triton.next_power_of_2(max(problem.prefix_len, 1))),
+                      varlen=problem.varlen, interpreter=interpreting(), arch=device_arch(problem.device),
+                      seqused=problem.seqused_k is not None, shared_offsets=problem.shares_offsets)
 
-    def seqlen_bucket(self) -> int:
-        """The autotuning key: the longest sequence rounded up to a power of two, so that varlen batches of
-        slightly different lengths reuse one tuned configuration."""
-        return triton.next_power_of_2(max(self.seqlen_q, self.seqlen_k, 1))
+    def seqlen_buckets(self) -> dict:
+        """The autotuning keys of the lengths: the (longest) query and key sequence, each rounded up to a power
+        of two, so that varlen batches of slightly different lengths reuse one tuned configuration, and a decode
+        step over a long cache is not tuned as a long prefill."""
+        return dict(seqlen_q_bucket=triton.next_power_of_2(max(self.seqlen_q, 1)),
+                    seqlen_k_bucket=triton.next_power_of_2(max(self.seqlen_k, 1)))
 
     def common_constexprs(self) -> dict:
         """Compile-time parameters shared by every kernel of the call."""
         return dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_P=self.block_p,
-                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, INTERPRETER=self.interpreter,
-                    ARCH=self.arch)
+                    HAS_PREFIX=self.prefix_len > 0, VARLEN=self.varlen, SHARED_OFFSETS=self.shared_offsets,
+                    HAS_SEQUSED=self.seqused,
+                    INTERPRETER=self.interpreter, ARCH=self.arch)
 
 
 def device_arch(device: torch.device) -> int:
@@ -119,3 +129,9 @@ def lse_strides(stats: torch.Tensor, varlen: bool) -> tuple[int, int]:
     if varlen:
         return 0, stats.stride(0)
     return stats.stride(0), stats.stride(1)
+
+
+def sequence_arguments(problem: AttentionProblem) -> dict:
+    """The pointers every kernel reads its sequences' bounds from: ``CU_SEQLENS_Q``, ``CU_SEQLENS_K`` (None in
+    dense mode) and ``SEQUSED_K`` (None when every key is used; see :func:`.tiles.sequence_bounds`)."""
+    return dict(CU_SEQLENS_Q=problem.cu_seqlens_q, CU_SEQLENS_K=problem.cu_seqlens_k, SEQUSED_K=problem.seqused_k)

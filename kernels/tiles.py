@@ -1,7 +1,8 @@
 """``@triton.jit`` building blocks shared by the forward and backward kernels.
 
 Every kernel addresses its tensors the same way: a program owns one (sequence, head) pair; the sequence's first
-token is ``token0`` (0 in batched mode, ``cu_seqlens[b]`` in varlen mode) and its base pointer is
+token is ``token0`` (0 in batched mode; in varlen mode ``cu_seqlens_q[b]`` for q, out, their gradients and row
+statistics, ``cu_seqlens_k[b]`` for k, v and theirs) and its base pointer is
 ``ptr + b * stride_b + token0 * stride_s + head * stride_h`` (``stride_b`` is 0 in varlen mode). Rows of a tile
 are then ``row * stride_s`` away and the head dimension is contiguous.
 """
@@ -25,16 +26,36 @@ def tile_and_row(pid, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def sequence_bounds(CU_SEQLENS, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """``(token0, seqlen_q, seqlen_k)`` of sequence ``b``: packed sequences attend to themselves only."""
-    token0 = 0
+def query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN: tl.constexpr):
+    """``(q_token0, n_q)`` of sequence ``b``: its first query token and its query count."""
+    q_token0 = 0
     n_q = seqlen_q
+    if VARLEN:
+        q_token0 = tl.load(CU_SEQLENS_Q + b)
+        n_q = tl.load(CU_SEQLENS_Q + b + 1) - q_token0
+    return q_token0, n_q
+
+
+@triton.jit
+def sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
+                    SHARED_OFFSETS: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """``(q_token0, k_token0, n_q, n_k)`` of sequence ``b``: the first query and key token, and how many queries
+    and keys it has. Dense: 0, 0, Sq and Sk; varlen: from ``cu_seqlens_q`` and ``cu_seqlens_k`` (read once when
+    ``SHARED_OFFSETS``: packed self-attention, whose kernels then keep one token offset in registers, not two);
+    with ``seqused_k`` the sequence uses only its first ``seqused_k[b]`` keys (a padded KV cache)."""
+    q_token0, n_q = query_bounds(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
+    k_token0 = 0
     n_k = seqlen_k
     if VARLEN:
-        token0 = tl.load(CU_SEQLENS + b)
-        n_q = tl.load(CU_SEQLENS + b + 1) - token0
-        n_k = n_q
-    return token0, n_q, n_k
+        if SHARED_OFFSETS:
+            k_token0 = q_token0
+            n_k = n_q
+        else:
+            k_token0 = tl.load(CU_SEQLENS_K + b)
+            n_k = tl.load(CU_SEQLENS_K + b + 1) - k_token0
+    if HAS_SEQUSED:
+        n_k = tl.load(SEQUSED_K + b)
+    return q_token0, k_token0, n_q, n_k
 
 
 @triton.jit

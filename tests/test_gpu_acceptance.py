@@ -68,6 +68,14 @@ def test_smoke_run_records_every_stage(smoke):
 
     decode = results["decode_bench"]["rows"]
     assert {r["provider"] for r in decode if "gb_per_s" in r} >= {"fastadapter-triton", "triton-forward-kernel"}
+    # A ragged batch, three ways: one call over the padded cache (seqused_k), one varlen call, one call per row.
+    ragged = [r for r in decode if r["shape"].startswith("ragged-")]
+    assert {r["provider"] for r in ragged if "gb_per_s" in r} == {
+        "fastadapter-triton-seqused", "fastadapter-triton-varlen", "fastadapter-triton-per-row"}
+    for row in ragged:
+        assert row["cache_lengths"] == acceptance.ragged_cache_lengths(2, 64) == [32, 64]
+        if row["provider"] != "fastadapter-triton-per-row":
+            assert row["max_abs_diff_vs_per_row"] < 1e-5  # fp32: the same function
 
     trainer = results["trainer"]
     assert trainer["tokens_per_s"] > 0 and trainer["steps_timed"] >= 2
@@ -83,6 +91,8 @@ def test_smoke_summary_names_every_section(smoke):
     for heading in ("## Stages", "## Op test grid", "## Attention: forward and forward+backward", "## Decode steps",
                     "## Trainer"):
         assert heading in summary
+    assert "| ragged-B2-Sk64-H2x1 | fastadapter-triton-varlen | forward |" in summary
+    assert "max abs diff vs per row" in summary
     assert "1 h on 8 A100" in summary and "tokens/s" in summary
 
 

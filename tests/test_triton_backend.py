@@ -135,9 +135,27 @@ def test_float32_and_bf16_before_ampere_are_declined_on_a_gpu(monkeypatch, fresh
 
 # -- autotuning key, deterministic mode -----------------------------------------------------------------------
 
-def test_autotune_key_has_the_group_the_prefix_tile_and_the_architecture():
-    assert {"group", "BLOCK_P", "ARCH", "HEAD_DIM", "seqlen_bucket"} <= set(zero_init_attention_forward_kernel.keys)
-    assert {"group", "ARCH", "HEAD_DIM"} <= set(zero_init_attention_backward_dkdv_kernel.keys)
+def test_autotune_key_has_the_group_the_prefix_tile_the_lengths_and_the_architecture():
+    """Separate query and key buckets (a decode-like call over a long cache is not tuned as a long prefill) and
+    whether ``seqused_k`` is read."""
+    for kernel in (zero_init_attention_forward_kernel, zero_init_attention_backward_dkdv_kernel):
+        assert {"group", "ARCH", "HEAD_DIM", "seqlen_q_bucket", "seqlen_k_bucket", "HAS_SEQUSED",
+                "VARLEN"} <= set(kernel.keys)
+    assert "BLOCK_P" in zero_init_attention_forward_kernel.keys
+
+
+def test_tiles_longer_than_the_query_or_the_key_sequences_are_dropped():
+    """``_short_enough``: 128-row query tiles are not timed for 40 queries over 4096 keys, and 64-key tiles not for
+    a 16-key cache; when nothing is short enough every configuration stays."""
+    c = kernel_configs._config
+    configs = [c(128, 64, 8, 3), c(64, 64, 8, 2), c(64, 32, 4, 2), c(32, 16, 4, 1)]
+    names = lambda kept: [kernel_configs.config_name(x) for x in kept]  # noqa: E731
+    few_queries = kernel_configs._short_enough(configs, dict(seqlen_q_bucket=64, seqlen_k_bucket=4096))
+    assert names(few_queries) == names(configs[1:])
+    short_cache = kernel_configs._short_enough(configs, dict(seqlen_q_bucket=4096, seqlen_k_bucket=16))
+    assert names(short_cache) == names(configs[3:])
+    assert names(kernel_configs._short_enough(configs[:1], dict(seqlen_q_bucket=16, seqlen_k_bucket=16))) == \
+        names(configs[:1])
 
 
 def test_device_arch_is_the_compute_capability(monkeypatch):
@@ -169,7 +187,7 @@ class _Recorder:
 def _cuda_launch_args():
     q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=BF16)
     return dict(Q=q, HEAD_DIM=128, BLOCK_P=16, HAS_PREFIX=True, VARLEN=False, CAUSAL=True, GATE_TANH=True, group=4,
-                ARCH=90, seqlen_bucket=2048)
+                ARCH=90, seqlen_q_bucket=2048, seqlen_k_bucket=2048, HAS_SEQUSED=True)
 
 
 def test_deterministic_mode_launches_a_fixed_configuration_per_key(monkeypatch):
@@ -194,6 +212,7 @@ def test_deterministic_mode_launches_a_fixed_configuration_per_key(monkeypatch):
         assert kw["num_warps"] == a.num_warps and kw["num_stages"] == a.num_stages
     facts = asked[-1][1]
     assert asked[-1][2:] == (90, 0) and facts.grouped and facts.dtype == BF16 and facts.head_dim == 128
+    assert facts.seqused  # the plan is keyed on seqused_k too
     monkeypatch.setenv("FASTADAPTER_DETERMINISTIC", "0")
     torch.use_deterministic_algorithms(True)
     try:

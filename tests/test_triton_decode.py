@@ -149,8 +149,8 @@ def test_what_takes_the_decode_path():
     assert decode.decode_applies(backend_inputs(Case(batch=1, seqlen_q=16, seqlen_k=40)))
     longer = backend_inputs(Case(batch=1, seqlen_q=17, seqlen_k=40))
     assert "Sq = 17 > 16" in decode.decode_not_supported_reasons(longer)[0]
-    packed = backend_inputs(Case(seqlens=[3, 1]))
-    assert "varlen" in decode.decode_not_supported_reasons(packed)[0]
+    packed = backend_inputs(Case(seqlens=[3, 1]))  # packed self-attention: no longer key cache
+    assert "max_seqlen_k = 3 <= max_seqlen_q = 3" in decode.decode_not_supported_reasons(packed)[0]
     with pytest.raises(ValueError, match="Sq = 17 > 16 query rows"):
         decode.attention_decode(longer)
 
@@ -169,9 +169,8 @@ def test_prefill_and_packed_batches_keep_the_forward_kernel(decode_calls):
 SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_86": 101376, "sm_90": 232448}
 
 
-def _check_compiled(rows, archs):
-    expected = {(k, s, a) for k in ("decode_split", "decode_merge") for s in decode.DECODE_COMPILE_SHAPES
-                for a in archs}
+def _check_compiled(rows, archs, shapes=tuple(decode.DECODE_COMPILE_SHAPES)):
+    expected = {(k, s, a) for k in ("decode_split", "decode_merge") for s in shapes for a in archs}
     assert {(r["kernel"], r["shape"], r["arch"]) for r in rows} == expected
     for row in rows:
         what = f"{row['kernel']} {row['shape']} [{row['config']}] on {row['arch']}"
@@ -181,12 +180,28 @@ def _check_compiled(rows, archs):
         assert row["tensor_cores"], f"{what}: no tensor-core instructions"  # q·kᵀ, p·v and the prefix
 
 
+DENSE_SHAPES = tuple(s for s in decode.DECODE_COMPILE_SHAPES if s not in decode.RAGGED_DECODE_SHAPES)
+
+
 def test_compiled_for_sm80_and_sm90_without_spills():
-    """bf16, D = 128, P = 10 at LLaMA-7B heads: every launch compiles, no spills, fits shared memory."""
-    rows = decode.compile_decode_kernels(("sm_80", "sm_90"))
-    _check_compiled(rows, ("sm_80", "sm_90"))
+    """bf16, D = 128, P = 10 at LLaMA-7B heads: every launch compiles, no spills, fits shared memory. The ragged
+    steps (a padded cache read up to each row's seqused_k; varlen over packed caches) on sm_90 here, on sm_80
+    under -m slow."""
+    rows = decode.compile_decode_kernels(("sm_80", "sm_90"), shapes=DENSE_SHAPES)
+    _check_compiled(rows, ("sm_80", "sm_90"), DENSE_SHAPES)
     splits = {r["arch"]: int(r["config"].split("splits=")[1]) for r in rows if r["shape"] == "llama7b-Sq1-Hkv8"}
     assert splits["sm_90"] > 1  # batch 1 decode is split over the keys
+    ragged = decode.compile_decode_kernels(("sm_90",), shapes=decode.RAGGED_DECODE_SHAPES)
+    _check_compiled(ragged, ("sm_90",), decode.RAGGED_DECODE_SHAPES)
+    # 8 rows of 8 kv heads: fewer chunks than batch 1 needs to fill the 132 SMs, but still more than one.
+    ragged_splits = {int(r["config"].split("splits=")[1]) for r in ragged}
+    assert len(ragged_splits) == 1 and 1 < ragged_splits.pop() < splits["sm_90"]
+
+
+@pytest.mark.slow
+def test_ragged_decode_steps_compile_for_sm80_without_spills():
+    _check_compiled(decode.compile_decode_kernels(("sm_80",), shapes=decode.RAGGED_DECODE_SHAPES), ("sm_80",),
+                    decode.RAGGED_DECODE_SHAPES)
 
 
 def test_widest_head_dim_fits_the_smallest_shared_memory():

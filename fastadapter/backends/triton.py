@@ -40,6 +40,13 @@ def _target(inp: AttentionInputs) -> Optional[tuple[int, Optional[int]]]:
     return 10 * major + minor, inp.device.index if inp.device.index is not None else torch.cuda.current_device()
 
 
+def _problem(inp: AttentionInputs):
+    """The kernels' own description of the call (:class:`fastadapter.kernels.problem.AttentionProblem`): the
+    kernels never import the package above them, so the backend hands them its validated inputs' fields."""
+    from fastadapter.kernels.problem import AttentionProblem
+    return AttentionProblem.of(inp)
+
+
 def _needs_backward(inp: AttentionInputs) -> bool:
     tensors = (inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate)
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -73,8 +80,6 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim {inp.head_dim} > {MAX_HEAD_DIM}")
         if inp.prefix_len > MAX_PREFIX_LEN:
             reasons.append(f"prefix length {inp.prefix_len} > {MAX_PREFIX_LEN} (the prefix is one tile)")
-        if inp.ragged:
-            reasons.append("separate query/key offsets or seqused_k (not yet in the Triton kernels)")
         target = _target(inp)
         if not reasons and target is not None:
             reasons += self.target_reasons(inp, *target)
@@ -87,7 +92,7 @@ class TritonBackend(Backend):
         reason = configs.target_reason(inp.dtype, capability)
         if reason:
             return [reason]
-        facts = configs.KernelFacts.of(inp)
+        facts = configs.KernelFacts.of(_problem(inp))
         kernels = configs.FORWARD_KERNELS + (configs.BACKWARD_KERNELS if _needs_backward(inp) else ())
         reasons = [configs.decline_reason(kernel, facts, capability, device_index) for kernel in kernels]
         return [r for r in reasons if r]
@@ -101,14 +106,17 @@ class TritonBackend(Backend):
     def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from fastadapter.kernels.decode import attention_decode, decode_applies
         from fastadapter.kernels.forward import attention_forward
-        if decode_applies(inp):  # a few query rows over a KV cache: the split-KV kernels (flash-decoding)
-            return attention_decode(inp)
-        return attention_forward(inp)
+        problem = _problem(inp)
+        # A few query rows per sequence over a KV cache (dense, a padded cache with seqused_k, or an unpadded
+        # varlen step): the split-KV kernels (flash-decoding); everything else: the forward kernel.
+        if decode_applies(problem):
+            return attention_decode(problem)
+        return attention_forward(problem)
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from fastadapter.kernels.backward import attention_backward
-        return attention_backward(inp, out, lse_w, lse_p, grad_out)
+        return attention_backward(_problem(inp), out, lse_w, lse_p, grad_out)
 
 
 register_backend(TritonBackend())
