@@ -223,7 +223,8 @@ def ragged_lengths(prompt_tokens: int) -> list[int]:
     return [max(1, round(prompt_tokens * f)) for f in RAGGED_FRACTIONS]
 
 
-def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None, cache=None, cache_step=None):
+def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None, cache=None, cache_step=None,
+                         prompt_offset=None):
     """The thin model's ``Attention.forward`` before ragged batches, kept only as this benchmark's reference: the
     packed prefill stores each sequence's keys and values row by row, and a step with a cache groups the rows by
     length and makes one op call per group (the causal mask bottom-right aligned within each group)."""
@@ -234,6 +235,8 @@ def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None,
     q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
     k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
     v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+    if prompt_offset is not None:
+        raise ValueError("the per-length reference runs the text-only benchmark: no per-sequence prompt offsets")
     prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache)
 
     def attend(q_, k_, v_, **varlen):

@@ -100,8 +100,8 @@ class PerSampleAdapter(LayerAdapter):
     def prompt_len(self) -> int:
         return self.prompt.shape[1]
 
-    def prefix_kv(self, wk, wv, n_kv_heads, head_dim):
-        prompt = self.prompt.to(wk.weight.dtype)
+    def prefix_kv(self, wk, wv, n_kv_heads, head_dim, dtype=None):
+        prompt = self.prompt.to(dtype or wk.weight.dtype)
         shape = (prompt.shape[0], prompt.shape[1], n_kv_heads, head_dim)
         return wk(prompt).view(shape), wv(prompt).view(shape)
 

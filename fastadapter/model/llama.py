@@ -86,8 +86,8 @@ class Attention(nn.Module):
             return empty, empty, x.new_zeros(1, dtype=torch.float32), "tanh"
 
         def project():
-            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype,
-                                          offset=prompt_offset)
+            per_sequence = {} if prompt_offset is None else {"offset": prompt_offset}
+            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype, **per_sequence)
 
         prefix_k, prefix_v = project() if cache is None else cache.prefix_kv(self.layer_index, project)
         return prefix_k, prefix_v, self.adapter.gate, self.adapter.gate_activation

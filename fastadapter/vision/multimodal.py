@@ -183,7 +183,7 @@ def load_multimodal_adapter(model: LlamaModel, path: str | os.PathLike, vision_m
     if vision.get("format_version") != VISION_FORMAT_VERSION:
         raise AdapterFileError(f"{path}: vision format_version {vision.get('format_version')!r} is not supported "
                                f"(this fastadapter reads {VISION_FORMAT_VERSION})")
-    _check_base_model(model, path, meta["base_model"])
+    _check_base_model(base_model_description(model), path, meta["base_model"], "the model")
     saved_tower = vision["tower"]
     if isinstance(vision_model, VisionTower):
         tower = vision_model
@@ -196,7 +196,7 @@ def load_multimodal_adapter(model: LlamaModel, path: str | os.PathLike, vision_m
     c = meta["config"]
     config = AdapterConfig(prompt_len=c["prompt_len"], layers=list(c["layers"]),
                            gate_activation=c["gate_activation"], gate_per_head=c["gate_per_head"])
-    _check_fits(model, path, config, tensors)
+    _check_fits(base_model_description(model), path, config, tensors)
     add_adapter(model, config)
     with torch.no_grad():
         for i, adapter in adapted_layers(model).items():

@@ -16,8 +16,8 @@ On CPU the quantized projections dequantize in PyTorch code before each matmul (
 kernel with a backward), so they are slower than bf16 here: quantization buys memory, not speed, as litgpt's
 NF4 figure shows on GPUs too (1.95x the time).
 
-    python -m benchmarks.bench_quantized            # dim 512, 4 layers, 512 tokens
-    python -m benchmarks.bench_quantized --quick    # a smaller shape, for a smoke run
+    python -m benchmarks.quantized_step            # dim 512, 4 layers, 512 tokens
+    python -m benchmarks.quantized_step --quick    # a smaller shape, for a smoke run
 """
 from __future__ import annotations
 

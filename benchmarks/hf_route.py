@@ -14,8 +14,8 @@ the first Alpaca rows of ``../shared/data/alpaca_tiny.json`` are tokenised with 
 
 Every route sees the same examples in a step; tokens/s counts the real tokens of the step.
 
-    python -m benchmarks.bench_hf_route --quick          # 2 layers of dim 256, 8 rows (about a minute on 2 cores)
-    python -m benchmarks.bench_hf_route --out results.json
+    python -m benchmarks.hf_route --quick          # 2 layers of dim 256, 8 rows (about a minute on 2 cores)
+    python -m benchmarks.hf_route --out results.json
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def run(dim: int, n_layers: int, rows: int, prompt_len: int, repeats: int) -> li
     from fastadapter.training.packing import collate_packed
     from fastadapter.training.trainer import token_loss_sum
 
-    folder = tempfile.mkdtemp(prefix="bench_hf_route_")
+    folder = tempfile.mkdtemp(prefix="hf_route_")
     write_tokenizer_folder(os.path.join(SHARED, "llama_tokenizer.model"), folder)
     torch.manual_seed(0)
     config = transformers.MistralConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 8 * 8,
