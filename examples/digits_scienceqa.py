@@ -26,7 +26,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
 
 
 def write_digits_scienceqa(folder: str, *, classes: int = 4, seed: int = 0,
-                           fractions: tuple[float, float] = (0.7, 0.1)) -> dict:
+                           fractions: tuple[float, float] = (0.62, 0.1)) -> dict:
     """Write the digits of ``0..classes-1`` as a ScienceQA folder (problems.json, pid_splits.json,
     images/<split>/<pid>/image.png); returns ``{split: count}``."""
     import numpy as np
@@ -84,8 +84,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="run/digits", help="folder for the data, the tower and the run")
     parser.add_argument("--shared-data", default=DEFAULT_DATA, help="folder holding stories260K.bin and tok512.bin")
     parser.add_argument("--classes", type=int, default=4, help="digits 0..N-1 (4: fixed options; up to 10)")
-    parser.add_argument("--epochs", type=int, default=8, help="passes over the training problems")
-    parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument("--max-steps", type=int, default=400, help="optimizer steps (about 5 passes over the "
+                        "446 training problems at the default --batch-tokens)")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="tokens per packed row (about 6 problems)")
+    parser.add_argument("--lr", type=float, default=4e-2)
     parser.add_argument("--eval-limit", type=int, help="evaluate only the first N test problems (default: all)")
     parser.add_argument("--prepare-only", action="store_true", help="write the data and the tower, then stop")
     args = parser.parse_args(argv)
@@ -101,8 +103,8 @@ def main(argv=None) -> int:
     model, tokenizer = os.path.join(args.shared_data, "stories260K.bin"), os.path.join(args.shared_data, "tok512.bin")
     run = os.path.join(args.out, "train")
     code = fastadapter(["train", "--model", model, "--tokenizer", tokenizer, "--data", data, "--vision-model", tower,
-                        "--out", run, "--overwrite", "--epochs", str(args.epochs), "--lr", str(args.lr),
-                        "--batch-tokens", "2048", "--max-seq-len", "256", "--eval-fraction", "0.05",
+                        "--out", run, "--overwrite", "--max-steps", str(args.max_steps), "--lr", str(args.lr),
+                        "--batch-tokens", str(args.batch_tokens), "--max-seq-len", "256", "--eval-fraction", "0.05",
                         "--eval-every", "100", "--save-every", "200", "--no-progress"])
     if code:
         return code
