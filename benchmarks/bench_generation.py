@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import torch
 
 from .bench_training import interleaved_times
-from .timing import measure, summarize
+from .timing import measure, per_step_summary, summarize
 
 
 @dataclass(frozen=True)
@@ -280,13 +280,6 @@ def _per_length_path():
         Attention.forward = ragged
 
 
-def _per_token(prefill: dict, generate: dict, new_tokens: int) -> dict:
-    """The time of one decoding step from the timings of a prefill and of a whole generation."""
-    steps = new_tokens - 1
-    return {key: (generate[key] - prefill[key]) / steps for key in ("median_ms", "p20_ms", "p80_ms")} | {
-        "runs": min(prefill["runs"], generate["runs"])}
-
-
 def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1, repeats: int = 3,
                       log: Callable[[str], None] = print) -> list[dict]:
     """Rows of the ragged workload (module docstring): 8 prompts of :func:`ragged_lengths`, prefill and per-token
@@ -353,8 +346,9 @@ def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1,
         times = interleaved_times(steps, warmup, repeats, device)
         timings = {}
         for provider, agree in agreement.items():
-            prefill, whole = summarize(times[f"{provider}|prefill"]), summarize(times[f"{provider}|whole"])
-            timings[provider] = (prefill, _per_token(prefill, whole, new_tokens), agree)
+            prefill = summarize(times[f"{provider}|prefill"])
+            per_token = per_step_summary(times[f"{provider}|prefill"], times[f"{provider}|whole"], new_tokens - 1)
+            timings[provider] = (prefill, per_token, agree)
         for provider, reason in skipped.items():
             rows += [{"suite": "generation", "provider": provider, "mode": mode, "config": label, "median_ms": None,
                       "skipped": reason} for mode in ("prefill", "per_token")]

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from .memory import peak_memory_bytes
-from .timing import measure, summarize
+from .timing import measure, per_step_summary, summarize
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,8 @@ def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, war
         whole = interleaved_times(lambda: generate(new_tokens), model, warmup, repeats, device)
         prompt_tokens = int(prompts["attention_mask"].sum())
         for provider in providers:
-            first, total = summarize(prefill[provider][0]), summarize(whole[provider][0])
-            per_token = (total["median_ms"] - first["median_ms"]) / max(new_tokens - 1, 1)
+            first = summarize(prefill[provider][0])
+            per_token = per_step_summary(prefill[provider][0], whole[provider][0], new_tokens - 1)
             common = {"suite": "peft_accelerate", "provider": provider, "config": label,
                       "backend": backend if provider != "peft" else "-"}
             rows.append({**common, "mode": "prefill", **first,
@@ -238,8 +238,8 @@ def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, war
                          "tokens_per_s": prompt_tokens / (first["median_ms"] / 1e3)})
             cpu_per_token = (statistics.median(whole[provider][1]) - statistics.median(prefill[provider][1])) / max(
                 new_tokens - 1, 1)
-            rows.append({**common, "mode": "decode_per_token", "median_ms": per_token, "cpu_median_ms": cpu_per_token,
-                         "tokens_per_s": prompts["input_ids"].shape[0] / (per_token / 1e3)})
+            rows.append({**common, "mode": "decode_per_token", **per_token, "cpu_median_ms": cpu_per_token,
+                         "tokens_per_s": prompts["input_ids"].shape[0] / (per_token["median_ms"] / 1e3)})
         providers["peft"](model)
     return rows
 

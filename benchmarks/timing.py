@@ -86,3 +86,12 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, dev
             if max_seconds is not None and sum(times_ms) > 1e3 * max_seconds:
                 break
     return summarize(times_ms)
+
+
+def per_step_summary(prefill_ms: list[float], whole_ms: list[float], steps: int) -> dict:
+    """:func:`summarize` of the time of one decoding step, ``(whole − prefill) / steps``, taken run by run from
+    interleaved timings of a prefill and of a whole generation (``prefill_ms[i]`` and ``whole_ms[i]`` ran next to
+    each other, so each difference sees the same load). On a noisy machine at tiny shapes a difference can be
+    negative: it is reported as measured, never clamped."""
+    steps = max(steps, 1)
+    return summarize([(whole - first) / steps for first, whole in zip(prefill_ms, whole_ms)])
