@@ -149,3 +149,12 @@ def test_thin_model_decoding_is_the_same_with_and_without_the_kernel(monkeypatch
     tokens = generate(model, prompts, max_new_tokens=4)
     monkeypatch.setattr(decode_linear_module, "ENABLED", False)
     assert generate(model, prompts, max_new_tokens=4) == tokens
+
+
+def test_benchmark_suite_times_both_providers_on_the_same_result():
+    from fastadapter.benchmarks import bench_decode_linear
+    rows = bench_decode_linear.run(False, "cpu", preset="smoke", log=lambda line: None)
+    assert [r["provider"] for r in rows] == ["F.linear", "decode_linear"]
+    assert all(r["median_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
+    assert rows[1]["max_abs_err"] < 1e-4
+    assert bench_decode_linear.run(False, "cuda", preset="smoke", log=lambda line: None)[0]["skipped"]
