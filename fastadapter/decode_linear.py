@@ -9,7 +9,7 @@ than ``F.linear`` for 2 to 16 rows; for one row MKL's matrix-vector product is a
 packing pays off, so those calls stay on ``F.linear``.
 
 The kernel has no backward: a call that records a gradient (grad mode on and any input requiring grad) uses
-``F.linear``, as do calls off the CPU, on tensor subclasses (quantized weights, FSDP's ``DTensor``), on mixed or
+``F.linear``, as do calls under ``torch.compile``, off the CPU, on tensor subclasses (quantized weights, FSDP's ``DTensor``), on mixed or
 unsupported dtypes, on non-contiguous weights, and when ``fastadapter._C`` is not built. Results equal
 ``F.linear``'s up to the summation order (fp32 accumulation in both).
 """
@@ -38,6 +38,8 @@ def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // features if features else 0
     if not (ENABLED and MIN_ROWS <= rows <= MAX_ROWS and x.device.type == "cpu"):
+        return False
+    if torch.compiler.is_compiling():  # inductor generates its own code for the product
         return False
     if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False

@@ -107,6 +107,13 @@ def test_function_and_module_equal_linear_and_keep_its_gradients(monkeypatch):
         torch.testing.assert_close(decode_linear(x, layer.weight, layer.bias), plain(x))
 
 
+def test_module_compiles_with_fullgraph():
+    layer = DecodeLinear(24, 10)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_thin_model_decoding_is_the_same_with_and_without_the_kernel(monkeypatch):
     """Generation of a batch of prompts of different lengths: the same logits at every step and the same tokens
     with the kernel (8 rows per decoding step) as with F.linear."""
