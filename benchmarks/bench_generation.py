@@ -20,7 +20,9 @@ to an eighth of it, odd lengths included), side by side in one run:
   of the comparison (:func:`per_length_attention`): the prefill stored each prompt's keys row by row and every
   decoding step made one op call per group of rows of equal length (8 calls per layer here);
 * ``fastadapter-<backend>``: the ragged path, one op call per layer per step over the padded cache
-  (``seqused_k``).
+  (``seqused_k``);
+* ``fastadapter-auto-F.linear`` (CPU): the ragged path with every linear layer on ``F.linear`` instead of the
+  ``decode_linear`` kernel (:mod:`fastadapter.decode_linear`), to show what that kernel adds to a decoding step.
 
 Modes ``prefill`` (as above) and ``per_token``: the time of one decoding step of the whole batch,
 ``(t(generate new_tokens) − t(prefill)) / (new_tokens − 1)`` from the medians (p20/p80 likewise), with
@@ -280,6 +282,18 @@ def _per_length_path():
         Attention.forward = ragged
 
 
+@contextlib.contextmanager
+def _linears_on_torch():
+    """Run the thin model's linear layers on ``F.linear`` inside the block (no ``decode_linear`` kernel)."""
+    import fastadapter.decode_linear as decode_linear_module
+    enabled = decode_linear_module.ENABLED
+    decode_linear_module.ENABLED = False
+    try:
+        yield
+    finally:
+        decode_linear_module.ENABLED = enabled
+
+
 def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1, repeats: int = 3,
                       log: Callable[[str], None] = print) -> list[dict]:
     """Rows of the ragged workload (module docstring): 8 prompts of :func:`ragged_lengths`, prefill and per-token
@@ -319,6 +333,9 @@ def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1,
         for backend in ["auto"] + thin_backends(device):
             runners += [(f"fastadapter-{backend}-per-length", thin_generate, backend, _per_length_path),
                         (f"fastadapter-{backend}", thin_generate, backend, contextlib.nullcontext)]
+        if torch.device(device).type == "cpu":
+            # The user's choice again with every linear on F.linear: what the decode_linear kernel adds.
+            runners.append(("fastadapter-auto-F.linear", thin_generate, "auto", _linears_on_torch))
         expected = thin_generate(new_tokens)
 
         def in_context(runner, backend, path, n):
@@ -362,6 +379,9 @@ def run_ragged_config(config: GenerationConfig, device: str, *, warmup: int = 1,
                        "new_tokens": new_tokens}
                 if reference is not None:
                     row["speedup_vs_per_length"] = reference[index]["median_ms"] / timing["median_ms"]
+                torch_linears = timings.get(provider + "-F.linear")
+                if torch_linears is not None:
+                    row["speedup_vs_torch_linears"] = torch_linears[index]["median_ms"] / timing["median_ms"]
                 rows.append(row)
     return rows
 
@@ -387,6 +407,9 @@ def main(argv=None) -> int:
         if "speedup_vs_per_length" in row:
             print(f"{row['config']} {row['mode']:9s} {row['provider']}: {row['speedup_vs_per_length']:.2f}x the "
                   f"per-length path")
+        if "speedup_vs_torch_linears" in row:
+            print(f"{row['config']} {row['mode']:9s} {row['provider']}: {row['speedup_vs_torch_linears']:.2f}x the same "
+                  f"path with its linears on F.linear")
     if args.out:
         from .metadata import collect_metadata
         write_json(args.out, collect_metadata(args.device, preset, argv), rows)

@@ -59,8 +59,12 @@ def test_main_prints_and_saves_ragged_rows_that_agree_before_timing(tmp_path, mo
         assert row["mode"] == "per_token" or row["median_ms"] > 0
         assert row["config"].endswith("-ragged8") and row["mode"] in ("prefill", "per_token")
         assert row["prompt_lengths"] == ragged_lengths(17)
-        ragged = row["provider"].startswith("fastadapter") and not row["provider"].endswith("-per-length")
+        ragged = row["provider"].startswith("fastadapter") and not row["provider"].endswith(("-per-length",
+                                                                                               "-F.linear"))
         assert ("speedup_vs_per_length" in row) == ragged
+        # The user's path beside itself with its linears on F.linear (the decode_linear kernel's share).
+        assert ("speedup_vs_torch_linears" in row) == (row["provider"] == "fastadapter-auto")
+    assert "fastadapter-auto-F.linear" in providers and "path with its linears on F.linear" in printed
     for row in rows:
         if row.get("skipped"):  # today: the cpu kernels, until they read seqused_k
             assert row["median_ms"] is None and "cannot run these inputs" in row["skipped"]
