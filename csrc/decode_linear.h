@@ -18,27 +18,13 @@
 // is not vectorised.
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "attention_cpu.h"  // Vec, load_float
 
 namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace decode_linear_kernel {
 
-using Vec = at::vec::Vectorized<float>;
-
 constexpr int kRows = 4;  // rows of x per register tile
 constexpr int kCols = 3;  // rows of w per register tile
-
-template <typename W>
-inline Vec load_weight(const W* p) {
-  if constexpr (std::is_same_v<W, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec out;
-    at::vec::load_to_float<W>(p, out);
-    return out;
-  }
-}
 
 inline float sum_lanes(const Vec& v) {
   float lanes[Vec::size()];
@@ -59,7 +45,7 @@ inline void tile(const float* x, const W* w, int64_t K, float* out, int64_t ldo)
   const int64_t k_vec = K - K % lanes;
   for (int64_t k = 0; k < k_vec; k += lanes) {
     Vec wv[COLS];
-    for (int c = 0; c < COLS; ++c) wv[c] = load_weight(w + c * K + k);
+    for (int c = 0; c < COLS; ++c) wv[c] = load_float(w + c * K + k);
     for (int r = 0; r < ROWS; ++r) {
       const Vec xv = Vec::loadu(x + r * K + k);
       for (int c = 0; c < COLS; ++c) acc[r][c] = at::vec::fmadd(xv, wv[c], acc[r][c]);
