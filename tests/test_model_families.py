@@ -1,0 +1,140 @@
+"""Qwen3, Gemma2, Gemma3 (text), Olmo and SmolLM3 folders in the thin model: tiny random models built from each
+family's transformers config (its distinguishing features on, see ``hf_folders.FAMILY_FEATURES``), saved with
+``save_pretrained`` and loaded with ``fastadapter.load_model``, compute transformers' logits batched and packed,
+generate what transformers generates greedily, start as the base model when adapted, and compute with an
+adapter what the transformers integration computes with the same adapter file. Unsupported features are refused
+by name."""
+import json
+
+import pytest
+import torch
+
+from fastadapter import load_model
+from fastadapter.model import CheckpointError, generate
+from fastadapter.model.adapter import AdapterConfig, adapted_layers, add_adapter, save_adapter
+
+from hf_folders import FAMILY_CLASSES, tiny_family_model
+
+FAMILIES = sorted(FAMILY_CLASSES)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_pair(request, tmp_path_factory):
+    """``(family, transformers model, folder)``: the model saved in the folder."""
+    folder = tmp_path_factory.mktemp(request.param)
+    hf = tiny_family_model(request.param)
+    hf.save_pretrained(folder)
+    return request.param, hf, folder
+
+
+def test_family_config_reads_the_features(family_pair):
+    family, _, folder = family_pair
+    config = load_model(folder).config
+    expected = {
+        "qwen3": dict(explicit_head_dim=24, qk_norm=True, max_seq_len=256),
+        "gemma2": dict(explicit_head_dim=24, norm="rmsnorm_plus_one", sandwich_norms=True, mlp_activation="gelu_tanh",
+                       scale_embeddings=True, attention_scale=20 ** -0.5, final_logit_softcap=30.0, max_seq_len=64,
+                       tie_embeddings=True),
+        "gemma3_text": dict(explicit_head_dim=24, qk_norm=True, sandwich_norms=True, final_logit_softcap=None,
+                            rope_theta=1e6, local_rope_theta=1e4, local_rope_layers=(0, 2), max_seq_len=64),
+        "olmo": dict(norm="layernorm_no_params", clip_qkv=0.5, norm_eps=1e-5, max_seq_len=256),
+        "smollm3": dict(layers_without_rope=(1,), max_seq_len=256),
+    }[family]
+    assert {key: getattr(config, key) for key in expected} == expected
+    if family == "gemma3_text":
+        assert config.rope_scaling.factor == 4.0
+
+
+def test_family_logits_equal_transformers(family_pair):
+    _, hf, folder = family_pair
+    model = load_model(folder)
+    tokens = torch.randint(0, 97, (2, 60))  # within the 64-token window of the Gemma models
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_family_packed_sequences_equal_separate_calls(family_pair):
+    _, hf, folder = family_pair
+    model = load_model(folder)
+    first, second = torch.randint(0, 97, (1, 23)), torch.randint(0, 97, (1, 37))
+    cu_seqlens = torch.tensor([0, 23, 60], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat([first, second], dim=1), cu_seqlens=cu_seqlens)
+        expected = torch.cat([hf(first).logits, hf(second).logits], dim=1)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_family_cached_generation_equals_transformers_greedy(family_pair):
+    _, hf, folder = family_pair
+    model = load_model(folder)
+    prompts = [torch.randint(3, 97, (7,)).tolist(), torch.randint(3, 97, (12,)).tolist()]
+    ours = generate(model, prompts, max_new_tokens=6)  # both rows in one batch, KV cache of different lengths
+    for prompt, tokens in zip(prompts, ours):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+        assert tokens == out[0, len(prompt):].tolist()
+
+
+def test_family_adapter_starts_as_the_base_and_matches_the_transformers_integration(family_pair, tmp_path):
+    from fastadapter.integrations.transformers import load_adapter as hf_load_adapter, remove_adapter
+
+    _, hf, folder = family_pair
+    model = load_model(folder)
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        base = model(tokens)
+        add_adapter(model, AdapterConfig(prompt_len=3, layers=2))
+        torch.testing.assert_close(model(tokens), base, rtol=0, atol=0)  # zero gates: exactly the base model
+        for adapter in adapted_layers(model).values():
+            adapter.gate.normal_(0, 1)
+        adapted = model(tokens)
+    assert (adapted - base).abs().max() > 1e-2  # the prompt now changes the output: the check below is not vacuous
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    # The same file in the Hugging Face model, adapted by the integration (q/k norms on the prompt's keys, the
+    # clamp on its keys and values, exactly as the thin model).
+    hf_load_adapter(hf, tmp_path / "adapter.safetensors")
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(adapted, hf(tokens).logits, rtol=1e-5, atol=2e-5)
+    finally:
+        remove_adapter(hf)
+
+
+def _edited_folder(tmp_path, family, **config_changes):
+    folder = tmp_path / family
+    tiny_family_model(family).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return folder
+
+
+@pytest.mark.parametrize("family, changes, message", [
+    ("gemma2", dict(attn_logit_softcapping=50.0),
+     "attn_logit_softcapping=50.0 is not supported: the fused zero-init attention has no soft-capping of the "
+     "attention scores"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True is not supported: the thin model's projections have no "
+                                         "bias"),
+    ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True is not supported: "
+                                                            "fastadapter's attention is causal"),
+    ("olmo", dict(hidden_act="gelu"), "hidden activation 'gelu' is not supported for olmo (expected 'silu')"),
+    ("gemma3_text", dict(model_type="gemma3"), "model_type is 'gemma3', Gemma3's multimodal model"),
+    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 1e4}}),
+     "a scaled RoPE on Gemma3's sliding layers is not supported"),
+    ("smollm3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+     "RoPE type 'dynamic' is not supported (fastadapter knows 'default', 'llama3', 'linear' and 'yarn')"),
+], ids=["gemma2-attention-softcap", "qwen3-attention-bias", "gemma3-bidirectional", "olmo-gelu",
+        "gemma3-multimodal", "gemma3-scaled-local-rope", "dynamic-rope"])
+def test_unsupported_features_are_refused_by_name(tmp_path, family, changes, message):
+    folder = _edited_folder(tmp_path, family, **changes)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_model(folder)
+
+
+def test_v2_is_refused_on_norms_other_than_rmsnorm(tmp_path):
+    from fastadapter.model.adapter_v2 import add_adapter_v2
+
+    tiny_family_model("gemma2").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="this model's norms are 'rmsnorm_plus_one'.*use LLaMA-Adapter V1"):
+        add_adapter_v2(load_model(tmp_path), AdapterConfig(prompt_len=2, layers=1))
