@@ -107,3 +107,17 @@ def test_new_family_folder_trains_resumes_and_generates_from_the_cli(family, sha
     assert main(["generate", "--model", str(folder), "--adapter", str(out / "adapter.safetensors"), "--template",
                  "chat", "--prompt", "Name a colour.", "--max-new-tokens", "3", "--device", "cpu",
                  "--dtype", "fp32"]) == 0
+
+
+def test_train_refuses_sequences_longer_than_the_sliding_window(shared_data, tmp_path, capsys):
+    """The loader caps a windowed model's max_seq_len at its window (full attention is exact within it):
+    ``--max-seq-len`` past it is refused, not trained with attention the model never computes."""
+    folder = write_chat_tokenizer(shared_data, tmp_path / "gemma2")
+    save_tiny_model(folder, "gemma2")  # window 128
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(CHAT_ROWS * 4))
+    # The later --max-seq-len wins over _train_argv's 128.
+    assert main(_train_argv(folder, data, tmp_path / "run", "--template", "chat", "--max-steps", "1",
+                            "--max-seq-len", "200")) == 2
+    assert "--max-seq-len (200) exceeds the model's max_seq_len (128: its context, or its sliding attention window)" \
+        in capsys.readouterr().err
