@@ -9,7 +9,8 @@ from .kv_cache import KVCache
 from .llama import LlamaModel
 from .tokenizer import load_tokenizer
 
-__all__ = ["LlamaConfig", "Llama3RopeScaling", "LinearRopeScaling", "YarnRopeScaling", "LLAMA_7B", "LlamaModel", "KVCache", "load_model", "CheckpointError",
+__all__ = ["LlamaConfig", "Llama3RopeScaling", "LinearRopeScaling", "YarnRopeScaling", "LLAMA_7B", "LlamaModel",
+           "KVCache", "load_model", "CheckpointError",
            "AdapterConfig", "add_adapter", "adapted_layers", "save_adapter", "load_adapter", "ADAPTER_FORMATS",
            "AdapterFileError", "write_adapter_file", "read_adapter_file", "base_model_fingerprint",
            "load_tokenizer", "generate", "sample_next_token"]

@@ -100,7 +100,8 @@ def _rope_scaling(path: str, params: dict, max_position_embeddings: int, where: 
             else:
                 attention_factor = mscale(factor)
         return YarnRopeScaling(factor=factor, original_max_seq_len=original,
-                               beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                               beta_fast=float(params.get("beta_fast") or 32),
+                               beta_slow=float(params.get("beta_slow") or 1),
                                attention_factor=float(attention_factor), truncate=bool(params.get("truncate", True)))
     raise CheckpointError(f"{path}: RoPE type {rope_type!r}{where} is not supported (fastadapter knows 'default', "
                           f"'llama3', 'linear' and 'yarn')")
