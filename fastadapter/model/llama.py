@@ -2,13 +2,14 @@
 :func:`fastadapter.zero_init_attention`.
 
 Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``,
-``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a Meta state dict loads as it is.
-
-LLaMA's relatives run on the same modules through a few :class:`LlamaConfig` options (q/k norms, qkv clamp, head
-width, softmax scale, Gemma's norms, GeGLU, embedding scale, logit soft-capping, per-layer RoPE); each is off by
-default and adds no operation when off. A layer becomes an
+``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a Meta state dict loads as it is. A layer becomes an
 adapted layer when :func:`fastadapter.add_adapter` gives its attention a :class:`LayerAdapter`; the other layers
 run plain causal attention (an empty prefix).
+
+LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`.load_hf`) run on the same modules through a few
+:class:`LlamaConfig` options: q/k norms, qkv clamp, head width, softmax scale, Gemma's norms and
+:class:`SandwichNormBlock`, GeGLU, embedding scale, final logit soft-capping, per-layer RoPE. Each is off by
+default and adds no tensor operation when off.
 
 Three ways to call the model:
 
