@@ -100,6 +100,24 @@ def test_family_adapter_starts_as_the_base_and_matches_the_transformers_integrat
         remove_adapter(hf)
 
 
+@pytest.mark.parametrize("family, overrides, max_seq_len", [
+    ("qwen3", dict(use_sliding_window=True, sliding_window=48, max_window_layers=1), 48),  # layers 1 and 2 slide
+    ("smollm3", dict(use_sliding_window=True, sliding_window=48), 48),  # its NoPE layer slides
+    ("smollm3", dict(sliding_window=48), 256),  # a window without use_sliding_window: every layer attends fully
+    ("gemma2", dict(sliding_window=100, layer_types=["full_attention"] * 3), 256),  # no sliding layer
+], ids=["qwen3-window", "smollm3-window", "smollm3-window-off", "gemma2-no-sliding-layer"])
+def test_sliding_windows_cap_max_seq_len(tmp_path, family, overrides, max_seq_len):
+    """Sequences no longer than the window see their whole past, so the loader caps max_seq_len at the window of
+    a model with sliding layers, and full causal attention then equals transformers' windowed attention."""
+    hf = tiny_family_model(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.max_seq_len == max_seq_len
+    tokens = torch.randint(0, 97, (2, min(max_seq_len, 60)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=2e-5)
+
+
 def _edited_folder(tmp_path, family, **config_changes):
     folder = tmp_path / family
     tiny_family_model(family).save_pretrained(folder)

@@ -144,8 +144,8 @@ def _sliding_window(hf: dict, model_type: str) -> Optional[int]:
     window = hf.get("sliding_window")
     if window is None:
         return None
-    if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
-        return None
+    if model_type == "smollm3" and not hf.get("use_sliding_window", False):
+        return None  # SmolLM3's attention slides only with use_sliding_window, whatever layer_types say
     if "sliding_attention" not in _layer_types(hf, model_type):
         return None
     return int(window)
