@@ -135,7 +135,8 @@ def _edited_folder(tmp_path, family, **config_changes):
     ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True is not supported: "
                                                             "fastadapter's attention is causal"),
     ("olmo", dict(hidden_act="gelu"), "hidden activation 'gelu' is not supported for olmo (expected 'silu')"),
-    ("gemma3_text", dict(model_type="gemma3"), "model_type is 'gemma3', Gemma3's multimodal model"),
+    ("gemma3_text", dict(model_type="gemma3"), "a multimodal Gemma3 config (model_type 'gemma3') needs a "
+                                               "'text_config' object"),
     ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                           "sliding_attention": {"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 1e4}}),
@@ -143,11 +144,55 @@ def _edited_folder(tmp_path, family, **config_changes):
     ("smollm3", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
      "RoPE type 'dynamic' is not supported (fastadapter knows 'default', 'llama3', 'linear' and 'yarn')"),
 ], ids=["gemma2-attention-softcap", "qwen3-attention-bias", "gemma3-bidirectional", "olmo-gelu",
-        "gemma3-multimodal", "gemma3-scaled-local-rope", "dynamic-rope"])
+        "gemma3-no-text-config", "gemma3-scaled-local-rope", "dynamic-rope"])
 def test_unsupported_features_are_refused_by_name(tmp_path, family, changes, message):
     folder = _edited_folder(tmp_path, family, **changes)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_model(folder)
+
+
+def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
+    """Gemma3 4B+ ship as Gemma3ForConditionalGeneration (``model_type`` gemma3): its language model loads from
+    ``text_config`` and the ``language_model.`` tensors, and computes the multimodal model's text-only logits."""
+    import transformers
+
+    text = tiny_family_model("gemma3_text", vocab_size=300).config.to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # weights at a scale where a misplaced one shows (see tiny_family_model)
+        for name, parameter in hf.model.language_model.named_parameters():
+            parameter.normal_(0, 0.5 if parameter.dim() == 1 else 1 if "embed" in name else parameter.shape[1] ** -0.5)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
+    model = load_model(tmp_path)
+    assert model.config.local_rope_layers == (0, 2) and model.config.rope_scaling.factor == 4.0
+    tokens = torch.randint(0, 297, (2, 50))  # text tokens only
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_gemma3_4b_config_json_with_a_partial_text_config(tmp_path):
+    """Google's Gemma3-4B config.json lists only what differs from Gemma3TextConfig's defaults in its text_config:
+    the rest (heads, head width, vocabulary, RoPE bases, window pattern) comes from those defaults."""
+    from fastadapter.model.load_hf import read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}))
+    config = read_hf_config(str(tmp_path))
+    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim, config.vocab_size) == \
+        (2560, 34, 8, 4, 256, 262_208)
+    assert config.max_seq_len == 1024  # the window
+    assert (config.rope_theta, config.rope_scaling.factor, config.local_rope_theta) == (1e6, 8.0, 1e4)
+    assert config.local_rope_layers == tuple(i for i in range(34) if (i + 1) % 6)  # five of every six layers
+    assert config.attention_scale == 256 ** -0.5 and config.tie_embeddings and config.final_logit_softcap is None
 
 
 def test_v2_is_refused_on_norms_other_than_rmsnorm(tmp_path):

@@ -18,8 +18,9 @@ GQA / gated-MLP block plus a few :class:`~fastadapter.model.config.LlamaConfig` 
   (``attn_logit_softcapping``, 50 in Google's checkpoints) is refused unless null: the fused op has none;
 * ``gemma3_text`` — Gemma2's block without soft-capping, plus q/k norms, and two RoPEs: the sliding layers
   rotate with their own base (``rope_local_base_freq``, ``local_rope_layers``) and the full-attention layers with
-  ``rope_theta`` and the scaling (``linear`` ×8 in Gemma3 4B+); windows capped as Mistral's. The multimodal
-  ``gemma3`` folders are refused (their text weights sit under another prefix beside a vision tower);
+  ``rope_theta`` and the scaling (``linear`` ×8 in Gemma3 4B+); windows capped as Mistral's. From a multimodal
+  ``gemma3`` folder (Gemma3 4B, 12B, 27B) the language model is loaded (``text_config``, the
+  ``language_model.`` tensors); the vision tower is not, so such a model is fine-tuned and run on text;
 * ``olmo`` — layer norms without weight or bias (``norm="layernorm_no_params"``), q/k/v clamped to
   ``clip_qkv``;
 * ``smollm3`` — no RoPE on the layers ``no_rope_layers`` marks 0 (``layers_without_rope``).
@@ -225,6 +226,24 @@ def _gemma3_rope(path: str, hf: dict, max_position_embeddings: int) -> dict:
             "local_rope_layers": tuple(local), "local_rope_theta": float(local_params["rope_theta"])}
 
 
+#: Gemma3TextConfig's defaults for what the ``text_config`` of Google's multimodal Gemma3 folders leaves out.
+_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                         "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+                         "sliding_window": 4096, "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1_000_000.0,
+                         "rope_local_base_freq": 10_000.0}
+
+
+def _gemma3_language_model_config(path: str, hf: dict) -> dict:
+    """The ``gemma3_text`` config of a multimodal Gemma3 folder's language model (its ``text_config``, over
+    Gemma3TextConfig's defaults); the vision tower and projector are not loaded."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{path}: a multimodal Gemma3 config (model_type 'gemma3') needs a 'text_config' "
+                              f"object describing its language model")
+    tied = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    return {**_GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "tie_word_embeddings": tied}
+
+
 def read_hf_config(folder: str) -> LlamaConfig:
     """The :class:`LlamaConfig` of a Hugging Face folder's ``config.json`` (``model_type`` one of
     :data:`FAMILIES`)."""
@@ -236,9 +255,7 @@ def read_hf_config(folder: str) -> LlamaConfig:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
     model_type = hf.get("model_type", "llama")
     if model_type == "gemma3":
-        raise CheckpointError(f"{path}: model_type is 'gemma3', Gemma3's multimodal model (vision tower and "
-                              f"language model in one folder); fastadapter loads the text-only 'gemma3_text' "
-                              f"folders (Gemma3-1B, or a text model saved from Gemma3ForCausalLM)")
+        hf, model_type = _gemma3_language_model_config(path, hf), "gemma3_text"
     if model_type not in FAMILIES:
         raise CheckpointError(f"{path}: model_type is {model_type!r}; fastadapter loads {', '.join(FAMILIES)} "
                               f"models")
@@ -348,7 +365,19 @@ def load_hf(folder: str, *, dtype: Optional[torch.dtype] = None):
     return assign_weights(build_on_meta(config), tensors, sources, dtype)
 
 
+def _language_model_key(key: str) -> str:
+    """The text model's name of a multimodal Gemma3 folder's language-model tensor (``language_model.model.…``
+    as saved, ``model.language_model.…`` in transformers ≥ 5's own layout, → ``model.…``); other keys as they
+    are (the vision tower's then match nothing)."""
+    if key.startswith("language_model."):
+        return key[len("language_model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
 def _meta_name(key: str, sandwich_norms: bool = False) -> Optional[str]:
+    key = _language_model_key(key)
     if key in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[key]
     if key.startswith("model.layers."):
