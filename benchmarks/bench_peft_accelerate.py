@@ -14,7 +14,10 @@ Modes:
 * ``prefill`` and ``decode_per_token``: ``generate()`` (greedy, KV cache) on a left-padded batch of 8 prompts of
   mixed lengths (1/4 to all of ``seqlen``, capped at 256): the prefill is one ``generate(max_new_tokens=1)``, the
   per-token time ``(generate(N) - prefill) / (N - 1)`` for the whole batch. Before timing, both providers must
-  generate the same tokens.
+  generate the same tokens. ``attention_share`` is the fraction of that time spent inside the decoder layers'
+  attention modules (hooks around them, separate runs), and the ``peft`` rows' ``attention_free_bound``
+  ``1 / (1 - share)`` is the most that replacing the attention alone can gain over PEFT (Amdahl's law: the
+  embeddings, MLPs, output head and ``generate``'s own work stay Hugging Face's).
 
 Batches of the training step: ``dense`` (no padding: the fused causal path) and ``padded`` (right padding: one
 ragged call over the real tokens and one over the padding queries per layer, see
@@ -198,6 +201,58 @@ def left_padded_prompts(config: StepConfig, device, batch: int = 8) -> dict:
     return {"input_ids": tokens.masked_fill(mask == 0, 0).to(device), "attention_mask": mask.to(device)}
 
 
+def attention_seconds(model, fn: Callable[[], object], device) -> tuple[float, float]:
+    """``(seconds inside the decoder layers' attention modules, seconds of the whole call)`` of one ``fn()``.
+
+    The attention module of a PEFT-adapted layer is PEFT's ``AdaptedAttention`` (the base attention, then the
+    prompt's); after ``accelerate`` it is the fused forward. What lies outside (embeddings, norms, MLPs, the output
+    head, generate's own work) is the same for both providers, so ``1 / (1 - share)`` of PEFT's time bounds the
+    speed-up that any change of the attention alone can reach (Amdahl's law)."""
+    layers = model.get_base_model().model.layers
+    spent = [0.0]
+    starts: dict[int, float] = {}
+
+    def before(module, args, kwargs):
+        _synchronize(device)
+        starts[id(module)] = time.perf_counter()
+
+    def after(module, args, kwargs, output):
+        _synchronize(device)
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    handles = [h for layer in layers for h in (
+        layer.self_attn.register_forward_pre_hook(before, with_kwargs=True),
+        layer.self_attn.register_forward_hook(after, with_kwargs=True))]
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0], total
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def attention_shares(model, generate: Callable[[int], object], new_tokens: int, device, repeats: int = 3
+                     ) -> tuple[float, float]:
+    """``(prefill share, per-token share)`` of the time spent in the attention modules (:func:`attention_seconds`),
+    medians of ``repeats`` paired prefill / whole-generation runs."""
+    prefill, per_token = [], []
+    for _ in range(max(1, repeats)):
+        a1, t1 = attention_seconds(model, lambda: generate(1), device)
+        an, tn = attention_seconds(model, lambda: generate(new_tokens), device)
+        prefill.append(a1 / t1)
+        per_token.append(max(an - a1, 0.0) / max(tn - t1, 1e-9))
+    return statistics.median(prefill), statistics.median(per_token)
+
+
 def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, warmup: int = 2, repeats: int = 5,
                    log: Callable[[str], None] = print) -> list[dict]:
     """Rows of ``generate()`` on :func:`left_padded_prompts`: modes ``prefill`` (``tokens_per_s`` over the prompt
@@ -227,18 +282,26 @@ def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, war
         log(f"  peft_accelerate: {label}: same tokens from both; fastadapter backend {backend}")
         prefill = interleaved_times(lambda: generate(1), model, warmup, repeats, device)
         whole = interleaved_times(lambda: generate(new_tokens), model, warmup, repeats, device)
+        shares = {}
+        for name, switch in providers.items():
+            switch(model)
+            shares[name] = attention_shares(model, generate, new_tokens, device, repeats=min(repeats, 3))
         prompt_tokens = int(prompts["attention_mask"].sum())
         for provider in providers:
             first = summarize(prefill[provider][0])
             per_token = per_step_summary(prefill[provider][0], whole[provider][0], new_tokens - 1)
             common = {"suite": "peft_accelerate", "provider": provider, "config": label,
                       "backend": backend if provider != "peft" else "-"}
-            rows.append({**common, "mode": "prefill", **first,
+            # What an attention that took no time at all would give over PEFT (the peft rows' attention share).
+            bound = {"attention_free_bound": 1 / (1 - shares[provider][0])} if provider == "peft" else {}
+            rows.append({**common, "mode": "prefill", **first, "attention_share": shares[provider][0], **bound,
                          "cpu_median_ms": statistics.median(prefill[provider][1]),
                          "tokens_per_s": prompt_tokens / (first["median_ms"] / 1e3)})
             cpu_per_token = (statistics.median(whole[provider][1]) - statistics.median(prefill[provider][1])) / max(
                 new_tokens - 1, 1)
+            bound = {"attention_free_bound": 1 / (1 - shares[provider][1])} if provider == "peft" else {}
             rows.append({**common, "mode": "decode_per_token", **per_token, "cpu_median_ms": cpu_per_token,
+                         "attention_share": shares[provider][1], **bound,
                          "tokens_per_s": prompts["input_ids"].shape[0] / (per_token["median_ms"] / 1e3)})
         providers["peft"](model)
     return rows
@@ -304,7 +367,10 @@ def _speedups(rows: list[dict]) -> str:
             lines.append(f"{label} {mode}: wall peft {row['median_ms']:.1f} ms, peft+fastadapter "
                          f"{fast['median_ms']:.1f} ms (x{row['median_ms'] / fast['median_ms']:.2f}); CPU time "
                          f"peft {row['cpu_median_ms']:.1f} ms, peft+fastadapter {fast['cpu_median_ms']:.1f} ms "
-                         f"(x{row['cpu_median_ms'] / fast['cpu_median_ms']:.2f})")
+                         f"(x{row['cpu_median_ms'] / fast['cpu_median_ms']:.2f})"
+                         + (f"; attention {row['attention_share']:.0%} of PEFT's time: at most "
+                            f"x{row['attention_free_bound']:.2f} from the attention alone"
+                            if "attention_free_bound" in row else ""))
     return "\n".join(lines)
 
 

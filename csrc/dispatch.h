@@ -1,5 +1,5 @@
 // The kernel variants of fastadapter._C and their entry points. Each variant is the same forward and backward
-// (attention_forward.h, attention_backward.h) compiled for one instruction set in its own translation unit and
+// (attention_forward.h, attention_backward.h) and decode-step linear (decode_linear.h) compiled for one instruction set in its own translation unit and
 // namespace; registration.cpp picks one per call from the CPU's features (__builtin_cpu_supports), or as
 // FASTADAPTER_CPU_ISA says. No -march flag is ever used, so one binary runs on every x86-64 CPU:
 //
@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 #include "problem.h"
@@ -44,6 +45,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,        \
                                     const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,   \
                                     const at::Tensor& lse_w, const at::Tensor& lse_p);                           \
+  at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias); \
   }
 
 FASTADAPTER_DECLARE_VARIANT(generic)

@@ -24,4 +24,5 @@
 #define FASTADAPTER_TILES_AVX2 1
 #include "attention_backward.h"
 #include "attention_forward.h"
+#include "decode_linear.h"
 #endif

@@ -30,4 +30,5 @@
 #define FASTADAPTER_REDUCED_PRECISION_PRODUCTS 1
 #include "attention_backward.h"
 #include "attention_forward.h"
+#include "decode_linear.h"
 #endif

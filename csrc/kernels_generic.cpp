@@ -6,3 +6,5 @@
 #define CPU_CAPABILITY fastadapter_generic
 #include "attention_backward.h"
 #include "attention_forward.h"
+#define FASTADAPTER_DECODE_LINEAR_ON_ATEN 1  // decode_linear.h: at::linear, not the unvectorised tiles
+#include "decode_linear.h"

@@ -9,6 +9,9 @@
 //                                      softmax_scale, gate_tanh)
 //       -> (dq, dk, dv, dprefix_k, dprefix_v, dgate)
 //
+//   torch.ops.fastadapter_cpu.decode_linear(x, weight, bias) -> out
+//       x [M, K] · weight [N, K]ᵀ (+ bias [N]) for the few rows of a decoding step (decode_linear.h)
+//
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
 // Shapes as DESIGN.md §1 and the ragged contract (problem.h): dense q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; varlen
@@ -351,6 +354,38 @@ BackwardResult backward_op(
   }
 }
 
+// out [M, N] = x [M, K] · weight [N, K]ᵀ (+ bias [N]) on the kernel variant of this CPU (decode_linear.h).
+at::Tensor decode_linear_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "fastadapter_cpu: decode_linear "
+              "needs x [M, K] and weight [N, K] with one K, got x ", shape_of(x), " and weight ", shape_of(weight));
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fastadapter_cpu: decode_linear "
+              "takes float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype && (!bias || bias->scalar_type() == dtype), "fastadapter_cpu: "
+              "decode_linear needs x, weight and bias of one dtype, got x ", dtype, ", weight ", weight.scalar_type(),
+              bias ? std::string(", bias ") + c10::toString(bias->scalar_type()) : std::string());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
+              "fastadapter_cpu: decode_linear takes CPU tensors only");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "fastadapter_cpu: decode_linear needs contiguous x and "
+              "weight (x ", shape_of(x), " strides ", x.strides(), ", weight strides ", weight.strides(), ")");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "fastadapter_cpu: decode_linear's "
+              "bias must be [", weight.size(0), "] (one per output), got ", shape_of(*bias));
+  if (x.size(0) == 0 || weight.size(0) == 0) return at::empty({x.size(0), weight.size(0)}, x.options());
+  if (x.size(1) == 0) {  // an empty sum: the bias alone
+    at::Tensor out = at::zeros({x.size(0), weight.size(0)}, x.options());
+    return bias ? out.add_(*bias) : out;
+  }
+  switch (choose_variant(nullptr)) {
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+    case Variant::kAvx512: return avx512::decode_linear(x, weight, bias);
+#endif
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+    case Variant::kAvx2: return avx2::decode_linear(x, weight, bias);
+#endif
+    default: return generic::decode_linear(x, weight, bias);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastadapter_cpu, m) {
@@ -361,12 +396,14 @@ TORCH_LIBRARY(fastadapter_cpu, m) {
         "Tensor out, Tensor lse_w, Tensor lse_p, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
         "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, bool gate_tanh) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("cpu_path() -> (str, str)", &cpu_path_op);
 }
 
 TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {
   m.impl("forward", &forward_op);
   m.impl("backward", &backward_op);
+  m.impl("decode_linear", &decode_linear_op);
 }
 
 }  // namespace fastadapter_cpu

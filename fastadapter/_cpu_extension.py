@@ -115,6 +115,10 @@ def _register_fakes() -> None:
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
                 prefix_v.new_empty(prefix_v.shape), gate.new_empty(gate.shape, dtype=torch.float32))
 
+    @torch.library.register_fake("fastadapter_cpu::decode_linear")
+    def _decode_linear(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
 
 def _checkout_root() -> str:
     """The folder above the package: a checkout (editable install) has csrc/ there."""

@@ -269,3 +269,8 @@ def test_generation_benchmark_checks_the_tokens_and_names_the_backend():
     assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert {r["backend"] for r in rows if r["provider"] == "peft+fastadapter"} <= {"triton", "cpu", "sdpa",
                                                                                  "reference"}
+    # The attention modules' share of each provider's time, and for PEFT the bound it puts on any attention change.
+    assert all(0 < r["attention_share"] < 1 for r in rows)
+    assert all(r["attention_free_bound"] == pytest.approx(1 / (1 - r["attention_share"]))
+               for r in rows if r["provider"] == "peft")
+    assert not any("attention_free_bound" in r for r in rows if r["provider"] != "peft")

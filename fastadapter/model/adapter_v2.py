@@ -29,9 +29,9 @@ import os
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..decode_linear import decode_linear
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
 from .adapter_file import AdapterFileError
 from .llama import LlamaModel, RMSNorm
@@ -56,7 +56,7 @@ class BiasScaleLinear(nn.Module):
         self.v2_scale = nn.Parameter(torch.ones(self.out_features, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = decode_linear(x, self.weight, self.bias)
         return (y + self.v2_bias.to(y.dtype)) * self.v2_scale.to(y.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

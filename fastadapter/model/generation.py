@@ -91,8 +91,11 @@ def generate(model: LlamaModel, prompts: Sequence[Sequence[int]], *, max_new_tok
     packed = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=weight.device)[None]
     # The per-prompt prefix K/V are projected at the prefill and kept in the cache for every decoding step.
     extra = {"prompt_offsets": prompt_offsets} if prompt_offsets else {}
-    logits = model(packed, cu_seqlens=cu_seqlens.to(weight.device), cache=cache, **extra)
-    last = logits[0, cu_seqlens[1:].long().to(weight.device) - 1]  # [B, V]: each prompt's last position
+    # Only each prompt's last position needs logits: the output head over every prompt token would cost as much
+    # as several decoder layers (a [T, V] product) for nothing.
+    last_positions = cu_seqlens[1:].long().to(weight.device) - 1
+    last = model(packed, cu_seqlens=cu_seqlens.to(weight.device), cache=cache, logits_positions=last_positions,
+                 **extra)[0]  # [B, V]
 
     finished = [False] * len(prompts)
     for step in range(max_new_tokens):

@@ -1,5 +1,6 @@
 """``LlamaModel``: a small, readable LLaMA 1/2/3 (RMSNorm, RoPE, SwiGLU, GQA) whose attention is
-:func:`fastadapter.zero_init_attention`.
+:func:`fastadapter.zero_init_attention`. Its linear layers are :class:`~fastadapter.decode_linear.DecodeLinear`
+(``nn.Linear`` whose few-row calls of a decoding step run a compiled CPU kernel).
 
 Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``,
 ``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a Meta state dict loads as it is. A layer becomes an
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import zero_init_attention
+from ..decode_linear import DecodeLinear, decode_linear
 from .config import LlamaConfig
 from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
@@ -73,9 +75,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = DecodeLinear(dim, hidden_dim, bias=False)
+        self.w2 = DecodeLinear(hidden_dim, dim, bias=False)
+        self.w3 = DecodeLinear(dim, hidden_dim, bias=False)
         self.activation = gelu_tanh if activation == "gelu_tanh" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +96,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = DecodeLinear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = DecodeLinear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = DecodeLinear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wo = DecodeLinear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.adapter: Optional[LayerAdapter] = None
         self.clip_qkv = config.clip_qkv
         self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
@@ -305,7 +307,7 @@ class LlamaModel(nn.Module):
             cache.advance(step.new_lengths)
         if logits_positions is not None:
             h = h.index_select(1, logits_positions)
-        logits = F.linear(self.norm(h), self.output_weight)
+        logits = decode_linear(self.norm(h), self.output_weight)
         if self.config.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.config.final_logit_softcap) * self.config.final_logit_softcap
         return logits

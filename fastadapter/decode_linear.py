@@ -1,0 +1,73 @@
+"""``decode_linear`` and ``DecodeLinear``: ``F.linear`` / ``nn.Linear`` whose few-row calls run a compiled CPU kernel.
+
+A decoding step of generation feeds one new token per sequence through every weight of the model: a handful of
+rows (``x [M, K]``, M = the batch) against each ``[N, K]`` weight, so the step's time is the time to stream the
+weights. MKL's GEMM packs such a weight before multiplying; ``torch.ops.fastadapter_cpu.decode_linear``
+(``csrc/decode_linear.h``) streams each weight row once through AVX2/AVX-512 register tiles instead, and widens
+bf16/fp16 weights in registers. Measured side by side (``python -m benchmarks.bench_decode_linear``), it is faster
+than ``F.linear`` for 2 to 16 rows; for one row MKL's matrix-vector product is as fast, and for more rows MKL's
+packing pays off, so those calls stay on ``F.linear``.
+
+The kernel has no backward: a call that records a gradient (grad mode on and any input requiring grad) uses
+``F.linear``, as do calls under ``torch.compile``, off the CPU, on tensor subclasses (quantized weights, FSDP's ``DTensor``), on mixed or
+unsupported dtypes, on non-contiguous weights, and when ``fastadapter._C`` is not built. Results equal
+``F.linear``'s up to the summation order (fp32 accumulation in both).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _cpu_extension
+
+#: Calls with this many rows (the elements of ``x`` over its last dimension) run the kernel.
+MIN_ROWS, MAX_ROWS = 2, 16
+#: ``False`` sends every call to ``F.linear`` (``FASTADAPTER_DECODE_LINEAR=0`` at import; benchmarks flip it).
+ENABLED = os.environ.get("FASTADAPTER_DECODE_LINEAR", "1") != "0"
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`decode_linear` runs the compiled kernel for these arguments (else ``F.linear``)."""
+    features = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // features if features else 0
+    if not (ENABLED and MIN_ROWS <= rows <= MAX_ROWS and x.device.type == "cpu"):
+        return False
+    if torch.compiler.is_compiling():  # inductor generates its own code for the product
+        return False
+    if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return _cpu_extension.unavailable_reason() is None
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` → ``[..., N]`` in x's dtype.
+
+    Decode-shaped CPU calls (2 to 16 rows, no gradient recorded, see :func:`runs_kernel`) run
+    ``torch.ops.fastadapter_cpu.decode_linear``; every other call is ``F.linear`` itself.
+    """
+    if not runs_kernel(x, weight, bias):
+        return F.linear(x, weight, bias)
+    features = x.shape[-1]
+    out = torch.ops.fastadapter_cpu.decode_linear(x.reshape(-1, features).contiguous(), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class DecodeLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) whose forward is :func:`decode_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
