@@ -1,5 +1,7 @@
 """Tiny Hugging Face folders for the tests: a chat tokenizer (LLaMA's real SentencePiece vocabulary converted to
-tokenizer.json, plus ChatML's turn markers) and small random Mistral / Qwen2 models saved beside it."""
+tokenizer.json, plus ChatML's turn markers) and small random models of every family the loader reads (Mistral,
+Qwen2, and Qwen3 / Gemma2 / Gemma3 / Olmo / SmolLM3 with the features that set them apart switched on) saved
+beside it."""
 import json
 
 import torch
@@ -40,9 +42,60 @@ def write_chat_tokenizer(shared_data, folder, template=CHATML_TEMPLATE):
     return folder
 
 
-def save_tiny_model(folder, family="mistral", vocab_size=32064, seed=0):
-    """A random 2-layer ``family`` model (hidden 64, 4 query / 2 kv heads) saved in ``folder``."""
+#: transformers' config and causal-LM classes of the families LLaMA's relatives bring.
+FAMILY_CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                  "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"), "olmo": ("OlmoConfig", "OlmoForCausalLM"),
+                  "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM")}
+
+#: Settings of a 3-layer model that switch on what sets each family apart: a head width other than hidden / heads
+#: (24, not 16), Gemma's softmax scale, final logit soft-capping, sliding layers (the window caps max_seq_len),
+#: Gemma3's linear-scaled global RoPE beside a local base, Olmo's clamp, a SmolLM3 layer without RoPE.
+FAMILY_FEATURES = {
+    "qwen3": dict(head_dim=24),
+    "gemma2": dict(head_dim=24, query_pre_attn_scalar=20, attn_logit_softcapping=None, final_logit_softcapping=30.0,
+                   sliding_window=64),
+    "gemma3_text": dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=64,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "olmo": dict(clip_qkv=0.5),
+    "smollm3": dict(no_rope_layers=[1, 0, 1]),
+}
+
+
+def tiny_family_model(family, *, vocab_size=97, seed=0, **overrides):
+    """A random 3-layer ``family`` model (one of :data:`FAMILY_CLASSES`; hidden 64, 4 query / 2 kv heads) with
+    :data:`FAMILY_FEATURES` on, in eval mode. Every weight is drawn at a scale where it matters (transformers'
+    initialisation leaves norms at 1 or 0 and logits near 0, where a misplaced norm or cap would not show)."""
     import transformers
+    config_class, model_class = FAMILY_CLASSES[family]
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, **FAMILY_FEATURES[family])
+    config = getattr(transformers, config_class)(**{**settings, **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:  # norm weights
+                parameter.normal_(0, 0.5)
+            elif "embed_tokens" in name:
+                parameter.normal_(0, 1)
+            else:
+                parameter.normal_(0, parameter.shape[1] ** -0.5)
+    return model
+
+
+def save_tiny_model(folder, family="mistral", vocab_size=32064, seed=0):
+    """A random ``family`` model saved in ``folder``: 2 layers (hidden 64, 4 query / 2 kv heads) for llama,
+    mistral and qwen2, :func:`tiny_family_model` (windows of 128 tokens) for the others."""
+    import transformers
+    if family in FAMILY_CLASSES:
+        window = {"sliding_window": 128} if "sliding_window" in FAMILY_FEATURES[family] else {}
+        model = tiny_family_model(family, vocab_size=vocab_size, seed=seed, bos_token_id=1, eos_token_id=32001,
+                                  **window)
+        model.save_pretrained(folder)
+        return model
     names = {"mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
              "llama": ("LlamaConfig", "LlamaForCausalLM")}[family]
     torch.manual_seed(seed)

@@ -80,3 +80,44 @@ def test_qwen2_folder_trains_from_the_cli_on_chat_rows(shared_data, tmp_path, ca
                             "--eval-every", "0")) == 0
     printed = capsys.readouterr().out
     assert "eval loss" in printed and (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "olmo", "smollm3"])
+def test_new_family_folder_trains_resumes_and_generates_from_the_cli(family, shared_data, tmp_path, capsys):
+    """Each family the thin model gained trains from ``fastadapter train`` on chat rows, resumes to more steps
+    (the adapter moved, the checkpoint's step continues), and generates from the trained adapter."""
+    folder = write_chat_tokenizer(shared_data, tmp_path / family)
+    save_tiny_model(folder, family)
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(CHAT_ROWS * 4))
+    out = tmp_path / "run"
+    argv = _train_argv(folder, data, out, "--template", "chat", "--eval-every", "0", "--save-every", "1")
+    assert main([*argv, "--max-steps", "2"]) == 0
+    assert main([*argv, "--max-steps", "3", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resum" in printed.lower()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m][-3:] == [1, 2, 3]
+
+    from fastadapter.model.adapter import load_adapter
+    from fastadapter.model.checkpoints import load_model
+    model = load_adapter(load_model(folder), out / "adapter.safetensors")
+    assert float(model.layers[-1].attention.adapter.gate.detach().abs().max()) > 0  # trained, not the zero init
+    assert main(["generate", "--model", str(folder), "--adapter", str(out / "adapter.safetensors"), "--template",
+                 "chat", "--prompt", "Name a colour.", "--max-new-tokens", "3", "--device", "cpu",
+                 "--dtype", "fp32"]) == 0
+
+
+def test_train_refuses_sequences_longer_than_the_sliding_window(shared_data, tmp_path, capsys):
+    """The loader caps a windowed model's max_seq_len at its window (full attention is exact within it):
+    ``--max-seq-len`` past it is refused, not trained with attention the model never computes."""
+    folder = write_chat_tokenizer(shared_data, tmp_path / "gemma2")
+    save_tiny_model(folder, "gemma2")  # window 128
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(CHAT_ROWS * 4))
+    # The later --max-seq-len wins over _train_argv's 128.
+    assert main(_train_argv(folder, data, tmp_path / "run", "--template", "chat", "--max-steps", "1",
+                            "--max-seq-len", "200")) == 2
+    assert "--max-seq-len (200) exceeds the model's max_seq_len (128: its context, or its sliding attention window)" \
+        in capsys.readouterr().err

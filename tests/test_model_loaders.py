@@ -210,7 +210,11 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
     (dict(rope_theta=10000.0), None),  # LLaMA 2 style, one file
     (dict(rope_theta=10000.0), "40KB"),  # sharded with model.safetensors.index.json
     (dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, tie_word_embeddings=True), None),  # LLaMA 3.2 style
-], ids=["llama2", "sharded", "llama3-scaled-tied"])
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}), None),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "rope_theta": 10000.0}), None),  # attention factor 0.1 ln 4 + 1 on cos and sin
+    (dict(head_dim=16), None),  # a head width other than hidden / heads (Mistral-Nemo's 128 for 5120 / 32)
+], ids=["llama2", "sharded", "llama3-scaled-tied", "linear-rope", "yarn-rope", "explicit-head-dim"])
 def test_hf_folder_gives_transformers_logits(tmp_path, overrides, shard):
     hf = _hf_model(**overrides)
     hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
@@ -218,7 +222,7 @@ def test_hf_folder_gives_transformers_logits(tmp_path, overrides, shard):
         assert (tmp_path / "model.safetensors.index.json").exists()
     model = load_model(tmp_path)
     assert model.config.tie_embeddings == overrides.get("tie_word_embeddings", False)
-    assert (model.config.rope_scaling is not None) == ("rope_scaling" in overrides)
+    assert (model.config.rope_scaling is not None) == ("rope_scaling" in overrides or "rope_parameters" in overrides)
     # The adapter fingerprint reads the embedding, which no loader transforms: HF's own tensor gives the same.
     c = model.config
     assert base_model_description(model)["fingerprint"] == base_model_fingerprint(
@@ -337,8 +341,9 @@ def test_hf_unknown_family_names_the_supported_ones(tmp_path):
     hf = _hf_model()
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
-    with pytest.raises(CheckpointError, match="model_type is 'gemma2'; fastadapter loads llama, mistral, qwen2"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    with pytest.raises(CheckpointError, match="model_type is 'phi3'; fastadapter loads llama, mistral, qwen2, qwen3, "
+                                              "gemma2, gemma3_text, olmo, smollm3 models"):
         load_model(tmp_path)
 
 
@@ -351,3 +356,32 @@ def test_qwen2_missing_bias_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor 'layers.1.attention.wk.bias' is missing \(expected shape "
                                               r"\[40\]\)"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("parameters", [
+    {"rope_type": "linear", "factor": 8.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2,
+     "truncate": False},
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+     "mscale_all_dim": 0.707},  # DeepSeek's attention factor from mscale / mscale_all_dim
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "attention_factor": 1.3},
+], ids=["linear", "yarn", "yarn-betas-untruncated", "yarn-mscale", "yarn-attention-factor"])
+def test_rope_scalings_equal_transformers_rope_init(tmp_path, parameters):
+    """The inverse frequencies and cos/sin factor read from a config.json equal those of transformers' own
+    ``ROPE_INIT_FUNCTIONS`` for the same config."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fastadapter.model.load_hf import read_hf_config
+    from fastadapter.model.rope import rope_attention_factor, rope_inverse_frequencies
+
+    hf_config = HFConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=16384,
+                         rope_parameters={**parameters, "rope_theta": 50000.0})
+    hf_config.save_pretrained(tmp_path)
+    expected_inv_freq, expected_factor = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](hf_config)
+    config = read_hf_config(str(tmp_path))
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    torch.testing.assert_close(inv_freq, expected_inv_freq, rtol=1e-6, atol=0)
+    assert rope_attention_factor(config.rope_scaling) == pytest.approx(expected_factor, rel=1e-12)
+    assert not torch.allclose(inv_freq, rope_inverse_frequencies(config.head_dim, config.rope_theta))  # scaled

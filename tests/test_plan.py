@@ -30,6 +30,24 @@ def test_weight_matmuls_match_the_flop_counter(adapter_layers):
     assert counter.get_total_flops() - forward == expected.backward
 
 
+def test_weight_matmuls_match_the_flop_counter_with_heads_wider_than_the_model():
+    """Qwen3 and Gemma heads: n_heads · head_dim (4 · 16 = 64) differs from dim (32), in q, o and the prefix."""
+    import dataclasses
+
+    from fastadapter.model import AdapterConfig, LlamaModel, add_adapter
+    config = dataclasses.replace(TINY, explicit_head_dim=16)
+    torch.manual_seed(0)
+    model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=2))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        logits = model(torch.randint(0, config.vocab_size, (1, 37)))
+        forward = counter.get_total_flops()
+        logits.float().square().sum().backward()
+    expected = sequence_flops(config, 37, adapter_layers=2, prompt_len=3, include_attention=False)
+    assert forward == expected.forward
+    assert counter.get_total_flops() - forward == expected.backward
+
+
 def test_paper_setting_on_llama_7b():
     config = NAMED_CONFIGS["llama-7b"]
     flops = sequence_flops(config, 512, adapter_layers=30, prompt_len=10)

@@ -323,6 +323,8 @@ def test_eval_and_train_refuse_image_flags_that_do_not_fit(tmp_path, shared_data
     assert "text-only adapter (no image projection)" in capsys.readouterr().err
     assert cli_main(common + ["--limit", "0"]) == 2
     assert "--limit must be positive" in capsys.readouterr().err
+    assert cli_main(common + ["--max-seq-len", "513"]) == 2  # past the 512 positions of stories260K
+    assert "--max-seq-len (513) exceeds the model's max_seq_len (512" in capsys.readouterr().err
     assert cli_main(["train", "--model", str(shared_data / "stories260K.bin"), "--data",
                      str(shared_data / "alpaca_tiny.json"), "--out", str(tmp_path / "r"), "--fusion", "early"]) == 2
     assert "--fusion configures the image features: it needs --vision-model" in capsys.readouterr().err

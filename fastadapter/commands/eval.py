@@ -93,6 +93,10 @@ def run(args) -> int:
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
     max_seq_len = args.max_seq_len or model.config.max_seq_len
+    if max_seq_len > model.config.max_seq_len:
+        raise ValueError(f"--max-seq-len ({max_seq_len}) exceeds the model's max_seq_len "
+                         f"({model.config.max_seq_len}: its context, or its sliding attention window); give at most "
+                         f"{model.config.max_seq_len}")
     predictions = predict(scorer, problems, tokenizer, max_seq_len=max_seq_len, batch_tokens=args.batch_tokens,
                           pixels=pixels, device=device)
     result = {"task": args.task, "data": os.path.abspath(args.data), "split": args.split,

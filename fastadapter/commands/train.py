@@ -336,6 +336,12 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
             f"{sum(p.numel() for p in mm.parameters() if p.requires_grad):,} trainable parameters with the projection")
 
     max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
+    if max_seq_len > model.config.max_seq_len:
+        # Past it, positions leave what the model was trained on, or a sliding window would cut (the loaders cap
+        # max_seq_len at the window, where full causal attention is still exact).
+        raise ValueError(f"--max-seq-len ({max_seq_len}) exceeds the model's max_seq_len "
+                         f"({model.config.max_seq_len}: its context, or its sliding attention window); give at most "
+                         f"{model.config.max_seq_len}")
     if args.batch_tokens < max_seq_len:
         raise ValueError(f"--batch-tokens ({args.batch_tokens}) must be >= --max-seq-len ({max_seq_len}, the "
                          f"default for this model): a packed row must hold the longest example")

@@ -6,7 +6,8 @@ On top of V1's prompts and zero-init gates (one gate per head of every adapted l
 * **bias and scale of every linear layer** of every block (``wq wk wv wo w1 w2 w3``): ``y = s ⊙ (W x + b)``, the
   paper's formula, with ``b [out] = 0`` and ``s [out] = 1`` at the start, so that the model starts as the base
   model (:class:`BiasScaleLinear`; a base bias such as Qwen2's q/k/v bias stays frozen inside ``W x``);
-* **the RMSNorm weights** (``attention_norm``, ``ffn_norm`` of every block and the final ``norm``), kept fp32.
+* **the RMSNorm weights** (``attention_norm``, ``ffn_norm`` of every block and the final ``norm``), kept fp32;
+  Qwen3's q/k norms stay frozen, and models whose norms are not LLaMA's RMSNorm (Gemma2/3, Olmo) are refused.
 
 With the paper's settings on LLaMA-7B (P = 10 on the top 30 of 32 layers, gates per head) that is
 1,229,760 (V1) + 2,719,744 (bias and scale: 2 · (4·4096 + 2·11008 + 4096) · 32, 0.04 % of the 6.74 B weights, the
@@ -107,6 +108,10 @@ def add_adapter_v2(model: LlamaModel, config: Optional[AdapterConfig] = None) ->
         ``model``; its trainable parameters are the adapter's, the ``v2_bias``/``v2_scale`` of every linear and
         the norm weights (all fp32).
     """
+    if model.config.norm != "rmsnorm":
+        raise ValueError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this model's "
+                         f"norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer norm): "
+                         f"use LLaMA-Adapter V1 (--adapter v1) on it")
     add_adapter(model, config)  # freezes every base weight
     for block in model.layers:
         for name in LINEARS:

@@ -2,7 +2,8 @@
 
 * llama2.c legacy ``.bin`` (:mod:`.load_llama2c`);
 * Meta ``consolidated.*.pth`` + ``params.json``, one or several model-parallel shards (:mod:`.load_meta`);
-* Hugging Face ``LlamaForCausalLM`` folders, ``config.json`` + ``*.safetensors`` (:mod:`.load_hf`).
+* Hugging Face folders of LLaMA and its relatives (Mistral, Qwen2/3, Gemma2/3, Olmo, SmolLM3), ``config.json`` +
+  ``*.safetensors`` (:mod:`.load_hf`).
 
 Every loader builds the model on the meta device and hands :func:`assign_weights` tensors that are views of the
 memory-mapped files, so loading allocates no second copy of the weights (only tensors that must be reshaped or

@@ -7,6 +7,11 @@ Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.atte
 adapted layer when :func:`fastadapter.add_adapter` gives its attention a :class:`LayerAdapter`; the other layers
 run plain causal attention (an empty prefix).
 
+LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`.load_hf`) run on the same modules through a few
+:class:`LlamaConfig` options: q/k norms, qkv clamp, head width, softmax scale, Gemma's norms and
+:class:`SandwichNormBlock`, GeGLU, embedding scale, final logit soft-capping, per-layer RoPE. Each is off by
+default and adds no tensor operation when off.
+
 Three ways to call the model:
 
 * batched: ``tokens [B, S]``;
@@ -33,7 +38,8 @@ from ..decode_linear import DecodeLinear, decode_linear
 from .config import LlamaConfig
 from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
-from .rope import apply_rope, rope_angles, rope_inverse_frequencies
+from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm
+from .rope import apply_rope, rope_angles, rope_attention_factor, rope_inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -50,22 +56,41 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) · w3 x)``."""
+def make_norm(config: LlamaConfig, dim: int) -> nn.Module:
+    """The norm layer ``config.norm`` names, over the last ``dim`` features."""
+    if config.norm == "rmsnorm_plus_one":
+        return PlusOneRMSNorm(dim, config.norm_eps)
+    if config.norm == "layernorm_no_params":
+        return ParameterFreeLayerNorm(dim, config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
 
-    def __init__(self, dim: int, hidden_dim: int):
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) · w3 x)`` (GeGLU, ``gelu_tanh`` for ``silu``, with ``mlp_activation="gelu_tanh"``)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         self.w1 = DecodeLinear(dim, hidden_dim, bias=False)
         self.w2 = DecodeLinear(hidden_dim, dim, bias=False)
         self.w3 = DecodeLinear(dim, hidden_dim, bias=False)
+        self.activation = gelu_tanh if activation == "gelu_tanh" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, through zero-init attention; ``adapter`` (None until
-    :func:`fastadapter.add_adapter`) supplies the prefix and the gate."""
+    :func:`fastadapter.add_adapter`) supplies the prefix and the gate.
+
+    With ``config.clip_qkv`` q, k, v are clamped after their projections, with ``config.qk_norm`` q and k go
+    through ``q_norm``/``k_norm`` before RoPE; the prompt's keys and values take the same key and value path
+    (clamp, ``k_norm``; no RoPE), as in :mod:`fastadapter.integrations._llama_pattern`."""
 
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
@@ -76,6 +101,13 @@ class Attention(nn.Module):
         self.wv = DecodeLinear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = DecodeLinear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.adapter: Optional[LayerAdapter] = None
+        self.clip_qkv = config.clip_qkv
+        self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-self.clip_qkv, self.clip_qkv)
 
     def _prefix_and_gate(self, x: torch.Tensor, cache: Optional[KVCache],
                          prompt_offset: Optional[torch.Tensor] = None):
@@ -89,7 +121,13 @@ class Attention(nn.Module):
 
         def project():
             per_sequence = {} if prompt_offset is None else {"offset": prompt_offset}
-            return self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype, **per_sequence)
+            prefix_k, prefix_v = self.adapter.prefix_kv(self.wk, self.wv, self.n_kv_heads, self.head_dim, x.dtype,
+                                                        **per_sequence)
+            if self.clip_qkv is not None:
+                prefix_k, prefix_v = self._clip(prefix_k), self._clip(prefix_v)
+            if self.k_norm is not None:
+                prefix_k = self.k_norm(prefix_k)
+            return prefix_k, prefix_v
 
         prefix_k, prefix_v = project() if cache is None else cache.prefix_kv(self.layer_index, project)
         return prefix_k, prefix_v, self.adapter.gate, self.adapter.gate_activation
@@ -106,14 +144,17 @@ class Attention(nn.Module):
         sequences (rows, or packed sequences), giving the fused op one prompt per sequence.
         """
         batch, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        if self.clip_qkv is None and self.q_norm is None:
+            q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
+            k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+            v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        else:
+            q, k, v = self._clipped_normed_qkv(x, cos, sin)
         prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache, prompt_offset)
 
         def attend(q_, k_, v_, **ragged):
             return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True,
-                                       gate_activation=activation, **ragged)
+                                       softmax_scale=self.softmax_scale, gate_activation=activation, **ragged)
 
         if cache is not None and cache_step is None:
             raise ValueError("a call with a KV cache needs its cache_step (KVCache.plan_packed / plan_append)")
@@ -132,20 +173,48 @@ class Attention(nn.Module):
             out = attend(q, k, v)
         return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
+    def _clipped_normed_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` with ``clip_qkv``'s clamp after the projections and
+        ``q_norm``/``k_norm`` before RoPE (Olmo, Qwen3, Gemma3)."""
+        batch, seqlen, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.clip_qkv is not None:
+            q, k, v = self._clip(q), self._clip(k), self._clip(v)
+        q = q.view(batch, seqlen, self.n_heads, self.head_dim)
+        k = k.view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(batch, seqlen, self.n_kv_heads, self.head_dim)
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``h = x + attention(norm(x))``, ``out = h + feed_forward(norm(h))``."""
 
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = make_norm(config, config.dim)
         self.attention = Attention(config, layer_index)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.ffn_norm = make_norm(config, config.dim)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.mlp_activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention_kwargs) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, **attention_kwargs)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class SandwichNormBlock(TransformerBlock):
+    """Gemma2/3's block (``config.sandwich_norms``): the outputs of the attention and of the feed-forward are
+    normalised too before each residual addition, ``h = x + attention_output_norm(attention(attention_norm(x)))``,
+    ``out = h + ffn_output_norm(feed_forward(ffn_norm(h)))``."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__(config, layer_index)
+        self.attention_output_norm = make_norm(config, config.dim)
+        self.ffn_output_norm = make_norm(config, config.dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        h = x + self.attention_output_norm(self.attention(self.attention_norm(x), cos, sin, **attention_kwargs))
+        return h + self.ffn_output_norm(self.feed_forward(self.ffn_norm(h)))
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -176,8 +245,9 @@ class LlamaModel(nn.Module):
                                            _weight=torch.empty(config.vocab_size, config.dim))
         if not self.tok_embeddings.weight.is_meta:
             nn.init.normal_(self.tok_embeddings.weight)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        block = SandwichNormBlock if config.sandwich_norms else TransformerBlock
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config, config.dim)
         # Tied: no separate parameter, the logits reuse the embedding (one tensor in the state dict).
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         #: The AdapterConfig of the adapter that fastadapter.add_adapter gave the model (None: not adapted).
@@ -220,13 +290,14 @@ class LlamaModel(nn.Module):
         """
         tokens, positions, cu_seqlens, max_seqlen, step = self._check_call(tokens, cu_seqlens, max_seqlen,
                                                                            positions, cache)
-        inv_freq = rope_inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
-                                            device=tokens.device)
-        cos, sin = rope_angles(positions, inv_freq)
+        rotations = self._layer_rotations(positions)
         h = self.tok_embeddings(tokens)
+        if self.config.scale_embeddings:
+            h = h * torch.tensor(self.config.dim ** 0.5).to(h.dtype)  # rounded to h's dtype as Gemma's
         kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, cache_step=step)
         offsets = self._check_prompt_offsets(prompt_offsets, tokens, cu_seqlens)
         for index, block in enumerate(self.layers):
+            cos, sin = rotations[index]
             kwargs["prompt_offset"] = offsets.get(index)
             if self.activation_checkpointing and self._takes_part_in_gradient(block, h, kwargs["prompt_offset"]):
                 h = checkpoint(block, h, cos, sin, use_reentrant=False, **kwargs)
@@ -236,7 +307,32 @@ class LlamaModel(nn.Module):
             cache.advance(step.new_lengths)
         if logits_positions is not None:
             h = h.index_select(1, logits_positions)
-        return decode_linear(self.norm(h), self.output_weight)
+        logits = decode_linear(self.norm(h), self.output_weight)
+        if self.config.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_logit_softcap) * self.config.final_logit_softcap
+        return logits
+
+    def _layer_rotations(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(cos, sin)`` of each layer, ``[B or 1, S, D/2]`` each: one pair shared by every layer, unless
+        ``config.local_rope_layers`` rotate with their own base (Gemma3) or ``config.layers_without_rope`` do not
+        rotate (SmolLM3: angle 0, ``cos = 1``, ``sin = 0``, which leaves q and k exactly as they are)."""
+        c = self.config
+        inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, device=positions.device)
+        cos, sin = rope_angles(positions, inv_freq)
+        factor = rope_attention_factor(c.rope_scaling)
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        rotations = [(cos, sin)] * c.n_layers
+        if c.local_rope_layers:
+            local = rope_angles(positions, rope_inverse_frequencies(c.head_dim, c.local_rope_theta,
+                                                                    device=positions.device))
+            for i in c.local_rope_layers:
+                rotations[i] = local
+        if c.layers_without_rope:
+            identity = (torch.ones_like(cos), torch.zeros_like(sin))
+            for i in c.layers_without_rope:
+                rotations[i] = identity
+        return rotations
 
     @staticmethod
     def _takes_part_in_gradient(block: nn.Module, h: torch.Tensor, offset: Optional[torch.Tensor] = None) -> bool:

@@ -71,11 +71,12 @@ def sequence_flops(config: LlamaConfig, length: int, *, adapter_layers: int, pro
     if not 0 < adapter_layers <= config.n_layers:
         raise ValueError(f"adapter_layers must lie in [1, {config.n_layers}], got {adapter_layers}")
     d, kv, h, L, P = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim, length, prompt_len
-    qkv = 2 * L * (d * d + 2 * d * kv)
-    out_proj = 2 * L * d * d
+    q = config.n_heads * config.head_dim  # d, unless the heads are wider or narrower (Qwen3, Gemma)
+    qkv = 2 * L * (d * q + 2 * d * kv)
+    out_proj = 2 * L * q * d
     ffn = 2 * L * 3 * d * h
-    word_attention = 2 * 2 * d * (L * (L + 1) / 2)  # QKᵀ and PV over the causal pairs, all heads
-    prefix_attention = 2 * 2 * d * L * P
+    word_attention = 2 * 2 * q * (L * (L + 1) / 2)  # QKᵀ and PV over the causal pairs, all heads
+    prefix_attention = 2 * 2 * q * L * P
     if not include_attention:
         word_attention = prefix_attention = 0
     prompt_projection = 2 * 2 * P * d * kv

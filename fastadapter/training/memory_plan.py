@@ -12,7 +12,8 @@ What is counted, per GPU (bf16 compute):
   a value), replicated on every rank.
 * **activations** saved for backward, per token of the micro-batch (``batch_tokens``), in each adapted layer
   (nothing is saved below the lowest adapted layer: no gradient flows there): the two RMSNorms' fp32 inputs and
-  bf16 outputs (``2·6·dim`` bytes), q/k/v (``2·(dim + 2·kv_dim)``), the attention output (``2·dim``), and
+  bf16 outputs (``2·6·dim`` bytes), q/k/v (``2·(q_dim + 2·kv_dim)``, ``q_dim = Hq·head_dim``, ``dim`` but for
+  Qwen3's and Gemma's heads), the attention output (``2·q_dim``), and
   SwiGLU's four ``hidden``-wide tensors (``8·hidden``). With activation checkpointing only each adapted block's
   input (``2·dim``) is kept, plus one block's full set while it is recomputed.
 * **logits** at the loss tokens (``loss_fraction`` of the micro-batch; about half for Alpaca): bf16 logits, their
@@ -52,14 +53,14 @@ class MemoryEstimate:
 
 
 def _block_projection_values(config: LlamaConfig) -> int:
-    kv = config.n_kv_heads * config.head_dim
-    return config.dim * (2 * config.dim + 2 * kv) + 3 * config.dim * config.hidden_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return config.dim * (2 * q + 2 * kv) + 3 * config.dim * config.hidden_dim
 
 
 def _projection_bytes(config: LlamaConfig, quantize: Optional[str]) -> float:
     """Bytes of one block's projections stored as ``quantize`` (None: bf16)."""
-    kv = config.n_kv_heads * config.head_dim
-    shapes = [(config.dim, config.dim), (kv, config.dim), (kv, config.dim), (config.dim, config.dim),
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = [(q, config.dim), (kv, config.dim), (kv, config.dim), (config.dim, q),
               (config.hidden_dim, config.dim), (config.dim, config.hidden_dim), (config.hidden_dim, config.dim)]
     total = 0.0
     for rows, cols in shapes:
@@ -94,6 +95,7 @@ def estimate_memory(config: LlamaConfig, *, batch_tokens: int, adapter_layers: i
         raise ValueError("FSDP with a quantized base is not supported: pick --fsdp or --quantize")
     layers = min(adapter_layers, config.n_layers)
     d, kv, hidden = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    q = config.n_heads * config.head_dim  # d, unless the heads are wider or narrower (Qwen3, Gemma)
     root = 2 * config.vocab_size * d * (1 if config.tie_embeddings else 2) + 2 * d  # embedding, head, norm
     norms = 2 * 2 * d  # two RMSNorm weights per block, bf16
     block = _projection_bytes(config, quantize) + norms
@@ -104,7 +106,7 @@ def estimate_memory(config: LlamaConfig, *, batch_tokens: int, adapter_layers: i
         bf16_block = 2 * _block_projection_values(config) + norms
         gathered = 2 * bf16_block + root * (gpus - 1) / gpus if gpus > 1 else 0.0
     adapter = 16 * layers * (prompt_len * d + config.n_heads)
-    per_token_layer = 12 * d + 2 * (d + 2 * kv) + 2 * d + 8 * hidden
+    per_token_layer = 12 * d + 2 * (q + 2 * kv) + 2 * q + 8 * hidden
     if activation_checkpointing:
         activations = batch_tokens * (layers * 2 * d + per_token_layer)
     else:
