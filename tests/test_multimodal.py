@@ -1,9 +1,9 @@
 """Multimodal LLaMA-Adapter: the frozen tiny CLIP tower (random weights, a local HF folder), multi-scale features,
 the projection added to every adaption prompt (one prompt per sequence through the fused op, packed or batched),
 zero gates = the base model whatever the image, rows without an image = the plain prompts, gradients to the
-projection and prompts only, the projection's feature standardisation (issue 12), early fusion, adapter files with the
-projection and a wrong tower refused, and
-generation conditioned on an image (KV cache, prompts of different lengths)."""
+projection and prompts only, the projection's feature standardisation (issue 12), early fusion, adapter files with
+the projection and a wrong tower refused, and generation conditioned on an image (KV cache, prompts of different
+lengths)."""
 import numpy as np
 import pytest
 import torch
