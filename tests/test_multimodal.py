@@ -1,8 +1,9 @@
 """Multimodal LLaMA-Adapter: the frozen tiny CLIP tower (random weights, a local HF folder), multi-scale features,
 the projection added to every adaption prompt (one prompt per sequence through the fused op, packed or batched),
 zero gates = the base model whatever the image, rows without an image = the plain prompts, gradients to the
-projection and prompts only, early fusion, adapter files with the projection and a wrong tower refused, and
-generation conditioned on an image (KV cache, prompts of different lengths)."""
+projection and prompts only, the projection's feature standardisation (issue 12), early fusion, adapter files with
+the projection and a wrong tower refused, and generation conditioned on an image (KV cache, prompts of different
+lengths)."""
 import numpy as np
 import pytest
 import torch
@@ -168,6 +169,40 @@ def test_early_fusion_conditions_only_the_lowest_adapted_layers(tower_dir):
         multimodal(tower_dir, fusion="early", early_layers=3)
 
 
+def test_calibration_standardises_the_features_so_that_images_differ_in_the_offsets(tower_dir):
+    """Issue 12: a frozen tower's global token is mostly image-independent (a random CLIP's CLS token varies
+    between images by a few percent of its norm), so without standardising it the projected offsets of all images
+    are one shared vector, and training learned the answer prior instead of the image (the digits demo answered
+    the same letter for every image). Calibrated over images, each feature is zero-mean unit-variance and the
+    offsets' image-dependent part is on the scale of the offsets themselves."""
+    mm = multimodal(tower_dir)
+    pixels = mm.tower.preprocess(images(32))
+    features = mm.tower(pixels)
+
+    def relative_spread():  # per-dimension std across images over the offsets' RMS
+        with torch.no_grad():
+            offsets = mm.projection(features)
+        return float(offsets.std(0).mean() / offsets.pow(2).mean().sqrt())
+
+    assert not mm.projection.calibrated
+    before = relative_spread()
+    assert mm.calibrate([pixels[:20], pixels[20:]]) == 32
+    assert mm.projection.calibrated
+    standardised = (features - mm.projection.feature_mean) / mm.projection.feature_std
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(features.shape[1]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(standardised.std(0, unbiased=False), torch.ones(features.shape[1]), rtol=0,
+                               atol=1e-3)
+    after = relative_spread()
+    assert before < 0.3 and after > 0.8, (before, after)
+    # Only the input statistics changed: zero gates still give the base model, and the buffers do not train.
+    assert {name for name, p in mm.named_parameters() if p.requires_grad} >= {"projection.linear.weight"}
+    assert not any("feature_" in name for name, _ in mm.named_parameters())
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mm.projection.calibrate(features[:1])
+    with pytest.raises(ValueError, match=r"features must be \[M, 72\]"):
+        mm.projection.calibrate(features[:, :10])
+
+
 def test_prompt_offsets_are_checked():
     model = add_adapter(LlamaModel(CONFIG), AdapterConfig(prompt_len=5, layers=2))
     tokens, cu = packed([5, 6])
@@ -184,6 +219,7 @@ def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, t
     mm = multimodal(tower_dir, gates=0.4, fusion="early", early_layers=2)
     with torch.no_grad():
         mm.projection.linear.bias.normal_()
+    mm.calibrate([mm.tower.preprocess(images(8, seed=3))])
     path = tmp_path / "adapter.safetensors"
     save_multimodal_adapter(mm, path)
     tokens, cu = packed([7, 11])
@@ -196,7 +232,25 @@ def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, t
     fresh.load_state_dict({k: v for k, v in mm.llama.state_dict().items() if "adapter" not in k}, strict=False)
     loaded = load_multimodal_adapter(fresh, path, tower_dir)
     assert loaded.tower.layers == [1, 3] and loaded.visual_config == mm.visual_config
+    # The feature statistics travel with the projection (without them the image offsets would be other ones).
+    torch.testing.assert_close(loaded.projection.feature_mean, mm.projection.feature_mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.projection.feature_std, mm.projection.feature_std, rtol=0, atol=0)
     torch.testing.assert_close(loaded(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=index), expected)
+
+    # A file written before the projection standardised its input (no statistics) loads with the identity ones.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    older = tmp_path / "older.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if "feature_" not in k}, str(older), metadata)
+    old = load_multimodal_adapter(fresh, older, tower_dir)
+    assert not old.projection.calibrated
+    with torch.no_grad():
+        mm.projection.feature_mean.zero_()
+        mm.projection.feature_std.fill_(1.0)
+    torch.testing.assert_close(old(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=index),
+                               mm(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=index))
 
     with pytest.raises(VisionTowerError, match="another vision tower of the same shape"):
         load_multimodal_adapter(fresh, path, other_tower_dir)

@@ -145,6 +145,31 @@ def test_collate_packs_image_and_text_rows_and_computes_a_shared_image_once():
     assert set(batch.extra_inputs()) == {"pixel_values", "image_index"}
 
 
+def test_train_standardises_the_image_features_over_the_distinct_training_images():
+    """``fastadapter train --vision-model`` calibrates the projection (issue 12) on each distinct training image
+    once, evenly spaced when there are more than it needs, in chunks; with fewer than 2 images it leaves it."""
+    from fastadapter.commands.train import calibrate_projection
+
+    class Recorder:
+        def __init__(self):
+            self.batches = None
+
+        def calibrate(self, batches):
+            self.batches = [list(b) for b in batches]
+            return sum(len(b) for b in self.batches)
+
+    text = Example((1, 5), (5, 2))
+    examples = [ImageExample((1, 7), (7, 2), image=f"/x/{i % 7}.png") for i in range(20)] + [text]
+    mm = Recorder()
+    assert calibrate_projection(mm, examples, lambda paths: list(paths), max_images=100, chunk=3) == 7
+    assert mm.batches == [["/x/0.png", "/x/1.png", "/x/2.png"], ["/x/3.png", "/x/4.png", "/x/5.png"], ["/x/6.png"]]
+    assert calibrate_projection(mm, examples, lambda paths: list(paths), max_images=3) == 3
+    assert mm.batches == [["/x/0.png", "/x/3.png", "/x/6.png"]]
+    mm = Recorder()
+    assert calibrate_projection(mm, examples[:1] + [text], lambda paths: list(paths)) == 0
+    assert mm.batches is None
+
+
 def test_pixel_cache_reads_each_image_once_within_its_budget(tmp_path):
     paths = []
     for i in range(3):
@@ -221,13 +246,16 @@ def test_train_eval_and_generate_with_images_end_to_end(tmp_path, shared_data, s
         assert cli_main(_train_args(shared_data, scienceqa, tower, out, "--max-steps", "3")) == 0
     printed = capsys.readouterr().out
     assert "images: 2 of 4 examples have one" in printed and "--image IMAGE" in printed
+    assert "image features standardised over 2 training images" in printed
     adapter = out / "adapter.safetensors"
     with safe_open(str(adapter), "pt") as f:
         meta = json.loads(f.metadata()["fastadapter"])
         names = set(f.keys())
     assert meta["vision"]["tower"]["layers"] == [1, 3] and meta["vision"]["fusion"] == "all"
-    assert {"vision.projection.linear.weight", "vision.projection.norm.weight"} <= names
+    assert {"vision.projection.linear.weight", "vision.projection.norm.weight", "vision.projection.feature_mean",
+            "vision.projection.feature_std"} <= names
     final = load_file(str(adapter))
+    assert not torch.equal(final["vision.projection.feature_std"], torch.ones(72))  # calibrated: 2 layers × 36
 
     # Resuming step 1's checkpoint reaches the same adapter bit for bit (the vision settings are part of the run).
     with pytest.warns(UserWarning):

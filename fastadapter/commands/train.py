@@ -210,6 +210,23 @@ def parse_layer_list(text: str | None, flag: str) -> list[int] | None:
     return layers
 
 
+#: The most training images whose features set the projection's standardisation (evenly spaced over the distinct
+#: images; the statistics of a thousand images are as good as those of all, and cost one pass of the tower).
+CALIBRATION_IMAGES = 1024
+
+
+def calibrate_projection(mm, examples, pixels, *, max_images: int = CALIBRATION_IMAGES, chunk: int = 64) -> int:
+    """Standardise ``mm``'s image features over the distinct images of ``examples`` (at most ``max_images`` of
+    them, evenly spaced; ``pixels``: paths → pixel values); returns how many, 0 when fewer than 2 (left as is).
+    Deterministic in the examples, so a resumed run recomputes the statistics of the run it continues."""
+    paths = list(dict.fromkeys(e.image for e in examples if getattr(e, "image", None) is not None))
+    if len(paths) < 2:
+        return 0
+    stride = -(-len(paths) // max_images)
+    paths = paths[::stride]
+    return mm.calibrate(pixels(paths[i:i + chunk]) for i in range(0, len(paths), chunk))
+
+
 def check_vision_settings(args) -> None:
     """The image flags: values in range, and --vision-model given exactly when the data has images."""
     if getattr(args, "vision_model", None) is None:
@@ -371,6 +388,10 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
                                          template=args.template, chat_template=chat_template)
     say(f"data: {args.data}: {report.summary()}")
     train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
+    if mm is not None:
+        calibrated = calibrate_projection(mm, train_examples, pixels)
+        say(f"vision: image features standardised over {calibrated} training images" if calibrated else
+            "vision: fewer than 2 training images: the image features are not standardised")
     waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
                            batch_tokens=args.batch_tokens)
     say(f"packing: {waste['real_tokens']:,} real tokens in {waste['packed_rows']} rows "

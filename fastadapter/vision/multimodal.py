@@ -3,6 +3,7 @@ images (LLaMA-Adapter's multimodal variant, arXiv 2303.16199 §3.3), and its ada
 
     features  = tower(pixel_values)                 [M, len(layers) · C]   frozen, no_grad
     offset[n] = proj(features[image_index[n]])      [N, 1, dim]            zero for a sequence without an image
+    proj(f)   = LayerNorm(W · (f − μ) / σ + b)      μ, σ: the features' statistics over the training images
     prompt of adapted layer l for sequence n = prompt[l] + offset[n]   (fused layers only)
 
 The per-sequence prompts reach the fused op as ``prefix_k, prefix_v [N, P, Hkv, D]`` (packed or batched), each
@@ -13,6 +14,7 @@ Typical use::
 
     tower = VisionTower.from_folder("clip-vit-l14/")
     mm = add_vision(add_adapter(load_model(...), AdapterConfig(...)), tower)
+    mm.calibrate(tower.preprocess(batch) for batch in training_image_batches)   # before training: μ, σ
     logits = mm(tokens, cu_seqlens=cu, pixel_values=tower.preprocess(images), image_index=index)
     save_multimodal_adapter(mm, "run/adapter.safetensors")
     mm = load_multimodal_adapter(load_model(...), "run/adapter.safetensors", "clip-vit-l14/")
@@ -21,7 +23,7 @@ Typical use::
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +78,12 @@ class MultimodalLlama(nn.Module):
             return torch.zeros(0, self.tower.feature_dim, device=device)
         return self.tower(pixel_values).to(device)
 
+    def calibrate(self, pixel_batches: Iterable[torch.Tensor]) -> int:
+        """Set the projection's feature statistics (:meth:`VisualProjection.calibrate`) from the tower's features
+        of ``pixel_batches`` (``[M, 3, H, W]`` each: the training images, or a sample of them); call it once,
+        before training. Returns the number of images."""
+        return self.projection.calibrate(self.image_features(pixels) for pixels in pixel_batches)
+
     def prompt_offsets(self, pixel_values: Optional[torch.Tensor], image_index: torch.Tensor
                        ) -> dict[int, torch.Tensor]:
         """``{layer: [N, 1, dim]}`` for N sequences: sequence ``n`` gets image ``image_index[n]`` of
@@ -126,7 +134,7 @@ def vision_description(mm: MultimodalLlama) -> dict:
     """The ``"vision"`` object of a multimodal adapter file."""
     return {"format_version": VISION_FORMAT_VERSION, "tower": mm.tower.identity(),
             "feature_dim": mm.projection.feature_dim, "dim": mm.projection.dim,
-            "projection": "layernorm(linear)", **mm.visual_config.to_dict()}
+            "projection": "layernorm(linear(standardise))", **mm.visual_config.to_dict()}
 
 
 def save_multimodal_adapter(mm: MultimodalLlama, path: str | os.PathLike) -> None:
@@ -206,6 +214,9 @@ def load_multimodal_adapter(model: LlamaModel, path: str | os.PathLike, vision_m
     mm = add_vision(model, tower, visual_config)
     state = {name[len(VISION_PREFIX + "projection."):]: t for name, t in tensors.items()
              if name.startswith(VISION_PREFIX + "projection.")}
+    if "feature_mean" not in state and "feature_std" not in state:
+        # Written before the projection standardised its input: the identity statistics compute what it trained.
+        state.update({name: t for name, t in mm.projection.state_dict().items() if name.startswith("feature_")})
     expected = {name: tuple(p.shape) for name, p in mm.projection.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if got != expected:
