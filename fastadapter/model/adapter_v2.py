@@ -34,7 +34,8 @@ from torch import nn
 from ..decode_linear import decode_linear
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
 from .adapter_file import AdapterFileError
-from .llama import LlamaModel, RMSNorm
+from .llama import LlamaModel
+from .norms import RMSNorm
 
 METADATA_KEY = "fastadapter_v2"
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",

@@ -38,22 +38,8 @@ from ..decode_linear import DecodeLinear, decode_linear
 from .config import LlamaConfig
 from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
-from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm
+from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm, RMSNorm
 from .rope import apply_rope, rope_angles, rope_attention_factor, rope_inverse_frequencies
-
-
-class RMSNorm(nn.Module):
-    """``x / rms(x) · weight``, computed in fp32 (as Meta's code) and returned in ``x``'s dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
 
 
 def make_norm(config: LlamaConfig, dim: int) -> nn.Module:
