@@ -165,3 +165,13 @@ def test_benchmark_suite_times_both_providers_on_the_same_result():
     assert all(r["median_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
     assert rows[1]["max_abs_err"] < 1e-4
     assert bench_decode_linear.run(False, "cuda", preset="smoke", log=lambda line: None)[0]["skipped"]
+
+
+def test_benchmark_suite_without_the_library_says_why_in_a_row(monkeypatch):
+    """A build without fastadapter._C (FASTADAPTER_SKIP_BUILD=1) gets a skipped row with the reason, not a suite
+    skipped or failed (the README's main command runs every suite in such a venv)."""
+    from fastadapter.benchmarks import bench_decode_linear
+    monkeypatch.setattr(_cpu_extension, "unavailable_reason", lambda: "fastadapter._C was not built")
+    rows = bench_decode_linear.run(False, "cpu", preset="smoke", log=lambda line: None)
+    assert rows == [{"suite": "decode_linear", "provider": "decode_linear", "mode": "forward", "config": "-",
+                     "median_ms": None, "skipped": "fastadapter._C was not built"}]
