@@ -132,9 +132,12 @@ def eager_attention():
 
     fused = llama_module.zero_init_attention
 
-    def eager(q, k, v, prefix_k, prefix_v, gate, *, causal=True, gate_activation="tanh", **varlen):
+    def eager(q, k, v, prefix_k, prefix_v, gate, *, causal=True, gate_activation="tanh", softmax_scale=None,
+              **varlen):
         if varlen:
             raise ValueError("the eager baseline runs padded batches, not packed rows")
+        if softmax_scale is not None:  # the thin model passes its config's scale: None for LLaMA, 1/sqrt(D)
+            raise ValueError("the eager baseline computes LLaMA's softmax scale 1/sqrt(head_dim) only")
         if prefix_k.shape[1] == 0:
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True).transpose(1, 2)

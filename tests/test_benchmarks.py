@@ -678,3 +678,12 @@ def test_progress_shows_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     plain.advance()
     plain.close()
     assert piped.getvalue() == "[ops] running\n"
+
+
+def test_multimodal_suite_runs_its_smoke_preset():
+    """The eager baseline stands in for the thin model's attention call: it must take every keyword the model passes
+    (a model option that added one made the suite fail, caught only by the slow fresh-venv README test)."""
+    from fastadapter.benchmarks import bench_multimodal
+    rows = bench_multimodal.run(False, "cpu", preset="smoke", log=lambda line: None)
+    check_rows("multimodal", rows)
+    assert len(rows) == 4 and all(r["median_ms"] > 0 for r in rows)
