@@ -18,21 +18,13 @@
 // is not vectorised.
 #pragma once
 
-#include "attention_cpu.h"  // Vec, load_float
+#include "attention_cpu.h"  // Vec, load_float, run_in_fp32
 
 namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace decode_linear_kernel {
 
 constexpr int kRows = 4;  // rows of x per register tile
 constexpr int kCols = 3;  // rows of w per register tile
-
-inline float sum_lanes(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  float sum = 0.f;
-  for (int i = 0; i < Vec::size(); ++i) sum += lanes[i];
-  return sum;
-}
 
 // out[r, c] (r < ROWS, c < COLS; out row stride ldo) = Σ_k x[r, k] w[c, k]: x fp32 rows of stride K, w rows of
 // stride K.
@@ -53,7 +45,7 @@ inline void tile(const float* x, const W* w, int64_t K, float* out, int64_t ldo)
   }
   for (int r = 0; r < ROWS; ++r) {
     for (int c = 0; c < COLS; ++c) {
-      float sum = sum_lanes(acc[r][c]);
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[r][c]);
       for (int64_t k = k_vec; k < K; ++k) sum += x[r * K + k] * static_cast<float>(w[c * K + k]);
       out[r * ldo + c] = sum;
     }
@@ -104,7 +96,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return at::linear(x, weight, bias);
 #else
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const at::Tensor x32 = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const at::Tensor x32 = run_in_fp32(x);
   at::Tensor out32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   const float* xp = x32.const_data_ptr<float>();
   float* op = out32.data_ptr<float>();

@@ -9,9 +9,9 @@ than ``F.linear`` for 2 to 16 rows; for one row MKL's matrix-vector product is a
 packing pays off, so those calls stay on ``F.linear``.
 
 The kernel has no backward: a call that records a gradient (grad mode on and any input requiring grad) uses
-``F.linear``, as do calls under ``torch.compile``, off the CPU, on tensor subclasses (quantized weights, FSDP's ``DTensor``), on mixed or
-unsupported dtypes, on non-contiguous weights, and when ``fastadapter._C`` is not built. Results equal
-``F.linear``'s up to the summation order (fp32 accumulation in both).
+``F.linear``, as do calls under ``torch.compile``, off the CPU, on tensor subclasses (quantized weights, FSDP's
+``DTensor``), on mixed or unsupported dtypes, on non-contiguous weights, and when ``fastadapter._C`` is not built.
+Results equal ``F.linear``'s up to the summation order (fp32 accumulation in both).
 """
 from __future__ import annotations
 

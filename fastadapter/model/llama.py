@@ -130,12 +130,7 @@ class Attention(nn.Module):
         sequences (rows, or packed sequences), giving the fused op one prompt per sequence.
         """
         batch, seqlen, _ = x.shape
-        if self.clip_qkv is None and self.q_norm is None:
-            q = apply_rope(self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim), cos, sin)
-            k = apply_rope(self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
-            v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
-        else:
-            q, k, v = self._clipped_normed_qkv(x, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache, prompt_offset)
 
         def attend(q_, k_, v_, **ragged):
@@ -159,9 +154,10 @@ class Attention(nn.Module):
             out = attend(q, k, v)
         return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
-    def _clipped_normed_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]`` with ``clip_qkv``'s clamp after the projections and
-        ``q_norm``/``k_norm`` before RoPE (Olmo, Qwen3, Gemma3)."""
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``q [B, S, Hq, D]`` and ``k [B, S, Hkv, D]`` rotated, ``v [B, S, Hkv, D]``: the projections of
+        ``x [B, S, dim]``, with ``clip_qkv``'s clamp after them (Olmo) and ``q_norm``/``k_norm`` before RoPE
+        (Qwen3, Gemma3) when the config has them (LLaMA: projections, views and RoPE only)."""
         batch, seqlen, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clip_qkv is not None:
