@@ -12,6 +12,7 @@ import os
 import sys
 
 from ._device import add_device_arguments, resolve_device, resolve_dtype
+from ._paths import check_outputs, write_atomically
 
 HELP = "evaluate an adapter on a benchmark (ScienceQA: answer accuracy by subject, context and grade, as JSON)"
 
@@ -30,7 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="ScienceQA folder (problems.json, pid_splits.json, images/)")
     parser.add_argument("--split", default="test", help="the split evaluated (pid_splits.json; default test)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N problems of the split")
-    parser.add_argument("--out", help="write the JSON report here (default: print it)")
+    parser.add_argument("--out", help="write the JSON report here (default: print it); never one of the inputs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file (atomically)")
     parser.add_argument("--max-seq-len", type=int, help="longest question + answer (default: the model's)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed row of options")
     parser.add_argument("--on-bad-row", choices=("skip", "error"), default="skip",
@@ -48,8 +50,9 @@ def check_settings(args) -> None:
         raise FileNotFoundError(f"--data: ScienceQA folder not found: {args.data}")
     if args.vision_model is not None and not os.path.isdir(args.vision_model):
         raise FileNotFoundError(f"--vision-model folder not found: {args.vision_model}")
-    if args.out is not None and os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a folder; expected the path of the JSON report")
+    check_outputs({"--out": args.out}, {"--model": args.model, "--adapter": args.adapter, "--tokenizer": args.tokenizer,
+                                        "--data": args.data, "--vision-model": args.vision_model},
+                  overwrite=args.overwrite)
 
 
 def run(args) -> int:
@@ -104,12 +107,11 @@ def run(args) -> int:
               **accuracy_report(problems, predictions)}
     text = json.dumps(result, indent=2)
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        def write(path: str) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+        write_atomically(args.out, write)
     else:
         print(text)
     subjects = ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in result["by_subject"].items())

@@ -112,14 +112,24 @@ def adapted_layers(model: nn.Module) -> dict[int, AdapterAttention]:
 
 
 def remove_adapter(model: nn.Module) -> nn.Module:
-    """Put the original attention modules back (in place); the base weights were never copied."""
+    """Put the original attention modules back (in place; the base weights were never copied) and give every base
+    parameter the ``requires_grad`` that :func:`apply_adapter` found."""
     for layer in _decoder_layers(model):
         if isinstance(layer.self_attn, AdapterAttention):
             # The original was outside the module tree: give it the mode the model is in now.
             layer.self_attn = layer.self_attn.base_attention.train(layer.self_attn.training)
     if hasattr(model, "adapter_config"):
         del model.adapter_config
+    found = model.__dict__.pop(_REQUIRES_GRAD_FOUND, None)
+    if found is not None:
+        for name, parameter in model.named_parameters():
+            if name in found:
+                parameter.requires_grad_(found[name])
     return model
+
+
+#: Attribute of an adapted model: ``{parameter name: requires_grad}`` as :func:`apply_adapter` found them.
+_REQUIRES_GRAD_FOUND = "_fastadapter_requires_grad_found"
 
 
 def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Sequence[int]] = 30,
@@ -163,6 +173,7 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
     remove_adapter(model)
     for i in indices:  # check every layer before changing any
         check_llama_pattern(decoder_layers[i].self_attn)
+    model.__dict__[_REQUIRES_GRAD_FOUND] = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     dims = _model_dims(model)
     for i in indices:

@@ -71,9 +71,14 @@ def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sourc
         if got != shape:
             raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} has shape {list(got)}, expected "
                                   f"{list(shape)} for {model.config}")
+    for name in expected:  # whatever ``dtype`` asks for: an integer weight is not a value to cast
+        if not tensors[name].is_floating_point():
+            raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} is {tensors[name].dtype}; weights "
+                                  f"must be floating point (quantized checkpoints are not read: give the fp32, fp16 "
+                                  f"or bf16 weights, and quantize with --quantize)")
     dtype = dtype or tensors["tok_embeddings.weight"].dtype
     if not dtype.is_floating_point:
-        raise CheckpointError(f"{where}: weights must be floating point, the token embedding is {dtype}")
+        raise CheckpointError(f"{where}: dtype must be floating point, got {dtype}")
     for name in expected:
         if not all_finite(tensors[name]):
             raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} holds NaN or infinite values; the "

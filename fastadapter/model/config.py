@@ -106,6 +106,11 @@ class LlamaConfig:
         local_rope_layers: indices of layers that rotate with ``local_rope_theta`` and no scaling (Gemma3's
             sliding-window layers); the others use ``rope_theta`` and ``rope_scaling``.
         local_rope_theta: the RoPE base of ``local_rope_layers``.
+        sliding_window: the attention window of the model's sliding layers (Mistral, Qwen2 with
+            ``use_sliding_window``, Gemma2/3), or None. The thin model computes full causal attention, exact for
+            sequences no longer than the window: ``max_seq_len`` is capped at it and longer sequences are refused.
+        family: the Hugging Face ``model_type`` the model was read as (``"llama"`` for llama2.c and Meta
+            checkpoints); recorded in adapter files, so that an export can refuse a target that cannot load it.
     """
 
     dim: int
@@ -132,6 +137,8 @@ class LlamaConfig:
     layers_without_rope: tuple[int, ...] = ()
     local_rope_layers: tuple[int, ...] = ()
     local_rope_theta: Optional[float] = None
+    sliding_window: Optional[int] = None
+    family: str = "llama"
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
@@ -151,6 +158,10 @@ class LlamaConfig:
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"LlamaConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
                              f"{self.mlp_activation!r}")
+        if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and
+                                                    self.max_seq_len <= self.sliding_window):
+            raise ValueError(f"LlamaConfig.sliding_window must be an int >= max_seq_len ({self.max_seq_len}) or "
+                             f"None, got {self.sliding_window!r}")
         for name in ("clip_qkv", "attention_scale", "final_logit_softcap", "local_rope_theta"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -358,7 +358,7 @@ class LlamaModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}), got ids from {int(tokens.min())} to "
                              f"{int(tokens.max())}")
         batch, seqlen = tokens.shape
-        step = None
+        step, longest = None, seqlen  # longest: the most keys one query attends to (its sequence so far)
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"packed tokens (with cu_seqlens) must have shape [1, T], got {tuple(tokens.shape)}")
@@ -376,11 +376,13 @@ class LlamaModel(nn.Module):
             if positions is None:
                 positions = positions_from_cu_seqlens(cu_seqlens, seqlen)[None]
             step = None if cache is None else cache.plan_packed(lengths.tolist())
+            longest = int(lengths.max())
         elif max_seqlen is not None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens")
         elif cache is not None:
             if cache.batch != batch:
                 raise ValueError(f"the KV cache has {cache.batch} rows, tokens have {batch}")
+            longest = max(int(n) for n in cache.lengths) + seqlen
             step = cache.plan_append(seqlen)
             if positions is None:
                 offsets = torch.tensor(cache.lengths, device=tokens.device)[:, None]
@@ -392,4 +394,10 @@ class LlamaModel(nn.Module):
         if positions.shape[-1] != seqlen or positions.shape[0] not in (1, batch):
             raise ValueError(f"positions must have shape [{seqlen}] or [{batch}, {seqlen}], got "
                              f"{tuple(positions.shape)}")
+        window = self.config.sliding_window
+        if window is not None and longest > window:
+            # Full causal attention equals the sliding window only while a sequence fits in the window.
+            raise ValueError(f"a sequence of {longest} tokens is longer than the model's sliding attention window "
+                             f"({window} tokens): this model computes full causal attention, exact only within "
+                             f"the window; split the input into sequences of at most {window} tokens")
         return tokens, positions, cu_seqlens, max_seqlen, step

@@ -109,9 +109,10 @@ def _rope_scaling(path: str, params: dict, max_position_embeddings: int, where: 
 
 
 def _flat_rope_parameters(hf: dict, default_theta: float = 10000.0) -> dict:
-    """``rope_parameters`` (transformers ≥ 5) over ``rope_scaling`` and ``rope_theta`` (older config files)."""
-    params = dict(hf.get("rope_scaling") or {})
-    params.update(hf.get("rope_parameters") or {})
+    """The RoPE parameters transformers reads: ``rope_scaling`` (older config files) when it is given, else
+    ``rope_parameters`` (transformers ≥ 5) — the first replaces the second whole, as in transformers'
+    ``convert_rope_params_to_dict`` — with ``rope_theta`` from the top level when the dict has none."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
     return params
 
@@ -251,8 +252,11 @@ def read_hf_config(folder: str) -> LlamaConfig:
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings (model_type, hidden_size, ...), got a "
+                              f"{type(hf).__name__}")
     model_type = hf.get("model_type", "llama")
     if model_type == "gemma3":
         hf, model_type = _gemma3_language_model_config(path, hf), "gemma3_text"
@@ -283,7 +287,7 @@ def read_hf_config(folder: str) -> LlamaConfig:
                              vocab_size=int(hf["vocab_size"]), hidden_dim=int(hf["intermediate_size"]),
                              max_seq_len=max_seq_len, explicit_head_dim=None if head_dim is None else int(head_dim),
                              tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
-                             **options)
+                             sliding_window=window, family=model_type, **options)
     except KeyError as exc:
         raise CheckpointError(f"{path}: key {exc} is missing") from exc
     except ValueError as exc:
