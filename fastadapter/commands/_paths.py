@@ -5,14 +5,15 @@ finds on its own, and the one rule every command follows for what it writes.
 the paths it will write and the paths it reads: an output that is one of the inputs (after resolving ``..`` and
 symbolic links, or a hard link to the same file), or an existing file inside an input folder (a part of a model
 folder), is refused; so is an existing output file unless the user passed ``--overwrite``. The file is then
-replaced atomically with :func:`write_atomically` (a temporary file in the same folder, then ``os.replace``): a
+replaced atomically with :func:`fastadapter.atomic_file.write_atomically` (a temporary file in the same folder, then ``os.replace``): a
 crash or a full disk leaves the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
 import os
-import uuid
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
+
+from ..atomic_file import write_atomically  # noqa: F401  (the commands' writer, re-exported)
 
 
 def default_tokenizer(model_path: str) -> str:
@@ -52,7 +53,7 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
     Args:
         outputs: ``{what: path}`` of the files the command writes (``"--out"``, ``"--out/adapter_config.json"``);
             a None path is skipped. A name listed in ``folders`` is a folder the command writes into (its files
-            are checked as separate outputs): it may exist, but may not be an input or lie inside one.
+            are checked as separate outputs): it may exist, but may not be an input.
         inputs: ``{flag: path}`` of what the command reads (None: not given).
         overwrite: the user passed ``--overwrite``: an existing output file that is not an input may be replaced.
 
@@ -68,7 +69,7 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
             if _same(out, source):
                 raise OutputPathError(f"{what} {out} is the {flag} input {source}: writing it would destroy the "
                                       f"input; choose another output path")
-            if os.path.isdir(source) and _inside(out, source) and (what in folders or os.path.lexists(out)):
+            if what not in folders and os.path.isdir(source) and _inside(out, source) and os.path.lexists(out):
                 raise OutputPathError(f"{what} {out} lies inside the {flag} folder {source}: writing it would change "
                                       f"the input; choose an output path outside it")
         if what in folders:
@@ -80,19 +81,3 @@ def check_outputs(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Opt
         if os.path.lexists(out) and not overwrite:
             raise OutputPathError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another "
                                   f"path")
-
-
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Create or replace the file ``path`` atomically: ``write(temporary_path)`` writes a temporary file in the same
-    folder (the folder is created), which then replaces ``path`` with ``os.replace``. When ``write`` fails (a full
-    disk, a read-only folder), the temporary file is removed and ``path`` is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as open() gives
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -36,6 +36,8 @@ def add_arguments(parser) -> None:
                         help="folder of the JSON, CSV and PNG files (default: a new folder "
                              "bench-results/<machine>-<UTC time>/ in the working directory)")
     parser.add_argument("--name", default=None, help="stem of the result files (default: <device>-<preset>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace result files of the same name already in --out (without it they are refused)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     parser.add_argument("--list", action="store_true", help="list the suites found and exit")
     parser.add_argument("--compare", nargs=2, type=pathlib.Path, metavar=("A.json", "B.json"),
@@ -90,6 +92,14 @@ def run(args) -> int:
         return 0
     out_dir = args.out or default_out_dir()
     if args.compile_report:
+        from ._paths import check_outputs
+        try:
+            check_outputs({"--out": str(out_dir), **{f"--out/{name}": str(out_dir / name)
+                                                     for name in ("compile-report.txt", "compile-report.json")}},
+                          {}, overwrite=args.overwrite, folders=("--out",))
+        except ValueError as error:
+            print(f"fastadapter bench: error: {error}", file=sys.stderr)
+            return 2
         return _compile_report(out_dir)
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +108,15 @@ def run(args) -> int:
               f"{torch.__version__})", file=sys.stderr)
         return 2
     preset = "smoke" if args.smoke else "quick" if args.quick else "full" if args.full else "default"
+    stem = args.name or f"{torch.device(device).type}-{preset}"
+    from ._paths import check_outputs
+    try:  # before the suites run: a refusal costs nothing
+        check_outputs({"--out": str(out_dir), **{f"--out/{stem}{ext}": str(out_dir / f"{stem}{ext}")
+                                                 for ext in (".json", ".csv")}}, {}, overwrite=args.overwrite,
+                      folders=("--out",))
+    except ValueError as error:
+        print(f"fastadapter bench: error: {error}", file=sys.stderr)
+        return 2
     command = ["fastadapter", "bench"] + ([] if preset == "default" else [f"--{preset}"]) + ["--device", device]
     command += ["--suites", *args.suites] if args.suites else []
     try:

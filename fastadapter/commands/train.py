@@ -21,7 +21,11 @@ import math
 import os
 import shlex
 
+from ._paths import check_outputs
 from ._paths import default_tokenizer as _default_tokenizer
+
+#: What a run writes in its --out folder (fastadapter.training.run_folder, the trainer, --eval-prompts, --tensorboard).
+RUN_FILES = ("metrics.jsonl", "run.json", "adapter.safetensors", "samples.jsonl", "checkpoints", "tensorboard")
 
 HELP = ("fine-tune a LLaMA-Adapter on Alpaca or chat JSON/JSONL data (packed sequences, resumable, "
         "torchrun-ready)")
@@ -176,6 +180,12 @@ def check_settings(args) -> None:
     if os.path.isfile(args.out):
         raise ValueError(f"--out {args.out} is a file; expected a folder for the run (metrics.jsonl, "
                          f"checkpoints/, adapter.safetensors)")
+    # The run folder's files (the RunFolder decides whether an existing run may be replaced: --overwrite).
+    check_outputs({"--out": args.out, **{f"--out/{name}": os.path.join(args.out, name) for name in RUN_FILES}},
+                  {"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
+                   "--vision-model": getattr(args, "vision_model", None), "--chat-template": args.chat_template,
+                   "--eval-prompts": args.eval_prompts, "--config": getattr(args, "config", None)},
+                  overwrite=True, folders=("--out", "--out/checkpoints", "--out/tensorboard"))
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
     if args.chat_template is not None and args.template != "chat":

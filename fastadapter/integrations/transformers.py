@@ -189,7 +189,7 @@ def _base_model_description(model: nn.Module) -> dict:
     dims = _model_dims(model)
     fingerprint = base_model_fingerprint(model.get_input_embeddings().weight, dims["n_layers"], dims["n_heads"],
                                          dims["n_kv_heads"])
-    return {"fingerprint": fingerprint, **dims}
+    return {"fingerprint": fingerprint, **dims, "family": getattr(model.config, "model_type", None) or "llama"}
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:

@@ -99,7 +99,7 @@ def base_model_description(model: LlamaModel) -> dict:
         model.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads)
     return {"fingerprint": fingerprint,
             "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
-            "vocab_size": c.vocab_size}
+            "vocab_size": c.vocab_size, "family": c.family}
 
 
 def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: dict, what: str = "the model", *,
@@ -227,7 +227,8 @@ def _check_base_model(description: dict, path: str, base_model: dict, what: str)
 
 
 def _check_fits(description: dict, path: str, config: AdapterConfig, tensors: dict) -> None:
-    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs."""
+    """Raise :class:`AdapterFileError` unless every prompt and gate has the shape the model needs and finite
+    values."""
     try:
         indices = config.layer_indices(description["n_layers"])
     except ValueError as exc:
@@ -242,3 +243,6 @@ def _check_fits(description: dict, path: str, config: AdapterConfig, tensors: di
             if tuple(got.shape) != shape:
                 raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(got.shape)}, the model needs "
                                        f"{list(shape)}")
+            if not bool(torch.isfinite(got).all()):  # a NaN gate would turn every output into NaN
+                raise AdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the adapter is "
+                                       f"corrupt (or was saved after training diverged)")

@@ -22,7 +22,13 @@ import torch
 
 from .adapter_file import AdapterFileError, read_adapter_file
 
+from ..atomic_file import write_atomically
+
 EXPORT_FORMATS = ("peft", "litgpt", "v1")
+#: The files of a PEFT ``adaption_prompt`` folder.
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+#: The ``model_type`` values PEFT's ``adaption_prompt`` adapts (peft/tuners/adaption_prompt/config.py).
+PEFT_ADAPTION_PROMPT_FAMILIES = ("llama", "mistral")
 
 
 def _raw_gate(gate: torch.Tensor, activation: str) -> torch.Tensor:
@@ -33,8 +39,13 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
     """Write the fastadapter adapter at ``adapter_path`` as format ``to`` (:data:`EXPORT_FORMATS`) at ``out``
     (a folder for ``peft``, a ``.pth`` file otherwise); returns the files written.
 
+    Every file is written atomically (:func:`~fastadapter.atomic_file.write_atomically`); the caller checks that
+    ``out`` is not the adapter (``fastadapter export`` does, with :func:`fastadapter.commands._paths.check_outputs`).
+
     Raises:
-        AdapterFileError: the adapter cannot be expressed in that format (the message says what to train with).
+        AdapterFileError: the adapter cannot be expressed in that format (the message says what to train with),
+            or ``peft`` for a base model family PEFT's adaption prompt does not load (the message names the formats
+            that do work).
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
@@ -52,6 +63,13 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
                                f"({top}); train with --adapter-layers N")
     prompts = {i: tensors[f"layers.{i}.adapter_prompt"].float().contiguous() for i in layers}
     gates = {i: tensors[f"layers.{i}.adapter_gate"].float().reshape(-1) for i in layers}
+    family = base.get("family")
+    if to == "peft" and family is not None and family not in PEFT_ADAPTION_PROMPT_FAMILIES:
+        raise AdapterFileError(f"{adapter_path}: its base model is a {family!r} model, and PEFT's adaption prompt "
+                               f"loads only {' and '.join(PEFT_ADAPTION_PROMPT_FAMILIES)} models (PEFT refuses it: "
+                               f"\"Unsupported model type for adaption prompt\"); export --to litgpt or --to v1, or "
+                               f"use the fastadapter file itself (fastadapter generate, or "
+                               f"fastadapter.integrations.transformers.load_adapter on the Hugging Face model)")
     if to == "peft":
         if per_head:
             raise AdapterFileError(f"{adapter_path}: has one gate per head; PEFT's adaption prompt has one gate per "
@@ -64,13 +82,17 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
             prefix = f"base_model.model.model.layers.{i}.self_attn"
             state[f"{prefix}.adaption_prompt"] = prompts[i][None].contiguous()
             state[f"{prefix}.adaption_gate"] = _raw_gate(gates[i], activation).contiguous()
-        weights = os.path.join(out, "adapter_model.safetensors")
-        save_file(state, weights, metadata={"format": "pt"})
-        config_file = os.path.join(out, "adapter_config.json")
-        with open(config_file, "w", encoding="utf-8") as f:
-            json.dump({"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": config["prompt_len"],
+        weights, config_file = (os.path.join(out, name) for name in PEFT_FILES)
+        write_atomically(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        peft_config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": config["prompt_len"],
                        "adapter_layers": len(layers), "target_modules": "self_attn",
-                       "base_model_name_or_path": base_model_name, "inference_mode": True}, f, indent=2)
+                       "base_model_name_or_path": base_model_name, "inference_mode": True}
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(peft_config, f, indent=2)
+
+        write_atomically(config_file, write_config)
         return [config_file, weights]
     if to == "litgpt":
         state = {}
@@ -88,7 +110,5 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
                                            f"LLaMA-Adapter v1's tanh gate cannot express")
                 gate = torch.atanh(gate)
             state[f"layers.{i}.attention.gate"] = gate.reshape(1, n_heads, 1, 1)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    torch.save(state, out)
+    write_atomically(out, lambda tmp: torch.save(state, tmp))
     return [out]

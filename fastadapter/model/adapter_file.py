@@ -10,7 +10,11 @@ Layout (format_version 1):
        "config": {"prompt_len": P, "layers": [i, ...], "gate_activation": "tanh" | "none",
                   "gate_per_head": bool},
        "base_model": {"fingerprint": str, "dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
-                      "vocab_size": int}}
+                      "vocab_size": int, "family": str}}
+
+``family`` (optional: files written before it existed lack it) is the base model's Hugging Face ``model_type``
+(``llama`` for llama2.c and Meta checkpoints); ``fastadapter export`` refuses a target that cannot load that family.
+Every tensor is finite: a file holding NaN or infinity (a diverged run, a corrupt file) is refused at read.
 
 A multimodal adapter (:mod:`fastadapter.vision`) also holds its image projection, tensors named
 ``vision.{name}`` (fp32), and a ``"vision"`` object in the description (the vision tower's identity, feature
@@ -41,6 +45,8 @@ VISION_PREFIX = "vision."
 _TENSOR_NAME = re.compile(r"^layers\.(\d+)\.(adapter_prompt|adapter_gate)$")
 _CONFIG_KEYS = ("prompt_len", "layers", "gate_activation", "gate_per_head")
 _BASE_MODEL_KEYS = ("fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+#: Keys of the base model description that older files lack.
+_OPTIONAL_BASE_MODEL_KEYS = ("family",)
 
 
 class AdapterFileError(ValueError):
@@ -147,7 +153,8 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
     _check_tensors(path, tensors, config, base_model_dict, vision is not None)
     description = {"format_version": FORMAT_VERSION,
                    "config": {k: config[k] for k in _CONFIG_KEYS},
-                   "base_model": {k: base_model_dict[k] for k in _BASE_MODEL_KEYS}}
+                   "base_model": {k: base_model_dict[k] for k in _BASE_MODEL_KEYS + _OPTIONAL_BASE_MODEL_KEYS
+                                  if k in base_model_dict}}
     if vision is not None:
         description["vision"] = dict(vision)
     # safetensors refuses views sharing storage and non-contiguous tensors: give it fresh fp32 CPU copies.
@@ -211,6 +218,9 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     for name, t in tensors.items():
         if t.dtype != torch.float32:
             raise AdapterFileError(f"{path}: tensor {name!r} is {t.dtype}, expected torch.float32")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the adapter is corrupt "
+                                   f"(or was saved after training diverged): use an earlier checkpoint's adapter")
     if "vision" in meta and not isinstance(meta["vision"], dict):
         raise AdapterFileError(f"{path}: the 'vision' description must be an object, got {meta['vision']!r}")
     _check_tensors(path, tensors, config, base_model, "vision" in meta)

@@ -213,5 +213,8 @@ def load_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> LlamaMo
             if tuple(tensors[name].shape) != tuple(target.shape):
                 raise AdapterFileError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, the model "
                                        f"needs {list(target.shape)}")
+            if tensors[name].is_floating_point() and not bool(torch.isfinite(tensors[name]).all()):
+                raise AdapterFileError(f"{path}: tensor {name!r} holds NaN or infinite values; the adapter is "
+                                       f"corrupt (or was saved after training diverged)")
             target.copy_(tensors[name])
     return model
