@@ -20,7 +20,7 @@ import json
 from datetime import datetime
 from typing import Optional, Sequence
 
-from .data import IGNORE_INDEX, DataError, DataReport, Example
+from .data import IGNORE_INDEX, DataError, DataReport, Example, text_problem
 
 #: ShareGPT's ``from`` values -> roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -62,6 +62,9 @@ def row_messages(row) -> list[dict]:
         if not isinstance(turn[content_key], str):
             raise ValueError(f"turn {index}: {content_key!r} must be a string, got "
                              f"{type(turn[content_key]).__name__}")
+        problem = text_problem(turn[content_key])
+        if problem is not None:
+            raise ValueError(f"turn {index}: {content_key!r} {problem}")
         messages.append({"role": role, "content": turn[content_key]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise ValueError("no assistant turn with content (nothing to learn)")

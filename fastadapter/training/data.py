@@ -85,9 +85,31 @@ class DataReport:
         return text
 
 
+def text_problem(text: str) -> Optional[str]:
+    """Why ``text`` (a string field of a data row) is not text a tokenizer can encode, or None when it is: JSON
+    may write a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode character and has no UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is "
+                f"not valid Unicode text")
+    return None
+
+
+def _parse_json(path: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of rows or JSON lines") from exc
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read; expected a JSON array of rows (objects of "
+                        f"strings) or JSON lines") from None
+
+
 def _read_json_rows(path: str) -> list:
     """The rows of a JSON array or JSON-lines file; an undecodable JSONL line becomes a row of type ``str``
-    (reported as malformed by :func:`_row_problem`) so that one bad line does not hide the others."""
+    (reported as malformed by :func:`_row_problem`) so that one bad line does not hide the others. A ``.json``
+    file must hold an array: one object there is refused (JSON lines go in ``.jsonl`` files)."""
     if os.path.isdir(path):
         raise DataError(f"{path} is a folder; expected an Alpaca-format .json (array) or .jsonl data file")
     try:
@@ -99,11 +121,15 @@ def _read_json_rows(path: str) -> list:
         raise DataError(f"{path}: cannot read the data file ({exc})") from exc
     stripped = text.lstrip()
     if stripped.startswith("["):
+        return _parse_json(path, text)
+    if path.lower().endswith(".json") and stripped.startswith("{"):
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of rows or JSON lines") from exc
-        return rows
+            whole = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            whole = None  # JSON lines in a .json file: read line by line below
+        if isinstance(whole, dict):
+            raise DataError(f"{path}: holds one JSON object; the rows must be a JSON array of objects "
+                            f"([{{\"instruction\": ..., \"output\": ...}}, ...]), or JSON lines in a .jsonl file")
     rows = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -112,6 +138,8 @@ def _read_json_rows(path: str) -> list:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             rows.append(f"line {line_number} is not valid JSON ({exc.msg})")
+        except RecursionError:
+            rows.append(f"line {line_number} is JSON nested too deeply to read")
     if not rows:
         raise DataError(f"{path}: no rows; expected a JSON array of rows or JSON lines with "
                         f"'instruction', 'input' and 'output'")
@@ -132,6 +160,9 @@ def _row_problem(row) -> Optional[str]:
     for key in ("instruction", "input", "output"):
         if key in row and not isinstance(row[key], str):
             return f"{key!r} must be a string, got {type(row[key]).__name__}"
+        problem = text_problem(row[key]) if key in row else None
+        if problem is not None:
+            return f"{key!r} {problem}"
     if not row["instruction"].strip():
         return "empty 'instruction'"
     if not row["output"].strip():
