@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
                              "reproduces the v1 inference code; PEFT and litgpt use the raw gate); a fastadapter "
                              "file keeps the activation it was trained with")
     parser.add_argument("--prompt", required=True,
-                        help="the text to continue; with --template alpaca, the instruction")
+                        help="the text to continue (\"\": sample from BOS alone, unconditionally); with --template "
+                             "alpaca, the instruction")
     parser.add_argument("--template", choices=TEMPLATES, default=None,
                         help="alpaca: wrap --prompt (and --input) in the Alpaca template that `fastadapter train` "
                              "trains on and print the response — use it with adapters made by `fastadapter train`; "
@@ -85,8 +86,9 @@ def check_settings(args) -> None:
                              f"pass UTF-8 text") from None
     if getattr(args, "gate_activation", None) and not args.adapter:
         raise ValueError("--gate-activation says how an --adapter's gates are applied; no --adapter was given")
-    if not args.prompt.strip():
-        raise ValueError("--prompt is empty; give the text to continue (or the instruction, with --template alpaca)")
+    if not args.prompt.strip() and args.template not in (None, "none"):
+        raise ValueError(f"--prompt is empty; with --template {args.template} it is the instruction (an empty prompt "
+                         f"without a template samples from BOS alone)")
     image, vision_model = getattr(args, "image", None), getattr(args, "vision_model", None)
     if image is not None:
         if not os.path.isfile(image):
@@ -153,7 +155,10 @@ def run(args) -> int:
                                                   add_generation_prompt=True)
         prompt = tokenizer.encode(text, bos=False)  # the template writes BOS when the model wants one
     else:
-        prompt = tokenizer.encode(text, bos=True)
+        prompt = tokenizer.encode(text, bos=True)  # an empty prompt: [BOS], unconditional sampling (llama2.c's run)
+        if not prompt:
+            raise ValueError(f"--prompt is empty and the tokenizer {tokenizer_path} has no BOS token to start from; "
+                             f"give a prompt")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stops = getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -204,6 +204,10 @@ def check_settings(args) -> None:
         raise ValueError(f"--fsdp and --quantize {args.quantize} cannot be combined: torchao's quantized weights are "
                          f"not sharded by FSDP here; shard a bf16 base (--fsdp --dtype bf16) or quantize a base that "
                          f"fits on one GPU")
+    if args.quantize and args.adapter == "v2":
+        raise ValueError(f"--quantize {args.quantize} is not combined with --adapter v2: LLaMA-Adapter V2 wraps every "
+                         f"base projection in a learnable bias and scale, and the quantized projections are not "
+                         f"wrapped; train --adapter v1 on a quantized base, or --adapter v2 on an unquantized one")
     check_vision_settings(args)
 
 
