@@ -434,6 +434,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
         trained, save_fn, extra = mm, save_multimodal_adapter, {"collate_fn": collate_fn}
     else:
         trained, extra = model, {}
+    save_fn = _final_adapter_writer(save_fn, args.out)
     hooks = _run_hooks(args, context, tokenizer, chat_template)
     closers = hooks.pop("_close")
     if resume:
@@ -457,6 +458,28 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
     say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
         f"--adapter {shlex.quote(adapter_path)}{image} --template {args.template} --prompt '...'")
     return 0
+
+
+def _final_adapter_writer(save_fn, out: str):
+    """``save_fn`` (``fn(model, path)``, the final adapter's writer) whose full disk (or quota) says that the run's
+    last checkpoint, saved just before, is intact and how to finish from it."""
+    import errno
+
+    def write(model, path: str) -> None:
+        try:
+            save_fn(model, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from ..training.checkpoint import list_checkpoints
+            saved = list_checkpoints(os.path.join(out, "checkpoints"))
+            where = (f"the run's last checkpoint {saved[-1][1]} is intact: free some space, then rerun the same "
+                     f"command with --resume {shlex.quote(saved[-1][1])} to write the adapter" if saved else
+                     "no checkpoint was saved")
+            raise OSError(exc.errno, f"{os.strerror(exc.errno)} while writing the final adapter; {where}",
+                          path) from exc
+
+    return write
 
 
 def dtype_name(name: str, device) -> str:

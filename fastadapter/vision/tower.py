@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from typing import Optional, Sequence
 
 import torch
@@ -97,6 +98,13 @@ class VisionTower(nn.Module):
                 raise VisionTowerError(f"{folder}: no {name}; a vision model folder is what save_pretrained writes "
                                        f"for the model (config.json and weights) and its image processor "
                                        f"(preprocessor_config.json)")
+        names = os.listdir(folder)
+        if not any(name.endswith(".safetensors") for name in names):
+            pickles = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            found = f"only {', '.join(pickles)}, PyTorch pickle weights" if pickles else "no weights"
+            raise VisionTowerError(f"{folder}: {found}; fastadapter loads vision towers from safetensors weights "
+                                   f"only (unpickling a file can run any code it holds): save the model with "
+                                   f"save_pretrained(folder, safe_serialization=True)")
         try:
             from transformers import AutoImageProcessor
             from transformers.utils import logging as hf_logging
@@ -109,7 +117,7 @@ class VisionTower(nn.Module):
         try:
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             model = _load_model(folder)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
             raise VisionTowerError(f"{folder}: transformers cannot load this vision model ({exc})") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
