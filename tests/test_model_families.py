@@ -201,3 +201,155 @@ def test_v2_is_refused_on_norms_other_than_rmsnorm(tmp_path):
     tiny_family_model("gemma2").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="this model's norms are 'rmsnorm_plus_one'.*use LLaMA-Adapter V1"):
         add_adapter_v2(load_model(tmp_path), AdapterConfig(prompt_len=2, layers=1))
+
+
+# -- issue 24: silent wrong results ----------------------------------------------------------------------------
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
+    """A Mistral with window 16 ran full attention over 24 tokens: logits 0.125 off transformers' from position 17
+    on, without a word. Up to the window it equals transformers' MistralForCausalLM; past it, it is refused
+    (batched, packed and with a KV cache)."""
+    hf = _plain_hf("mistral", sliding_window=16)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.config.sliding_window == 16 and model.config.max_seq_len == 16
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens[:, :16]), hf(tokens[:, :16]).logits, rtol=1e-5, atol=2e-5)
+        with pytest.raises(ValueError, match="24 tokens is longer than the model's sliding attention window "
+                                             r"\(16 tokens\)"):
+            model(tokens)
+        packed = tokens.reshape(1, -1)[:, :40]
+        with pytest.raises(ValueError, match="sliding attention window"):
+            model(packed, cu_seqlens=torch.tensor([0, 7, 40], dtype=torch.int32))
+        separate = model(packed[:, :7])  # short packed sequences still run
+        torch.testing.assert_close(model(packed[:, :23], cu_seqlens=torch.tensor([0, 7, 23], dtype=torch.int32))[:, :7],
+                                   separate, rtol=1e-5, atol=2e-5)
+
+
+#: transformers' classes of the families that tiny_family_model leaves out (plain LLaMA pattern).
+_PLAIN_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def _plain_hf(family, **overrides):
+    """A random 2-layer ``family`` model of :data:`_PLAIN_CLASSES` (hidden 64, 4 query / 2 kv heads, vocab 97),
+    weights at scales where they matter, in eval mode."""
+    import transformers
+    config_class, model_class = _PLAIN_CLASSES[family]
+    config = getattr(transformers, config_class)(**{**dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=97, max_position_embeddings=256), **overrides})
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0, 0.5 if parameter.dim() == 1 else 1 if "embed" in name else parameter.shape[1] ** -0.5)
+    return model
+
+
+def _hf_config_folder(tmp_path, family="llama", **changes):
+    """A random ``family`` model saved in ``tmp_path``, its config.json then updated with ``changes``."""
+    _plain_hf(family).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    return tmp_path
+
+
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tmp_path):
+    """``rope_scaling: {rope_type: dynamic}`` beside ``rope_parameters: {rope_type: default}`` ran plain RoPE;
+    transformers reads the dynamic scaling. Now the loader reads what transformers reads: dynamic is refused by
+    name, and a linear scaling there gives transformers' logits."""
+    import transformers
+    from fastadapter.model.config import LinearRopeScaling
+    dynamic = _hf_config_folder(tmp_path / "dynamic", rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    assert transformers.AutoConfig.from_pretrained(dynamic).rope_parameters["rope_type"] == "dynamic"
+    with pytest.raises(CheckpointError, match="RoPE type 'dynamic' is not supported"):
+        load_model(dynamic)
+    linear = _hf_config_folder(tmp_path / "linear", rope_scaling={"rope_type": "linear", "factor": 4.0},
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(linear).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear"
+    model = load_model(linear)
+    assert model.config.rope_scaling == LinearRopeScaling(factor=4.0)
+    tokens = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=2e-5)
+
+
+def test_integer_weights_are_refused_by_every_loader_path(tmp_path, capsys):
+    """A folder of int8 weights loaded through the CLI (cast to fp32) while load_model refused it. Now every path
+    refuses it with the reason: load_model with and without a dtype, and the CLI (one line, exit 2)."""
+    from safetensors.torch import load_file, save_file
+    from fastadapter.cli import main as cli_main
+    folder = _hf_config_folder(tmp_path / "int8")
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: (v * 10).to(torch.int8) if k.endswith("q_proj.weight") else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    for dtype in (None, torch.float32):
+        with pytest.raises(CheckpointError, match="tensor 'layers.0.attention.wq.weight' is torch.int8; weights must be "
+                                                      "floating point"):
+            load_model(folder, dtype=dtype)
+    (folder / "tokenizer.json").write_text("{}")  # never read: the model is refused first
+    assert cli_main(["generate", "--model", str(folder), "--tokenizer", str(folder / "tokenizer.json"),
+                     "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is torch.int8; weights must be floating point" in err
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path):
+    """A config.json holding a list raised AttributeError ('list' object has no attribute 'get')."""
+    folder = _hf_config_folder(tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object of settings .* got a list"):
+        load_model(folder)
+
+
+def test_remove_adapter_restores_the_requires_grad_apply_found(tmp_path):
+    """remove_adapter left every base parameter frozen: a model fine-tuned afterwards trained nothing."""
+    from fastadapter.integrations.transformers import apply_adapter, remove_adapter
+    hf = _plain_hf("llama")
+    hf.lm_head.requires_grad_(False)  # a state of the user's own: kept as apply_adapter found it
+    found = {name: p.requires_grad for name, p in hf.named_parameters()}
+    assert any(found.values()) and not all(found.values())
+    apply_adapter(hf, prompt_len=3, layers=2)
+    assert not any(p.requires_grad for name, p in hf.named_parameters() if "adapter" not in name)
+    apply_adapter(hf, prompt_len=3, layers=1)  # applied twice: the state before the first is the one restored
+    remove_adapter(hf)
+    assert {name: p.requires_grad for name, p in hf.named_parameters()} == found
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_export_to_peft_refuses_a_family_peft_cannot_load(tmp_path, family):
+    """export --to peft wrote a folder for a Qwen2 base that PEFT then rejected ("Unsupported model type for
+    adaption prompt: 'qwen2'"). The adapter file records the base's family; the export is refused with the reason
+    and the formats that work, and litgpt / v1 still export."""
+    from fastadapter.model.adapter_export import export_adapter
+    from fastadapter.model.adapter_file import AdapterFileError, read_adapter_file
+    hf = _plain_hf(family) if family in _PLAIN_CLASSES else tiny_family_model(family)
+    hf.save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2, gate_activation="none", gate_per_head=False))
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    assert read_adapter_file(tmp_path / "adapter.safetensors")[1]["base_model"]["family"] == family
+    with pytest.raises(AdapterFileError, match=f"a '{family}' model, and PEFT's adaption prompt loads only llama and "
+                                               f"mistral models.*export --to litgpt or --to v1"):
+        export_adapter(str(tmp_path / "adapter.safetensors"), str(tmp_path / "peft"), "peft")
+    assert not (tmp_path / "peft").exists()
+    assert export_adapter(str(tmp_path / "adapter.safetensors"), str(tmp_path / "a.pth"), "litgpt")
+
+
+def test_export_to_peft_of_a_mistral_adapter_loads_in_peft(tmp_path):
+    """The families PEFT adapts still export, and PEFT loads the folder."""
+    import peft
+    from fastadapter.model.adapter_export import export_adapter
+    hf = _plain_hf("mistral")
+    hf.save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2, gate_activation="none", gate_per_head=False))
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    export_adapter(str(tmp_path / "adapter.safetensors"), str(tmp_path / "peft"), "peft")
+    loaded = peft.PeftModel.from_pretrained(hf, tmp_path / "peft")
+    assert loaded.peft_config["default"].adapter_len == 3
