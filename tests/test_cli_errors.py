@@ -545,3 +545,235 @@ def test_chat_template_with_a_sentencepiece_tokenizer(shared_data, tmp_path, cap
     command = ["train", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
                "--data", str(data), "--out", str(tmp_path / "run"), "--template", "chat", "--no-progress"]
     assert "--template chat needs a Hugging Face tokenizer.json" in error_of(capsys, command)
+
+
+# -- issue 24: no command writes over its own input ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def story_adapter(shared_data, tmp_path_factory):
+    """A fastadapter adapter file of stories260K (top 2 layers, scalar raw gates: every export format takes it)."""
+    from fastadapter import AdapterConfig, add_adapter, load_model, save_adapter
+    model = load_model(shared_data / "stories260K.bin")
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2, gate_activation="none", gate_per_head=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter.gate" in name:
+                p.fill_(0.25)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    save_adapter(model, path)
+    return path
+
+
+def eval_args(shared_data, tmp_path, out, *extra, adapter=None):
+    data = tmp_path / "scienceqa"  # never read: the outputs are checked first
+    data.mkdir(exist_ok=True)
+    return ["eval", "--task", "scienceqa", "--model", str(shared_data / "stories260K.bin"), "--tokenizer",
+            str(shared_data / "tok512.bin"), "--data", str(data), "--out", str(out), "--device", "cpu",
+            *(["--adapter", str(adapter)] if adapter else []), *extra]
+
+
+def test_eval_out_never_replaces_an_input(shared_data, tmp_path, capsys, story_adapter):
+    """`eval --out X`, X the adapter or the model, replaced it with the JSON report (the model 1056540 -> 829
+    bytes). Every input is refused as --out, through a symbolic link too, with --overwrite too."""
+    model = shared_data / "stories260K.bin"
+    before = {story_adapter: story_adapter.read_bytes(), model: model.stat().st_size}
+    link = tmp_path / "link.bin"
+    link.symlink_to(model)
+    for out, flag in ((story_adapter, "--adapter"), (model, "--model"), (link, "--model"),
+                      (shared_data / "tok512.bin", "--tokenizer")):
+        for extra in ((), ("--overwrite",)):
+            message = error_of(capsys, eval_args(shared_data, tmp_path, out, *extra, adapter=story_adapter))
+            assert message.startswith(f"--out {out} is the {flag} input ") and "would destroy the input" in message
+    assert story_adapter.read_bytes() == before[story_adapter] and model.stat().st_size == before[model]
+
+
+def test_eval_out_replaces_an_existing_file_only_with_overwrite(shared_data, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text("earlier report")
+    message = error_of(capsys, eval_args(shared_data, tmp_path, report))
+    assert message == f"--out {report} already exists; pass --overwrite to replace it, or choose another path"
+    assert report.read_text() == "earlier report"
+    # A file inside an input folder is part of that input: refused with --overwrite too.
+    inside = tmp_path / "scienceqa" / "problems.json"
+    inside.write_text("{}")
+    message = error_of(capsys, eval_args(shared_data, tmp_path, inside, "--overwrite"))
+    assert message.startswith(f"--out {inside} lies inside the --data folder")
+    assert inside.read_text() == "{}"
+
+
+def test_export_never_writes_over_its_adapter(shared_data, tmp_path, capsys, story_adapter):
+    """`export --to v1 X X` overwrote the source adapter with the .pth."""
+    copy = tmp_path / "adapter.safetensors"
+    copy.write_bytes(story_adapter.read_bytes())
+    link = tmp_path / "link.pth"
+    link.symlink_to(copy)
+    for to, out in (("v1", copy), ("litgpt", copy), ("v1", link), ("peft", copy)):
+        for extra in ((), ("--overwrite",)):
+            message = error_of(capsys, ["export", "--to", to, str(copy), str(out), *extra])
+            assert message.startswith(f"OUT {out} is the ADAPTER input {copy}"), message
+    assert copy.read_bytes() == story_adapter.read_bytes()
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite_and_atomically(tmp_path, capsys, story_adapter,
+                                                                           monkeypatch):
+    out = tmp_path / "v1.pth"
+    out.write_bytes(b"earlier")
+    message = error_of(capsys, ["export", "--to", "v1", str(story_adapter), str(out)])
+    assert message == f"OUT {out} already exists; pass --overwrite to replace it, or choose another path"
+    assert out.read_bytes() == b"earlier"
+    # --overwrite: a failure in the middle of the write (a full disk) leaves the old file whole, and no temporary.
+    import fastadapter.model.adapter_export as adapter_export
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"\0" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(adapter_export.torch, "save", full_disk_save)
+    assert error_of(capsys, ["export", "--to", "v1", str(story_adapter), str(out), "--overwrite"]) == \
+        "No space left on device"
+    monkeypatch.undo()
+    assert out.read_bytes() == b"earlier" and os.listdir(tmp_path) == ["v1.pth"]
+    assert cli_main(["export", "--to", "v1", str(story_adapter), str(out), "--overwrite"]) == 0
+    assert set(torch.load(out)) == {"adapter_query.weight", "layers.3.attention.gate", "layers.4.attention.gate"}
+    assert os.listdir(tmp_path) == ["v1.pth"]
+
+
+def test_export_into_a_read_only_folder(tmp_path, capsys, story_adapter, monkeypatch):
+    """A read-only folder was a traceback (torch.save's RuntimeError). Permissions do not bind root, so the
+    refusal the operating system gives is injected when the test runs as root."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open = os.open
+
+        real_mkdir = os.mkdir
+
+        def in_folder(path):
+            return os.path.dirname(os.path.abspath(path)) == str(folder)
+
+        def read_only_open(path, flags, *args, **kwargs):
+            if in_folder(path) and flags & os.O_CREAT:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return real_open(path, flags, *args, **kwargs)
+
+        def read_only_mkdir(path, *args, **kwargs):
+            if in_folder(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+        monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    try:
+        for to, out in (("v1", folder / "a.pth"), ("litgpt", folder / "a.pth"), ("peft", folder / "peft")):
+            message = error_of(capsys, ["export", "--to", to, str(story_adapter), str(out)])
+            assert message.startswith("Permission denied: " + str(folder)), message
+    finally:
+        folder.chmod(0o755)
+    monkeypatch.undo()
+    assert os.listdir(folder) == []
+
+
+def test_train_never_writes_over_its_inputs(shared_data, tmp_path, capsys):
+    """The run folder's files are checked against the inputs: --eval-prompts OUT/samples.jsonl was overwritten by
+    the samples, --out the --data folder of a ScienceQA run mixed the run into it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    prompts = out / "samples.jsonl"
+    prompts.write_text("Tell me a story.\n")
+    message = error_of(capsys, train_args(shared_data, out, "--eval-prompts", str(prompts), "--max-steps", "1"))
+    assert message.startswith(f"--out/samples.jsonl {prompts} is the --eval-prompts input")
+    assert prompts.read_text() == "Tell me a story.\n" and os.listdir(out) == ["samples.jsonl"]
+    data_folder = tmp_path / "scienceqa"
+    data_folder.mkdir()
+    message = error_of(capsys, train_args(shared_data, data_folder, "--max-steps", "1", data=data_folder))
+    assert message.startswith(f"--out {data_folder} is the --data input")
+
+
+def test_bench_refuses_to_replace_earlier_results_without_overwrite(tmp_path, capsys):
+    """A bench run replaced the result files of an earlier run of the same name in --out."""
+    earlier = tmp_path / "mine.json"
+    earlier.write_text("{}")
+    assert cli_main(["bench", "--smoke", "--suites", "ops", "--device", "cpu", "--out", str(tmp_path), "--name",
+                     "mine", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"fastadapter bench: error: --out/mine.json {earlier} already exists; pass --overwrite to "
+                           f"replace it, or choose another path")
+    assert earlier.read_text() == "{}"
+
+
+# -- issue 24: clear errors instead of tracebacks --------------------------------------------------------------
+
+
+def test_quantize_with_adapter_v2_is_refused_before_loading(shared_data, tmp_path, capsys):
+    """--quantize int8 --adapter v2 was a TypeError traceback after the model loaded."""
+    message = error_of(capsys, train_args(shared_data, tmp_path / "run", "--adapter", "v2", "--quantize", "int8"))
+    assert message.startswith("--quantize int8 is not combined with --adapter v2")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_while_writing_the_final_adapter_says_how_to_finish(shared_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """ENOSPC while adapter.safetensors was written said only "No space left on device". The checkpoint of the
+    last step is intact: the message names it and the --resume that writes the adapter, which then works."""
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    message = error_of(capsys, train_args(shared_data, out, "--max-steps", "2"))
+    monkeypatch.undo()
+    last = out / "checkpoints" / "step_000002.pt"
+    assert message == (f"No space left on device while writing the final adapter; the run's last checkpoint {last} "
+                       f"is intact: free some space, then rerun the same command with --resume {last} to write the "
+                       f"adapter: {out / 'adapter.safetensors'}")
+    assert not (out / "adapter.safetensors").exists() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert cli_main(train_args(shared_data, out, "--max-steps", "2", "--resume", str(last))) == 0
+    assert (out / "adapter.safetensors").is_file()
+
+
+def test_a_vision_folder_of_pickle_weights_is_refused_with_the_reason(shared_data, tmp_path, capsys):
+    """A vision folder holding only pytorch_model.bin was refused as transformers' raw UnpicklingError."""
+    folder = tmp_path / "tower"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 32,
+                                                    "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                    "intermediate_size": 64, "image_size": 32, "patch_size": 16}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    torch.save({"vision_model.embeddings.class_embedding": torch.zeros(32)}, folder / "pytorch_model.bin")
+    message = error_of(capsys, train_args(shared_data, tmp_path / "run", "--vision-model", str(folder)))
+    assert message == (f"{folder}: only pytorch_model.bin, PyTorch pickle weights; fastadapter loads vision towers "
+                       f"from safetensors weights only (unpickling a file can run any code it holds): save the model "
+                       f"with save_pretrained(folder, safe_serialization=True)")
+
+
+def test_an_adapter_with_a_nan_gate_is_refused_at_load(shared_data, tmp_path, capsys, story_adapter):
+    """A NaN gate generated an empty continuation without a word (training already refuses NaN)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(story_adapter), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(story_adapter)
+    tensors["layers.4.adapter_gate"] = torch.tensor([float("nan")])
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, bad, metadata=metadata)
+    message = error_of(capsys, generate_args(shared_data, "--adapter", str(bad)))
+    assert message == (f"{bad}: tensor 'layers.4.adapter_gate' holds NaN or infinite values; the adapter is corrupt "
+                       f"(or was saved after training diverged): use an earlier checkpoint's adapter")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),  # RecursionError
+    ('[{"instruction": "a\\ud800", "output": "b"}]', "row 0 is malformed: 'instruction' holds a lone UTF-16 "
+                                                     "surrogate (U+D800 at character 1)"),  # UnicodeEncodeError
+    ('{"instruction": "a", "output": "b"}', "holds one JSON object; the rows must be a JSON array of objects"),
+], ids=["deeply-nested", "lone-surrogate", "one-object"])
+def test_bad_data_files_get_one_line(shared_data, tmp_path, capsys, text, message):
+    data = tmp_path / "data.json"
+    data.write_text(text)
+    assert message in error_of(capsys, train_args(shared_data, tmp_path / "run", "--on-bad-row", "error",
+                                                  data=data))
