@@ -127,3 +127,37 @@ def test_bad_contents_are_explained(tmp_path, mutate, message):
     with pytest.raises(AdapterFileError, match=message) as info:
         read_adapter_file(path)
     assert "bad.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_tensor_is_refused_at_read(tmp_path, value):
+    """An adapter whose gate held NaN loaded and generated an empty continuation without a word."""
+    path = tmp_path / "adapter.safetensors"
+    tensors = _tensors()
+    tensors["layers.2.adapter_gate"][1] = value
+    write_adapter_file(path, tensors, CONFIG, _base_model())
+    with pytest.raises(AdapterFileError, match="tensor 'layers.2.adapter_gate' holds NaN or infinite values"):
+        read_adapter_file(path)
+
+
+def test_a_non_finite_foreign_adapter_is_refused_at_load(tmp_path):
+    """The check holds for adapters of other projects too (a litgpt checkpoint here), read through load_adapter."""
+    from fastadapter import LlamaConfig, LlamaModel, load_adapter
+    model = LlamaModel(LlamaConfig(dim=DIM, n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS,
+                                   vocab_size=VOCAB, hidden_dim=24, max_seq_len=32))
+    state = {f"transformer.h.{i}.attn.adapter_wte.weight": torch.randn(3, DIM) for i in (1, 2)}
+    state.update({f"transformer.h.{i}.attn.gating_factor": torch.zeros(1, 1, N_HEADS, 1) for i in (1, 2)})
+    state["transformer.h.1.attn.gating_factor"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "litgpt.pth")
+    with pytest.raises(AdapterFileError, match="holds NaN or infinite values"):
+        load_adapter(model, tmp_path / "litgpt.pth")
+
+
+def test_the_base_model_family_is_recorded_and_optional(tmp_path):
+    """``family`` names the base model's Hugging Face model_type (export --to peft reads it); files without it, as
+    written before it existed, still read."""
+    path = tmp_path / "adapter.safetensors"
+    write_adapter_file(path, _tensors(), CONFIG, {**_base_model(), "family": "qwen2"})
+    assert read_adapter_file(path)[1]["base_model"]["family"] == "qwen2"
+    write_adapter_file(path, _tensors(), CONFIG, _base_model())
+    assert "family" not in read_adapter_file(path)[1]["base_model"]

@@ -283,3 +283,19 @@ def test_prompt_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match=r"prompt 1 holds token ids \[50, -1\] outside the model's vocabulary "
                                          r"\[0, 50\): was it encoded with another model's tokenizer\?"):
         generate(model, [[1, 2], [3, 50, -1]], max_new_tokens=2)
+
+
+def test_cli_generate_an_empty_prompt_samples_from_bos_as_run_c(shared_data, capsys, stories):
+    """`--prompt ""` was refused; llama2.c's run samples from BOS alone (unconditional generation of a base model).
+    The CLI now prints run.c's greedy continuation of BOS; with a template an empty instruction is still refused."""
+    _, tokenizer = stories
+    reference = RunC(shared_data / "stories260K.bin").greedy(40)
+    if tokenizer.eos_id in reference:
+        reference = reference[:reference.index(tokenizer.eos_id)]
+    args = ["generate", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
+            "--prompt", "", "--max-new-tokens", "40"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert out == tokenizer.decode(reference) + "\n" and out.startswith(STORY_START)
+    assert cli_main(args + ["--template", "alpaca"]) == 2
+    assert "--prompt is empty; with --template alpaca it is the instruction" in capsys.readouterr().err

@@ -166,3 +166,38 @@ def test_examples_remember_their_row_in_the_file(tmp_path, tokenizer):
         examples, report = load_examples(path, tokenizer, max_seq_len=1000)
     assert [e.row for e in examples] == [0, 2, 4] == report.kept_rows
     assert examples[0] == tokenize_rows([rows[0]], tokenizer, 1000)[0]  # the row does not take part in equality
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+    ('{"instruction": "Say hi.", "output": "Hi."}', "holds one JSON object; the rows must be a JSON array of objects"),
+], ids=["deeply-nested", "one-object"])
+def test_a_json_file_that_is_not_an_array_of_rows(tmp_path, text, message):
+    """A deeply nested file raised RecursionError; a .json holding one object was read as one row."""
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_rows(path)
+
+
+def test_a_single_row_of_json_lines_still_reads(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "Hi."}\n')
+    assert load_rows(path) == [{"instruction": "Say hi.", "output": "Hi."}]
+    deep = tmp_path / "deep.jsonl"  # a JSON line nested too deeply is one malformed row, not a traceback
+    deep.write_text('{"instruction": "Say hi.", "output": "Hi."}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.warns(UserWarning, match="skipping malformed row 1: line 2 is JSON nested too deeply to read"):
+        assert len(load_rows(deep)) == 1
+
+
+def test_lone_surrogates_are_malformed_rows(tmp_path, shared_data):
+    """JSON may hold a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode: UnicodeEncodeError.
+    Such a row is skipped (or refused) with the reason, in Alpaca and chat rows."""
+    path = tmp_path / "data.json"
+    path.write_text('[{"instruction": "Say hi.", "output": "Hi."}, {"instruction": "x\\udc80", "output": "y"}]')
+    with pytest.warns(UserWarning, match=r"row 1: 'instruction' holds a lone UTF-16 surrogate \(U\+DC80 at "
+                                         r"character 1\)"):
+        assert len(load_rows(path)) == 1
+    from fastadapter.training.chat import row_messages
+    with pytest.raises(ValueError, match="turn 0: 'content' holds a lone UTF-16 surrogate"):
+        row_messages({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "ok"}]})
