@@ -9,6 +9,7 @@ Each case names what it did before the fix (a traceback, exit 1, silent success)
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -566,8 +567,17 @@ def story_adapter(shared_data, tmp_path_factory):
 
 
 def eval_args(shared_data, tmp_path, out, *extra, adapter=None):
-    data = tmp_path / "scienceqa"  # never read: the outputs are checked first
-    data.mkdir(exist_ok=True)
+    """``fastadapter eval`` of stories260K on a one-problem ScienceQA folder (text only): a run that reaches the
+    report (the old code then wrote it over --out whatever that was)."""
+    data = tmp_path / "scienceqa"
+    if not data.exists():
+        data.mkdir()
+        problem = {"question": "Which is a solid?", "choices": ["milk", "rock"], "answer": 1, "hint": "",
+                   "image": None, "task": "closed choice", "grade": "grade2", "subject": "natural science",
+                   "topic": "physics", "category": "States of matter", "skill": "Solids and liquids", "lecture": "",
+                   "solution": "", "split": "test"}
+        (data / "problems.json").write_text(json.dumps({"1": problem}))
+        (data / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": ["1"]}))
     return ["eval", "--task", "scienceqa", "--model", str(shared_data / "stories260K.bin"), "--tokenizer",
             str(shared_data / "tok512.bin"), "--data", str(data), "--out", str(out), "--device", "cpu",
             *(["--adapter", str(adapter)] if adapter else []), *extra]
@@ -575,17 +585,23 @@ def eval_args(shared_data, tmp_path, out, *extra, adapter=None):
 
 def test_eval_out_never_replaces_an_input(shared_data, tmp_path, capsys, story_adapter):
     """`eval --out X`, X the adapter or the model, replaced it with the JSON report (the model 1056540 -> 829
-    bytes). Every input is refused as --out, through a symbolic link too, with --overwrite too."""
-    model = shared_data / "stories260K.bin"
-    before = {story_adapter: story_adapter.read_bytes(), model: model.stat().st_size}
+    bytes). Every input is refused as --out, through a symbolic link too, with --overwrite too. (The inputs are
+    copies: a regression must not destroy the shared files.)"""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("stories260K.bin", "tok512.bin"):
+        shutil.copyfile(shared_data / name, inputs / name)
+    adapter = inputs / "adapter.safetensors"
+    shutil.copyfile(story_adapter, adapter)
+    before = {path: path.read_bytes() for path in inputs.iterdir()}
     link = tmp_path / "link.bin"
-    link.symlink_to(model)
-    for out, flag in ((story_adapter, "--adapter"), (model, "--model"), (link, "--model"),
-                      (shared_data / "tok512.bin", "--tokenizer")):
+    link.symlink_to(inputs / "stories260K.bin")
+    for out, flag in ((adapter, "--adapter"), (inputs / "stories260K.bin", "--model"), (link, "--model"),
+                      (inputs / "tok512.bin", "--tokenizer")):
         for extra in ((), ("--overwrite",)):
-            message = error_of(capsys, eval_args(shared_data, tmp_path, out, *extra, adapter=story_adapter))
+            message = error_of(capsys, eval_args(inputs, tmp_path, out, *extra, adapter=adapter))
             assert message.startswith(f"--out {out} is the {flag} input ") and "would destroy the input" in message
-    assert story_adapter.read_bytes() == before[story_adapter] and model.stat().st_size == before[model]
+    assert {path: path.read_bytes() for path in inputs.iterdir()} == before
 
 
 def test_eval_out_replaces_an_existing_file_only_with_overwrite(shared_data, tmp_path, capsys):
@@ -596,10 +612,14 @@ def test_eval_out_replaces_an_existing_file_only_with_overwrite(shared_data, tmp
     assert report.read_text() == "earlier report"
     # A file inside an input folder is part of that input: refused with --overwrite too.
     inside = tmp_path / "scienceqa" / "problems.json"
-    inside.write_text("{}")
+    problems = inside.read_text()
     message = error_of(capsys, eval_args(shared_data, tmp_path, inside, "--overwrite"))
     assert message.startswith(f"--out {inside} lies inside the --data folder")
-    assert inside.read_text() == "{}"
+    assert inside.read_text() == problems
+    # With --overwrite, another report is replaced (atomically: no temporary file is left beside it).
+    assert cli_main(eval_args(shared_data, tmp_path, report, "--overwrite")) == 0
+    assert json.loads(report.read_text())["problems"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["report.json", "scienceqa"]
 
 
 def test_export_never_writes_over_its_adapter(shared_data, tmp_path, capsys, story_adapter):

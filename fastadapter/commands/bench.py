@@ -111,9 +111,10 @@ def run(args) -> int:
     stem = args.name or f"{torch.device(device).type}-{preset}"
     from ._paths import check_outputs
     try:  # before the suites run: a refusal costs nothing
-        check_outputs({"--out": str(out_dir), **{f"--out/{stem}{ext}": str(out_dir / f"{stem}{ext}")
-                                                 for ext in (".json", ".csv")}}, {}, overwrite=args.overwrite,
-                      folders=("--out",))
+        plots = [] if args.no_plots else sorted(out_dir.glob(f"{stem}-*.png"))  # the plots of an earlier run
+        check_outputs({"--out": str(out_dir), **{f"--out/{path.name}": str(path) for path in
+                                                 [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", *plots]}},
+                      {}, overwrite=args.overwrite, folders=("--out",))
     except ValueError as error:
         print(f"fastadapter bench: error: {error}", file=sys.stderr)
         return 2
