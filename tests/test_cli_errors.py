@@ -628,7 +628,9 @@ def test_export_never_writes_over_its_adapter(shared_data, tmp_path, capsys, sto
     copy.write_bytes(story_adapter.read_bytes())
     link = tmp_path / "link.pth"
     link.symlink_to(copy)
-    for to, out in (("v1", copy), ("litgpt", copy), ("v1", link), ("peft", copy)):
+    hard = tmp_path / "hard.pth"
+    os.link(copy, hard)
+    for to, out in (("v1", copy), ("litgpt", copy), ("v1", link), ("litgpt", hard), ("peft", copy)):
         for extra in ((), ("--overwrite",)):
             message = error_of(capsys, ["export", "--to", to, str(copy), str(out), *extra])
             assert message.startswith(f"OUT {out} is the ADAPTER input {copy}"), message
