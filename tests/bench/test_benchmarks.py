@@ -19,7 +19,7 @@ import pytest
 import torch
 
 # The checkout's benchmarks/ folder is installed as fastadapter.benchmarks: the tests import it from there.
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 from fastadapter.benchmarks import baselines
 from fastadapter.benchmarks.bench_ops import MODES, Plan, Sweep, benchmark_provider, plan_for, run_plan

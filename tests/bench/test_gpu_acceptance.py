@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import gpu_acceptance as acceptance
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "digits_scienceqa.py"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_scienceqa.py"
 
 
 @pytest.mark.slow

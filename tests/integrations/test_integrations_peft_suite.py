@@ -113,7 +113,7 @@ def _run_suite(folder: pathlib.Path, selection: list[str], *, plain: bool) -> tu
     """``({test name: "passed" | "skipped" | failure message}, output)`` of one pytest run in ``folder``."""
     report = folder / ("plain.xml" if plain else "accelerated.xml")
     env = {**os.environ, "FASTADAPTER_PEFT_SUITE_PLAIN": "1" if plain else "0",
-           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
+           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[2]),
                                           os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider",
                           f"--junitxml={report}", "--rootdir", str(folder)],

@@ -3,7 +3,7 @@
 The references are the unpatched model (a zero gate must change nothing), PEFT's ``adaption_prompt`` (a raw
 scalar gate computes what PEFT computes; Qwen2 is run through PEFT's Llama code path, which fits it), the same
 rows without padding, generation without a cache, and fastadapter's own LLaMA loaded from the same weights.
-Also imported by tests/test_integrations_peft.py for :func:`tiny_model` and :func:`peft_reference`.
+Also imported by tests/integrations/test_integrations_peft.py for :func:`tiny_model` and :func:`peft_reference`.
 """
 import copy
 import logging

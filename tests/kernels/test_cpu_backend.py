@@ -413,7 +413,7 @@ def test_build_settings_without_openmp_or_compiler(tmp_path, monkeypatch):
     """A compiler without OpenMP (Apple clang) builds single-threaded; no compiler skips with the reason. Builds
     are portable and carry no debug info (issue 16: -g tripled the compile time)."""
     from pathlib import Path
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     fake = tmp_path / "fake-c++"
     fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\nexit 0\n")
     fake.chmod(0o755)

@@ -18,7 +18,7 @@ from fastadapter.kernels.problem import AttentionProblem
 
 from attention_cases import Case, backend_inputs
 
-KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = pathlib.Path(__file__).resolve().parents[2] / "kernels"
 MODULES = sorted(p.stem for p in KERNELS.glob("*.py") if p.stem != "__init__")
 
 

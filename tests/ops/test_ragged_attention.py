@@ -36,7 +36,7 @@ RAGGED_CASES = [
 
 #: Under Triton's interpreter (no GPU) the grid costs minutes: the default run takes these three cases (separate
 #: offsets with empty sequences and tails, decode over packed caches, seqused_k over a padded cache), the slow
-#: run the rest (tests/test_triton_ragged.py covers the kernels' own ragged edges).
+#: run the rest (tests/kernels/test_triton_ragged.py covers the kernels' own ragged edges).
 TRITON_DEFAULT_CASES = (0, 1, 7)
 
 
