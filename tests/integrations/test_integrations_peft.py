@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.adaption_prompt.layer import AdaptedAttention
-from test_integrations_transformers import random_tokens, peft_reference, tiny_model
+from hf_models import build, padded_batch, peft_reference, random_tokens, tiny_model
 
 from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
 from fastadapter.integrations._versions import UnsupportedVersionError
@@ -201,7 +201,6 @@ def test_adaption_prompt_over_a_class_peft_computes_differently_is_refused(monke
     """PEFT recomputes the queries as q_proj + RoPE: over Qwen3 (q/k norms) that is not Qwen3's attention, so the
     fused op would not reproduce PEFT; apply_adapter is the way to adapt it."""
     from peft.tuners.adaption_prompt import config as peft_adaption_config
-    from test_integrations_models import build
     monkeypatch.setitem(peft_adaption_config.TRANSFORMERS_MODEL_CONFIG, "qwen3",
                         peft_adaption_config.TRANSFORMERS_MODEL_CONFIG["llama"])
     peft_model = peft_reference(build("qwen3"))
@@ -213,7 +212,6 @@ def test_adaption_prompt_over_a_class_peft_computes_differently_is_refused(monke
 def test_accelerated_eager_padded_training_batch_equals_peft(padding):
     """The issue's case: a PEFT-accelerated eager Llama on a left-padded training batch had gradients 28% off
     (transformers' loss includes the last padding position, whose row differed)."""
-    from test_integrations_models import padded_batch
     reference, accelerated = _pair("llama", attn_implementation="eager")
     tokens, mask, positions, labels = padded_batch(padding)
     for model in (reference, accelerated):

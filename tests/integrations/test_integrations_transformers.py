@@ -3,7 +3,6 @@
 The references are the unpatched model (a zero gate must change nothing), PEFT's ``adaption_prompt`` (a raw
 scalar gate computes what PEFT computes; Qwen2 is run through PEFT's Llama code path, which fits it), the same
 rows without padding, generation without a cache, and fastadapter's own LLaMA loaded from the same weights.
-Also imported by tests/integrations/test_integrations_peft.py for :func:`tiny_model` and :func:`peft_reference`.
 """
 import copy
 import logging
@@ -13,8 +12,6 @@ import warnings
 import pytest
 import torch
 import transformers
-from peft import AdaptionPromptConfig, get_peft_model
-from peft.tuners.adaption_prompt import config as peft_adaption_config
 
 from fastadapter.integrations import _versions
 from fastadapter.integrations import _attention_mask
@@ -24,54 +21,9 @@ from fastadapter.integrations.transformers import (AdapterAttention, adapted_lay
                                                    remove_adapter, save_adapter)
 from fastadapter.model.adapter_file import AdapterFileError
 
-VOCAB = 97
+from hf_models import VOCAB, peft_reference, random_tokens, tiny_model
+
 FAMILIES = ("llama", "mistral", "qwen2")
-_CONFIGS = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
-
-
-def tiny_model(family: str = "llama", *, seed: int = 0, **overrides):
-    """A random 3-layer model of ``family``: hidden 64, 4 query heads over 2 kv heads (GQA), head_dim 16, fp32,
-    eval mode. Qwen2 brings q/k/v biases; biases are random (transformers initialises them to zero, which would
-    hide how they are applied)."""
-    config_class, model_class = _CONFIGS[family]
-    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                    eos_token_id=VOCAB - 1, bos_token_id=1, attn_implementation="sdpa")
-    if family == "mistral":
-        settings["sliding_window"] = None
-    settings.update(overrides)
-    attn_implementation = settings.pop("attn_implementation")
-    torch.manual_seed(seed)
-    config = config_class(**settings)
-    config._attn_implementation = attn_implementation
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(std=0.5)
-    return model
-
-
-def peft_reference(model, *, prompt_len: int = 5, layers: int = 2, gate: float = 0.7, monkeypatch=None):
-    """PEFT's adaption_prompt model on ``model`` with gates set to ``gate`` (so the prefix counts). Qwen2, which
-    PEFT does not list, goes through PEFT's Llama code (same structure) when ``monkeypatch`` is given."""
-    if model.config.model_type not in peft_adaption_config.TRANSFORMERS_MODEL_CONFIG:
-        monkeypatch.setitem(peft_adaption_config.TRANSFORMERS_MODEL_CONFIG, model.config.model_type,
-                            peft_adaption_config.TRANSFORMERS_MODEL_CONFIG["llama"])
-    peft_model = get_peft_model(model, AdaptionPromptConfig(adapter_len=prompt_len, adapter_layers=layers,
-                                                            task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if name.endswith("adaption_gate"):
-                param.fill_(gate)
-    return peft_model
-
-
-def random_tokens(batch=2, seqlen=13, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, VOCAB - 1, (batch, seqlen), generator=generator)
 
 
 def _adapted_with_gate(model, gate: float = 0.5, **kwargs):

@@ -3,13 +3,14 @@ logits), memory-light loading, and errors that name the file, the tensor and the
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from fastadapter import load_model
 from fastadapter.model import CheckpointError, Llama3RopeScaling, LlamaConfig, LlamaModel, base_model_fingerprint
 from fastadapter.model.adapter import base_model_description
+
+from model_files import write_llama2c
 
 TINY = LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
 
@@ -27,25 +28,10 @@ def test_llama2c_stories260k_config_and_views_of_one_mapping(shared_data):
     assert wq1.data_ptr() - wq0.data_ptr() == 4 * 64 * 64
 
 
-def _write_llama2c(path, model: LlamaModel):
-    """llama2.c's export format (legacy version 0), written independently of the loader."""
-    c, sd = model.config, model.state_dict()
-    stacked = lambda name: torch.stack([sd[f"layers.{i}.{name}"] for i in range(c.n_layers)])  # noqa: E731
-    vocab = c.vocab_size if c.tie_embeddings else -c.vocab_size
-    arrays = [sd["tok_embeddings.weight"], stacked("attention_norm.weight"), stacked("attention.wq.weight"),
-              stacked("attention.wk.weight"), stacked("attention.wv.weight"), stacked("attention.wo.weight"),
-              stacked("ffn_norm.weight"), stacked("feed_forward.w1.weight"), stacked("feed_forward.w2.weight"),
-              stacked("feed_forward.w3.weight"), sd["norm.weight"], torch.zeros(2, c.max_seq_len, c.head_dim // 2)]
-    if not c.tie_embeddings:
-        arrays.append(sd["output.weight"])
-    header = np.array([c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab, c.max_seq_len], "<i4")
-    path.write_bytes(header.tobytes() + b"".join(a.numpy().astype("<f4").tobytes() for a in arrays))
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_llama2c_random_checkpoint_matches_its_source(tmp_path, tied):
     source = LlamaModel(LlamaConfig(**{**TINY.__dict__, "tie_embeddings": tied, "max_seq_len": 64})).eval()
-    _write_llama2c(tmp_path / "model.bin", source)
+    write_llama2c(tmp_path / "model.bin", source)
     model = load_model(tmp_path / "model.bin")
     assert model.config == source.config
     tokens = torch.randint(0, TINY.vocab_size, (2, 29))
@@ -287,7 +273,7 @@ def test_nonfinite_weights_are_refused_at_load(tmp_path, value):
     source = LlamaModel(TINY).eval()
     with torch.no_grad():
         source.layers[1].feed_forward.w2.weight[3, 5] = value
-    _write_llama2c(tmp_path / "model.bin", source)
+    write_llama2c(tmp_path / "model.bin", source)
     with pytest.raises(CheckpointError, match=r"model.bin: tensor 'layers.1.feed_forward.w2.weight' holds NaN or "
                                               r"infinite values"):
         load_model(tmp_path / "model.bin")

@@ -14,19 +14,15 @@ from fastadapter.model.config import LlamaConfig
 from fastadapter.model.llama import LlamaModel
 from fastadapter.model.quantize import (base_projections, base_weight_bytes, dequantized_copy, is_quantized,
                                         quantize_base, tensor_bytes)
-from conftest import SHARED_DATA
-from test_training_loop import read_metrics, stories_train_args
+from training_runs import read_metrics, stories_train_args
 
 pytest.importorskip("torchao")
 
 
-_STORIES = str(SHARED_DATA / "stories260K.bin")
-
-
-def _stories(dtype=torch.float32, scheme=None, gate=None):
+def _stories(shared_data, dtype=torch.float32, scheme=None, gate=None):
     """stories260K with an fp32 adapter on its top 3 layers (seeded), quantized by ``scheme``, gates at
     ``gate``."""
-    model = load_model(_STORIES, dtype=dtype)
+    model = load_model(shared_data / "stories260K.bin", dtype=dtype)
     torch.manual_seed(0)
     add_adapter(model, AdapterConfig(prompt_len=4, layers=3))
     if scheme:
@@ -43,11 +39,11 @@ def _tokens(n=19, seed=1):
 
 
 @pytest.mark.parametrize("scheme, low, high", [("int8", 0.5, 0.56), ("int4", 0.25, 0.29)])
-def test_base_weights_take_a_half_and_a_quarter_of_bf16(scheme, low, high):
+def test_base_weights_take_a_half_and_a_quarter_of_bf16(shared_data, scheme, low, high):
     """Measured from the quantized tensors' codes, scales and zero points. stories260K's rows are 64 or 172
     values long, so int8's fp32 scale + int8 zero point per row add 5 bytes to 64-172 (at LLaMA-7B's 4096 the
     ratio is 0.5006); NF4 adds an int8 scale per 64 values and the double quantization's factors."""
-    model = _stories(torch.bfloat16)
+    model = _stories(shared_data, torch.bfloat16)
     bf16 = base_weight_bytes(model)
     assert bf16 == 2 * sum(m.weight.numel() for _, m in base_projections(model))
     quantize_base(model, scheme)
@@ -61,19 +57,19 @@ def test_base_weights_take_a_half_and_a_quarter_of_bf16(scheme, low, high):
 
 
 @pytest.mark.parametrize("scheme, dtype", [("int8", torch.float32), ("int4", torch.bfloat16)])
-def test_zero_gates_reproduce_the_quantized_base(scheme, dtype):
-    base = load_model(_STORIES, dtype=dtype).requires_grad_(False)
+def test_zero_gates_reproduce_the_quantized_base(shared_data, scheme, dtype):
+    base = load_model(shared_data / "stories260K.bin", dtype=dtype).requires_grad_(False)
     quantize_base(base, scheme)
     expected = base(_tokens())
-    model = _stories(dtype, scheme)
+    model = _stories(shared_data, dtype, scheme)
     torch.testing.assert_close(model(_tokens()), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["int8", pytest.param("int4", marks=pytest.mark.slow)])  # NF4 is slow on CPU
-def test_quantized_model_computes_its_dequantized_weights(scheme):
+def test_quantized_model_computes_its_dequantized_weights(shared_data, scheme):
     """With open gates: logits and the adapter's gradients equal those of the plain model holding the
     dequantized weights (the reference), so only the base's weights changed, not the attention or adapter math."""
-    model = _stories(scheme=scheme, gate=0.5)
+    model = _stories(shared_data, scheme=scheme, gate=0.5)
     reference = dequantized_copy(model)
     assert not any(is_quantized(m.weight) for _, m in base_projections(reference))
     results = []
@@ -85,7 +81,7 @@ def test_quantized_model_computes_its_dequantized_weights(scheme):
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-5)
     # ... and the quantization did change the weights (the test would not notice a no-op otherwise).
-    plain = load_model(_STORIES)
+    plain = load_model(shared_data / "stories260K.bin")
     assert not torch.equal(plain.layers[0].attention.wq.weight, reference.layers[0].attention.wq.weight)
 
 
@@ -104,10 +100,10 @@ def test_quantized_base_trains_on_alpaca_rows(tmp_path, shared_data, scheme):
         assert all(json.loads(line)["step"] >= 0 for line in f)
 
 
-def test_quantize_refuses_bad_input():
+def test_quantize_refuses_bad_input(shared_data):
     with pytest.raises(ValueError, match="unknown quantization 'int3'; expected one of int8, int4"):
-        quantize_base(_stories(), "int3")
-    trainable = load_model(_STORIES)
+        quantize_base(_stories(shared_data), "int3")
+    trainable = load_model(shared_data / "stories260K.bin")
     with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight requires a gradient"):
         quantize_base(trainable, "int8")
     odd = add_adapter(LlamaModel(LlamaConfig(dim=80, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=97,
@@ -144,7 +140,7 @@ class UInt8StorageLinear(nn.Linear):
 def _hf_pair(convert):
     """A tiny HF Llama whose attention projections went through ``convert``, and the same model with plain
     linears holding the values ``convert`` computes with (the reference)."""
-    from test_integrations_transformers import tiny_model
+    from hf_models import tiny_model
 
     model, reference = tiny_model("llama"), tiny_model("llama")
     for layer, ref_layer in zip(model.model.layers, reference.model.layers):
@@ -161,7 +157,7 @@ def test_hf_prompt_is_cast_to_the_compute_dtype_not_the_weight_storage_dtype():
     """k_proj.weight.dtype is uint8 here, as for bitsandbytes weights: casting the prompt to it (the old code)
     truncates the prompt to integers 0..255 and the prefix is wrong."""
     from fastadapter.integrations.transformers import adapted_layers as hf_adapted, apply_adapter
-    from test_integrations_transformers import random_tokens
+    from hf_models import random_tokens
 
     model, reference = _hf_pair(UInt8StorageLinear)
     assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.uint8
@@ -186,7 +182,7 @@ def test_hf_model_quantized_by_torchao_keeps_working():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     from fastadapter.integrations.transformers import adapted_layers as hf_adapted, apply_adapter
-    from test_integrations_transformers import random_tokens, tiny_model
+    from hf_models import random_tokens, tiny_model
 
     model = tiny_model("llama")
     quantize_(model.model.layers, Int8WeightOnlyConfig(set_inductor_config=False))

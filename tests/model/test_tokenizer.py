@@ -9,21 +9,12 @@ from fastadapter import load_tokenizer
 from fastadapter.model.tokenizer_llama2c import Llama2cTokenizer
 from fastadapter.model.tokenizer_spm import SentencePieceTokenizer
 
-SEPARATOR = "\n__ggml_vocab_test__\n"
 
-
-def _golden(shared_data):
-    texts = (shared_data / "llama_spm_golden.inp").read_text(encoding="utf-8").split(SEPARATOR)
-    ids = (shared_data / "llama_spm_golden.out").read_text(encoding="utf-8").split("\n")
-    texts = texts[:-1] if texts[-1] == "" else texts  # the file ends with a separator
-    return texts, [[int(x) for x in line.split()] for line in ids[:len(texts)]]
-
-
-def test_sentencepiece_reproduces_llama_cpp_golden_ids(shared_data):
+def test_sentencepiece_reproduces_llama_cpp_golden_ids(shared_data, golden_tokenizations):
     tokenizer = load_tokenizer(shared_data / "llama_tokenizer.model")
     assert isinstance(tokenizer, SentencePieceTokenizer)
     assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (32000, 1, 2)
-    texts, expected = _golden(shared_data)
+    texts, expected = golden_tokenizations
     assert len(texts) == 46
     for text, ids in zip(texts, expected):
         assert tokenizer.encode(text, bos=False) == ids, repr(text)

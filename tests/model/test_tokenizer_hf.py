@@ -9,7 +9,6 @@ from fastadapter.model.tokenizer import find_tokenizer
 from fastadapter.model.tokenizer_convert import write_tokenizer_folder
 from fastadapter.model.tokenizer_hf import HFTokenizer
 
-from test_tokenizer import _golden
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,11 @@ def llama_json(shared_data, tmp_path_factory):
     return folder
 
 
-def test_converted_tokenizer_json_reproduces_sentencepiece_golden_ids(shared_data, llama_json):
+def test_converted_tokenizer_json_reproduces_sentencepiece_golden_ids(llama_json, golden_tokenizations):
     tokenizer = load_tokenizer(llama_json)
     assert isinstance(tokenizer, HFTokenizer)
     assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (32000, 1, 2)
-    texts, expected = _golden(shared_data)
+    texts, expected = golden_tokenizations
     assert len(texts) == 46
     matches = sum(tokenizer.encode(text, bos=False) == ids for text, ids in zip(texts, expected))
     assert matches == 46
@@ -34,10 +33,10 @@ def test_converted_tokenizer_json_reproduces_sentencepiece_golden_ids(shared_dat
     assert tokenizer.encode("Hello world", eos=True) == [1, 15043, 3186, 2]
 
 
-def test_transformers_reads_the_converted_file_the_same_way(shared_data, llama_json):
+def test_transformers_reads_the_converted_file_the_same_way(llama_json, golden_tokenizations):
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_file=str(llama_json / "tokenizer.json"))
-    texts, expected = _golden(shared_data)
+    texts, expected = golden_tokenizations
     assert [hf.encode(t, add_special_tokens=False) for t in texts] == expected
 
 

@@ -19,7 +19,7 @@ from fastadapter.model.checkpoints import load_model
 from fastadapter.training.checkpoint import list_checkpoints, load_checkpoint
 from fastadapter.training.distributed import DistributedContext
 from fastadapter.training.trainer import TrainConfig, train
-from test_training_loop import stories_train_args, tiny_adapted_model, toy_examples
+from training_runs import stories_train_args, tiny_adapted_model, toy_examples
 
 STEPS = 4
 

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastadapter.cli import main
 from fastadapter.training.flops import (NAMED_CONFIGS, epoch_flops, padded_lengths, sequence_flops,
                                         training_hours)
-from test_training_loop import TINY, tiny_adapted_model
+from training_runs import TINY, tiny_adapted_model
 
 
 @pytest.mark.parametrize("adapter_layers", [1, 2, 4])

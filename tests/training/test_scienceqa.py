@@ -21,7 +21,7 @@ from fastadapter.training.scienceqa import (format_answer, format_question, load
                                             load_scienceqa_examples)
 from fastadapter.training.scienceqa_eval import accuracy_report, option_examples, predict
 
-from test_multimodal import write_tower
+from hf_folders import write_tower
 
 LECTURE = "Figures of speech are words or phrases that use language in a nonliteral or unusual way."
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from fastadapter.training.checkpoint import list_checkpoints, load_checkpoint
 from fastadapter.training.distributed import DistributedContext
 from fastadapter.training.trainer import TrainConfig, train
-from test_training_loop import tiny_adapted_model, toy_examples
+from training_runs import tiny_adapted_model, toy_examples
 
 STEPS = 4
 

@@ -17,7 +17,6 @@ import torch
 
 from fastadapter.cli import is_user_error
 from fastadapter.cli import main as cli_main
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
 from fastadapter.training.checkpoint import (CheckpointNotFound, list_checkpoints, load_checkpoint, resolve_resume,
                                             save_checkpoint)
 from fastadapter.training.data import IGNORE_INDEX, Example
@@ -25,38 +24,11 @@ from fastadapter.training.packing import collate_packed, pack_examples
 from fastadapter.training.schedule import warmup_cosine
 from fastadapter.training.trainer import TrainConfig, Trainer, token_loss_sum, train
 
-TINY = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=48, hidden_dim=64, max_seq_len=64)
-
-
-def tiny_adapted_model(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """A random 4-layer LLaMA in ``dtype`` with an fp32 adapter on its top ``layers`` layers (same weights for
-    the same seed)."""
-    torch.manual_seed(seed)
-    return add_adapter(LlamaModel(TINY).to(dtype), AdapterConfig(prompt_len=3, layers=layers))
-
-
-def toy_examples(count: int, seed: int = 0) -> list[Example]:
-    """``count`` examples of 6..40 tokens: a random prompt, then a response of token 7s (learnable by a prompt
-    on a random model: it only has to shift every response position's logits towards one token)."""
-    g = torch.Generator().manual_seed(seed)
-    examples = []
-    for _ in range(count):
-        n = int(torch.randint(6, 41, (1,), generator=g))
-        prompt = int(torch.randint(2, n - 1, (1,), generator=g))
-        tokens = [1] + torch.randint(3, TINY.vocab_size, (n - 1,), generator=g).tolist()
-        tokens[prompt:] = [7] * (n - prompt)
-        labels = [IGNORE_INDEX] * (prompt - 1) + tokens[prompt:] + [2]
-        examples.append(Example(tuple(tokens), tuple(labels)))
-    return examples
+from training_runs import read_metrics, stories_train_args, tiny_adapted_model, toy_examples
 
 
 def adapter_state(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def read_metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_warmup_then_cosine():
@@ -384,11 +356,6 @@ def test_signal_during_the_step0_eval_saves_a_step0_checkpoint(tmp_path, signum)
     assert read_metrics(tmp_path / "plain")[0] == read_metrics(tmp_path / "run")[0]
     for name, value in adapter_state(plain).items():
         assert torch.equal(adapter_state(resumed)[name], value), name
-
-
-def stories_train_args(shared_data, data, out, *extra):
-    return ["train", "--model", str(shared_data / "stories260K.bin"), "--tokenizer", str(shared_data / "tok512.bin"),
-            "--data", str(data), "--out", str(out), "--no-progress", "--device", "cpu", *extra]
 
 
 def test_cli_user_errors_print_a_message_and_exit_2(tmp_path, shared_data, capsys, monkeypatch):

@@ -16,20 +16,10 @@ from fastadapter.vision import (MultimodalLlama, VisionTower, VisionTowerError, 
                                 default_feature_layers, generate_with_images, load_multimodal_adapter,
                                 save_multimodal_adapter)
 
+from hf_folders import write_tower
+
 # Head dim 80 (dim 160, 2 query heads, 1 kv head: GQA), 3 layers of which the top 2 are adapted, prompt 5.
 CONFIG = LlamaConfig(dim=160, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=96, max_seq_len=128)
-
-
-def write_tower(folder, *, seed=0, hidden=36, layers=3):
-    """A tiny CLIP vision tower with random weights and its image processor, as save_pretrained writes them."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=40, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=16, patch_size=4, projection_dim=8)
-    CLIPVisionModel(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
