@@ -283,10 +283,9 @@ def test_truncated_adapter_and_an_adapter_of_another_model(shared_data, tmp_path
     message = error_of(capsys, generate_args(shared_data, "--adapter", str(truncated)))
     assert message.startswith(f"{truncated}: not a readable safetensors file")
     # stories260K's adapter on a random model of another shape.
-    from fastadapter.model import LlamaConfig, LlamaModel
-    from model_files import write_llama2c
-    other = LlamaModel(LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, hidden_dim=72,
-                                   max_seq_len=64))
+    from fastadapter.model import LlamaModel
+    from tiny_llama import tiny_llama_config, write_llama2c
+    other = LlamaModel(tiny_llama_config(n_layers=2, vocab_size=512, max_seq_len=64))
     write_llama2c(tmp_path / "other.bin", other)
     argv = generate_args(shared_data, "--adapter", str(adapter))
     argv[argv.index("--model") + 1] = str(tmp_path / "other.bin")

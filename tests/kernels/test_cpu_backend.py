@@ -18,9 +18,10 @@ import torch
 from fastadapter import _cpu_extension, zero_init_attention
 from fastadapter.backends import get_backend, select_backend
 from fastadapter.info import backend_report
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.model import AdapterConfig, LlamaModel, add_adapter
 
 from attention_cases import BF16, FP16, KERNEL_CASES, Case, backend_inputs, check_against_reference
+from tiny_llama import tiny_llama_config
 
 DECODE_CASES = [
     # At most 16 query rows per sequence take the decode path: key-major loops, split over the KV cache.
@@ -239,8 +240,7 @@ def test_varlen_op_without_tokens_gives_empty_results():
 
 
 def test_llama_model_runs_an_empty_batch():
-    model = LlamaModel(LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72,
-                                   max_seq_len=64))
+    model = LlamaModel(tiny_llama_config(n_layers=2, max_seq_len=64))
     add_adapter(model, AdapterConfig(prompt_len=5, layers=2))
     tokens = torch.zeros(0, 7, dtype=torch.long)
     logits = model(tokens)

@@ -10,7 +10,9 @@ from fastadapter import AdapterConfig, add_adapter, load_adapter, load_model, sa
 from fastadapter.model import AdapterFileError, LlamaConfig, LlamaModel, adapted_layers
 from fastadapter.model.adapter_formats import read_foreign_adapter
 
-TINY = LlamaConfig(dim=80, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
+from tiny_llama import tiny_llama_config
+
+TINY = tiny_llama_config()
 # As deep as LLaMA-7B (32 layers, the paper adapts the top 30), but narrow.
 DEEP = LlamaConfig(dim=16, n_layers=32, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=24)
 
@@ -59,7 +61,7 @@ def test_adapter_of_another_base_model_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match=r"a.safetensors: this adapter was made for another base model "
                                                r"of the same shape \(fingerprint"):
         load_adapter(LlamaModel(TINY), path)
-    other_shape = LlamaModel(LlamaConfig(**{**TINY.__dict__, "n_kv_heads": 2}))
+    other_shape = LlamaModel(tiny_llama_config(n_kv_heads=2))
     with pytest.raises(AdapterFileError, match="a.safetensors: .* base model with n_kv_heads=4, but the model "
                                                "has n_kv_heads=2"):
         load_adapter(other_shape, path)

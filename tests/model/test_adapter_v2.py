@@ -7,10 +7,12 @@ from fastadapter.model.adapter import AdapterConfig, add_adapter
 from fastadapter.model.adapter_file import AdapterFileError
 from fastadapter.model.adapter_v2 import (BiasScaleLinear, add_adapter_v2, is_v2_file, load_adapter_v2,
                                           save_adapter_v2)
-from fastadapter.model.config import LLAMA_7B, LlamaConfig
+from fastadapter.model.config import LLAMA_7B
 from fastadapter.model.llama import LlamaModel
 
-CONFIG = LlamaConfig(dim=80, n_layers=3, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72, qkv_bias=True)
+from tiny_llama import tiny_llama_config
+
+CONFIG = tiny_llama_config(n_layers=3, qkv_bias=True)
 
 
 def _model(seed=0):

@@ -6,8 +6,10 @@ import fastadapter
 from fastadapter.model import LLAMA_7B, AdapterConfig, LlamaConfig, LlamaModel, adapted_layers, add_adapter
 from fastadapter.model.llama import TransformerBlock, positions_from_cu_seqlens
 
+from tiny_llama import tiny_llama_config
+
 # GQA (8 query heads over 4 kv heads), head_dim 10, an odd vocabulary.
-TINY = LlamaConfig(dim=80, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72, max_seq_len=256)
+TINY = tiny_llama_config(max_seq_len=256)
 
 
 def _adapted(config=TINY, gate=0.3, **adapter_kwargs):

@@ -10,9 +10,9 @@ from fastadapter import load_model
 from fastadapter.model import CheckpointError, Llama3RopeScaling, LlamaConfig, LlamaModel, base_model_fingerprint
 from fastadapter.model.adapter import base_model_description
 
-from model_files import write_llama2c
+from tiny_llama import tiny_llama_config, write_llama2c
 
-TINY = LlamaConfig(dim=80, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72)
+TINY = tiny_llama_config(n_layers=2)
 
 
 # -- llama2.c

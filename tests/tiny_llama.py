@@ -1,8 +1,16 @@
-"""A thin-LLaMA model written as the files the loaders read, independently of the loaders."""
+"""The tiny thin-LLaMA the model tests share, and a model written as llama2.c's file (independently of the
+loaders)."""
 import numpy as np
 import torch
 
-from fastadapter.model import LlamaModel
+from fastadapter.model import LlamaConfig, LlamaModel
+
+
+def tiny_llama_config(**changes) -> LlamaConfig:
+    """4 layers of width 80: 8 query heads over 4 kv heads (GQA) of head dim 10, vocabulary 97, FFN 72; ``changes``
+    replace any field (a test that needs other values says which)."""
+    return LlamaConfig(**{**dict(dim=80, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=97, hidden_dim=72),
+                          **changes})
 
 
 def write_llama2c(path, model: LlamaModel):
