@@ -9,7 +9,7 @@ from fastadapter._inputs import AttentionInputs
 from fastadapter.backends import Backend, get_backend, register_backend, select_backend
 from fastadapter.reference import reference_attention
 
-from attention_cases import Case, check_against_reference
+from attention_cases import BACKENDS, Case, check_against_reference
 
 SDPA_CASES = [
     Case(),
@@ -209,9 +209,6 @@ def test_bad_input_says_what_was_wrong(overrides, error, message):
         zero_init_attention(**_inputs(**overrides))
 
 
-ALL_BACKENDS = ("triton", "cpu", "sdpa", "reference")
-
-
 def _i32(*values):
     return torch.tensor(values, dtype=torch.int32)
 
@@ -234,7 +231,7 @@ BAD_CU_SEQLENS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cu_seqlens,max_seqlen,error,message", BAD_CU_SEQLENS, ids=[m for *_, m in BAD_CU_SEQLENS])
 def test_bad_varlen_boundaries_raise_the_same_error_on_every_backend(backend, cu_seqlens, max_seqlen, error,
                                                                      message):
@@ -245,7 +242,7 @@ def test_bad_varlen_boundaries_raise_the_same_error_on_every_backend(backend, cu
                             backend=backend)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_max_seqlen_shorter_than_a_sequence_is_an_error_not_missing_rows(backend):
     """A 150-token sequence with max_seqlen = 8: the Triton grid used to cover 8 rows and leave 142 zero."""
     q, k = torch.randn(160, 2, 16), torch.randn(160, 1, 16)
@@ -265,7 +262,7 @@ ZERO_SIZE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ZERO_SIZE_CASES, ids=lambda c: c.id)
 def test_zero_size_inputs_give_the_reference_and_zero_gradients(case, backend):
     """Every backend: what the reference gives (zeros where nothing is seen), never uninitialised memory."""

@@ -19,10 +19,8 @@ from fastadapter.backends import get_backend
 from fastadapter.kernels import configs as kernel_configs
 from fastadapter.kernels.layout import device_arch
 
-from attention_cases import (BF16, FP16, INPUT_NAMES, KERNEL_CASES, Case, backend_inputs, check_against_reference,
-                             device_for)
-
-FUSED_BACKENDS = ("triton", "cpu")
+from attention_cases import (BF16, FP16, FUSED_BACKENDS, INPUT_NAMES, KERNEL_CASES, Case, backend_inputs,
+                             check_against_reference, device_for)
 
 
 def _on_device(case: Case, backend: str) -> Case:
