@@ -99,9 +99,6 @@ def adapted_pair(family: str, attn_implementation: str = None, *, gate_activatio
     return ours, reference
 
 
-
-
-
 def check_against_reference(ours, reference, padding: str, *, atol=2e-5):
     tokens, mask, positions, labels = padded_batch(padding)
     ours.train()

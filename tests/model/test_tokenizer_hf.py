@@ -10,7 +10,6 @@ from fastadapter.model.tokenizer_convert import write_tokenizer_folder
 from fastadapter.model.tokenizer_hf import HFTokenizer
 
 
-
 @pytest.fixture(scope="module")
 def llama_json(shared_data, tmp_path_factory):
     """The real LLaMA SentencePiece model converted to a tokenizer.json folder."""
