@@ -24,6 +24,6 @@ echo "+ integrations with the oldest supported versions: transformers ${transfor
 "$venv/bin/python" -m pip install -q "transformers==${transformers_min}.*" "peft==${peft_min}.*" pytest
 FASTADAPTER_SKIP_BUILD=1 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 "$venv/bin/python" -c 'import transformers, peft; print("+ transformers", transformers.__version__, "peft", peft.__version__)'
-"$venv/bin/python" -m pytest tests/test_integrations_transformers.py tests/test_integrations_peft.py \
-    tests/test_integrations_models.py -q \
+"$venv/bin/python" -m pytest tests/integrations/test_integrations_transformers.py \
+    tests/integrations/test_integrations_peft.py tests/integrations/test_integrations_models.py -q \
     -p no:cacheprovider

@@ -12,8 +12,8 @@ failure never loses the others; progress is printed and flushed as it goes:
 stage               expected  budget  what
 ==================  ========  ======  ==========================================================================
 ``environment``          3 s    20 s  device, versions, git commit; the Triton path checked against the reference
-``op_tests``            80 s   120 s  the triton cases of tests/test_fused_backends.py, compiled on CUDA (tests/
-                                      conftest.py picks CUDA tensors when CUDA exists), in up to 16 pytest
+``op_tests``            80 s   120 s  the triton cases of tests/ops/test_fused_backends.py, compiled on CUDA
+                                      (tests/conftest.py picks CUDA tensors when CUDA exists), in up to 16 pytest
                                       shards at once (compiling is CPU-bound); pass/fail per case from JUnit
 ``op_bench``           100 s   120 s  forward and forward+backward at LLaMA-7B heads (bf16, D=128, P=10, Hq=32,
                                       Hkv 32 and 8, S 512/2048/8192 at 16K tokens per batch, and a packed batch
@@ -60,7 +60,7 @@ from .metadata import collect_metadata
 from .timing import measure
 
 #: The op test grid (its triton cases), and the case of it ``--smoke`` runs.
-OP_TEST_FILE = "tests/test_fused_backends.py"
+OP_TEST_FILE = "tests/ops/test_fused_backends.py"
 SMOKE_TEST_SELECTION = "test_matches_reference and triton and B2-Sq1-Sk1-"
 
 

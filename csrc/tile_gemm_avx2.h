@@ -9,7 +9,7 @@
 // without bf16 products run bf16 and fp16 inputs in fp32 (run_in_fp32 in attention_cpu.h).
 // FASTADAPTER_CPU_GEMM=mkl forces MKL instead (the tests run both).
 //
-// Reference: at::matmul in fp64 (tests/test_cpu_backend.py compares every variant with the reference backend).
+// Reference: at::matmul in fp64 (tests/kernels/test_cpu_backend.py compares every variant with the reference backend).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -17,7 +17,7 @@ divisible by 16, is the one a real launch gets).
 
 :func:`compile_matrix` compiles every candidate of every kernel for a grid of architectures, dtypes and head
 dims and says which configurations the backend may launch and which combinations it declines (why): the
-facts ``tests/test_kernels_compile.py`` checks and ``python -m fastadapter.kernels.report --json FILE`` saves.
+facts ``tests/kernels/test_kernels_compile.py`` checks and ``python -m fastadapter.kernels.report --json FILE`` saves.
 Compiles run in parallel worker processes; Triton's own on-disk cache makes a second run fast.
 
 Compilation needs ``@triton.jit`` functions; under ``TRITON_INTERPRET=1`` (the tests) the kernels are

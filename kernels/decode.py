@@ -267,7 +267,7 @@ def decode_config(layout: Layout, element_bytes: int) -> DecodeConfig:
     ``BLOCK_M`` is the stacked ``group · Sq`` rows rounded up to a power of two (at least 16, the smallest
     ``tl.dot``; at most 64, 32 for D = 256 and fp32). The split kernel streams ``BLOCK_N × D`` k and v tiles through
     shared memory. Chosen from compiling for sm_80, sm_86 and sm_90 (registers, spills and shared memory read
-    from the cubins; the bf16 D = 128 and D = 256 rows are tests/test_triton_decode.py's):
+    from the cubins; the bf16 D = 128 and D = 256 rows are tests/kernels/test_triton_decode.py's):
 
     * fp16/bf16, D ≤ 128: 64-key tiles, 3 stages, 4 warps (sm_80 72-90 KB, sm_90 72-115 KB, no spills);
     * fp16/bf16, D = 256: 32-row and 32-key tiles, 2 stages, 4 warps; 8 warps for the merge (42-52 KB);

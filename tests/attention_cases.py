@@ -16,7 +16,12 @@ import torch
 
 from fastadapter import zero_init_attention, zero_init_attention_reference
 from fastadapter._inputs import AttentionInputs, validate_inputs
+from fastadapter.backends import all_backends
 
+#: The package's own backends from the registry, in the automatic choice's order (not those a test registers).
+BACKENDS = tuple(b.name for b in all_backends() if type(b).__module__.startswith("fastadapter.backends."))
+#: Those of them with their own forward and backward kernels.
+FUSED_BACKENDS = tuple(b.name for b in all_backends() if b.name in BACKENDS and b.fused)
 #: The floor of the tolerance, relative to the largest magnitude of the reference result itself.
 REL_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 INPUT_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")

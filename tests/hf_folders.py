@@ -1,7 +1,7 @@
 """Tiny Hugging Face folders for the tests: a chat tokenizer (LLaMA's real SentencePiece vocabulary converted to
 tokenizer.json, plus ChatML's turn markers) and small random models of every family the loader reads (Mistral,
 Qwen2, and Qwen3 / Gemma2 / Gemma3 / Olmo / SmolLM3 with the features that set them apart switched on) saved
-beside it."""
+beside it, and a tiny CLIP vision tower."""
 import json
 
 import torch
@@ -114,3 +114,15 @@ CHAT_ROWS = [
                   {"role": "assistant", "content": "6, of course."}]},
     {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi there!"}]},
 ]
+
+
+def write_tower(folder, *, seed=0, hidden=36, layers=3):
+    """A tiny CLIP vision tower with random weights and its image processor, as save_pretrained writes them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=40, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=16, patch_size=4, projection_dim=8)
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder

@@ -6,10 +6,10 @@ by the modeling file's ``apply_rotary_pos_emb`` to q and k, keys and values appe
 
 Accepted by allowlist (:data:`SUPPORTED_ATTENTION_CLASSES`): a class is accepted only once its forward was read and
 tested here (zero gates equal the base model, non-zero gates equal an independent reference in
-tests/test_integrations_models.py); any other class is refused with :class:`UnsupportedAttentionError`, because
-a forward with the same submodules can still compute something else (Olmo clips q, k, v; SmolLM3 skips RoPE on
-some layers). The features of the accepted classes that change attention are read from the module and its config
-by :func:`check_llama_pattern` and either applied or refused:
+tests/integrations/test_integrations_models.py); any other class is refused with
+:class:`UnsupportedAttentionError`, because a forward with the same submodules can still compute something else
+(Olmo clips q, k, v; SmolLM3 skips RoPE on some layers). The features of the accepted classes that change
+attention are read from the module and its config by :func:`check_llama_pattern` and either applied or refused:
 
 * q/k norms (Qwen3, Gemma3: ``q_norm``/``k_norm`` RMSNorms over the head dimension, before RoPE): applied to the
   queries and keys, and ``k_norm`` to the prompt's keys too (the prompt goes through the layer's key path, RoPE

@@ -3,7 +3,7 @@
 Both libraries change their attention internals between minor releases (the attention interface, cache and mask
 objects in transformers; the ``AdaptedAttention`` wrapper in peft). The integrations support a range of minor
 releases whose internals they were checked against, and CI tests both ends of it (``.ci/integration-versions.sh``
-runs tests/test_integrations_*.py with the oldest; the ``test`` extra installs the newest):
+runs tests/integrations/test_integrations_*.py with the oldest; the ``test`` extra installs the newest):
 
 * a version inside :data:`SUPPORTED_RANGES` is used silently;
 * an older one is refused with :class:`UnsupportedVersionError` (its internals are known to differ);

@@ -21,7 +21,7 @@ The ``tokenizers`` equivalent built here:
 
 Why not transformers' converter: transformers 5.23's ``LlamaTokenizerFast(vocab_file=..., from_slow=True)``
 builds a Metaspace pre-tokenizer that splits the text at spaces, and its output matched 1 of llama.cpp's 46
-golden strings here; the conversion above matches all 46 (``tests/test_tokenizer_hf.py``).
+golden strings here; the conversion above matches all 46 (``tests/model/test_tokenizer_hf.py``).
 """
 from __future__ import annotations
 
