@@ -175,3 +175,15 @@ def test_benchmark_suite_without_the_library_says_why_in_a_row(monkeypatch):
     rows = bench_decode_linear.run(False, "cpu", preset="smoke", log=lambda line: None)
     assert rows == [{"suite": "decode_linear", "provider": "decode_linear", "mode": "forward", "config": "-",
                      "median_ms": None, "skipped": "fastadapter._C was not built"}]
+
+
+def test_dtypes_with_native_products_stay_on_linear(monkeypatch):
+    """bf16 (fp16) runs on F.linear where torch has the CPU's own bf16 (fp16) products — there F.linear streams the
+    weight faster than the kernel, on every variant — and on the kernel elsewhere; fp32 always on the kernel."""
+    weight = torch.randn(24, 16)
+    for native in (True, False):
+        monkeypatch.setattr(decode_linear_module, "_NATIVE_PRODUCTS",
+                            {torch.bfloat16: native, torch.float16: native})
+        for dtype in (torch.bfloat16, torch.float16):
+            assert runs_kernel(torch.randn(8, 16, dtype=dtype), weight.to(dtype)) is (not native)
+        assert runs_kernel(torch.randn(8, 16), weight)
