@@ -9,7 +9,6 @@ against the fp32 reference before timing it (:func:`check_provider`): a fast wro
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -192,13 +191,13 @@ def flex_two_calls(q, k, v, prefix_k, prefix_v, gate):
         def causal(b, h, i, j):
             return j <= i + offset
         _COMPILED[key] = create_block_mask(causal, None, None, seqlen, k.shape[1], device=q.device)
+    if _flex_no_backward(str(q.device)):  # flex_attention refuses inputs that require grad there
+        q, k, v, prefix_k, prefix_v, gate = (t.detach() for t in (q, k, v, prefix_k, prefix_v, gate))
     qh = q.transpose(1, 2)
     pk = prefix_k.transpose(1, 2).expand(batch, -1, -1, -1)
     pv = prefix_v.transpose(1, 2).expand(batch, -1, -1, -1)
-    # Without a backward on this device (_flex_no_backward) the forward records no graph: compiling one would fail.
-    with torch.no_grad() if _flex_no_backward(str(q.device)) else contextlib.nullcontext():
-        words = flex(qh, k.transpose(1, 2), v.transpose(1, 2), block_mask=_COMPILED[key], enable_gqa=gqa)
-        prefix = flex(qh, pk, pv, enable_gqa=gqa)
+    words = flex(qh, k.transpose(1, 2), v.transpose(1, 2), block_mask=_COMPILED[key], enable_gqa=gqa)
+    prefix = flex(qh, pk, pv, enable_gqa=gqa)
     gamma = torch.tanh(gate).to(q.dtype).reshape(1, -1, 1, 1)
     return (words + gamma * prefix).transpose(1, 2)
 
