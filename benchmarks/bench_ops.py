@@ -23,7 +23,7 @@ import torch
 from .flops import attention_flops, tflops_per_second
 from .gemm_peak import interleaved_with_peak, peak_for, percent_of_peak
 from .memory import SavedTensorCounter, peak_memory_bytes
-from .op_providers import OpConfig, OpProvider, check_provider, op_providers
+from .op_providers import COMPILED_PROVIDERS, OpConfig, OpProvider, check_provider, op_providers
 from .timing import measure, summarize
 
 MODES = ("forward", "backward", "forward+backward")
@@ -46,6 +46,9 @@ class Plan:
     warmup: int
     repeats: int
     max_seconds: float  # per measurement: slow baselines stop early (at least one timed run)
+    #: Run the providers that torch.compile each shape (op_providers.COMPILED_PROVIDERS): minutes of compiling on
+    #: CPU, so the smoke and quick presets leave them out (a row says so).
+    compiled: bool = True
 
 
 def _sweep(name: str, axis: str, base: OpConfig, values) -> Sweep:
@@ -61,9 +64,10 @@ def plan_for(preset: str, device) -> Plan:
     cuda = torch.device(device).type == "cuda"
     base = OpConfig(batch=4 if cuda else 1, seqlen=1024, dtype=torch.bfloat16 if cuda else torch.float32)
     if preset == "smoke":  # one short sequence, one timed run: checks that the suite runs
-        return Plan((_sweep("seqlen", "seqlen", base, (64,)),), warmup=0, repeats=1, max_seconds=0.1)
+        return Plan((_sweep("seqlen", "seqlen", base, (64,)),), warmup=0, repeats=1, max_seconds=0.1, compiled=False)
     if preset == "quick":
-        return Plan((_sweep("seqlen", "seqlen", base, (128, 512)),), warmup=1, repeats=3, max_seconds=0.5)
+        return Plan((_sweep("seqlen", "seqlen", base, (128, 512)),), warmup=1, repeats=3, max_seconds=0.5,
+                    compiled=False)
     if preset == "default":
         seqlens = (128, 256, 512, 1024, 2048, 4096) if cuda else (128, 256, 512, 1024, 2048)
         return Plan((_sweep("seqlen", "seqlen", base, seqlens),
@@ -193,7 +197,13 @@ def run_plan(plan: Plan, device: str, *, providers: Optional[list[str]] = None,
         raise ValueError(f"unknown provider in {providers}; known providers: {known}")
     dtypes = {c.dtype for s in plan.sweeps for c in s.configs}
     wrong: dict[str, str] = {}
+    if not plan.compiled:
+        for provider in chosen:
+            if provider.name in COMPILED_PROVIDERS:
+                wrong[provider.name] = "compiles every shape (minutes on CPU): left out of this preset"
     for provider in chosen:
+        if provider.name in wrong:
+            continue
         try:
             if all(provider.skip_reason(c, device) is not None for sweep in plan.sweeps for c in sweep.configs):
                 continue  # runs no shape of the plan: nothing to check

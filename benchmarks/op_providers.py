@@ -166,6 +166,8 @@ def _fastadapter_provider(backend: str) -> OpProvider:
 
 
 _COMPILED: dict[str, Callable] = {}
+#: The providers that torch.compile each shape they run.
+COMPILED_PROVIDERS = ("compiled-eager-v1", "flex-attention")
 
 
 def compiled_eager_v1(q, k, v, prefix_k, prefix_v, gate):
