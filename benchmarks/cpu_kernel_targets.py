@@ -169,10 +169,11 @@ def prefill_rows(seqlens, heads_kv, dtypes, repeats, with_eager, with_compiled):
         for hkv in heads_kv:
             for seqlen in seqlens:
                 args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True, heads_kv=hkv)
-                forward = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa, "flex": flex_two_calls}
+                forward = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
                 both = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
                 if with_compiled:
                     forward["compiled_eager"] = both["compiled_eager"] = compiled_eager_v1
+                    forward["flex"] = flex_two_calls
                 if with_eager:
                     both["eager_v1"] = eager_v1
                 fwd = interleaved_medians({**{n: _forward(f, args) for n, f in forward.items()},
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-repeats", type=int, default=50, help="timed decode steps per provider")
     parser.add_argument("--no-eager", action="store_true", help="skip eager_v1 (it materialises S×S scores)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip torch.compile'd eager_v1 (inductor compiles each shape: minutes on a loaded machine)")
+                        help="skip the providers that torch.compile each shape, eager_v1 compiled and flex_attention "
+                             "(inductor: minutes per shape on a loaded machine)")
     parser.add_argument("--compare-mkl", action="store_true",
                         help="add a table of the register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
