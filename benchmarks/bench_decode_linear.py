@@ -18,6 +18,7 @@ CPU only (on a GPU the thin model's linears are cuBLAS's).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -70,8 +71,8 @@ def config_for(preset: str) -> LinearConfig:
 
 def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
         log: Callable[[str], None] = print) -> list[dict]:
-    """Rows ``suite="decode_linear"``, providers ``F.linear`` (the baseline, first) and ``decode_linear``, mode
-    ``forward``, with ``gb_per_s`` (weight bytes over the median time) and ``max_abs_err`` (against ``F.linear``)."""
+    """Rows ``suite="decode_linear"``, providers ``F.linear`` (the baseline, first), ``decode_linear`` (what it
+    chooses) and ``kernel-<variant>`` (the kernel itself, each variant this CPU runs), mode ``forward``, with ``gb_per_s`` (weight bytes over the median time) and ``max_abs_err`` (against ``F.linear``)."""
     import fastadapter.decode_linear as decode_linear_module
 
     preset = preset or ("quick" if quick else "full" if full else "default")
@@ -98,25 +99,78 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
         log(f"  decode_linear: {config.label} (kernel: {decode_linear_module.runs_kernel(x, weight)})")
         calls = {"F.linear": lambda: F.linear(x, weight),
                  "decode_linear": lambda: decode_linear_module.decode_linear(x, weight)}
+        # The kernel itself in every variant this CPU runs, whatever decode_linear chooses for this dtype: the
+        # measurements that choice rests on (decode_linear.kernel_is_faster).
+        for variant in _variants():
+            calls[f"kernel-{variant}"] = _in_variant(variant, lambda: torch.ops.fastadapter_cpu.decode_linear(
+                x, weight, None))
         # A run repeats a call until it lasts ~5 ms (one small layer takes ~0.1 ms: too short to time alone).
         once = min(measure(call, warmup=1, repeats=1, device=device)["median_ms"] for call in calls.values())
         inner = max(1, min(200, int(5.0 / max(once, 1e-3))))
-        times = interleaved_times({name: _repeated(call, inner) for name, call in calls.items()},
-                                  warmup, repeats, device)
+        times = interleaved_times({name: _repeated(call, inner, getattr(call, "variant", None))
+                                   for name, call in calls.items()}, warmup, repeats, device)
         times = {name: [t / inner for t in values] for name, values in times.items()}
         weight_gb = weight.numel() * weight.element_size() / 1e9
-        for provider in ("F.linear", "decode_linear"):
+        errors = {"decode_linear": error}
+        for name, call in calls.items():
+            if name.startswith("kernel-"):
+                _repeated(call, 1, call.variant)()  # a first run, then its result
+                before = os.environ.get("FASTADAPTER_CPU_ISA")
+                os.environ["FASTADAPTER_CPU_ISA"] = call.variant
+                try:
+                    errors[name] = float((call().float() - expected.float()).abs().max())
+                finally:
+                    _restore_isa(before)
+        for provider in calls:
             timing = summarize(times[provider])
             rows.append({"suite": "decode_linear", "provider": provider, "mode": "forward", "config": config.label,
                          **timing, "gb_per_s": weight_gb / (timing["median_ms"] / 1e3), "dtype": config.dtype,
-                         "max_abs_err": error if provider == "decode_linear" else 0.0})
+                         "max_abs_err": errors.get(provider, 0.0)})
     return rows
 
 
-def _repeated(call: Callable[[], object], times: int) -> Callable[[], None]:
+def _variants() -> list[str]:
+    """The kernel variants this CPU and build run (FASTADAPTER_CPU_ISA values), widest first."""
+    runs = []
+    before = os.environ.get("FASTADAPTER_CPU_ISA")
+    try:
+        for variant in ("avx512", "avx2", "generic"):
+            os.environ["FASTADAPTER_CPU_ISA"] = variant
+            try:
+                torch.ops.fastadapter_cpu.cpu_path()
+                runs.append(variant)
+            except RuntimeError:
+                pass
+    finally:
+        _restore_isa(before)
+    return runs
+
+
+def _restore_isa(value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop("FASTADAPTER_CPU_ISA", None)
+    else:
+        os.environ["FASTADAPTER_CPU_ISA"] = value
+
+
+def _in_variant(variant: str, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` marked to run with FASTADAPTER_CPU_ISA=variant (set by :func:`_repeated` around its runs)."""
+    def run():
+        return call()
+    run.variant = variant
+    return run
+
+
+def _repeated(call: Callable[[], object], times: int, variant: Optional[str] = None) -> Callable[[], None]:
     def run_calls():
-        for _ in range(times):
-            call()
+        before = os.environ.get("FASTADAPTER_CPU_ISA")
+        if variant:
+            os.environ["FASTADAPTER_CPU_ISA"] = variant
+        try:
+            for _ in range(times):
+                call()
+        finally:
+            _restore_isa(before)
     return run_calls
 
 
@@ -135,10 +189,12 @@ def main(argv=None) -> int:
     print(format_table(rows))
     by_key = {(r["config"], r["provider"]): r for r in rows}
     for config in dict.fromkeys(r["config"] for r in rows):
-        base, fast = by_key.get((config, "F.linear")), by_key.get((config, "decode_linear"))
-        if base and fast and fast.get("median_ms"):
-            print(f"{config}: decode_linear {base['median_ms'] / fast['median_ms']:.2f}x F.linear "
-                  f"({fast['gb_per_s']:.1f} vs {base['gb_per_s']:.1f} GB/s of weights)")
+        base = by_key.get((config, "F.linear"))
+        for provider in [r["provider"] for r in rows if r["config"] == config and r["provider"] != "F.linear"]:
+            fast = by_key[(config, provider)]
+            if base and fast.get("median_ms"):
+                print(f"{config}: {provider} {base['median_ms'] / fast['median_ms']:.2f}x F.linear "
+                      f"({fast['gb_per_s']:.1f} vs {base['gb_per_s']:.1f} GB/s of weights)")
     if args.out:
         from .metadata import collect_metadata
         write_json(args.out, collect_metadata("cpu", preset, argv), rows)

@@ -3,7 +3,9 @@
 For each shape of a sweep (sequence length, batch, GQA ratio, prefix length; LLaMA-7B heads by default:
 Hq = 32, D = 128, P = 10) and each provider of :mod:`benchmarks.op_providers`, one row per mode with the
 median and p20/p80 time, TFLOP/s (:mod:`benchmarks.flops`), the peak memory of the call and the bytes the forward
-saves for the backward. Shapes a provider cannot or should not run give a row with ``skipped`` set to the reason.
+saves for the backward. On CPU each row also has ``peak_gflops`` and ``pct_of_peak``: the oneDNN GEMM of the
+shape's dtype, run beside every run of the op (:mod:`benchmarks.gemm_peak`), and the op's GFLOP/s as a percentage
+of it. Shapes a provider cannot or should not run give a row with ``skipped`` set to the reason.
 
     python -m benchmarks.bench_ops --quick            # this module alone; `fastadapter bench` runs every suite
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -18,9 +21,10 @@ from typing import Callable, Optional
 import torch
 
 from .flops import attention_flops, tflops_per_second
+from .gemm_peak import interleaved_with_peak, peak_for, percent_of_peak
 from .memory import SavedTensorCounter, peak_memory_bytes
-from .op_providers import OpConfig, OpProvider, check_provider, op_providers
-from .timing import measure
+from .op_providers import COMPILED_PROVIDERS, OpConfig, OpProvider, check_provider, op_providers
+from .timing import measure, summarize
 
 MODES = ("forward", "backward", "forward+backward")
 
@@ -42,6 +46,9 @@ class Plan:
     warmup: int
     repeats: int
     max_seconds: float  # per measurement: slow baselines stop early (at least one timed run)
+    #: Run the providers that torch.compile each shape (op_providers.COMPILED_PROVIDERS): minutes of compiling on
+    #: CPU, so the smoke and quick presets leave them out (a row says so).
+    compiled: bool = True
 
 
 def _sweep(name: str, axis: str, base: OpConfig, values) -> Sweep:
@@ -57,9 +64,10 @@ def plan_for(preset: str, device) -> Plan:
     cuda = torch.device(device).type == "cuda"
     base = OpConfig(batch=4 if cuda else 1, seqlen=1024, dtype=torch.bfloat16 if cuda else torch.float32)
     if preset == "smoke":  # one short sequence, one timed run: checks that the suite runs
-        return Plan((_sweep("seqlen", "seqlen", base, (64,)),), warmup=0, repeats=1, max_seconds=0.1)
+        return Plan((_sweep("seqlen", "seqlen", base, (64,)),), warmup=0, repeats=1, max_seconds=0.1, compiled=False)
     if preset == "quick":
-        return Plan((_sweep("seqlen", "seqlen", base, (128, 512)),), warmup=1, repeats=3, max_seconds=0.5)
+        return Plan((_sweep("seqlen", "seqlen", base, (128, 512)),), warmup=1, repeats=3, max_seconds=0.5,
+                    compiled=False)
     if preset == "default":
         seqlens = (128, 256, 512, 1024, 2048, 4096) if cuda else (128, 256, 512, 1024, 2048)
         return Plan((_sweep("seqlen", "seqlen", base, seqlens),
@@ -111,21 +119,35 @@ def benchmark_provider(provider: OpProvider, config: OpConfig, device, plan: Pla
     with SavedTensorCounter(exclude=inputs) as saved:
         out = provider.fn(*inputs)
     rows = []
+    no_backward = provider.no_backward(str(device))
     for mode in modes:
+        if no_backward and mode != "forward":
+            rows.append({"provider": provider.name, "mode": mode, "config": config.label, "median_ms": None,
+                         "skipped": no_backward})
+            continue
         call = mode_callable(mode, provider.fn, inputs, grad_out, out)
         peak = None
         if measure_memory and cpu:
             # Before the timing on CPU: a profiled call is no warm-up (the first plain call after it still pays
             # for fresh pages from the OS), so the warm-ups follow it.
             peak = peak_memory_bytes(call, device)
-        timing = measure(call, warmup=plan.warmup, repeats=plan.repeats, device=device,
-                         max_seconds=plan.max_seconds)
+        gemm_ms = None
+        if cpu:  # the same-run oneDNN GEMM peak, one GEMM run beside every run of the op (benchmarks/gemm_peak.py)
+            op_ms, gemm_ms = interleaved_with_peak(call, peak_for(config.dtype), warmup=plan.warmup,
+                                                   repeats=plan.repeats, max_seconds=plan.max_seconds)
+            timing = summarize(op_ms)
+        else:
+            timing = measure(call, warmup=plan.warmup, repeats=plan.repeats, device=device,
+                             max_seconds=plan.max_seconds)
         if measure_memory and not cpu:  # after the warm-ups: autotuning's trial buffers are not the op's memory
             peak = peak_memory_bytes(call, device)
         flops = attention_flops(config.batch, config.heads_q, config.seqlen, config.seqlen, config.head_dim,
                                 config.prefix_len, causal=True, mode=mode)
         row = {"provider": provider.name, "mode": mode, "config": config.label, **timing,
                "tflops": tflops_per_second(flops, timing["median_ms"])}
+        if gemm_ms is not None:
+            peak_gflops = peak_for(config.dtype).gflops(statistics.median(gemm_ms) / 1e3)
+            row.update(peak_gflops=peak_gflops, pct_of_peak=percent_of_peak(1e3 * row["tflops"], peak_gflops))
         if measure_memory:
             row["peak_mem_mb"] = peak / 2**20
             row["saved_bytes"] = saved.bytes
@@ -175,12 +197,19 @@ def run_plan(plan: Plan, device: str, *, providers: Optional[list[str]] = None,
         raise ValueError(f"unknown provider in {providers}; known providers: {known}")
     dtypes = {c.dtype for s in plan.sweeps for c in s.configs}
     wrong: dict[str, str] = {}
+    if not plan.compiled:
+        for provider in chosen:
+            if provider.name in COMPILED_PROVIDERS:
+                wrong[provider.name] = "compiles every shape (minutes on CPU): left out of this preset"
     for provider in chosen:
+        if provider.name in wrong:
+            continue
         try:
             if all(provider.skip_reason(c, device) is not None for sweep in plan.sweeps for c in sweep.configs):
                 continue  # runs no shape of the plan: nothing to check
             for dtype in dtypes:
-                problem = check_provider(provider, device, dtype)
+                problem = check_provider(provider, device, dtype,
+                                         check_grads=provider.no_backward(device) is None)
                 if problem:
                     wrong[provider.name] = f"wrong result, not timed: {problem}"
                     log(f"  {wrong[provider.name]}")

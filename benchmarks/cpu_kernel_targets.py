@@ -1,21 +1,29 @@
-"""The targets of the compiled CPU kernels (issue 3), measured side by side: ``python -m benchmarks.cpu_kernel_targets``.
+"""The targets of the compiled CPU kernels (issues 3 and 23), measured side by side: ``python -m benchmarks.cpu_kernel_targets``.
 
-At LLaMA-7B attention shapes (B = 1, H = 32, D = 128, P = 10), fp32 and bf16, against the baselines of
-``benchmarks/baselines.py``:
+At LLaMA-7B attention shapes (B = 1, Hq = 32, D = 128, P = 10; Hkv = 32 and 8), fp32 and bf16, every row runs
+interleaved with a oneDNN GEMM of its dtype on the same threads (``benchmarks/gemm_peak.py``): the machine's
+same-run peak, which a shared machine's load slows as much as the op. Each row gives the op's GFLOP/s
+(``benchmarks/flops.py``: causal words part + prefix part, forward + backward = 3.5 x forward) and its percentage
+of that peak, and its speed-up over the alternatives:
 
-* forward + backward: >= 3x faster than ``eager_v1`` and at least as fast as ``two_sdpa`` (S = 512, 2048);
-* forward alone: >= 1.1x ``two_sdpa``;
-* decode (Sq = 1 over a KV cache of Sk = 512..4096, B = 1..8): >= 1.5x ``two_sdpa``;
+* ``two_sdpa`` (two ``scaled_dot_product_attention`` calls, ``benchmarks/baselines.py``), ``eager_v1``, and
+  ``eager_v1`` under ``torch.compile`` (``benchmarks/op_providers.py``: ``compiled-eager-v1``);
+* ``flex_attention``, two compiled calls: forward only (torch has no CPU backward for it);
+* decode (Sq = 1 over a KV cache of 512..8192, B = 1 and 8): many interleaved repetitions, the minimum and the
+  median wall time, and the median process CPU time beside them (a loaded machine's medians alone are scheduler
+  noise);
 * bytes saved for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``) = the inputs, the output
   and the two fp32 log-sum-exps, nothing else.
 
 ``--compare-mkl`` adds a table of the register tiles against MKL products in the same kernel variant
 (``FASTADAPTER_CPU_GEMM=mkl``); ``FASTADAPTER_CPU_ISA=avx2`` runs the whole benchmark on the AVX2 variant (save
-it with ``--out benchmarks/results/cpu-kernel-targets-avx2.txt``). The variant that ran is printed first.
+it with ``--out benchmarks/results/cpu-kernel-targets-avx2.txt``). The CPU model, thread count, load average and
+variant are printed first.
 
 The tables are printed and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
-library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every repetition runs each provider once, in turn, and the
-table reports the median of the repetitions and the ratios of those medians, all from one process.
+library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every
+repetition runs each provider once, in turn (the GEMM included), and the table reports the median of the
+repetitions and the ratios of those medians, all from one process.
 """
 from __future__ import annotations
 
@@ -29,7 +37,10 @@ import time
 import torch
 
 from .baselines import eager_v1, two_sdpa
+from .flops import attention_flops
+from .gemm_peak import context_line, peak_for, percent_of_peak
 from .metadata import save_text_report
+from .op_providers import compiled_eager_v1, flex_two_calls
 from fastadapter import _cpu_extension, zero_init_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,12 +94,14 @@ def mkl_rows(seqlens, dtypes, repeats):
     return rows
 
 
-def make_inputs(batch, seqlen_q, seqlen_k, heads, head_dim, prefix_len, dtype, requires_grad):
+def make_inputs(batch, seqlen_q, seqlen_k, heads, head_dim, prefix_len, dtype, requires_grad, heads_kv=None):
+    heads_kv = heads if heads_kv is None else heads_kv
+
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
-    return (randn(batch, seqlen_q, heads, head_dim), randn(batch, seqlen_k, heads, head_dim),
-            randn(batch, seqlen_k, heads, head_dim), randn(1, prefix_len, heads, head_dim),
-            randn(1, prefix_len, heads, head_dim), (0.5 * torch.randn(heads)).requires_grad_(requires_grad))
+    return (randn(batch, seqlen_q, heads, head_dim), randn(batch, seqlen_k, heads_kv, head_dim),
+            randn(batch, seqlen_k, heads_kv, head_dim), randn(1, prefix_len, heads_kv, head_dim),
+            randn(1, prefix_len, heads_kv, head_dim), (0.5 * torch.randn(heads)).requires_grad_(requires_grad))
 
 
 def _forward(fn, args):
@@ -107,23 +120,31 @@ def _forward_backward(fn, args):
     return run
 
 
-def interleaved_medians(runs: dict, repeats: int, warmup: int = 1, rotate: bool = False) -> dict:
-    """Median seconds of each callable, every repetition running all of them once, in turn. ``rotate``: each
-    repetition starts one provider later, so that none always runs right after the same other one (a backward
-    measured 6-10% slower or faster by its place in the order alone)."""
+def interleaved_samples(runs: dict, repeats: int, warmup: int = 1, rotate: bool = False) -> dict:
+    """``{name: {"wall": [s, ...], "cpu": [s, ...]}}``: wall and process CPU seconds of each callable, every
+    repetition running all of them once, in turn. ``rotate``: each repetition starts one provider later, so that
+    none always runs right after the same other one (a backward measured 6-10% slower or faster by its place in the
+    order alone)."""
     for run in runs.values():
         for _ in range(warmup):
             run()
-    times = {name: [] for name in runs}
+    samples = {name: {"wall": [], "cpu": []} for name in runs}
     names = list(runs)
     for repeat in range(repeats):
         shift = repeat % len(names) if rotate else 0
         for name in names[shift:] + names[:shift]:
             run = runs[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            samples[name]["cpu"].append(time.process_time() - start_cpu)
+            samples[name]["wall"].append(time.perf_counter() - start)
+    return samples
+
+
+def interleaved_medians(runs: dict, repeats: int, warmup: int = 1, rotate: bool = False) -> dict:
+    """Median wall seconds of each callable, timed by :func:`interleaved_samples`."""
+    samples = interleaved_samples(runs, repeats, warmup, rotate)
+    return {name: statistics.median(s["wall"]) for name, s in samples.items()}
 
 
 def saved_bytes(fn, args) -> int:
@@ -139,41 +160,64 @@ def saved_bytes(fn, args) -> int:
     return sum(storages.values())
 
 
-def prefill_rows(seqlens, dtypes, repeats, with_eager):
+def prefill_rows(seqlens, heads_kv, dtypes, repeats, with_eager, with_compiled):
+    """Per (dtype, Hkv, S): the forward's and forward + backward's median seconds of every provider and of the
+    same-run oneDNN GEMM ("gemm"), interleaved."""
     rows = []
     for dt in dtypes:
-        for seqlen in seqlens:
-            args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
-            fwd = interleaved_medians({"cpu": _forward(fastadapter_cpu, args),
-                                       "two_sdpa": _forward(two_sdpa, args)}, repeats)
-            providers = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
-            if with_eager:
-                providers["eager_v1"] = eager_v1
-            fb = interleaved_medians({n: _forward_backward(f, args) for n, f in providers.items()}, repeats)
-            rows.append((dt, seqlen, fwd, fb))
+        peak = peak_for(DTYPES[dt])
+        for hkv in heads_kv:
+            for seqlen in seqlens:
+                args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True, heads_kv=hkv)
+                forward = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
+                both = {"cpu": fastadapter_cpu, "two_sdpa": two_sdpa}
+                if with_compiled:
+                    forward["compiled_eager"] = both["compiled_eager"] = compiled_eager_v1
+                    forward["flex"] = flex_two_calls
+                if with_eager:
+                    both["eager_v1"] = eager_v1
+                fwd = interleaved_medians({**{n: _forward(f, args) for n, f in forward.items()},
+                                           "gemm": peak.call}, repeats, warmup=2)
+                fb = interleaved_medians({**{n: _forward_backward(f, args) for n, f in both.items()},
+                                          "gemm": peak.call}, repeats, warmup=2)
+                rows.append((dt, hkv, seqlen, fwd, fb))
     return rows
 
 
 def decode_rows(seqlens_k, batches, dtypes, repeats):
+    """Per (dtype, B, Sk): wall and CPU seconds of many interleaved decode steps of cpu and two_sdpa."""
     rows = []
     for dt in dtypes:
         for batch in batches:
             for seqlen_k in seqlens_k:
                 args = make_inputs(batch, 1, seqlen_k, 32, 128, 10, DTYPES[dt], requires_grad=False)
-                med = interleaved_medians({"cpu": _forward(fastadapter_cpu, args),
-                                           "two_sdpa": _forward(two_sdpa, args)}, repeats)
-                rows.append((dt, batch, seqlen_k, med))
+                samples = interleaved_samples({"cpu": _forward(fastadapter_cpu, args),
+                                               "two_sdpa": _forward(two_sdpa, args)}, repeats, warmup=3,
+                                              rotate=True)
+                rows.append((dt, batch, seqlen_k, samples))
     return rows
+
+
+def _rate(dt, hkv, seqlen, mode, seconds, peak_seconds):
+    """(GFLOP/s of the op, % of the same-run GEMM's GFLOP/s)."""
+    flops = attention_flops(1, 32, seqlen, seqlen, 128, 10, causal=True, mode=mode)
+    gflops = flops / seconds / 1e9
+    return gflops, percent_of_peak(gflops, peak_for(DTYPES[dt]).gflops(peak_seconds))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per provider (median)")
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--heads-kv", type=int, nargs="+", default=[32, 8], help="kv heads (Hq = 32)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--decode-seqlens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--decode-repeats", type=int, default=50, help="timed decode steps per provider")
     parser.add_argument("--no-eager", action="store_true", help="skip eager_v1 (it materialises S×S scores)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the providers that torch.compile each shape, eager_v1 compiled and flex_attention "
+                             "(inductor: minutes per shape on a loaded machine)")
     parser.add_argument("--compare-mkl", action="store_true",
                         help="add a table of the register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
@@ -186,27 +230,43 @@ def main(argv=None) -> int:
         lines.append(text)
 
     torch.manual_seed(0)
-    emit(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H=32 D=128 P=10; "
-         f"median of {args.repeats} interleaved runs (shared machine: ratios are the figures to read)")
+    emit(context_line())
     path = _cpu_extension.cpu_path()
     emit(f"cpu kernels: {path[0]} variant, {path[1]}" if path else "cpu kernels: unavailable")
+    emit(f"B=1 Hq=32 D=128 P=10; median of {args.repeats} interleaved runs, each beside a oneDNN GEMM "
+         f"(benchmarks/gemm_peak.py) of the row's dtype: 'peak' is its GFLOP/s, '%' the op's share of it")
 
-    emit("\n# prefill (causal, Sq = Sk): milliseconds and speed-ups of fastadapter cpu")
-    emit(f"{'dtype':<5} {'S':>5} | {'fwd cpu':>8} {'fwd 2sdpa':>9} {'x2sdpa':>7} (>=1.1) | {'f+b cpu':>8} "
-         f"{'f+b 2sdpa':>9} {'x2sdpa':>7} (>=1.0) {'f+b eager':>9} {'xeager':>7} (>=3)")
-    for dt, seqlen, fwd, fb in prefill_rows(args.seqlens, args.dtypes, args.repeats, not args.no_eager):
-        eager = (f"{1e3 * fb['eager_v1']:9.1f} {fb['eager_v1'] / fb['cpu']:7.2f}" if "eager_v1" in fb else
-                 f"{'-':>9} {'-':>7}")
-        emit(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['cpu']:8.1f} {1e3 * fwd['two_sdpa']:9.1f} "
-             f"{fwd['two_sdpa'] / fwd['cpu']:7.2f}         | {1e3 * fb['cpu']:8.1f} {1e3 * fb['two_sdpa']:9.1f} "
-             f"{fb['two_sdpa'] / fb['cpu']:7.2f}         {eager}")
+    def cell(fast: dict, name: str) -> str:  # speed-up of cpu over `name`
+        return f"{fast[name] / fast['cpu']:6.2f}" if name in fast else f"{'-':>6}"
 
-    emit("\n# decode (Sq = 1, causal bottom-right over the cache): milliseconds, speed-up (target >= 1.5)")
-    emit(f"{'dtype':<5} {'B':>2} {'Sk':>5} | {'cpu':>7} {'2sdpa':>7} {'x2sdpa':>7}")
-    for dt, batch, seqlen_k, med in decode_rows(args.decode_seqlens, args.decode_batches, args.dtypes,
-                                                args.repeats):
-        emit(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * med['cpu']:7.2f} {1e3 * med['two_sdpa']:7.2f} "
-             f"{med['two_sdpa'] / med['cpu']:7.2f}")
+    prefill = prefill_rows(args.seqlens, args.heads_kv, args.dtypes, args.repeats, not args.no_eager,
+                           not args.no_compile)
+    for title, index, mode, others in (
+            ("forward", 3, "forward", ("two_sdpa", "compiled_eager", "flex")),
+            ("forward + backward", 4, "forward+backward", ("two_sdpa", "compiled_eager", "eager_v1"))):
+        emit(f"\n# prefill {title} (causal, Sq = Sk): fastadapter cpu, GFLOP/s against the same-run oneDNN GEMM, "
+             f"speed-ups over the alternatives")
+        emit(f"{'dtype':<5} {'Hkv':>3} {'S':>5} | {'ms':>8} {'GFLOP/s':>8} {'peak':>7} {'%':>5} | "
+             + " ".join(f"{'x' + n:>15}" for n in others))
+        for row in prefill:
+            dt, hkv, seqlen, timing = row[0], row[1], row[2], row[index]
+            gflops, pct = _rate(dt, hkv, seqlen, mode, timing["cpu"], timing["gemm"])
+            peak_gflops = peak_for(DTYPES[dt]).gflops(timing["gemm"])
+            emit(f"{dt:<5} {hkv:>3} {seqlen:>5} | {1e3 * timing['cpu']:8.1f} {gflops:8.1f} {peak_gflops:7.1f} "
+                 f"{pct:5.1f} | " + " ".join(f"{cell(timing, n):>15}" for n in others))
+
+    emit(f"\n# decode (Sq = 1, Hkv = 32, over a KV cache of Sk): {args.decode_repeats} interleaved steps each; "
+         f"wall min / median and process CPU time median (ms), speed-up of cpu over two_sdpa")
+    emit(f"{'dtype':<5} {'B':>2} {'Sk':>5} | {'cpu min':>8} {'med':>7} {'cpu-t':>7} | {'2sdpa min':>9} {'med':>7} "
+         f"{'cpu-t':>7} | {'x min':>6} {'x med':>6} {'x cpu-t':>7}")
+    for dt, batch, seqlen_k, samples in decode_rows(args.decode_seqlens, args.decode_batches, args.dtypes,
+                                                    args.decode_repeats):
+        fig = {name: (min(s["wall"]), statistics.median(s["wall"]), statistics.median(s["cpu"]))
+               for name, s in samples.items()}
+        (cmin, cmed, ccpu), (smin, smed, scpu) = fig["cpu"], fig["two_sdpa"]
+        emit(f"{dt:<5} {batch:>2} {seqlen_k:>5} | {1e3 * cmin:8.3f} {1e3 * cmed:7.3f} {1e3 * ccpu:7.3f} | "
+             f"{1e3 * smin:9.3f} {1e3 * smed:7.3f} {1e3 * scpu:7.3f} | {smin / cmin:6.2f} {smed / cmed:6.2f} "
+             f"{scpu / max(ccpu, 1e-9):7.2f}")
 
     if args.compare_mkl:
         emit("\n# register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl), same variant: ms, speed-up")
@@ -217,6 +277,7 @@ def main(argv=None) -> int:
                  f"{fwd['mkl'] / fwd['tiles']:6.2f} | {1e3 * fb['tiles']:8.1f} {1e3 * fb['mkl']:8.1f} "
                  f"{fb['mkl'] / fb['tiles']:6.2f}")
 
+    emit(f"\nfinished: {context_line()}")
     emit("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")
     for dt in args.dtypes:
         seqlen = min(args.seqlens)

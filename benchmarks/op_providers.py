@@ -80,6 +80,9 @@ class OpProvider:
     description: str
     #: ``(config, device) -> why this provider cannot or should not run it``, or None when it runs.
     skip: Callable[[OpConfig, str], Optional[str]]
+    #: Why it has no backward on ``device`` (``device -> reason``, None when it has one): only its forward is
+    #: timed and checked there.
+    no_backward: Callable[[str], Optional[str]] = lambda device: None
 
     def skip_reason(self, config: OpConfig, device) -> Optional[str]:
         return self.skip(config, str(device))
@@ -162,6 +165,59 @@ def _fastadapter_provider(backend: str) -> OpProvider:
     return OpProvider(f"fastadapter-{backend}", fn, f"fastadapter.zero_init_attention(backend={backend!r})", skip)
 
 
+_COMPILED: dict[str, Callable] = {}
+#: The providers that torch.compile each shape they run.
+COMPILED_PROVIDERS = ("compiled-eager-v1", "flex-attention")
+
+
+def compiled_eager_v1(q, k, v, prefix_k, prefix_v, gate):
+    """``eager_v1`` under ``torch.compile`` (inductor): what a user gets by compiling the original code."""
+    if "eager_v1" not in _COMPILED:
+        _COMPILED["eager_v1"] = torch.compile(baselines.eager_v1)
+    return _COMPILED["eager_v1"](q, k, v, prefix_k, prefix_v, gate, gate_tanh=True)
+
+
+def flex_two_calls(q, k, v, prefix_k, prefix_v, gate):
+    """Zero-init attention as two compiled ``flex_attention`` calls: causal over the words, unmasked over the
+    prefix, ``out = words + tanh(gate) · prefix`` (shapes as every provider: q ``[B, S, Hq, D]``)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(flex_attention)
+    flex = _COMPILED["flex"]
+    batch, seqlen, heads_q, _ = q.shape
+    gqa = heads_q != k.shape[2]
+    key = ("mask", seqlen, k.shape[1], str(q.device))
+    if key not in _COMPILED:
+        offset = k.shape[1] - seqlen  # bottom-right causal alignment, as the op's
+
+        def causal(b, h, i, j):
+            return j <= i + offset
+        _COMPILED[key] = create_block_mask(causal, None, None, seqlen, k.shape[1], device=q.device)
+    if _flex_no_backward(str(q.device)):  # flex_attention refuses inputs that require grad there
+        q, k, v, prefix_k, prefix_v, gate = (t.detach() for t in (q, k, v, prefix_k, prefix_v, gate))
+    qh = q.transpose(1, 2)
+    pk = prefix_k.transpose(1, 2).expand(batch, -1, -1, -1)
+    pv = prefix_v.transpose(1, 2).expand(batch, -1, -1, -1)
+    words = flex(qh, k.transpose(1, 2), v.transpose(1, 2), block_mask=_COMPILED[key], enable_gqa=gqa)
+    prefix = flex(qh, pk, pv, enable_gqa=gqa)
+    gamma = torch.tanh(gate).to(q.dtype).reshape(1, -1, 1, 1)
+    return (words + gamma * prefix).transpose(1, 2)
+
+
+def _flex_skip_reason(config: OpConfig, device: str) -> Optional[str]:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as error:
+        return f"this torch has no flex_attention ({error})"
+    return None
+
+
+def _flex_no_backward(device: str) -> Optional[str]:
+    if torch.device(device).type == "cpu":
+        return f"flex_attention has no CPU backward in torch {torch.__version__}"
+    return None
+
+
 def op_providers() -> list[OpProvider]:
     """Every provider, baselines first. Whether one runs is decided per shape and device by ``skip_reason``."""
     def always(config, device):
@@ -170,6 +226,11 @@ def op_providers() -> list[OpProvider]:
     return [
         OpProvider("eager-v1", lambda *a: baselines.eager_v1(*a, gate_tanh=True),
                    "original LLaMA-Adapter: concatenated fp32 scores, a softmax per slice", _eager_skip_reason),
+        OpProvider("compiled-eager-v1", compiled_eager_v1,
+                   "eager-v1 under torch.compile (inductor)", _eager_skip_reason),
+        OpProvider("flex-attention", flex_two_calls,
+                   "two torch.compile'd flex_attention calls (words causal, prefix), gated sum",
+                   _flex_skip_reason, no_backward=_flex_no_backward),
         OpProvider("peft-style", lambda *a: baselines.peft_style(*a, gate_tanh=True),
                    "PEFT adaption_prompt: SDPA + eager fp32 prefix softmax", always),
         OpProvider("two-sdpa", lambda *a: baselines.two_sdpa(*a, gate_tanh=True),

@@ -53,8 +53,8 @@ def format_table(rows: list[dict]) -> str:
         first_time: dict[tuple, tuple[str, float]] = {}
         for r in measured:
             first_time.setdefault(group_key(r), (r["provider"], r["median_ms"]))
-        header = ["config", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "peak MB", "saved MB",
-                  "tokens/s", "agree", "speed-up"]
+        header = ["config", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GEMM GFLOP/s", "% GEMM",
+                  "peak MB", "saved MB", "tokens/s", "agree", "speed-up"]
         lines = []
         for r in measured:
             base_provider, base_ms = first_time[group_key(r)]
@@ -64,7 +64,8 @@ def format_table(rows: list[dict]) -> str:
                           _number(r["median_ms"], 2),
                           "-" if r.get("p20_ms") is None else
                           f"{_number(r['p20_ms'], 2)}-{_number(r.get('p80_ms'), 2)}",
-                          _number(r.get("tflops"), 3), _number(r.get("peak_mem_mb"), 1),
+                          _number(r.get("tflops"), 3), _number(r.get("peak_gflops"), 1),
+                          _number(r.get("pct_of_peak"), 1), _number(r.get("peak_mem_mb"), 1),
                           _number(None if saved is None else saved / 2**20, 1), _number(r.get("tokens_per_s"), 1),
                           _number(r.get("agree"), 2), speedup])
         # Drop the columns no row of this suite fills.

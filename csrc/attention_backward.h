@@ -218,6 +218,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
   struct Scratch {
     std::vector<float> s, dp, dk, dv;
     std::vector<T> p_t, ds_t, ds_rows;
+    std::vector<int64_t> seen;  // [kQueryBlock] keys of the block each query row sees
   };
   std::vector<Scratch> scratch(threads);
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
@@ -228,6 +229,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
       for (auto* buf : {&sc.s, &sc.dp}) buf->resize(kQueryBlock * kKeyBlock);
       for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(kQueryBlock * kKeyBlock);
       for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(kKeyBlock * d);
+      sc.seen.resize(kQueryBlock);
     }
     if (chunk == 0) {  // keys past seqused_k: never read, so their gradients are 0
       for (int64_t j = pb.rows_k(n); j < pb.stored_k(n); ++j) {
@@ -286,6 +288,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
             std::fill(srow + seen, srow + nk, 0.f);
             const Vec delta(*op.delta_w.at(n, h, i0 + r));
             at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
+            std::fill(dprow + seen, dprow + nk, 0.f);  // masked keys: not 0 · (dO vᵀ), which a NaN value spoils
+            sc.seen[r] = seen;
           }
           if constexpr (std::is_same_v<T, float>) {
             if (packed) {
@@ -294,8 +298,11 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                            true, sc.dv.data(), d);
               tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, kKeyBlock}, TileB<T>{q, op.q.ld()},
                            true, sc.dk.data(), d);
-              tile_gemm<T>(m, d, nk, 1.f, TileA<T>{dp, kKeyBlock, 1}, TileB<T>{k, op.k.ld()},
-                           true, dq.at(n, h, i0), dq.ld());
+              masked_rows_product<T>(m, sc.seen.data(), false, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+                tile_gemm<T>(r1 - r0, d, keys, 1.f, TileA<T>{dp + r0 * kKeyBlock, kKeyBlock, 1},
+                             TileB<T>{k, op.k.ld()}, true, dq.at(n, h, i0 + r0), dq.ld());
+              });
               continue;
             }
           } else if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -318,8 +325,12 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                            TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
               tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * nk},
                            TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
-              tile_gemm<T>(m, d, (nk + 1) / 2, 1.f, TileA<T>{ds_rows, kKeyBlock, 2},
-                           TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0), dq.ld());
+              masked_rows_product<T>(m, sc.seen.data(), true, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+                tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, TileA<T>{ds_rows + r0 * kKeyBlock, kKeyBlock, 2},
+                             TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0 + r0),
+                             dq.ld());
+              });
               continue;
             }
           }
@@ -328,7 +339,11 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
           // dv += pᵀ dO;  dk += dsᵀ q;  dq += ds k   (scale applied at the end)
           gemm(true, false, nk, d, m, 1.f, p_in, kKeyBlock, dout, op.grad_out.ld(), 1.f, sc.dv.data(), d);
           gemm(true, false, nk, d, m, 1.f, ds_in, kKeyBlock, q, op.q.ld(), 1.f, sc.dk.data(), d);
-          gemm(false, false, m, d, nk, 1.f, ds_in, kKeyBlock, k, op.k.ld(), 1.f, dq.at(n, h, i0), dq.ld());
+          masked_rows_product<T>(m, sc.seen.data(), false, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0), dq.ld(),
+                                 d, [&](int64_t r0, int64_t r1, int64_t keys) {
+            gemm(false, false, r1 - r0, d, keys, 1.f, ds_in + r0 * kKeyBlock, kKeyBlock, k, op.k.ld(), 1.f,
+                 dq.at(n, h, i0 + r0), dq.ld());
+          });
         }
       }
       for (int64_t r = 0; r < block_keys; ++r) {

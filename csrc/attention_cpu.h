@@ -287,6 +287,37 @@ inline void axpy_row4(const float (&a)[4], const T* const (&x)[4], float* y, int
     for (int t = 0; t < 4; ++t) y[j] += a[t] * static_cast<float>(x[t][j]);
 }
 
+// y[j] += a · x[j] with x in the tensors' dtype.
+template <typename T>
+inline void axpy_row(float a, const T* x, float* y, int64_t n) {
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) at::vec::fmadd(va, load_float(x + j), Vec::loadu(y + j)).store(y + j);
+  for (; j < n; ++j) y[j] += a * static_cast<float>(x[j]);
+}
+
+// The causal diagonal of a product over keys, acc[r] += Σ_j w[r][j] x[j] for the keys j < seen[r] of each row
+// (w[r][j] = 0 past them): a key that row r does not see must not reach it, not even as 0 · NaN (the contract:
+// a row's output depends only on the keys and values it sees, and a masked future value may hold anything).
+// `product(r0, r1, keys)` adds the keys [0, keys) for the rows [r0, r1) (register tile, MKL); it is called for
+// the whole row range when every row sees the same keys, else in bands of 8 rows over the keys each band's
+// first-seeing row sees, and the few keys past that (the band's own diagonal) are added row by row. `pairs`:
+// the product takes keys in pairs (bf16 tiles), so its key count is even.
+template <typename T, typename Product>
+void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const float* w, int64_t ldw,
+                         const T* x, int64_t ldx, float* acc, int64_t ld_acc, int64_t width, const Product& product) {
+  const int64_t lo = *std::min_element(seen, seen + rows), hi = *std::max_element(seen, seen + rows);
+  const int64_t band = lo == hi ? rows : 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += band) {
+    const int64_t r1 = std::min(rows, r0 + band);
+    int64_t common = *std::min_element(seen + r0, seen + r1);
+    if (pairs) common &= ~int64_t(1);
+    if (common > 0) product(r0, r1, common);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = common; j < seen[r]; ++j) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+  }
+}
+
 template <typename T>
 inline void convert_row(const float* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {

@@ -39,6 +39,7 @@ struct Scratch {
   std::vector<T> p;         // [rows, BK] probabilities in T (reduced-precision GEMM input)
   std::vector<float> acc;   // [rows, D] unnormalised Σ p v
   std::vector<float> m, l;  // [rows] running max and sum of the word softmax
+  std::vector<int64_t> seen;  // [rows] keys of the current block each row sees
 
   void reserve(int64_t rows, int64_t head_dim, int64_t width) {
     q.resize(rows * head_dim);
@@ -47,6 +48,7 @@ struct Scratch {
     acc.resize(rows * head_dim);
     m.resize(rows);
     l.resize(rows);
+    seen.resize(rows);
   }
 };
 
@@ -98,6 +100,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     for (int64_t r = 0; r < rows; ++r) {
       float* s = sc.s.data() + r * kKeysPerBlock;
       const int64_t seen = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
+      sc.seen[r] = seen;
       if (seen > 0) {
         // -- update the running max and sum, rescale what was accumulated under the old max
         const float m_new = std::max(sc.m[r], row_max(s, seen));
@@ -109,27 +112,32 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       std::fill(s + seen, s + nk, 0.f);  // masked (future) keys
       if constexpr (!std::is_same_v<T, float>) convert_row(s, sc.p.data() + r * kKeysPerBlock, nk);
     }
-    // -- acc += p v
-    if constexpr (std::is_same_v<T, float>) {
-      if (op.keys_t) {  // fp32 reads v's rows in place
-        tile_gemm<T>(rows, d, nk, 1.f, TileA<T>{sc.s.data(), kKeysPerBlock, 1},
-                     TileB<T>{op.v.at(t.n, t.hkv, j0), op.v.ld()}, true, sc.acc.data(), d);
-        continue;
+    // -- acc += p v, each row over the keys it sees only (masked_rows_product)
+    const T* v = op.v.at(t.n, t.hkv, j0);
+    bool pairs = false;
+    if constexpr (std::is_same_v<T, at::BFloat16>) pairs = op.value_rows != nullptr;
+    masked_rows_product<T>(rows, sc.seen.data(), pairs, sc.s.data(), kKeysPerBlock, v, op.v.ld(), sc.acc.data(), d,
+                           d, [&](int64_t r0, int64_t r1, int64_t keys) {
+      float* acc = sc.acc.data() + r0 * d;
+      if constexpr (std::is_same_v<T, float>) {
+        if (op.keys_t) {  // fp32 reads v's rows in place
+          tile_gemm<T>(r1 - r0, d, keys, 1.f, TileA<T>{sc.s.data() + r0 * kKeysPerBlock, kKeysPerBlock, 1},
+                       TileB<T>{v, op.v.ld()}, true, acc, d);
+          return;
+        }
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (op.value_rows) {  // keys in pairs: `keys` is even
+          const TileB<T> vp = op.value_rows->at(t.n, t.hkv);
+          tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, TileA<T>{sc.p.data() + r0 * kKeysPerBlock, kKeysPerBlock, 2},
+                       TileB<T>{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, acc, d);
+          return;
+        }
       }
-    } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (op.value_rows) {
-        if (nk % 2)  // pairs of keys: the odd last key's partner is zero
-          for (int64_t r = 0; r < rows; ++r) sc.p[r * kKeysPerBlock + nk] = T(0.f);
-        const TileB<T> vp = op.value_rows->at(t.n, t.hkv);
-        tile_gemm<T>(rows, d, (nk + 1) / 2, 1.f, TileA<T>{sc.p.data(), kKeysPerBlock, 2},
-                     TileB<T>{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, sc.acc.data(), d);
-        continue;
-      }
-    }
-    const T* probs;
-    if constexpr (std::is_same_v<T, float>) probs = sc.s.data(); else probs = sc.p.data();
-    gemm(false, false, rows, d, nk, 1.f, probs, kKeysPerBlock, op.v.at(t.n, t.hkv, j0), op.v.ld(), 1.f,
-         sc.acc.data(), d);
+      const T* probs;
+      if constexpr (std::is_same_v<T, float>) probs = sc.s.data(); else probs = sc.p.data();
+      gemm(false, false, r1 - r0, d, keys, 1.f, probs + r0 * kKeysPerBlock, kKeysPerBlock, v, op.v.ld(), 1.f, acc,
+           d);
+    });
   }
 }
 
@@ -325,9 +333,16 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest) {
           const T* values[4];
           four_rows(op.v, hkv, jj, values);
           for (int64_t r = hkv * group * sq; r < (hkv + 1) * group * sq; ++r) {
-            float p[4];
-            for (int64_t t = 0; t < 4; ++t) p[t] = jj + t < nk ? sc.s[r * kDecodeKeys + jj + t] : 0.f;
-            if (p[0] != 0.f || p[1] != 0.f || p[2] != 0.f || p[3] != 0.f) axpy_row4(p, values, acc + r * d, d);
+            // Only the values the row sees: a masked one must not reach it, not even as 0 · NaN.
+            const int64_t seen = std::clamp<int64_t>(pb.visible_keys(n, r % sq) - j0, 0, nk) - jj;
+            if (seen <= 0) continue;
+            const float* p = sc.s.data() + r * kDecodeKeys + jj;
+            if (seen >= 4) {
+              const float p4[4] = {p[0], p[1], p[2], p[3]};
+              axpy_row4(p4, values, acc + r * d, d);
+            } else {
+              for (int64_t u = 0; u < seen; ++u) axpy_row(p[u], values[u], acc + r * d, d);
+            }
           }
         }
     }

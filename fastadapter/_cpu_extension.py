@@ -88,6 +88,9 @@ def build_settings(root: str) -> BuildSettings:
             ldflags.append("-fopenmp")
         else:
             notes.append(f"{compiler} has no OpenMP (-fopenmp): the CPU kernels are built single-threaded")
+    # The library finds torch's own libraries (libc10, libtorch_cpu) through its run path, so `import fastadapter._C`
+    # works before `import torch` too; once torch is loaded the same libraries are shared, whatever the path.
+    ldflags.append(f"-Wl,-rpath,{os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), 'lib')}")
     macros: list[tuple[str, Optional[str]]] = []
     # The tile GEMMs call MKL (linked into and exported by every x86 libtorch_cpu) directly; other builds of
     # PyTorch go through at::addmm_.
@@ -225,10 +228,39 @@ def unavailable_reason() -> Optional[str]:
     return LOADER.unavailable_reason()
 
 
+#: The values of ``FASTADAPTER_CPU_ISA`` (unset or empty is ``auto``: the widest variant this CPU runs).
+ISA_CHOICES = ("auto", "avx512", "avx2", "generic")
+_isa_checked: Optional[str] = None
+
+
+def check_isa_setting() -> None:
+    """Raises ValueError when ``FASTADAPTER_CPU_ISA`` names no kernel variant, or one this CPU or build cannot run.
+
+    The C++ side refuses such a value too, but as a RuntimeError from inside an operator; this says what was given
+    and what is accepted before any kernel runs. Checks each new value once (the kernels read it on every call).
+    """
+    global _isa_checked
+    value = os.environ.get("FASTADAPTER_CPU_ISA", "")
+    if value == _isa_checked:
+        return
+    if value not in ("", *ISA_CHOICES):
+        raise ValueError(f"FASTADAPTER_CPU_ISA={value!r} names no CPU kernel variant: set it to one of "
+                         f"{', '.join(ISA_CHOICES)}, or unset it (auto: the widest variant this CPU runs)")
+    if value not in ("", "auto") and unavailable_reason() is None:
+        try:
+            torch.ops.fastadapter_cpu.cpu_path()
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0].removeprefix("fastadapter_cpu: ")
+            raise ValueError(f"{first}; use FASTADAPTER_CPU_ISA=auto (or unset it) for the widest variant this "
+                             f"CPU runs") from None
+    _isa_checked = value
+
+
 def cpu_path() -> Optional[tuple[str, str]]:
     """``(variant, what it runs and why)`` of the kernels' next call (``avx512``, ``avx2`` or ``generic``; it follows
     ``FASTADAPTER_CPU_ISA`` and ``FASTADAPTER_CPU_GEMM``), or None when the library is unavailable."""
     if unavailable_reason() is not None:
         return None
+    check_isa_setting()
     variant, detail = torch.ops.fastadapter_cpu.cpu_path()
     return str(variant), str(detail)

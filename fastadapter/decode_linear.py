@@ -6,7 +6,10 @@ weights. MKL's GEMM packs such a weight before multiplying; ``torch.ops.fastadap
 (``csrc/decode_linear.h``) streams each weight row once through AVX2/AVX-512 register tiles instead, and widens
 bf16/fp16 weights in registers. Measured side by side (``python -m benchmarks.bench_decode_linear``), it is faster
 than ``F.linear`` for 2 to 16 rows; for one row MKL's matrix-vector product is as fast, and for more rows MKL's
-packing pays off, so those calls stay on ``F.linear``.
+packing pays off, so those calls stay on ``F.linear``. A dtype whose products torch runs on the CPU's own
+reduced-precision dot products (bf16 through oneDNN on AVX512-BF16 or AMX CPUs, fp16 on AVX512-FP16 or AMX-FP16)
+stays on ``F.linear`` too, on every kernel variant: there ``F.linear`` streams the weight faster than the kernel
+(bf16 on an AVX-512 Zen 5: the kernel ran at 0.5-0.7x of ``F.linear``, see :func:`kernel_is_faster`).
 
 The kernel has no backward: a call that records a gradient (grad mode on and any input requiring grad) uses
 ``F.linear``, as do calls under ``torch.compile``, off the CPU, on tensor subclasses (quantized weights, FSDP's
@@ -33,6 +36,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
+_NATIVE_PRODUCTS: dict[torch.dtype, bool] = {}
+
+
+def kernel_is_faster(dtype: torch.dtype) -> bool:
+    """Whether the kernel beats ``F.linear`` for weights of ``dtype`` on this CPU, as measured by
+    ``benchmarks.bench_decode_linear`` (both kernel variants beside ``F.linear``): fp32 always (2-2.8x on AVX-512,
+    1.3-1.7x on AVX2: MKL packs the weight); bf16 and fp16 only where torch has no native products of that dtype
+    on this CPU (bf16 on an AVX2 CPU: 4-6x, as torch's bf16 GEMM is emulated there)."""
+    if dtype == torch.float32:
+        return True
+    if dtype not in _NATIVE_PRODUCTS:
+        check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+        try:
+            native = bool(getattr(torch.ops.mkldnn, check)()) and torch.backends.mkldnn.is_available()
+        except (AttributeError, RuntimeError):  # a torch without oneDNN: its products are the emulated ones
+            native = False
+        _NATIVE_PRODUCTS[dtype] = native
+    return not _NATIVE_PRODUCTS[dtype]
+
+
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`decode_linear` runs the compiled kernel for these arguments (else ``F.linear``)."""
     features = x.shape[-1] if x.dim() else 0
@@ -50,7 +73,10 @@ def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return _cpu_extension.unavailable_reason() is None
+    if not kernel_is_faster(x.dtype) or _cpu_extension.unavailable_reason() is not None:
+        return False
+    _cpu_extension.check_isa_setting()
+    return True
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

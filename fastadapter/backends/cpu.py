@@ -45,12 +45,16 @@ class CpuBackend(Backend):
 
     def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(out, lse_w, lse_p)``: out has q's shape, the log-sum-exps are fp32 ``inp.lse_shape()``."""
+        if not torch.compiler.is_compiling():
+            _cpu_extension.check_isa_setting()
         return torch.ops.fastadapter_cpu.forward(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
                                                  *_ragged_args(inp), inp.causal, inp.softmax_scale, inp.gate_tanh)
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(dq, dk, dv, dprefix_k, dprefix_v, dgate)`` with the inputs' shapes (dgate fp32 ``[Bg, Hq]``)."""
+        if not torch.compiler.is_compiling():
+            _cpu_extension.check_isa_setting()
         return torch.ops.fastadapter_cpu.backward(grad_out, inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v,
                                                   inp.gate, out, lse_w, lse_p, *_ragged_args(inp), inp.causal,
                                                   inp.softmax_scale, inp.gate_tanh)

@@ -138,9 +138,77 @@ def test_variants_without_bf16_products_round_only_the_results(variant, dtype, m
 
 
 def test_cpu_isa_switch_names_its_values(monkeypatch):
+    """A bad FASTADAPTER_CPU_ISA is a ValueError saying what was given and what is accepted (was a RuntimeError from
+    inside the C++ operator), for the attention op, its backward path, decode_linear and `cpu_path`."""
     monkeypatch.setenv("FASTADAPTER_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="FASTADAPTER_CPU_ISA must be auto, avx512, avx2 or generic, got 'sse9'"):
+    message = r"FASTADAPTER_CPU_ISA='sse9' names no CPU kernel variant: set it to one of auto, avx512, avx2, generic"
+    with pytest.raises(ValueError, match=message):
         zero_init_attention(**Case(batch=1, seqlen_q=4, seqlen_k=4).make(), backend="cpu")
+    with pytest.raises(ValueError, match=message):
+        _cpu_extension.cpu_path()
+    from fastadapter.decode_linear import decode_linear
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        decode_linear(torch.randn(4, 16), torch.randn(8, 16))
+
+
+def test_cpu_isa_error_is_one_line_in_the_cli():
+    """`fastadapter info` with a bad FASTADAPTER_CPU_ISA: exit code 2 and the message, no traceback."""
+    env = {**os.environ, "FASTADAPTER_CPU_ISA": "avx9000"}
+    result = subprocess.run([sys.executable, "-m", "fastadapter.cli", "info"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "FASTADAPTER_CPU_ISA='avx9000'" in result.stderr, result.stderr
+
+
+def test_extension_imports_before_torch():
+    """`import fastadapter._C` in a fresh interpreter, torch not imported yet: the library finds libc10 and
+    libtorch through its run path (it failed with "libc10.so: cannot open shared object file"), and its operators
+    work once torch is imported."""
+    code = ("import sys, fastadapter._C; assert 'torch' not in sys.modules; import torch; "
+            "print(torch.ops.fastadapter_cpu.cpu_path()[0])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() in VARIANTS
+
+
+NAN_SEQLENS = [4, 9, 17, 40, 97]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("gemm", ["mkl", "tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
+def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, monkeypatch):
+    """The contract: a row's output depends only on the keys and values it sees. A NaN in the last key or value row
+    (seen by the last query row only, a masked future position for every other) leaves every other row's output
+    and its dq as they are with finite values there (the decode path leaked it at S = 4, the tiled paths at S > 16,
+    as 0 · NaN in the products over masked keys). Both paths, every variant, MKL and tile products."""
+    _skip_unless_this_cpu_runs(variant, monkeypatch)
+    monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
+    for seqlen in NAN_SEQLENS:
+        generator = torch.Generator().manual_seed(seqlen)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator).to(dtype)
+        q, k, v = randn(2, seqlen, 4, 80), randn(2, seqlen, 2, 80), randn(2, seqlen, 2, 80)
+        prefix_k, prefix_v, gate = randn(1, 3, 2, 80), randn(1, 3, 2, 80), torch.randn(4, generator=generator)
+        grad_out = randn(2, seqlen, 4, 80)
+        grad_out[:, -1] = 0  # the last row sees the NaN; only the other rows' loss is differentiated
+
+        def run(k, v):
+            inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            out = zero_init_attention(*inputs, prefix_k, prefix_v, gate, backend="cpu")
+            (dq,) = torch.autograd.grad(out, inputs[0], grad_out)
+            return out.detach(), dq
+        want_out, want_dq = run(k, v)
+        for name in ("k", "v"):
+            spoiled = {"k": k.clone(), "v": v.clone()}
+            spoiled[name][:, -1] = float("nan")
+            out, dq = run(spoiled["k"], spoiled["v"])
+            where = f"S={seqlen}, NaN in the last {name} row"
+            assert torch.isfinite(out[:, :-1]).all(), where
+            torch.testing.assert_close(out[:, :-1], want_out[:, :-1], rtol=0, atol=0, msg=where)
+            assert torch.isfinite(dq[:, :-1]).all(), where
+            torch.testing.assert_close(dq[:, :-1], want_dq[:, :-1], rtol=1e-5, atol=1e-5, msg=where)
 
 
 def test_automatic_variant_is_the_widest_this_cpu_runs(monkeypatch):

@@ -161,9 +161,12 @@ def test_thin_model_decoding_is_the_same_with_and_without_the_kernel(monkeypatch
 def test_benchmark_suite_times_both_providers_on_the_same_result():
     from fastadapter.benchmarks import bench_decode_linear
     rows = bench_decode_linear.run(False, "cpu", preset="smoke", log=lambda line: None)
-    assert [r["provider"] for r in rows] == ["F.linear", "decode_linear"]
+    # F.linear, decode_linear's choice, and the kernel itself in every variant this CPU runs
+    variants = bench_decode_linear._variants()
+    assert "generic" in variants
+    assert [r["provider"] for r in rows] == ["F.linear", "decode_linear"] + [f"kernel-{v}" for v in variants]
     assert all(r["median_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
-    assert rows[1]["max_abs_err"] < 1e-4
+    assert all(r["max_abs_err"] < 1e-4 for r in rows[1:])
     assert bench_decode_linear.run(False, "cuda", preset="smoke", log=lambda line: None)[0]["skipped"]
 
 
@@ -175,3 +178,15 @@ def test_benchmark_suite_without_the_library_says_why_in_a_row(monkeypatch):
     rows = bench_decode_linear.run(False, "cpu", preset="smoke", log=lambda line: None)
     assert rows == [{"suite": "decode_linear", "provider": "decode_linear", "mode": "forward", "config": "-",
                      "median_ms": None, "skipped": "fastadapter._C was not built"}]
+
+
+def test_dtypes_with_native_products_stay_on_linear(monkeypatch):
+    """bf16 (fp16) runs on F.linear where torch has the CPU's own bf16 (fp16) products — there F.linear streams the
+    weight faster than the kernel, on every variant — and on the kernel elsewhere; fp32 always on the kernel."""
+    weight = torch.randn(24, 16)
+    for native in (True, False):
+        monkeypatch.setattr(decode_linear_module, "_NATIVE_PRODUCTS",
+                            {torch.bfloat16: native, torch.float16: native})
+        for dtype in (torch.bfloat16, torch.float16):
+            assert runs_kernel(torch.randn(8, 16, dtype=dtype), weight.to(dtype)) is (not native)
+        assert runs_kernel(torch.randn(8, 16), weight)
