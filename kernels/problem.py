@@ -30,6 +30,7 @@ wrong and what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -307,12 +308,10 @@ def _resolve_scale(softmax_scale, head_dim: int) -> float:
     """``softmax_scale``, or ``1 / sqrt(D)`` when None; a positive finite number, else ``ValueError``."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
-    try:
-        scale = float(softmax_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"softmax_scale must be a positive float, got {type(softmax_scale).__name__}") from None
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a positive float, got {type(softmax_scale).__name__} "
+                        f"{softmax_scale!r}")
+    scale = float(softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number (the scale of q·kᵀ; default "
                          f"1/sqrt(head_dim)), got {scale}")

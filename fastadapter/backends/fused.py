@@ -104,5 +104,5 @@ def _no_second_order(name: str):
         raise NotImplementedError(
             f"zero_init_attention's {name!r} backend has no second-order gradient: a backward through its "
             f"gradients (torch.autograd.grad(..., create_graph=True), then backward again) is not supported; the "
-            f"'reference' and 'sdpa' backends, compositions of PyTorch ops, support it")
+            f"'reference' backend (plain PyTorch ops) supports it")
     return backward
