@@ -181,6 +181,11 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     Keys ``>= n_k`` read as 0; ``MASKED`` tiles hide them and, when ``CAUSAL``, the keys row ``rows[r]`` must not
     see (``j > rows[r] + shift``, bottom-right alignment). The forward kernel passes the sequence's key count as
     ``n_k``; the decode split kernel passes its chunk's end and each stacked row's query index as ``rows``.
+
+    A row's output depends only on the values it sees: in a causal ``MASKED`` tile a non-finite value hidden from
+    a row would reach it through ``p · v = 0 · NaN``, so there the product runs over the finite values and the
+    rows that see a non-finite one are set to NaN (one more ``BLOCK_M × BLOCK_N × BLOCK_D`` product, on the
+    diagonal tiles only).
     """
     for start_n in range(n_lo, n_hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -200,7 +205,15 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         # -- rescale what was accumulated under the old max, add this tile
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+        if MASKED and CAUSAL:
+            finite = (v == v) & (tl.abs(v) < float("inf"))
+            seen = dot(to_dtype(tl.where(visible, 1.0, 0.0), v.dtype, INTERPRETER),
+                       to_dtype(tl.where(finite, 0.0, 1.0), v.dtype, INTERPRETER), INTERPRETER)
+            v = tl.where(finite, v, 0.0).to(v.dtype)
+            acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+            acc = tl.where(seen > 0, float("nan"), acc)
+        else:
+            acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
         m_i = m_new
     return acc, l_i, m_i
 

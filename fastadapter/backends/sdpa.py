@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..kernels.problem import AttentionProblem
 from . import Backend, register_backend
@@ -56,13 +57,31 @@ def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     last_seen = _last_seen_key(seqlen_q, seqlen_k, causal, used, qh.device)  # [B or 1, 1, Sq, 1]
     finite_v = torch.where(vh.isfinite(), vh, torch.zeros_like(vh))
-    col = torch.arange(seqlen_k, device=qh.device)[None, None, None, :]
-    allowed = col <= last_seen  # [B or 1, 1, Sq, Sk]
-    blind = last_seen < 0
-    # A fully masked row would be NaN (forward and backward): let it see key 0, then zero it.
-    out = F.scaled_dot_product_attention(qh, kh, finite_v, attn_mask=allowed | (blind & (col == 0)), scale=scale,
-                                         enable_gqa=True)
-    return _seen_values_only(out.masked_fill(blind, 0.0), vh, last_seen)
+    if used is None:
+        out = _causal(qh, kh, finite_v, scale)
+    else:
+        col = torch.arange(seqlen_k, device=qh.device)[None, None, None, :]
+        allowed = col <= last_seen  # [B, 1, Sq, Sk]
+        blind = last_seen < 0
+        # A fully masked row would be NaN (forward and backward): let it see key 0, then zero it.
+        out = F.scaled_dot_product_attention(qh, kh, finite_v, attn_mask=allowed | (blind & (col == 0)),
+                                             scale=scale, enable_gqa=True).masked_fill(blind, 0.0)
+    return _seen_values_only(out, vh, last_seen)
+
+
+def _causal(qh, kh, vh, scale: float):
+    """Causal softmax(scale · q kᵀ) v over ``[B, H, S, D]`` tensors, bottom-right aligned, through SDPA's own
+    causal kernels (which never compute the hidden scores)."""
+    seqlen_q, seqlen_k = qh.shape[2], kh.shape[2]
+    if seqlen_q == seqlen_k:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    if seqlen_q < seqlen_k:
+        mask = causal_lower_right(seqlen_q, seqlen_k)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    # Sq > Sk: the first Sq − Sk queries see no word at all and give 0 (DESIGN.md §1).
+    blind = seqlen_q - seqlen_k
+    seen = F.scaled_dot_product_attention(qh[:, :, blind:], kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    return torch.cat([seen.new_zeros(seen.shape[:2] + (blind, seen.shape[3])), seen], dim=2)
 
 
 def _masked_words(qh, kh, vh, attn_mask: torch.Tensor, scale: float):
