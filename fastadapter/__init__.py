@@ -21,8 +21,8 @@ _EXPORTS = {
                                    "load_adapter", "load_model", "load_tokenizer", "save_adapter")},
 }
 
-__all__ = ["zero_init_attention", "zero_init_attention_varlen", "zero_init_attention_reference", "ZeroInitAttention",
-           "AttentionProblem",
+__all__ = ["zero_init_attention", "zero_init_attention_varlen", "zero_init_attention_reference",
+           "ZeroInitAttention", "AttentionProblem",
            "LlamaConfig", "LlamaModel", "load_model", "AdapterConfig", "add_adapter", "save_adapter", "load_adapter",
            "load_tokenizer", "generate",
            "__version__"]

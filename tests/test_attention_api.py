@@ -147,6 +147,15 @@ def test_module_starts_at_zero_and_scalar_gate():
     kw = Case(heads_q=8, heads_kv=2, seqlen_q=9, seqlen_k=9).make(requires_grad=False)
     out = module(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"])
     assert out.shape == kw["q"].shape
+    packed = Case(seqlens=[4, 7], heads_q=8, heads_kv=2).make(requires_grad=False)
+    with torch.no_grad():
+        module.gate.fill_(0.4)
+    out = module.forward_varlen(packed["q"], packed["k"], packed["v"], packed["prefix_k"], packed["prefix_v"],
+                                packed["cu_seqlens_q"], packed["cu_seqlens_k"], 7, 7)
+    expected = zero_init_attention_varlen(packed["q"], packed["k"], packed["v"], packed["prefix_k"],
+                                          packed["prefix_v"], module.gate, packed["cu_seqlens_q"],
+                                          packed["cu_seqlens_k"], 7, 7, gate_activation="none")
+    torch.testing.assert_close(out, expected)
 
 
 def test_automatic_choice_and_env_override(monkeypatch):

@@ -317,7 +317,9 @@ CPP_BAD_INPUTS = [
     (dict(gate=torch.zeros(4)), r"gate must be the normalised float32 \[1 or 2, 4\]"),
     (dict(prefix_k=torch.randn(1, 3, 2, 16), prefix_v=torch.randn(1, 3, 2, 16)),
      r"prefix_k must be \[Bp, P, 2, 8\] \(kv heads and head_dim of k\), got \[1, 3, 2, 16\]"),
-    (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+    (dict(softmax_scale=float("nan")), "softmax_scale must be a positive finite number"),
+    (dict(softmax_scale=0.0), "softmax_scale must be a positive finite number"),
+    (dict(softmax_scale=-0.5), "softmax_scale must be a positive finite number"),
 ]
 
 
