@@ -34,11 +34,9 @@ def _seen_values_only(out: torch.Tensor, vh: torch.Tensor, last_seen: torch.Tens
     """``out [B, Hq, Sq, D]`` with NaN exactly where a row sees a non-finite value of ``vh [B, Hkv, Sk, D]``
     (the keys a row sees are a prefix: ``0..last_seen``), given that ``out`` was computed from finite values."""
     bad = (~vh.isfinite()).to(torch.int32).cumsum(dim=2)  # [B, Hkv, Sk, D]: non-finite values among keys 0..j
-    group = out.shape[1] // vh.shape[1]
-    bad = bad.repeat_interleave(group, dim=1)
     index = last_seen.clamp(min=0).expand(bad.shape[0], bad.shape[1], -1, bad.shape[3])
-    seen_bad = (bad.gather(2, index) > 0) & (last_seen >= 0)  # [B, Hq, Sq, D]
-    return out.masked_fill(seen_bad, float("nan"))
+    seen_bad = (bad.gather(2, index) > 0) & (last_seen >= 0)  # [B, Hkv, Sq, D]
+    return out.masked_fill(seen_bad.repeat_interleave(out.shape[1] // vh.shape[1], dim=1), float("nan"))
 
 
 def _word_attention(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool, scale: float,
