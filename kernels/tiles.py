@@ -183,9 +183,9 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     ``n_k``; the decode split kernel passes its chunk's end and each stacked row's query index as ``rows``.
 
     A row's output depends only on the values it sees: in a causal ``MASKED`` tile a non-finite value hidden from
-    a row would reach it through ``p · v = 0 · NaN``, so there the product runs over the finite values and the
-    rows that see a non-finite one are set to NaN (one more ``BLOCK_M × BLOCK_N × BLOCK_D`` product, on the
-    diagonal tiles only).
+    a row would reach it through ``p · v = 0 · NaN``, so there the product runs over the finite values and a row
+    that sees a value row holding a non-finite number is set to NaN (two row reductions, on the diagonal tiles
+    only: no second product, no accumulator more).
     """
     for start_n in range(n_lo, n_hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -207,11 +207,11 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
         if MASKED and CAUSAL:
             finite = (v == v) & (tl.abs(v) < float("inf"))
-            seen = dot(to_dtype(tl.where(visible, 1.0, 0.0), v.dtype, INTERPRETER),
-                       to_dtype(tl.where(finite, 0.0, 1.0), v.dtype, INTERPRETER), INTERPRETER)
+            key_bad = tl.max(tl.where(finite, 0, 1), 1)  # [BLOCK_N]: the key's value row holds a non-finite
+            sees_bad = tl.max(tl.where(visible, key_bad[None, :], 0), 1)  # [BLOCK_M]
             v = tl.where(finite, v, 0.0).to(v.dtype)
             acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
-            acc = tl.where(seen > 0, float("nan"), acc)
+            acc = tl.where(sees_bad[:, None] > 0, float("nan"), acc)
         else:
             acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
         m_i = m_new
