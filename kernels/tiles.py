@@ -181,11 +181,6 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     Keys ``>= n_k`` read as 0; ``MASKED`` tiles hide them and, when ``CAUSAL``, the keys row ``rows[r]`` must not
     see (``j > rows[r] + shift``, bottom-right alignment). The forward kernel passes the sequence's key count as
     ``n_k``; the decode split kernel passes its chunk's end and each stacked row's query index as ``rows``.
-
-    A row's output depends only on the values it sees: in a causal ``MASKED`` tile a non-finite value hidden from
-    a row would reach it through ``p · v = 0 · NaN``, so there the product runs over the finite values and a row
-    that sees a value row holding a non-finite number is set to NaN (two row reductions, on the diagonal tiles
-    only: no second product, no accumulator more).
     """
     for start_n in range(n_lo, n_hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -205,15 +200,7 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         # -- rescale what was accumulated under the old max, add this tile
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
-        if MASKED and CAUSAL:
-            finite = (v == v) & (tl.abs(v) < float("inf"))
-            key_bad = tl.max(tl.where(finite, 0, 1), 1)  # [BLOCK_N]: the key's value row holds a non-finite
-            sees_bad = tl.max(tl.where(visible, key_bad[None, :], 0), 1)  # [BLOCK_M]
-            v = tl.where(finite, v, 0.0).to(v.dtype)
-            acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
-            acc = tl.where(sees_bad[:, None] > 0, float("nan"), acc)
-        else:
-            acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
+        acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
         m_i = m_new
     return acc, l_i, m_i
 
