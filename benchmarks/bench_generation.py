@@ -230,7 +230,7 @@ def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None,
     """The thin model's ``Attention.forward`` before ragged batches, kept only as this benchmark's reference: the
     packed prefill stores each sequence's keys and values row by row, and a step with a cache groups the rows by
     length and makes one op call per group (the causal mask bottom-right aligned within each group)."""
-    from fastadapter import zero_init_attention
+    from fastadapter import zero_init_attention, zero_init_attention_varlen
     from fastadapter.model.rope import apply_rope
 
     batch, seqlen, _ = x.shape
@@ -246,7 +246,8 @@ def per_length_attention(self, x, cos, sin, *, cu_seqlens=None, max_seqlen=None,
                                    **varlen)
 
     if cu_seqlens is not None:
-        out = attend(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
+        out = zero_init_attention_varlen(q[0], k[0], v[0], prefix_k, prefix_v, gate, cu_seqlens, cu_seqlens,
+                                         max_seqlen, max_seqlen, causal=True, gate_activation=activation)[None]
         if cache is not None:
             bounds = cu_seqlens.tolist()
             for row in range(len(bounds) - 1):

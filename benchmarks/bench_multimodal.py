@@ -130,12 +130,15 @@ def eager_attention():
     """The thin model's attention replaced by the original eager LLaMA-Adapter attention (batched calls)."""
     import fastadapter.model.llama as llama_module
 
-    fused = llama_module.zero_init_attention
+    fused, fused_varlen = llama_module.zero_init_attention, llama_module.zero_init_attention_varlen
+
+    def packed(*args, **kwargs):
+        raise ValueError("the eager baseline runs padded batches, not packed rows")
 
     def eager(q, k, v, prefix_k, prefix_v, gate, *, causal=True, gate_activation="tanh", softmax_scale=None,
-              **varlen):
-        if varlen:
-            raise ValueError("the eager baseline runs padded batches, not packed rows")
+              seqused_k=None):
+        if seqused_k is not None:
+            raise ValueError("the eager baseline runs padded batches without a KV cache")
         if softmax_scale is not None:  # the thin model passes its config's scale: None for LLaMA, 1/sqrt(D)
             raise ValueError("the eager baseline computes LLaMA's softmax scale 1/sqrt(head_dim) only")
         if prefix_k.shape[1] == 0:
@@ -144,11 +147,11 @@ def eager_attention():
         # Prompts [1 or B, P, Hkv, D], broadcast to one per sample as the original code's expand.
         return eager_v1(q, k, v, prefix_k, prefix_v, gate, gate_activation == "tanh")
 
-    llama_module.zero_init_attention = eager
+    llama_module.zero_init_attention, llama_module.zero_init_attention_varlen = eager, packed
     try:
         yield
     finally:
-        llama_module.zero_init_attention = fused
+        llama_module.zero_init_attention, llama_module.zero_init_attention_varlen = fused, fused_varlen
 
 
 def step_functions(mm, pixels, examples, images, config: MultimodalConfig) -> dict[str, Callable[[], float]]:
@@ -198,7 +201,7 @@ def step_functions(mm, pixels, examples, images, config: MultimodalConfig) -> di
 
 def op_functions(examples, config: MultimodalConfig, device) -> dict[str, Callable[[], None]]:
     """Forward + backward of the fused op on the packed lengths: one prompt per sequence vs one shared."""
-    from fastadapter import zero_init_attention
+    from fastadapter import zero_init_attention_varlen
 
     lengths = [len(e) for e in examples]
     total, heads, head_dim = sum(lengths), config.n_heads, config.dim // config.n_heads
@@ -214,8 +217,8 @@ def op_functions(examples, config: MultimodalConfig, device) -> dict[str, Callab
 
     def run(prefix):
         def call():
-            out = zero_init_attention(q, k, v, prefix[0], prefix[1], gate, causal=True, cu_seqlens=cu,
-                                      max_seqlen=max(lengths))
+            out = zero_init_attention_varlen(q, k, v, prefix[0], prefix[1], gate, cu, cu, max(lengths),
+                                             max(lengths), causal=True)
             out.sum().backward()
         return call
 

@@ -26,7 +26,7 @@ import torch
 
 from .cpu_kernel_targets import DTYPES, interleaved_medians
 from .metadata import save_text_report
-from fastadapter import _cpu_extension, zero_init_attention
+from fastadapter import _cpu_extension, zero_init_attention, zero_init_attention_varlen
 
 #: Cache lengths of the 8 rows of the decode step (all different: the per-length grouping makes 8 calls).
 DECODE_LENGTHS = [1024, 37, 512, 900, 128, 700, 256, 1000]
@@ -103,19 +103,17 @@ def prefill_providers(lengths, heads, head_dim, prefix_len, dtype, backward):
     upstream = torch.randn(tokens, heads, head_dim, dtype=dtype)
     upstream_chunk = torch.randn(q_chunk.shape, dtype=dtype)
 
-    def run(query, out_grad, **offsets):
+    def run(query, out_grad, *offsets):
         def step():
             with torch.set_grad_enabled(grad):
-                out = zero_init_attention(query, k, v, prefix_k, prefix_v, gate, backend="cpu", **offsets)
+                out = zero_init_attention_varlen(query, k, v, prefix_k, prefix_v, gate, *offsets, backend="cpu")
                 if grad:
                     torch.autograd.grad(out, (query, k, v, prefix_k, prefix_v, gate), out_grad)
         return step
 
-    return {"shared": run(q, upstream, cu_seqlens=cu, max_seqlen=longest),
-            "separate": run(q, upstream, cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=longest,
-                            max_seqlen_k=longest),
-            "chunk": run(q_chunk, upstream_chunk, cu_seqlens_q=cu_chunk, cu_seqlens_k=cu,
-                         max_seqlen_q=max(chunk_lengths), max_seqlen_k=longest)}
+    return {"shared": run(q, upstream, cu, cu, longest, longest),
+            "separate": run(q, upstream, cu, cu.clone(), longest, longest),
+            "chunk": run(q_chunk, upstream_chunk, cu_chunk, cu, max(chunk_lengths), longest)}
 
 
 def main(argv=None) -> int:

@@ -200,9 +200,15 @@ def stage_environment(cfg: Settings, deadline: Deadline, out: dict) -> None:
     log(f"  triton backend vs the fp32 reference: {out['triton_check']}")
 
 
-def _triton_fn(q, k, v, pk, pv, gate, **varlen):
-    from fastadapter import zero_init_attention
-    return zero_init_attention(q, k, v, pk, pv, gate, backend="triton", **varlen)
+def _triton_fn(q, k, v, pk, pv, gate, seqused_k=None, **varlen):
+    """The triton backend: dense, or with ``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``
+    varlen."""
+    from fastadapter import zero_init_attention, zero_init_attention_varlen
+    if varlen:
+        return zero_init_attention_varlen(q, k, v, pk, pv, gate, varlen["cu_seqlens_q"], varlen["cu_seqlens_k"],
+                                          varlen["max_seqlen_q"], varlen["max_seqlen_k"], seqused_k=seqused_k,
+                                          backend="triton")
+    return zero_init_attention(q, k, v, pk, pv, gate, seqused_k=seqused_k, backend="triton")
 
 
 # -- stage 1: the op test grid compiled on CUDA ---------------------------------------------------------------
@@ -387,8 +393,10 @@ def _providers(cfg: Settings, decode: bool) -> dict[str, Callable[[dict], Callab
 
     def triton(t):
         if "cu_seqlens" in t:
+            longest = int(max(t["lengths"]))
             return lambda: _triton_fn(t["q"][0], t["k"][0], t["v"][0], t["pk"], t["pv"], t["gate"],
-                                      cu_seqlens=t["cu_seqlens"], max_seqlen=int(max(t["lengths"])))[None]
+                                      cu_seqlens_q=t["cu_seqlens"], cu_seqlens_k=t["cu_seqlens"],
+                                      max_seqlen_q=longest, max_seqlen_k=longest)[None]
         return lambda: _triton_fn(t["q"], t["k"], t["v"], t["pk"], t["pv"], t["gate"])
 
     def padded(fn):
@@ -438,10 +446,9 @@ def _providers(cfg: Settings, decode: bool) -> dict[str, Callable[[dict], Callab
 
 def _forward_kernel_provider(t):
     """The forward kernel alone (128-row query tiles, no split over the cache): what decode ran before."""
-    from fastadapter._inputs import validate_inputs
     from fastadapter.kernels.forward import attention_forward
-    inp = validate_inputs(t["q"], t["k"], t["v"], t["pk"], t["pv"], t["gate"], causal=True, softmax_scale=None,
-                          gate_activation="tanh")
+    from fastadapter.kernels.problem import AttentionProblem
+    inp = AttentionProblem.from_dense(t["q"], t["k"], t["v"], t["pk"], t["pv"], t["gate"])
     return lambda: attention_forward(inp)[0]
 
 

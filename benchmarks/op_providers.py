@@ -137,8 +137,8 @@ def _needs_cuda_module(module: str, label: str) -> Callable[[OpConfig, str], Opt
 
 def _fastadapter_provider(backend: str) -> OpProvider:
     from fastadapter import zero_init_attention
-    from fastadapter._inputs import validate_inputs
     from fastadapter.backends import get_backend
+    from fastadapter.kernels.problem import AttentionProblem
 
     def fn(q, k, v, prefix_k, prefix_v, gate):
         return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, backend=backend)
@@ -157,8 +157,7 @@ def _fastadapter_provider(backend: str) -> OpProvider:
         # Backends restrict head_dim, prefix length and dtype, never the sequence: a one-token probe on the real
         # device answers for the whole shape without allocating it.
         probe = dataclasses.replace(config, batch=1, seqlen=1).make_inputs(device, requires_grad=False)
-        inp = validate_inputs(*probe, causal=True, softmax_scale=None, gate_activation="tanh", cu_seqlens=None,
-                              max_seqlen=None)
+        inp = AttentionProblem.from_dense(*probe)
         reasons = chosen.not_supported_reasons(inp)
         return "; ".join(reasons) or None
 

@@ -14,10 +14,13 @@
 //
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
-// Shapes as DESIGN.md §1 and the ragged contract (problem.h): dense q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; varlen
-// q [Tq, Hq, D], k/v [Tk, Hkv, D] with cu_seqlens_q and cu_seqlens_k int32 [N+1] (both or neither; the same tensor
-// for packed self-attention); seqused_k int32 [B or N] (optional, both modes). Gate already normalised to fp32
-// [Bg, Hq]; lse are fp32 [B, Hq, Sq] or [Hq, Tq].
+// The contract of these ops is written once, in fastadapter/kernels/problem.py (AttentionProblem): the cpu backend
+// calls them with a problem validated there, and its arguments in that file's OP_SCHEMA order. The checks below
+// are cheap guards of the same conditions for a direct caller of torch.ops.fastadapter_cpu (no out-of-bounds read
+// whatever the arguments); they do not define anything the Python contract does not. In short: dense
+// q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; varlen q [Tq, Hq, D], k/v [Tk, Hkv, D] with cu_seqlens_q and cu_seqlens_k
+// int32 [N+1] (the same tensor for packed self-attention); seqused_k int32 [B or N]; gate normalised to fp32
+// [Bg, Hq]; lse fp32 [B, Hq, Sq] or [Hq, Tq].
 // Inputs with no element (B = 0, S = 0, T = 0) give empty or zero results without entering a kernel. Every other
 // call runs the kernel variant (dispatch.h) that this CPU supports best, or the one FASTADAPTER_CPU_ISA names.
 //
@@ -178,8 +181,8 @@ std::string shape_of(const at::Tensor& t) {
   return s + "]";
 }
 
-// The offsets `name` (cu_seqlens_q or cu_seqlens_k) of a varlen call over `tokens` packed rows, checked as the
-// Python layer checks them (fastadapter/_inputs.py validate_cu_seqlens).
+// The offsets `name` (cu_seqlens_q or cu_seqlens_k) of a varlen call over `tokens` packed rows: the guard of
+// fastadapter/kernels/problem.py's validate_cu_seqlens.
 const int32_t* check_offsets(const at::Tensor& cu, const char* name, int64_t tokens, int64_t max_seqlen,
                              const char* max_name) {
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2 && cu.device().is_cpu(),
@@ -190,6 +193,8 @@ const int32_t* check_offsets(const at::Tensor& cu, const char* name, int64_t tok
   const int64_t n_seqs = cu.size(0) - 1;
   TORCH_CHECK(c[0] == 0 && c[n_seqs] <= tokens, "fastadapter_cpu: ", name, " must start at 0 and end at most at the "
               "number of tokens (", tokens, "), got ", c[0], " and ", c[n_seqs]);
+  TORCH_CHECK(max_seqlen <= std::max<int64_t>(tokens, 1), "fastadapter_cpu: ", max_name, " must be at most the ",
+              tokens, " packed tokens, got ", max_seqlen);
   for (int64_t n = 0; n < n_seqs; ++n)
     TORCH_CHECK(c[n + 1] >= c[n] && c[n + 1] - c[n] <= max_seqlen, "fastadapter_cpu: ", name, " must be "
                 "non-decreasing with sequences no longer than ", max_name, " (", max_seqlen, "); sequence ", n,
@@ -275,7 +280,8 @@ Problem check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               (gate.size(0) == 1 || gate.size(0) == pb.num_seqs),
               "fastadapter_cpu: gate must be the normalised float32 [1 or ", pb.num_seqs, ", ", pb.heads_q,
               "] (raw gate per query head), got ", gate.scalar_type(), " ", shape_of(gate));
-  TORCH_CHECK(std::isfinite(softmax_scale), "fastadapter_cpu: softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "fastadapter_cpu: softmax_scale must be a positive "
+              "finite number, got ", softmax_scale);
   pb.prefix_len = prefix_k.size(1);
   pb.prefix_batch = prefix_k.size(0);
   pb.gate_batch = gate.size(0);

@@ -12,15 +12,17 @@ __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
-    "AttentionInputs": "._inputs",
+    "AttentionProblem": ".kernels.problem",
     "zero_init_attention": ".attention",
+    "zero_init_attention_varlen": ".attention",
     "ZeroInitAttention": ".module",
     "zero_init_attention_reference": ".reference",
     **{name: ".model" for name in ("AdapterConfig", "LlamaConfig", "LlamaModel", "add_adapter", "generate",
                                    "load_adapter", "load_model", "load_tokenizer", "save_adapter")},
 }
 
-__all__ = ["zero_init_attention", "zero_init_attention_reference", "ZeroInitAttention", "AttentionInputs",
+__all__ = ["zero_init_attention", "zero_init_attention_varlen", "zero_init_attention_reference",
+           "ZeroInitAttention", "AttentionProblem",
            "LlamaConfig", "LlamaModel", "load_model", "AdapterConfig", "add_adapter", "save_adapter", "load_adapter",
            "load_tokenizer", "generate",
            "__version__"]

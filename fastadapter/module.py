@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import zero_init_attention
+from .attention import zero_init_attention, zero_init_attention_varlen
 
 
 class ZeroInitAttention(nn.Module):
@@ -18,9 +18,10 @@ class ZeroInitAttention(nn.Module):
         gate_activation: ``"tanh"`` or ``"none"``.
         causal, softmax_scale, backend: as :func:`fastadapter.zero_init_attention`.
 
-    ``forward(q, k, v, prefix_k, prefix_v, **ragged)`` takes the shapes of :func:`fastadapter.zero_init_attention`
-    and its keyword arguments for ragged batches (``cu_seqlens``/``max_seqlen``, or ``cu_seqlens_q``,
-    ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``, and ``seqused_k``); it returns q's shape.
+    ``forward(q, k, v, prefix_k, prefix_v, seqused_k=None)`` takes the shapes of
+    :func:`fastadapter.zero_init_attention`; ``forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None)`` those of
+    :func:`fastadapter.zero_init_attention_varlen`. Both return q's shape.
     """
 
     def __init__(self, num_heads: int, *, gate_per_head: bool = True, gate_activation: str = "tanh",
@@ -37,13 +38,19 @@ class ZeroInitAttention(nn.Module):
         self.backend = backend
         self.gate = nn.Parameter(torch.zeros(num_heads if gate_per_head else 1))
 
-    def forward(self, q, k, v, prefix_k, prefix_v, cu_seqlens=None, max_seqlen=None, *, cu_seqlens_q=None,
-                cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seqused_k=None) -> torch.Tensor:
-        return zero_init_attention(q, k, v, prefix_k, prefix_v, self.gate, causal=self.causal,
-                                   softmax_scale=self.softmax_scale, gate_activation=self.gate_activation,
-                                   backend=self.backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
+    def _options(self) -> dict:
+        return dict(causal=self.causal, softmax_scale=self.softmax_scale, gate_activation=self.gate_activation,
+                    backend=self.backend)
+
+    def forward(self, q, k, v, prefix_k, prefix_v, seqused_k=None) -> torch.Tensor:
+        """``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``, ``prefix_* [Bp, P, Hkv, D]`` → ``[B, Sq, Hq, D]``."""
+        return zero_init_attention(q, k, v, prefix_k, prefix_v, self.gate, seqused_k=seqused_k, **self._options())
+
+    def forward_varlen(self, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       seqused_k=None) -> torch.Tensor:
+        """``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` packed with their offsets → ``[Tq, Hq, D]``."""
+        return zero_init_attention_varlen(q, k, v, prefix_k, prefix_v, self.gate, cu_seqlens_q, cu_seqlens_k,
+                                          max_seqlen_q, max_seqlen_k, seqused_k=seqused_k, **self._options())
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, gate={tuple(self.gate.shape)}, "

@@ -18,13 +18,39 @@ from typing import Optional
 
 import torch
 
-from ._inputs import AttentionInputs, validate_inputs
+from .kernels.problem import AttentionProblem
+
+
+def _visible_keys(batch_rows: int, seqlen_q: int, seqlen_k: int, causal: bool, seqused_k, attn_mask, device):
+    """bool ``[B or 1, 1 or H, Sq, Sk]``: which key each query sees; None when every query sees every key."""
+    if attn_mask is not None:
+        return attn_mask if attn_mask.dtype == torch.bool else None  # an additive mask is added to the scores
+    row = torch.arange(seqlen_q, device=device)[:, None]
+    col = torch.arange(seqlen_k, device=device)[None, :]
+    if seqused_k is not None:
+        used = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]: each row's own key count
+        visible = col < used  # [B, 1, 1, Sk]
+        return visible & (col <= row + used - seqlen_q) if causal else visible  # [B, 1, Sq, Sk]
+    return col <= row + seqlen_k - seqlen_q if causal else None  # [Sq, Sk]
+
+
+def _seen_values(probs: torch.Tensor, vh: torch.Tensor, visible: Optional[torch.Tensor]) -> torch.Tensor:
+    """``probs @ vh`` where a row sums only the values it sees: a non-finite value hidden from a row (probability
+    0) stays out of it (``0 · NaN`` would be NaN), and reaches exactly the rows that see it."""
+    if visible is None:
+        return probs @ vh
+    finite = vh.isfinite()
+    clean = probs @ torch.where(finite, vh, torch.zeros_like(vh))
+    seen_nonfinite = (visible.to(vh.dtype) @ (~finite).to(vh.dtype)) > 0  # [B, H, Sq, D]
+    return torch.where(seen_nonfinite, probs @ vh, clean)
 
 
 def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, scale: float, gate_tanh: bool,
-                       compute_dtype: torch.dtype, seqused_k: Optional[torch.Tensor] = None):
+                       compute_dtype: torch.dtype, seqused_k: Optional[torch.Tensor] = None,
+                       attn_mask: Optional[torch.Tensor] = None):
     """out ``[B, Sq, Hq, D]`` and the log-sum-exps ``lse_w, lse_p [B, Hq, Sq]`` (fp32) of one batch; row b sees
-    only its first ``seqused_k[b]`` keys when ``seqused_k`` (int32 ``[B]``) is given."""
+    only its first ``seqused_k[b]`` keys when ``seqused_k`` (int32 ``[B]``) is given; ``attn_mask`` (bool or
+    additive ``[B or 1, 1 or Hq, Sq, Sk]``) replaces the causal rule."""
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
@@ -34,28 +60,25 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
     vh = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     pkh = prefix_k.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     pvh = prefix_v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
-
-    # -- words: causal softmax, bottom-right aligned
-    scores_w = scale * (qh @ kh.transpose(-1, -2))  # [B, H, Sq, Sk]
-    hidden = None
-    row = torch.arange(seqlen_q, device=q.device)[:, None]
-    col = torch.arange(seqlen_k, device=q.device)[None, :]
     if seqused_k is not None:
-        used = seqused_k.long()[:, None, None, None]  # [B, 1, 1, 1]: each row's own key count
-        hidden = col >= used  # [B, 1, 1, Sk]
-        if causal:
-            hidden = hidden | (col > row + used - seqlen_q)  # [B, 1, Sq, Sk]
-    elif causal:
-        hidden = col > row + seqlen_k - seqlen_q  # [Sq, Sk]
-    if hidden is not None:
-        scores_w = scores_w.masked_fill(hidden, float("-inf"))
+        # Keys past a row's seqused_k are not part of its sequence (unused cache slots): they hold anything.
+        unused = torch.arange(seqlen_k, device=q.device)[None, None, :, None] >= seqused_k.long()[:, None, None, None]
+        kh, vh = kh.masked_fill(unused, 0.0), vh.masked_fill(unused, 0.0)
+
+    # -- words: causal softmax, bottom-right aligned (or the explicit mask)
+    scores_w = scale * (qh @ kh.transpose(-1, -2))  # [B, H, Sq, Sk]
+    visible = _visible_keys(batch, seqlen_q, seqlen_k, causal, seqused_k, attn_mask, q.device)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores_w = scores_w + attn_mask.to(compute_dtype)
+    if visible is not None:
+        scores_w = scores_w.masked_fill(~visible, float("-inf"))
     lse_w = torch.logsumexp(scores_w.float(), dim=-1)  # [B, H, Sq]
     probs_w = torch.softmax(scores_w, dim=-1)
-    if hidden is not None:
+    if visible is not None:
         # A row with no visible key (the first Sq − Sk queries) gives 0. Only those rows are zeroed: a NaN of
         # the inputs (in q, or in a visible key) stays NaN, as in PyTorch's attention (DESIGN.md §1).
-        probs_w = probs_w.masked_fill(hidden.all(dim=-1, keepdim=True), 0.0)
-    out_w = probs_w @ vh
+        probs_w = probs_w.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    out_w = _seen_values(probs_w, vh, visible)
 
     # -- prefix: its own softmax, never masked, scaled by the gate
     if prefix_k.shape[1] > 0:
@@ -69,13 +92,13 @@ def _batched_reference(q, k, v, prefix_k, prefix_v, gate_rows, causal: bool, sca
     return out_w.transpose(1, 2), lse_w, lse_p
 
 
-def reference_attention(inp: AttentionInputs, *, upcast: bool = True, return_lse: bool = False):
+def reference_attention(inp: AttentionProblem, *, upcast: bool = True, return_lse: bool = False):
     """Reference attention of already validated inputs (see :func:`zero_init_attention_reference`)."""
     compute_dtype = torch.float32 if upcast else inp.dtype
     args = (inp.causal, inp.softmax_scale, inp.gate_tanh, compute_dtype)
     if not inp.varlen:
         out, lse_w, lse_p = _batched_reference(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate, *args,
-                                               seqused_k=inp.seqused_k)
+                                               seqused_k=inp.seqused_k, attn_mask=inp.attn_mask)
     else:
         # One sequence at a time: a sequence never sees another one.
         outs, lses_w, lses_p = [], [], []
@@ -103,20 +126,23 @@ def reference_attention(inp: AttentionInputs, *, upcast: bool = True, return_lse
 
 def zero_init_attention_reference(q, k, v, prefix_k, prefix_v, gate, *, causal: bool = True,
                                   softmax_scale: Optional[float] = None, gate_activation: str = "tanh",
-                                  cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                                   cu_seqlens_q: Optional[torch.Tensor] = None,
                                   cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None,
                                   max_seqlen_k: Optional[int] = None, seqused_k: Optional[torch.Tensor] = None,
-                                  upcast: bool = True, return_lse: bool = False):
-    """Zero-init attention computed the obvious way.
+                                  attn_mask: Optional[torch.Tensor] = None, upcast: bool = True,
+                                  return_lse: bool = False):
+    """Zero-init attention computed the obvious way: the oracle of both entry points.
+
+    Dense as :func:`fastadapter.zero_init_attention`; with ``cu_seqlens_q`` (and ``cu_seqlens_k``,
+    ``max_seqlen_q``, ``max_seqlen_k``), varlen as :func:`fastadapter.zero_init_attention_varlen`.
 
     Args:
         q: ``[B, Sq, Hq, D]`` (or ``[Tq, Hq, D]`` varlen).
         k, v: ``[B, Sk, Hkv, D]`` (or ``[Tk, Hkv, D]``).
         prefix_k, prefix_v: ``[1 or B, P, Hkv, D]``.
         gate: ``[Hq]``, ``[1]`` or ``[B, Hq]``, the raw gate.
-        causal, softmax_scale, gate_activation, cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, seqused_k: as :func:`fastadapter.zero_init_attention`.
+        causal, softmax_scale, gate_activation, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            seqused_k, attn_mask: as the op.
         upcast: compute in fp32 and return fp32 (the oracle). ``False`` computes in the inputs' dtype, which is
             what "plain PyTorch in that dtype" means in the tests' tolerances.
         return_lse: also return the fp32 log-sum-exps ``lse_w, lse_p`` (``[B, Hq, Sq]``, or ``[Hq, Tq]``).
@@ -124,8 +150,16 @@ def zero_init_attention_reference(q, k, v, prefix_k, prefix_v, gate, *, causal: 
     Returns:
         ``out`` with q's shape (fp32 when ``upcast``), or ``(out, lse_w, lse_p)``.
     """
-    inp = validate_inputs(q, k, v, prefix_k, prefix_v, gate, causal=causal, softmax_scale=softmax_scale,
-                          gate_activation=gate_activation, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                          max_seqlen_k=max_seqlen_k, seqused_k=seqused_k)
-    return reference_attention(inp, upcast=upcast, return_lse=return_lse)
+    options = dict(causal=causal, softmax_scale=softmax_scale, gate_activation=gate_activation,
+                   seqused_k=seqused_k)
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q and max_seqlen_k are only meaningful with cu_seqlens_q and "
+                             "cu_seqlens_k (varlen)")
+        problem = AttentionProblem.from_dense(q, k, v, prefix_k, prefix_v, gate, attn_mask=attn_mask, **options)
+    else:
+        if attn_mask is not None:
+            raise ValueError("attn_mask is a mode of dense calls only")
+        problem = AttentionProblem.from_varlen(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k,
+                                               max_seqlen_q, max_seqlen_k, **options)
+    return reference_attention(problem, upcast=upcast, return_lse=return_lse)

@@ -89,7 +89,7 @@ def representative_inputs(facts: KernelFacts) -> AttentionProblem:
     if facts.varlen and facts.shared_offsets:
         q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(2048, heads_kv, d, **meta)
         cu = torch.empty(5, **offsets)
-        lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512, max_seqlen_k=512)
+        lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=512, max_seqlen_k=512, shares_offsets=True)
     elif facts.varlen:
         q, kv = torch.empty(2048, heads_q, d, **meta), torch.empty(4096, heads_kv, d, **meta)
         lengths = dict(cu_seqlens_q=torch.empty(5, **offsets), cu_seqlens_k=torch.empty(5, **offsets),

@@ -158,12 +158,12 @@ def _reduce_prefix_gradients(inp: AttentionProblem, layout: Layout, buf: Backwar
     return prefix_grad(buf.partial_dpk), prefix_grad(buf.partial_dpv), dgate
 
 
-def attention_backward(inp, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+def attention_backward(inp: AttentionProblem, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                        grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every gradient of zero-init attention from the saved inputs, output and log-sum-exps.
 
     Args:
-        inp: the :class:`~.problem.AttentionProblem` of the forward call (or validated inputs with its fields).
+        inp: the :class:`~.problem.AttentionProblem` of the forward call.
         out: the forward output (q's shape).
         lse_w, lse_p: the forward's fp32 log-sum-exps, shape ``inp.lse_shape()``.
         grad_out: the incoming gradient, q's shape (any strides with a unit-stride head dim).
@@ -172,7 +172,6 @@ def attention_backward(inp, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch
         ``(dq, dk, dv, dprefix_k, dprefix_v, dgate)``, all contiguous: the first five in the inputs' shapes
         and dtype, ``dgate`` fp32 ``[Bg, Hq]`` like ``inp.gate``.
     """
-    inp = AttentionProblem.of(inp)
     layout = Layout.of(inp)
     buf = BackwardBuffers(inp, layout, out, lse_w, lse_p, grad_out.to(inp.dtype))
     if inp.q.numel() and layout.batch:

@@ -170,13 +170,12 @@ class KernelFacts:
 
     @staticmethod
     def of(inp) -> "KernelFacts":
-        """The facts of an :class:`~.problem.AttentionProblem` (or of validated inputs with its fields)."""
+        """The facts of an :class:`~.problem.AttentionProblem`."""
         return KernelFacts(dtype=inp.dtype, head_dim=inp.head_dim,
                            block_p=max(16, triton.next_power_of_2(max(inp.prefix_len, 1))),
                            has_prefix=inp.prefix_len > 0, varlen=inp.varlen, causal=inp.causal,
                            gate_tanh=inp.gate_tanh, grouped=inp.heads_q != inp.heads_kv,
-                           seqused=getattr(inp, "seqused_k", None) is not None,
-                           shared_offsets=bool(getattr(inp, "shares_offsets", False)))
+                           seqused=inp.seqused_k is not None, shared_offsets=inp.shares_offsets)
 
 
 @dataclass(frozen=True)

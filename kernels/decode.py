@@ -209,7 +209,7 @@ def zero_init_attention_decode_merge_kernel(
     tl.store(LSE_P + stats, lse_p, mask=valid)
 
 
-def decode_not_supported_reasons(inp) -> list[str]:
+def decode_not_supported_reasons(inp: AttentionProblem) -> list[str]:
     """Why the decode kernels do not take ``inp`` (empty: they do). The forward kernel handles the rest.
 
     They take a few query rows per sequence over its keys, where the forward kernel would give each (sequence,
@@ -222,7 +222,6 @@ def decode_not_supported_reasons(inp) -> list[str]:
       forward kernel even for short sequences: with no long cache there is nothing to split, and a packed batch
       of thousands of sequences would only pay for the split kernels' fp32 scratch (``N · Hkv · BLOCK_M · D``).
     """
-    inp = AttentionProblem.of(inp)
     reasons = []
     if inp.varlen:
         if inp.max_seqlen_q > MAX_DECODE_QUERIES:
@@ -240,7 +239,7 @@ def decode_not_supported_reasons(inp) -> list[str]:
     return reasons
 
 
-def decode_applies(inp) -> bool:
+def decode_applies(inp: AttentionProblem) -> bool:
     """True when :func:`attention_decode` takes ``inp`` (see :func:`decode_not_supported_reasons`)."""
     return not decode_not_supported_reasons(inp)
 
@@ -348,11 +347,11 @@ def decode_arguments(inp: AttentionProblem, layout: Layout, out: torch.Tensor, l
     return split, merge, (num_splits * states,), (states,), config
 
 
-def attention_decode(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_decode(inp: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward pass of a decode step with the split-KV kernels.
 
     Args:
-        inp: an :class:`~.problem.AttentionProblem` (or validated inputs with its fields) that
+        inp: the :class:`~.problem.AttentionProblem` of the call that
             :func:`decode_applies` to: dense ``q [B, Sq, Hq, D]`` with ``1 ≤ Sq ≤ 16``, ``k, v [B, Sk, Hkv, D]``
             (the KV cache, ``seqused_k [B]`` optional), or varlen ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with
             ``max_seqlen_q ≤ 16 < max_seqlen_k``; ``prefix_k, prefix_v [Bp, P, Hkv, D]``, gate fp32 ``[Bg, Hq]``.
@@ -362,7 +361,6 @@ def attention_decode(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ``lse_w, lse_p`` (``[B, Hq, Sq]`` or ``[Hq, Tq]``), natural log, ``-inf`` where nothing is visible or
         P == 0; query tokens after ``cu_seqlens_q[-1]`` give 0 and ``-inf``.
     """
-    inp = AttentionProblem.of(inp)
     reasons = decode_not_supported_reasons(inp)
     if reasons:
         raise ValueError(f"the decode kernels do not take these inputs: {'; '.join(reasons)}")

@@ -119,11 +119,11 @@ def forward_grid(layout: Layout):
     return lambda meta: (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * layout.batch * layout.heads_q,)
 
 
-def attention_forward(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_forward(inp: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward kernel.
 
     Args:
-        inp: an :class:`~.problem.AttentionProblem` (or validated inputs with its fields): ``q [B, Sq, Hq, D]``,
+        inp: the :class:`~.problem.AttentionProblem` of the call: ``q [B, Sq, Hq, D]``,
             ``k, v [B, Sk, Hkv, D]`` (``seqused_k [B]`` optional), or varlen ``q [Tq, Hq, D]``,
             ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q``, ``cu_seqlens_k``; gate fp32 ``[Bg, Hq]``.
 
@@ -131,7 +131,6 @@ def attention_forward(inp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ``out`` (q's shape and dtype, contiguous) and fp32 ``lse_w, lse_p`` of shape ``inp.lse_shape()``
         (``[B, Hq, Sq]`` or ``[Hq, Tq]``), natural log, ``-inf`` where nothing is visible or P == 0.
     """
-    inp = AttentionProblem.of(inp)
     layout = Layout.of(inp)
     # Varlen tokens outside every sequence (cu_seqlens_q[-1] < Tq) are never visited: give them 0 and -inf.
     if layout.varlen:

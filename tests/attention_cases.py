@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from fastadapter import zero_init_attention, zero_init_attention_reference
-from fastadapter._inputs import AttentionInputs, validate_inputs
+from fastadapter import zero_init_attention, zero_init_attention_reference, zero_init_attention_varlen
 from fastadapter.backends import all_backends
+from fastadapter.kernels.problem import AttentionProblem
 
 #: The package's own backends from the registry, in the automatic choice's order (not those a test registers).
 BACKENDS = tuple(b.name for b in all_backends() if type(b).__module__.startswith("fastadapter.backends."))
@@ -69,7 +69,8 @@ class Case:
                 + ("-T" if self.transposed else ""))
 
     def make(self, device="cpu", requires_grad=True) -> dict:
-        """The inputs as keyword arguments of ``zero_init_attention`` (gate non-zero so it matters)."""
+        """The inputs as keyword arguments of ``zero_init_attention`` or, varlen, ``zero_init_attention_varlen``
+        (:func:`attention` calls the right one; gate non-zero so it matters)."""
         def randn(*shape, transposed=False):
             if transposed:  # allocate [B, H, S, D] and view it as [B, S, H, D]
                 t = torch.randn(shape[0], shape[2], shape[1], shape[3], device=device).transpose(1, 2)
@@ -94,8 +95,8 @@ class Case:
             kw["q"] = randn(total, self.heads_q, self.head_dim)
             kw["k"] = randn(total, self.heads_kv, self.head_dim)
             kw["v"] = randn(total, self.heads_kv, self.head_dim)
-            kw["cu_seqlens"] = _offsets(self.seqlens).to(device)
-            kw["max_seqlen"] = max(self.seqlens)
+            kw["cu_seqlens_q"] = kw["cu_seqlens_k"] = _offsets(self.seqlens).to(device)  # shared offsets
+            kw["max_seqlen_q"] = kw["max_seqlen_k"] = max(self.seqlens)
         else:
             kw["q"] = randn(self.batch, self.seqlen_q, self.heads_q, self.head_dim, transposed=self.transposed)
             kw["k"] = randn(self.batch, self.seqlen_k, self.heads_kv, self.head_dim, transposed=self.transposed)
@@ -127,10 +128,30 @@ def device_for(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def backend_inputs(case: Case, device="cpu") -> AttentionInputs:
+VARLEN_ARGUMENTS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def attention(**kw):
+    """The op on keyword arguments of :meth:`Case.make`: ``zero_init_attention_varlen`` when they hold offsets,
+    ``zero_init_attention`` otherwise."""
+    if "cu_seqlens_q" in kw:
+        offsets = [kw.pop(name) for name in VARLEN_ARGUMENTS]
+        q, k, v, prefix_k, prefix_v, gate = (kw.pop(name) for name in INPUT_NAMES)
+        return zero_init_attention_varlen(q, k, v, prefix_k, prefix_v, gate, *offsets, **kw)
+    return zero_init_attention(**kw)
+
+
+def problem_of(**kw) -> AttentionProblem:
+    """The validated problem of keyword arguments of :meth:`Case.make`, as a backend receives it."""
+    if "cu_seqlens_q" in kw:
+        offsets = [kw.pop(name) for name in VARLEN_ARGUMENTS]
+        return AttentionProblem.from_varlen(*(kw.pop(name) for name in INPUT_NAMES), *offsets, **kw)
+    return AttentionProblem.from_dense(**kw)
+
+
+def backend_inputs(case: Case, device="cpu") -> AttentionProblem:
     """``case``'s inputs validated as a backend receives them (no gradients), for calling a backend directly."""
-    kw = case.make(device, requires_grad=False)
-    return validate_inputs(**kw)
+    return problem_of(**case.make(device, requires_grad=False))
 
 
 def _run(fn, kw: dict, grad_out: torch.Tensor):
@@ -151,7 +172,7 @@ def check_against_reference(case: Case, backend: str, device="cpu", check_grads:
     grad_out = torch.randn(kw["q"].shape, device=device)
 
     def fast(**a):
-        return zero_init_attention(**a, backend=backend)
+        return attention(**a, backend=backend)
 
     def ref_lowp(**a):
         return zero_init_attention_reference(**a, upcast=False)

@@ -4,13 +4,14 @@ A backend is one of two kinds:
 
 * a *composition* (``fused = False``): :meth:`Backend.attention` returns the output as a differentiable PyTorch
   expression; autograd and ``torch.compile`` see through it (``reference``, ``sdpa``);
-* a *fused kernel* (``fused = True``): :meth:`Backend.forward` returns ``(out, lse_w, lse_p)`` and
-  :meth:`Backend.backward` returns every gradient from the saved log-sum-exps; ``fastadapter._fused_op`` wraps
-  them in one ``torch.library`` custom op with an autograd formula and a fake implementation
-  (``triton``, ``cpu``).
+* a *fused kernel* (:class:`~.fused.FusedBackend`): ``forward`` returns ``(out, lse_w, lse_p)`` and ``backward``
+  every gradient from the saved log-sum-exps; the backend registers them as its own ``torch.library`` custom
+  ops, with an autograd formula and fake implementations (``triton``, ``cpu``).
 
-Every backend answers :meth:`Backend.not_supported_reasons`; the automatic choice takes the first backend of
-:data:`AUTOMATIC_ORDER` with no reasons, and an explicit choice that cannot run raises with the reasons.
+Every backend takes the op's one :class:`~fastadapter.kernels.problem.AttentionProblem` and answers
+:meth:`Backend.not_supported_reasons`; :func:`select_backend` returns the backend object that then runs the call
+(the automatic choice takes the first backend of :data:`AUTOMATIC_ORDER` with no reasons, and an explicit choice
+that cannot run raises with the reasons).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .._inputs import AttentionInputs
+from ..kernels.problem import AttentionProblem
 
 
 class Backend:
@@ -33,12 +34,12 @@ class Backend:
         """Why this backend cannot run on this machine at all (None when it can)."""
         return None
 
-    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+    def not_supported_reasons(self, inp: AttentionProblem) -> list[str]:
         """Every reason this backend cannot run ``inp``; empty when it can."""
         reason = self.unavailable_reason()
         return [reason] if reason else []
 
-    def automatic_choice_reasons(self, inp: AttentionInputs) -> list[str]:
+    def automatic_choice_reasons(self, inp: AttentionProblem) -> list[str]:
         """Why the *automatic* choice should pass over this backend for ``inp`` (empty when it may take it).
 
         Defaults to :meth:`not_supported_reasons`; a backend that can run inputs only slowly (Triton's CPU
@@ -46,24 +47,9 @@ class Backend:
         """
         return self.not_supported_reasons(inp)
 
-    # -- composition backends
-    def attention(self, inp: AttentionInputs) -> torch.Tensor:
-        """Differentiable output with q's shape and dtype (composition backends)."""
-        raise NotImplementedError(f"backend {self.name!r} is fused: call forward/backward")
-
-    # -- fused backends
-    def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``out`` (q's shape and dtype, contiguous) and fp32 ``lse_w, lse_p`` of shape ``inp.lse_shape()``.
-
-        ``lse_p`` is ``-inf`` when P == 0; ``lse_w`` is ``-inf`` for rows with no visible word key.
-        """
-        raise NotImplementedError(f"backend {self.name!r} is a composition: call attention")
-
-    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
-                 grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(dq, dk, dv, dprefix_k, dprefix_v, dgate)`` with the shapes of the inputs (``dgate``: fp32, the
-        shape of ``inp.gate``, i.e. ``[Bg, Hq]``)."""
-        raise NotImplementedError(f"backend {self.name!r} is a composition")
+    def attention(self, inp: AttentionProblem) -> torch.Tensor:
+        """The output, q's shape and dtype, differentiable with respect to every input tensor."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -91,7 +77,7 @@ def all_backends() -> list[Backend]:
     return ordered + [b for n, b in _REGISTRY.items() if n not in AUTOMATIC_ORDER]
 
 
-def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
+def select_backend(inp: AttentionProblem, name: Optional[str] = None) -> Backend:
     """The backend that will run ``inp``.
 
     ``name`` (or, when it is None, the environment variable ``FASTADAPTER_BACKEND``) asks for one backend,
@@ -103,7 +89,7 @@ def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
         backend = get_backend(name)
         reasons = backend.not_supported_reasons(inp)
         if reasons:
-            raise ValueError(f"backend {name!r} cannot run these inputs: " + "; ".join(reasons))
+            raise ValueError(f"backend {name!r} cannot run these inputs ({inp.describe()}): " + "; ".join(reasons))
         return backend
     all_reasons = []
     for backend in all_backends():
@@ -111,7 +97,7 @@ def select_backend(inp: AttentionInputs, name: Optional[str] = None) -> Backend:
         if not reasons:
             return backend
         all_reasons.append(f"{backend.name}: " + "; ".join(reasons))
-    raise ValueError("no backend can run these inputs:\n  " + "\n  ".join(all_reasons))
+    raise ValueError(f"no backend can run these inputs ({inp.describe()}):\n  " + "\n  ".join(all_reasons))
 
 
 # The built-in backends register themselves when imported: here, at the end (they subclass Backend), and at

@@ -17,22 +17,22 @@ from typing import Optional
 import torch
 
 from .. import _cpu_extension
-from .._inputs import AttentionInputs
-from . import Backend, register_backend
+from ..kernels.problem import AttentionProblem
+from . import register_backend
+from .fused import FusedBackend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class CpuBackend(Backend):
+class CpuBackend(FusedBackend):
     """Fused C++ kernels for CPU tensors; unavailable when ``fastadapter._C`` was not built."""
 
     name = "cpu"
-    fused = True
 
     def unavailable_reason(self) -> Optional[str]:
         return _cpu_extension.unavailable_reason()
 
-    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+    def not_supported_reasons(self, inp: AttentionProblem) -> list[str]:
         reason = self.unavailable_reason()
         if reason:
             return [reason]
@@ -41,16 +41,18 @@ class CpuBackend(Backend):
             reasons.append(f"tensors on {inp.device} (the cpu backend runs CPU tensors only)")
         if inp.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {inp.dtype} (supported: float32, bfloat16, float16)")
+        if inp.attn_mask is not None:
+            reasons.append("an explicit attn_mask (the kernels apply the causal rule only)")
         return reasons
 
-    def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, inp: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(out, lse_w, lse_p)``: out has q's shape, the log-sum-exps are fp32 ``inp.lse_shape()``."""
         if not torch.compiler.is_compiling():
             _cpu_extension.check_isa_setting()
         return torch.ops.fastadapter_cpu.forward(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate,
                                                  *_ragged_args(inp), inp.causal, inp.softmax_scale, inp.gate_tanh)
 
-    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+    def backward(self, inp: AttentionProblem, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(dq, dk, dv, dprefix_k, dprefix_v, dgate)`` with the inputs' shapes (dgate fp32 ``[Bg, Hq]``)."""
         if not torch.compiler.is_compiling():
@@ -60,8 +62,9 @@ class CpuBackend(Backend):
                                                   inp.softmax_scale, inp.gate_tanh)
 
 
-def _ragged_args(inp: AttentionInputs) -> tuple:
-    """``(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)`` of the C++ ops (0 maxima dense)."""
+def _ragged_args(inp: AttentionProblem) -> tuple:
+    """``(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)`` of the C++ ops (0 maxima dense;
+    shared offsets as the one tensor twice)."""
     return inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqused_k, inp.max_seqlen_q, inp.max_seqlen_k
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._inputs import AttentionInputs
+from ..kernels.problem import AttentionProblem
 from ..reference import reference_attention
 from . import Backend, register_backend
 
@@ -14,7 +14,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     fused = False
 
-    def attention(self, inp: AttentionInputs) -> torch.Tensor:
+    def attention(self, inp: AttentionProblem) -> torch.Tensor:
         return reference_attention(inp, upcast=True).to(inp.dtype)
 
 

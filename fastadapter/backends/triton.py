@@ -16,8 +16,9 @@ from typing import Optional
 
 import torch
 
-from .._inputs import AttentionInputs
-from . import Backend, register_backend
+from ..kernels.problem import AttentionProblem
+from . import register_backend
+from .fused import FusedBackend
 
 try:
     import triton  # noqa: F401
@@ -32,7 +33,7 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def _target(inp: AttentionInputs) -> Optional[tuple[int, Optional[int]]]:
+def _target(inp: AttentionProblem) -> Optional[tuple[int, Optional[int]]]:
     """``(compute capability, CUDA device index)`` the kernels would be compiled for; None off CUDA."""
     if inp.device.type != "cuda":
         return None
@@ -40,23 +41,14 @@ def _target(inp: AttentionInputs) -> Optional[tuple[int, Optional[int]]]:
     return 10 * major + minor, inp.device.index if inp.device.index is not None else torch.cuda.current_device()
 
 
-def _problem(inp: AttentionInputs):
-    """The kernels' own description of the call (:class:`fastadapter.kernels.problem.AttentionProblem`): the
-    kernels never import the package above them, so the backend hands them its validated inputs' fields."""
-    from fastadapter.kernels.problem import AttentionProblem
-    return AttentionProblem.of(inp)
+def _needs_backward(inp: AttentionProblem) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inp.tensors)
 
 
-def _needs_backward(inp: AttentionInputs) -> bool:
-    tensors = (inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v, inp.gate)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     """Fused forward and memory-efficient backward kernels (online softmax over words + one prefix tile)."""
 
     name = "triton"
-    fused = True
 
     def unavailable_reason(self) -> Optional[str]:
         if _TRITON_IMPORT_ERROR:
@@ -65,7 +57,7 @@ class TritonBackend(Backend):
             return "no CUDA device, and TRITON_INTERPRET=1 is not set to run the kernels on CPU"
         return None
 
-    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+    def not_supported_reasons(self, inp: AttentionProblem) -> list[str]:
         reason = self.unavailable_reason()
         if reason:
             return [reason]
@@ -80,43 +72,44 @@ class TritonBackend(Backend):
             reasons.append(f"head_dim {inp.head_dim} > {MAX_HEAD_DIM}")
         if inp.prefix_len > MAX_PREFIX_LEN:
             reasons.append(f"prefix length {inp.prefix_len} > {MAX_PREFIX_LEN} (the prefix is one tile)")
+        if inp.attn_mask is not None:
+            reasons.append("an explicit attn_mask (the kernels apply the causal rule only)")
         target = _target(inp)
         if not reasons and target is not None:
             reasons += self.target_reasons(inp, *target)
         return reasons
 
-    def target_reasons(self, inp: AttentionInputs, capability: int, device_index: Optional[int]) -> list[str]:
+    def target_reasons(self, inp: AttentionProblem, capability: int, device_index: Optional[int]) -> list[str]:
         """Why the kernels cannot run ``inp`` on sm_<capability> (``device_index`` None: judged ahead of time,
         by compiling without a GPU). Empty when every kernel the call needs has a configuration that fits."""
         from fastadapter.kernels import configs
         reason = configs.target_reason(inp.dtype, capability)
         if reason:
             return [reason]
-        facts = configs.KernelFacts.of(_problem(inp))
+        facts = configs.KernelFacts.of(inp)
         kernels = configs.FORWARD_KERNELS + (configs.BACKWARD_KERNELS if _needs_backward(inp) else ())
         reasons = [configs.decline_reason(kernel, facts, capability, device_index) for kernel in kernels]
         return [r for r in reasons if r]
 
-    def automatic_choice_reasons(self, inp: AttentionInputs) -> list[str]:
+    def automatic_choice_reasons(self, inp: AttentionProblem) -> list[str]:
         reasons = self.not_supported_reasons(inp)
         if not reasons and inp.device.type != "cuda":
             reasons.append("CPU tensors run under Triton's interpreter only when asked for by name")
         return reasons
 
-    def forward(self, inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, inp: AttentionProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from fastadapter.kernels.decode import attention_decode, decode_applies
         from fastadapter.kernels.forward import attention_forward
-        problem = _problem(inp)
         # A few query rows per sequence over a KV cache (dense, a padded cache with seqused_k, or an unpadded
         # varlen step): the split-KV kernels (flash-decoding); everything else: the forward kernel.
-        if decode_applies(problem):
-            return attention_decode(problem)
-        return attention_forward(problem)
+        if decode_applies(inp):
+            return attention_decode(inp)
+        return attention_forward(inp)
 
-    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
+    def backward(self, inp: AttentionProblem, out: torch.Tensor, lse_w: torch.Tensor, lse_p: torch.Tensor,
                  grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from fastadapter.kernels.backward import attention_backward
-        return attention_backward(_problem(inp), out, lse_w, lse_p, grad_out)
+        return attention_backward(inp, out, lse_w, lse_p, grad_out)
 
 
 register_backend(TritonBackend())

@@ -25,8 +25,7 @@ layer shares) and decides, in this one place, how every adapted layer runs:
 ``masked``
     anything else, with the reason: a mask per head, an additive mask with values other than 0 and "blocked"
     (a soft bias), sliding windows that cut into the causal window, packed sequences (block-diagonal masks), rows
-    with no key at all. These run :func:`masked_zero_init_attention`: the mask through SDPA for the words, the
-    gated prefix through the sdpa backend's composition.
+    with no key at all. These run :func:`masked_zero_init_attention`: the op's masked mode (``attn_mask``).
 
 Padding rows (queries that may see no key: left padding's first ``pad_b`` queries at prefill) get exactly what the
 unpatched model computes for them, because transformers' loss includes the last padding position of a left-padded
@@ -44,8 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import zero_init_attention
-from ..backends.sdpa import sdpa_composition
+from ..attention import zero_init_attention, zero_init_attention_varlen
 
 _CACHE_ATTRIBUTE = "_fastadapter_layouts"
 
@@ -182,13 +180,14 @@ class BatchLayout:
         q_flat = q.reshape(batch * seqlen_q, heads, dim)
         k_flat = k.reshape(batch * self.seqlen_k, k.shape[2], k.shape[3])
         v_flat = v.reshape(batch * self.seqlen_k, v.shape[2], v.shape[3])
-        varlen = dict(cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k, **common)
-        out = zero_init_attention(q_flat, k_flat, v_flat, prefix_k, prefix_v, gate, causal=True,
-                                  cu_seqlens_q=self.cu_seqlens_q, max_seqlen_q=self.max_seqlen_q, **varlen)
+        # "right" shares one offsets tensor for q and k (packed self-attention); "left" has two.
+        out = zero_init_attention_varlen(q_flat, k_flat, v_flat, prefix_k, prefix_v, gate, self.cu_seqlens_q,
+                                         self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k, causal=True,
+                                         **common)
         if self.kind == "right" and self.pad_rows.numel():
-            pad_out = zero_init_attention(q_flat.index_select(0, self.pad_rows), k_flat, v_flat, prefix_k,
-                                          prefix_v, gate, causal=False, cu_seqlens_q=self.pad_cu_seqlens_q,
-                                          max_seqlen_q=self.pad_max_seqlen_q, **varlen)
+            pad_out = zero_init_attention_varlen(q_flat.index_select(0, self.pad_rows), k_flat, v_flat, prefix_k,
+                                                 prefix_v, gate, self.pad_cu_seqlens_q, self.cu_seqlens_k,
+                                                 self.pad_max_seqlen_q, self.max_seqlen_k, causal=False, **common)
             out = out.index_copy(0, self.pad_rows, pad_out)
         out = out.view(batch, seqlen_q, heads, dim)
         if self.blind is not None:
@@ -291,22 +290,18 @@ def masked_zero_init_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Returns:
         ``[B, Sq, Hq, D]`` in q's dtype. The word part is PyTorch's SDPA under the mask, as the unpatched sdpa and
         eager models compute it (a fully blocked row: 0 under a bool mask, the uniform mean under an additive one);
-        the prefix part is :func:`fastadapter.backends.sdpa.sdpa_composition` over no word.
+        the prefix part is the op's (its masked mode, ``attn_mask``, on the ``sdpa`` backend).
     """
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     allowed = _as_bool(mask)
-    if allowed is None:  # a soft bias: SDPA adds it as it is
-        attn_mask = mask if mask.dtype == q.dtype else mask.to(q.dtype)
-        blind = None
-    else:
-        # SDPA under the bool form: a fully blocked row gives 0 forward and backward. (Under the additive form,
-        # the gradients of such rows from PyTorch's fused CPU kernel differ from eager's, measured: the backward
-        # recomputes their probabilities from a log-sum-exp that rounds to min(dtype).)
-        attn_mask = allowed
-        blind = ~allowed.any(dim=-1, keepdim=True) if mask.dtype != torch.bool else None  # [B, 1 or H, Sq, 1]
-    words = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, scale=softmax_scale, enable_gqa=True)
+    if allowed is None:  # a soft bias: added to the scores as it is
+        return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, causal=False, attn_mask=mask,
+                                   softmax_scale=softmax_scale, gate_activation=gate_activation, backend="sdpa")
+    # The bool form: a fully blocked row gives 0 forward and backward. (Under the additive form, the gradients of
+    # such rows from PyTorch's fused CPU kernel differ from eager's, measured: the backward recomputes their
+    # probabilities from a log-sum-exp that rounds to min(dtype).) Eager's uniform softmax of such rows is added.
+    out = zero_init_attention(q, k, v, prefix_k, prefix_v, gate, causal=False, attn_mask=allowed,
+                              softmax_scale=softmax_scale, gate_activation=gate_activation, backend="sdpa")
+    blind = ~allowed.any(dim=-1, keepdim=True) if mask.dtype != torch.bool else None  # [B, 1 or H, Sq, 1]
     if blind is not None and bool(blind.any()):
-        words = words + (blind * _uniform_words(q, k, v, softmax_scale).transpose(1, 2)).to(words.dtype)
-    prefix = sdpa_composition(q, k[:, :0], v[:, :0], prefix_k, prefix_v, gate.float().reshape(1, -1), False,
-                              softmax_scale, gate_activation == "tanh")
-    return words.transpose(1, 2) + prefix
+        out = out + (blind.transpose(1, 2) * _uniform_words(q, k, v, softmax_scale)).to(out.dtype)
+    return out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import zero_init_attention
+from ..attention import zero_init_attention, zero_init_attention_varlen
 from ..decode_linear import DecodeLinear, decode_linear
 from .config import LlamaConfig
 from .kv_cache import CacheStep, KVCache
@@ -133,15 +133,14 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         prefix_k, prefix_v, gate, activation = self._prefix_and_gate(x, cache, prompt_offset)
 
-        def attend(q_, k_, v_, **ragged):
-            return zero_init_attention(q_, k_, v_, prefix_k, prefix_v, gate, causal=True,
-                                       softmax_scale=self.softmax_scale, gate_activation=activation, **ragged)
+        options = dict(causal=True, softmax_scale=self.softmax_scale, gate_activation=activation)
 
         if cache is not None and cache_step is None:
             raise ValueError("a call with a KV cache needs its cache_step (KVCache.plan_packed / plan_append)")
         if cu_seqlens is not None:
             # Prefill (or training): N sequences packed, each attending to itself.
-            out = attend(q[0], k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[None]
+            out = zero_init_attention_varlen(q[0], k[0], v[0], prefix_k, prefix_v, gate, cu_seqlens, cu_seqlens,
+                                             max_seqlen, max_seqlen, **options)[None]
             if cache is not None:
                 cache.write(self.layer_index, cache_step, k[0], v[0])
         elif cache is not None:
@@ -149,9 +148,10 @@ class Attention(nn.Module):
             cache.write(self.layer_index, cache_step, k.reshape(batch * seqlen, self.n_kv_heads, self.head_dim),
                         v.reshape(batch * seqlen, self.n_kv_heads, self.head_dim))
             keys, values = cache.read(self.layer_index, cache_step)
-            out = attend(q, keys, values, seqused_k=cache_step.seqused_k)
+            out = zero_init_attention(q, keys, values, prefix_k, prefix_v, gate, seqused_k=cache_step.seqused_k,
+                                      **options)
         else:
-            out = attend(q, k, v)
+            out = zero_init_attention(q, k, v, prefix_k, prefix_v, gate, **options)
         return self.wo(out.reshape(batch, seqlen, self.n_heads * self.head_dim))
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

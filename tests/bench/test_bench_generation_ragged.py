@@ -24,8 +24,10 @@ def test_the_per_length_reference_makes_one_call_per_length_group(monkeypatch):
 
     import fastadapter
     calls = []
-    real = fastadapter.zero_init_attention
-    monkeypatch.setattr(fastadapter, "zero_init_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dense, varlen = fastadapter.zero_init_attention, fastadapter.zero_init_attention_varlen
+    monkeypatch.setattr(fastadapter, "zero_init_attention", lambda *a, **k: calls.append(1) or dense(*a, **k))
+    monkeypatch.setattr(fastadapter, "zero_init_attention_varlen",
+                        lambda *a, **k: calls.append(1) or varlen(*a, **k))
     config = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=40, max_seq_len=64)
     torch.manual_seed(0)
     model = LlamaModel(config)

@@ -121,16 +121,21 @@ def count_op_calls(monkeypatch):
     """Record every zero_init_attention call of the integrations (its keyword arguments) and refuse the
     masked-SDPA fallback: a padded batch must run the fused op."""
     calls = []
-    real = _attention_mask.zero_init_attention
+    dense, varlen = _attention_mask.zero_init_attention, _attention_mask.zero_init_attention_varlen
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
-        return real(*args, **kwargs)
+        return dense(*args, **kwargs)
+
+    def counting_varlen(*args, **kwargs):
+        calls.append({**kwargs, "cu_seqlens_q": args[6], "cu_seqlens_k": args[7]})
+        return varlen(*args, **kwargs)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a padded batch took the explicit-mask path")
 
     monkeypatch.setattr(_attention_mask, "zero_init_attention", counting)
+    monkeypatch.setattr(_attention_mask, "zero_init_attention_varlen", counting_varlen)
     monkeypatch.setattr(_attention_mask, "masked_zero_init_attention", refuse)
     return calls
 

@@ -385,7 +385,9 @@ CPP_BAD_INPUTS = [
     (dict(gate=torch.zeros(4)), r"gate must be the normalised float32 \[1 or 2, 4\]"),
     (dict(prefix_k=torch.randn(1, 3, 2, 16), prefix_v=torch.randn(1, 3, 2, 16)),
      r"prefix_k must be \[Bp, P, 2, 8\] \(kv heads and head_dim of k\), got \[1, 3, 2, 16\]"),
-    (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+    (dict(softmax_scale=float("nan")), "softmax_scale must be a positive finite number"),
+    (dict(softmax_scale=0.0), "softmax_scale must be a positive finite number"),
+    (dict(softmax_scale=-0.5), "softmax_scale must be a positive finite number"),
 ]
 
 
@@ -450,7 +452,7 @@ def test_missing_library_warns_once_and_falls_back(monkeypatch):
         assert get_backend("cpu").unavailable_reason() == reason
     inp = backend_inputs(Case(batch=1, seqlen_q=4, seqlen_k=4))
     assert select_backend(inp).name == "sdpa"
-    with pytest.raises(ValueError, match="backend 'cpu' cannot run these inputs: the compiled CPU kernels"):
+    with pytest.raises(ValueError, match=r"backend 'cpu' cannot run these inputs \(q \[1, 4, 4, 64\] .*\): the compiled CPU kernels"):
         zero_init_attention(**Case(batch=1, seqlen_q=4, seqlen_k=4).make(), backend="cpu")
     assert ("cpu", False, reason) in backend_report()
 

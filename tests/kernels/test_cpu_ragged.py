@@ -161,6 +161,7 @@ CPP_BAD_RAGGED = [
                                         r"\(9\), got 0 and 10"),
     (dict(max_seqlen_k=5), r"cu_seqlens_k must be non-decreasing with sequences no longer than max_seqlen_k \(5\); "
                            r"sequence 1 spans \[3, 9\)"),
+    (dict(max_seqlen_k=2 ** 40), r"max_seqlen_k must be at most the 9 packed tokens, got 1099511627776"),
     (dict(seqused_k=_i32(3)), r"seqused_k must be a CPU int32 tensor \[2\] \(one length per sequence\)"),
     (dict(seqused_k=torch.tensor([3, 6])), "seqused_k must be a CPU int32 tensor"),
     (dict(seqused_k=_i32(3, 7)), r"seqused_k\[1\] must be between 0 and the 6 keys sequence 1 holds, got 7"),

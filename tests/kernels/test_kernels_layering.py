@@ -86,16 +86,35 @@ def test_kernels_import_and_run_with_the_rest_of_the_package_unimportable():
     assert "standalone kernels ok" in done.stdout
 
 
-def test_the_problem_copies_the_validated_inputs_fields_without_copying_tensors():
-    inp = backend_inputs(Case(seqlens=[3, 5], heads_q=2, heads_kv=1, head_dim=16))
-    problem = AttentionProblem.of(inp)
-    assert AttentionProblem.of(problem) is problem
-    for name in ("q", "k", "v", "prefix_k", "prefix_v", "gate", "cu_seqlens_q", "cu_seqlens_k"):
-        assert getattr(problem, name) is getattr(inp, name)
-    assert (problem.varlen, problem.batch, problem.seqlen_q, problem.seqlen_k) == (True, 2, 5, 5)
-    assert problem.lse_shape() == inp.lse_shape() == (2, 8)
-    dense = AttentionProblem.of(backend_inputs(Case(batch=2, seqlen_q=1, seqlen_k=9, heads_q=2, heads_kv=1)))
+def test_the_op_hands_every_backend_its_one_validated_problem(monkeypatch):
+    """One bundle from the op to the kernels: the backend gets the AttentionProblem the op validated (the caller's
+    tensors, not copies), and a fused backend's custom op rebuilds the same facts from its flat arguments."""
+    from fastadapter import backends, zero_init_attention_varlen
+
+    seen = []
+    sdpa = backends.get_backend("sdpa")
+
+    class _Spy(type(sdpa)):
+        def attention(self, inp):
+            seen.append(inp)
+            return super().attention(inp)
+
+    monkeypatch.setitem(backends._REGISTRY, "sdpa", _Spy())
+    kw = Case(seqlens=[3, 5], heads_q=2, heads_kv=1, head_dim=16).make(requires_grad=False)
+    zero_init_attention_varlen(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["gate"],
+                               kw["cu_seqlens_q"], kw["cu_seqlens_q"], 5, 5, backend="sdpa")
+    (problem,) = seen
+    assert isinstance(problem, AttentionProblem)
+    for name in ("q", "k", "v", "prefix_k", "prefix_v", "cu_seqlens_q", "cu_seqlens_k"):
+        assert getattr(problem, name) is kw[name], name
+    assert (problem.varlen, problem.shares_offsets, problem.batch, problem.seqlen_q, problem.lse_shape()) == (
+        True, True, 2, 5, (2, 8))
+    rebuilt = AttentionProblem.from_op_arguments(*problem.op_arguments())
+    assert rebuilt == problem  # the same tensors and facts, aliasing included
+    separate = AttentionProblem.from_varlen(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["gate"],
+                                            kw["cu_seqlens_q"], kw["cu_seqlens_q"].clone(), 5, 5)
+    assert not separate.shares_offsets
+    assert AttentionProblem.from_op_arguments(*separate.op_arguments()).shares_offsets is False
+    dense = backend_inputs(Case(batch=2, seqlen_q=1, seqlen_k=9, heads_q=2, heads_kv=1))
     assert (dense.varlen, dense.batch, dense.seqlen_q, dense.seqlen_k, dense.seqused_k) == (False, 2, 1, 9, None)
-    with pytest.raises(AttributeError):
-        AttentionProblem.of(object())
-    assert torch.is_tensor(problem.gate) and problem.gate.dtype == torch.float32
+    assert torch.is_tensor(dense.gate) and dense.gate.dtype == torch.float32

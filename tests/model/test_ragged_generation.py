@@ -27,14 +27,20 @@ def stories(shared_data):
 
 def _count_attention_calls(monkeypatch):
     calls = []
-    real = llama_module.zero_init_attention
+    dense, varlen = llama_module.zero_init_attention, llama_module.zero_init_attention_varlen
 
-    def counting(q, k, v, *args, **kwargs):
-        calls.append({"q": tuple(q.shape), "k": tuple(k.shape), **{key: kwargs.get(key) for key in
-                                                                    ("cu_seqlens", "seqused_k")}})
-        return real(q, k, v, *args, **kwargs)
+    def counting_dense(q, k, v, *args, **kwargs):
+        calls.append({"q": tuple(q.shape), "k": tuple(k.shape), "cu_seqlens": None,
+                      "seqused_k": kwargs.get("seqused_k")})
+        return dense(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(llama_module, "zero_init_attention", counting)
+    def counting_varlen(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, *args, **kwargs):
+        calls.append({"q": tuple(q.shape), "k": tuple(k.shape), "cu_seqlens": cu_seqlens_q,
+                      "seqused_k": kwargs.get("seqused_k")})
+        return varlen(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, *args, **kwargs)
+
+    monkeypatch.setattr(llama_module, "zero_init_attention", counting_dense)
+    monkeypatch.setattr(llama_module, "zero_init_attention_varlen", counting_varlen)
     return calls
 
 

@@ -9,7 +9,7 @@ finite row there; PyTorch's fused CPU SDPA kernel returns a finite row for a NaN
 import pytest
 import torch
 
-from fastadapter import zero_init_attention, zero_init_attention_reference
+from fastadapter import zero_init_attention, zero_init_attention_reference, zero_init_attention_varlen
 
 from attention_cases import BACKENDS
 
@@ -19,6 +19,9 @@ NAN, INF = float("nan"), float("inf")
 def attention(backend, *args, **kwargs):
     if backend == "reference":
         return zero_init_attention_reference(*args, **kwargs)
+    if "cu_seqlens_q" in kwargs:
+        offsets = [kwargs.pop(n) for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+        return zero_init_attention_varlen(*args, *offsets, backend=backend, **kwargs)
     return zero_init_attention(*args, backend=backend, **kwargs)
 
 
@@ -73,13 +76,78 @@ def test_every_backend_gives_the_reference_rows_for_an_infinite_input(name, pref
         assert nonfinite_rows(attention(backend, *inputs.values())) == rows, backend
 
 
-def test_a_nonfinite_value_reaches_every_row_that_sees_it():
-    """v: rows 3..6 see the poisoned value and must be NaN (earlier rows multiply it by a probability 0, which
-    gives NaN in a dense product and is left unspecified)."""
-    inputs = poisoned(batched_inputs(4), "v", NAN)
-    for backend in BACKENDS:
-        rows = nonfinite_rows(attention(backend, *inputs.values()))
-        assert set(range(3, 7)) <= set(rows), backend
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seqlen", [4, 9, 70])
+@pytest.mark.parametrize("prefix_len", [0, 4])
+@pytest.mark.parametrize("value", [NAN, INF])
+def test_a_nonfinite_value_reaches_exactly_the_rows_that_see_it(backend, seqlen, prefix_len, value):
+    """A row's output depends only on the keys and values it sees: v poisoned at position 3 makes rows 3.. NaN
+    (or infinite) and leaves rows 0..2, which never see it, exactly as they are with a finite value there. (A dense
+    product multiplies the hidden value by a probability 0: NaN leaked into every earlier row on reference, sdpa
+    and triton, and on cpu at S = 4 but not at S = 9.)"""
+    clean = batched_inputs(prefix_len, seqlen_q=seqlen, seqlen_k=seqlen)
+    inputs = poisoned(clean, "v", value)
+    out = attention(backend, *inputs.values())
+    assert nonfinite_rows(out) == list(range(3, seqlen)), backend
+    torch.testing.assert_close(out[:, :3], attention(backend, *clean.values())[:, :3], rtol=1e-6, atol=1e-6)
+
+
+def _poisoned_cache(fill: float):
+    """A padded KV cache [2, 9, 2, 16] whose rows use 4 and 9 slots, decoding 3 queries; the unused slots of
+    row 0 (from torch.empty: anything) hold ``fill``. Returns (inputs with fill, inputs with zeros there)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    k, v = (torch.randn(2, 9, 2, 16, generator=g) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(1, 3, 2, 16, generator=g) for _ in range(2))
+    used = torch.tensor([4, 9], dtype=torch.int32)
+    zeros = {"q": q, "k": k.clone(), "v": v.clone(), "prefix_k": prefix_k, "prefix_v": prefix_v,
+             "gate": torch.full((4,), 0.5)}
+    zeros["k"][0, 4:] = 0
+    zeros["v"][0, 4:] = 0
+    filled = {**zeros, "k": zeros["k"].clone(), "v": zeros["v"].clone()}
+    filled["k"][0, 4:] = fill
+    filled["v"][0, 4:] = fill
+    return filled, zeros, used
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [NAN, INF, -INF, 1e30])
+def test_unused_cache_slots_past_seqused_k_never_reach_the_output(backend, fill):
+    """Keys and values past seqused_k are unused cache slots (torch.empty: anything). sdpa let NaN there reach the
+    output (96 non-finite values where the reference had none)."""
+    filled, zeros, used = _poisoned_cache(fill)
+    leaves = {n: t.clone().requires_grad_() for n, t in filled.items()}
+    out = attention(backend, *leaves.values(), seqused_k=used)
+    expected = attention(backend, *zeros.values(), seqused_k=used)
+    assert torch.isfinite(out).all(), backend
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.backward(torch.ones_like(out))
+    for name, leaf in leaves.items():
+        assert torch.isfinite(leaf.grad).all(), (backend, name)
+    assert torch.count_nonzero(leaves["k"].grad[0, 4:]) == 0 and torch.count_nonzero(leaves["v"].grad[0, 4:]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_outside_a_sequence_never_reach_the_output(backend):
+    """Varlen with separate offsets: key tokens after cu_seqlens_k[-1] and past a sequence's seqused_k belong to
+    no sequence; NaN there changes nothing."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 2, 16, generator=g)
+    k, v = (torch.randn(14, 1, 16, generator=g) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(1, 3, 1, 16, generator=g) for _ in range(2))
+    offsets = dict(cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32),
+                   cu_seqlens_k=torch.tensor([0, 6, 11], dtype=torch.int32), max_seqlen_q=3, max_seqlen_k=6,
+                   seqused_k=torch.tensor([4, 5], dtype=torch.int32))
+    outside = torch.zeros(14, dtype=torch.bool)
+    outside[4:6] = True  # sequence 0 uses keys 0..3 of its 6
+    outside[11:] = True  # after the last sequence
+    clean = [q, k.masked_fill(outside[:, None, None], 0.0), v.masked_fill(outside[:, None, None], 0.0),
+             prefix_k, prefix_v, torch.full((2,), 0.5)]
+    dirty = [q, k.masked_fill(outside[:, None, None], NAN), v.masked_fill(outside[:, None, None], NAN),
+             prefix_k, prefix_v, torch.full((2,), 0.5)]
+    out = attention(backend, *dirty, **dict(offsets))
+    assert torch.isfinite(out).all(), backend
+    torch.testing.assert_close(out, attention(backend, *clean, **dict(offsets)), rtol=1e-6, atol=1e-6)
 
 
 def test_rows_that_see_no_key_stay_zero_while_a_nan_query_propagates():
@@ -104,7 +172,8 @@ def test_nan_stays_in_its_packed_sequence(name, expected):
     cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)
     for backend in BACKENDS:
         out = attention(backend, tensors["q"], tensors["k"], tensors["v"], prefix_k, prefix_v,
-                        torch.full((heads,), 0.5), cu_seqlens=cu_seqlens, max_seqlen=5)
+                        torch.full((heads,), 0.5), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                        max_seqlen_q=5, max_seqlen_k=5)
         rows = nonfinite_rows(out)
         assert set(expected) <= set(rows) and min(rows) >= 4, (backend, rows)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import BF16, FP16, Case, check_against_reference, device_for
-from fastadapter import zero_init_attention, zero_init_attention_reference
+from attention_cases import BF16, FP16, Case, attention, check_against_reference, device_for
+from fastadapter import zero_init_attention, zero_init_attention_reference, zero_init_attention_varlen
 
 BACKENDS = ("reference", "sdpa", "cpu", "triton")
+#: The backends held to the reference (the reference itself is held to per-sequence dense calls below).
+FAST_BACKENDS = BACKENDS[1:]
 
 #: The ragged grid: prefill chunks (Sq_b < Sk_b), decode over packed caches (Sq_b = 1), empty query and key
 #: sequences, Sq_b > Sk_b (rows that see no key), GQA/MQA, per-sample prompts and gates, seqused_k on packed
@@ -41,7 +43,7 @@ TRITON_DEFAULT_CASES = (0, 1, 7)
 
 
 def _grid():
-    for backend in BACKENDS:
+    for backend in FAST_BACKENDS:
         for index, case in enumerate(RAGGED_CASES):
             slow = (backend == "triton" and not torch.cuda.is_available() and index not in TRITON_DEFAULT_CASES)
             yield pytest.param(case, backend, id=f"{backend}-{case.id}", marks=[pytest.mark.slow] if slow else [])
@@ -60,8 +62,7 @@ def _per_sequence_reference(kw: dict) -> torch.Tensor:
     used = kw["seqused_k"].tolist() if "seqused_k" in kw else None
     varlen = q.dim() == 3
     if varlen:
-        cu_q = (kw.get("cu_seqlens_q", kw.get("cu_seqlens"))).tolist()
-        cu_k = (kw.get("cu_seqlens_k", kw.get("cu_seqlens"))).tolist()
+        cu_q, cu_k = kw["cu_seqlens_q"].tolist(), kw["cu_seqlens_k"].tolist()
         rows = len(cu_q) - 1
     else:
         rows = q.shape[0]
@@ -96,18 +97,21 @@ def test_the_ragged_reference_equals_one_dense_call_per_sequence(case):
     torch.testing.assert_close(got, _per_sequence_reference(kw), rtol=1e-5, atol=1e-5)
 
 
-def test_shared_offsets_given_separately_equal_the_cu_seqlens_shorthand():
-    case = Case(seqlens=[7, 1, 12], prefix_batch=3, gate_shape="rows")
-    kw = case.make("cpu", requires_grad=False)
-    cu, longest = kw.pop("cu_seqlens"), kw.pop("max_seqlen")
-    shorthand = zero_init_attention(**kw, cu_seqlens=cu, max_seqlen=longest, backend="reference")
-    separate = zero_init_attention(**kw, cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=longest,
-                                   max_seqlen_k=longest, backend="reference")
-    torch.testing.assert_close(separate, shorthand, rtol=0, atol=0)
+@pytest.mark.parametrize("backend", ["sdpa", "cpu", "triton"])
+def test_one_offsets_tensor_for_q_and_k_equals_two_equal_tensors(backend):
+    """One tensor passed as cu_seqlens_q and cu_seqlens_k is packed self-attention (decided once, in the bundle;
+    the Triton kernels then read the key offsets from the query offsets): the same as two equal tensors."""
+    kw = Case(seqlens=[7, 1, 12], prefix_batch=3, gate_shape="rows", head_dim=16).make("cpu", requires_grad=False)
+    shared = attention(**kw, backend=backend)
+    separate = attention(**{**kw, "cu_seqlens_k": kw["cu_seqlens_q"].clone()}, backend=backend)
+    torch.testing.assert_close(separate, shared, rtol=1e-5, atol=1e-5)
 
 
 def _i32(*values):
     return torch.tensor(values, dtype=torch.int32)
+
+
+_SHARED = _i32(0, 6)
 
 
 def _ragged_kw():
@@ -119,11 +123,10 @@ def _ragged_kw():
 
 #: Malformed ragged arguments, the error they raise and (a regex of) its message: the same on every backend.
 BAD_RAGGED = [
-    (dict(cu_seqlens_q=_i32(0, 2, 6), max_seqlen_q=4), ValueError, "cu_seqlens_q needs cu_seqlens_k"),
-    (dict(cu_seqlens_k=_i32(0, 2, 9), max_seqlen_k=7), ValueError, "cu_seqlens_k needs cu_seqlens_q"),
-    (dict(cu_seqlens=_i32(0, 6), max_seqlen=6, cu_seqlens_k=_i32(0, 9)), ValueError,
-     "either cu_seqlens/max_seqlen .* or cu_seqlens_q"),
-    (dict(cu_seqlens=_i32(0, 6), max_seqlen=6), ValueError, "varlen q and k sharing cu_seqlens must hold the same"),
+    (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=None, max_seqlen_q=4, max_seqlen_k=7), TypeError,
+     r"cu_seqlens_k must be an int32 tensor \[N\+1\], got NoneType"),
+    (dict(cu_seqlens_q=_SHARED, cu_seqlens_k=_SHARED, max_seqlen_q=6, max_seqlen_k=6), ValueError,
+     "varlen q and k sharing one offsets tensor must hold the same tokens"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 9), max_seqlen_q=4, max_seqlen_k=9), ValueError,
      "the same number of sequences, got 2 and 1"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 10), max_seqlen_q=4, max_seqlen_k=6), ValueError,
@@ -132,13 +135,17 @@ BAD_RAGGED = [
      "cu_seqlens_q ends at 7, past the 6 packed tokens of q"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=4, max_seqlen_k=4), ValueError,
      r"max_seqlen_k = 4 is shorter than the longest packed sequence \(5 tokens\)"),
+    # The Triton grid is sized from max_seqlen_k too: 2**40 hung it. At most the tokens of k.
+    (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=4, max_seqlen_k=2 ** 40), ValueError,
+     r"max_seqlen_k = 1099511627776 is more than the 9 packed tokens of k and v"),
+    (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=2 ** 31 - 1, max_seqlen_k=5),
+     ValueError, r"max_seqlen_q = 2147483647 is more than the 6 packed tokens of q"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=None, max_seqlen_k=5), ValueError,
      "max_seqlen_q must be a positive int with cu_seqlens_q, got None"),
     (dict(cu_seqlens_q=_i32(0, 4, 2), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=4, max_seqlen_k=5), ValueError,
      r"cu_seqlens_q must never decrease, got cu_seqlens_q\[1\] = 4 > cu_seqlens_q\[2\] = 2"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=torch.tensor([0, 4, 9]), max_seqlen_q=4, max_seqlen_k=5),
      TypeError, "cu_seqlens_k must be an int32 tensor"),
-    (dict(max_seqlen_k=5), ValueError, "max_seqlen_q and max_seqlen_k are only meaningful with cu_seqlens_q"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=4, max_seqlen_k=5,
           seqused_k=_i32(4, 6)), ValueError, r"seqused_k\[1\] = 6 is more than the 5 keys sequence 1 holds"),
     (dict(cu_seqlens_q=_i32(0, 2, 6), cu_seqlens_k=_i32(0, 4, 9), max_seqlen_q=4, max_seqlen_k=5,
@@ -156,7 +163,7 @@ BAD_RAGGED = [
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_malformed_ragged_arguments_raise_the_same_error_on_every_backend(backend, args, error, message):
     with pytest.raises(error, match=message):
-        zero_init_attention(**_ragged_kw(), **args, backend=backend)
+        zero_init_attention_varlen(**_ragged_kw(), **args, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
