@@ -58,10 +58,9 @@ def load_gguf_tokenizer(path: Union[str, os.PathLike]) -> HFTokenizer:
     stops = [i for i in (token_id(k) for k in _STOP_KEYS) if i is not None]
     pad = token_id("tokenizer.ggml.padding_token_id")
     backend = converted.backend_tokenizer
-    special = {name: backend.id_to_token(i) for name, i in (("bos_token", bos), ("eos_token", stops[0] if stops else None),
-                                                ("pad_token", pad),
-                                                ("unk_token", token_id("tokenizer.ggml.unknown_token_id")))
-               if i is not None}
+    named = (("bos_token", bos), ("eos_token", stops[0] if stops else None), ("pad_token", pad),
+             ("unk_token", token_id("tokenizer.ggml.unknown_token_id")))
+    special = {name: backend.id_to_token(i) for name, i in named if i is not None}
     template = metadata.get("tokenizer.chat_template")
     return HFTokenizer.from_parts(backend, path, bos_id=bos if add_bos else None,
                                   stop_ids=stops, pad_id=pad,
