@@ -23,8 +23,9 @@ llama.cpp's conventions, undone here:
 * **Tied embeddings**: a file without ``output.weight`` ties the output layer to ``token_embd.weight``.
 * **Gemma's softmax scale** is ``key_length^-½`` as llama.cpp computes it (``query_pre_attn_scalar`` =
   ``embedding_length / head_count`` for the 27B models, which llama.cpp tells by their layer count).
-* **Gemma3's two RoPEs**: sliding-window layers (five of every six) rotate with base 10000, the others with
-  ``rope.freq_base`` and ``rope.scaling.*``.
+* **Gemma3's two RoPEs**: sliding-window layers (five of every six, or as ``attention.sliding_window_pattern``
+  says) rotate with ``rope.freq_base_swa`` (10000 when absent), the others with ``rope.freq_base`` and
+  ``rope.scaling.*``.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ _ROTATE_HALF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3")
 _GEMMA = ("gemma2", "gemma3")
 #: llama.cpp's layer counts of the 27B Gemmas, whose softmax scale is (dim / n_heads)^-½, not head_dim^-½.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-#: Gemma3's sliding-window pattern (llama.cpp's ``set_swa_pattern(6)``: five sliding layers, then one full) and
-#: the RoPE base of its sliding layers.
+#: Gemma3's sliding-window pattern when the file gives none (llama.cpp's ``set_swa_pattern(6)``: five sliding
+#: layers, then one full) and the RoPE base of its sliding layers when ``rope.freq_base_swa`` is absent.
 _GEMMA3_SLIDING_PATTERN = 6
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
@@ -164,7 +165,15 @@ def read_gguf_config(gguf: GGUFFile) -> LlamaConfig:
             # Sequences no longer than the window see their whole past: full causal attention is then exact.
             max_seq_len = min(max_seq_len, int(window))
         if arch == "gemma3":
-            options.update(local_rope_layers=tuple(i for i in range(n_layers) if (i + 1) % _GEMMA3_SLIDING_PATTERN),
+            pattern = metadata.get(f"{arch}.attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN)
+            if isinstance(pattern, list):  # one flag per layer, true for a sliding layer
+                if len(pattern) != n_layers:
+                    raise CheckpointError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} "
+                                          f"flags for {n_layers} layers")
+                sliding = tuple(i for i, flag in enumerate(pattern) if flag)
+            else:  # every pattern-th layer attends globally
+                sliding = tuple(i for i in range(n_layers) if (i + 1) % int(pattern))
+            options.update(local_rope_layers=sliding,
                            local_rope_theta=float(key("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_THETA)))
     try:
         return LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
