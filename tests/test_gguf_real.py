@@ -82,11 +82,12 @@ def test_zero_gates_give_exactly_the_base_model(real):
 
 
 def test_cli_trains_and_generates_from_a_gguf_file(smollm2_gguf, shared_data, tmp_path, capsys):
-    """``fastadapter train --model x.gguf`` (the tokenizer from the file), then ``generate`` with the adapter."""
+    """``fastadapter train --model x.gguf`` (the tokenizer from the file) with the dequantized base quantized again
+    by torchao (``--quantize int8``), then ``generate`` with the adapter."""
     out = tmp_path / "run"
     assert cli_main(["train", "--model", str(smollm2_gguf), "--data", str(shared_data / "alpaca_tiny.json"),
                      "--out", str(out), "--no-progress", "--device", "cpu", "--max-steps", "2",
-                     "--batch-tokens", "512", "--adapter-layers", "4"]) == 0
+                     "--batch-tokens", "512", "--adapter-layers", "4", "--quantize", "int8"]) == 0
     assert (out / "adapter.safetensors").is_file()
     capsys.readouterr()
     assert cli_main(["generate", "--model", str(smollm2_gguf), "--adapter", str(out / "adapter.safetensors"),
