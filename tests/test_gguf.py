@@ -8,6 +8,7 @@ tests/test_gguf_real.py under ``-m slow``.
 """
 import dataclasses
 import json
+import sys
 
 import gguf
 import numpy as np
@@ -150,6 +151,25 @@ def test_refuses_truncated_and_foreign_files(tmp_path):
     foreign.write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(CheckpointError, match="does not start with the GGUF magic"):
         load_model(foreign)
+
+
+def test_cli_reports_a_broken_gguf_in_one_line(tmp_path, capsys):
+    """``--model`` a truncated GGUF: exit code 2 and one error line naming the file, no traceback."""
+    from fastadapter.cli import main as cli_main
+
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    assert cli_main(["generate", "--model", str(truncated), "--prompt", "Hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut.gguf" in err[0] and "truncated" in err[0], err
+
+
+def test_missing_gguf_package_is_named(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ImportError, match="pip install gguf"):
+        load_model(path)
 
 
 def test_gguf_without_tokenizer_is_refused_by_load_tokenizer(tmp_path):

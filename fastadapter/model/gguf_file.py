@@ -134,7 +134,11 @@ def read_gguf(path: Union[str, os.PathLike], string_arrays: Collection[str] = ()
         FileNotFoundError: nothing at ``path``.
         GGUFFormatError: not a GGUF file, an unknown version, a truncated header or tensor data.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise ImportError("reading a GGUF file needs the gguf package: pip install gguf (or fastadapter[gguf])") \
+            from None
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -36,7 +36,11 @@ def load_gguf_tokenizer(path: Union[str, os.PathLike]) -> HFTokenizer:
     if not isinstance(n_tokens, int) or "tokenizer.ggml.model" not in metadata:
         raise ValueError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens "
                          f"metadata); pass --tokenizer with the model's tokenizer")
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError(f"{path}: the tokenizer of a GGUF file is converted by transformers: pip install "
+                          f"transformers (or fastadapter[gguf]), or pass --tokenizer with a tokenizer file") from None
 
     try:
         converted = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
