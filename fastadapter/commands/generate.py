@@ -12,15 +12,16 @@ import sys
 
 from ._paths import default_tokenizer
 
-HELP = "continue a prompt with a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder), optionally adapted"
+HELP = ("continue a prompt with a LLaMA checkpoint (llama2.c .bin, Meta or Hugging Face folder, GGUF file), "
+        "optionally adapted")
 
 TEMPLATES = ("alpaca", "chat", "none")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
+    parser.add_argument("--model", required=True, help="llama2.c .bin, Meta folder, Hugging Face folder or GGUF file")
     parser.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
-                         "tokenizer.bin (default: the first of these in the model's folder)")
+                         "tokenizer.bin (default: a GGUF model's own, else the first of these in the model's folder)")
     parser.add_argument("--adapter", help="adapter file or PEFT folder (fastadapter, LLaMA-Adapter v1, PEFT, litgpt)")
     parser.add_argument("--gate-activation", choices=("tanh", "none"), default=None,
                         help="how the gates of an adapter of another project are applied (default: its format's: "

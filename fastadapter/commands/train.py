@@ -36,9 +36,9 @@ PAPER_ADAPTER_LAYERS = 30
 
 def add_arguments(parser) -> None:
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--model", required=True, help="llama2.c .bin, Meta folder or Hugging Face folder")
+    io.add_argument("--model", required=True, help="llama2.c .bin, Meta folder, Hugging Face folder or GGUF file")
     io.add_argument("--tokenizer", help="tokenizer.json (Hugging Face), SentencePiece .model or llama2.c "
-                         "tokenizer.bin (default: the first of these in the model's folder)")
+                         "tokenizer.bin (default: a GGUF model's own, else the first of these in the model's folder)")
     io.add_argument("--config", metavar="RUN.yaml",
                     help="a YAML mapping of any of these flags (model: DIR, lr: 0.01, ...); flags given on the "
                          "command line override it")
