@@ -40,13 +40,23 @@ REQUIRED_FIELDS = ("suite", "provider", "mode", "config", "median_ms", "p20_ms",
 PRESETS = ("smoke", "quick", "default", "full")
 #: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
 #: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
-PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
-#: Suites a preset leaves out unless ``suites`` names them, and why (measured on the 2-core AVX2 CPU).
-PRESET_LEAVES_OUT = {
-    "quick": {"training": "one PEFT step over even 8 Alpaca rows padded to 512 takes ~15-20 s on a 2-core CPU "
-                          "(the 32000-way output layer at every padded position), so the suite alone overran the "
-                          "2-minute budget (531 s); run it with --suites training --quick, or the default preset"},
+PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": 300.0, "full": 1800.0}
+#: What each preset runs: ``{suite: the shapes it runs there}`` (a suite's own preset name, passed to its ``run``),
+#: or None for every suite at the preset's own shapes. A suite a preset does not list is left out of it, with
+#: :data:`LEFT_OUT_REASON`, unless ``suites`` names it (it then runs its shapes of the preset's name).
+#:
+#: The default run is the README's main job, about 5 minutes on 2 cores: the op table (the quick sweep,
+#: S = 128 and 512: the default sweep to S = 2048 alone takes ~4 minutes), a training step against PEFT and
+#: generation against Hugging Face + PEFT, and the decode linears. The PEFT-integration, multimodal and long op
+#: sweeps are ``--full``'s.
+PRESET_SUITES: dict[str, Optional[dict[str, str]]] = {
+    "smoke": None,
+    "quick": {"ops": "quick", "generation": "quick", "peft_accelerate": "quick", "decode_linear": "quick"},
+    "default": {"ops": "quick", "training": "default", "generation": "default", "decode_linear": "default"},
+    "full": None,
 }
+#: Why a preset leaves out a suite it does not list in :data:`PRESET_SUITES`.
+LEFT_OUT_REASON = "not part of --{preset} (--full runs every suite; --suites {suite} runs it alone)"
 
 
 class SuiteSkipped(Exception):
@@ -112,8 +122,26 @@ def check_rows(suite: str, rows) -> list[dict]:
     return rows
 
 
+def suite_plan(preset: str, available: list[str], suites: Optional[list[str]] = None
+               ) -> tuple[dict[str, str], dict[str, str]]:
+    """``({suite: shapes to run}, {suite left out: why})`` of a run of ``preset`` (see :data:`PRESET_SUITES`).
+
+    ``suites`` names the suites to run (all of them run, at the preset's shapes for them, or at the shapes named
+    like the preset when the preset does not list them); None runs those the preset lists."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    listed = PRESET_SUITES[preset]
+    if suites is not None:
+        return {s: (listed or {}).get(s, preset) for s in suites}, {}
+    if listed is None:
+        return {s: preset for s in available}, {}
+    chosen = {s: shapes for s, shapes in listed.items() if s in available}
+    left_out = {s: LEFT_OUT_REASON.format(preset=preset, suite=s) for s in available if s not in listed}
+    return chosen, left_out
+
+
 def run_suite(path: pathlib.Path, preset: str, device: str, log: Callable[[str], None] = print) -> list[dict]:
-    """Import one suite file and run it with ``preset`` on ``device``; returns its checked rows.
+    """Import one suite file and run it with the shapes of ``preset`` on ``device``; returns its checked rows.
 
     Raises :class:`SuiteSkipped` when one of the suite's ``REQUIRES`` does not import (see
     :func:`missing_requirement`)."""
@@ -162,20 +190,18 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
         log: where progress lines go (default: stdout, each line flushed at once; a progress bar over the
             suites below them when stdout is a terminal).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     available = discover_suites(bench_dir)
-    left_out = PRESET_LEAVES_OUT.get(preset, {}) if suites is None else {}
-    chosen = [s for s in available if s not in left_out] if suites is None else list(suites)
-    unknown = [s for s in chosen if s not in available]
+    plan, left_out = suite_plan(preset, list(available), suites)
+    unknown = [s for s in plan if s not in available]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; available here: {sorted(available)}")
+    chosen = list(plan)
     import torch
     result = BenchResult(metadata=collect_metadata(device, preset, argv))
     result.metadata["suites"] = chosen
+    result.metadata["suite_shapes"] = plan
     for suite, reason in left_out.items():
-        if suite in available:
-            result.skipped.append({"suite": suite, "reason": f"left out of --{preset}: {reason}"})
+        result.skipped.append({"suite": suite, "reason": reason})
     progress = Progress(len(chosen), enabled=log is None)
     log = log or progress.log
     for skipped in result.skipped:
@@ -183,10 +209,10 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
     try:
         for suite in chosen:
             progress.describe(suite)
-            log(f"[{suite}] running ({preset}, {device})")
+            log(f"[{suite}] running ({plan[suite]} shapes, {device})")
             start, cpu_start = time.perf_counter(), time.process_time()
             try:
-                rows = run_suite(available[suite], preset, device, log)
+                rows = run_suite(available[suite], plan[suite], device, log)
             except SuiteSkipped as skip:
                 log(f"[{suite}] skipped: {skip}")
                 result.skipped.append({"suite": suite, "reason": str(skip)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pathlib
 import re
@@ -36,6 +37,12 @@ from fastadapter import zero_init_attention_reference
 TINY = OpConfig(batch=1, seqlen=33, heads_q=4, heads_kv=2, head_dim=16, prefix_len=3)
 TINY_PLAN = Plan((Sweep("seqlen", "seqlen", (TINY, OpConfig(1, 47, 4, 2, 16, 3))),), warmup=0, repeats=2,
                  max_seconds=1.0)
+
+
+def _finite(record: dict, *fields: str) -> bool:
+    """Every timed ``field`` of ``record`` is there and a finite number: what a test may check of a time (its
+    value depends on the machine and its load, so no test asserts on it)."""
+    return all(isinstance(record.get(f), (int, float)) and math.isfinite(record[f]) for f in fields)
 
 
 def _cpu_providers() -> list[OpProvider]:
@@ -78,15 +85,18 @@ def test_quantiles_and_measure():
     calls = []
     result = measure(lambda: calls.append(1), warmup=2, repeats=5)
     assert len(calls) == 7 and result["runs"] == 5
-    assert 0 <= result["p20_ms"] <= result["median_ms"] <= result["p80_ms"]
+    assert _finite(result, "median_ms", "p20_ms", "p80_ms", "min_ms")
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         measure(lambda: None, repeats=0)
 
 
-def test_measure_stops_at_its_time_budget():
-    import time
-    result = measure(lambda: time.sleep(0.02), warmup=0, repeats=1000, max_seconds=0.05)
-    assert 1 <= result["runs"] < 1000
+def test_measure_stops_at_its_time_budget(monkeypatch):
+    """A clock that advances 20 ms per reading: a 50 ms budget stops the runs after the third (60 ms measured)."""
+    import fastadapter.benchmarks.timing as timing
+    clock = iter(range(0, 10**6, 20))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock) / 1e3)
+    result = measure(lambda: None, warmup=0, repeats=1000, max_seconds=0.05)
+    assert result["runs"] == 3
 
 
 def test_saved_tensor_bytes_counts_each_storage_once():
@@ -168,7 +178,7 @@ def test_benchmark_provider_rows():
     rows = benchmark_provider(provider, TINY, "cpu", TINY_PLAN)
     assert [r["mode"] for r in rows] == list(MODES)
     for row in rows:
-        assert row["runs"] == 2 and row["median_ms"] > 0 and row["tflops"] > 0
+        assert row["runs"] == 2 and _finite(row, "median_ms", "tflops")
         assert row["peak_mem_mb"] > 0
         assert row["saved_bytes"] >= TINY.eager_score_bytes()
 
@@ -208,13 +218,13 @@ def test_a_provider_that_raises_is_skipped_with_its_error(monkeypatch):
     by_provider = {}
     for row in rows:
         by_provider.setdefault(row["provider"], []).append(row)
-    assert all(r["median_ms"] > 0 for r in by_provider["two-sdpa"]) and len(by_provider["two-sdpa"]) == 6
+    assert all(_finite(r, "median_ms") for r in by_provider["two-sdpa"]) and len(by_provider["two-sdpa"]) == 6
     broken = by_provider["broken"]
     assert len(broken) == 6 and all(r["median_ms"] is None for r in broken)
     assert "checked against the reference" in broken[0]["skipped"]
     assert "ImportError: flash_attn_2_cuda.so: undefined symbol" in broken[0]["skipped"]
     at_33, at_47 = by_provider["fails-at-47"][:3], by_provider["fails-at-47"][3:]
-    assert all(r["seqlen"] == 33 and r["median_ms"] > 0 for r in at_33)
+    assert all(r["seqlen"] == 33 and _finite(r, "median_ms") for r in at_33)
     assert all(r["seqlen"] == 47 and "RuntimeError: out of memory" in r["skipped"] for r in at_47)
     assert all("OSError: libcudart.so.12" in r["skipped"] for r in by_provider["skip-raises"])
     assert any("broken" in line and "ImportError" in line for line in logged)
@@ -245,7 +255,7 @@ def test_generation_models_agree_before_timing():
     providers = [r["provider"] for r in rows]
     assert providers[0] == "hf-peft" and "fastadapter-sdpa" in providers
     assert {r["mode"] for r in rows} == {"prefill", "generate"}
-    assert all(r["agree"] == 1.0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["agree"] == 1.0 and _finite(r, "tokens_per_s") for r in rows)
 
 
 TINY_TRAINING = dict(dim=64, n_layers=2, n_heads=2, hidden_dim=128, examples=4, batch_size=2, batch_tokens=1024,
@@ -262,7 +272,7 @@ def test_training_losses_agree_before_timing(shared_data):
     check_rows("training", rows)
     for row in rows:
         assert row["suite"] == "training" and row["mode"] == "train_step" and row["config"] == config.label
-        assert row["runs"] == 1 and row["median_ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0
+        assert row["runs"] == 1 and _finite(row, "median_ms", "tokens_per_s") and row["peak_mem_mb"] > 0
         assert row["loss_rel_err"] < 1e-5 and not row.get("skipped")
     padding = {r["provider"]: r["padding_fraction"] for r in rows}
     assert padding["fastadapter-packed"] == 0 < padding["peft-pad-longest"] < padding["peft-pad-512"] < 1
@@ -295,7 +305,7 @@ def test_peft_accelerate_agrees_before_timing():
         (batch, mode, provider) for batch in ("dense", "padded") for mode in ("train_step", "forward")
         for provider in ("peft", "peft+fastadapter")]
     for row in rows:
-        assert row["median_ms"] > 0 and row["cpu_median_ms"] > 0 and row["tokens_per_s"] > 0
+        assert _finite(row, "median_ms", "cpu_median_ms", "tokens_per_s")
         assert row["max_grad_rel_err"] < 1e-4
         assert (row["peak_mem_mb"] > 0) if row["mode"] == "train_step" else "peak_mem_mb" not in row
     for first, second in zip(rows[::2], rows[1::2]):  # the two providers computed the same loss
@@ -383,7 +393,7 @@ def test_runner_writes_json_csv_and_plots_with_metadata(tmp_path, capsys):
 
     markdown = format_markdown(payload)
     assert "| S | eager-v1 | two-sdpa |" in markdown and "| 17 |" in markdown and "**toymodel**" in markdown
-    for plot in ("ops-time", "ops-memory", "models"):
+    for plot in ("ops-time", "ops-memory", "toymodel"):
         assert (out / f"t-{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown suite"):
         run_benchmarks(device="cpu", suites=["nope"], out_dir=out, bench_dir=bench_dir, log=lambda line: None)
@@ -399,7 +409,7 @@ def test_runner_times_each_suite_and_warns_over_the_budget(tmp_path, monkeypatch
     logged = []
     result = run_benchmarks(preset="quick", device="cpu", out_dir=tmp_path / "out", bench_dir=tmp_path, plots=False,
                             log=logged.append)
-    assert result.metadata["suite_seconds"]["one"] >= 0 and result.metadata["budget_seconds"] == 120.0
+    assert _finite(result.metadata["suite_seconds"], "one") and result.metadata["budget_seconds"] == 120.0
     assert any(line.startswith("[one] 1 rows in") for line in logged)
     assert not any("WARNING" in line for line in logged)
     monkeypatch.setitem(runner.PRESET_BUDGET_SECONDS, "quick", -1.0)
@@ -686,4 +696,4 @@ def test_multimodal_suite_runs_its_smoke_preset():
     from fastadapter.benchmarks import bench_multimodal
     rows = bench_multimodal.run(False, "cpu", preset="smoke", log=lambda line: None)
     check_rows("multimodal", rows)
-    assert len(rows) == 4 and all(r["median_ms"] > 0 for r in rows)
+    assert len(rows) == 4 and all(_finite(r, "median_ms") for r in rows)
