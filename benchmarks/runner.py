@@ -41,21 +41,17 @@ PRESETS = ("smoke", "quick", "default", "full")
 #: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
 #: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
 PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": 300.0, "full": 1800.0}
-#: What each preset runs: ``{suite: the shapes it runs there}`` (a suite's own preset name, passed to its ``run``),
-#: or None for every suite at the preset's own shapes. A suite a preset does not list is left out of it, with
-#: :data:`LEFT_OUT_REASON`, unless ``suites`` names it (it then runs its shapes of the preset's name).
-#:
-#: The default run is the README's main job, about 5 minutes on 2 cores: the op table (the quick sweep,
-#: S = 128 and 512: the default sweep to S = 2048 alone takes ~4 minutes), a training step against PEFT and
-#: generation against Hugging Face + PEFT, and the decode linears. The PEFT-integration, multimodal and long op
-#: sweeps are ``--full``'s.
-PRESET_SUITES: dict[str, Optional[dict[str, str]]] = {
-    "smoke": None,
-    "quick": {"ops": "quick", "generation": "quick", "peft_accelerate": "quick", "decode_linear": "quick"},
-    "default": {"ops": "quick", "training": "default", "generation": "default", "decode_linear": "default"},
-    "full": None,
-}
-#: Why a preset leaves out a suite it does not list in :data:`PRESET_SUITES`.
+#: The suites a preset leaves out unless ``suites`` names them (each says so in one line, :data:`LEFT_OUT_REASON`).
+#: The default run is the README's main job, about 5 minutes on 2 cores: the op table, a training step against
+#: PEFT, generation against Hugging Face + PEFT and the decode linears; the PEFT-integration and multimodal suites
+#: are ``--full``'s (together they took 12.5 minutes of a 24.5-minute default run). ``--quick`` (under 2 minutes)
+#: also leaves out the training suite (a PEFT step padded to 512 takes seconds even on the smallest model).
+PRESET_LEAVES_OUT = {"quick": ("training", "multimodal"),
+                     "default": ("peft_accelerate", "multimodal")}
+#: Shapes a preset runs a suite at when they are not the preset's own (a suite's preset name, passed to its
+#: ``run``): the main job's op table takes the quick sweep (S = 128, 512); the default sweep to S = 2048 alone
+#: took ~4 minutes.
+PRESET_SUITE_SHAPES = {"default": {"ops": "quick"}}
 LEFT_OUT_REASON = "not part of --{preset} (--full runs every suite; --suites {suite} runs it alone)"
 
 
@@ -124,20 +120,18 @@ def check_rows(suite: str, rows) -> list[dict]:
 
 def suite_plan(preset: str, available: list[str], suites: Optional[list[str]] = None
                ) -> tuple[dict[str, str], dict[str, str]]:
-    """``({suite: shapes to run}, {suite left out: why})`` of a run of ``preset`` (see :data:`PRESET_SUITES`).
+    """``({suite: shapes to run}, {suite left out: why})`` of a run of ``preset``.
 
-    ``suites`` names the suites to run (all of them run, at the preset's shapes for them, or at the shapes named
-    like the preset when the preset does not list them); None runs those the preset lists."""
+    ``suites`` names the suites to run (every one runs); None runs every suite in ``available`` but those the
+    preset leaves out (:data:`PRESET_LEAVES_OUT`). A suite runs its shapes named like the preset, unless
+    :data:`PRESET_SUITE_SHAPES` names others."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
-    listed = PRESET_SUITES[preset]
-    if suites is not None:
-        return {s: (listed or {}).get(s, preset) for s in suites}, {}
-    if listed is None:
-        return {s: preset for s in available}, {}
-    chosen = {s: shapes for s, shapes in listed.items() if s in available}
-    left_out = {s: LEFT_OUT_REASON.format(preset=preset, suite=s) for s in available if s not in listed}
-    return chosen, left_out
+    shapes = PRESET_SUITE_SHAPES.get(preset, {})
+    leaves_out = PRESET_LEAVES_OUT.get(preset, ()) if suites is None else ()
+    chosen = [s for s in (available if suites is None else suites) if s not in leaves_out]
+    left_out = {s: LEFT_OUT_REASON.format(preset=preset, suite=s) for s in available if s in leaves_out}
+    return {s: shapes.get(s, preset) for s in chosen}, left_out
 
 
 def run_suite(path: pathlib.Path, preset: str, device: str, log: Callable[[str], None] = print) -> list[dict]:

@@ -325,7 +325,7 @@ def test_quick_presets_stay_small():
     assert bench_training.config_for("quick").examples <= 16
     assert bench_peft_accelerate.config_for("quick").batch * bench_peft_accelerate.config_for("quick").seqlen <= 256
     assert bench_generation.config_for("quick").new_tokens <= 8
-    assert PRESET_BUDGET_SECONDS == {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
+    assert PRESET_BUDGET_SECONDS == {"smoke": 60.0, "quick": 120.0, "default": 300.0, "full": 1800.0}
     smoke = [bench_generation.config_for("smoke"), bench_training.config_for("smoke"),
              bench_peft_accelerate.config_for("smoke")]
     assert all(m.dim <= 64 and m.n_layers <= 2 for m in smoke)
@@ -343,6 +343,41 @@ def test_every_suite_takes_every_preset():
         if hasattr(module, "config_for"):
             for preset in ("smoke", "quick", "default", "full"):
                 assert module.config_for(preset).label, (name, preset)
+
+
+
+def test_the_benchmarks_and_the_plan_share_one_flop_model():
+    """The attention part of a training step's FLOPs (``fastadapter plan``, the acceptance run's MFU) is the
+    benchmarks' ``attention_flops``: causal words in every layer, the prefix in the adapted ones."""
+    from fastadapter.benchmarks import flops as bench_flops
+    from fastadapter.model.config import LlamaConfig
+    from fastadapter.training import flops as model_flops
+    assert bench_flops.attention_flops is model_flops.attention_flops
+    config = LlamaConfig(dim=80, n_layers=3, n_heads=5, n_kv_heads=5, vocab_size=97, hidden_dim=176, max_seq_len=128)
+    with_attention = model_flops.sequence_flops(config, 97, adapter_layers=2, prompt_len=7)
+    without = model_flops.sequence_flops(config, 97, adapter_layers=2, prompt_len=7, include_attention=False)
+    words = attention_flops(1, 5, 97, 97, 16, 0, causal=True)
+    prefix = attention_flops(1, 5, 97, 0, 16, 7, causal=False)
+    assert with_attention.forward - without.forward == pytest.approx(3 * words + 2 * prefix)
+
+
+def test_one_table_of_gpu_peaks_names_the_device():
+    from fastadapter.training.flops import GPU_PEAKS, gpu_peak, training_hours
+    assert gpu_peak("NVIDIA H100 PCIe").bf16_flops == 756e12  # the most specific name, not H100 SXM's
+    assert gpu_peak("NVIDIA H100 80GB HBM3") is GPU_PEAKS["h100"]
+    assert gpu_peak("NVIDIA H200").hbm_bytes_per_s == 4.8e12 and gpu_peak("NVIDIA A100-SXM4-80GB").name == "A100"
+    assert gpu_peak("NVIDIA GeForce RTX 4090") is None
+    assert training_hours(989e12 * 3600, gpu="h200", gpus=1, mfu=1.0) == pytest.approx(1.0)
+
+
+def test_flex_attention_two_calls_match_the_reference():
+    """The acceptance run's flex_attention provider (eager flex, its math reference, on CPU) computes the op."""
+    from fastadapter.benchmarks.op_providers import flex_two_calls, word_block_mask
+    config = OpConfig(batch=2, seqlen=37, heads_q=4, heads_kv=2, head_dim=16, prefix_len=5)
+    inputs = config.make_inputs("cpu", requires_grad=False)
+    out = flex_two_calls(*inputs, word_block_mask(37, "cpu"), compiled=False)
+    expected = zero_init_attention_reference(*inputs, causal=True, gate_activation="tanh")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 # -- runner, files, compare
@@ -397,6 +432,65 @@ def test_runner_writes_json_csv_and_plots_with_metadata(tmp_path, capsys):
         assert (out / f"t-{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown suite"):
         run_benchmarks(device="cpu", suites=["nope"], out_dir=out, bench_dir=bench_dir, log=lambda line: None)
+
+
+def _recording_suite(name: str) -> str:
+    """A suite file that returns one row saying which shapes (preset) the runner asked it for."""
+    return textwrap.dedent(f'''
+        def run(quick, device, *, full=False, preset=None, log=print):
+            return [{{"suite": {name!r}, "provider": "p", "mode": preset, "config": "c", "median_ms": 1.0,
+                     "p20_ms": 1.0, "p80_ms": 1.0}}]
+    ''')
+
+
+def test_the_default_run_is_the_main_job_and_leaves_the_long_suites_to_full(tmp_path):
+    """The README's main job (default preset): the op table at its quick shapes, training and generation against
+    PEFT; the PEFT-integration and multimodal suites are --full's, each left out in one line. A suite no preset
+    names (a new one) runs in every preset."""
+    for name in ("ops", "training", "generation", "multimodal", "peft_accelerate", "new_one"):
+        (tmp_path / f"bench_{name}.py").write_text(_recording_suite(name))
+    logged = []
+    result = run_benchmarks(preset="default", device="cpu", out_dir=tmp_path / "out", bench_dir=tmp_path,
+                            plots=False, log=logged.append)
+    ran = {r["suite"]: r["mode"] for r in result.rows}
+    assert ran == {"ops": "quick", "training": "default", "generation": "default", "new_one": "default"}
+    left_out = {s["suite"]: s["reason"] for s in result.skipped}
+    assert set(left_out) == {"multimodal", "peft_accelerate"}
+    assert all("not part of --default" in reason and "\n" not in reason for reason in left_out.values())
+    assert result.metadata["suite_shapes"] == ran and result.metadata["budget_seconds"] == 300.0
+    full = run_benchmarks(preset="full", device="cpu", out_dir=tmp_path / "full", bench_dir=tmp_path, plots=False,
+                          log=logged.append)
+    assert {r["suite"]: r["mode"] for r in full.rows} == dict.fromkeys(ran | left_out, "full")
+    named = run_benchmarks(preset="default", device="cpu", suites=["multimodal"], out_dir=tmp_path / "one",
+                           bench_dir=tmp_path, plots=False, log=logged.append)
+    assert [(r["suite"], r["mode"]) for r in named.rows] == [("multimodal", "default")] and not named.skipped
+
+
+def test_a_suite_whose_data_is_missing_says_so_in_one_line(tmp_path, monkeypatch):
+    """Without ../shared/data the main job still runs whole: the training suite is skipped with one line naming
+    the files and the folder, read when the suite runs (the variable set after import counts)."""
+    monkeypatch.setenv("FASTADAPTER_SHARED_DATA", str(tmp_path / "no-data"))
+    logged = []
+    result = run_benchmarks(preset="smoke", device="cpu", suites=["training"], out_dir=tmp_path / "out",
+                            plots=False, log=logged.append)
+    assert not result.errors and not result.rows
+    (skipped,) = result.skipped
+    assert skipped["suite"] == "training" and "\n" not in skipped["reason"]
+    assert "alpaca_tiny.json" in skipped["reason"] and str(tmp_path / "no-data") in skipped["reason"]
+    assert any(line.startswith("[training] skipped: needs alpaca_tiny.json") for line in logged)
+
+
+def test_each_model_level_suite_gets_its_own_figure_of_speedups(tmp_path):
+    from fastadapter.benchmarks import plots
+    rows = [{"suite": "training", "provider": p, "mode": "train_step", "config": "c", "median_ms": t, "p20_ms": t,
+             "p80_ms": t} for p, t in (("peft", 6.0), ("packed", 2.0))]
+    rows += [{"suite": "generation", "provider": p, "mode": m, "config": "g", "median_ms": t, "p20_ms": t,
+              "p80_ms": t} for m in ("prefill", "generate") for p, t in (("hf-peft", 4.0), ("thin", 5.0))]
+    assert plots.speedup_groups(rows, "training") == [("train_step", "c", [("peft", 1.0), ("packed", 3.0)])]
+    assert [g[:2] for g in plots.speedup_groups(rows, "generation")] == [("prefill", "g"), ("generate", "g")]
+    files = plots.draw_all(rows, {"device_name": "test machine"}, tmp_path, "t")
+    assert sorted(f.name for f in files) == ["t-generation.png", "t-training.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 
 def test_runner_times_each_suite_and_warns_over_the_budget(tmp_path, monkeypatch):
