@@ -8,8 +8,10 @@ accepting ``log`` prints its progress through the runner. A suite that raises do
 error is printed and saved with the results. The time of each suite and of the run is printed and saved, with a
 warning when a preset overruns its budget (:data:`PRESET_BUDGET_SECONDS`).
 
-A suite runs with the preset's name when its ``run`` accepts ``preset`` (keyword): ``smoke`` (one tiny shape per
-suite, seconds: it checks that every suite runs, its figures mean nothing) and the three above. Optional
+A suite runs with a preset's name when its ``run`` accepts ``preset`` (keyword): ``smoke`` (one tiny shape per
+suite, seconds: it checks that every suite runs, its figures mean nothing) and the three above. A run's preset
+decides which suites run and at which of their shapes (:func:`suite_plan`): the default run is the README's main
+job (about 5 minutes on 2 cores), ``--full`` runs every suite at its full shapes. Optional
 dependencies: a suite lists the modules it needs in ``REQUIRES``; when one of them is missing or fails to
 import (whatever the error), the suite is skipped with that reason instead of failing, as it is when it raises
 :class:`SuiteSkipped` itself (e.g. for missing data). Only a suite that ran and raised makes the run fail.

@@ -157,3 +157,12 @@ def test_junit_cases_are_read_one_by_one(tmp_path):
         ("test_fused_backends::test_matches_reference[triton-c]", "skipped"),
         ("test_fused_backends::test_matches_reference[triton-d]", "error")]
     assert cases[1]["message"] == "AssertionError: out error 1e-1 exceeds" and cases[0]["seconds"] == 1.5
+
+
+def test_without_shared_data_the_packed_rows_say_why_in_one_line(tmp_path, monkeypatch):
+    from benchmarks.gpu_acceptance import op_bench
+    from benchmarks.runner import SuiteSkipped
+    monkeypatch.setenv("FASTADAPTER_SHARED_DATA", str(tmp_path / "no-data"))
+    with pytest.raises(SuiteSkipped, match="needs alpaca_en_demo.json, llama_tokenizer.model from") as missing:
+        op_bench._packed_lengths(_settings())
+    assert "\n" not in str(missing.value) and str(tmp_path / "no-data") in str(missing.value)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 
 from .cases import OpCase, run_cases
-from .common import Deadline, Settings, alpaca_examples
+from ..runner import SuiteSkipped
+from .common import Deadline, Settings, alpaca_examples, log
 
 
 def _packed_lengths(cfg: Settings) -> list[int]:
@@ -25,10 +26,16 @@ def stage_op_bench(cfg: Settings, deadline: Deadline, out: dict) -> None:
         for seqlen in cfg.seqlens:
             batch = max(1, cfg.batch_tokens // seqlen)
             cases.append(OpCase(f"B{batch}-S{seqlen}-H{cfg.heads_q}x{heads_kv}", batch, seqlen, seqlen, heads_kv))
-    lengths = _packed_lengths(cfg)
-    out["packed_lengths"] = dict(sequences=len(lengths), tokens=sum(lengths), longest=max(lengths),
-                                 mean=statistics.mean(lengths))
-    for heads_kv in cfg.heads_kv:
+    try:
+        lengths = _packed_lengths(cfg)
+    except SuiteSkipped as missing:  # no shared data: the dense cases still run, the packed ones say why not
+        out["packed_skipped"] = str(missing)
+        log(f"  op bench: packed batch skipped: {missing}")
+        lengths = []
+    if lengths:
+        out["packed_lengths"] = dict(sequences=len(lengths), tokens=sum(lengths), longest=max(lengths),
+                                     mean=statistics.mean(lengths))
+    for heads_kv in cfg.heads_kv if lengths else ():
         cases.append(OpCase(f"packed{len(lengths)}-T{sum(lengths)}-H{cfg.heads_q}x{heads_kv}", len(lengths),
                             max(lengths), max(lengths), heads_kv, lengths=lengths))
     # flex_attention compiles one graph per shape (~10-20 s each, forward and backward): it runs last, S = 2048 and
