@@ -68,7 +68,7 @@ def case_providers(cfg: Settings, decode: bool) -> dict[str, Callable[[dict], Ca
     def triton(t):
         if "cu_seqlens" in t:
             return lambda: fastadapter_triton(t["q"][0], t["k"][0], t["v"][0], t["pk"], t["pv"], t["gate"],
-                                      cu_seqlens=t["cu_seqlens"], max_seqlen=int(max(t["lengths"])))[None]
+                                              cu_seqlens=t["cu_seqlens"], max_seqlen=int(max(t["lengths"])))[None]
         return lambda: fastadapter_triton(t["q"], t["k"], t["v"], t["pk"], t["pv"], t["gate"])
 
     def padded(fn):

@@ -45,10 +45,11 @@ def _ragged_decode_providers(cfg: Settings, t: dict) -> dict[str, Callable[[], t
         return torch.cat([fastadapter_triton(t["q"][b:b + 1], t["k"][b:b + 1, :n], t["v"][b:b + 1, :n], *common)
                           for b, n in enumerate(lengths)])
 
-    return {"fastadapter-triton-seqused": lambda: fastadapter_triton(t["q"], t["k"], t["v"], *common, seqused_k=used),
+    return {"fastadapter-triton-seqused": lambda: fastadapter_triton(t["q"], t["k"], t["v"], *common,
+                                                                     seqused_k=used),
             "fastadapter-triton-varlen": lambda: fastadapter_triton(t["q"][:, 0], packed_k, packed_v, *common,
-                                                            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1,
-                                                            max_seqlen_k=max(lengths))[:, None],
+                                                                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                                                    max_seqlen_q=1, max_seqlen_k=max(lengths))[:, None],
             "fastadapter-triton-per-row": per_row}
 
 

@@ -63,7 +63,8 @@ def run_stage(stage: Stage, cfg: Settings, fn: Callable[[Deadline, dict], None],
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_acceptance", description=sys.modules[__package__].__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_acceptance",
+                                     description=sys.modules[__package__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu-acceptance.json, gpu-acceptance.md, op-tests.log")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton under its interpreter")
