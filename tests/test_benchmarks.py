@@ -749,7 +749,7 @@ def test_progress_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
         ready, _, _ = select.select([process.stdout], [], [], 60)
         assert ready, "no progress line within 60 s while the suite was running"
         first = process.stdout.readline().decode()
-        assert first.startswith("[block] running (smoke, cpu)"), first
+        assert first.startswith("[block] running (smoke shapes, cpu)"), first
         # Read through the same buffered reader: communicate() reads the pipe's file descriptor directly, so a
         # line this reader had already buffered would be lost to it.
         second = process.stdout.readline().decode()
