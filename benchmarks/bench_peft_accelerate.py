@@ -167,7 +167,9 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
     warmup, repeats = {"smoke": (0, 1), "quick": (0, 2)}.get(preset, (2, 5))
     config = config_for(preset)
     rows = run_config(config, device, warmup=warmup, repeats=repeats, log=log)
-    new_tokens = {"smoke": 3, "quick": 8}.get(preset, 16)
+    # The per-token time is (generate(N) - prefill) / (N - 1), a difference of two timings: the more tokens, the
+    # less the prefill's noise weighs in it (--full, where the suite runs by default, generates 48).
+    new_tokens = {"smoke": 3, "quick": 8, "default": 16}.get(preset, 48)
     return rows + run_generation(config, device, new_tokens=new_tokens, warmup=warmup, repeats=repeats, log=log)
 
 
@@ -308,15 +310,16 @@ def run_generation(config: StepConfig, device: str, *, new_tokens: int = 16, war
 
 
 def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int = 5,
-               log: Callable[[str], None] = print) -> list[dict]:
-    """The rows of :func:`run` for one model and batch shape."""
+               log: Callable[[str], None] = print, batches: tuple[str, ...] = ("dense", "padded"),
+               modes: tuple[str, ...] = ("train_step", "forward")) -> list[dict]:
+    """The rows of :func:`run` for one model and batch shape (``batches`` and ``modes``: a subset of them)."""
     providers = _providers()
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation notices, once per call
         model = build_peft_model(config, device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        for batch_kind in ("dense", "padded"):
+        for batch_kind in batches:
             batch = make_batch(config, batch_kind == "padded", device)
             tokens = int(batch["attention_mask"].sum())
 
@@ -339,7 +342,7 @@ def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int
                 f"max relative gradient error {err:.2e}")
             label = f"{config.label}-{batch_kind}"
             backend = _backends_used(forward)
-            for mode, fn in (("train_step", train_step), ("forward", forward)):
+            for mode, fn in ((m, {"train_step": train_step, "forward": forward}[m]) for m in modes):
                 log(f"  peft_accelerate: {label} {mode}")
                 times = interleaved_times(fn, model, warmup, repeats, device)
                 for provider, (wall_ms, cpu_ms) in times.items():
@@ -358,7 +361,9 @@ def run_config(config: StepConfig, device: str, *, warmup: int = 2, repeats: int
 
 
 def _speedups(rows: list[dict]) -> str:
-    """One line per (config, mode): PEFT's median wall and CPU times over the accelerated one's."""
+    """One line per (config, mode): PEFT's median wall and CPU times over the accelerated one's, and the same
+    ratio of the minima (the least disturbed runs: when the medians differ and the minima agree, the difference is
+    the machine's load, not the code)."""
     lines = []
     by_key = {(r["config"], r["mode"], r["provider"]): r for r in rows}
     for (label, mode, provider), row in by_key.items():
@@ -367,7 +372,9 @@ def _speedups(rows: list[dict]) -> str:
             lines.append(f"{label} {mode}: wall peft {row['median_ms']:.1f} ms, peft+fastadapter "
                          f"{fast['median_ms']:.1f} ms (x{row['median_ms'] / fast['median_ms']:.2f}); CPU time "
                          f"peft {row['cpu_median_ms']:.1f} ms, peft+fastadapter {fast['cpu_median_ms']:.1f} ms "
-                         f"(x{row['cpu_median_ms'] / fast['cpu_median_ms']:.2f})"
+                         f"(x{row['cpu_median_ms'] / fast['cpu_median_ms']:.2f}); min peft {row['min_ms']:.1f} ms, "
+                         f"peft+fastadapter {fast['min_ms']:.1f} ms (x{row['min_ms'] / fast['min_ms']:.2f}) over "
+                         f"{row['runs']} interleaved runs each"
                          + (f"; attention {row['attention_share']:.0%} of PEFT's time: at most "
                             f"x{row['attention_free_bound']:.2f} from the attention alone"
                             if "attention_free_bound" in row else ""))
@@ -382,11 +389,32 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (one thread is steadier on a machine shared with others)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved timed runs per provider (default: the preset's); with --parts, to tell "
+                             "a difference from the noise by its minimum and median")
+    parser.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                        choices=("dense", "padded", "train_step", "forward", "generation"),
+                        help="measure only these batches (dense, padded), modes (train_step, forward) and/or "
+                             "the generation rows (default: all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from .report import format_table
-    rows = run(args.quick, args.device, full=args.full)
+    if args.repeats is None and args.parts is None:
+        rows = run(args.quick, args.device, full=args.full)
+    else:
+        preset = "quick" if args.quick else "full" if args.full else "default"
+        warmup, repeats = {"quick": (0, 2)}.get(preset, (2, 5))
+        repeats = args.repeats or repeats
+        parts = set(args.parts or ("dense", "padded", "train_step", "forward", "generation"))
+        batches = tuple(b for b in ("dense", "padded") if b in parts) or ("dense", "padded")
+        modes = tuple(m for m in ("train_step", "forward") if m in parts)
+        config = config_for(preset)
+        rows = run_config(config, args.device, warmup=warmup, repeats=repeats, batches=batches,
+                          modes=modes) if modes else []
+        if "generation" in parts:
+            rows += run_generation(config, args.device, new_tokens={"quick": 8}.get(preset, 16), warmup=warmup,
+                                   repeats=repeats)
     print(format_table(rows))
     print(_speedups(rows))
     if args.output:

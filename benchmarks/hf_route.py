@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,16 +28,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import shared_data
 from .memory import peak_memory_bytes
 from .timing import measure
 
-SHARED = os.environ.get("FASTADAPTER_SHARED_DATA",
-                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 
 
 def _examples(tokenizer, rows: int, max_seq_len: int):
     from fastadapter.training.data import load_rows, tokenize_rows
-    data = load_rows(os.path.join(SHARED, "alpaca_tiny.json"))[:rows]
+    data = load_rows(shared_data.require("alpaca_tiny.json") / "alpaca_tiny.json")[:rows]
     return tokenize_rows(data, tokenizer, max_seq_len)
 
 
@@ -81,7 +79,7 @@ def run(dim: int, n_layers: int, rows: int, prompt_len: int, repeats: int) -> li
     from fastadapter.training.trainer import token_loss_sum
 
     folder = tempfile.mkdtemp(prefix="hf_route_")
-    write_tokenizer_folder(os.path.join(SHARED, "llama_tokenizer.model"), folder)
+    write_tokenizer_folder(shared_data.require("llama_tokenizer.model") / "llama_tokenizer.model", folder)
     torch.manual_seed(0)
     config = transformers.MistralConfig(hidden_size=dim, intermediate_size=int(dim * 8 / 3) // 8 * 8,
                                         num_hidden_layers=n_layers, num_attention_heads=dim // 64,

@@ -9,6 +9,7 @@ against the fp32 reference before timing it (:func:`check_provider`): a fast wro
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -276,3 +277,87 @@ def check_provider(provider: OpProvider, device, dtype: torch.dtype = torch.floa
         if not error <= tolerance * scale:
             return f"{provider.name}: {name} differs from the fp32 reference by {error:.2e} (> {tolerance * scale:.1e})"
     return None
+
+
+# -- The GPU acceptance run's implementations (benchmarks/gpu_acceptance/) ----------------------------------------
+# The acceptance run times these on CUDA, on dense and packed batches; it adapts them to its inputs and implements
+# none itself. flex_attention needs torch.compile to be fast (eager flex is its math reference).
+
+
+def fastadapter_triton(q, k, v, prefix_k, prefix_v, gate, **varlen) -> torch.Tensor:
+    """``zero_init_attention(backend="triton")``, with the op's varlen / ``seqused_k`` keywords passed through."""
+    from fastadapter import zero_init_attention
+    return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, backend="triton", **varlen)
+
+
+def triton_forward_kernel(q, k, v, prefix_k, prefix_v, gate) -> torch.Tensor:
+    """The Triton forward kernel alone (128-row query tiles, no split over the cache): what decode ran before the
+    split-KV decode kernels. Causal, tanh gate; ``[B, Sq, Hq, D]``."""
+    from fastadapter._inputs import validate_inputs
+    from fastadapter.kernels.forward import attention_forward
+    inputs = validate_inputs(q, k, v, prefix_k, prefix_v, gate, causal=True, softmax_scale=None,
+                             gate_activation="tanh")
+    return attention_forward(inputs)[0]
+
+
+@contextlib.contextmanager
+def sdpa_flash_only(device):
+    """SDPA restricted to its flash backend on CUDA (the baseline people run); on CPU PyTorch's own choice. Yields
+    the name of what runs."""
+    if not _is_cuda(str(device)):
+        yield "default (CPU: no flash backend)"
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        yield "flash"
+
+
+_COMPILED_FLEX = []
+
+
+def flex_attention_callable(compiled: bool) -> Callable:
+    """``flex_attention`` compiled (one graph per shape, as users run it), or eager (its math reference, for
+    CPU smoke runs, where compiling would take longer than the run)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if not compiled:
+        def eager(*args, **kwargs):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+                return flex_attention(*args, **kwargs)
+        return eager
+    if not _COMPILED_FLEX:
+        import torch._dynamo
+        for knob in ("cache_size_limit", "recompile_limit"):  # one graph per shape
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+def word_block_mask(length: int, device, document: Optional[torch.Tensor] = None):
+    """flex_attention's block mask of causal self-attention over ``length`` tokens; with ``document`` (the
+    sequence index of every packed token, ``[length]``), causal within each sequence only. Built once per shape,
+    as users do."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    if document is None:
+        def mask(b, h, i, j):
+            return i >= j
+    else:
+        def mask(b, h, i, j):
+            return (i >= j) & (document[i] == document[j])
+    return create_block_mask(mask, None, None, length, length, device=device)
+
+
+def flex_two_calls(q, k, v, prefix_k, prefix_v, gate, block_mask, *, compiled: bool = True) -> torch.Tensor:
+    """The op in ``flex_attention``: words under ``block_mask`` (:func:`word_block_mask`), the prefix as a second
+    unmasked call over the P prompt keys, ``out = O_w + tanh(gate)·O_p`` (the two softmaxes are separate, which
+    one flex call over cat(prefix, words) cannot express). q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]``, prefix
+    ``[1, P, Hkv, D]``, gate ``[Hq]``; returns ``[B, S, Hq, D]``."""
+    flex = flex_attention_callable(compiled)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = flex(qh, kh, vh, block_mask=block_mask, enable_gqa=True)
+    batch = q.shape[0]
+    out_p = flex(qh, prefix_k.transpose(1, 2).expand(batch, -1, -1, -1),
+                 prefix_v.transpose(1, 2).expand(batch, -1, -1, -1), enable_gqa=True)
+    return (out + torch.tanh(gate).to(out.dtype)[None, :, None, None] * out_p).transpose(1, 2)

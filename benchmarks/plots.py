@@ -4,8 +4,8 @@
   the p20–p80 band).
 * ``<stem>-ops-memory.png``: peak memory of forward+backward and bytes saved for the backward vs sequence length.
 * ``<stem>-ops-sweeps.png``: forward+backward time along the other sweeps (batch, GQA, prefix), when run.
-* ``<stem>-models.png``: model-level suites (generation, training, ...) as bars per provider: tokens/s when the
-  rows have it, otherwise time.
+* ``<stem>-<suite>.png``: one figure per model-level suite (training, generation, ...), the question it answers
+  as its title: each provider's speed-up over the suite's baseline, per mode and shape (higher is better).
 """
 from __future__ import annotations
 
@@ -154,30 +154,63 @@ def plot_op_sweeps(rows: list[dict], metadata: dict, path: pathlib.Path) -> Opti
     return path
 
 
-def plot_model_level(rows: list[dict], metadata: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
-    """One bar panel per (suite, mode) of the model-level suites: tokens/s when present, else median time."""
-    measured = [r for r in rows if r.get("suite") != "ops" and is_measured(r)]
-    panels = list(dict.fromkeys((r["suite"], r["mode"], r["config"]) for r in measured))
-    if not panels:
+#: The question each model-level suite's figure answers (a suite not named here gets a generic title).
+SUITE_QUESTIONS = {
+    "training": "How much faster is a training step than PEFT's?",
+    "generation": "How much faster does the thin model generate than Hugging Face + PEFT?",
+    "peft_accelerate": "How much faster does PEFT run after fastadapter.integrations.peft.accelerate?",
+    "multimodal": "How much faster is a multimodal training step than the eager baseline?",
+    "decode_linear": "How much faster are a decoding step's linear layers than F.linear?",
+}
+
+
+def speedup_groups(rows: list[dict], suite: str) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """``[(mode, config, [(provider, speed-up over the group's baseline), ...]), ...]`` of ``suite``'s measured
+    rows, in the order the suite wrote them. The baseline of a (mode, config) group is its first provider, as in
+    the tables; the speed-up is the baseline's median time over the provider's (higher is better)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("suite") == suite and is_measured(row):
+            groups.setdefault((row["mode"], row["config"]), []).append(row)
+    out = []
+    for (mode, config), members in groups.items():
+        base = members[0]["median_ms"]
+        out.append((mode, config, [(r["provider"], base / r["median_ms"]) for r in members if r["median_ms"] > 0]))
+    return out
+
+
+def plot_suite_speedups(rows: list[dict], metadata: dict, suite: str, path: pathlib.Path
+                        ) -> Optional[pathlib.Path]:
+    """One figure for one model-level suite: a horizontal bar per provider and (mode, shape), its speed-up over
+    the group's baseline (the first provider), with a line at 1×: every bar reads "higher is better"."""
+    groups = speedup_groups(rows, suite)
+    if not groups:
         return None
     plt = _pyplot()
-    columns = min(3, len(panels))
-    lines = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(lines, columns, figsize=(5 * columns, 4.2 * lines), squeeze=False)
-    for ax, (suite, mode, config) in zip(axes.flat, panels):
-        panel = [r for r in measured if (r["suite"], r["mode"], r["config"]) == (suite, mode, config)]
-        use_tokens = all(r.get("tokens_per_s") is not None for r in panel)
-        values = [r["tokens_per_s"] if use_tokens else r["median_ms"] for r in panel]
-        bars = ax.bar(range(len(panel)), values, color=[f"C{i}" for i in range(len(panel))])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-        ax.set_xticks(range(len(panel)), [r["provider"] for r in panel], rotation=20, ha="right", fontsize=8)
-        ax.set(title=f"{suite}: {mode}\n{config}", ylabel="tokens/s (higher is better)" if use_tokens
-               else "time (ms, lower is better)")
-        ax.title.set_fontsize(9)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(_title(metadata, "model level"))
-    fig.tight_layout()
+    providers = list(dict.fromkeys(p for _, _, bars in groups for p, _ in bars))
+    height = 0.8 / max(len(bars) for _, _, bars in groups)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.5 * sum(len(bars) for _, _, bars in groups)), layout="constrained")
+    labels = []
+    drawn = set()
+    for g, (mode, config, bars) in enumerate(groups):
+        baseline = bars[0][0]
+        labels.append(f"{mode}\n{config}\n(vs {baseline})")
+        for i, (provider, speedup) in enumerate(bars):
+            colour = f"C{providers.index(provider) % 10}"
+            y = g + (i - (len(bars) - 1) / 2) * height
+            bar = ax.barh(y, speedup, height=height * 0.9, color=colour,
+                          label=provider if provider not in drawn else None)
+            drawn.add(provider)
+            ax.bar_label(bar, [f"{speedup:.2f}×"], padding=3, fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(groups)), labels, fontsize=7)
+    ax.invert_yaxis()  # the suite's first group on top
+    ax.set_xlabel("speed-up over the baseline (median time; higher is better)")
+    ax.set_xlim(0, 1.18 * max(s for _, _, bars in groups for _, s in bars))
+    fig.legend(loc="outside lower center", ncols=min(len(providers), 4), fontsize=8)  # never over a bar
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_title(_title(metadata, SUITE_QUESTIONS.get(suite, f"{suite}: speed-up over the baseline"),
+                        two_lines=True), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -189,5 +222,7 @@ def draw_all(rows: list[dict], metadata: dict, out_dir: pathlib.Path, stem: str)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = [plot(rows, metadata, out_dir / f"{stem}-{suffix}.png")
              for plot, suffix in ((plot_op_times, "ops-time"), (plot_op_memory, "ops-memory"),
-                                  (plot_op_sweeps, "ops-sweeps"), (plot_model_level, "models"))]
+                                  (plot_op_sweeps, "ops-sweeps"))]
+    for suite in dict.fromkeys(r.get("suite") for r in rows if r.get("suite") not in (None, "ops")):
+        drawn.append(plot_suite_speedups(rows, metadata, suite, out_dir / f"{stem}-{suite}.png"))
     return [p for p in drawn if p is not None]

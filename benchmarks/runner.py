@@ -8,8 +8,10 @@ accepting ``log`` prints its progress through the runner. A suite that raises do
 error is printed and saved with the results. The time of each suite and of the run is printed and saved, with a
 warning when a preset overruns its budget (:data:`PRESET_BUDGET_SECONDS`).
 
-A suite runs with the preset's name when its ``run`` accepts ``preset`` (keyword): ``smoke`` (one tiny shape per
-suite, seconds: it checks that every suite runs, its figures mean nothing) and the three above. Optional
+A suite runs with a preset's name when its ``run`` accepts ``preset`` (keyword): ``smoke`` (one tiny shape per
+suite, seconds: it checks that every suite runs, its figures mean nothing) and the three above. A run's preset
+decides which suites run and at which of their shapes (:func:`suite_plan`): the default run is the README's main
+job (about 5 minutes on 2 cores), ``--full`` runs every suite at its full shapes. Optional
 dependencies: a suite lists the modules it needs in ``REQUIRES``; when one of them is missing or fails to
 import (whatever the error), the suite is skipped with that reason instead of failing, as it is when it raises
 :class:`SuiteSkipped` itself (e.g. for missing data). Only a suite that ran and raised makes the run fail.
@@ -40,13 +42,19 @@ REQUIRED_FIELDS = ("suite", "provider", "mode", "config", "median_ms", "p20_ms",
 PRESETS = ("smoke", "quick", "default", "full")
 #: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
 #: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
-PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
-#: Suites a preset leaves out unless ``suites`` names them, and why (measured on the 2-core AVX2 CPU).
-PRESET_LEAVES_OUT = {
-    "quick": {"training": "one PEFT step over even 8 Alpaca rows padded to 512 takes ~15-20 s on a 2-core CPU "
-                          "(the 32000-way output layer at every padded position), so the suite alone overran the "
-                          "2-minute budget (531 s); run it with --suites training --quick, or the default preset"},
-}
+PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": 300.0, "full": 1800.0}
+#: The suites a preset leaves out unless ``suites`` names them (each says so in one line, :data:`LEFT_OUT_REASON`).
+#: The default run is the README's main job, about 5 minutes on 2 cores: the op table, a training step against
+#: PEFT, generation against Hugging Face + PEFT and the decode linears; the PEFT-integration and multimodal suites
+#: are ``--full``'s (together they took 12.5 minutes of a 24.5-minute default run). ``--quick`` (under 2 minutes)
+#: also leaves out the training suite (a PEFT step padded to 512 takes seconds even on the smallest model).
+PRESET_LEAVES_OUT = {"quick": ("training", "multimodal"),
+                     "default": ("peft_accelerate", "multimodal")}
+#: Shapes a preset runs a suite at when they are not the preset's own (a suite's preset name, passed to its
+#: ``run``): the main job's op table takes the quick sweep (S = 128, 512); the default sweep to S = 2048 alone
+#: took ~4 minutes.
+PRESET_SUITE_SHAPES = {"default": {"ops": "quick"}}
+LEFT_OUT_REASON = "not part of --{preset} (--full runs every suite; --suites {suite} runs it alone)"
 
 
 class SuiteSkipped(Exception):
@@ -112,8 +120,24 @@ def check_rows(suite: str, rows) -> list[dict]:
     return rows
 
 
+def suite_plan(preset: str, available: list[str], suites: Optional[list[str]] = None
+               ) -> tuple[dict[str, str], dict[str, str]]:
+    """``({suite: shapes to run}, {suite left out: why})`` of a run of ``preset``.
+
+    ``suites`` names the suites to run (every one runs); None runs every suite in ``available`` but those the
+    preset leaves out (:data:`PRESET_LEAVES_OUT`). A suite runs its shapes named like the preset, unless
+    :data:`PRESET_SUITE_SHAPES` names others."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    shapes = PRESET_SUITE_SHAPES.get(preset, {})
+    leaves_out = PRESET_LEAVES_OUT.get(preset, ()) if suites is None else ()
+    chosen = [s for s in (available if suites is None else suites) if s not in leaves_out]
+    left_out = {s: LEFT_OUT_REASON.format(preset=preset, suite=s) for s in available if s in leaves_out}
+    return {s: shapes.get(s, preset) for s in chosen}, left_out
+
+
 def run_suite(path: pathlib.Path, preset: str, device: str, log: Callable[[str], None] = print) -> list[dict]:
-    """Import one suite file and run it with ``preset`` on ``device``; returns its checked rows.
+    """Import one suite file and run it with the shapes of ``preset`` on ``device``; returns its checked rows.
 
     Raises :class:`SuiteSkipped` when one of the suite's ``REQUIRES`` does not import (see
     :func:`missing_requirement`)."""
@@ -162,20 +186,18 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
         log: where progress lines go (default: stdout, each line flushed at once; a progress bar over the
             suites below them when stdout is a terminal).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     available = discover_suites(bench_dir)
-    left_out = PRESET_LEAVES_OUT.get(preset, {}) if suites is None else {}
-    chosen = [s for s in available if s not in left_out] if suites is None else list(suites)
-    unknown = [s for s in chosen if s not in available]
+    plan, left_out = suite_plan(preset, list(available), suites)
+    unknown = [s for s in plan if s not in available]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; available here: {sorted(available)}")
+    chosen = list(plan)
     import torch
     result = BenchResult(metadata=collect_metadata(device, preset, argv))
     result.metadata["suites"] = chosen
+    result.metadata["suite_shapes"] = plan
     for suite, reason in left_out.items():
-        if suite in available:
-            result.skipped.append({"suite": suite, "reason": f"left out of --{preset}: {reason}"})
+        result.skipped.append({"suite": suite, "reason": reason})
     progress = Progress(len(chosen), enabled=log is None)
     log = log or progress.log
     for skipped in result.skipped:
@@ -183,10 +205,10 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
     try:
         for suite in chosen:
             progress.describe(suite)
-            log(f"[{suite}] running ({preset}, {device})")
+            log(f"[{suite}] running ({plan[suite]} shapes, {device})")
             start, cpu_start = time.perf_counter(), time.process_time()
             try:
-                rows = run_suite(available[suite], preset, device, log)
+                rows = run_suite(available[suite], plan[suite], device, log)
             except SuiteSkipped as skip:
                 log(f"[{suite}] skipped: {skip}")
                 result.skipped.append({"suite": suite, "reason": str(skip)})

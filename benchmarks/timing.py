@@ -31,10 +31,13 @@ def quantile(sorted_values: list[float], q: float) -> float:
 
 
 def summarize(times_ms: list[float]) -> dict:
-    """``{median_ms, p20_ms, p80_ms, runs}`` of a list of run times in milliseconds."""
+    """``{median_ms, p20_ms, p80_ms, min_ms, runs}`` of a list of run times in milliseconds.
+
+    The minimum is the run least disturbed by other processes: on a shared machine two providers whose medians
+    differ but whose minima agree differ by the load, not by their code."""
     ordered = sorted(times_ms)
     return {"median_ms": statistics.median(ordered), "p20_ms": quantile(ordered, 0.2),
-            "p80_ms": quantile(ordered, 0.8), "runs": len(ordered)}
+            "p80_ms": quantile(ordered, 0.8), "min_ms": ordered[0], "runs": len(ordered)}
 
 
 def _is_cuda(device) -> bool:
@@ -54,8 +57,8 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, dev
             one run always is). Keeps slow baselines (eager at long sequences) from dominating a sweep.
 
     Returns:
-        ``{"median_ms", "p20_ms", "p80_ms", "runs"}``: quantiles of the run times in milliseconds and the number
-        of timed runs.
+        ``{"median_ms", "p20_ms", "p80_ms", "min_ms", "runs"}``: quantiles of the run times in milliseconds and
+        the number of timed runs.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")

@@ -6,8 +6,9 @@ new folder, ``bench-results/<machine>-<UTC time>/`` in the working directory, un
 
     fastadapter bench --smoke                     # one tiny shape per suite: checks that everything runs
     fastadapter bench --quick                     # a few small shapes, < 2 minutes on a 2-core CPU
-    fastadapter bench                             # the default shapes (README figures)
-    fastadapter bench --full                      # every sweep, < 30 minutes on a 2-core CPU
+    fastadapter bench                             # the main job (~5 minutes on 2 cores): op table, training
+                                                  # vs PEFT, generation vs HF + PEFT, a figure per question
+    fastadapter bench --full                      # every suite and sweep, < 30 minutes on a 2-core CPU
     fastadapter bench --suites ops --device cuda  # one suite on a GPU
     fastadapter bench --compare A.json B.json     # speed-up of B over A, row by row
     fastadapter bench --compile-report            # the Triton kernels' ahead-of-time compile report
@@ -26,9 +27,11 @@ def add_arguments(parser) -> None:
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument("--smoke", action="store_true",
                         help="one tiny shape per suite (seconds each): checks that every suite runs; no figures")
-    preset.add_argument("--quick", action="store_true", help="a few small shapes (under 2 minutes on CPU)")
+    preset.add_argument("--quick", action="store_true",
+                        help="a few small shapes, no training step (under 2 minutes on CPU)")
     preset.add_argument("--full", action="store_true",
-                        help="every sweep: seqlen to 4096, batch, GQA, prefix (under 30 minutes on CPU)")
+                        help="every suite and sweep: the PEFT integration, multimodal, seqlen to 4096, batch, GQA, "
+                             "prefix (under 30 minutes on CPU; the default run is the ~5-minute main job)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--suites", nargs="+", metavar="SUITE",
                         help="run only these suites (ops, generation, ...; see --list)")
