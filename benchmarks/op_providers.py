@@ -284,20 +284,24 @@ def check_provider(provider: OpProvider, device, dtype: torch.dtype = torch.floa
 # none itself. flex_attention needs torch.compile to be fast (eager flex is its math reference).
 
 
-def fastadapter_triton(q, k, v, prefix_k, prefix_v, gate, **varlen) -> torch.Tensor:
-    """``zero_init_attention(backend="triton")``, with the op's varlen / ``seqused_k`` keywords passed through."""
-    from fastadapter import zero_init_attention
-    return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, backend="triton", **varlen)
+def fastadapter_triton(q, k, v, prefix_k, prefix_v, gate, seqused_k=None, **varlen) -> torch.Tensor:
+    """The triton backend: ``zero_init_attention`` (dense, optionally ``seqused_k``), or
+    ``zero_init_attention_varlen`` when ``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q`` and ``max_seqlen_k``
+    are given (``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]``)."""
+    from fastadapter import zero_init_attention, zero_init_attention_varlen
+    if varlen:
+        return zero_init_attention_varlen(q, k, v, prefix_k, prefix_v, gate, varlen["cu_seqlens_q"],
+                                          varlen["cu_seqlens_k"], varlen["max_seqlen_q"], varlen["max_seqlen_k"],
+                                          seqused_k=seqused_k, backend="triton")
+    return zero_init_attention(q, k, v, prefix_k, prefix_v, gate, seqused_k=seqused_k, backend="triton")
 
 
 def triton_forward_kernel(q, k, v, prefix_k, prefix_v, gate) -> torch.Tensor:
     """The Triton forward kernel alone (128-row query tiles, no split over the cache): what decode ran before the
     split-KV decode kernels. Causal, tanh gate; ``[B, Sq, Hq, D]``."""
-    from fastadapter._inputs import validate_inputs
     from fastadapter.kernels.forward import attention_forward
-    inputs = validate_inputs(q, k, v, prefix_k, prefix_v, gate, causal=True, softmax_scale=None,
-                             gate_activation="tanh")
-    return attention_forward(inputs)[0]
+    from fastadapter.kernels.problem import AttentionProblem
+    return attention_forward(AttentionProblem.from_dense(q, k, v, prefix_k, prefix_v, gate))[0]
 
 
 @contextlib.contextmanager

@@ -67,8 +67,10 @@ def case_providers(cfg: Settings, decode: bool) -> dict[str, Callable[[dict], Ca
     same sequences padded to the longest (what their users do); their TFLOP/s count the real work only."""
     def triton(t):
         if "cu_seqlens" in t:
+            longest = int(max(t["lengths"]))
             return lambda: fastadapter_triton(t["q"][0], t["k"][0], t["v"][0], t["pk"], t["pv"], t["gate"],
-                                              cu_seqlens=t["cu_seqlens"], max_seqlen=int(max(t["lengths"])))[None]
+                                              cu_seqlens_q=t["cu_seqlens"], cu_seqlens_k=t["cu_seqlens"],
+                                              max_seqlen_q=longest, max_seqlen_k=longest)[None]
         return lambda: fastadapter_triton(t["q"], t["k"], t["v"], t["pk"], t["pv"], t["gate"])
 
     def padded(fn):
