@@ -277,3 +277,34 @@ def test_generation_benchmark_checks_the_tokens_and_names_the_backend():
     assert all(r["attention_free_bound"] == pytest.approx(1 / (1 - r["attention_share"]))
                for r in rows if r["provider"] == "peft")
     assert not any("attention_free_bound" in r for r in rows if r["provider"] != "peft")
+
+
+#: docs/integrations.md's bound on zero gates: the word attention is fastadapter's kernel, not transformers' own, so
+#: the logits equal the base model's within this many fp32 rounding steps of the largest logit (measured: 2-3).
+ZERO_GATE_ULPS = 8
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_zero_gates_give_the_base_model_within_the_documented_bound(family, attn_implementation):
+    """PEFT's own code with its zero-initialised gates gives the base model bit for bit (its prefix term is an
+    exact zero added after the base attention); accelerated, within ZERO_GATE_ULPS rounding steps, on a dense and a
+    left-padded batch, and greedy generation gives the same tokens."""
+    from peft import AdaptionPromptConfig, get_peft_model
+    from test_integrations_models import padded_batch
+    base = tiny_model(family, attn_implementation=attn_implementation)
+    peft_model = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
+                                                                           task_type="CAUSAL_LM"))
+    assert all(p.eq(0).all() for n, p in peft_model.named_parameters() if n.endswith("adaption_gate"))
+    accelerated = accelerate(copy.deepcopy(peft_model))
+    tokens, mask, positions, _ = padded_batch("left")
+    batches = [dict(input_ids=random_tokens()), dict(input_ids=tokens, attention_mask=mask, position_ids=positions)]
+    with torch.no_grad():
+        for batch in batches:
+            expected = base(**batch).logits
+            assert torch.equal(peft_model(**batch).logits, expected)  # PEFT's own code: exact
+            got = accelerated(**batch).logits
+            step = torch.finfo(torch.float32).eps * expected.abs().max()
+            assert (got - expected).abs().max() <= ZERO_GATE_ULPS * step, ((got - expected).abs().max(), step)
+        prompt = dict(input_ids=tokens, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(accelerated.generate(**prompt), base.generate(**prompt))
