@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: the transformers/PEFT integrations' tests against the OLDEST transformers and peft they support, in a second
+# CI: the transformers/PEFT integrations' tests (PEFT's own adaption-prompt tests among them) against the OLDEST transformers and peft they support, in a second
 # venv (the `test` extra, used by the main test command, installs the newest). The range comes from
 # fastadapter/integrations/_versions.py (SUPPORTED_RANGES), so widening it there widens what is tested here.
 #
@@ -21,9 +21,13 @@ echo "+ integrations with the oldest supported versions: transformers ${transfor
      "(torch ${torch_version}) in ${venv}"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install -q "torch==${torch_version}"
-"$venv/bin/python" -m pip install -q "transformers==${transformers_min}.*" "peft==${peft_min}.*" pytest
+# datasets: PEFT's tests/testing_utils.py imports it (tests/integrations/test_integrations_peft_suite.py runs PEFT's own tests).
+"$venv/bin/python" -m pip install -q "transformers==${transformers_min}.*" "peft==${peft_min}.*" pytest datasets
 FASTADAPTER_SKIP_BUILD=1 "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 "$venv/bin/python" -c 'import transformers, peft; print("+ transformers", transformers.__version__, "peft", peft.__version__)'
-"$venv/bin/python" -m pytest tests/integrations/test_integrations_transformers.py \
-    tests/integrations/test_integrations_peft.py tests/integrations/test_integrations_models.py -q \
-    -p no:cacheprovider
+status=0
+"$venv/bin/python" -m pytest tests/integrations/test_integrations_transformers.py tests/integrations/test_integrations_peft.py \
+    tests/integrations/test_integrations_models.py -q -p no:cacheprovider || status=1
+# PEFT's own tests/test_adaption_prompt.py of this (oldest) peft, from its sdist, accelerated (slow-marked).
+"$venv/bin/python" -m pytest tests/integrations/test_integrations_peft_suite.py -q -m slow -p no:cacheprovider -rA || status=1
+exit $status

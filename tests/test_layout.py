@@ -20,8 +20,8 @@ FOLDERS = {
     "bench": ("benchmarks",),
     "examples": ("examples",),
 }
-#: Tests of the checkout as a whole (its install routes, its README, this layout) stay at the top.
-TOP_LEVEL = {"test_install.py", "test_readme.py", "test_layout.py"}
+#: Tests of the checkout as a whole (its install routes, its README, its CI script, this layout) stay at the top.
+TOP_LEVEL = {"test_install.py", "test_readme.py", "test_ci_stages.py", "test_layout.py"}
 
 
 def _test_files() -> list[pathlib.Path]:

@@ -176,3 +176,16 @@ def test_the_checkout_kernels_folder_never_shadows_an_installed_kernels_package(
     # PYTHONPATH comes after the script's folder (here the checkout root) on sys.path: ours is found first.
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True", str(fake / "__init__.py")]
+
+
+def test_every_data_file_the_readme_uses_has_its_public_source_in_docs_data():
+    """The examples read ../shared/data/ files that a clone of this repository does not have (issue 24):
+    docs/data.md names the source of each, and the README links it."""
+    readme = (ROOT / "README.md").read_text()
+    used = set(re.findall(r"\.\./shared/data/([\w.-]+)", readme))
+    assert used, "the README uses no ../shared/data file: update this test"
+    table = {row.split("|")[1].strip() for row in (ROOT / "docs" / "data.md").read_text().splitlines()
+             if row.startswith("| `")}
+    named = {name.strip("` ") for cell in table for name in cell.split(",")}
+    assert used <= named, used - named
+    assert "](docs/data.md)" in readme

@@ -7,6 +7,8 @@ then *recomputes* the queries, projects its prompt and runs an eager fp32 prefix
 
     o_proj(attn(q, k, v) + gate · softmax(q prefix_kᵀ) prefix_v)   (PEFT: o_proj(attn) + o_proj(gate · …))
 
+(with zero gates: the base model within float rounding, not bit for bit; docs/integrations.md, "Zero gates")
+
 How: each ``AdaptedAttention`` instance becomes a :class:`FusedAdaptedAttention`, a subclass that only overrides
 ``forward``. The instance keeps its parameters (``adaption_prompt [1, P, hidden]``, ``adaption_gate [1]``), its
 wrapped module and its place in PEFT's bookkeeping (the active layers *and* the ones PEFT caches for inactive
@@ -145,7 +147,7 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     Raises:
         UnsupportedVersionError: transformers or peft outside the supported versions.
         UnsupportedAttentionError: an adapted attention whose PEFT computation the fused op does not reproduce,
-            naming the class and the reason (GPT-2's ``AdaptedAttentionGPT``: see the README).
+            naming the class and the reason (GPT-2's ``AdaptedAttentionGPT``: see docs/integrations.md).
     """
     require_supported_version("transformers")
     require_supported_version("peft")

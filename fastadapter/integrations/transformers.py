@@ -137,8 +137,9 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
     """Turn a Hugging Face Llama-pattern model into a LLaMA-Adapter model, in place.
 
     Freezes every base weight; each adapted layer gets a prompt ``[prompt_len, hidden]`` (N(0, 1), fp32) and a
-    zero gate (``[Hq]`` with ``gate_per_head``, else ``[1]``, fp32), so the model starts computing exactly what
-    the base model computes. Lower layers are untouched. Replaces an adapter applied before.
+    zero gate (``[Hq]`` with ``gate_per_head``, else ``[1]``, fp32), so the model starts computing what the base
+    model computes, to within float rounding (the adapted layers' word attention is fastadapter's kernel: see
+    docs/integrations.md, "Zero gates"). Lower layers are untouched. Replaces an adapter applied before.
 
     Args:
         model: a causal LM (or its base model) whose attention class is on the allowlist of

@@ -55,8 +55,9 @@ def test_main_prints_and_saves_ragged_rows_that_agree_before_timing(tmp_path, mo
     assert providers[:3] == ["hf-peft-left-padded", "fastadapter-auto-per-length", "fastadapter-auto"]
     assert "fastadapter-sdpa" in providers
     for row in measured:
-        # Times depend on the machine and its load: only their being measured (finite) is checked.
-        assert row["agree"] == 1.0 and all(math.isfinite(row[f]) for f in ("median_ms", "p20_ms", "p80_ms"))
+        # Timed fields are only checked to be measured (a per-token time is a difference of two timings: at this
+        # tiny shape the noise may exceed it); p20 <= p80 holds for any samples (quantiles of one sorted list).
+        assert row["agree"] == 1.0 and math.isfinite(row["median_ms"]) and row["p20_ms"] <= row["p80_ms"]
         assert row["config"].endswith("-ragged8") and row["mode"] in ("prefill", "per_token")
         assert row["prompt_lengths"] == ragged_lengths(17)
         ragged = row["provider"].startswith("fastadapter") and not row["provider"].endswith(("-per-length",

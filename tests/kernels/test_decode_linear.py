@@ -2,6 +2,8 @@
 every kernel variant this CPU runs, and the cases it must leave to ``F.linear``."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,7 +167,7 @@ def test_benchmark_suite_times_both_providers_on_the_same_result():
     variants = bench_decode_linear._variants()
     assert "generic" in variants
     assert [r["provider"] for r in rows] == ["F.linear", "decode_linear"] + [f"kernel-{v}" for v in variants]
-    assert all(r["median_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
+    assert all(math.isfinite(r["median_ms"]) and math.isfinite(r["gb_per_s"]) for r in rows)  # timed: measured
     assert all(r["max_abs_err"] < 1e-4 for r in rows[1:])
     assert bench_decode_linear.run(False, "cuda", preset="smoke", log=lambda line: None)[0]["skipped"]
 

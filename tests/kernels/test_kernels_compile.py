@@ -7,8 +7,9 @@ cores at LLaMA-7B shapes, and the compile-time branches the matrix does not take
 
 The whole matrix compiles 206 binaries in parallel worker processes (a child process: the tests run the
 interpreter); ~13 CPU-minutes cold, Triton's on-disk cache makes later runs a few minutes (reading every cubin
-back). Its tests are marked ``slow`` (CI runs them with ``-m slow``); the default run checks LLaMA-7B's part of it
-(bf16, D = 128 on sm_80 and sm_90) with the same assertions."""
+back). Its tests are marked ``slow``; under ``-m slow`` (CI) they run on a representative half of it (see
+:func:`matrix_combos`), on all of it with ``FASTADAPTER_FULL_COMPILE_MATRIX=1``. The default run checks LLaMA-7B's
+part of it (bf16, D = 128 on sm_80 and sm_90) with the same assertions."""
 import dataclasses
 import json
 import os
@@ -32,10 +33,35 @@ OPT_IN_SHARED_MEMORY = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+#: Compile the whole matrix under -m slow, not only its representative half.
+FULL_MATRIX = os.environ.get("FASTADAPTER_FULL_COMPILE_MATRIX") == "1"
+
+
+def matrix_combos(full: bool = FULL_MATRIX) -> list[tuple[str, torch.dtype, int]]:
+    """``(arch, dtype, head dim)`` of the matrix the slow tests compile. The whole one, or its representative half:
+    every arch with every head dim (the shared-memory and register limits differ by both), each pair in fp16 or
+    bf16 alternately, so every arch and every head dim is compiled in both half dtypes; fp32 everywhere (declined
+    without compiling)."""
+    combos = []
+    for i, arch in enumerate(MATRIX_ARCHS):
+        for j, head_dim in enumerate(MATRIX_HEAD_DIMS):
+            half = (torch.float16, torch.bfloat16)[(i + j) % 2]
+            combos += [(arch, dtype, head_dim) for dtype in MATRIX_DTYPES
+                       if full or dtype in (half, torch.float32)]
+    return combos
+
+
 @pytest.fixture(scope="module")
 def matrix():
-    """The whole matrix: every arch, dtype and head dim (slow)."""
-    return compile_matrix()
+    """The matrix of :func:`matrix_combos` (slow), compiled in a few blocks of archs x dtype x head dims (each
+    block is one child process)."""
+    head_dims: dict[tuple[str, torch.dtype], tuple[int, ...]] = {}
+    for arch, dtype, head_dim in matrix_combos():
+        head_dims[(arch, dtype)] = head_dims.get((arch, dtype), ()) + (head_dim,)
+    blocks: dict[tuple[torch.dtype, tuple[int, ...]], list[str]] = {}
+    for (arch, dtype), dims in head_dims.items():
+        blocks.setdefault((dtype, dims), []).append(arch)
+    return [row for (dtype, dims), archs in blocks.items() for row in compile_matrix(archs, (dtype,), dims)]
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +75,23 @@ PARTS = [pytest.param("llama_matrix", id="llama-7b"), pytest.param("matrix", id=
 
 
 def _combos():
-    return [(arch, DTYPES[dtype], d) for arch in MATRIX_ARCHS for dtype in MATRIX_DTYPES for d in MATRIX_HEAD_DIMS]
+    return [(arch, DTYPES[dtype], d) for arch, dtype, d in matrix_combos()]
 
 
 def test_the_matrix_is_the_one_asked_for():
     assert set(MATRIX_ARCHS) == set(OPT_IN_SHARED_MEMORY)
     assert set(MATRIX_DTYPES) == set(DTYPES) and set(MATRIX_HEAD_DIMS) == {64, 80, 128, 256}
+    whole, half = matrix_combos(full=True), matrix_combos(full=False)
+    assert len(whole) == len(MATRIX_ARCHS) * len(MATRIX_DTYPES) * len(MATRIX_HEAD_DIMS) and set(half) < set(whole)
+    # The representative half: every (arch, head dim) pair once in a half dtype, both half dtypes on every arch
+    # and every head dim, fp32 everywhere.
+    halves = [(a, t, d) for a, t, d in half if t != torch.float32]
+    assert sorted((a, d) for a, _, d in halves) == sorted((a, d) for a in MATRIX_ARCHS for d in MATRIX_HEAD_DIMS)
+    for arch in MATRIX_ARCHS:
+        assert {t for a, t, _ in halves if a == arch} == {torch.float16, torch.bfloat16}, arch
+    for head_dim in MATRIX_HEAD_DIMS:
+        assert {t for _, t, d in halves if d == head_dim} == {torch.float16, torch.bfloat16}, head_dim
+    assert {(a, d) for a, t, d in half if t == torch.float32} == {(a, d) for a in MATRIX_ARCHS for d in MATRIX_HEAD_DIMS}
 
 
 @pytest.mark.parametrize("part", PARTS)

@@ -133,7 +133,7 @@ def test_signal_saves_a_checkpoint_before_exiting(tmp_path, shared_data, signum)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a loaded machine may take minutes to start; the loop ends at step 1
         while time.monotonic() < deadline and process.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # step 0 and a training step
                 break
