@@ -1,5 +1,5 @@
-"""The README's promises: CI runs its test command verbatim, its examples run, and its main command succeeds on
-a fresh venv from any folder."""
+"""The README's and docs/' promises: CI runs the README's test command verbatim, the examples of the README and
+docs/ run, every relative link resolves, and the main command succeeds on a fresh venv from any folder."""
 import os
 import pathlib
 import re
@@ -44,13 +44,13 @@ def test_readme_op_example_runs():
     assert namespace["gate"].grad is not None
 
 
-def test_readme_model_example_runs(shared_data, tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
+def test_docs_model_example_runs(shared_data, tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "model.md").read_text()
     example = re.search(r"## A LLaMA-Adapter model\s*```python\n(.*?)```", text, re.S).group(1)
     example = example.replace("../shared/data", str(shared_data))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(example, "README model example", "exec"), namespace)
+    exec(compile(example, "docs/model.md example", "exec"), namespace)
     assert namespace["logits"].shape[-1] == 512
     assert (tmp_path / "run" / "example" / "adapter.safetensors").is_file()  # in the git-ignored run/
 
@@ -178,14 +178,61 @@ def test_the_checkout_kernels_folder_never_shadows_an_installed_kernels_package(
     assert done.stdout.split() == ["True", str(fake / "__init__.py")]
 
 
-def test_every_data_file_the_readme_uses_has_its_public_source_in_docs_data():
+def _documents() -> list[pathlib.Path]:
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_data_file_the_readme_and_docs_use_has_its_public_source_in_docs_data():
     """The examples read ../shared/data/ files that a clone of this repository does not have (issue 24):
     docs/data.md names the source of each, and the README links it."""
     readme = (ROOT / "README.md").read_text()
-    used = set(re.findall(r"\.\./shared/data/([\w.-]+)", readme))
-    assert used, "the README uses no ../shared/data file: update this test"
+    used = {name for page in _documents() for name in re.findall(r"\.\./shared/data/([\w.-]+)", page.read_text())}
+    assert re.search(r"\.\./shared/data/", readme), "the README uses no ../shared/data file: update this test"
     table = {row.split("|")[1].strip() for row in (ROOT / "docs" / "data.md").read_text().splitlines()
              if row.startswith("| `")}
     named = {name.strip("` ") for cell in table for name in cell.split(",")}
     assert used <= named, used - named
     assert "](docs/data.md)" in readme
+
+
+def _relative_links(text: str) -> list[str]:
+    """The targets of the markdown links ``[text](target)`` in ``text`` that point into the checkout (no URL, no
+    in-page anchor), without their ``#anchor``; code blocks and inline code are left out."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def test_relative_links_of_the_readme_and_docs_resolve():
+    """Every ``](path)`` link of README.md and docs/*.md names a file or folder of the checkout."""
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in _documents()
+              for target in _relative_links(page.read_text()) if not (page.parent / target).exists()]
+    assert broken == []
+    assert "docs/README.md" in _relative_links((ROOT / "README.md").read_text())
+
+
+def test_relative_link_check_catches_a_missing_file():
+    """The link check sees links outside code and drops anchors and URLs: a broken one is found."""
+    links = _relative_links("[a](docs/gone.md#x) [b](https://x.org/y) [c](#anchor) `[d](code.md)`\n```\n[e](f.md)\n```")
+    assert links == ["docs/gone.md"]
+    assert not (ROOT / links[0]).exists()
+
+
+def test_every_docs_page_is_listed_in_the_docs_index_and_says_what_it_covers():
+    """docs/README.md links every page; each page opens with its title, then one line saying what it covers."""
+    index = _relative_links((ROOT / "docs" / "README.md").read_text())
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        lines = page.read_text().splitlines()
+        assert lines[0].startswith("# ") and lines[1] == "" and lines[2], page.name
+        if page.name != "README.md":
+            assert page.name in index, f"docs/README.md does not link {page.name}"
+
+
+def test_readme_stays_a_front_door():
+    """Issue 21: the README keeps the pitch, the commands, the math, install, the op, one table, a quickstart, the
+    integrations and links, under about 200 lines; the rest lives in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert "load average" not in readme
