@@ -3,11 +3,14 @@
 * llama2.c legacy ``.bin`` (:mod:`.load_llama2c`);
 * Meta ``consolidated.*.pth`` + ``params.json``, one or several model-parallel shards (:mod:`.load_meta`);
 * Hugging Face folders of LLaMA and its relatives (Mistral, Qwen2/3, Gemma2/3, Olmo, SmolLM3), ``config.json`` +
-  ``*.safetensors`` (:mod:`.load_hf`).
+  ``*.safetensors`` (:mod:`.load_hf`);
+* GGUF files (llama.cpp's format, quantized or not) of LLaMA, Qwen2/3 and Gemma2/3, dequantized into the compute
+  dtype (:mod:`.load_gguf`).
 
 Every loader builds the model on the meta device and hands :func:`assign_weights` tensors that are views of the
 memory-mapped files, so loading allocates no second copy of the weights (only tensors that must be reshaped or
-merged — Hugging Face's permuted ``wq``/``wk``, model-parallel shards — are materialised, once).
+merged — Hugging Face's permuted ``wq``/``wk``, model-parallel shards — are materialised, once). A GGUF file's
+weights are dequantized, one tensor at a time.
 """
 from __future__ import annotations
 
@@ -99,12 +102,18 @@ def all_finite(tensor: torch.Tensor, chunk_elements: int = 1 << 24) -> bool:
 
 
 def detect_checkpoint_format(path: str) -> str:
-    """``"llama2c"``, ``"meta"`` or ``"hf"`` for the checkpoint at ``path`` (a file or a folder)."""
+    """``"llama2c"``, ``"meta"``, ``"hf"`` or ``"gguf"`` for the checkpoint at ``path`` (a file or a folder)."""
     if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        if path.endswith(".gguf"):
+            raise CheckpointError(f"{path}: named .gguf but does not start with the GGUF magic bytes; the file is "
+                                  f"not a GGUF checkpoint (or is corrupt)")
         if path.endswith(".bin"):
             return "llama2c"
-        raise CheckpointError(f"{path}: a single-file checkpoint must be a llama2.c .bin; Meta and Hugging Face "
-                              f"checkpoints are folders")
+        raise CheckpointError(f"{path}: a single-file checkpoint must be a llama2.c .bin or a GGUF file; Meta and "
+                              f"Hugging Face checkpoints are folders")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     names = os.listdir(path)
@@ -121,10 +130,11 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
     """Load a LLaMA checkpoint as a :class:`LlamaModel` (in eval mode).
 
     Args:
-        path: a llama2.c ``.bin`` file, a Meta folder (``params.json`` + ``consolidated.*.pth``) or a Hugging
-            Face folder (``config.json`` + ``*.safetensors``).
-        dtype: convert the weights to this dtype (default: keep the checkpoint's).
-        format: ``"llama2c"``, ``"meta"`` or ``"hf"``; detected when None.
+        path: a llama2.c ``.bin`` file, a Meta folder (``params.json`` + ``consolidated.*.pth``), a Hugging
+            Face folder (``config.json`` + ``*.safetensors``) or a GGUF file.
+        dtype: convert the weights to this dtype (default: keep the checkpoint's; a GGUF file's are
+            dequantized into float32).
+        format: ``"llama2c"``, ``"meta"``, ``"hf"`` or ``"gguf"``; detected when None.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -138,6 +148,8 @@ def load_model(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = 
         from .load_meta import load_meta as loader
     elif format == "hf":
         from .load_hf import load_hf as loader
+    elif format == "gguf":
+        from .load_gguf import load_gguf as loader
     else:
-        raise ValueError(f"unknown checkpoint format {format!r}; expected 'llama2c', 'meta' or 'hf'")
+        raise ValueError(f"unknown checkpoint format {format!r}; expected 'llama2c', 'meta', 'hf' or 'gguf'")
     return loader(path, dtype=dtype).eval()

@@ -1,5 +1,6 @@
 """``load_tokenizer``: the tokenizer in a file, whichever of LLaMA's formats it is in: SentencePiece ``.model``,
-llama2.c ``tokenizer.bin`` or Hugging Face ``tokenizer.json`` (Llama-3, Mistral, Qwen).
+llama2.c ``tokenizer.bin``, Hugging Face ``tokenizer.json`` (Llama-3, Mistral, Qwen) or the metadata of a GGUF
+checkpoint.
 
 Every tokenizer offers ``encode(text, bos=True, eos=False) -> list[int]``, ``decode(ids) -> str``, ``bos_id``,
 ``eos_id`` and ``vocab_size``.
@@ -21,9 +22,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin")
 
 
 def find_tokenizer(model_path: Union[str, os.PathLike]) -> str:
-    """The tokenizer file of the model at ``model_path`` (its folder, or the folder of a ``.bin`` file): the first
-    of :data:`TOKENIZER_FILES` that exists."""
+    """The tokenizer file of the model at ``model_path``: a GGUF file itself (its metadata holds the tokenizer),
+    else the first of :data:`TOKENIZER_FILES` that exists in its folder (or the folder of a ``.bin`` file)."""
     model_path = os.fspath(model_path)
+    if os.path.isfile(model_path):
+        with open(model_path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return model_path
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     for name in TOKENIZER_FILES:
         candidate = os.path.join(folder, name)
@@ -33,10 +38,12 @@ def find_tokenizer(model_path: Union[str, os.PathLike]) -> str:
 
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
-    """A SentencePiece ``.model``, a llama2.c ``tokenizer.bin`` or a Hugging Face ``tokenizer.json``; a folder is
-    searched for :data:`TOKENIZER_FILES` in order.
+    """A SentencePiece ``.model``, a llama2.c ``tokenizer.bin``, a Hugging Face ``tokenizer.json`` or a GGUF
+    checkpoint (its tokenizer metadata, :mod:`.tokenizer_gguf`); a folder is searched for
+    :data:`TOKENIZER_FILES` in order.
 
-    The format is told by the file's first bytes: ``{`` is a tokenizer.json, a SentencePiece model is a protobuf
+    The format is told by the file's first bytes: ``GGUF`` is a GGUF file, ``{`` a tokenizer.json, a SentencePiece
+    model is a protobuf
     whose first field is a piece (tag byte ``0x0a``), a llama2.c tokenizer starts with a small little-endian int32.
     """
     path = os.fspath(path)
@@ -49,6 +56,10 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
+    if head == b"GGUF":
+        from .tokenizer_gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if head.lstrip()[:1] == b"{":
         return HFTokenizer(path)
     if head[:1] == b"\x0a":
@@ -56,7 +67,7 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     if len(head) == 4 and 0 < int.from_bytes(head, "little") < 1024:
         return Llama2cTokenizer(path)
     raise ValueError(f"{path}: neither a SentencePiece .model nor a llama2.c tokenizer.bin nor a Hugging Face "
-                     f"tokenizer.json")
+                     f"tokenizer.json nor a GGUF file")
 
 
 def check_vocabulary(tokenizer: Tokenizer, model_vocab_size: int, tokenizer_path: str = "the tokenizer",

@@ -106,6 +106,19 @@ class HFTokenizer:
             template = named.get("default")
         self.chat_template: Optional[str] = template if isinstance(template, str) else None
 
+    @classmethod
+    def from_parts(cls, tokenizer, path: str, *, bos_id: Optional[int], stop_ids: list[int], pad_id: Optional[int],
+                   chat_template: Optional[str], special_tokens: dict[str, str]) -> "HFTokenizer":
+        """An ``HFTokenizer`` around a ``tokenizers.Tokenizer`` built elsewhere (from a GGUF file's metadata, see
+        :mod:`.tokenizer_gguf`), with its special ids given rather than read from a folder."""
+        self = cls.__new__(cls)
+        self._tokenizer, self.path = tokenizer, path
+        self.bos_id, self.pad_id = bos_id, pad_id
+        self.stop_ids = list(dict.fromkeys(stop_ids))
+        self.eos_id = self.stop_ids[0] if self.stop_ids else None
+        self.chat_template, self.special_tokens = chat_template, dict(special_tokens)
+        return self
+
     @property
     def vocab_size(self) -> int:
         """Tokens of the vocabulary, added tokens included (the highest id + 1)."""
