@@ -45,7 +45,9 @@ PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": None, "full":
 PRESET_LEAVES_OUT = {
     "quick": {"training": "one PEFT step over even 8 Alpaca rows padded to 512 takes ~15-20 s on a 2-core CPU "
                           "(the 32000-way output layer at every padded position), so the suite alone overran the "
-                          "2-minute budget (531 s); run it with --suites training --quick, or the default preset"},
+                          "2-minute budget (531 s); run it with --suites training --quick, or the default preset",
+              "real_models": "real pretrained weights (SmolLM2-135M, Gemma-3-270M): model loads and training runs "
+                             "take minutes on a 2-core CPU; run it with --suites real_models"},
 }
 
 
