@@ -41,13 +41,16 @@ PRESETS = ("smoke", "quick", "default", "full")
 #: Wall time a whole run of each preset should stay under on a 2-core CPU (None: no budget). Overrunning it only
 #: warns: the results are kept, but the preset's shapes want shrinking (or the machine was busy).
 PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": None, "full": 1800.0}
+REAL_MODELS_LEFT_OUT = ("real pretrained weights (SmolLM2-135M, Gemma-3-270M): model loads and training runs take "
+                        "tens of minutes on a 2-core CPU; run it with --suites real_models (or the full preset)")
 #: Suites a preset leaves out unless ``suites`` names them, and why (measured on the 2-core AVX2 CPU).
 PRESET_LEAVES_OUT = {
     "quick": {"training": "one PEFT step over even 8 Alpaca rows padded to 512 takes ~15-20 s on a 2-core CPU "
                           "(the 32000-way output layer at every padded position), so the suite alone overran the "
                           "2-minute budget (531 s); run it with --suites training --quick, or the default preset",
-              "real_models": "real pretrained weights (SmolLM2-135M, Gemma-3-270M): model loads and training runs "
-                             "take minutes on a 2-core CPU; run it with --suites real_models"},
+              "real_models": REAL_MODELS_LEFT_OUT},
+    "smoke": {"real_models": REAL_MODELS_LEFT_OUT},
+    "default": {"real_models": REAL_MODELS_LEFT_OUT},
 }
 
 

@@ -149,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--results", required=True, help="folder for summary.json, answers.jsonl, loss.png")
     parser.add_argument("--out", help="training run folder (default: ~/.cache/fastadapter/runs/<model-name>)")
     parser.add_argument("--held-out", type=int, default=100)
+    parser.add_argument("--scored-rows", type=int,
+                        help="score (held-out loss, answers) only the first N held-out rows (default: all of them; "
+                             "fewer on a loaded machine)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (default: 40 for Gemma, 20 for SmolLM2)")
     parser.add_argument("--batch-tokens", type=int, default=1024)
     parser.add_argument("--max-seq-len", type=int, default=512)
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-batch", type=int, default=25, help="prompts generated together")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for flag in ("max_steps", "batch_tokens", "max_seq_len", "prompt_len", "max_new_tokens", "gen_batch"):
+    for flag in ("scored_rows", "max_steps", "batch_tokens", "max_seq_len", "prompt_len", "max_new_tokens", "gen_batch"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             print(f"instruction_tune_real: --{flag.replace('_', '-')} must be positive, got {value}",
@@ -202,11 +205,13 @@ def main(argv=None) -> int:
 
     rows = load_rows(args.data)
     train_rows, held_rows = split_rows(rows, args.held_out, args.seed)
+    held_rows = held_rows[:args.scored_rows or len(held_rows)]  # never trained on either way
     max_seq_len = min(args.max_seq_len, model.config.max_seq_len)
     train_examples = tokenize_rows(train_rows, tokenizer, max_seq_len)
     eval_examples = tokenize_rows(held_rows, tokenizer, max_seq_len)
     prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in held_rows]
-    print(f"data: {len(train_examples)} training and {len(eval_examples)} held-out examples", flush=True)
+    print(f"data: {len(train_examples)} training examples; {args.held_out} rows held out, {len(eval_examples)} of "
+          f"them scored", flush=True)
 
     before, before_seconds = greedy_answers(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                             batch_size=args.gen_batch)
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
     summary = {
         "model": args.model_name, "model_path": os.path.basename(os.path.normpath(model_path)),
         "data": os.path.basename(args.data), "train_examples": len(train_examples),
-        "held_out_examples": len(eval_examples),
+        "held_out_rows": args.held_out, "scored_held_out_rows": len(eval_examples), "max_seq_len": max_seq_len,
         "adapter": {"prompt_len": args.prompt_len, "layers": layers, "of_layers": n_layers, "gate": "tanh"},
         "adapter_parameters": adapter_parameters, "base_parameters": base_parameters,
         "adapter_share_of_base": adapter_parameters / base_parameters,
