@@ -201,7 +201,8 @@ def worker_fastadapter(settings: dict) -> dict:
 
     train, held = examples(settings["train"]), examples(settings["held"])
     per_step = settings["rows_per_step"]
-    capacity = max(sum(len(e) for e in train[i:i + per_step]) for i in range(0, len(train), per_step))
+    capacity = max([sum(len(e) for e in train[i:i + per_step]) for i in range(0, len(train), per_step)]
+                   + [len(e) for e in held])
     config = TrainConfig(out=settings["out"], batch_tokens=capacity, max_steps=settings["steps"], lr=LR,
                          warmup_steps=WARMUP, eval_every=0, save_every=0, progress=False)
     trainer = Trainer(model, train, held, config)
