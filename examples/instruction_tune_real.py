@@ -120,6 +120,17 @@ def answer_stats(answers: list) -> dict:
             "mean_answer_tokens": sum(len(tokens) for tokens, _ in answers) / n}
 
 
+def write_answers(path: str, rows: list, tokenizer, before: list, after: list = None) -> None:
+    """One JSON line per held-out row: the instruction, the reference output, the answers before (and after)."""
+    with open(path, "w") as f:
+        for index, (row, (tokens, ended)) in enumerate(zip(rows, before)):
+            line = {"instruction": row["instruction"], "input": row.get("input", ""), "reference": row["output"],
+                    "before": tokenizer.decode(tokens), "before_ends_with_eos": ended}
+            if after is not None:
+                line.update(after=tokenizer.decode(after[index][0]), after_ends_with_eos=after[index][1])
+            f.write(json.dumps(line) + "\n")
+
+
 def plot_loss(metrics_path: str, png: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -216,6 +227,7 @@ def main(argv=None) -> int:
     before, before_seconds = greedy_answers(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                             batch_size=args.gen_batch)
     print(f"answers before training: {before_seconds:.0f} s {answer_stats(before)}", flush=True)
+    write_answers(os.path.join(args.results, "answers.jsonl"), held_rows, tokenizer, before)  # kept if cut short
 
     config = TrainConfig(out=out, batch_tokens=max(args.batch_tokens, max_seq_len),
                          max_steps=args.max_steps or MODELS[args.model_name]["max_steps"], lr=args.lr,
@@ -230,12 +242,7 @@ def main(argv=None) -> int:
                                           batch_size=args.gen_batch)
     print(f"answers after training: {after_seconds:.0f} s {answer_stats(after)}", flush=True)
 
-    with open(os.path.join(args.results, "answers.jsonl"), "w") as f:
-        for row, (b, b_end), (a, a_end) in zip(held_rows, before, after):
-            f.write(json.dumps({"instruction": row["instruction"], "input": row.get("input", ""),
-                                "reference": row["output"],
-                                "before": tokenizer.decode(b), "before_ends_with_eos": b_end,
-                                "after": tokenizer.decode(a), "after_ends_with_eos": a_end}) + "\n")
+    write_answers(os.path.join(args.results, "answers.jsonl"), held_rows, tokenizer, before, after)
     shutil.copyfile(os.path.join(out, "metrics.jsonl"), os.path.join(args.results, "metrics.jsonl"))
     trained_tokens = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][-1]["tokens"]
     summary = {
