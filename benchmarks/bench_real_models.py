@@ -318,6 +318,29 @@ def worker_gemma_head_memory(settings: dict) -> dict:
     return out
 
 
+def head_memory_rows(tokens: int = 128, dim: int = 640, vocab: int = 262144) -> list[dict]:
+    """Peak allocated bytes of the head + loss alone (forward and backward) at Gemma-3-270M's shape (random
+    weights: memory depends on the shapes only), full logits against chunked; no model to load, so it runs in
+    a minute where the whole Gemma step cannot."""
+    import torch
+
+    from fastadapter.training.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    from .memory import peak_memory_bytes
+
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, dim) / dim ** 0.5
+    labels = torch.randint(0, vocab, (tokens,))
+    rows = []
+    for provider, fn in (("full_logits", linear_cross_entropy_reference), ("chunked", linear_cross_entropy)):
+        hidden = torch.randn(tokens, dim, requires_grad=True)
+        started = time.perf_counter()
+        peak = peak_memory_bytes(lambda: fn(hidden, weight, labels).backward())
+        rows.append(_row("gemma_head_loss", provider, f"head-T{tokens}-dim{dim}-V{vocab}",
+                         1e3 * (time.perf_counter() - started), peak_mem_mb=peak / 2**20))
+    return rows
+
+
 WORKERS = {"peft": worker_peft, "fastadapter": worker_fastadapter, "generate": worker_generate,
            "gemma_head_memory": worker_gemma_head_memory}
 
@@ -392,6 +415,9 @@ def ratios(rows: list[dict]) -> dict:
     for mode in ("prefill", "decode_per_token"):
         if (mode, "peft") in by and (mode, "fastadapter") in by:
             out[f"{mode}_speedup"] = by[(mode, "peft")]["median_ms"] / by[(mode, "fastadapter")]["median_ms"]
+    if ("gemma_head_loss", "chunked") in by:
+        out["gemma_head_loss_peak_memory"] = (by[("gemma_head_loss", "chunked")]["peak_mem_mb"]
+                                              / by[("gemma_head_loss", "full_logits")]["peak_mem_mb"])
     if ("gemma_head_step", "chunked") in by:
         out["gemma_step_peak_memory"] = (by[("gemma_head_step", "chunked")]["peak_mem_mb"]
                                          / by[("gemma_head_step", "full_logits")]["peak_mem_mb"])
@@ -402,6 +428,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="real pretrained weights: fastadapter against transformers + PEFT")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--output", help="also write the rows to this JSON file")
+    parser.add_argument("--head-memory-only", action="store_true",
+                        help="only the head + loss peak memory at Gemma's shape (a minute, no model loaded)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("settings", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -410,7 +438,7 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[args.worker](json.loads(args.settings))))
         return 0
     load_start = os.getloadavg()
-    rows = run(False, "cpu", preset=args.preset)
+    rows = head_memory_rows() if args.head_memory_only else run(False, "cpu", preset=args.preset)
     from .report import format_table
     print(format_table(rows))
     summary = ratios(rows)
@@ -420,7 +448,7 @@ def main(argv=None) -> int:
 
         from .metadata import collect_metadata
         from .report import write_json
-        metadata = collect_metadata("cpu", args.preset, argv)
+        metadata = collect_metadata("cpu", "head-memory" if args.head_memory_only else args.preset, argv)
         metadata["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
         metadata["ratios"] = summary
         write_json(pathlib.Path(args.output), metadata, rows)
