@@ -18,7 +18,8 @@ load average), ``answers.jsonl`` (one line per held-out instruction: the referen
 and after), ``metrics.jsonl`` (the trainer's) and ``loss.png`` (the loss curve). The run folder (checkpoints,
 ``adapter.safetensors``) goes to ``--out``::
 
-    python examples/instruction_tune_real.py --model-name gemma3-270m --results benchmarks/results/real-models/gemma3-270m
+    python examples/instruction_tune_real.py --model-name gemma3-270m \\
+        --results benchmarks/results/real-models/gemma3-270m
     python examples/instruction_tune_real.py --model-name smollm2-135m --max-steps 20 \\
         --results benchmarks/results/real-models/smollm2-135m
 
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-batch", type=int, default=25, help="prompts generated together")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for flag in ("scored_rows", "max_steps", "batch_tokens", "max_seq_len", "prompt_len", "max_new_tokens", "gen_batch"):
+    for flag in ("scored_rows", "max_steps", "batch_tokens", "max_seq_len", "prompt_len", "max_new_tokens",
+                 "gen_batch"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             print(f"instruction_tune_real: --{flag.replace('_', '-')} must be positive, got {value}",

@@ -120,9 +120,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         chunk_tokens: tokens per chunk (default :func:`chunk_tokens_for` the vocabulary: 32 MiB of fp32 logits).
 
     Returns:
-        fp32 scalar (fp64 for fp64 inputs): the summed token loss. With gradients recorded, the gradients of ``hidden`` (and of
-        ``weight`` when it requires one) are computed chunk by chunk during this call and kept for backward,
-        so no ``[T, V]`` tensor is ever held.
+        fp32 scalar (fp64 for fp64 inputs): the summed token loss. With gradients recorded, the gradients of
+        ``hidden`` (and of ``weight`` when it requires one) are computed chunk by chunk during this call and kept
+        for backward, so no ``[T, V]`` tensor is ever held.
     """
     _check(hidden, weight, labels, softcap)
     if chunk_tokens is None:
@@ -130,4 +130,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     # Inside the Function's forward grad mode is always off: whether this call records a gradient is decided here.
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk_tokens, torch.is_grad_enabled())
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk_tokens,
+                                            torch.is_grad_enabled())
