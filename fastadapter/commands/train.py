@@ -320,7 +320,7 @@ def _train(args, torch, context, folder, resume, data_file) -> int:
         if not context.active:
             raise ValueError("--fsdp shards the base over the ranks of a torchrun job, and this is one process: "
                              "launch with torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ... (N >= 2)")
-        from ..model.load_sharded import load_sharded
+        from ..training.load_sharded import load_sharded
         model = load_sharded(args.model, context, dtype=DTYPES[args.dtype])
     else:
         model = load_model(args.model, dtype=DTYPES[args.dtype])

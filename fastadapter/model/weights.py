@@ -28,7 +28,7 @@ def build_on_meta(config: LlamaConfig) -> LlamaModel:
 
 
 #: Set by :func:`receive_weights`: what :func:`assign_weights` does with the checked tensors instead of assigning
-#: them (the FSDP loader takes each rank's shards of the memory-mapped tensors, see :mod:`.load_sharded`).
+#: them (the FSDP loader takes each rank's shards of the memory-mapped tensors, see :mod:`fastadapter.training.load_sharded`).
 _WEIGHTS_RECEIVER: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar("weights_receiver",
                                                                                         default=None)
 
