@@ -33,11 +33,10 @@ from torch import nn
 
 from ..decode_linear import decode_linear
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
-from .adapter_file import AdapterFileError
+from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
 from .llama import LlamaModel
 from .norms import RMSNorm
 
-METADATA_KEY = "fastadapter_v2"
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")
 NORMS = ("attention_norm", "ffn_norm")
@@ -170,16 +169,7 @@ def save_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
 
 def is_v2_file(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a V2 adapter file written by :func:`save_adapter_v2`."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path) or not path.endswith(".safetensors"):
-        return False
-    try:
-        with safe_open(path, framework="pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
-    except SafetensorError:
-        return False
+    return adapter_file_kind(path) == "v2"
 
 
 def load_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> LlamaModel:
