@@ -46,6 +46,11 @@ class PackedBatch:
         return PackedBatch(self.tokens.to(device), self.labels.to(device), self.cu_seqlens.to(device),
                            self.max_seqlen)
 
+    def extra_inputs(self) -> dict:
+        """The keyword arguments the model takes besides the packed tokens: none for text (a batch with images,
+        :class:`~fastadapter.training.image_data.ImagePackedBatch`, names its own)."""
+        return {}
+
 
 @dataclass
 class PaddedBatch:
@@ -60,6 +65,10 @@ class PaddedBatch:
     tokens: torch.Tensor
     labels: torch.Tensor
     lengths: list[int]
+
+    def extra_inputs(self) -> dict:
+        """The keyword arguments the model takes besides the tokens: none."""
+        return {}
 
 
 def pack_examples(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

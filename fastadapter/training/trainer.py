@@ -202,7 +202,7 @@ def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     # and a [T, V] fp32 logits tensor, often the step's peak memory.
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
     # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
-    extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
+    extra = batch.extra_inputs()
     logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                    logits_positions=positions, **extra)[0]
     return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
@@ -590,7 +590,7 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
             under the run's autocast), e.g. :class:`fastadapter.training.samples.SampleWriter`.
         metrics_hook: ``fn(record)`` called on rank 0 with every metrics record (``step``, ``loss``, ...).
         collate_fn: the examples of one packed row → a :class:`PackedBatch` (default :func:`collate_packed`; a
-            batch with ``extra_inputs()`` passes them to the model, as images to a multimodal model).
+            batch's ``extra_inputs()`` go to the model with its tokens: images to a multimodal model).
 
     Returns:
         :class:`TrainResult`.
