@@ -16,7 +16,6 @@ import os
 import random
 import warnings
 from array import array
-from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from .examples import IGNORE_INDEX, DataError, DataReport, Example, text_problem  # noqa: F401
