@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..setting_error import SettingError
 from .data import IGNORE_INDEX, Example
 
 
@@ -90,8 +91,8 @@ def pack_examples(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     used = 0
     for index, length in enumerate(lengths):
         if length > batch_tokens:
-            raise ValueError(f"example {index} has {length} tokens, more than batch_tokens={batch_tokens}: "
-                             f"raise --batch-tokens to at least --max-seq-len")
+            raise SettingError(f"example {index} has {length} tokens, more than batch_tokens={batch_tokens}: "
+                               f"raise {{batch_tokens}} to at least {{max_seq_len}}")
         if used + length > batch_tokens and current:
             rows.append(current)
             current, used = [], 0

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..setting_error import SettingError
 from .checkpoint import (DataPosition, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          rng_state, save_checkpoint, set_rng_state)
 from .data import IGNORE_INDEX, Example, examples_digest
@@ -52,7 +53,7 @@ from .stop_signals import StopRequest
 from .train_config import DTYPES, TrainConfig, TrainResult  # noqa: F401  (DTYPES: re-exported for callers)
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(SettingError):
     """The training loss or the adapter became NaN or infinite; nothing of the diverged state is saved."""
 
 
@@ -97,9 +98,9 @@ class Trainer:
             for index, example in enumerate(examples):
                 if len(example) > config.batch_tokens:
                     where = (f"data row {example.row}" if example.row is not None else f"{kind} example {index}")
-                    raise ValueError(f"{where} has {len(example)} tokens, more than a packed row holds "
-                                     f"(--batch-tokens {config.batch_tokens}); raise --batch-tokens to at least "
-                                     f"--max-seq-len")
+                    raise SettingError(f"{where} has {len(example)} tokens, more than a packed row holds "
+                                       f"({{batch_tokens}} {config.batch_tokens}); raise {{batch_tokens}} to at "
+                                       f"least {{max_seq_len}}")
         self.run_folder: Optional[RunFolder] = None
         self.params = adapter_parameters(model)
         self._rows_cache: dict[int, list[list[int]]] = {}
@@ -132,10 +133,10 @@ class Trainer:
 
     def _count_total_steps(self) -> int:
         if self._steps_in_epoch(0) == 0:
-            raise ValueError(f"the {len(self.train_examples)} training examples pack into "
-                             f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
-                             f"step needs (grad_accum × world size = {self.rows_per_step}); lower --batch-tokens "
-                             f"or --grad-accum")
+            raise SettingError(f"the {len(self.train_examples)} training examples pack into "
+                               f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
+                               f"step needs (grad_accum × world size = {self.rows_per_step}); lower "
+                               f"{{batch_tokens}} or {{grad_accum}}")
         if self.config.max_steps is not None:
             return self.config.max_steps
         return sum(self._steps_in_epoch(e) for e in range(self.config.epochs))
@@ -145,9 +146,9 @@ class Trainer:
         if self.position.step_in_epoch >= self._steps_in_epoch(self.position.epoch):
             self.position = DataPosition(self.position.epoch + 1, 0)
             if self._steps_in_epoch(self.position.epoch) == 0:
-                raise ValueError(f"epoch {self.position.epoch} packs into {len(self._rows(self.position.epoch))} "
-                                 f"rows, fewer than one step needs ({self.rows_per_step}); lower --batch-tokens or "
-                                 f"--grad-accum")
+                raise SettingError(f"epoch {self.position.epoch} packs into "
+                                   f"{len(self._rows(self.position.epoch))} rows, fewer than one step needs "
+                                   f"({self.rows_per_step}); lower {{batch_tokens}} or {{grad_accum}}")
         rows = self._rows(self.position.epoch)
         start = self.position.step_in_epoch * self.rows_per_step
         self.position = DataPosition(self.position.epoch, self.position.step_in_epoch + 1)
@@ -196,7 +197,7 @@ class Trainer:
                 else "no checkpoint was saved")
         return (f"training diverged: {what} (lr {self.config.lr}, warmup {self.config.warmup_steps} steps, "
                 f"grad clip {self.config.grad_clip}, {self.config.dtype}); nothing of it is saved and {last}; "
-                f"lower --lr or raise --warmup")
+                f"lower {{lr}} or raise {{warmup_steps}}")
 
     @torch.no_grad()
     def evaluate(self, stop: Optional[StopRequest] = None) -> Optional[float]:
