@@ -10,11 +10,13 @@ Rules (an edge from a module of the first layer may never reach the second):
 
 * kernels (``fastadapter.kernels``) -> anything else of ``fastadapter``: the kernels sit at the bottom;
 * the op layer (the top-level modules ``fastadapter.*`` that are no package, and ``fastadapter.backends``) ->
-  ``model``, ``training``, ``vision``, ``integrations``, ``commands``, ``cli``;
-* ``model`` -> ``training``, ``vision``, ``integrations``, ``commands``, ``cli``;
-* ``integrations`` -> ``training``, ``vision``, ``commands``, ``cli`` (it patches models; it trains nothing);
-* ``vision`` -> ``training``, ``integrations``, ``commands``, ``cli``;
-* ``training`` -> ``integrations``, ``commands``, ``cli``;
+  ``model``, ``training``, ``vision``, ``integrations``, ``recipes``, ``commands``, ``cli``;
+* ``model`` -> ``training``, ``vision``, ``integrations``, ``recipes``, ``commands``, ``cli``;
+* ``integrations`` -> ``training``, ``vision``, ``recipes``, ``commands``, ``cli`` (it patches models; it trains
+  nothing);
+* ``vision`` -> ``training``, ``integrations``, ``recipes``, ``commands``, ``cli``;
+* ``training`` -> ``recipes``, ``integrations``, ``commands``, ``cli``;
+* ``recipes`` (a whole job from the parts below, taking a settings object) -> ``commands``, ``cli``;
 * ``commands`` -> ``cli`` (the CLI's parser sits on top of the commands).
 
 Cycles: none, except those in :data:`KNOWN_CYCLES`, which issue 21 §1 (one description of a call, the
@@ -39,12 +41,13 @@ KNOWN_CYCLES = {
 
 #: ``layer -> layers it may never import``
 FORBIDDEN = {
-    "kernels": {"op", "model", "training", "vision", "integrations", "commands", "cli"},
-    "op": {"model", "training", "vision", "integrations", "commands", "cli"},
-    "model": {"training", "vision", "integrations", "commands", "cli"},
-    "integrations": {"training", "vision", "commands", "cli"},
-    "vision": {"training", "integrations", "commands", "cli"},
-    "training": {"integrations", "commands", "cli"},
+    "kernels": {"op", "model", "training", "vision", "integrations", "recipes", "commands", "cli"},
+    "op": {"model", "training", "vision", "integrations", "recipes", "commands", "cli"},
+    "model": {"training", "vision", "integrations", "recipes", "commands", "cli"},
+    "integrations": {"training", "vision", "recipes", "commands", "cli"},
+    "vision": {"training", "integrations", "recipes", "commands", "cli"},
+    "training": {"integrations", "recipes", "commands", "cli"},
+    "recipes": {"commands", "cli"},
     "commands": {"cli"},
     "cli": set(),
 }
@@ -127,7 +130,7 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "op"
-    if parts[1] in ("kernels", "model", "training", "vision", "integrations", "commands", "cli"):
+    if parts[1] in ("kernels", "model", "training", "vision", "integrations", "recipes", "commands", "cli"):
         return parts[1]
     return "op"  # fastadapter.attention, _inputs, reference, backends.*, info, ...
 
@@ -175,6 +178,8 @@ def test_every_layer_imports_only_the_layers_below_it():
     ("fastadapter.attention", "fastadapter.model.llama", True),
     ("fastadapter.backends.triton", "fastadapter.kernels.forward", False),
     ("fastadapter.commands.train", "fastadapter.training.trainer", False),
+    ("fastadapter.recipes.adapter_finetune", "fastadapter.commands._paths", True),
+    ("fastadapter.commands.train", "fastadapter.recipes.adapter_finetune", False),
 ])
 def test_the_rules_catch_a_forbidden_edge(source, target, forbidden):
     assert bool(layer_violations({source: {target}})) == forbidden
