@@ -1,7 +1,7 @@
 """The library names its settings (``batch_tokens``); the CLI names their flags (``--batch-tokens``): a
 :class:`SettingError` carries the setting names, and ``fastadapter``'s error line renders them as flags."""
-import re
 import pathlib
+import re
 
 import pytest
 
