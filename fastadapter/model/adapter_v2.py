@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..decode_linear import decode_linear
+from ..setting_error import SettingError
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
 from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
 from .llama import LlamaModel
@@ -109,9 +110,9 @@ def add_adapter_v2(model: LlamaModel, config: Optional[AdapterConfig] = None) ->
         the norm weights (all fp32).
     """
     if model.config.norm != "rmsnorm":
-        raise ValueError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this model's "
-                         f"norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer norm): "
-                         f"use LLaMA-Adapter V1 (--adapter v1) on it")
+        raise SettingError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this "
+                           f"model's norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer "
+                           f"norm): use LLaMA-Adapter V1 ({{adapter}} v1) on it")
     add_adapter(model, config)  # freezes every base weight
     for block in model.layers:
         for name in LINEARS:
