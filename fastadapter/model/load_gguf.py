@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, assign_weights, build_on_meta
+from .weights import CheckpointError, assign_weights, build_on_meta
 from .config import LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
 from .gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from .load_hf import unpermute_rotary_rows

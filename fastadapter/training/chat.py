@@ -20,7 +20,7 @@ import json
 from datetime import datetime
 from typing import Optional, Sequence
 
-from .data import IGNORE_INDEX, DataError, DataReport, Example, text_problem
+from .examples import IGNORE_INDEX, DataError, DataReport, Example, text_problem
 
 #: ShareGPT's ``from`` values -> roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -59,7 +59,7 @@ def shard_base(model: nn.Module, context: DistributedContext, *, param_dtype: Op
 
     ``fully_shard`` is applied to every ``model.layers[i]`` (a unit gathered for that block's forward and
     backward, freed after) and then to the model (the embedding, final norm and output head). The model may be
-    on the meta device (see :func:`fastadapter.model.load_sharded.load_sharded`) or already materialised; its
+    on the meta device (see :func:`fastadapter.training.load_sharded.load_sharded`) or already materialised; its
     adapter, when it has one, is replicated (the module docstring says why).
 
     Args:

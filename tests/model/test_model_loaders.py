@@ -280,7 +280,7 @@ def test_nonfinite_weights_are_refused_at_load(tmp_path, value):
 
 
 def test_all_finite_checks_every_slice():
-    from fastadapter.model.checkpoints import all_finite
+    from fastadapter.model.weights import all_finite
 
     weight = torch.zeros(7, 13)
     assert all_finite(weight, chunk_elements=10)

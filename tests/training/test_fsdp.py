@@ -50,7 +50,7 @@ def _join(rank: int, world_size: int, port: int) -> DistributedContext:
 def _sharded_rank(rank: int, world_size: int, port: int, out: str, checkpoint: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from fastadapter.model.load_sharded import load_sharded
+    from fastadapter.training.load_sharded import load_sharded
     from fastadapter.training.fsdp import resident_base_bytes, shard_base
 
     context = _join(rank, world_size, port)
@@ -150,7 +150,7 @@ def test_one_rank_fsdp_loads_and_trains_like_the_plain_model(tmp_path, shared_da
     """The default run's FSDP check (one rank): load_sharded builds the model the plain loader does, and a
     training step with evaluation under FSDP reaches the plain model's adapter."""
     from fastadapter.model.adapter import AdapterConfig, add_adapter
-    from fastadapter.model.load_sharded import load_sharded
+    from fastadapter.training.load_sharded import load_sharded
 
     checkpoint = str(shared_data / "stories260K.bin")
     examples = toy_examples(15)

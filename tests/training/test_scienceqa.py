@@ -148,7 +148,7 @@ def test_collate_packs_image_and_text_rows_and_computes_a_shared_image_once():
 def test_train_standardises_the_image_features_over_the_distinct_training_images():
     """``fastadapter train --vision-model`` calibrates the projection (issue 12) on each distinct training image
     once, evenly spaced when there are more than it needs, in chunks; with fewer than 2 images it leaves it."""
-    from fastadapter.commands.train import calibrate_projection
+    from fastadapter.recipes.adapter_finetune import calibrate_projection
 
     class Recorder:
         def __init__(self):
