@@ -9,7 +9,7 @@ import pytest
 from fastadapter.cli import build_parser, describe_error, flag_of
 from fastadapter.setting_error import SettingError
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fastadapter"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "fastadapter"
 
 
 def test_a_setting_error_renders_its_settings_in_either_layers_words():
