@@ -182,7 +182,7 @@ def worker_fastadapter(settings: dict) -> dict:
     import torch
 
     from fastadapter import AdapterConfig, add_adapter, load_model
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import Example
     from fastadapter.training.trainer import TrainConfig, Trainer
 
@@ -234,7 +234,7 @@ def worker_generate(settings: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastadapter import generate, load_adapter, load_model
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.prompt import format_prompt
 
     from .timing import per_step_summary, summarize
@@ -289,7 +289,7 @@ def worker_gemma_head_memory(settings: dict) -> dict:
     import torch
 
     from fastadapter import AdapterConfig, add_adapter, load_model
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import tokenize_rows
     from fastadapter.training.packing import collate_packed
     from fastadapter.training.trainer import token_loss_sum

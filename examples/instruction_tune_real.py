@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     import torch
 
     from fastadapter import AdapterConfig, add_adapter, load_model, save_adapter
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import load_rows, tokenize_rows
     from fastadapter.training.prompt import format_prompt
     from fastadapter.training.trainer import TrainConfig, train

@@ -39,6 +39,11 @@ KNOWN_CYCLES = {
                "fastadapter.kernels.configs", "fastadapter.kernels.forward"}),
 }
 
+#: The model layer's four packages, and which of the others each may import: the thin model none of them (an
+#: adapter slot is the model's own ``layer_adapter``), adapters and loaders the model, tokenizers only the GGUF
+#: reader of the loaders (a GGUF file holds the vocabulary).
+MODEL_PACKAGES = {"model": set(), "adapters": {"model"}, "loaders": {"model"}, "tokenizers": {"loaders"}}
+
 #: ``layer -> layers it may never import``
 FORBIDDEN = {
     "kernels": {"op", "model", "training", "vision", "integrations", "recipes", "commands", "cli"},
@@ -130,8 +135,10 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "op"
-    if parts[1] in ("kernels", "model", "training", "vision", "integrations", "recipes", "commands", "cli"):
+    if parts[1] in ("kernels", "training", "vision", "integrations", "recipes", "commands", "cli"):
         return parts[1]
+    if parts[1] in MODEL_PACKAGES:
+        return "model"
     return "op"  # fastadapter.attention, _inputs, reference, backends.*, info, ...
 
 
@@ -141,13 +148,25 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
                   if layer(target) in FORBIDDEN[layer(source)])
 
 
+def test_the_model_layer_packages_import_only_what_they_build_on():
+    """model/ (the thin LLaMA), adapters/, loaders/ and tokenizers/ are four concepts: the model imports none of
+    the other three, and each of the others only what :data:`MODEL_PACKAGES` lists."""
+    def package(module: str) -> str:
+        return module.split(".")[1] if module.count(".") >= 1 else ""
+    wrong = sorted(f"{source} imports {target}" for source, targets in import_graph().items()
+                   if package(source) in MODEL_PACKAGES for target in targets
+                   if package(target) in MODEL_PACKAGES and package(target) != package(source)
+                   and package(target) not in MODEL_PACKAGES[package(source)])
+    assert not wrong, wrong
+
+
 def test_the_graph_sees_every_kind_of_import():
     graph = import_graph()
     assert len(graph) > 80
-    assert "fastadapter.model.weights" in graph["fastadapter.model.load_hf"]  # from .weights import ...
+    assert "fastadapter.loaders.weights" in graph["fastadapter.loaders.load_hf"]  # from .weights import ...
     assert "fastadapter._cpu_extension" in graph["fastadapter.backends.cpu"]  # from .. import _cpu_extension
     assert "fastadapter" not in graph["fastadapter.backends.cpu"]
-    assert "fastadapter.model.load_hf" in graph["fastadapter.model.checkpoints"]  # deferred, in load_model
+    assert "fastadapter.loaders.load_hf" in graph["fastadapter.loaders.checkpoints"]  # deferred, in load_model
     assert "fastadapter.backends" in graph["fastadapter.backends.sdpa"]  # from . import Backend (its __init__)
 
 
@@ -162,8 +181,8 @@ def test_the_package_has_no_import_cycles_beyond_those_issue_21_removes():
 def test_the_cycles_that_were_broken_stay_broken():
     graph = import_graph()
     cyclic = set().union(*cycles(graph))
-    for module in ("fastadapter.model.checkpoints", "fastadapter.model.load_hf", "fastadapter.model.load_meta",
-                   "fastadapter.model.load_llama2c", "fastadapter.training.data", "fastadapter.training.chat"):
+    for module in ("fastadapter.loaders.checkpoints", "fastadapter.loaders.load_hf", "fastadapter.loaders.load_meta",
+                   "fastadapter.loaders.load_llama2c", "fastadapter.training.data", "fastadapter.training.chat"):
         assert module in graph and module not in cyclic
 
 

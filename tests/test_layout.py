@@ -12,7 +12,7 @@ ROOT = TESTS.parent
 FOLDERS = {
     "ops": ("fastadapter/attention.py", "fastadapter/module.py", "fastadapter/reference.py", "fastadapter/backends"),
     "kernels": ("kernels", "csrc", "fastadapter/decode_linear.py"),
-    "model": ("fastadapter/model",),
+    "model": ("fastadapter/model", "fastadapter/adapters", "fastadapter/loaders", "fastadapter/tokenizers"),
     "vision": ("fastadapter/vision",),
     "training": ("fastadapter/training",),
     "recipes": ("fastadapter/recipes",),

@@ -35,8 +35,8 @@ from ..decode_linear import decode_linear
 from ..setting_error import SettingError
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
 from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
-from .llama import LlamaModel
-from .norms import RMSNorm
+from ..model.llama import LlamaModel
+from ..model.norms import RMSNorm
 
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")

@@ -59,9 +59,9 @@ def check_settings(args) -> None:
 def run(args) -> int:
     check_settings(args)
 
-    from ..model.adapter import load_adapter
-    from ..model.checkpoints import load_model
-    from ..model.tokenizer import check_vocabulary, load_tokenizer
+    from ..adapters.adapter import load_adapter
+    from ..loaders.checkpoints import load_model
+    from ..tokenizers.tokenizer import check_vocabulary, load_tokenizer
     from ..training.data import DataReport
     from ..training.image_data import PixelCache
     from ..training.scienceqa import load_problems
@@ -77,7 +77,7 @@ def run(args) -> int:
     model = load_model(args.model, dtype=dtype)
     scorer, pixels = model, None
     if args.adapter:
-        from ..model.adapter_file import adapter_file_kind
+        from ..adapters.adapter_file import adapter_file_kind
         from ..vision import load_multimodal_adapter
         multimodal = adapter_file_kind(args.adapter) == "multimodal"
         if multimodal and not args.no_images:

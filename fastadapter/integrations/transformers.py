@@ -18,7 +18,7 @@ causal path; a left- or right-padded batch is read once per forward into ragged 
 one varlen call per layer (two for right padding); packed sequences and sliding windows that cut run an exact
 masked composition (see :mod:`._attention_mask`).
 
-Adapter files are fastadapter's (``fastadapter.model.adapter_file``): an adapter trained on a Hugging Face model
+Adapter files are fastadapter's (``fastadapter.adapters.adapter_file``): an adapter trained on a Hugging Face model
 loads into fastadapter's thin LLaMA built from the same weights, and back (same base-model fingerprint).
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..model.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
-from ..model.adapter_file import base_model_fingerprint
+from ..adapters.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
+from ..adapters.adapter_file import base_model_fingerprint
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version

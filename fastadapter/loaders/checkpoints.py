@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from .llama import LlamaModel
+from ..model.llama import LlamaModel
 from .weights import CheckpointError
 
 

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from .weights import CheckpointError, assign_weights, build_on_meta
-from .config import Llama3RopeScaling, LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
+from ..model.config import Llama3RopeScaling, LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
 
 #: Hugging Face parameter name (after ``model.``) -> Meta name; ``{i}`` is the layer.
 _LAYER_NAMES = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .weights import CheckpointError, assign_weights, build_on_meta
-from .config import LlamaConfig
+from ..model.config import LlamaConfig
 
 _HEADER_INTS = 7
 

@@ -1,7 +1,7 @@
 """The weights half of loading a checkpoint, shared by every loader: build a :class:`LlamaModel` on the meta
 device, check the loaded tensors (present, of the right shape, floating point, finite) and make them its
 parameters without copying them (:func:`assign_weights`), or hand them to a receiver (the FSDP loader,
-:func:`receive_weights`). :func:`~fastadapter.model.checkpoints.load_model` picks the loader; the loaders
+:func:`receive_weights`). :func:`~fastadapter.loaders.checkpoints.load_model` picks the loader; the loaders
 import this module, never the dispatcher.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-from .config import LlamaConfig
-from .llama import LlamaModel
+from ..model.config import LlamaConfig
+from ..model.llama import LlamaModel
 
 
 class CheckpointError(ValueError):
@@ -47,7 +47,7 @@ def receive_weights(receiver: Callable[[LlamaModel, Mapping[str, torch.Tensor], 
 
 def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sources: Mapping[str, str],
                    dtype: Optional[torch.dtype] = None) -> LlamaModel:
-    """Make ``tensors`` (Meta names, see :mod:`.llama`) the parameters of the meta-device ``model``, without
+    """Make ``tensors`` (Meta names, see :mod:`fastadapter.model.llama`) the parameters of the meta-device ``model``, without
     copying them unless ``dtype`` asks for a conversion.
 
     Args:

@@ -7,7 +7,7 @@ Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.atte
 adapted layer when :func:`fastadapter.add_adapter` gives its attention a :class:`LayerAdapter`; the other layers
 run plain causal attention (an empty prefix).
 
-LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`.load_hf`) run on the same modules through a few
+LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`fastadapter.loaders.load_hf`) run on the same modules through a few
 :class:`LlamaConfig` options: q/k norms, qkv clamp, head width, softmax scale, Gemma's norms and
 :class:`SandwichNormBlock`, GeGLU, embedding scale, final logit soft-capping, per-layer RoPE. Each is off by
 default and adds no tensor operation when off.

@@ -116,7 +116,7 @@ def _quiet(*args, **kwargs) -> None:
 def setup_model(settings: FinetuneSettings, context):
     """The base model in ``settings.dtype``: loaded plainly, or with ``settings.fsdp`` straight into FSDP shards
     over ``context``'s ranks (the whole base is never materialised on one rank)."""
-    from ..model.checkpoints import load_model
+    from ..loaders.checkpoints import load_model
     from ..training.trainer import DTYPES
 
     if settings.fsdp:
@@ -132,7 +132,7 @@ def setup_adapter(model, settings: FinetuneSettings, context, say: Callable = _q
     """Add the adapter to ``model`` (in place) and move it to ``context.device``: V1 or V2 on the top
     ``adapter_layers`` layers, the base quantized with ``settings.quantize``, and image prompts when
     ``settings.vision_model`` is given."""
-    from ..model.adapter import AdapterConfig, add_adapter, save_adapter
+    from ..adapters.adapter import AdapterConfig, add_adapter, save_adapter
     from ..training.trainer import DTYPES
 
     n_layers = model.config.n_layers
@@ -143,7 +143,7 @@ def setup_adapter(model, settings: FinetuneSettings, context, say: Callable = _q
                                    gate_activation=settings.gate_activation,
                                    gate_per_head=settings.gate_shape == "head")
     if settings.adapter == "v2":
-        from ..model.adapter_v2 import add_adapter_v2, save_adapter_v2
+        from ..adapters.adapter_v2 import add_adapter_v2, save_adapter_v2
         add_adapter_v2(model, adapter_config)
         save_fn = save_adapter_v2  # the run's final adapter file is a V2 file
     else:
@@ -209,7 +209,7 @@ def calibrate_projection(mm, examples, pixels, *, max_images: int = CALIBRATION_
 def setup_data(settings: FinetuneSettings, model, adapter: AdapterSetup, say: Callable = _quiet) -> DataSetup:
     """The tokenizer and the examples of ``settings.data``, split into training and eval examples: Alpaca or
     chat rows, or (multimodal) image rows or a ScienceQA folder, whose images standardise the projection."""
-    from ..model.tokenizer import check_vocabulary, find_tokenizer, load_tokenizer
+    from ..tokenizers.tokenizer import check_vocabulary, find_tokenizer, load_tokenizer
     from ..training.data import load_examples, split_examples
     from ..training.packing import padding_report
 

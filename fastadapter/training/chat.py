@@ -138,7 +138,7 @@ def tokenize_conversation(messages: Sequence[dict], tokenizer, template: ChatTem
     """One :class:`Example` of a conversation: the rendered text's tokens, labels on the assistant spans.
 
     Args:
-        tokenizer: an :class:`~fastadapter.model.tokenizer_hf.HFTokenizer` (``encode_with_offsets``).
+        tokenizer: an :class:`~fastadapter.tokenizers.tokenizer_hf.HFTokenizer` (``encode_with_offsets``).
         max_seq_len: the longest model input kept.
 
     Returns:

@@ -2,7 +2,7 @@
 
 Every rank builds the model on the meta device, shards it (:func:`fastadapter.training.fsdp.shard_base`),
 allocates only its own shards (``to_empty``) and copies into them its rows of each tensor of the checkpoint,
-read through the loaders' memory maps (:func:`fastadapter.model.weights.receive_weights`): a rank reads, converts and keeps
+read through the loaders' memory maps (:func:`fastadapter.loaders.weights.receive_weights`): a rank reads, converts and keeps
 ``1/world_size`` of every weight, so its resident memory is about one shard of the base plus the one tensor
 being converted, never the whole model. (Tensors that a format stores permuted or split — Hugging Face's
 ``wq``/``wk``, Meta's model-parallel shards — are materialised by the loader, one tensor at a time.)
@@ -14,10 +14,10 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from ..model.adapter_file import base_model_fingerprint
-from ..model.checkpoints import load_model
+from ..adapters.adapter_file import base_model_fingerprint
+from ..loaders.checkpoints import load_model
 from ..model.llama import LlamaModel
-from ..model.weights import receive_weights
+from ..loaders.weights import receive_weights
 
 
 def load_sharded(path: Union[str, os.PathLike], context, *, dtype: Optional[torch.dtype] = None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastadapter.model.adapter_file import (METADATA_KEY, V2_METADATA_KEY, AdapterFileError, adapter_file_kind,
+from fastadapter.adapters.adapter_file import (METADATA_KEY, V2_METADATA_KEY, AdapterFileError, adapter_file_kind,
                                             base_model_fingerprint, read_adapter_file, write_adapter_file)
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 16, 3, 4, 2, 40

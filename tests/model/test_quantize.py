@@ -9,8 +9,8 @@ from torch import nn
 
 from fastadapter.cli import flag_of
 from fastadapter.cli import main as cli_main
-from fastadapter.model.adapter import AdapterConfig, adapted_layers, add_adapter
-from fastadapter.model.checkpoints import load_model
+from fastadapter.adapters.adapter import AdapterConfig, adapted_layers, add_adapter
+from fastadapter.loaders.checkpoints import load_model
 from fastadapter.model.config import LlamaConfig
 from fastadapter.model.llama import LlamaModel
 from fastadapter.model.quantize import (base_projections, base_weight_bytes, dequantized_copy, is_quantized,

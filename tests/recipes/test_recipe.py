@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from fastadapter.cli import build_parser, flag_of
-from fastadapter.model.adapter_file import adapter_file_kind
+from fastadapter.adapters.adapter_file import adapter_file_kind
 from fastadapter.recipes import adapter_finetune
 from fastadapter.recipes.adapter_finetune import FinetuneSettings
 from fastadapter.setting_error import SettingError

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, Example
 from fastadapter.training.packing import collate_packed, pack_examples, pad_examples, padding_report
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from fastadapter.cli import main as cli_main
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, DataError, Example
 from fastadapter.training.image_data import (ImageExample, PixelCache, collate_images,
                                              load_image_instruction_examples)
@@ -339,7 +340,8 @@ def test_image_data_without_a_vision_model_is_refused(tmp_path, shared_data, sci
 
 
 def test_eval_and_train_refuse_image_flags_that_do_not_fit(tmp_path, shared_data, scienceqa, capsys):
-    from fastadapter.model import load_model, save_adapter
+    from fastadapter.adapters import save_adapter
+    from fastadapter.loaders import load_model
 
     model = add_adapter(load_model(shared_data / "stories260K.bin"), AdapterConfig(prompt_len=2, layers=1))
     text_only = tmp_path / "text.safetensors"
