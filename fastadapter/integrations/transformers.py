@@ -212,10 +212,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Opt
             original LLaMA-Adapter v1 checkpoint.
         format: ``"fastadapter"``, ``"peft"``, ``"litgpt"`` or ``"llama_adapter_v1"``; detected when None.
         gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
-            default (as :func:`fastadapter.model.load_adapter`); a fastadapter file keeps the one it records.
+            default (as :func:`fastadapter.adapters.load_adapter`); a fastadapter file keeps the one it records.
 
     After the call, ``model.adapter_source`` says where the adapter came from, which gate activation it runs
-    with, and why (as :func:`fastadapter.model.load_adapter`).
+    with, and why (as :func:`fastadapter.adapters.load_adapter`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.

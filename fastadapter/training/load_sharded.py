@@ -25,7 +25,7 @@ def load_sharded(path: Union[str, os.PathLike], context, *, dtype: Optional[torc
     """Load the checkpoint at ``path`` as a frozen :class:`LlamaModel` whose base is sharded over the ranks.
 
     Args:
-        path: any checkpoint :func:`fastadapter.model.load_model` reads.
+        path: any checkpoint :func:`fastadapter.loaders.load_model` reads.
         context: this rank's :class:`~fastadapter.training.distributed.DistributedContext` (the process group
             must exist); the shards are allocated on ``context.device``.
         dtype: the dtype the shards are stored in (default: the checkpoint's).
