@@ -105,8 +105,9 @@ def build_model(config: MultimodalConfig, device):
     """The MultimodalLlama (random LLaMA, random frozen CLIP tower, gates non-zero) and the images' pixels."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
-    from fastadapter.model.adapter import adapted_layers
+    from fastadapter.adapters import AdapterConfig, add_adapter
+    from fastadapter.model import LlamaConfig, LlamaModel
+    from fastadapter.adapters.adapter import adapted_layers
     from fastadapter.vision import VisionTower, add_vision
 
     torch.manual_seed(0)

@@ -97,7 +97,7 @@ def config_for(preset: str) -> TrainingConfig:
 
 def alpaca_examples(count: int):
     """The first ``count`` rows of ``alpaca_tiny.json`` tokenised with LLaMA's SentencePiece tokenizer."""
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import load_rows, tokenize_rows
 
     folder = shared_data.require("alpaca_tiny.json", "llama_tokenizer.model")

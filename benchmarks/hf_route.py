@@ -6,7 +6,7 @@ One random Mistral (no weights downloaded; LLaMA's 32000-token vocabulary) is sa
 the first Alpaca rows of ``../shared/data/alpaca_tiny.json`` are tokenised with LLaMA's tokenizer converted to
 ``tokenizer.json``. Three routes train the top ``L`` layers with a prompt of ``P`` tokens, fp32, AdamW:
 
-* ``fastadapter`` — what the CLI runs: the folder loaded into the thin model (:mod:`fastadapter.model.load_hf`),
+* ``fastadapter`` — what the CLI runs: the folder loaded into the thin model (:mod:`fastadapter.loaders.load_hf`),
   the rows **packed** into one row of ``--batch-tokens`` (no padding), logits only at the loss tokens;
 * ``hf+fastadapter`` — the transformers integration (``apply_adapter``) on the Hugging Face model, rows padded to
   the longest of the batch;
@@ -71,10 +71,10 @@ def run(dim: int, n_layers: int, rows: int, prompt_len: int, repeats: int) -> li
     from peft import AdaptionPromptConfig, get_peft_model
 
     from fastadapter.integrations.transformers import apply_adapter
-    from fastadapter.model.adapter import AdapterConfig, add_adapter
-    from fastadapter.model.checkpoints import load_model
-    from fastadapter.model.tokenizer_convert import write_tokenizer_folder
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.adapters.adapter import AdapterConfig, add_adapter
+    from fastadapter.loaders.checkpoints import load_model
+    from fastadapter.tokenizers.tokenizer_convert import write_tokenizer_folder
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.packing import collate_packed
     from fastadapter.training.trainer import token_loss_sum
 

@@ -38,7 +38,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _model(config, scheme, device):
-    from fastadapter.model.adapter import AdapterConfig, adapted_layers, add_adapter
+    from fastadapter.adapters.adapter import AdapterConfig, adapted_layers, add_adapter
     from fastadapter.model.llama import LlamaModel
     from fastadapter.model.quantize import quantize_base
 

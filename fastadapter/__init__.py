@@ -17,8 +17,10 @@ _EXPORTS = {
     "zero_init_attention_varlen": ".attention",
     "ZeroInitAttention": ".module",
     "zero_init_attention_reference": ".reference",
-    **{name: ".model" for name in ("AdapterConfig", "LlamaConfig", "LlamaModel", "add_adapter", "generate",
-                                   "load_adapter", "load_model", "load_tokenizer", "save_adapter")},
+    **{name: ".model" for name in ("LlamaConfig", "LlamaModel", "generate")},
+    **{name: ".adapters" for name in ("AdapterConfig", "add_adapter", "load_adapter", "save_adapter")},
+    "load_model": ".loaders",
+    "load_tokenizer": ".tokenizers",
 }
 
 __all__ = ["zero_init_attention", "zero_init_attention_varlen", "zero_init_attention_reference",

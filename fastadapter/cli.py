@@ -19,6 +19,8 @@ import os
 import sys
 import traceback
 
+from .setting_error import SettingError
+
 #: subcommand -> module under fastadapter.commands
 COMMANDS = {
     "generate": "generate",
@@ -107,8 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+#: The flag of each library setting whose flag is not ``--`` + its name with dashes (``batch_tokens``:
+#: ``--batch-tokens``).
+SETTING_FLAGS = {"warmup_steps": "--warmup"}
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of the library setting ``setting`` (a :class:`SettingError`'s names)."""
+    return SETTING_FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
 def describe_error(exc: BaseException) -> str:
-    """The one-line message of a user error: an ``OSError`` as ``what: path`` (without ``[Errno N]``)."""
+    """The one-line message of a user error: an ``OSError`` as ``what: path`` (without ``[Errno N]``), a
+    :class:`~fastadapter.setting_error.SettingError` with the flags of the settings it names."""
+    if isinstance(exc, SettingError):
+        return exc.render(flag_of)
     if isinstance(exc, OSError) and exc.strerror and (exc.errno in ENVIRONMENT_ERRNOS or exc.filename):
         where = f": {exc.filename}" if exc.filename is not None else ""
         if exc.filename2 is not None:

@@ -31,7 +31,7 @@ def write_chat_tokenizer(shared_data, folder, template=CHATML_TEMPLATE):
     """tokenizer.json + tokenizer_config.json in ``folder``: 32000 LLaMA pieces, ids 32000-32001 ChatML's."""
     from tokenizers import AddedToken
 
-    from fastadapter.model.tokenizer_convert import sentencepiece_to_tokenizer
+    from fastadapter.tokenizers.tokenizer_convert import sentencepiece_to_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = sentencepiece_to_tokenizer(shared_data / "llama_tokenizer.model")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])

@@ -12,16 +12,18 @@ ROOT = TESTS.parent
 FOLDERS = {
     "ops": ("fastadapter/attention.py", "fastadapter/module.py", "fastadapter/reference.py", "fastadapter/backends"),
     "kernels": ("kernels", "csrc", "fastadapter/decode_linear.py"),
-    "model": ("fastadapter/model",),
+    "model": ("fastadapter/model", "fastadapter/adapters", "fastadapter/loaders", "fastadapter/tokenizers"),
     "vision": ("fastadapter/vision",),
     "training": ("fastadapter/training",),
+    "recipes": ("fastadapter/recipes",),
     "integrations": ("fastadapter/integrations",),
-    "cli": ("fastadapter/cli.py", "fastadapter/commands"),
+    "cli": ("fastadapter/cli.py", "fastadapter/commands", "fastadapter/setting_error.py"),
     "bench": ("benchmarks",),
     "examples": ("examples",),
 }
-#: Tests of the checkout as a whole (its install routes, its README, its CI script, this layout) stay at the top.
-TOP_LEVEL = {"test_install.py", "test_readme.py", "test_ci_stages.py", "test_layout.py"}
+#: Tests of the checkout as a whole (its install routes, its README, its CI script, its import graph, this layout)
+#: stay at the top.
+TOP_LEVEL = {"test_install.py", "test_readme.py", "test_ci_stages.py", "test_import_graph.py", "test_layout.py"}
 
 
 def _test_files() -> list[pathlib.Path]:

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, Example
 
 TINY = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=48, hidden_dim=64, max_seq_len=64)

@@ -126,7 +126,7 @@ def device_peaks(device: str) -> tuple[Optional[float], Optional[float]]:
 def alpaca_examples(max_seq_len: int):
     """The Alpaca rows of :data:`ALPACA` tokenised with LLaMA's tokenizer (the shared data folder; a stage that
     needs them and cannot find them fails with a one-line reason and the others run)."""
-    from fastadapter.model.tokenizer import load_tokenizer
+    from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import load_examples
     folder = shared_data.require(ALPACA, TOKENIZER)
     examples, _ = load_examples(folder / ALPACA, load_tokenizer(folder / TOKENIZER), max_seq_len)

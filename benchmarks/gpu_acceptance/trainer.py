@@ -31,7 +31,7 @@ def _random_model(config, dtype: torch.dtype, device: str):
 
 
 def stage_trainer(cfg: Settings, deadline: Deadline, out: dict) -> None:
-    from fastadapter.model.adapter import AdapterConfig, add_adapter
+    from fastadapter.adapters.adapter import AdapterConfig, add_adapter
     from fastadapter.model.config import LlamaConfig
     from fastadapter.training.flops import NAMED_CONFIGS, epoch_flops
     from fastadapter.training.trainer import Trainer, TrainConfig, epoch_rows

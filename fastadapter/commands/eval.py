@@ -59,9 +59,9 @@ def check_settings(args) -> None:
 def run(args) -> int:
     check_settings(args)
 
-    from ..model.adapter import load_adapter
-    from ..model.checkpoints import load_model
-    from ..model.tokenizer import check_vocabulary, load_tokenizer
+    from ..adapters.adapter import load_adapter
+    from ..loaders.checkpoints import load_model
+    from ..tokenizers.tokenizer import check_vocabulary, load_tokenizer
     from ..training.data import DataReport
     from ..training.image_data import PixelCache
     from ..training.scienceqa import load_problems
@@ -77,16 +77,17 @@ def run(args) -> int:
     model = load_model(args.model, dtype=dtype)
     scorer, pixels = model, None
     if args.adapter:
-        from ..vision import load_multimodal_adapter, read_vision_description
-        vision = read_vision_description(args.adapter)
-        if vision is not None and not args.no_images:
+        from ..adapters.adapter_file import adapter_file_kind
+        from ..vision import load_multimodal_adapter
+        multimodal = adapter_file_kind(args.adapter) == "multimodal"
+        if multimodal and not args.no_images:
             if args.vision_model is None:
                 raise ValueError(f"{args.adapter} conditions on images: pass --vision-model DIR (the tower it was "
                                  f"trained with), or --no-images to score it without them")
             scorer = load_multimodal_adapter(model, args.adapter, args.vision_model)
             pixels = PixelCache(scorer.tower.preprocess)
         else:
-            if vision is None and args.vision_model is not None:
+            if not multimodal and args.vision_model is not None:
                 raise ValueError(f"{args.adapter} is a text-only adapter (no image projection): --vision-model "
                                  f"does not apply")
             load_adapter(model, args.adapter)

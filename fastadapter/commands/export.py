@@ -1,5 +1,5 @@
 """``fastadapter export``: write an adapter made by ``fastadapter train`` in the layout of PEFT, litgpt or the
-original LLaMA-Adapter v1 (see :mod:`fastadapter.model.adapter_export`)."""
+original LLaMA-Adapter v1 (see :mod:`fastadapter.adapters.adapter_export`)."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..model.adapter_export import PEFT_FILES, export_adapter
+    from ..adapters.adapter_export import PEFT_FILES, export_adapter
 
     if not os.path.isfile(args.adapter):
         raise FileNotFoundError(f"adapter not found: {args.adapter}")

@@ -106,10 +106,10 @@ def run(args) -> int:
 
     import torch
 
-    from ..model.adapter import load_adapter
-    from ..model.checkpoints import load_model
+    from ..adapters.adapter import load_adapter
+    from ..loaders.checkpoints import load_model
     from ..model.generation import generate
-    from ..model.tokenizer import check_vocabulary, load_tokenizer
+    from ..tokenizers.tokenizer import check_vocabulary, load_tokenizer
 
     from ._device import resolve_device, resolve_dtype
 
@@ -134,8 +134,9 @@ def run(args) -> int:
     elif args.adapter:
         if getattr(args, "vision_model", None) is not None:
             raise ValueError("--vision-model is given without --image: pass the image to condition on")
-        from ..model.adapter_v2 import is_v2_file, load_adapter_v2
-        if is_v2_file(args.adapter):
+        from ..adapters.adapter_file import adapter_file_kind
+        from ..adapters.adapter_v2 import load_adapter_v2
+        if adapter_file_kind(args.adapter) == "v2":
             if args.gate_activation is not None:
                 raise ValueError("--gate-activation applies to adapters of other projects; a LLaMA-Adapter V2 file "
                                  "of fastadapter keeps the activation it was trained with")

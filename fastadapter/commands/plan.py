@@ -54,14 +54,14 @@ def _model_config(name_or_path: str):
     if not os.path.exists(name_or_path):
         raise ValueError(f"--model {name_or_path!r} is neither a named config ({', '.join(NAMED_CONFIGS)}) nor an "
                          f"existing checkpoint path")
-    from ..model.checkpoints import detect_checkpoint_format, load_model
+    from ..loaders.checkpoints import detect_checkpoint_format, load_model
 
     format = detect_checkpoint_format(name_or_path)
     if format == "llama2c":
-        from ..model.load_llama2c import read_llama2c_config
+        from ..loaders.load_llama2c import read_llama2c_config
         return read_llama2c_config(name_or_path)[0]
     if format == "hf":
-        from ..model.load_hf import read_hf_config
+        from ..loaders.load_hf import read_hf_config
         return read_hf_config(name_or_path)
     return load_model(name_or_path).config  # Meta: the shape is in the (memory-mapped) shards
 
@@ -84,7 +84,7 @@ def _lengths(args) -> tuple[list[int], str]:
 
     tokenizer_path = _find_tokenizer(args)
     if tokenizer_path:
-        from ..model.tokenizer import load_tokenizer
+        from ..tokenizers.tokenizer import load_tokenizer
         examples, _ = load_examples(args.data, load_tokenizer(tokenizer_path), args.max_seq_len)
         return [len(e) for e in examples], f"tokenised with {tokenizer_path}"
     lengths = []

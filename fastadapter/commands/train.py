@@ -224,23 +224,6 @@ def parse_layer_list(text: str | None, flag: str) -> list[int] | None:
     return layers
 
 
-#: The most training images whose features set the projection's standardisation (evenly spaced over the distinct
-#: images; the statistics of a thousand images are as good as those of all, and cost one pass of the tower).
-CALIBRATION_IMAGES = 1024
-
-
-def calibrate_projection(mm, examples, pixels, *, max_images: int = CALIBRATION_IMAGES, chunk: int = 64) -> int:
-    """Standardise ``mm``'s image features over the distinct images of ``examples`` (at most ``max_images`` of
-    them, evenly spaced; ``pixels``: paths → pixel values); returns how many, 0 when fewer than 2 (left as is).
-    Deterministic in the examples, so a resumed run recomputes the statistics of the run it continues."""
-    paths = list(dict.fromkeys(e.image for e in examples if getattr(e, "image", None) is not None))
-    if len(paths) < 2:
-        return 0
-    stride = -(-len(paths) // max_images)
-    paths = paths[::stride]
-    return mm.calibrate(pixels(paths[i:i + chunk]) for i in range(0, len(paths), chunk))
-
-
 def check_vision_settings(args) -> None:
     """The image flags: values in range, and --vision-model given exactly when the data has images."""
     if getattr(args, "vision_model", None) is None:
@@ -281,8 +264,6 @@ def _load_resumed(path: str) -> dict:
 def run(args) -> int:
     check_settings(args)  # before torch is even imported
 
-    import torch
-
     from ..training.checkpoint import resolve_resume
     from ..training.data import file_fingerprint
     from ..training.distributed import init_from_environment
@@ -298,165 +279,56 @@ def run(args) -> int:
         state = None if resume is None else _load_resumed(resume)
         folder = RunFolder.open(args.out, resume_state=state, resume_path=resume, overwrite=args.overwrite)
     try:
-        return _train(args, torch, context, folder, resume, data_file)
+        return _train(args, context, folder, resume, data_file)
     finally:
         if folder is not None:
             folder.release()
 
 
-def _train(args, torch, context, folder, resume, data_file) -> int:
-    from ..model.adapter import AdapterConfig, add_adapter, save_adapter
-    from ..model.checkpoints import load_model
-    from ..model.tokenizer import check_vocabulary, load_tokenizer
-    from ..training.data import load_examples, split_examples
-    from ..training.packing import padding_report
-    from ..training.trainer import DTYPES, TrainConfig, train
+def finetune_settings(args, device):
+    """The recipe's settings from the parsed flags (``--dtype`` resolved on ``device``)."""
+    from ..recipes.adapter_finetune import FinetuneSettings
+
+    return FinetuneSettings(
+        model=args.model, data=args.data, out=args.out, tokenizer=args.tokenizer,
+        dtype=dtype_name(args.dtype, device), seed=args.seed, fsdp=args.fsdp,
+        activation_checkpointing=args.activation_checkpointing, adapter=args.adapter,
+        adapter_layers=args.adapter_layers, prompt_len=args.prompt_len, gate_activation=args.gate_activation,
+        gate_shape=args.gate_shape, quantize=args.quantize, template=args.template, chat_template=args.chat_template,
+        on_bad_row=args.on_bad_row, eval_fraction=args.eval_fraction, max_seq_len=args.max_seq_len,
+        vision_model=args.vision_model, vision_layers=parse_layer_list(args.vision_layers, "--vision-layers"),
+        vision_pooling=args.vision_pooling, fusion=args.fusion, early_fusion_layers=args.early_fusion_layers,
+        split=args.split, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_steps=args.max_steps,
+        epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+
+
+def _train(args, context, folder, resume, data_file) -> int:
+    from ..recipes import adapter_finetune
 
     say = print if context.is_main else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    args.dtype = dtype_name(args.dtype, context.device)
-
-    if args.fsdp:
-        if not context.active:
-            raise ValueError("--fsdp shards the base over the ranks of a torchrun job, and this is one process: "
-                             "launch with torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ... (N >= 2)")
-        from ..model.load_sharded import load_sharded
-        model = load_sharded(args.model, context, dtype=DTYPES[args.dtype])
-    else:
-        model = load_model(args.model, dtype=DTYPES[args.dtype])
-    model.activation_checkpointing = args.activation_checkpointing
-    n_layers = model.config.n_layers
-    layers = min(args.adapter_layers, n_layers)
-    if layers <= 0:
-        raise ValueError(f"--adapter-layers must be positive, got {args.adapter_layers}")
-    adapter_config = AdapterConfig(prompt_len=args.prompt_len, layers=layers, gate_activation=args.gate_activation,
-                                   gate_per_head=args.gate_shape == "head")
-    if args.adapter == "v2":
-        from ..model.adapter_v2 import add_adapter_v2, save_adapter_v2
-        add_adapter_v2(model, adapter_config)
-        save_fn = save_adapter_v2  # the run's final adapter file is a V2 file
-    else:
-        add_adapter(model, adapter_config)  # under --fsdp: on every rank (replicated), the same seeded values
-        save_fn = save_adapter
-    if not args.fsdp:
-        model.to(context.device)
-    if args.quantize:  # on the device: torchao packs the weights for the kernels of the device they run on
-        from ..model.quantize import quantize_base
-        quantize_base(model, args.quantize)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model: {args.model} ({n_layers} layers, dim {model.config.dim}); adapter {args.adapter}: top {layers} "
-        f"layers, prompt {args.prompt_len}, {trainable:,} trainable parameters")
-    if args.fsdp:
-        from ..training.fsdp import resident_base_bytes
-        local, total = resident_base_bytes(model)
-        say(f"fsdp: the base is sharded over {context.world_size} ranks: {local / 2**20:,.1f} MiB of its "
-            f"{total / 2**20:,.1f} MiB on rank 0")
-    if args.quantize:
-        from ..model.quantize import base_weight_bytes
-        say(f"quantize: {args.quantize} base projections, {base_weight_bytes(model) / 2**20:,.2f} MiB")
-    mm = None
-    if args.vision_model:
-        from ..vision import VisionTower, VisualPromptConfig, add_vision
-        tower = VisionTower.from_folder(args.vision_model, layers=parse_layer_list(args.vision_layers,
-                                                                                   "--vision-layers"),
-                                        pooling=args.vision_pooling, dtype=DTYPES[args.dtype])
-        mm = add_vision(model, tower, VisualPromptConfig(fusion=args.fusion, early_layers=args.early_fusion_layers))
-        mm.to(context.device)
-        say(f"vision: {args.vision_model} (C={tower.hidden_size}, layers {tower.layers}, {args.vision_pooling}); "
-            f"images reach adapted layers {mm.fused_layers}; "
-            f"{sum(p.numel() for p in mm.parameters() if p.requires_grad):,} trainable parameters with the projection")
-
-    max_seq_len = args.max_seq_len or min(512, model.config.max_seq_len)
-    if max_seq_len > model.config.max_seq_len:
-        # Past it, positions leave what the model was trained on, or a sliding window would cut (the loaders cap
-        # max_seq_len at the window, where full causal attention is still exact).
-        raise ValueError(f"--max-seq-len ({max_seq_len}) exceeds the model's max_seq_len "
-                         f"({model.config.max_seq_len}: its context, or its sliding attention window); give at most "
-                         f"{model.config.max_seq_len}")
-    if args.batch_tokens < max_seq_len:
-        raise ValueError(f"--batch-tokens ({args.batch_tokens}) must be >= --max-seq-len ({max_seq_len}, the "
-                         f"default for this model): a packed row must hold the longest example")
-    tokenizer_path = args.tokenizer or _default_tokenizer(args.model)
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_vocabulary(tokenizer, model.config.vocab_size, tokenizer_path, args.model)
-    chat_template = None
-    if args.template == "chat":
-        from ..training.chat import chat_template_of
-        chat_template = chat_template_of(tokenizer, args.chat_template)
-    collate_fn = None
-    if mm is not None:
-        from ..training.image_data import (PixelCache, collate_images, images_digest,
-                                           load_image_instruction_examples)
-        from ..training.scienceqa import load_scienceqa_examples
-        if os.path.isdir(args.data):
-            examples, report = load_scienceqa_examples(args.data, tokenizer, max_seq_len, split=args.split,
-                                                       on_bad_row=args.on_bad_row)
-        else:
-            examples, report = load_image_instruction_examples(args.data, tokenizer, max_seq_len,
-                                                               on_bad_row=args.on_bad_row)
-        pixels = PixelCache(mm.tower.preprocess)
-        collate_fn = lambda rows: collate_images(rows, pixels)  # noqa: E731
-        say(f"images: {sum(e.image is not None for e in examples)} of {len(examples)} examples have one")
-    else:
-        examples, report = load_examples(args.data, tokenizer, max_seq_len, on_bad_row=args.on_bad_row,
-                                         template=args.template, chat_template=chat_template)
-    say(f"data: {args.data}: {report.summary()}")
-    train_examples, eval_examples = split_examples(examples, args.eval_fraction, args.seed)
-    if mm is not None:
-        calibrated = calibrate_projection(mm, train_examples, pixels)
-        say(f"vision: image features standardised over {calibrated} training images" if calibrated else
-            "vision: fewer than 2 training images: the image features are not standardised")
-    waste = padding_report([len(e) for e in train_examples], max_seq_len=max_seq_len, batch_size=8,
-                           batch_tokens=args.batch_tokens)
-    say(f"packing: {waste['real_tokens']:,} real tokens in {waste['packed_rows']} rows "
-        f"({waste['packed_fill']:.0%} full, no padding); padding would be "
-        f"{waste['pad_to_max_len']['padding_fraction']:.0%} of the tokens padded to {max_seq_len}, "
-        f"{waste['pad_to_longest']['padding_fraction']:.0%} padded to the longest of batches of 8")
-
-    config = TrainConfig(out=args.out, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum,
-                         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup,
-                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                         dtype=args.dtype, eval_every=args.eval_every, save_every=args.save_every,
-                         keep_checkpoints=args.keep_checkpoints, seed=args.seed, progress=not args.no_progress,
-                         # What the examples and the adapter come from: --resume refuses a checkpoint of other ones.
-                         fingerprint={"data": data_file, "max_seq_len": max_seq_len,
-                                      "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
-                                      "prompt_len": args.prompt_len,
-                                      "adapter_layers": adapter_config.layer_indices(n_layers),
-                                      "gate_activation": args.gate_activation, "gate_shape": args.gate_shape,
-                                      "adapter": args.adapter, "template": args.template,
-                                      "quantize": args.quantize})
-    if mm is not None:
-        from ..vision import save_multimodal_adapter
-        from ..vision.multimodal import vision_description
-        config.fingerprint.update({"vision": vision_description(mm), "split": args.split,
-                                   "images": images_digest(examples)})
-        trained, save_fn, extra = mm, save_multimodal_adapter, {"collate_fn": collate_fn}
-    else:
-        trained, extra = model, {}
-    save_fn = _final_adapter_writer(save_fn, args.out)
-    hooks = _run_hooks(args, context, tokenizer, chat_template)
-    closers = hooks.pop("_close")
-    if resume:
-        say(f"resuming from {resume}")
-    try:
-        result = train(trained, train_examples, eval_examples, config, resume=resume, context=context,
-                       save_adapter_fn=save_fn, run_folder=folder, **hooks, **extra)
-    finally:
-        for close in closers:
-            close()
+    if args.fsdp and not context.active:
+        raise ValueError("--fsdp shards the base over the ranks of a torchrun job, and this is one process: "
+                         "launch with torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ... (N >= 2)")
+    settings = finetune_settings(args, context.device)
+    done = adapter_finetune.train(settings, context, data_file=data_file, run_folder=folder, resume=resume,
+                                  hooks=lambda tokenizer, chat_template: _run_hooks(args, context, tokenizer,
+                                                                                    chat_template),
+                                  final_adapter_writer=_final_adapter_writer, say=say)
+    result = done.result
     if result.interrupted_by is not None:
         say(f"interrupted by signal {result.interrupted_by} at step {result.steps}: checkpoint saved in "
             f"{os.path.join(args.out, 'checkpoints')}; continue with --resume")
         return 128 + int(result.interrupted_by)
     first = "n/a" if result.initial_eval_loss is None else f"{result.initial_eval_loss:.4f}"
     last = "n/a" if result.eval_loss is None else f"{result.eval_loss:.4f}"
-    adapter_path = os.path.join(args.out, "adapter.safetensors")
     say(f"done: {result.steps} steps, train loss {result.loss:.4f}, eval loss {first} -> {last}; adapter: "
-        f"{adapter_path}")
-    image = f" --vision-model {shlex.quote(args.vision_model)} --image IMAGE" if mm is not None else ""
-    say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer {shlex.quote(tokenizer_path)} "
-        f"--adapter {shlex.quote(adapter_path)}{image} --template {args.template} --prompt '...'")
+        f"{done.adapter_path}")
+    image = f" --vision-model {shlex.quote(args.vision_model)} --image IMAGE" if done.multimodal else ""
+    say(f"try it: fastadapter generate --model {shlex.quote(args.model)} --tokenizer "
+        f"{shlex.quote(done.tokenizer_path)} --adapter {shlex.quote(done.adapter_path)}{image} --template "
+        f"{args.template} --prompt '...'")
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Union
 
 from torch import nn
 
-from ..model.adapter_file import read_adapter_file
+from ..adapters.adapter_file import read_adapter_file
 from ._llama_pattern import UnsupportedAttentionError, check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
 

@@ -18,7 +18,7 @@ causal path; a left- or right-padded batch is read once per forward into ragged 
 one varlen call per layer (two for right padding); packed sequences and sliding windows that cut run an exact
 masked composition (see :mod:`._attention_mask`).
 
-Adapter files are fastadapter's (``fastadapter.model.adapter_file``): an adapter trained on a Hugging Face model
+Adapter files are fastadapter's (``fastadapter.adapters.adapter_file``): an adapter trained on a Hugging Face model
 loads into fastadapter's thin LLaMA built from the same weights, and back (same base-model fingerprint).
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..model.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
-from ..model.adapter_file import base_model_fingerprint
+from ..adapters.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
+from ..adapters.adapter_file import base_model_fingerprint
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
@@ -212,10 +212,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, format: Opt
             original LLaMA-Adapter v1 checkpoint.
         format: ``"fastadapter"``, ``"peft"``, ``"litgpt"`` or ``"llama_adapter_v1"``; detected when None.
         gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
-            default (as :func:`fastadapter.model.load_adapter`); a fastadapter file keeps the one it records.
+            default (as :func:`fastadapter.adapters.load_adapter`); a fastadapter file keeps the one it records.
 
     After the call, ``model.adapter_source`` says where the adapter came from, which gate activation it runs
-    with, and why (as :func:`fastadapter.model.load_adapter`).
+    with, and why (as :func:`fastadapter.adapters.load_adapter`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.

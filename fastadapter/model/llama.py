@@ -7,7 +7,7 @@ Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.atte
 adapted layer when :func:`fastadapter.add_adapter` gives its attention a :class:`LayerAdapter`; the other layers
 run plain causal attention (an empty prefix).
 
-LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`.load_hf`) run on the same modules through a few
+LLaMA's relatives (Qwen3, Gemma2/3, Olmo, SmolLM3, see :mod:`fastadapter.loaders.load_hf`) run on the same modules through a few
 :class:`LlamaConfig` options: q/k norms, qkv clamp, head width, softmax scale, Gemma's norms and
 :class:`SandwichNormBlock`, GeGLU, embedding scale, final logit soft-capping, per-layer RoPE. Each is off by
 default and adds no tensor operation when off.
@@ -247,7 +247,8 @@ class LlamaModel(nn.Module):
                 max_seqlen: Optional[int] = None, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None,
                 logits_positions: Optional[torch.Tensor] = None,
-                prompt_offsets: Optional[Mapping[int, torch.Tensor]] = None) -> torch.Tensor:
+                prompt_offsets: Optional[Mapping[int, torch.Tensor]] = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """Logits of every position (or of ``logits_positions``).
 
         Args:
@@ -266,6 +267,9 @@ class LlamaModel(nn.Module):
                 ``prompt + prompt_offsets[i][n]`` for sequence ``n`` (the N rows of ``tokens``, or its N packed
                 sequences); a zero row is the plain prompt. Layers not named keep the shared prompt. With a
                 ``cache``, give them at the prefill: the per-sequence prefix K/V are kept for the decoding steps.
+            return_hidden: return the final-normed hidden states ``[B, S or K, dim]`` instead of the logits (the
+                head ``output_weight`` and ``config.final_logit_softcap`` turn them into logits; the training loss
+                fuses the two: :mod:`fastadapter.training.linear_cross_entropy`).
 
         Returns:
             ``[B, S, V]`` logits in the model's dtype (``[B, K, V]`` with ``logits_positions``).
@@ -289,7 +293,10 @@ class LlamaModel(nn.Module):
             cache.advance(step.new_lengths)
         if logits_positions is not None:
             h = h.index_select(1, logits_positions)
-        logits = decode_linear(self.norm(h), self.output_weight)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        logits = decode_linear(h, self.output_weight)
         if self.config.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.config.final_logit_softcap) * self.config.final_logit_softcap
         return logits

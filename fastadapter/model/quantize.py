@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..setting_error import SettingError
+
 SCHEMES = ("int8", "int4")
 #: NF4 (int4) block sizes: values per scale, and scales per double-quantization block.
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
@@ -114,9 +116,9 @@ def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
         if is_quantized(module.weight):
             raise ValueError(f"{name}.weight is already quantized")
         if scheme == "int4" and module.weight.numel() % NF4_BLOCK:
-            raise ValueError(f"int4 (NF4) quantizes blocks of {NF4_BLOCK} values with one scale each: "
-                             f"{name}.weight {list(module.weight.shape)} has {module.weight.numel()} values, not a "
-                             f"multiple of {NF4_BLOCK}; use --quantize int8 for this model")
+            raise SettingError(f"int4 (NF4) quantizes blocks of {NF4_BLOCK} values with one scale each: "
+                               f"{name}.weight {list(module.weight.shape)} has {module.weight.numel()} values, not "
+                               f"a multiple of {NF4_BLOCK}; use {{quantize}} int8 for this model")
     if scheme == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

@@ -20,7 +20,7 @@ import json
 from datetime import datetime
 from typing import Optional, Sequence
 
-from .data import IGNORE_INDEX, DataError, DataReport, Example, text_problem
+from .examples import IGNORE_INDEX, DataError, DataReport, Example, text_problem
 
 #: ShareGPT's ``from`` values -> roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -138,7 +138,7 @@ def tokenize_conversation(messages: Sequence[dict], tokenizer, template: ChatTem
     """One :class:`Example` of a conversation: the rendered text's tokens, labels on the assistant spans.
 
     Args:
-        tokenizer: an :class:`~fastadapter.model.tokenizer_hf.HFTokenizer` (``encode_with_offsets``).
+        tokenizer: an :class:`~fastadapter.tokenizers.tokenizer_hf.HFTokenizer` (``encode_with_offsets``).
         max_seq_len: the longest model input kept.
 
     Returns:

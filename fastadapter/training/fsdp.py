@@ -59,7 +59,7 @@ def shard_base(model: nn.Module, context: DistributedContext, *, param_dtype: Op
 
     ``fully_shard`` is applied to every ``model.layers[i]`` (a unit gathered for that block's forward and
     backward, freed after) and then to the model (the embedding, final norm and output head). The model may be
-    on the meta device (see :func:`fastadapter.model.load_sharded.load_sharded`) or already materialised; its
+    on the meta device (see :func:`fastadapter.training.load_sharded.load_sharded`) or already materialised; its
     adapter, when it has one, is replicated (the module docstring says why).
 
     Args:
@@ -106,10 +106,10 @@ def shard_base(model: nn.Module, context: DistributedContext, *, param_dtype: Op
 
 
 def _remember_fingerprint(model: nn.Module) -> None:
-    """Store the base model's fingerprint (see :func:`fastadapter.model.adapter.base_model_description`) while
+    """Store the base model's fingerprint (see :func:`fastadapter.adapters.adapter.base_model_description`) while
     the embedding is still a whole tensor: rank 0 alone writes the adapter file, and fingerprinting a sharded
     embedding there would need the other ranks."""
-    from ..model.adapter_file import base_model_fingerprint
+    from ..adapters.adapter_file import base_model_fingerprint
 
     weight, c = model.tok_embeddings.weight, model.config
     if not weight.is_meta and getattr(model, "base_fingerprint", None) is None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..model.config import LlamaConfig
+from ..setting_error import SettingError
 
 GIB = 2 ** 30
 #: CUDA context + cuBLAS/NCCL workspaces + allocator slack, assumed per GPU.
@@ -92,7 +93,7 @@ def estimate_memory(config: LlamaConfig, *, batch_tokens: int, adapter_layers: i
         raise ValueError(f"batch_tokens, prompt_len, adapter_layers and gpus must be positive, got {batch_tokens}, "
                          f"{prompt_len}, {adapter_layers}, {gpus}")
     if fsdp and quantize:
-        raise ValueError("FSDP with a quantized base is not supported: pick --fsdp or --quantize")
+        raise SettingError("FSDP with a quantized base is not supported: pick {fsdp} or {quantize}")
     layers = min(adapter_layers, config.n_layers)
     d, kv, hidden = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
     q = config.n_heads * config.head_dim  # d, unless the heads are wider or narrower (Qwen3, Gemma)

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..setting_error import SettingError
 from .data import IGNORE_INDEX, Example
 
 
@@ -46,6 +47,11 @@ class PackedBatch:
         return PackedBatch(self.tokens.to(device), self.labels.to(device), self.cu_seqlens.to(device),
                            self.max_seqlen)
 
+    def extra_inputs(self) -> dict:
+        """The keyword arguments the model takes besides the packed tokens: none for text (a batch with images,
+        :class:`~fastadapter.training.image_data.ImagePackedBatch`, names its own)."""
+        return {}
+
 
 @dataclass
 class PaddedBatch:
@@ -60,6 +66,10 @@ class PaddedBatch:
     tokens: torch.Tensor
     labels: torch.Tensor
     lengths: list[int]
+
+    def extra_inputs(self) -> dict:
+        """The keyword arguments the model takes besides the tokens: none."""
+        return {}
 
 
 def pack_examples(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -81,8 +91,8 @@ def pack_examples(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     used = 0
     for index, length in enumerate(lengths):
         if length > batch_tokens:
-            raise ValueError(f"example {index} has {length} tokens, more than batch_tokens={batch_tokens}: "
-                             f"raise --batch-tokens to at least --max-seq-len")
+            raise SettingError(f"example {index} has {length} tokens, more than batch_tokens={batch_tokens}: "
+                               f"raise {{batch_tokens}} to at least {{max_seq_len}}")
         if used + length > batch_tokens and current:
             rows.append(current)
             current, used = [], 0

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Optional, Union
 
+from ..setting_error import SettingError
+
 Prompt = Union[str, dict]
 
 
@@ -66,7 +68,7 @@ class SampleWriter:
                 return self.tokenizer.encode(format_prompt(text, extra), bos=True)
             messages = [{"role": "user", "content": text}]
         if self.chat_template is None:
-            raise ValueError("a chat prompt ('messages') needs --template chat")
+            raise SettingError("a chat prompt ('messages') needs {template} chat")
         return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt=True), bos=False)
 
     def __call__(self, model, step: int, eval_loss: Optional[float]) -> None:

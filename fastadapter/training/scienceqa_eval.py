@@ -66,7 +66,7 @@ def predict(model, problems: Sequence[Problem], tokenizer, *, max_seq_len: int, 
     for row in rows:
         examples = [options[i][2] for i in row]
         batch = (collate_images(examples, pixels) if pixels is not None else collate_packed(examples)).to(device)
-        extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
+        extra = batch.extra_inputs()
         positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
         logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                        logits_positions=positions, **extra)[0]

@@ -31,161 +31,31 @@ import random
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..setting_error import SettingError
 from .checkpoint import (DataPosition, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
                          rng_state, save_checkpoint, set_rng_state)
 from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .fsdp import is_sharded
+from .linear_cross_entropy import linear_cross_entropy
+from .optimizer import adapter_parameters, build_optimizer
 from .packing import PackedBatch, collate_packed, pack_examples
+from .resume import resume_differences
 from .run_folder import RunFolder
 from .schedule import warmup_cosine
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters and bookkeeping of a run (the ``fastadapter train`` flags).
-
-    Attributes:
-        out: the run folder: ``metrics.jsonl``, ``checkpoints/``, ``adapter.safetensors``.
-        batch_tokens: capacity of one packed row (one micro-batch of one rank).
-        grad_accum: micro-batches per rank per optimizer step.
-        max_steps: optimizer steps of the run; None: ``epochs`` passes over the training data.
-        epochs: passes over the training data when ``max_steps`` is None.
-        lr: peak learning rate; warmup_steps: linear warmup; min_lr_ratio: the cosine's floor, times ``lr``.
-        weight_decay: AdamW decay of the prompts (gates, 1-D, are not decayed, as the original code).
-        grad_clip: max global gradient norm (0: no clipping).
-        dtype: ``fp32``, ``bf16`` or ``fp16`` autocast (adapter parameters and optimizer state stay fp32).
-        eval_every: evaluate every this many steps (and at step 0 and at the end); 0: only at 0 and the end.
-        save_every: checkpoint every this many steps (and at the end); 0: only at the end or on a signal.
-        keep_checkpoints: newest checkpoints kept (0: all).
-        seed: shuffling of each epoch.
-        progress: show a tqdm progress bar (rank 0).
-        fingerprint: what the examples and the adapter were made from, as JSON-like values (``fastadapter
-            train``: ``data``, ``max_seq_len``, ``eval_fraction``, ``on_bad_row``, ``prompt_len``,
-            ``adapter_layers``, ``gate_activation``); saved in checkpoints, and a resume whose fingerprint
-            differs in a key both record is refused. A dict value with a ``path`` describes a file (see
-            :func:`fastadapter.training.data.file_fingerprint`): it is compared without its path, so a moved
-            data file still matches.
-    """
-
-    out: str
-    batch_tokens: int = 4096
-    grad_accum: int = 1
-    max_steps: Optional[int] = None
-    epochs: int = 1
-    lr: float = 2e-2
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.02
-    grad_clip: float = 1.0
-    dtype: str = "fp32"
-    eval_every: int = 20
-    save_every: int = 50
-    keep_checkpoints: int = 3
-    seed: int = 0
-    progress: bool = True
-    fingerprint: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_tokens", "grad_accum", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got lr={self.lr}, "
-                             f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
-                             f"weight_decay={self.weight_decay}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1] (the cosine's floor as a fraction of lr), got "
-                             f"{self.min_lr_ratio}")
-        for name in ("eval_every", "save_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+from .stop_signals import StopRequest
+from .train_config import DTYPES, TrainConfig, TrainResult  # noqa: F401  (DTYPES: re-exported for callers)
 
 
-@dataclass
-class TrainResult:
-    """How a run ended: ``steps`` taken, the last training ``loss``, the first and last ``eval_loss``, and the
-    signal that interrupted it (None when it ran to the end)."""
-
-    steps: int
-    loss: float
-    initial_eval_loss: Optional[float]
-    eval_loss: Optional[float]
-    interrupted_by: Optional[int] = None
-
-
-#: TrainConfig fields a resumed run must share with its checkpoint: they decide which rows each step sees
-#: (batch_tokens, seed), the checkpoint's optimizer or scheduler state would silently override them (lr,
-#: weight_decay, warmup_steps, min_lr_ratio), or they change what a step computes (grad_clip, dtype).
-RESUME_KEYS = ("batch_tokens", "seed", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "dtype")
-
-
-class TrainingDiverged(ValueError):
+class TrainingDiverged(SettingError):
     """The training loss or the adapter became NaN or infinite; nothing of the diverged state is saved."""
-
-
-class _StopRequest:
-    """Records SIGINT/SIGTERM instead of dying, so the run can checkpoint at the end of the current step (or
-    evaluation row)."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous.clear()
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of every trainable parameter, in a fixed order; raises when there is none."""
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameter: call fastadapter.add_adapter(model, config) first")
-    for name, p in params:
-        if p.dtype != torch.float32:
-            raise ValueError(f"trainable parameter {name} is {p.dtype}; adapter parameters must stay fp32")
-    return params
-
-
-def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the adapter, with weight decay on the prompts only (matrices), fused when the device has a
-    fused kernel (one launch for every parameter instead of several per parameter)."""
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    try:
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), foreach=True)
 
 
 def epoch_rows(examples: Sequence[Example], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -196,13 +66,40 @@ def epoch_rows(examples: Sequence[Example], batch_tokens: int, seed: int, epoch:
     return [[order[i] for i in row] for row in rows]
 
 
-def token_loss_sum(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """The summed cross-entropy of ``batch``'s loss tokens (fp32 scalar); logits are computed only there."""
-    # The output head runs only at the loss tokens (about half of Alpaca's): it costs 2·dim·V FLOPs per token
-    # and a [T, V] fp32 logits tensor, often the step's peak memory.
+def _language_model(model: nn.Module):
+    """The model that holds the output head (a multimodal model wraps its language model as ``.llama``)."""
+    return getattr(model, "llama", model)
+
+
+def fuses_head_and_loss(model: nn.Module) -> bool:
+    """Whether :func:`token_loss_sum` fuses ``model``'s head with the cross-entropy: a thin model that can return
+    its hidden states, unsharded (a sharded head is gathered only inside the model's own forward)."""
+    language = _language_model(model)
+    return hasattr(language, "output_weight") and hasattr(language, "config") and not is_sharded(language)
+
+
+def token_loss_sum(model: nn.Module, batch: PackedBatch, fused: Optional[bool] = None) -> torch.Tensor:
+    """The summed cross-entropy of ``batch``'s loss tokens (fp32 scalar).
+
+    The head runs only at the loss tokens (about half of Alpaca's); with ``fused`` (default: when
+    :func:`fuses_head_and_loss`), head and cross-entropy run in chunks of tokens
+    (:func:`~fastadapter.training.linear_cross_entropy.linear_cross_entropy`), so no ``[T, V]`` logits tensor
+    is held; ``fused=False`` is the plain reference: full logits, then ``F.cross_entropy``.
+    """
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    labels = batch.labels[0, positions]
     # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
     extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
+    call = dict(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, logits_positions=positions, **extra)
+    if fused is None:
+        fused = fuses_head_and_loss(model)
+    if not fused:
+        logits = model(batch.tokens, **call)[0]
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    language = _language_model(model)
+    hidden = model(batch.tokens, return_hidden=True, **call)[0]
+    return linear_cross_entropy(hidden, language.output_weight, labels, language.config.final_logit_softcap)
+    extra = batch.extra_inputs()
     logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                    logits_positions=positions, **extra)[0]
     return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
@@ -229,9 +126,9 @@ class Trainer:
             for index, example in enumerate(examples):
                 if len(example) > config.batch_tokens:
                     where = (f"data row {example.row}" if example.row is not None else f"{kind} example {index}")
-                    raise ValueError(f"{where} has {len(example)} tokens, more than a packed row holds "
-                                     f"(--batch-tokens {config.batch_tokens}); raise --batch-tokens to at least "
-                                     f"--max-seq-len")
+                    raise SettingError(f"{where} has {len(example)} tokens, more than a packed row holds "
+                                       f"({{batch_tokens}} {config.batch_tokens}); raise {{batch_tokens}} to at "
+                                       f"least {{max_seq_len}}")
         self.run_folder: Optional[RunFolder] = None
         self.params = adapter_parameters(model)
         self._rows_cache: dict[int, list[list[int]]] = {}
@@ -264,10 +161,10 @@ class Trainer:
 
     def _count_total_steps(self) -> int:
         if self._steps_in_epoch(0) == 0:
-            raise ValueError(f"the {len(self.train_examples)} training examples pack into "
-                             f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
-                             f"step needs (grad_accum × world size = {self.rows_per_step}); lower --batch-tokens "
-                             f"or --grad-accum")
+            raise SettingError(f"the {len(self.train_examples)} training examples pack into "
+                               f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
+                               f"step needs (grad_accum × world size = {self.rows_per_step}); lower "
+                               f"{{batch_tokens}} or {{grad_accum}}")
         if self.config.max_steps is not None:
             return self.config.max_steps
         return sum(self._steps_in_epoch(e) for e in range(self.config.epochs))
@@ -277,9 +174,9 @@ class Trainer:
         if self.position.step_in_epoch >= self._steps_in_epoch(self.position.epoch):
             self.position = DataPosition(self.position.epoch + 1, 0)
             if self._steps_in_epoch(self.position.epoch) == 0:
-                raise ValueError(f"epoch {self.position.epoch} packs into {len(self._rows(self.position.epoch))} "
-                                 f"rows, fewer than one step needs ({self.rows_per_step}); lower --batch-tokens or "
-                                 f"--grad-accum")
+                raise SettingError(f"epoch {self.position.epoch} packs into "
+                                   f"{len(self._rows(self.position.epoch))} rows, fewer than one step needs "
+                                   f"({self.rows_per_step}); lower {{batch_tokens}} or {{grad_accum}}")
         rows = self._rows(self.position.epoch)
         start = self.position.step_in_epoch * self.rows_per_step
         self.position = DataPosition(self.position.epoch, self.position.step_in_epoch + 1)
@@ -328,10 +225,10 @@ class Trainer:
                 else "no checkpoint was saved")
         return (f"training diverged: {what} (lr {self.config.lr}, warmup {self.config.warmup_steps} steps, "
                 f"grad clip {self.config.grad_clip}, {self.config.dtype}); nothing of it is saved and {last}; "
-                f"lower --lr or raise --warmup")
+                f"lower {{lr}} or raise {{warmup_steps}}")
 
     @torch.no_grad()
-    def evaluate(self, stop: Optional[_StopRequest] = None) -> Optional[float]:
+    def evaluate(self, stop: Optional[StopRequest] = None) -> Optional[float]:
         """The mean token loss of the held-out examples; None when there are none, or when ``stop`` recorded a
         signal on any rank before the evaluation was complete (it stops at the next packed row)."""
         if not self.eval_examples:
@@ -380,33 +277,8 @@ class Trainer:
                 "run_id": self.run_folder.run_id if self.run_folder is not None else None}
 
     def resume_differences(self, state: dict) -> list[str]:
-        """What differs between the run that wrote checkpoint ``state`` and this one, one line per difference
-        (empty: resuming continues the same run). Keys an older checkpoint did not record are not compared."""
-        saved = state["config"]
-        differences = []
-        for key in RESUME_KEYS:
-            if key in saved and saved[key] != getattr(self.config, key):
-                differences.append(f"{key}={saved[key]}, this run has {key}={getattr(self.config, key)}")
-        saved_rows = saved["grad_accum"] * state["world_size"]
-        if saved_rows != self.rows_per_step:
-            differences.append(f"{saved_rows} rows per step (grad_accum × world size), this run takes "
-                               f"{self.rows_per_step}")
-        saved_fingerprint, fingerprint = saved.get("fingerprint", {}), self.config.fingerprint
-        for key in sorted(set(saved_fingerprint) & set(fingerprint)):
-            before, now = saved_fingerprint[key], fingerprint[key]
-            if isinstance(before, dict) and isinstance(now, dict) and "path" in before and "path" in now:
-                if _without_path(before) != _without_path(now):
-                    differences.append(f"{key} file {_describe_file(before)}, this run's is {_describe_file(now)}")
-            elif before != now:
-                differences.append(f"{key}={before}, this run has {key}={now}")
-        saved_digests = state.get("examples")
-        if saved_digests is not None:
-            parts = [name for name, part in (("training", "train"), ("eval", "eval"))
-                     if saved_digests.get(part) != self.examples_digests()[part]]
-            if parts:
-                differences.append(f"the {' and the '.join(parts)} examples differ (tokens or labels: other data, "
-                                   f"tokenizer, --max-seq-len, --eval-fraction, --on-bad-row or --seed)")
-        return differences
+        """What differs between the run that wrote checkpoint ``state`` and this one (:func:`.resume.resume_differences`)."""
+        return resume_differences(state, self.config, self.rows_per_step, self.examples_digests())
 
     def check_resumable(self, state: dict, source: str = "the checkpoint") -> None:
         """Raise ``ValueError`` listing :meth:`resume_differences` when there are any."""
@@ -467,7 +339,7 @@ class Trainer:
                 self.eval_hook(self.model, self.step, eval_loss)
             self.model.train(was_training)
 
-    def _signalled(self, stop: _StopRequest) -> Optional[int]:
+    def _signalled(self, stop: StopRequest) -> Optional[int]:
         """The signal that asks this run to stop, when any rank received one (every rank must stop at the same
         step, so they agree on it), else None."""
         (signalled,) = all_reduce_sum([float(stop.signum or 0)], self.context)
@@ -493,7 +365,7 @@ class Trainer:
         initial_eval = eval_loss = None
         loss = math.nan
         bar = None
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             state = None if resume is None else load_checkpoint(resume, map_location=self.context.device)
             if state is not None:
                 self.check_resumable(state, resume)  # before the folder is touched
@@ -559,16 +431,6 @@ class Trainer:
         return TrainResult(self.step, loss, initial_eval, eval_loss, interrupted)
 
 
-def _without_path(file: dict) -> dict:
-    return {key: value for key, value in file.items() if key != "path"}
-
-
-def _describe_file(file: dict) -> str:
-    details = [f"{file['size']:,} bytes" if "size" in file else None,
-               f"sha256 of its head {file['sha256_head'][:12]}…" if "sha256_head" in file else None]
-    return f"{file['path']} ({', '.join(d for d in details if d)})"
-
-
 def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Sequence[Example],
           config: TrainConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
           save_adapter_fn=None, run_folder: Optional[RunFolder] = None, overwrite: bool = False,
@@ -590,7 +452,7 @@ def train(model: nn.Module, train_examples: Sequence[Example], eval_examples: Se
             under the run's autocast), e.g. :class:`fastadapter.training.samples.SampleWriter`.
         metrics_hook: ``fn(record)`` called on rank 0 with every metrics record (``step``, ``loss``, ...).
         collate_fn: the examples of one packed row → a :class:`PackedBatch` (default :func:`collate_packed`; a
-            batch with ``extra_inputs()`` passes them to the model, as images to a multimodal model).
+            batch's ``extra_inputs()`` go to the model with its tokens: images to a multimodal model).
 
     Returns:
         :class:`TrainResult`.

@@ -28,9 +28,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..model.adapter import (AdapterConfig, _check_base_model, _check_fits, adapted_layers, add_adapter,
+from ..adapters.adapter import (AdapterConfig, _check_base_model, _check_fits, adapted_layers, add_adapter,
                              base_model_description, write_adapter)
-from ..model.adapter_file import VISION_PREFIX, AdapterFileError, read_adapter_file
+from ..adapters.adapter_file import VISION_PREFIX, AdapterFileError, read_adapter_file
 from ..model.generation import generate
 from ..model.llama import LlamaModel
 from .projection import VisualProjection, VisualPromptConfig

@@ -699,7 +699,8 @@ def test_bench_without_peft_runs_the_op_suite_and_exits_0(tmp_path, monkeypatch,
 
 def test_bench_writes_each_run_to_a_new_folder_and_leaves_the_committed_results_alone(tmp_path, monkeypatch):
     from fastadapter.benchmarks import runner
-    committed = {p.name: p.read_bytes() for p in runner.REFERENCE_RESULTS_DIR.iterdir()}
+    results = runner.REFERENCE_RESULTS_DIR
+    committed = {p.relative_to(results): p.read_bytes() for p in results.rglob('*') if p.is_file()}
     (tmp_path / "bench_one.py").write_text(_ONE_ROW_SUITE.format(requires=(), name="one"))
     monkeypatch.chdir(tmp_path)
     first = run_benchmarks(preset="smoke", device="cpu", bench_dir=tmp_path, plots=False, log=lambda line: None)
@@ -707,7 +708,7 @@ def test_bench_writes_each_run_to_a_new_folder_and_leaves_the_committed_results_
     folders = {path.resolve().parent for path in first.files} | {path.resolve().parent for path in second.files}
     assert len(folders) == 2 and all(f.parent == tmp_path.resolve() / "bench-results" for f in folders)
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+-\d{8}T\d{6}Z(-\d+)?", f.name) for f in folders), folders
-    assert {p.name: p.read_bytes() for p in runner.REFERENCE_RESULTS_DIR.iterdir()} == committed
+    assert {p.relative_to(results): p.read_bytes() for p in results.rglob('*') if p.is_file()} == committed
 
 
 def test_plot_titles_name_the_machine_and_the_commit(tmp_path):

@@ -644,7 +644,7 @@ def test_export_replaces_an_existing_file_only_with_overwrite_and_atomically(tmp
     assert message == f"OUT {out} already exists; pass --overwrite to replace it, or choose another path"
     assert out.read_bytes() == b"earlier"
     # --overwrite: a failure in the middle of the write (a full disk) leaves the old file whole, and no temporary.
-    import fastadapter.model.adapter_export as adapter_export
+    import fastadapter.adapters.adapter_export as adapter_export
 
     def full_disk_save(obj, f, *args, **kwargs):
         with open(f, "wb") as handle:

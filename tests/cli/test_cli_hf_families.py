@@ -30,8 +30,8 @@ def test_mistral_chat_train_resume_generate_export_to_peft(mistral_folder, tmp_p
     from peft import PeftModel
     from transformers import MistralForCausalLM
 
-    from fastadapter.model.adapter import load_adapter
-    from fastadapter.model.checkpoints import load_model
+    from fastadapter.adapters.adapter import load_adapter
+    from fastadapter.loaders.checkpoints import load_model
 
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(CHAT_ROWS[i % 3]) for i in range(30)))
@@ -100,8 +100,8 @@ def test_new_family_folder_trains_resumes_and_generates_from_the_cli(family, sha
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m][-3:] == [1, 2, 3]
 
-    from fastadapter.model.adapter import load_adapter
-    from fastadapter.model.checkpoints import load_model
+    from fastadapter.adapters.adapter import load_adapter
+    from fastadapter.loaders.checkpoints import load_model
     model = load_adapter(load_model(folder), out / "adapter.safetensors")
     assert float(model.layers[-1].attention.adapter.gate.detach().abs().max()) > 0  # trained, not the zero init
     assert main(["generate", "--model", str(folder), "--adapter", str(out / "adapter.safetensors"), "--template",

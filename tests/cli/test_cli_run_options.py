@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastadapter.cli import build_parser, main
-from fastadapter.model.adapter import AdapterConfig, add_adapter, load_adapter, save_adapter
-from fastadapter.model.checkpoints import load_model
+from fastadapter.adapters.adapter import AdapterConfig, add_adapter, load_adapter, save_adapter
+from fastadapter.loaders.checkpoints import load_model
 from fastadapter.commands._config_file import config_words, with_config
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(24)]

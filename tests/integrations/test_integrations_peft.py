@@ -289,7 +289,7 @@ def test_zero_gates_give_the_base_model_within_the_documented_bound(family, attn
     exact zero added after the base attention); accelerated, within ZERO_GATE_ULPS rounding steps, on a dense and a
     left-padded batch, and greedy generation gives the same tokens."""
     from peft import AdaptionPromptConfig, get_peft_model
-    from test_integrations_models import padded_batch
+    from hf_models import padded_batch
     base = tiny_model(family, attn_implementation=attn_implementation)
     peft_model = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
                                                                            task_type="CAUSAL_LM"))

@@ -19,7 +19,7 @@ from fastadapter.integrations._attention_mask import BatchLayout, batch_layout
 from fastadapter.integrations._llama_pattern import UnsupportedAttentionError
 from fastadapter.integrations.transformers import (AdapterAttention, adapted_layers, apply_adapter, load_adapter,
                                                    remove_adapter, save_adapter)
-from fastadapter.model.adapter_file import AdapterFileError
+from fastadapter.adapters.adapter_file import AdapterFileError
 
 from hf_models import VOCAB, peft_reference, random_tokens, tiny_model
 

@@ -18,7 +18,8 @@ import torch
 from fastadapter import _cpu_extension, zero_init_attention
 from fastadapter.backends import get_backend, select_backend
 from fastadapter.info import backend_report
-from fastadapter.model import AdapterConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaModel
 
 from attention_cases import BF16, FP16, KERNEL_CASES, Case, backend_inputs, check_against_reference
 from tiny_llama import tiny_llama_config

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from fastadapter import AdapterConfig, add_adapter, load_adapter, load_model, save_adapter
-from fastadapter.model import AdapterFileError, LlamaConfig, LlamaModel, adapted_layers
-from fastadapter.model.adapter_formats import read_foreign_adapter
+from fastadapter.adapters import AdapterFileError, adapted_layers
+from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.adapters.adapter_formats import read_foreign_adapter
 
 from tiny_llama import tiny_llama_config
 
@@ -249,7 +250,7 @@ def _litgpt_prefix_kv(attention, prompt):
     (8, 1, [True]),
 ], ids=["gqa", "gqa4", "mha", "mha-3", "mqa"])
 def test_litgpt_prefix_rows_are_right_only_for_multi_query_attention(n_heads, n_kv_heads, expected_key_groups):
-    from fastadapter.model.adapter_formats import litgpt_mismatched_heads, litgpt_prefix_blocks
+    from fastadapter.adapters.adapter_formats import litgpt_mismatched_heads, litgpt_prefix_blocks
 
     config = LlamaConfig(dim=48, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=11, hidden_dim=8)
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastadapter.model.adapter_file import (METADATA_KEY, AdapterFileError, base_model_fingerprint,
-                                            read_adapter_file, write_adapter_file)
+from fastadapter.adapters.adapter_file import (METADATA_KEY, V2_METADATA_KEY, AdapterFileError, adapter_file_kind,
+                                            base_model_fingerprint, read_adapter_file, write_adapter_file)
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 16, 3, 4, 2, 40
 CONFIG = {"prompt_len": 3, "layers": [1, 2], "gate_activation": "tanh", "gate_per_head": True}
@@ -161,3 +161,26 @@ def test_the_base_model_family_is_recorded_and_optional(tmp_path):
     assert read_adapter_file(path)[1]["base_model"]["family"] == "qwen2"
     write_adapter_file(path, _tensors(), CONFIG, _base_model())
     assert "family" not in read_adapter_file(path)[1]["base_model"]
+
+
+def test_the_kind_of_an_adapter_file_is_decided_in_one_place(tmp_path):
+    """generate, eval and export ask :func:`adapter_file_kind`; it reads the metadata only."""
+    v1, multimodal = tmp_path / "v1.safetensors", tmp_path / "mm.safetensors"
+    write_adapter_file(v1, _tensors(), CONFIG, _base_model())
+    write_adapter_file(multimodal, {**_tensors(), "vision.proj": torch.randn(2, DIM)}, CONFIG, _base_model(),
+                       vision={"tower": "clip"})
+    v2 = tmp_path / "v2.safetensors"
+    save_file({"x": torch.zeros(1)}, str(v2), metadata={V2_METADATA_KEY: "{}"})
+    foreign = tmp_path / "peft.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    bad_json = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad_json), metadata={METADATA_KEY: "{not json"})
+    not_safetensors = tmp_path / "adapter.pth"
+    torch.save({"x": torch.zeros(1)}, not_safetensors)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    assert [adapter_file_kind(p) for p in (v1, multimodal, v2, foreign, bad_json, not_safetensors, garbage,
+                                           tmp_path, tmp_path / "missing.safetensors")] == \
+        ["v1", "multimodal", "v2", "other", "v1", "other", "other", "other", "other"]
+    with pytest.raises(AdapterFileError, match="not valid JSON"):  # "v1": its reader names what is wrong
+        read_adapter_file(bad_json)

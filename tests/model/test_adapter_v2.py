@@ -3,9 +3,9 @@ trainable norms, the trainable-parameter count of LLaMA-7B against the paper's a
 import pytest
 import torch
 
-from fastadapter.model.adapter import AdapterConfig, add_adapter
-from fastadapter.model.adapter_file import AdapterFileError
-from fastadapter.model.adapter_v2 import (BiasScaleLinear, add_adapter_v2, is_v2_file, load_adapter_v2,
+from fastadapter.adapters.adapter import AdapterConfig, add_adapter
+from fastadapter.adapters.adapter_file import AdapterFileError
+from fastadapter.adapters.adapter_v2 import (BiasScaleLinear, add_adapter_v2, is_v2_file, load_adapter_v2,
                                           save_adapter_v2)
 from fastadapter.model.config import LLAMA_7B
 from fastadapter.model.llama import LlamaModel
@@ -97,7 +97,7 @@ def test_v2_file_round_trip_and_errors(tmp_path):
     with pytest.raises(AdapterFileError, match="made for a base model with fingerprint="):
         load_adapter_v2(_model(seed=1), path)
     v1 = tmp_path / "v1.safetensors"
-    from fastadapter.model.adapter import save_adapter
+    from fastadapter.adapters.adapter import save_adapter
     save_adapter(add_adapter(_model(), AdapterConfig(prompt_len=5, layers=1)), v1)
     assert not is_v2_file(v1)
     with pytest.raises(AdapterFileError, match="not a LLaMA-Adapter V2 file"):

@@ -7,7 +7,8 @@ import torch
 
 from fastadapter import AdapterConfig, add_adapter, generate, load_model, load_tokenizer, save_adapter
 from fastadapter.cli import main as cli_main
-from fastadapter.model import LlamaConfig, LlamaModel, adapted_layers, sample_next_token
+from fastadapter.adapters import adapted_layers
+from fastadapter.model import LlamaConfig, LlamaModel, sample_next_token
 from fastadapter.model.layer_adapter import LayerAdapter
 
 STORY_START = "Once upon a time, there was a little girl named Lily."

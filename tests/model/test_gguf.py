@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastadapter import AdapterConfig, LlamaConfig, LlamaModel, add_adapter, load_model, load_tokenizer
-from fastadapter.model.checkpoints import CheckpointError
+from fastadapter.loaders.checkpoints import CheckpointError
 from gguf_files import write_gguf
 
 SEPARATOR = "\n__ggml_vocab_test__\n"

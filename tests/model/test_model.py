@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastadapter
-from fastadapter.model import LLAMA_7B, AdapterConfig, LlamaConfig, LlamaModel, adapted_layers, add_adapter
+from fastadapter.adapters import AdapterConfig, adapted_layers, add_adapter
+from fastadapter.model import LLAMA_7B, LlamaConfig, LlamaModel
 from fastadapter.model.llama import TransformerBlock, positions_from_cu_seqlens
 
 from tiny_llama import tiny_llama_config

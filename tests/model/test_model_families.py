@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fastadapter import load_model
-from fastadapter.model import CheckpointError, generate
-from fastadapter.model.adapter import AdapterConfig, adapted_layers, add_adapter, save_adapter
+from fastadapter.loaders import CheckpointError
+from fastadapter.model import generate
+from fastadapter.adapters.adapter import AdapterConfig, adapted_layers, add_adapter, save_adapter
 
 from hf_folders import FAMILY_CLASSES, tiny_family_model
 
@@ -178,7 +179,7 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path):
 def test_gemma3_4b_config_json_with_a_partial_text_config(tmp_path):
     """Google's Gemma3-4B config.json lists only what differs from Gemma3TextConfig's defaults in its text_config:
     the rest (heads, head width, vocabulary, RoPE bases, window pattern) comes from those defaults."""
-    from fastadapter.model.load_hf import read_hf_config
+    from fastadapter.loaders.load_hf import read_hf_config
 
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
@@ -196,7 +197,7 @@ def test_gemma3_4b_config_json_with_a_partial_text_config(tmp_path):
 
 
 def test_v2_is_refused_on_norms_other_than_rmsnorm(tmp_path):
-    from fastadapter.model.adapter_v2 import add_adapter_v2
+    from fastadapter.adapters.adapter_v2 import add_adapter_v2
 
     tiny_family_model("gemma2").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="this model's norms are 'rmsnorm_plus_one'.*use LLaMA-Adapter V1"):
@@ -326,8 +327,8 @@ def test_export_to_peft_refuses_a_family_peft_cannot_load(tmp_path, family):
     """export --to peft wrote a folder for a Qwen2 base that PEFT then rejected ("Unsupported model type for
     adaption prompt: 'qwen2'"). The adapter file records the base's family; the export is refused with the reason
     and the formats that work, and litgpt / v1 still export."""
-    from fastadapter.model.adapter_export import export_adapter
-    from fastadapter.model.adapter_file import AdapterFileError, read_adapter_file
+    from fastadapter.adapters.adapter_export import export_adapter
+    from fastadapter.adapters.adapter_file import AdapterFileError, read_adapter_file
     hf = _plain_hf(family) if family in _PLAIN_CLASSES else tiny_family_model(family)
     hf.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base")
@@ -344,7 +345,7 @@ def test_export_to_peft_refuses_a_family_peft_cannot_load(tmp_path, family):
 def test_export_to_peft_of_a_mistral_adapter_loads_in_peft(tmp_path):
     """The families PEFT adapts still export, and PEFT loads the folder."""
     import peft
-    from fastadapter.model.adapter_export import export_adapter
+    from fastadapter.adapters.adapter_export import export_adapter
     hf = _plain_hf("mistral")
     hf.save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base")

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from fastadapter import load_model
-from fastadapter.model import CheckpointError, Llama3RopeScaling, LlamaConfig, LlamaModel, base_model_fingerprint
-from fastadapter.model.adapter import base_model_description
+from fastadapter.adapters import base_model_fingerprint
+from fastadapter.loaders import CheckpointError
+from fastadapter.model import Llama3RopeScaling, LlamaConfig, LlamaModel
+from fastadapter.adapters.adapter import base_model_description
 
 from tiny_llama import tiny_llama_config, write_llama2c
 
@@ -280,7 +282,7 @@ def test_nonfinite_weights_are_refused_at_load(tmp_path, value):
 
 
 def test_all_finite_checks_every_slice():
-    from fastadapter.model.checkpoints import all_finite
+    from fastadapter.loaders.weights import all_finite
 
     weight = torch.zeros(7, 13)
     assert all_finite(weight, chunk_elements=10)
@@ -359,7 +361,7 @@ def test_rope_scalings_equal_transformers_rope_init(tmp_path, parameters):
     from transformers import LlamaConfig as HFConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from fastadapter.model.load_hf import read_hf_config
+    from fastadapter.loaders.load_hf import read_hf_config
     from fastadapter.model.rope import rope_attention_factor, rope_inverse_frequencies
 
     hf_config = HFConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=16384,

@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch import nn
 
+from fastadapter.cli import flag_of
 from fastadapter.cli import main as cli_main
-from fastadapter.model.adapter import AdapterConfig, adapted_layers, add_adapter
-from fastadapter.model.checkpoints import load_model
+from fastadapter.adapters.adapter import AdapterConfig, adapted_layers, add_adapter
+from fastadapter.loaders.checkpoints import load_model
 from fastadapter.model.config import LlamaConfig
 from fastadapter.model.llama import LlamaModel
 from fastadapter.model.quantize import (base_projections, base_weight_bytes, dequantized_copy, is_quantized,
                                         quantize_base, tensor_bytes)
+from fastadapter.setting_error import SettingError
 from training_runs import read_metrics, stories_train_args
 
 pytest.importorskip("torchao")
@@ -108,9 +110,10 @@ def test_quantize_refuses_bad_input(shared_data):
         quantize_base(trainable, "int8")
     odd = add_adapter(LlamaModel(LlamaConfig(dim=80, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=97,
                                              hidden_dim=97, max_seq_len=32)), AdapterConfig(prompt_len=2, layers=1))
-    with pytest.raises(ValueError, match=r"layers.0.feed_forward.w1.weight \[97, 80\] has 7760 values, not a "
-                                         r"multiple of 64; use --quantize int8"):
+    with pytest.raises(SettingError, match=r"layers.0.feed_forward.w1.weight \[97, 80\] has 7760 values, not a "
+                                           r"multiple of 64; use quantize int8") as caught:
         quantize_base(odd, "int4")
+    assert caught.value.render(flag_of).endswith("use --quantize int8 for this model")  # the CLI's words
     quantize_base(odd, "int8")  # per-row int8 takes any shape
     with pytest.raises(ValueError, match="already quantized"):
         quantize_base(odd, "int8")

@@ -7,7 +7,8 @@ import torch
 
 import fastadapter.model.llama as llama_module
 from fastadapter import AdapterConfig, add_adapter, generate, load_model, load_tokenizer
-from fastadapter.model import KVCache, LlamaConfig, LlamaModel, adapted_layers
+from fastadapter.adapters import adapted_layers
+from fastadapter.model import KVCache, LlamaConfig, LlamaModel
 from fastadapter.model.layer_adapter import LayerAdapter
 
 # GQA (6 query heads over 2 kv heads), head_dim 10, an odd vocabulary.

@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from fastadapter import load_tokenizer
-from fastadapter.model.tokenizer_llama2c import Llama2cTokenizer
-from fastadapter.model.tokenizer_spm import SentencePieceTokenizer
+from fastadapter.tokenizers.tokenizer_llama2c import Llama2cTokenizer
+from fastadapter.tokenizers.tokenizer_spm import SentencePieceTokenizer
 
 
 def test_sentencepiece_reproduces_llama_cpp_golden_ids(shared_data, golden_tokenizations):

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from fastadapter import load_tokenizer
-from fastadapter.model.tokenizer import find_tokenizer
-from fastadapter.model.tokenizer_convert import write_tokenizer_folder
-from fastadapter.model.tokenizer_hf import HFTokenizer
+from fastadapter.tokenizers.tokenizer import find_tokenizer
+from fastadapter.tokenizers.tokenizer_convert import write_tokenizer_folder
+from fastadapter.tokenizers.tokenizer_hf import HFTokenizer
 
 
 @pytest.fixture(scope="module")

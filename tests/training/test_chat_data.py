@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastadapter.model.tokenizer import load_tokenizer
+from fastadapter.tokenizers.tokenizer import load_tokenizer
 from fastadapter.training.chat import ChatTemplate, assistant_spans, row_messages, tokenize_conversation
 from fastadapter.training.data import IGNORE_INDEX, DataError, load_examples
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastadapter.cli import main as cli_main
-from fastadapter.model.adapter import load_adapter
-from fastadapter.model.checkpoints import load_model
+from fastadapter.adapters.adapter import load_adapter
+from fastadapter.loaders.checkpoints import load_model
 from fastadapter.training.checkpoint import list_checkpoints, load_checkpoint
 from fastadapter.training.distributed import DistributedContext
 from fastadapter.training.trainer import TrainConfig, train
@@ -50,7 +50,7 @@ def _join(rank: int, world_size: int, port: int) -> DistributedContext:
 def _sharded_rank(rank: int, world_size: int, port: int, out: str, checkpoint: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from fastadapter.model.load_sharded import load_sharded
+    from fastadapter.training.load_sharded import load_sharded
     from fastadapter.training.fsdp import resident_base_bytes, shard_base
 
     context = _join(rank, world_size, port)
@@ -149,8 +149,8 @@ def one_rank_group():
 def test_one_rank_fsdp_loads_and_trains_like_the_plain_model(tmp_path, shared_data, one_rank_group):
     """The default run's FSDP check (one rank): load_sharded builds the model the plain loader does, and a
     training step with evaluation under FSDP reaches the plain model's adapter."""
-    from fastadapter.model.adapter import AdapterConfig, add_adapter
-    from fastadapter.model.load_sharded import load_sharded
+    from fastadapter.adapters.adapter import AdapterConfig, add_adapter
+    from fastadapter.training.load_sharded import load_sharded
 
     checkpoint = str(shared_data / "stories260K.bin")
     examples = toy_examples(15)

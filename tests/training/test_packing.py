@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, Example
 from fastadapter.training.packing import collate_packed, pack_examples, pad_examples, padding_report
 
@@ -98,3 +99,19 @@ def test_padding_report():
     assert report["packed"]["padding_fraction"] == 0.0 and report["packed_rows"] == 1
     assert report["packed_fill"] == pytest.approx(962 / 1024)
     assert report["pad_to_max_len"]["padding_fraction"] == pytest.approx(1 - 962 / 2048)
+
+
+def test_every_batch_says_what_the_model_takes_besides_its_tokens():
+    """The trainer and the ScienceQA scorer pass ``batch.extra_inputs()`` to the model, whatever the batch."""
+    from fastadapter.training.image_data import ImagePackedBatch
+    from fastadapter.training.packing import PaddedBatch
+
+    examples = [Example((1, 2, 3), (2, 3, IGNORE_INDEX)), Example((1, 4), (4, 5))]
+    assert collate_packed(examples).extra_inputs() == {}
+    assert PaddedBatch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), [3, 2]
+                       ).extra_inputs() == {}
+    packed = collate_packed(examples)
+    pixels, index = torch.zeros(1, 3, 4, 4), torch.tensor([0, -1])
+    with_images = ImagePackedBatch(packed.tokens, packed.labels, packed.cu_seqlens, packed.max_seqlen, pixels, index)
+    extra = with_images.extra_inputs()
+    assert set(extra) == {"pixel_values", "image_index"} and extra["pixel_values"] is pixels

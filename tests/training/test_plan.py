@@ -34,7 +34,8 @@ def test_weight_matmuls_match_the_flop_counter_with_heads_wider_than_the_model()
     """Qwen3 and Gemma heads: n_heads · head_dim (4 · 16 = 64) differs from dim (32), in q, o and the prefix."""
     import dataclasses
 
-    from fastadapter.model import AdapterConfig, LlamaModel, add_adapter
+    from fastadapter.adapters import AdapterConfig, add_adapter
+    from fastadapter.model import LlamaModel
     config = dataclasses.replace(TINY, explicit_head_dim=16)
     torch.manual_seed(0)
     model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=2))
@@ -99,7 +100,7 @@ def test_plan_command(capsys, shared_data):
 def test_memory_plan_base_bytes_match_the_real_tensors(shared_data):
     """The plan's base bytes are the measured bytes of a real model: bf16 exactly, quantized within 2%."""
     pytest.importorskip("torchao")
-    from fastadapter.model.checkpoints import load_model
+    from fastadapter.loaders.checkpoints import load_model
     from fastadapter.model.quantize import base_weight_bytes, quantize_base, tensor_bytes
     from fastadapter.training.memory_plan import estimate_memory
 
@@ -127,7 +128,7 @@ def test_memory_plan_base_bytes_match_the_real_tensors(shared_data):
 def test_memory_plan_activations_match_the_saved_tensors():
     """The activations the plan counts per token and adapted layer against the bytes autograd really saves for
     backward in a bf16 model (measured with saved_tensors_hooks, storages counted once), within 25%."""
-    from fastadapter.model.adapter import AdapterConfig, add_adapter
+    from fastadapter.adapters.adapter import AdapterConfig, add_adapter
     from fastadapter.model.llama import LlamaModel
     from fastadapter.model.config import LlamaConfig
     from fastadapter.model.rope import rope_angles, rope_inverse_frequencies

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from fastadapter.cli import main as cli_main
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter
+from fastadapter.adapters import AdapterConfig, add_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, DataError, Example
 from fastadapter.training.image_data import (ImageExample, PixelCache, collate_images,
                                              load_image_instruction_examples)
@@ -148,7 +149,7 @@ def test_collate_packs_image_and_text_rows_and_computes_a_shared_image_once():
 def test_train_standardises_the_image_features_over_the_distinct_training_images():
     """``fastadapter train --vision-model`` calibrates the projection (issue 12) on each distinct training image
     once, evenly spaced when there are more than it needs, in chunks; with fewer than 2 images it leaves it."""
-    from fastadapter.commands.train import calibrate_projection
+    from fastadapter.recipes.adapter_finetune import calibrate_projection
 
     class Recorder:
         def __init__(self):
@@ -339,7 +340,8 @@ def test_image_data_without_a_vision_model_is_refused(tmp_path, shared_data, sci
 
 
 def test_eval_and_train_refuse_image_flags_that_do_not_fit(tmp_path, shared_data, scienceqa, capsys):
-    from fastadapter.model import load_model, save_adapter
+    from fastadapter.adapters import save_adapter
+    from fastadapter.loaders import load_model
 
     model = add_adapter(load_model(shared_data / "stories260K.bin"), AdapterConfig(prompt_len=2, layers=1))
     text_only = tmp_path / "text.safetensors"

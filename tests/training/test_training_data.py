@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from fastadapter.model.tokenizer import load_tokenizer
+from fastadapter.tokenizers.tokenizer import load_tokenizer
 from fastadapter.training.data import (IGNORE_INDEX, DataError, DataReport, examples_digest, file_fingerprint,
                                        load_examples, load_rows, split_examples, tokenize_rows)
 from fastadapter.training.prompt import format_prompt

@@ -15,8 +15,9 @@ import time
 import pytest
 import torch
 
-from fastadapter.cli import is_user_error
+from fastadapter.cli import flag_of, is_user_error
 from fastadapter.cli import main as cli_main
+from fastadapter.setting_error import SettingError
 from fastadapter.training.checkpoint import (CheckpointNotFound, list_checkpoints, load_checkpoint, resolve_resume,
                                             save_checkpoint)
 from fastadapter.training.data import IGNORE_INDEX, Example
@@ -435,9 +436,12 @@ def test_an_over_long_example_is_reported_by_its_row_in_the_file(tmp_path):
     examples = [Example(e.tokens, e.labels, row=10 + i) for i, e in enumerate(toy_examples(12))]
     long = max(examples, key=len)
     config = TrainConfig(out=str(tmp_path), batch_tokens=len(long) - 1, max_steps=1, progress=False)
-    with pytest.raises(ValueError, match=f"data row {long.row} has {len(long)} tokens, more than a packed row holds "
-                                         f"\\(--batch-tokens {len(long) - 1}\\)"):
+    with pytest.raises(SettingError, match=f"data row {long.row} has {len(long)} tokens, more than a packed row "
+                                           f"holds \\(batch_tokens {len(long) - 1}\\)") as caught:
         Trainer(tiny_adapted_model(), examples, [], config)
+    # The library names its settings; the CLI renders them as flags.
+    assert caught.value.settings == ("batch_tokens", "max_seq_len")
+    assert caught.value.render(flag_of).endswith("raise --batch-tokens to at least --max-seq-len")
 
 
 def test_a_diverging_run_stops_without_saving_a_nan_adapter(tmp_path):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastadapter.model import AdapterConfig, LlamaConfig, LlamaModel, add_adapter, load_adapter, save_adapter
-from fastadapter.model.adapter import adapted_layers
-from fastadapter.model.adapter_file import AdapterFileError
+from fastadapter.adapters import AdapterConfig, add_adapter, load_adapter, save_adapter
+from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.adapters.adapter import adapted_layers
+from fastadapter.adapters.adapter_file import AdapterFileError
 from fastadapter.model.generation import generate
 from fastadapter.vision import (MultimodalLlama, VisionTower, VisionTowerError, VisualPromptConfig, add_vision,
                                 default_feature_layers, generate_with_images, load_multimodal_adapter,

@@ -16,8 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, assign_weights, build_on_meta
-from .config import LlamaConfig
+from .weights import CheckpointError, assign_weights, build_on_meta
+from ..model.config import LlamaConfig
 
 _HEADER_INTS = 7
 

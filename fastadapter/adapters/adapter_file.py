@@ -40,6 +40,10 @@ import torch
 FORMAT_VERSION = 1
 #: The safetensors metadata key under which the JSON description is stored.
 METADATA_KEY = "fastadapter"
+#: The key of a LLaMA-Adapter V2 file's description (:mod:`.adapter_v2`).
+V2_METADATA_KEY = "fastadapter_v2"
+#: What :func:`adapter_file_kind` answers.
+ADAPTER_FILE_KINDS = ("v1", "v2", "multimodal", "other")
 #: Name prefix of the image projection's tensors in a multimodal adapter.
 VISION_PREFIX = "vision."
 _TENSOR_NAME = re.compile(r"^layers\.(\d+)\.(adapter_prompt|adapter_gate)$")
@@ -175,6 +179,36 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def adapter_file_kind(path: str | os.PathLike) -> str:
+    """Which kind of adapter ``path`` holds, from its safetensors metadata alone (no tensor is read):
+
+    * ``"v2"``: a LLaMA-Adapter V2 file of fastadapter (:func:`~.adapter_v2.load_adapter_v2` reads it);
+    * ``"multimodal"``: a fastadapter file with an image projection (:mod:`fastadapter.vision` reads it);
+    * ``"v1"``: a fastadapter file of prompts and gates (:func:`read_adapter_file`);
+    * ``"other"``: anything else: a PEFT folder, a litgpt or original LLaMA-Adapter file, or no readable file
+      (:func:`~.adapter.load_adapter` reads the formats it knows, and names what is wrong with the rest).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path) or not path.endswith(".safetensors"):
+        return "other"
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError:
+        return "other"
+    if V2_METADATA_KEY in metadata:
+        return "v2"
+    if METADATA_KEY not in metadata:
+        return "other"
+    try:
+        description = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        return "v1"  # read_adapter_file says what is wrong with it
+    return "multimodal" if isinstance(description, dict) and "vision" in description else "v1"
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -2,7 +2,7 @@
 
 Every rank builds the model on the meta device, shards it (:func:`fastadapter.training.fsdp.shard_base`),
 allocates only its own shards (``to_empty``) and copies into them its rows of each tensor of the checkpoint,
-read through the loaders' memory maps (:func:`.checkpoints.receive_weights`): a rank reads, converts and keeps
+read through the loaders' memory maps (:func:`fastadapter.loaders.weights.receive_weights`): a rank reads, converts and keeps
 ``1/world_size`` of every weight, so its resident memory is about one shard of the base plus the one tensor
 being converted, never the whole model. (Tensors that a format stores permuted or split — Hugging Face's
 ``wq``/``wk``, Meta's model-parallel shards — are materialised by the loader, one tensor at a time.)
@@ -14,9 +14,10 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .adapter_file import base_model_fingerprint
-from .checkpoints import load_model, receive_weights
-from .llama import LlamaModel
+from ..adapters.adapter_file import base_model_fingerprint
+from ..loaders.checkpoints import load_model
+from ..model.llama import LlamaModel
+from ..loaders.weights import receive_weights
 
 
 def load_sharded(path: Union[str, os.PathLike], context, *, dtype: Optional[torch.dtype] = None,
@@ -24,7 +25,7 @@ def load_sharded(path: Union[str, os.PathLike], context, *, dtype: Optional[torc
     """Load the checkpoint at ``path`` as a frozen :class:`LlamaModel` whose base is sharded over the ranks.
 
     Args:
-        path: any checkpoint :func:`fastadapter.model.load_model` reads.
+        path: any checkpoint :func:`fastadapter.loaders.load_model` reads.
         context: this rank's :class:`~fastadapter.training.distributed.DistributedContext` (the process group
             must exist); the shards are allocated on ``context.device``.
         dtype: the dtype the shards are stored in (default: the checkpoint's).
@@ -34,7 +35,7 @@ def load_sharded(path: Union[str, os.PathLike], context, *, dtype: Optional[torc
         The model (in eval mode), every parameter a ``DTensor`` shard; give it an adapter with
         :func:`fastadapter.add_adapter` (the adapter is replicated, see :mod:`fastadapter.training.fsdp`).
     """
-    from ..training.fsdp import shard_base, shard_rows
+    from .fsdp import shard_base, shard_rows
 
     def receive(model: LlamaModel, tensors: Mapping[str, torch.Tensor], stored: torch.dtype) -> LlamaModel:
         from torch.distributed.tensor import DTensor

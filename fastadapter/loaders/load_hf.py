@@ -43,8 +43,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoints import CheckpointError, assign_weights, build_on_meta
-from .config import Llama3RopeScaling, LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
+from .weights import CheckpointError, assign_weights, build_on_meta
+from ..model.config import Llama3RopeScaling, LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
 
 #: Hugging Face parameter name (after ``model.``) -> Meta name; ``{i}`` is the layer.
 _LAYER_NAMES = {

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from .adapter_file import METADATA_KEY, AdapterFileError
-from .config import LlamaConfig
+from ..model.config import LlamaConfig
 
 FORMATS = ("fastadapter", "llama_adapter_v1", "peft", "litgpt")
 

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoints import CheckpointError, assign_weights, build_on_meta
-from .config import Llama3RopeScaling, LlamaConfig, meta_hidden_dim
+from .weights import CheckpointError, assign_weights, build_on_meta
+from ..model.config import Llama3RopeScaling, LlamaConfig, meta_hidden_dim
 
 _CONCAT_DIM_0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
                  "feed_forward.w3.weight", "output.weight")

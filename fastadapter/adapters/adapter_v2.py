@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from ..decode_linear import decode_linear
+from ..setting_error import SettingError
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
-from .adapter_file import AdapterFileError
-from .llama import LlamaModel
-from .norms import RMSNorm
+from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
+from ..model.llama import LlamaModel
+from ..model.norms import RMSNorm
 
-METADATA_KEY = "fastadapter_v2"
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
            "feed_forward.w3")
 NORMS = ("attention_norm", "ffn_norm")
@@ -110,9 +110,9 @@ def add_adapter_v2(model: LlamaModel, config: Optional[AdapterConfig] = None) ->
         the norm weights (all fp32).
     """
     if model.config.norm != "rmsnorm":
-        raise ValueError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this model's "
-                         f"norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer norm): "
-                         f"use LLaMA-Adapter V1 (--adapter v1) on it")
+        raise SettingError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this "
+                           f"model's norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer "
+                           f"norm): use LLaMA-Adapter V1 ({{adapter}} v1) on it")
     add_adapter(model, config)  # freezes every base weight
     for block in model.layers:
         for name in LINEARS:
@@ -170,16 +170,7 @@ def save_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
 
 def is_v2_file(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a V2 adapter file written by :func:`save_adapter_v2`."""
-    from safetensors import SafetensorError, safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path) or not path.endswith(".safetensors"):
-        return False
-    try:
-        with safe_open(path, framework="pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
-    except SafetensorError:
-        return False
+    return adapter_file_kind(path) == "v2"
 
 
 def load_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> LlamaModel:

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .adapter_file import AdapterFileError, read_adapter_file
+from .adapter_file import AdapterFileError, adapter_file_kind, read_adapter_file
 
 from ..atomic_file import write_atomically
 
@@ -49,8 +49,7 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
-    from .adapter_v2 import is_v2_file
-    if is_v2_file(adapter_path):
+    if adapter_file_kind(adapter_path) == "v2":
         raise AdapterFileError(f"{adapter_path}: a LLaMA-Adapter V2 adapter (bias, scale and norms of every layer); "
                                f"PEFT, litgpt and v1 have no place for those: export a --adapter v1 run")
     tensors, meta = read_adapter_file(adapter_path)

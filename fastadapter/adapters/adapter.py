@@ -15,8 +15,8 @@ import torch
 
 from .adapter_formats import detect_adapter_format, read_foreign_adapter
 from .adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
-from .layer_adapter import LayerAdapter
-from .llama import LlamaModel
+from ..model.layer_adapter import LayerAdapter
+from ..model.llama import LlamaModel
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def write_adapter(path: Union[str, os.PathLike], adapters: dict, description: di
     """Write ``{layer index: LayerAdapter}`` (prompts and gates, fp32) to the adapter file ``path`` for the base
     model ``description`` (:func:`base_model_description`'s keys). Shared by fastadapter's LLaMA, the Hugging
     Face integration and the multimodal model, so all write the same files; the last adds ``extra_tensors`` (its
-    image projection) and the ``vision`` description (see :func:`~fastadapter.model.adapter_file.write_adapter_file`)."""
+    image projection) and the ``vision`` description (see :func:`~fastadapter.adapters.adapter_file.write_adapter_file`)."""
     if not adapters:
         raise ValueError(f"{what} has no adapter to save: call add_adapter (apply_adapter) first")
     first = next(iter(adapters.values()))
@@ -195,7 +195,7 @@ def load_adapter(model: LlamaModel, path: Union[str, os.PathLike], *, format: Op
         format: ``"fastadapter"``, ``"llama_adapter_v1"``, ``"peft"`` or ``"litgpt"``; detected when None.
         gate_activation: ``"tanh"`` or ``"none"`` for an adapter of another project, overriding its format's
             default (LLaMA-Adapter v1: ``"tanh"``, its training code; ``"none"`` reproduces its inference code; see
-            :func:`~fastadapter.model.adapter_formats.read_foreign_adapter`). A fastadapter file records the
+            :func:`~fastadapter.adapters.adapter_formats.read_foreign_adapter`). A fastadapter file records the
             activation it was trained with: asking for another one is an error.
 
     After the call, ``model.adapter_source`` is ``{"path", "format", "gate_activation", "gate_activation_reason"}``:

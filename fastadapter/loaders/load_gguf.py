@@ -35,8 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, assign_weights, build_on_meta
-from .config import LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
+from .weights import CheckpointError, assign_weights, build_on_meta
+from ..model.config import LinearRopeScaling, LlamaConfig, RopeScaling, YarnRopeScaling
 from .gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from .load_hf import unpermute_rotary_rows
 
@@ -188,7 +188,7 @@ def read_gguf_config(gguf: GGUFFile) -> LlamaConfig:
 
 
 def meta_name(gguf_name: str) -> Optional[str]:
-    """The Meta parameter name (see :mod:`.llama`) of a GGUF tensor name, or None for tensors the model has no
+    """The Meta parameter name (see :mod:`fastadapter.model.llama`) of a GGUF tensor name, or None for tensors the model has no
     parameter for."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]

@@ -1,5 +1,5 @@
 """``load_gguf_tokenizer``: the tokenizer a GGUF file describes in its metadata, as an
-:class:`~fastadapter.model.tokenizer_hf.HFTokenizer`.
+:class:`~fastadapter.tokenizers.tokenizer_hf.HFTokenizer`.
 
 The vocabulary (``tokenizer.ggml.model`` ``gpt2`` byte-level BPE or ``llama`` SentencePiece, ``tokens``,
 ``merges``, ``scores``, ``token_type``) becomes a ``tokenizers.Tokenizer`` through transformers' own GGUF
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
-from .gguf_file import read_gguf
+from ..loaders.gguf_file import read_gguf
 from .tokenizer_hf import HFTokenizer
 
 #: GGUF metadata keys of the ids that end a generation, in the order :attr:`HFTokenizer.stop_ids` lists them.
