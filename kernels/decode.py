@@ -45,7 +45,8 @@ import triton.language as tl
 from .layout import (Layout, broadcast_strides, device_guard, lse_strides, row_strides, sequence_arguments,
                      unit_stride_head_dim)
 from .problem import AttentionProblem
-from .tiles import LN2, LOG2E, head_base, online_softmax_tiles, prefix_softmax, query_bounds, sequence_bounds, to_dtype
+from .tiles import (LN2, LOG2E, MASKED_BLOCK_N, head_base, online_softmax_tiles, prefix_softmax, query_bounds,
+                    sequence_bounds, to_dtype)
 
 #: The most query rows per step that take the decode path (generation: 1; short multi-token steps: a few).
 MAX_DECODE_QUERIES = 16
@@ -135,7 +136,7 @@ def zero_init_attention_decode_split_kernel(
                                          n_full, hi, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N,
                                          INTERPRETER)
     acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, i, cols, n_full,
-                                         hi, hi, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         hi, hi, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, MASKED_BLOCK_N,
                                          INTERPRETER)
 
     part = tl.cast(rest, tl.int64) * num_splits + split

@@ -24,8 +24,8 @@ from .configs import autotune, launch
 from .layout import (Layout, broadcast_strides, device_guard, lse_strides, row_strides, sequence_arguments,
                      unit_stride_head_dim)
 from .problem import AttentionProblem
-from .tiles import (LN2, LOG2E, gate_value, head_base, load_rows, online_softmax_tiles, prefix_softmax,
-                    sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
+from .tiles import (LN2, LOG2E, MASKED_BLOCK_N, gate_value, head_base, load_rows, online_softmax_tiles,
+                    prefix_softmax, sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
 
 
 @autotune("forward")
@@ -69,7 +69,7 @@ def zero_init_attention_forward_kernel(
                                          n_full, n_k, shift, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N,
                                          INTERPRETER)
     acc, l_i, m_i = online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, cols, n_full,
-                                         n_hi, n_k, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                         n_hi, n_k, shift, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D, MASKED_BLOCK_N,
                                          INTERPRETER)
     seen = l_i > 0.0  # rows with no visible word give 0 (and lse_w = -inf)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

@@ -12,6 +12,9 @@ import triton.language as tl
 #: log2(e) and ln(2): the kernels work with exp2 (one MUFU instruction) and convert at the boundaries.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+#: Key tile of the masked (causal diagonal, ragged last) tiles: narrower than the unmasked loop's ``BLOCK_N`` (a
+#: divisor of every ``BLOCK_N``) so that setting the value tile's non-finite numbers to 0 there costs no spill.
+MASKED_BLOCK_N = tl.constexpr(16)
 
 
 @triton.jit
@@ -181,8 +184,14 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
     Keys ``>= n_k`` read as 0; ``MASKED`` tiles hide them and, when ``CAUSAL``, the keys row ``rows[r]`` must not
     see (``j > rows[r] + shift``, bottom-right alignment). The forward kernel passes the sequence's key count as
     ``n_k``; the decode split kernel passes its chunk's end and each stacked row's query index as ``rows``.
+
+    A row's output depends only on the values it sees: in a causal ``MASKED`` tile a non-finite value hidden from
+    a row would reach it through ``p · v = 0 · NaN``. There the product runs over the value tile with its
+    non-finite numbers set to 0, and a row that sees a key whose value row held one gets NaN probabilities for it
+    (a ``[BLOCK_N]`` reduction of the value tile, elementwise on ``p``; no second product, no extra accumulator),
+    which makes its ``l_i`` and ``acc`` NaN. The unmasked tiles are untouched.
     """
-    for start_n in range(n_lo, n_hi, BLOCK_N):
+    for start_n in tl.range(n_lo, n_hi, BLOCK_N, num_stages=1 if MASKED and CAUSAL else None):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         keys = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, stride_ks, keys, n_k, cols, HEAD_DIM, BLOCK_D)
@@ -198,8 +207,13 @@ def online_softmax_tiles(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         # -- rescale what was accumulated under the old max, add this tile
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base, stride_vs, keys, n_k, cols, HEAD_DIM, BLOCK_D)
+        if MASKED and CAUSAL:
+            v_zero = v * 0.0  # 0 where v is finite, NaN where it is NaN or infinite (v's dtype)
+            key_nan = tl.sum(v_zero, 1).to(tl.float32)  # [BLOCK_N]: NaN for a value row holding a non-finite
+            v = tl.where(v_zero == 0.0, v, 0.0).to(v.dtype)
+            p = p + tl.where(visible, key_nan[None, :], 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, INTERPRETER), v, INTERPRETER)
         m_i = m_new
     return acc, l_i, m_i
