@@ -173,35 +173,13 @@ COMPILED_PROVIDERS = ("compiled-eager-v1", "flex-attention")
 def compiled_eager_v1(q, k, v, prefix_k, prefix_v, gate):
     """``eager_v1`` under ``torch.compile`` (inductor): what a user gets by compiling the original code."""
     if "eager_v1" not in _COMPILED:
+        # The timing harness runs backward repeatedly over one graph (retain_graph=True), which AOTAutograd's
+        # donated buffers forbid; its backward is compiled lazily, at the first backward, so the knob is set for
+        # the (benchmark) process rather than around this call.
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
         _COMPILED["eager_v1"] = torch.compile(baselines.eager_v1)
     return _COMPILED["eager_v1"](q, k, v, prefix_k, prefix_v, gate, gate_tanh=True)
-
-
-def flex_two_calls(q, k, v, prefix_k, prefix_v, gate):
-    """Zero-init attention as two compiled ``flex_attention`` calls: causal over the words, unmasked over the
-    prefix, ``out = words + tanh(gate) · prefix`` (shapes as every provider: q ``[B, S, Hq, D]``)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if "flex" not in _COMPILED:
-        _COMPILED["flex"] = torch.compile(flex_attention)
-    flex = _COMPILED["flex"]
-    batch, seqlen, heads_q, _ = q.shape
-    gqa = heads_q != k.shape[2]
-    key = ("mask", seqlen, k.shape[1], str(q.device))
-    if key not in _COMPILED:
-        offset = k.shape[1] - seqlen  # bottom-right causal alignment, as the op's
-
-        def causal(b, h, i, j):
-            return j <= i + offset
-        _COMPILED[key] = create_block_mask(causal, None, None, seqlen, k.shape[1], device=q.device)
-    if _flex_no_backward(str(q.device)):  # flex_attention refuses inputs that require grad there
-        q, k, v, prefix_k, prefix_v, gate = (t.detach() for t in (q, k, v, prefix_k, prefix_v, gate))
-    qh = q.transpose(1, 2)
-    pk = prefix_k.transpose(1, 2).expand(batch, -1, -1, -1)
-    pv = prefix_v.transpose(1, 2).expand(batch, -1, -1, -1)
-    words = flex(qh, k.transpose(1, 2), v.transpose(1, 2), block_mask=_COMPILED[key], enable_gqa=gqa)
-    prefix = flex(qh, pk, pv, enable_gqa=gqa)
-    gamma = torch.tanh(gate).to(q.dtype).reshape(1, -1, 1, 1)
-    return (words + gamma * prefix).transpose(1, 2)
 
 
 def _flex_skip_reason(config: OpConfig, device: str) -> Optional[str]:
@@ -353,11 +331,25 @@ def word_block_mask(length: int, device, document: Optional[torch.Tensor] = None
     return create_block_mask(mask, None, None, length, length, device=device)
 
 
-def flex_two_calls(q, k, v, prefix_k, prefix_v, gate, block_mask, *, compiled: bool = True) -> torch.Tensor:
-    """The op in ``flex_attention``: words under ``block_mask`` (:func:`word_block_mask`), the prefix as a second
-    unmasked call over the P prompt keys, ``out = O_w + tanh(gate)·O_p`` (the two softmaxes are separate, which
-    one flex call over cat(prefix, words) cannot express). q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]``, prefix
-    ``[1, P, Hkv, D]``, gate ``[Hq]``; returns ``[B, S, Hq, D]``."""
+def flex_two_calls(q, k, v, prefix_k, prefix_v, gate, block_mask=None, *, compiled: bool = True) -> torch.Tensor:
+    """The op in ``flex_attention``: words under ``block_mask`` (default: causal, bottom-right aligned, built once per
+    shape; :func:`word_block_mask` builds the packed-sequence one), the prefix as a second unmasked call over the P
+    prompt keys, ``out = O_w + tanh(gate)·O_p`` (the two softmaxes are separate, which one flex call over
+    cat(prefix, words) cannot express). q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``, prefix ``[1, P, Hkv, D]``,
+    gate ``[Hq]``; returns ``[B, Sq, Hq, D]``. On CPU (no flex backward in this torch) the inputs are detached."""
+    if block_mask is None:
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+        key = ("mask", seqlen_q, seqlen_k, str(q.device))
+        if key not in _COMPILED:
+            from torch.nn.attention.flex_attention import create_block_mask
+            offset = seqlen_k - seqlen_q
+
+            def causal(b, h, i, j):
+                return j <= i + offset
+            _COMPILED[key] = create_block_mask(causal, None, None, seqlen_q, seqlen_k, device=q.device)
+        block_mask = _COMPILED[key]
+    if _flex_no_backward(str(q.device)):  # flex_attention refuses inputs that require grad there
+        q, k, v, prefix_k, prefix_v, gate = (t.detach() for t in (q, k, v, prefix_k, prefix_v, gate))
     flex = flex_attention_callable(compiled)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = flex(qh, kh, vh, block_mask=block_mask, enable_gqa=True)

@@ -605,7 +605,7 @@ def test_table_reports_speedups_over_the_first_provider():
 
 def test_pytest_benchmark_integration_runs():
     done = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "benchmarks"), "-q", "--benchmark-disable",
-                           "-p", "no:cacheprovider", "--bench-seqlens=64", "-k", "two-sdpa or eager"],
+                           "-p", "no:cacheprovider", "--bench-seqlens=64", "-k", "two-sdpa or (eager and not compiled)"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "6 passed" in done.stdout
