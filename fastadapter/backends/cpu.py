@@ -18,7 +18,7 @@ import torch
 
 from .. import _cpu_extension
 from ..kernels.problem import AttentionProblem
-from . import register_backend
+from .registry import register_backend
 from .fused import FusedBackend
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.problem import OP_SCHEMA, AttentionProblem
-from . import Backend
+from .registry import Backend
 
 _GRADIENTS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 

@@ -5,7 +5,7 @@ import torch
 
 from ..kernels.problem import AttentionProblem
 from ..reference import reference_attention
-from . import Backend, register_backend
+from .registry import Backend, register_backend
 
 
 class ReferenceBackend(Backend):

@@ -1,4 +1,4 @@
-"""The backend registry: every implementation of zero-init attention, and the choice between them.
+"""The backend registry: the :class:`Backend` interface, registration, and the choice between backends.
 
 A backend is one of two kinds:
 
@@ -98,15 +98,3 @@ def select_backend(inp: AttentionProblem, name: Optional[str] = None) -> Backend
             return backend
         all_reasons.append(f"{backend.name}: " + "; ".join(reasons))
     raise ValueError(f"no backend can run these inputs ({inp.describe()}):\n  " + "\n  ".join(all_reasons))
-
-
-# The built-in backends register themselves when imported: here, at the end (they subclass Backend), and at
-# import time rather than on first use, so that torch.compile never has to trace an import (its first call
-# may be a compiled one). A backend whose dependencies are missing cannot break the others.
-from . import reference, sdpa  # noqa: E402,F401
-
-for _module in ("triton", "cpu"):
-    try:
-        importlib.import_module(f"{__name__}.{_module}")
-    except ImportError:
-        pass

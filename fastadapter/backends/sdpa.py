@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..kernels.problem import AttentionProblem
-from . import Backend, register_backend
+from .registry import Backend, register_backend
 
 
 def _last_seen_key(seqlen_q: int, seqlen_k: int, causal: bool, used: Optional[torch.Tensor], device):

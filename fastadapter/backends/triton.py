@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..kernels.problem import AttentionProblem
-from . import register_backend
+from .registry import register_backend
 from .fused import FusedBackend
 
 try:

@@ -99,7 +99,7 @@ def test_the_op_hands_every_backend_its_one_validated_problem(monkeypatch):
             seen.append(inp)
             return super().attention(inp)
 
-    monkeypatch.setitem(backends._REGISTRY, "sdpa", _Spy())
+    monkeypatch.setitem(backends.registry._REGISTRY, "sdpa", _Spy())
     kw = Case(seqlens=[3, 5], heads_q=2, heads_kv=1, head_dim=16).make(requires_grad=False)
     zero_init_attention_varlen(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["gate"],
                                kw["cu_seqlens_q"], kw["cu_seqlens_q"], 5, 5, backend="sdpa")

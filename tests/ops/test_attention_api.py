@@ -192,7 +192,7 @@ def test_no_backend_error_names_the_shapes_dtypes_devices_and_every_reason(monke
         def not_supported_reasons(self, inp):
             return [f"{self.name} refuses"]
 
-    monkeypatch.setattr(backends, "_REGISTRY", {n: _Refuses(n) for n in ("cpu", "reference")})
+    monkeypatch.setattr(backends.registry, "_REGISTRY", {n: _Refuses(n) for n in ("cpu", "reference")})
     monkeypatch.delenv("FASTADAPTER_BACKEND", raising=False)
     kw = Case(batch=2, seqlen_q=5, seqlen_k=7, head_dim=16, dtype=torch.bfloat16).make(requires_grad=False)
     with pytest.raises(ValueError) as error:
