@@ -19,9 +19,8 @@ Rules (an edge from a module of the first layer may never reach the second):
 * ``recipes`` (a whole job from the parts below, taking a settings object) -> ``commands``, ``cli``;
 * ``commands`` -> ``cli`` (the CLI's parser sits on top of the commands).
 
-Cycles: none, except those in :data:`KNOWN_CYCLES`, which issue 21 §1 (one description of a call, the
-backends registering themselves) removes. The list may only shrink: the test fails when a new cycle appears and
-also when a listed one is gone (then delete it from the list).
+Cycles: none, except the one in :data:`KNOWN_CYCLES` (see there). The list may only shrink: the test fails when a
+new cycle appears and also when a listed one is gone (then delete it from the list).
 """
 import ast
 import pathlib
