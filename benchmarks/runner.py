@@ -170,6 +170,8 @@ class BenchResult:
     errors: list[dict] = field(default_factory=list)
     #: suites that could not run here: ``{"suite", "reason"}``
     skipped: list[dict] = field(default_factory=list)
+    #: suites the preset leaves out by design (not a failure to run): ``{"suite", "reason"}``
+    left_out: list[dict] = field(default_factory=list)
     files: list[pathlib.Path] = field(default_factory=list)
 
 
@@ -199,12 +201,11 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
     result = BenchResult(metadata=collect_metadata(device, preset, argv))
     result.metadata["suites"] = chosen
     result.metadata["suite_shapes"] = plan
-    for suite, reason in left_out.items():
-        result.skipped.append({"suite": suite, "reason": reason})
+    result.left_out = [{"suite": suite, "reason": reason} for suite, reason in left_out.items()]
     progress = Progress(len(chosen), enabled=log is None)
     log = log or progress.log
-    for skipped in result.skipped:
-        log(f"[{skipped['suite']}] skipped: {skipped['reason']}")
+    for omitted in result.left_out:
+        log(f"[{omitted['suite']}] left out: {omitted['reason']}")
     try:
         for suite in chosen:
             progress.describe(suite)
@@ -233,6 +234,7 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
     finally:
         progress.close()
     result.metadata["skipped_suites"] = result.skipped
+    result.metadata["left_out_suites"] = result.left_out
     total = sum(result.metadata.get("suite_seconds", {}).values())
     budget = PRESET_BUDGET_SECONDS[preset]
     result.metadata.update(total_seconds=round(total, 1), budget_seconds=budget)
@@ -242,6 +244,8 @@ def run_benchmarks(*, preset: str = "default", device: str = "cpu", suites: Opti
             + ", ".join(f"{suite} {seconds:.0f} s" for suite, seconds in result.metadata["suite_seconds"].items()))
 
     print(format_table(result.rows) if result.rows else "no results", flush=True)
+    for omitted in result.left_out:
+        print(f"suite {omitted['suite']} left out: {omitted['reason']}", flush=True)
     for skipped in result.skipped:
         print(f"suite {skipped['suite']} skipped: {skipped['reason']}", flush=True)
     for error in result.errors:
