@@ -88,6 +88,9 @@ def test_training_example_runs_on_the_real_model(smollm2_gguf, shared_data, tmp_
     assert len(answers) == 2 and all(isinstance(a["before"], str) and isinstance(a["after"], str) for a in answers)
     assert (results / "loss.png").stat().st_size > 0
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    # progress while answering (minutes per batch on a CPU): one line per batch, before and after training
+    for label in ("answers before training", "answers after training"):
+        assert f"  {label}: 2/2 prompts in " in proc.stdout, proc.stdout[-2000:]
 
 
 def test_example_refuses_bad_flags(tmp_path):
