@@ -33,7 +33,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -222,9 +222,7 @@ class AttentionProblem:
 
     def lse_shape(self) -> tuple[int, ...]:
         """Shape of the fp32 log-sum-exps saved for backward: ``[B, Hq, Sq]``, or ``[Hq, Tq]`` in varlen mode."""
-        if self.varlen:
-            return (self.heads_q, self.q.shape[0])
-        return (self.q.shape[0], self.heads_q, self.q.shape[1])
+        return lse_shape(self.q.shape, self.varlen)
 
     def describe(self) -> str:
         """The shapes, dtypes and devices of the inputs and the options, for messages."""
@@ -404,6 +402,15 @@ def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.devic
         raise ValueError(f"{max_name} = {max_seqlen} is shorter than the longest packed sequence ({longest} "
                          f"tokens); pass {max_name} >= {longest}")
     return max_seqlen
+
+
+def lse_shape(q_shape: Sequence[int], varlen: bool) -> tuple[int, ...]:
+    """Shape of the fp32 log-sum-exps of a call whose query has shape ``q_shape``: ``[B, Hq, Sq]`` for a batched
+    ``q [B, Sq, Hq, D]``, ``[Hq, Tq]`` for a packed ``q [Tq, Hq, D]``. The one Python definition (the problem's
+    :meth:`AttentionProblem.lse_shape`, the C++ op's fake); the C++ op writes the same shape."""
+    if varlen:
+        return (q_shape[-2], q_shape[0])
+    return (q_shape[0], q_shape[-2], q_shape[1])
 
 
 def _check_int32_vector(value, name: str, shape: str, device: torch.device,

@@ -88,8 +88,8 @@ def token_loss_sum(model: nn.Module, batch: PackedBatch, fused: Optional[bool] =
     """
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
     labels = batch.labels[0, positions]
-    # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
-    extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
+    # Every batch says what else the model takes besides its tokens (images: fastadapter.training.image_data).
+    extra = batch.extra_inputs()
     call = dict(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, logits_positions=positions, **extra)
     if fused is None:
         fused = fuses_head_and_loss(model)
