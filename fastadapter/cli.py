@@ -9,17 +9,23 @@ machine around the run (full disk, read-only or forbidden folder, a file where a
 ``fastadapter COMMAND: error: MESSAGE`` and exits with status 2, as argparse does for bad flags; any other
 exception is a bug and keeps its traceback (set ``FASTADAPTER_TRACEBACK=1`` to get the traceback of user errors
 too). Ctrl-C outside training prints ``fastadapter: interrupted`` and exits with status 130.
+
+The library names settings by their Python names (:mod:`fastadapter.setting_error`); the error line names the
+flags instead: each setting the message declares is looked up in the options of the command (then of the other
+commands, :func:`error_flags`), and nothing else of the message is touched.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import os
 import sys
 import traceback
+from typing import Optional
 
-from .setting_error import SettingError
+from .setting_error import NamesSettings
 
 #: subcommand -> module under fastadapter.commands
 COMMANDS = {
@@ -105,31 +111,67 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         if not is_user_error(exc) or os.environ.get("FASTADAPTER_TRACEBACK"):
             raise
-        print(f"fastadapter {selected}: error: {describe_error(exc)}", file=sys.stderr)
+        print(f"fastadapter {selected}: error: {describe_error(exc, error_flags(selected))}", file=sys.stderr)
         return 2
 
 
-#: The flag of each library setting whose flag is not ``--`` + its name with dashes (``batch_tokens``:
-#: ``--batch-tokens``).
-SETTING_FLAGS = {"warmup_steps": "--warmup"}
+#: Library settings whose flag's ``dest`` is another name (``--warmup`` sets ``TrainConfig.warmup_steps``).
+SETTING_DESTS = {"warmup_steps": "warmup"}
 
 
-def flag_of(setting: str) -> str:
-    """The command-line flag of the library setting ``setting`` (a :class:`SettingError`'s names)."""
-    return SETTING_FLAGS.get(setting, "--" + setting.replace("_", "-"))
+def setting_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{library setting: flag}`` that ``parser`` (one command's) declares: each option's ``dest`` (and each name
+    of :data:`SETTING_DESTS` whose dest it has) maps to its first long flag."""
+    flags = {}
+    for action in parser._actions:
+        long = [option for option in action.option_strings if option.startswith("--")]
+        if long and action.dest != "help":
+            flags.setdefault(action.dest, long[0])
+    for setting, dest in SETTING_DESTS.items():
+        if dest in flags:
+            flags.setdefault(setting, flags[dest])
+    return flags
 
 
-def describe_error(exc: BaseException) -> str:
-    """The one-line message of a user error: an ``OSError`` as ``what: path`` (without ``[Errno N]``), a
-    :class:`~fastadapter.setting_error.SettingError` with the flags of the settings it names."""
-    if isinstance(exc, SettingError):
-        return exc.render(flag_of)
+@functools.lru_cache(maxsize=None)
+def command_flags(command: str) -> dict[str, str]:
+    """:func:`setting_flags` of ``fastadapter COMMAND``."""
+    return setting_flags(build_parser(command)._subparsers._group_actions[0].choices[command])
+
+
+def error_flags(command: str) -> dict[str, str]:
+    """The flags an error of ``fastadapter COMMAND`` names settings with: the command's own, then ``train``'s (an
+    ``export`` or a ``generate`` may say how to train the adapter instead), then the other commands'."""
+    merged: dict[str, str] = {}
+    for name in (command, "train", *COMMANDS):
+        try:
+            flags = command_flags(name)
+        except ImportError:  # a command whose module cannot be imported here has no flags to offer
+            continue
+        for setting, flag in flags.items():
+            merged.setdefault(setting, flag)
+    return merged
+
+
+def flag_of(setting: str, command: str = "train") -> str:
+    """The flag of the library setting ``setting`` in ``fastadapter COMMAND`` (``KeyError`` when it has none)."""
+    return command_flags(command)[setting]
+
+
+def describe_error(exc: BaseException, flags: Optional[dict[str, str]] = None) -> str:
+    """The one-line message of a user error: an ``OSError`` as ``what: path`` (without ``[Errno N]``), an error
+    naming settings (:class:`~fastadapter.setting_error.NamesSettings`) with the flag ``flags`` declares for each
+    (:func:`setting_flags`; a setting the command has no flag for keeps its name)."""
+    def flag(setting: str) -> str:
+        return (flags or {}).get(setting, setting)
+
+    names = isinstance(exc, NamesSettings) and exc.setting_message is not None
     if isinstance(exc, OSError) and exc.strerror and (exc.errno in ENVIRONMENT_ERRNOS or exc.filename):
         where = f": {exc.filename}" if exc.filename is not None else ""
         if exc.filename2 is not None:
             where += f" -> {exc.filename2}"
-        return f"{exc.strerror}{where}"
-    return str(exc)
+        return f"{exc.render(flag) if names else exc.strerror}{where}"  # an OSError's message is its strerror
+    return exc.render(flag) if names else str(exc)
 
 
 if __name__ == "__main__":

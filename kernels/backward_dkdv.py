@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import autotune
+from .autotune import autotune
 from .tiles import (LOG2E, dot, head_base, load_lse, load_rows, sequence_bounds, stats_offset, store_rows,
                     tile_and_row, to_dtype)
 

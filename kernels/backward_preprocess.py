@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import autotune
+from .autotune import autotune
 from .tiles import (LOG2E, dot, gate_value, head_base, load_lse, load_prefix, load_rows, query_bounds,
                     stats_offset, store_rows, to_dtype)
 

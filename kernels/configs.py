@@ -1,38 +1,23 @@
-"""Tile configurations of every kernel, and which of them may launch on a given GPU.
+"""Tile configurations of every kernel, and the facts that decide whether one may launch on a GPU.
 
 Each kernel has a short list of candidate ``triton.Config`` (tile sizes, warps, pipeline stages) per head-dim
 tile (:func:`candidates`). Which of them may launch is decided by the compiler, not by an estimate: every
 candidate is compiled for the device's architecture and its registers, spills and shared memory are read from
-the compiled kernel (:func:`launch_plan`, cached per key):
+the compiled kernel (:mod:`.compiler_facts`, as :class:`Resources`); :mod:`.autotune` keeps those that fit
+(the launch plan) and times them.
 
-* at run time on CUDA, from Triton's compiled kernel object (``n_regs``, ``n_spills``, ``metadata.shared``) and
-  the device's opt-in shared memory per block;
-* ahead of time (no GPU, :mod:`.aot_compile`), from the cubin of ``triton.compile(..., target=GPUTarget(...))``
-  and :data:`SHARED_MEMORY_PER_BLOCK`.
+This module holds the data of that decision only, and imports no kernel: the candidates, the compile-time
+switches of a call (:class:`KernelFacts`), what the compiler made of one configuration (:class:`Resources`),
+the shared memory of each architecture (:data:`SHARED_MEMORY_PER_BLOCK`) and what no configuration can change
+(:func:`target_reason`).
 
-A configuration launches only if it spills nothing and fits the shared memory. When no candidate of a kernel
-does, the plan is empty and the ``triton`` backend declines the inputs with that reason
-(``not_supported_reasons``), so the automatic choice moves on; nothing fails at launch time.
-
-Among the configurations that may launch, the autotuner times those whose tiles do not exceed the (power-of-two
-bucket of the) sequence, keyed on :data:`AUTOTUNE_KEY`. Timing makes the choice depend on the run, so runs are
-not bit-reproducible across processes; in **deterministic mode** (:func:`deterministic`: when
-``torch.are_deterministic_algorithms_enabled()`` or ``FASTADAPTER_DETERMINISTIC=1``) the first configuration of
-the plan is launched, a fixed choice per key, with no timing.
-
-Under Triton's interpreter a single small configuration is used (no GPU timer; and small tiles still cover the
-multi-tile paths on short test sequences); :func:`forced_configs` runs chosen configurations instead (the tests
-run the compiled tile sizes under the interpreter with it).
+Under Triton's interpreter a single small configuration per kernel is used (no GPU timer; and small tiles still
+cover the multi-tile paths on short test sequences).
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
-import os
-import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -47,8 +32,6 @@ SHARED_MEMORY_PER_BLOCK = {70: 98304, 75: 65536, 80: 166912, 86: 101376, 89: 101
 MIN_BF16_CAPABILITY = 80
 #: Triton's NVIDIA backend compiles for Volta (sm_70) and newer.
 MIN_CAPABILITY = 70
-_DETERMINISTIC_ENV = "FASTADAPTER_DETERMINISTIC"
-_FALSE_VALUES = ("", "0", "false", "off", "no")
 
 
 def _config(block_m: int, block_n: Optional[int], num_warps: int, num_stages: int) -> triton.Config:
@@ -221,163 +204,3 @@ def target_reason(dtype: torch.dtype, capability: int) -> Optional[str]:
     if dtype == torch.bfloat16 and capability < MIN_BF16_CAPABILITY:
         return f"bfloat16 needs sm_{MIN_BF16_CAPABILITY} or newer (Ampere's tensor cores); this GPU is sm_{capability}"
     return None
-
-
-#: How resources of one (kernel, config, facts) are measured: ``resource_source(kernel, config, facts, target)``
-#: with ``target`` a ``(capability, device index or None)`` pair; None means ahead of time.
-def _measure(kernel: str, config: triton.Config, facts: KernelFacts, capability: int,
-             device_index: Optional[int]) -> Resources:
-    from . import aot_compile
-    if device_index is None:
-        return aot_compile.resources_ahead_of_time(kernel, config, facts, capability)
-    return aot_compile.resources_on_device(kernel, config, facts, device_index)
-
-
-_PLAN_LOCK = threading.Lock()
-#: The switches a kernel does not take (its binary does not depend on them): normalised away from plan keys.
-_IGNORED_FACTS = {"backward_preprocess": dict(causal=True, seqused=False, shared_offsets=False),
-                  "backward_dkdv": dict(block_p=16, has_prefix=True, gate_tanh=True)}
-
-
-def _relevant(kernel: str, facts: KernelFacts) -> KernelFacts:
-    return dataclasses.replace(facts, **_IGNORED_FACTS.get(kernel, {}))
-
-
-@functools.lru_cache(maxsize=None)
-def _plan(kernel: str, facts: KernelFacts, capability: int, device_index: Optional[int]
-          ) -> tuple[tuple[triton.Config, ...], tuple[str, ...]]:
-    kept, rejected = [], []
-    for config in candidates(kernel, facts.block_d, interpreter=False, capability=capability):
-        resources = _measure(kernel, config, facts, capability, device_index)
-        if resources.fits:
-            kept.append(config)
-        else:
-            rejected.append(f"{config_name(config)}: {resources.why_not()}")
-    return tuple(kept), tuple(rejected)
-
-
-def launch_plan(kernel: str, facts: KernelFacts, capability: int, device_index: Optional[int] = None
-                ) -> tuple[list[triton.Config], list[str]]:
-    """``(configurations that may launch, why each other candidate may not)`` for ``kernel`` on ``facts``.
-
-    ``capability`` is the compute capability (80 for sm_80); ``device_index`` the CUDA device to read the
-    compiled kernel's figures on, or None to compile ahead of time. Cached per key; empty when nothing fits.
-    """
-    reason = target_reason(facts.dtype, capability)
-    if reason:
-        return [], [reason]
-    with _PLAN_LOCK:
-        kept, rejected = _plan(kernel, _relevant(kernel, facts), capability, device_index)
-    return list(kept), list(rejected)
-
-
-def decline_reason(kernel: str, facts: KernelFacts, capability: int, device_index: Optional[int] = None
-                   ) -> Optional[str]:
-    """The backend's reason to decline ``facts`` on this target because of ``kernel`` (None when it fits)."""
-    kept, rejected = launch_plan(kernel, facts, capability, device_index)
-    if kept:
-        return None
-    return (f"no {kernel} configuration fits sm_{capability} (dtype {facts.dtype}, head_dim {facts.head_dim}): "
-            + "; ".join(rejected))
-
-
-def deterministic() -> bool:
-    """Deterministic mode: ``torch.are_deterministic_algorithms_enabled()`` or ``FASTADAPTER_DETERMINISTIC=1``.
-
-    Then every launch uses the first configuration of the plan (a fixed choice per key) instead of the fastest
-    one measured in this process, so GPU runs are bit-reproducible across processes (``--resume``).
-    """
-    env = os.environ.get(_DETERMINISTIC_ENV, "0").strip().lower() not in _FALSE_VALUES
-    return env or torch.are_deterministic_algorithms_enabled()
-
-
-_FORCED: dict[str, triton.Config] = {}
-
-
-@contextlib.contextmanager
-def forced_configs(chosen: dict[str, triton.Config]) -> Iterator[None]:
-    """Launch ``chosen[kernel]`` instead of the autotuner's choice inside the block (tests, benchmarks)."""
-    unknown = set(chosen) - set(KERNELS)
-    if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; expected some of {KERNELS}")
-    previous = dict(_FORCED)
-    _FORCED.update(chosen)
-    try:
-        yield
-    finally:
-        _FORCED.clear()
-        _FORCED.update(previous)
-
-
-def _short_enough(configs_: list[triton.Config], args: dict) -> list[triton.Config]:
-    """Drop configurations whose query tile (``BLOCK_M``) exceeds the query sequences' bucket or whose key tile
-    (``BLOCK_N``) exceeds the key sequences' bucket, when a smaller configuration remains."""
-    q_bucket = max(args["seqlen_q_bucket"], 16)
-    k_bucket = max(args.get("seqlen_k_bucket", q_bucket), 16)
-    short = [c for c in configs_ if c.kwargs["BLOCK_M"] <= q_bucket and c.kwargs.get("BLOCK_N", 0) <= k_bucket]
-    return short or configs_
-
-
-def _args_facts(args: dict, q: torch.Tensor) -> KernelFacts:
-    return KernelFacts(dtype=q.dtype, head_dim=args["HEAD_DIM"], block_p=args.get("BLOCK_P", 16),
-                       has_prefix=args.get("HAS_PREFIX", True), varlen=args["VARLEN"],
-                       causal=args.get("CAUSAL", True), gate_tanh=args.get("GATE_TANH", True),
-                       grouped=args["group"] != 1, seqused=args.get("HAS_SEQUSED", False),
-                       shared_offsets=args.get("SHARED_OFFSETS", False))
-
-
-def autotune_pruner(kernel: str) -> Callable:
-    """An ``early_config_prune`` hook for ``triton.autotune``: the plan of the launch's device, shortened to
-    the sequence. The launchers pass the kernel's arguments by keyword (``Q``, ``HEAD_DIM``, ``group``, ...)."""
-    def early_config_prune(configs_, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        q = args["Q"]
-        if interpreting() or q.device.type != "cuda":
-            return list(configs_)
-        facts = _args_facts(args, q)
-        capability = args["ARCH"]
-        kept, rejected = launch_plan(kernel, facts, capability, q.device.index)
-        names = {config_name(c) for c in kept}
-        launchable = [c for c in configs_ if config_name(c) in names]
-        if not launchable:  # the backend declines such inputs before launching anything
-            raise RuntimeError(f"no configuration of {kernel} fits this GPU: " + "; ".join(rejected))
-        return _short_enough(launchable, args)
-    return early_config_prune
-
-
-#: What the tuned configuration depends on besides the tensors' dtypes (the autotuner adds those): the query and
-#: the key sequences' buckets (a few queries over a long cache are not tuned as a long prefill), the head dim,
-#: the prefix tile, the GQA group, the switches, and the device's architecture.
-AUTOTUNE_KEY = ("seqlen_q_bucket", "seqlen_k_bucket", "HEAD_DIM", "BLOCK_P", "group", "CAUSAL", "VARLEN",
-                "SHARED_OFFSETS", "HAS_SEQUSED", "HAS_PREFIX", "ARCH")
-
-
-def autotune(kernel: str):
-    """``triton.autotune`` for ``kernel``, keyed on those of :data:`AUTOTUNE_KEY` the kernel takes."""
-    def decorate(fn):
-        key = [name for name in AUTOTUNE_KEY if name in fn.arg_names]
-        return triton.autotune(configs=configs(kernel), key=key,
-                               prune_configs_by={"early_config_prune": autotune_pruner(kernel)})(fn)
-    return decorate
-
-
-def launch(kernel: str, autotuned, grid, args: dict) -> None:
-    """Launch ``autotuned`` (a :func:`autotune` kernel) on ``grid`` with ``args``.
-
-    A forced configuration (:func:`forced_configs`) or, in deterministic mode, the first configuration of the
-    plan is launched directly; otherwise the autotuner chooses.
-    """
-    config = _FORCED.get(kernel)
-    if config is None and deterministic():
-        q = args["Q"]
-        if interpreting() or q.device.type != "cuda":
-            config = candidates(kernel, interpreter=True)[0] if interpreting() else None
-        else:
-            kept, rejected = launch_plan(kernel, _args_facts(args, q), args["ARCH"], q.device.index)
-            if not kept:
-                raise RuntimeError(f"no configuration of {kernel} fits this GPU: " + "; ".join(rejected))
-            config = _short_enough(kept, args)[0]
-    if config is None:
-        autotuned[grid](**args)
-    else:
-        autotuned.fn[grid](**args, **config.all_kwargs())

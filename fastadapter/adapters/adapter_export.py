@@ -23,6 +23,7 @@ import torch
 from .adapter_file import AdapterFileError, adapter_file_kind, read_adapter_file
 
 from ..atomic_file import write_atomically
+from ..setting_error import SettingError
 
 EXPORT_FORMATS = ("peft", "litgpt", "v1")
 #: The files of a PEFT ``adaption_prompt`` folder.
@@ -48,32 +49,35 @@ def export_adapter(adapter_path: str, out: str, to: str, *, base_model_name: str
             that do work).
     """
     if to not in EXPORT_FORMATS:
-        raise ValueError(f"--to must be one of {', '.join(EXPORT_FORMATS)}, got {to!r}")
+        raise SettingError("{to} must be one of {formats}, got {value!r}", formats=", ".join(EXPORT_FORMATS), value=to)
     if adapter_file_kind(adapter_path) == "v2":
-        raise AdapterFileError(f"{adapter_path}: a LLaMA-Adapter V2 adapter (bias, scale and norms of every layer); "
-                               f"PEFT, litgpt and v1 have no place for those: export a --adapter v1 run")
+        raise AdapterFileError.naming("{path}: a LLaMA-Adapter V2 adapter (bias, scale and norms of every layer); "
+                                      "PEFT, litgpt and v1 have no place for those: export a {adapter} v1 run",
+                                      path=adapter_path)
     tensors, meta = read_adapter_file(adapter_path)
     config, base = meta["config"], meta["base_model"]
     layers, n_layers, n_heads = list(config["layers"]), int(base["n_layers"]), int(base["n_heads"])
     activation, per_head = config["gate_activation"], bool(config["gate_per_head"])
     top = list(range(n_layers - len(layers), n_layers))
     if layers != top and to in ("peft", "v1"):
-        raise AdapterFileError(f"{adapter_path}: adapts layers {layers}, but {to} adapts the top layers only "
-                               f"({top}); train with --adapter-layers N")
+        raise AdapterFileError.naming("{path}: adapts layers {layers}, but {format} adapts the top layers only "
+                                      "({top}); train with {adapter_layers} N", path=adapter_path, layers=layers,
+                                      format=to, top=top)
     prompts = {i: tensors[f"layers.{i}.adapter_prompt"].float().contiguous() for i in layers}
     gates = {i: tensors[f"layers.{i}.adapter_gate"].float().reshape(-1) for i in layers}
     family = base.get("family")
     if to == "peft" and family is not None and family not in PEFT_ADAPTION_PROMPT_FAMILIES:
-        raise AdapterFileError(f"{adapter_path}: its base model is a {family!r} model, and PEFT's adaption prompt "
-                               f"loads only {' and '.join(PEFT_ADAPTION_PROMPT_FAMILIES)} models (PEFT refuses it: "
-                               f"\"Unsupported model type for adaption prompt\"); export --to litgpt or --to v1, or "
-                               f"use the fastadapter file itself (fastadapter generate, or "
-                               f"fastadapter.integrations.transformers.load_adapter on the Hugging Face model)")
+        raise AdapterFileError.naming("{path}: its base model is a {family!r} model, and PEFT's adaption prompt "
+                                      "loads only {families} models (PEFT refuses it: \"Unsupported model type for "
+                                      "adaption prompt\"); export {to} litgpt or {to} v1, or use the fastadapter file "
+                                      "itself (fastadapter generate, or fastadapter.integrations.transformers."
+                                      "load_adapter on the Hugging Face model)", path=adapter_path, family=family,
+                                      families=" and ".join(PEFT_ADAPTION_PROMPT_FAMILIES))
     if to == "peft":
         if per_head:
-            raise AdapterFileError(f"{adapter_path}: has one gate per head; PEFT's adaption prompt has one gate per "
-                                   f"layer: train with --gate-shape scalar (and --gate-activation none for PEFT's "
-                                   f"own training behaviour)")
+            raise AdapterFileError.naming("{path}: has one gate per head; PEFT's adaption prompt has one gate per "
+                                          "layer: train with {gate_shape} scalar (and {gate_activation} none for "
+                                          "PEFT's own training behaviour)", path=adapter_path)
         from safetensors.torch import save_file
         os.makedirs(out, exist_ok=True)
         state = {}

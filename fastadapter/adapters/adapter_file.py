@@ -37,6 +37,8 @@ from typing import Mapping
 
 import torch
 
+from ..setting_error import NamesSettings
+
 FORMAT_VERSION = 1
 #: The safetensors metadata key under which the JSON description is stored.
 METADATA_KEY = "fastadapter"
@@ -53,8 +55,9 @@ _BASE_MODEL_KEYS = ("fingerprint", "dim", "n_layers", "n_heads", "n_kv_heads", "
 _OPTIONAL_BASE_MODEL_KEYS = ("family",)
 
 
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be read or does not fit: the message names the file and what is wrong."""
+class AdapterFileError(NamesSettings, ValueError):
+    """An adapter file that cannot be read or does not fit: the message names the file and what is wrong (and the
+    setting to change, when one would help: :meth:`~fastadapter.setting_error.NamesSettings.naming`)."""
 
 
 def base_model_fingerprint(token_embedding: torch.Tensor, n_layers: int, n_heads: int, n_kv_heads: int) -> str:

@@ -110,9 +110,9 @@ def add_adapter_v2(model: LlamaModel, config: Optional[AdapterConfig] = None) ->
         the norm weights (all fp32).
     """
     if model.config.norm != "rmsnorm":
-        raise SettingError(f"LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this "
-                           f"model's norms are {model.config.norm!r} (Gemma's · (1 + w), Olmo's weightless layer "
-                           f"norm): use LLaMA-Adapter V1 ({{adapter}} v1) on it")
+        raise SettingError("LLaMA-Adapter V2 trains the weights of LLaMA's RMSNorms (x / rms(x) · w); this model's "
+                           "norms are {norm!r} (Gemma's · (1 + w), Olmo's weightless layer norm): use LLaMA-Adapter "
+                           "V1 ({adapter} v1) on it", norm=model.config.norm)
     add_adapter(model, config)  # freezes every base weight
     for block in model.layers:
         for name in LINEARS:

@@ -8,7 +8,7 @@ On CUDA the backend declines, with the reason, what its kernels cannot run well 
 automatic choice moves on (to ``sdpa``) instead of failing at launch: float32 (see
 :func:`fastadapter.kernels.configs.target_reason`), bfloat16 before sm_80, and any kernel of the call (the
 forward, and the three backward kernels when a gradient is needed) of which no configuration compiles for this
-GPU without spills and within its shared memory (:func:`fastadapter.kernels.configs.launch_plan`, cached).
+GPU without spills and within its shared memory (:func:`fastadapter.kernels.autotune.launch_plan`, cached).
 """
 from __future__ import annotations
 
@@ -83,12 +83,15 @@ class TritonBackend(FusedBackend):
         """Why the kernels cannot run ``inp`` on sm_<capability> (``device_index`` None: judged ahead of time,
         by compiling without a GPU). Empty when every kernel the call needs has a configuration that fits."""
         from fastadapter.kernels import configs
+        from fastadapter.kernels.autotune import decline_reason
+        from fastadapter.kernels.jit_functions import jit_function
         reason = configs.target_reason(inp.dtype, capability)
         if reason:
             return [reason]
         facts = configs.KernelFacts.of(inp)
         kernels = configs.FORWARD_KERNELS + (configs.BACKWARD_KERNELS if _needs_backward(inp) else ())
-        reasons = [configs.decline_reason(kernel, facts, capability, device_index) for kernel in kernels]
+        reasons = [decline_reason(kernel, jit_function(kernel), facts, capability, device_index)
+                   for kernel in kernels]
         return [r for r in reasons if r]
 
     def automatic_choice_reasons(self, inp: AttentionProblem) -> list[str]:

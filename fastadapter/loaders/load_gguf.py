@@ -44,7 +44,7 @@ from .load_hf import unpermute_rotary_rows
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
                       "gemma3": "gemma3_text"}
 #: Architectures whose q/k rows llama.cpp keeps in Hugging Face's rotate-half order (its NEOX RoPE).
-_ROTATE_HALF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3")
+ROTATE_HALF_ARCHITECTURES = ("qwen2", "qwen3", "gemma2", "gemma3")
 _GEMMA = ("gemma2", "gemma3")
 #: llama.cpp's layer counts of the 27B Gemmas, whose softmax scale is (dim / n_heads)^-½, not head_dim^-½.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -54,7 +54,7 @@ _GEMMA3_SLIDING_PATTERN = 6
 _GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 #: GGUF tensor name (after ``blk.{i}.``) -> Meta name (after ``layers.{i}.``).
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_q.weight": "attention.wq.weight", "attn_k.weight": "attention.wk.weight",
     "attn_v.weight": "attention.wv.weight", "attn_output.weight": "attention.wo.weight",
     "attn_q.bias": "attention.wq.bias", "attn_k.bias": "attention.wk.bias", "attn_v.bias": "attention.wv.bias",
@@ -65,7 +65,7 @@ _LAYER_NAMES = {
     # Gemma2/3's norms on the outputs of attention and feed-forward.
     "post_attention_norm.weight": "attention_output_norm.weight", "post_ffw_norm.weight": "ffn_output_norm.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
                  "output.weight": "output.weight"}
 #: Meta names of tensors whose rows are in rotate-half order within each head in a NEOX-RoPE file.
 _ROTARY_ROWS = (".attention.wq.weight", ".attention.wk.weight", ".attention.wq.bias", ".attention.wk.bias")
@@ -190,12 +190,12 @@ def read_gguf_config(gguf: GGUFFile) -> LlamaConfig:
 def meta_name(gguf_name: str) -> Optional[str]:
     """The Meta parameter name (see :mod:`fastadapter.model.llama`) of a GGUF tensor name, or None for tensors the model has no
     parameter for."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
     if gguf_name.startswith("blk."):
         index, _, rest = gguf_name[len("blk."):].partition(".")
-        if index.isdigit() and rest in _LAYER_NAMES:
-            return f"layers.{index}.{_LAYER_NAMES[rest]}"
+        if index.isdigit() and rest in LAYER_NAMES:
+            return f"layers.{index}.{LAYER_NAMES[rest]}"
     return None
 
 
@@ -250,7 +250,7 @@ def load_gguf(path: str, *, dtype: Optional[torch.dtype] = None, progress: bool 
     dtype = dtype or torch.float32
     if not dtype.is_floating_point:
         raise CheckpointError(f"{path}: weights are dequantized into a floating-point dtype, not {dtype}")
-    rotate_half = gguf.architecture in _ROTATE_HALF_ARCHITECTURES
+    rotate_half = gguf.architecture in ROTATE_HALF_ARCHITECTURES
     gemma = gguf.architecture in _GEMMA
     tensors, sources = {}, {"": path}
     wanted = [(name, t) for t, name in ((t, meta_name(t.name)) for t in gguf.tensors.values()) if name is not None]

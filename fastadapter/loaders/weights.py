@@ -14,9 +14,10 @@ import torch
 
 from ..model.config import LlamaConfig
 from ..model.llama import LlamaModel
+from ..setting_error import NamesSettings
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NamesSettings, ValueError):
     """A checkpoint that is missing pieces, truncated, corrupt or of the wrong shape; the message names the file,
     the tensor and the expected shape."""
 
@@ -67,9 +68,10 @@ def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sourc
                                   f"{list(shape)} for {model.config}")
     for name in expected:  # whatever ``dtype`` asks for: an integer weight is not a value to cast
         if not tensors[name].is_floating_point():
-            raise CheckpointError(f"{sources.get(name, where)}: tensor {name!r} is {tensors[name].dtype}; weights "
-                                  f"must be floating point (quantized checkpoints are not read: give the fp32, fp16 "
-                                  f"or bf16 weights, and quantize with --quantize)")
+            raise CheckpointError.naming("{source}: tensor {name!r} is {dtype}; weights must be floating point "
+                                         "(quantized checkpoints are not read: give the fp32, fp16 or bf16 weights, "
+                                         "and quantize with {quantize})", source=sources.get(name, where), name=name,
+                                         dtype=tensors[name].dtype)
     dtype = dtype or tensors["tok_embeddings.weight"].dtype
     if not dtype.is_floating_point:
         raise CheckpointError(f"{where}: dtype must be floating point, got {dtype}")

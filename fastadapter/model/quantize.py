@@ -39,8 +39,8 @@ def _torchao():
     try:
         import torchao  # noqa: F401
     except ImportError as exc:
-        raise ImportError("--quantize needs torchao: pip install 'fastadapter[quantize]' (or pip install "
-                          "torchao)") from exc
+        raise ImportError("quantizing the base (quantize int8 or int4) needs torchao: pip install "
+                          "'fastadapter[quantize]' (or pip install torchao)") from exc
 
 
 def base_projections(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -116,9 +116,10 @@ def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
         if is_quantized(module.weight):
             raise ValueError(f"{name}.weight is already quantized")
         if scheme == "int4" and module.weight.numel() % NF4_BLOCK:
-            raise SettingError(f"int4 (NF4) quantizes blocks of {NF4_BLOCK} values with one scale each: "
-                               f"{name}.weight {list(module.weight.shape)} has {module.weight.numel()} values, not "
-                               f"a multiple of {NF4_BLOCK}; use {{quantize}} int8 for this model")
+            raise SettingError("int4 (NF4) quantizes blocks of {block} values with one scale each: {name}.weight "
+                               "{shape} has {values} values, not a multiple of {block}; use {quantize} int8 for this "
+                               "model", block=NF4_BLOCK, name=name, shape=list(module.weight.shape),
+                               values=module.weight.numel())
     if scheme == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

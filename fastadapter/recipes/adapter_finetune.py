@@ -138,7 +138,7 @@ def setup_adapter(model, settings: FinetuneSettings, context, say: Callable = _q
     n_layers = model.config.n_layers
     layers = min(settings.adapter_layers, n_layers)
     if layers <= 0:
-        raise SettingError(f"{{adapter_layers}} must be positive, got {settings.adapter_layers}")
+        raise SettingError("{adapter_layers} must be positive, got {value}", value=settings.adapter_layers)
     adapter_config = AdapterConfig(prompt_len=settings.prompt_len, layers=layers,
                                    gate_activation=settings.gate_activation,
                                    gate_per_head=settings.gate_shape == "head")
@@ -185,12 +185,13 @@ def default_max_seq_len(settings: FinetuneSettings, model_config) -> int:
     if max_seq_len > model_config.max_seq_len:
         # Past it, positions leave what the model was trained on, or a sliding window would cut (the loaders cap
         # max_seq_len at the window, where full causal attention is still exact).
-        raise SettingError(f"{{max_seq_len}} ({max_seq_len}) exceeds the model's max_seq_len "
-                           f"({model_config.max_seq_len}: its context, or its sliding attention window); give at "
-                           f"most {model_config.max_seq_len}")
+        raise SettingError("{max_seq_len} ({value}) exceeds the model's max_seq_len ({model_max}: its context, or "
+                           "its sliding attention window); give at most {model_max}", value=max_seq_len,
+                           model_max=model_config.max_seq_len)
     if settings.batch_tokens < max_seq_len:
-        raise SettingError(f"{{batch_tokens}} ({settings.batch_tokens}) must be >= {{max_seq_len}} ({max_seq_len}, "
-                           f"the default for this model): a packed row must hold the longest example")
+        raise SettingError("{batch_tokens} ({batch_value}) must be >= {max_seq_len} ({value}, the default for this "
+                           "model): a packed row must hold the longest example", batch_value=settings.batch_tokens,
+                           value=max_seq_len)
     return max_seq_len
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Union
 
+from ..setting_error import NamesSettings, SettingError
 from .tokenizer_hf import HFTokenizer
 from .tokenizer_llama2c import Llama2cTokenizer
 from .tokenizer_spm import SentencePieceTokenizer
@@ -19,6 +20,10 @@ Tokenizer = Union[SentencePieceTokenizer, Llama2cTokenizer, HFTokenizer]
 #: Tokenizer files looked for in a folder, in this order: a folder with tokenizer.json has its configuration
 #: (special tokens, chat template) beside it.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer.bin")
+
+
+class TokenizerNotFound(NamesSettings, FileNotFoundError):
+    """No tokenizer was given and none lies beside the model."""
 
 
 def find_tokenizer(model_path: Union[str, os.PathLike]) -> str:
@@ -34,7 +39,8 @@ def find_tokenizer(model_path: Union[str, os.PathLike]) -> str:
         candidate = os.path.join(folder, name)
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(f"no --tokenizer given and no {', '.join(TOKENIZER_FILES)} in {folder}")
+    raise TokenizerNotFound.naming("no {tokenizer} given and no {files} in {folder}", files=", ".join(TOKENIZER_FILES),
+                                   folder=folder)
 
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
@@ -76,6 +82,7 @@ def check_vocabulary(tokenizer: Tokenizer, model_vocab_size: int, tokenizer_path
     larger than the model's ``model_vocab_size``): the tokenizer belongs to another model. A smaller tokenizer
     is accepted (checkpoints often pad their embedding to a multiple of 64 or 128)."""
     if tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size:,} tokens but {model_path} only "
-                         f"{model_vocab_size:,} embeddings: this tokenizer belongs to another model; pass "
-                         f"--tokenizer with the model's own tokenizer")
+        raise SettingError("{tokenizer_path} has {tokens:,} tokens but {model_path} only {embeddings:,} embeddings: "
+                           "this tokenizer belongs to another model; pass {tokenizer} with the model's own tokenizer",
+                           tokenizer_path=tokenizer_path, tokens=tokenizer.vocab_size, model_path=model_path,
+                           embeddings=model_vocab_size)

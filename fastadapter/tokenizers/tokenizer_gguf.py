@@ -17,6 +17,7 @@ import os
 from typing import Optional, Union
 
 from ..loaders.gguf_file import read_gguf
+from ..setting_error import SettingError
 from .tokenizer_hf import HFTokenizer
 
 #: GGUF metadata keys of the ids that end a generation, in the order :attr:`HFTokenizer.stop_ids` lists them.
@@ -34,13 +35,13 @@ def load_gguf_tokenizer(path: Union[str, os.PathLike]) -> HFTokenizer:
     metadata = read_gguf(path).metadata
     n_tokens = metadata.get("tokenizer.ggml.tokens")  # the vocabulary's length: its strings are not decoded here
     if not isinstance(n_tokens, int) or "tokenizer.ggml.model" not in metadata:
-        raise ValueError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens "
-                         f"metadata); pass --tokenizer with the model's tokenizer")
+        raise SettingError("{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokenizer.ggml.tokens "
+                           "metadata); pass {tokenizer} with the model's tokenizer", path=path)
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise ImportError(f"{path}: the tokenizer of a GGUF file is converted by transformers: pip install "
-                          f"transformers (or fastadapter[gguf]), or pass --tokenizer with a tokenizer file") from None
+                          f"transformers (or fastadapter[gguf]), or give a tokenizer file as the tokenizer") from None
 
     try:
         converted = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),

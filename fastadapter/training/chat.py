@@ -20,6 +20,7 @@ import json
 from datetime import datetime
 from typing import Optional, Sequence
 
+from ..setting_error import SettingError
 from .examples import IGNORE_INDEX, DataError, DataReport, Example, text_problem
 
 #: ShareGPT's ``from`` values -> roles.
@@ -48,7 +49,7 @@ def row_messages(row) -> list[dict]:
     elif "conversations" in row:
         turns, role_key, content_key, roles = row["conversations"], "from", "value", SHAREGPT_ROLES
     else:
-        raise ValueError("missing key 'messages' (or ShareGPT's 'conversations'); --template chat reads "
+        raise ValueError("missing key 'messages' (or ShareGPT's 'conversations'): the chat template reads "
                          "conversations")
     if not isinstance(turns, list) or not turns:
         raise ValueError("'messages' must be a non-empty list of turns")
@@ -162,17 +163,17 @@ def chat_template_of(tokenizer, template_file: Optional[str] = None) -> ChatTemp
         ValueError: the tokenizer has no template and no file is given, or it cannot give token offsets.
     """
     if not hasattr(tokenizer, "encode_with_offsets"):
-        raise ValueError(f"--template chat needs a Hugging Face tokenizer.json (it renders the tokenizer's chat "
-                         f"template); got a {type(tokenizer).__name__}")
+        raise SettingError("{template} chat needs a Hugging Face tokenizer.json (it renders the tokenizer's chat "
+                           "template); got a {kind}", kind=type(tokenizer).__name__)
     if template_file is not None:
         with open(template_file, encoding="utf-8") as f:
             source = f.read()
     else:
         source = tokenizer.chat_template
         if source is None:
-            raise ValueError(f"{tokenizer.path}: the tokenizer has no chat template (no chat_template in "
-                             f"tokenizer_config.json, no chat_template.jinja); pass --chat-template FILE or use "
-                             f"--template alpaca")
+            raise SettingError("{path}: the tokenizer has no chat template (no chat_template in "
+                               "tokenizer_config.json, no chat_template.jinja); pass {chat_template} FILE or use "
+                               "{template} alpaca", path=tokenizer.path)
     return ChatTemplate(source, tokenizer.special_tokens)
 
 
@@ -189,8 +190,8 @@ def tokenize_chat_rows(rows: Sequence, tokenizer, template: ChatTemplate, max_se
             messages = row_messages(row)
         except ValueError as exc:
             if on_bad_row == "error":
-                raise DataError(f"{path}: row {number} is malformed: {exc} (pass --on-bad-row skip to skip it)"
-                                ) from None
+                raise DataError.naming("{path}: row {number} is malformed: {problem} (pass {on_bad_row} skip to "
+                                       "skip it)", path=path, number=number, problem=str(exc)) from None
             report.bad_rows.append((number, str(exc)))
             warnings.warn(f"{path}: skipping malformed row {number}: {exc}", stacklevel=2)
             continue

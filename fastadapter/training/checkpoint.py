@@ -15,13 +15,20 @@ from typing import Any, Optional
 
 import torch
 
+from ..setting_error import NamesSettings
+
 FORMAT = "fastadapter-training-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointNotFound(FileNotFoundError):
-    """``--resume`` pointed at nothing usable."""
+class CheckpointNotFound(NamesSettings, FileNotFoundError):
+    """The checkpoint to resume (``resume``) names nothing usable."""
+
+
+class CheckpointWriteError(NamesSettings, OSError):
+    """A checkpoint that could not be written (full disk, lost permission): an ``OSError`` with the errno of the
+    failed write, whose ``strerror`` says which checkpoint is the last good one and how to go on."""
 
 
 @dataclass
@@ -98,8 +105,9 @@ def resolve_resume(resume: str, out: str) -> str:
         found = list_checkpoints(folder)
         if found:
             return found[-1][1]
-    raise CheckpointNotFound(f"--resume {resume}: no checkpoint there (expected a step_NNNNNN.pt file, or a folder "
-                             f"holding some, or a run folder with checkpoints/; --out is {out})")
+    raise CheckpointNotFound.naming("{resume} {path}: no checkpoint there (expected a step_NNNNNN.pt file, or a "
+                                    "folder holding some, or a run folder with checkpoints/; {out} is {out_path})",
+                                    path=resume, out_path=out)
 
 
 def load_checkpoint(path: str, map_location: Optional[str | torch.device] = "cpu") -> dict:

@@ -18,6 +18,7 @@ import warnings
 from array import array
 from typing import Iterable, Optional, Sequence
 
+from ..setting_error import SettingMessage
 from .examples import IGNORE_INDEX, DataError, DataReport, Example, text_problem  # noqa: F401
 from .prompt import format_prompt
 
@@ -77,8 +78,9 @@ def _read_json_rows(path: str) -> list:
     return rows
 
 
-def _row_problem(row) -> Optional[str]:
-    """Why ``row`` is not a usable Alpaca row, or None when it is."""
+def _row_problem(row) -> Optional[str | SettingMessage]:
+    """Why ``row`` is not a usable Alpaca row, or None when it is (a :class:`SettingMessage` when a setting
+    would read it)."""
     if isinstance(row, str):
         return row
     if not isinstance(row, dict):
@@ -86,7 +88,8 @@ def _row_problem(row) -> Optional[str]:
     for key in ("instruction", "output"):
         if key not in row:
             if "messages" in row or "conversations" in row:
-                return f"missing key {key!r}: this is a conversation row; pass --template chat"
+                return SettingMessage("missing key {key!r}: this is a conversation row; pass {template} chat",
+                                      {"key": key})
             return f"missing key {key!r}"
     for key in ("instruction", "input", "output"):
         if key in row and not isinstance(row[key], str):
@@ -129,8 +132,9 @@ def load_rows(path: str | os.PathLike, *, on_bad_row: str = "skip",
             report.kept_rows.append(index)
             continue
         if on_bad_row == "error":
-            raise DataError(f"{path}: row {index} is malformed: {problem} (pass --on-bad-row skip to skip it)")
-        report.bad_rows.append((index, problem))
+            raise DataError.naming("{path}: row {index} is malformed: {problem} (pass {on_bad_row} skip to skip it)",
+                                   path=path, index=index, problem=problem)
+        report.bad_rows.append((index, str(problem)))
         warnings.warn(f"{path}: skipping malformed row {index}: {problem}", stacklevel=2)
     if not good:
         raise DataError(f"{path}: none of the {len(rows)} rows is usable")
@@ -206,8 +210,8 @@ def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int, *, on_ba
             raise DataError(f"{os.fspath(path)}: none of the {len(rows)} rows is a usable conversation (first "
                             f"problem, row {report.bad_rows[0][0]}: {report.bad_rows[0][1]})")
     if not examples:
-        raise DataError(f"{os.fspath(path)}: no example left after truncation to {max_seq_len} tokens; raise "
-                        f"--max-seq-len")
+        raise DataError.naming("{path}: no example left after truncation to {length} tokens; raise {max_seq_len}",
+                               path=os.fspath(path), length=max_seq_len)
     return examples, report
 
 

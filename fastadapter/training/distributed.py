@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..setting_error import SettingError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -39,22 +41,25 @@ class DistributedContext:
 
 
 def check_device(device: str | None) -> None:
-    """Raise ``ValueError`` unless ``device`` (``--device``) is None, ``cpu``, or ``cuda[:N]`` with such a GPU
+    """Raise ``ValueError`` unless ``device`` is None, ``cpu``, or ``cuda[:N]`` with such a GPU
     here."""
     if device is None:
         return
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda or cuda:N") from None
+        raise SettingError("{device} {value!r} is not a device; expected cpu, cuda or cuda:N", value=device) from None
     if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: fastadapter runs on cpu or cuda[:N], not {parsed.type}")
+        raise SettingError("{device} {value!r}: fastadapter runs on cpu or cuda[:N], not {type}", value=device,
+                           type=parsed.type)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
-                             f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu")
+            raise SettingError("{device} {value}: no CUDA GPU is available here (torch {torch}, CUDA {cuda}); use "
+                               "{device} cpu", value=device, torch=torch.__version__,
+                               cuda=torch.version.cuda or "not built in")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} GPUs here")
+            raise SettingError("{device} {value}: there are only {count} GPUs here", value=device,
+                               count=torch.cuda.device_count())
 
 
 def init_from_environment(device: str | None = None) -> DistributedContext:

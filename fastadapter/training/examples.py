@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..setting_error import NamesSettings
+
 
 #: Label of positions that carry no loss (the ``ignore_index`` of ``torch.nn.functional.cross_entropy``).
 IGNORE_INDEX = -100
 
-class DataError(ValueError):
+class DataError(NamesSettings, ValueError):
     """A data file that cannot be read, or a malformed row when malformed rows are fatal; names the file and
-    the row."""
+    the row (and the setting that would help: :meth:`~fastadapter.setting_error.NamesSettings.naming`)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class DataReport:
 
     def summary(self) -> str:
         text = (f"{self.rows} rows: {len(self.bad_rows)} malformed and skipped, {self.truncated} truncated to "
-                f"--max-seq-len, {self.no_response} dropped (no response token left after truncation)")
+                f"max_seq_len, {self.no_response} dropped (no response token left after truncation)")
         return text
 
 

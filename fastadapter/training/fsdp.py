@@ -30,9 +30,8 @@ from .distributed import DistributedContext
 
 def _require_process_group(what: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{what} needs a torch.distributed process group: launch with torchrun "
-                           f"(torchrun --nproc-per-node N -m fastadapter.cli train --fsdp ...) or call "
-                           f"torch.distributed.init_process_group first")
+        raise RuntimeError(f"{what} needs a torch.distributed process group: launch the job with torchrun (one "
+                           f"process per GPU) or call torch.distributed.init_process_group first")
 
 
 def device_mesh(context: DistributedContext):

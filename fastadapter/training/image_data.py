@@ -130,7 +130,8 @@ def images_digest(examples: Sequence[Example]) -> str:
 
 def _bad_row(path: str, where: str, problem: str, on_bad_row: str, report: DataReport, index: int) -> None:
     if on_bad_row == "error":
-        raise DataError(f"{path}: {where} is malformed: {problem} (pass --on-bad-row skip to skip it)")
+        raise DataError.naming("{path}: {where} is malformed: {problem} (pass {on_bad_row} skip to skip it)",
+                               path=path, where=where, problem=problem)
     report.bad_rows.append((index, problem))
     warnings.warn(f"{path}: skipping malformed {where}: {problem}", stacklevel=3)
 
@@ -170,7 +171,8 @@ def load_image_instruction_examples(path: str | os.PathLike, tokenizer, max_seq_
     out = [ImageExample(e.tokens, e.labels, e.truncated, row=numbers[e.row], image=images[e.row],
                         key=str(numbers[e.row])) for e in examples]
     if not out:
-        raise DataError(f"{path}: no example left after truncation to {max_seq_len} tokens; raise --max-seq-len")
+        raise DataError.naming("{path}: no example left after truncation to {length} tokens; raise {max_seq_len}",
+                               path=path, length=max_seq_len)
     return out, report
 
 

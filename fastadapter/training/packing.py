@@ -91,8 +91,9 @@ def pack_examples(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     used = 0
     for index, length in enumerate(lengths):
         if length > batch_tokens:
-            raise SettingError(f"example {index} has {length} tokens, more than batch_tokens={batch_tokens}: "
-                               f"raise {{batch_tokens}} to at least {{max_seq_len}}")
+            raise SettingError("example {index} has {length} tokens, more than batch_tokens={value}: raise "
+                               "{batch_tokens} to at least {max_seq_len}", index=index, length=length,
+                               value=batch_tokens)
         if used + length > batch_tokens and current:
             rows.append(current)
             current, used = [], 0

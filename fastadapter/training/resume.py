@@ -2,6 +2,7 @@
 (settings, batch geometry, the data file, the examples), one line per difference."""
 from __future__ import annotations
 
+from ..setting_error import SettingMessage
 from .train_config import TrainConfig
 
 #: TrainConfig fields a resumed run must share with its checkpoint: they decide which rows each step sees
@@ -10,11 +11,13 @@ from .train_config import TrainConfig
 RESUME_KEYS = ("batch_tokens", "seed", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "dtype")
 
 
-def resume_differences(state: dict, config: TrainConfig, rows_per_step: int, digests: dict) -> list[str]:
+def resume_differences(state: dict, config: TrainConfig, rows_per_step: int, digests: dict
+                       ) -> list[str | SettingMessage]:
     """What differs between the run that wrote checkpoint ``state`` and a run of ``config`` taking
     ``rows_per_step`` packed rows per optimizer step on examples of ``digests`` (``{"train", "eval"}``:
     :func:`~fastadapter.training.data.examples_digest`), one line per difference (empty: resuming continues the
-    same run). Keys an older checkpoint did not record are not compared."""
+    same run; a line that names settings is a :class:`~fastadapter.setting_error.SettingMessage`). Keys an older
+    checkpoint did not record are not compared."""
     saved = state["config"]
     differences = []
     for key in RESUME_KEYS:
@@ -37,8 +40,9 @@ def resume_differences(state: dict, config: TrainConfig, rows_per_step: int, dig
         parts = [name for name, part in (("training", "train"), ("eval", "eval"))
                  if saved_digests.get(part) != digests[part]]
         if parts:
-            differences.append(f"the {' and the '.join(parts)} examples differ (tokens or labels: other data, "
-                               f"tokenizer, --max-seq-len, --eval-fraction, --on-bad-row or --seed)")
+            differences.append(SettingMessage("the {parts} examples differ (tokens or labels: other data, tokenizer, "
+                                              "{max_seq_len}, {eval_fraction}, {on_bad_row} or {seed})",
+                                              {"parts": " and the ".join(parts)}))
     return differences
 
 

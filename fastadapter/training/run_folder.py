@@ -27,6 +27,7 @@ try:
 except ImportError:  # Windows: no advisory locks here; the folder checks still apply
     fcntl = None
 
+from ..setting_error import NamesSettings
 from .checkpoint import list_checkpoints
 
 METRICS = "metrics.jsonl"
@@ -35,7 +36,7 @@ ADAPTER = "adapter.safetensors"
 LOCK = ".lock"
 
 
-class RunFolderError(ValueError):
+class RunFolderError(NamesSettings, ValueError):
     """A run folder that this run may not use: locked by another process, holding another run, or not a
     folder; the message says which and what to do."""
 
@@ -85,8 +86,8 @@ class RunFolder:
         """
         folder = cls(out)
         if os.path.exists(folder.out) and not os.path.isdir(folder.out):
-            raise RunFolderError(f"--out {folder.out} is a file; expected a folder for the run (metrics.jsonl, "
-                                 f"checkpoints/, adapter.safetensors)")
+            raise RunFolderError.naming("{out} {path} is a file; expected a folder for the run (metrics.jsonl, "
+                                        "checkpoints/, adapter.safetensors)", path=folder.out)
         os.makedirs(folder.out, exist_ok=True)
         folder._acquire()
         try:
@@ -112,8 +113,9 @@ class RunFolder:
             lock_file.seek(0)
             holder = lock_file.read().strip() or "unknown"
             lock_file.close()
-            raise RunFolderError(f"--out {self.out} is in use by another fastadapter train (pid {holder}); wait "
-                                 f"for it to finish, or choose another --out") from None
+            raise RunFolderError.naming("{out} {path} is in use by another fastadapter train (pid {holder}); wait "
+                                        "for it to finish, or choose another {out} folder", path=self.out,
+                                        holder=holder) from None
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"{os.getpid()}\n")
@@ -168,9 +170,9 @@ class RunFolder:
     def _claim_new(self, overwrite: bool) -> None:
         existing = self.existing_run()
         if existing and not overwrite:
-            raise RunFolderError(f"--out {self.out} already holds a run ({', '.join(existing)}); continue it with "
-                                 f"--resume, start the new run in another --out, or pass --overwrite to delete "
-                                 f"the old run")
+            raise RunFolderError.naming("{out} {path} already holds a run ({existing}); continue it with {resume}, "
+                                        "start the new run in another {out} folder, or pass {overwrite} to delete "
+                                        "the old run", path=self.out, existing=", ".join(existing))
         if existing:
             for name in (RUN_FILE, METRICS, ADAPTER):
                 if os.path.exists(self._path(name)):
@@ -186,13 +188,16 @@ class RunFolder:
             self._path("checkpoints"))
         existing = self.existing_run()
         if folder_run is not None and checkpoint_run is not None and folder_run != checkpoint_run:
-            raise RunFolderError(f"--out {self.out} holds another run than the checkpoint {resume_path} (run "
-                                 f"{folder_run[:8]}, the checkpoint's is {checkpoint_run[:8]}); resume into the "
-                                 f"checkpoint's own folder or into an empty --out")
+            raise RunFolderError.naming("{out} {path} holds another run than the checkpoint {resume_path} (run "
+                                        "{folder_run}, the checkpoint's is {checkpoint_run}); resume into the "
+                                        "checkpoint's own folder or into an empty {out} folder", path=self.out,
+                                        resume_path=resume_path, folder_run=folder_run[:8],
+                                        checkpoint_run=checkpoint_run[:8])
         if folder_run is None and existing and not inside:
-            raise RunFolderError(f"--out {self.out} already holds a run ({', '.join(existing)}) and the checkpoint "
-                                 f"{resume_path} is not one of its; resume into the checkpoint's own folder or into "
-                                 f"an empty --out")
+            raise RunFolderError.naming("{out} {path} already holds a run ({existing}) and the checkpoint "
+                                        "{resume_path} is not one of its; resume into the checkpoint's own folder or "
+                                        "into an empty {out} folder", path=self.out, existing=", ".join(existing),
+                                        resume_path=resume_path)
         self._write_run_id(checkpoint_run or folder_run or uuid.uuid4().hex)
         if not os.path.exists(self._path(METRICS)) and resume_path is not None:
             # Resumed into a new folder: bring the run's metrics along (the summary and plots start at step 0).

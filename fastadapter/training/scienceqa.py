@@ -158,8 +158,8 @@ def load_problems(folder: str | os.PathLike, split: str = "train", *, on_bad_row
             report.kept_rows.append(index)
             continue
         if on_bad_row == "error":
-            raise DataError(f"{problems_path}: problem {pid} is malformed: {problem} (pass --on-bad-row skip to "
-                            f"skip it)")
+            raise DataError.naming("{path}: problem {pid} is malformed: {problem} (pass {on_bad_row} skip to skip "
+                                   "it)", path=problems_path, pid=pid, problem=problem)
         report.bad_rows.append((index, f"problem {pid}: {problem}"))
         warnings.warn(f"{problems_path}: skipping malformed problem {pid}: {problem}", stacklevel=2)
     if not out:
@@ -184,6 +184,6 @@ def load_scienceqa_examples(folder: str | os.PathLike, tokenizer, max_seq_len: i
     out = [ImageExample(e.tokens, e.labels, e.truncated, row=report.kept_rows[e.row], image=problems[e.row].image,
                         key=problems[e.row].pid) for e in examples]
     if not out:
-        raise DataError(f"{os.fspath(folder)}: no example left after truncation to {max_seq_len} tokens; raise "
-                        f"--max-seq-len")
+        raise DataError.naming("{path}: no example left after truncation to {length} tokens; raise {max_seq_len}",
+                               path=os.fspath(folder), length=max_seq_len)
     return out, report

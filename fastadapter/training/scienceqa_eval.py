@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..setting_error import SettingError
 from .data import IGNORE_INDEX, tokenize_rows
 from .image_data import ImageExample, collate_images
 from .packing import collate_packed, pack_examples
@@ -35,8 +36,8 @@ def option_examples(problems: Sequence[Problem], tokenizer, max_seq_len: int, *,
                 for c in range(len(problem.choices))]
         examples = tokenize_rows(rows, tokenizer, max_seq_len)
         if len(examples) != len(rows) or any(e.truncated for e in examples):
-            raise ValueError(f"problem {problem.pid}: the question and its answer need more than --max-seq-len "
-                             f"{max_seq_len} tokens; raise --max-seq-len")
+            raise SettingError("problem {pid}: the question and its answer need more than {max_seq_len} {length} "
+                               "tokens; raise {max_seq_len}", pid=problem.pid, length=max_seq_len)
         image = problem.image if with_images else None
         out.extend((pi, c, ImageExample(e.tokens, e.labels, image=image, key=problem.pid))
                    for c, e in enumerate(examples))

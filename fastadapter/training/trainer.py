@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..setting_error import SettingError
-from .checkpoint import (DataPosition, checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints,
-                         rng_state, save_checkpoint, set_rng_state)
+from ..setting_error import SettingError, SettingMessage
+from .checkpoint import (CheckpointWriteError, DataPosition, checkpoint_path, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
 from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .fsdp import is_sharded
@@ -88,8 +88,8 @@ def token_loss_sum(model: nn.Module, batch: PackedBatch, fused: Optional[bool] =
     """
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
     labels = batch.labels[0, positions]
-    # A batch with more than tokens (images: fastadapter.training.image_data) says what else the model takes.
-    extra = batch.extra_inputs() if hasattr(batch, "extra_inputs") else {}
+    # Every batch says what else the model takes besides its tokens (images: fastadapter.training.image_data).
+    extra = batch.extra_inputs()
     call = dict(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, logits_positions=positions, **extra)
     if fused is None:
         fused = fuses_head_and_loss(model)
@@ -126,9 +126,9 @@ class Trainer:
             for index, example in enumerate(examples):
                 if len(example) > config.batch_tokens:
                     where = (f"data row {example.row}" if example.row is not None else f"{kind} example {index}")
-                    raise SettingError(f"{where} has {len(example)} tokens, more than a packed row holds "
-                                       f"({{batch_tokens}} {config.batch_tokens}); raise {{batch_tokens}} to at "
-                                       f"least {{max_seq_len}}")
+                    raise SettingError("{where} has {length} tokens, more than a packed row holds ({batch_tokens} "
+                                       "{value}); raise {batch_tokens} to at least {max_seq_len}", where=where,
+                                       length=len(example), value=config.batch_tokens)
         self.run_folder: Optional[RunFolder] = None
         self.params = adapter_parameters(model)
         self._rows_cache: dict[int, list[list[int]]] = {}
@@ -161,10 +161,10 @@ class Trainer:
 
     def _count_total_steps(self) -> int:
         if self._steps_in_epoch(0) == 0:
-            raise SettingError(f"the {len(self.train_examples)} training examples pack into "
-                               f"{len(self._rows(0))} rows of {self.config.batch_tokens} tokens, fewer than one "
-                               f"step needs (grad_accum × world size = {self.rows_per_step}); lower "
-                               f"{{batch_tokens}} or {{grad_accum}}")
+            raise SettingError("the {examples} training examples pack into {rows} rows of {tokens} tokens, fewer "
+                               "than one step needs (grad_accum × world size = {per_step}); lower {batch_tokens} or "
+                               "{grad_accum}", examples=len(self.train_examples), rows=len(self._rows(0)),
+                               tokens=self.config.batch_tokens, per_step=self.rows_per_step)
         if self.config.max_steps is not None:
             return self.config.max_steps
         return sum(self._steps_in_epoch(e) for e in range(self.config.epochs))
@@ -174,9 +174,9 @@ class Trainer:
         if self.position.step_in_epoch >= self._steps_in_epoch(self.position.epoch):
             self.position = DataPosition(self.position.epoch + 1, 0)
             if self._steps_in_epoch(self.position.epoch) == 0:
-                raise SettingError(f"epoch {self.position.epoch} packs into "
-                                   f"{len(self._rows(self.position.epoch))} rows, fewer than one step needs "
-                                   f"({self.rows_per_step}); lower {{batch_tokens}} or {{grad_accum}}")
+                raise SettingError("epoch {epoch} packs into {rows} rows, fewer than one step needs ({per_step}); "
+                                   "lower {batch_tokens} or {grad_accum}", epoch=self.position.epoch,
+                                   rows=len(self._rows(self.position.epoch)), per_step=self.rows_per_step)
         rows = self._rows(self.position.epoch)
         start = self.position.step_in_epoch * self.rows_per_step
         self.position = DataPosition(self.position.epoch, self.position.step_in_epoch + 1)
@@ -199,7 +199,7 @@ class Trainer:
         (loss_value,) = all_reduce_sum([local_loss], self.context)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(self._diverged(f"the training loss of step {self.step + 1} is {loss_value}"))
+            raise self._diverged(f"the training loss of step {self.step + 1} is {loss_value}")
         parameters = [p for _, p in self.params]
         all_reduce_gradients(parameters, self.context)
         self.scaler.unscale_(self.optimizer)
@@ -214,18 +214,20 @@ class Trainer:
         # The adapter is small (1.2M values for LLaMA-7B): checking it costs nothing next to the step.
         broken = [name for name, p in self.params if not bool(torch.isfinite(p).all())]
         if broken:
-            raise TrainingDiverged(self._diverged(f"step {self.step} made {', '.join(broken[:3])}"
-                                                  f"{' and others' if len(broken) > 3 else ''} NaN or infinite"))
+            raise self._diverged(f"step {self.step} made {', '.join(broken[:3])}"
+                                 f"{' and others' if len(broken) > 3 else ''} NaN or infinite")
         return loss_value, real_tokens
 
-    def _diverged(self, what: str) -> str:
+    def _diverged(self, what: str) -> TrainingDiverged:
         folder = os.path.join(self.config.out, "checkpoints")
         saved = list_checkpoints(folder)
         last = (f"the last checkpoint, {saved[-1][1]}, holds the adapter of step {saved[-1][0]}" if saved
                 else "no checkpoint was saved")
-        return (f"training diverged: {what} (lr {self.config.lr}, warmup {self.config.warmup_steps} steps, "
-                f"grad clip {self.config.grad_clip}, {self.config.dtype}); nothing of it is saved and {last}; "
-                f"lower {{lr}} or raise {{warmup_steps}}")
+        return TrainingDiverged("training diverged: {what} (lr {lr_value}, warmup {warmup_value} steps, grad clip "
+                                "{grad_clip_value}, {dtype}); nothing of it is saved and {last}; lower {lr} or raise "
+                                "{warmup_steps}", what=what, lr_value=self.config.lr,
+                                warmup_value=self.config.warmup_steps, grad_clip_value=self.config.grad_clip,
+                                dtype=self.config.dtype, last=last)
 
     @torch.no_grad()
     def evaluate(self, stop: Optional[StopRequest] = None) -> Optional[float]:
@@ -281,12 +283,15 @@ class Trainer:
         return resume_differences(state, self.config, self.rows_per_step, self.examples_digests())
 
     def check_resumable(self, state: dict, source: str = "the checkpoint") -> None:
-        """Raise ``ValueError`` listing :meth:`resume_differences` when there are any."""
+        """Raise a ``ValueError`` (:class:`~fastadapter.setting_error.SettingError`) listing
+        :meth:`resume_differences` when there are any."""
         differences = self.resume_differences(state)
         if differences:
-            raise ValueError(f"{source} was made with other data or settings, so resuming it would not continue "
-                             f"the same run:\n  " + "\n  ".join(differences) +
-                             "\nresume with the checkpoint's data and settings, or start a new run in another --out")
+            lines = "".join(f"\n  {{difference_{i}}}" for i in range(len(differences)))
+            raise SettingError("{source} was made with other data or settings, so resuming it would not continue the "
+                               "same run:" + lines + "\nresume with the checkpoint's data and settings, or start a "
+                               "new run in another {out} folder", source=source,
+                               **{f"difference_{i}": d for i, d in enumerate(differences)})
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         self.check_resumable(state, source)
@@ -318,8 +323,12 @@ class Trainer:
             except OSError as exc:  # full disk, lost permission: the older checkpoints are untouched
                 saved = list_checkpoints(folder)
                 last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved yet"
-                raise OSError(exc.errno, f"{exc.strerror} while writing the checkpoint of step {self.step} "
-                                         f"({last}; fix this, then continue with --resume)", path) from exc
+                message = SettingMessage("{strerror} while writing the checkpoint of step {step} ({last}; fix this, "
+                                         "then continue with {resume})", dict(strerror=exc.strerror, step=self.step,
+                                                                               last=last))
+                error = CheckpointWriteError(exc.errno, str(message), path)
+                error.setting_message = message
+                raise error from exc
             prune_checkpoints(folder, self.config.keep_checkpoints)
         barrier(self.context)
         return path

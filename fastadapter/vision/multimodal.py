@@ -152,13 +152,15 @@ def check_tower(path: str, vision: dict, tower: VisionTower) -> None:
     saved, have = vision["tower"], tower.identity()
     for key in ("model_type", "hidden_size", "num_hidden_layers"):
         if saved.get(key) != have[key]:
-            raise VisionTowerError(f"{path}: this adapter was trained with a vision tower of {key}={saved.get(key)}, "
-                                   f"but {tower.source} has {key}={have[key]}; pass the --vision-model it was "
-                                   f"trained with")
+            raise VisionTowerError.naming("{path}: this adapter was trained with a vision tower of {key}={saved}, "
+                                          "but {source} has {key}={have}; pass the {vision_model} it was trained "
+                                          "with", path=path, key=key, saved=saved.get(key), source=tower.source,
+                                          have=have[key])
     if saved.get("fingerprint") != have["fingerprint"]:
-        raise VisionTowerError(f"{path}: this adapter was trained with another vision tower of the same shape "
-                               f"(weights fingerprint {str(saved.get('fingerprint'))[:12]}…, {tower.source} has "
-                               f"{have['fingerprint'][:12]}…); pass the --vision-model it was trained with")
+        raise VisionTowerError.naming("{path}: this adapter was trained with another vision tower of the same shape "
+                                      "(weights fingerprint {saved}…, {source} has {have}…); pass the {vision_model} "
+                                      "it was trained with", path=path, saved=str(saved.get("fingerprint"))[:12],
+                                      source=tower.source, have=have["fingerprint"][:12])
 
 
 def read_vision_description(path: str) -> Optional[dict]:
@@ -186,8 +188,9 @@ def load_multimodal_adapter(model: LlamaModel, path: str | os.PathLike, vision_m
     tensors, meta = read_adapter_file(path)
     vision = meta.get("vision")
     if vision is None:
-        raise AdapterFileError(f"{path}: this adapter has no image projection (it was trained without "
-                               f"--vision-model); load it with fastadapter.load_adapter, without an image")
+        raise AdapterFileError.naming("{path}: this adapter has no image projection (it was trained without "
+                                      "{vision_model}); load it with fastadapter.load_adapter, without an image",
+                                      path=path)
     if vision.get("format_version") != VISION_FORMAT_VERSION:
         raise AdapterFileError(f"{path}: vision format_version {vision.get('format_version')!r} is not supported "
                                f"(this fastadapter reads {VISION_FORMAT_VERSION})")

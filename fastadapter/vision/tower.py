@@ -21,12 +21,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..setting_error import NamesSettings
+
 POOLINGS = ("cls", "mean")
 #: The number of layers whose global token the default feature concatenates (spread evenly, the last included).
 DEFAULT_SCALES = 4
 
 
-class VisionTowerError(ValueError):
+class VisionTowerError(NamesSettings, ValueError):
     """A vision folder that cannot be loaded, or a tower that does not match what an adapter was trained with."""
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastadapter.backends import get_backend
+from fastadapter.kernels import autotune as kernel_autotune
 from fastadapter.kernels import configs as kernel_configs
 from fastadapter.kernels.aot_compile import (CODE_PATHS, MATRIX_ARCHS, MATRIX_DTYPES, MATRIX_HEAD_DIMS,
                                              compile_code_paths, compile_matrix, llama7b_rows, parse_arch)
@@ -143,13 +144,13 @@ def test_the_backend_gives_the_same_answer_from_these_figures(matrix, monkeypatc
     figures = {(r["kernel"], r["config"], r["arch"], r["dtype"], r["head_dim"]): r for r in matrix
                if r.get("config") is not None}
 
-    def measure(kernel, config, facts, capability, device_index):
+    def measure(kernel, fn, config, facts, capability, device_index):
         r = figures[(kernel, kernel_configs.config_name(config), f"sm_{capability}", DTYPES[facts.dtype],
                      facts.head_dim)]
         return kernel_configs.Resources(r["registers"], r["spill_bytes"], r["shared_bytes"],
                                         OPT_IN_SHARED_MEMORY[f"sm_{capability}"])
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
-    kernel_configs._plan.cache_clear()
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
+    kernel_autotune._plan.cache_clear()
     backend = get_backend("triton")
     try:
         for arch, dtype, head_dim in _combos():
@@ -167,7 +168,7 @@ def test_the_backend_gives_the_same_answer_from_these_figures(matrix, monkeypatc
                 for kernel in declined:
                     assert any(f"no {kernel} configuration fits {arch}" in r for r in reasons)
     finally:
-        kernel_configs._plan.cache_clear()
+        kernel_autotune._plan.cache_clear()
 
 
 @pytest.mark.parametrize("part", PARTS)

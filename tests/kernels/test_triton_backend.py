@@ -14,11 +14,13 @@ import torch
 from fastadapter import zero_init_attention
 from fastadapter.backends import get_backend, select_backend
 from fastadapter.backends import triton as triton_backend
+from fastadapter.kernels import autotune as kernel_autotune
 from fastadapter.kernels import configs as kernel_configs
 from fastadapter.kernels import decode as kernel_decode
 from fastadapter.kernels import forward as kernel_forward
 from fastadapter.kernels.backward_dkdv import zero_init_attention_backward_dkdv_kernel
 from fastadapter.kernels.forward import zero_init_attention_forward_kernel
+from fastadapter.kernels.jit_functions import jit_function
 from fastadapter.kernels.layout import Layout, device_arch, device_guard
 
 from attention_cases import BF16, FP16, Case, backend_inputs
@@ -51,11 +53,15 @@ def test_unavailable_without_cuda_or_interpreter(monkeypatch):
 
 # -- the launch plan: the compiler's figures, no fallback ---------------------------------------------------------
 
+FORWARD = jit_function("forward")
+
+
 def _fake_measure(figures):
     """A stand-in for compiling: ``figures[config_name] = (spill_bytes, shared_bytes)``, limit 100 000 B."""
     calls = []
 
-    def measure(kernel, config, facts, capability, device_index):
+    def measure(kernel, fn, config, facts, capability, device_index):
+        assert fn is jit_function(kernel)  # the plan compiles the kernel's own function
         calls.append((kernel, kernel_configs.config_name(config), capability))
         spill, shared = figures(kernel, kernel_configs.config_name(config))
         return kernel_configs.Resources(registers=200, spill_bytes=spill, shared_bytes=shared, shared_limit=100_000)
@@ -64,9 +70,9 @@ def _fake_measure(figures):
 
 @pytest.fixture
 def fresh_plans():
-    kernel_configs._plan.cache_clear()
+    kernel_autotune._plan.cache_clear()
     yield
-    kernel_configs._plan.cache_clear()
+    kernel_autotune._plan.cache_clear()
 
 
 def test_plan_keeps_only_configurations_that_fit_and_never_falls_back(monkeypatch, fresh_plans):
@@ -75,27 +81,27 @@ def test_plan_keeps_only_configurations_that_fit_and_never_falls_back(monkeypatc
     names = [kernel_configs.config_name(c) for c in kernel_configs.candidates("forward", 128, False, 90)]
     assert len(names) >= 2
     measure, calls = _fake_measure(lambda kernel, name: (0, 50_000) if name == names[1] else (64, 50_000))
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
     facts = kernel_configs.KernelFacts(dtype=BF16, head_dim=128)
-    kept, rejected = kernel_configs.launch_plan("forward", facts, 90)
+    kept, rejected = kernel_autotune.launch_plan("forward", FORWARD, facts, 90)
     assert [kernel_configs.config_name(c) for c in kept] == [names[1]]
     assert rejected == [f"{n}: spills 64 B/thread" for n in names if n != names[1]]
-    kernel_configs.launch_plan("forward", facts, 90)
+    kernel_autotune.launch_plan("forward", FORWARD, facts, 90)
     assert len(calls) == len(names)  # cached per key: each candidate compiled once
 
     measure, _ = _fake_measure(lambda kernel, name: (0, 263_000))
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
     wide = kernel_configs.KernelFacts(dtype=BF16, head_dim=256)
-    kept, rejected = kernel_configs.launch_plan("forward", wide, 90)
+    kept, rejected = kernel_autotune.launch_plan("forward", FORWARD, wide, 90)
     assert kept == [] and all("needs 263000 B of shared memory > 100000 B" in r for r in rejected)
-    reason = kernel_configs.decline_reason("forward", wide, 90)
+    reason = kernel_autotune.decline_reason("forward", FORWARD, wide, 90)
     assert reason.startswith("no forward configuration fits sm_90 (dtype torch.bfloat16, head_dim 256)")
 
 
 def test_backend_declines_what_no_configuration_fits_and_the_automatic_choice_moves_on(monkeypatch, fresh_plans):
     """On a GPU where no forward configuration fits, the backend says so before anything is launched."""
     measure, _ = _fake_measure(lambda kernel, name: (0, 263_000) if kernel == "forward" else (0, 1000))
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
     monkeypatch.setattr(triton_backend, "_target", lambda inp: (90, None))  # as if the inputs were on an H100
     case = Case(batch=1, seqlen_q=8, seqlen_k=8, head_dim=256, dtype=BF16)
     inp = backend_inputs(case)
@@ -107,8 +113,8 @@ def test_backend_declines_what_no_configuration_fits_and_the_automatic_choice_mo
         zero_init_attention(**case.make(requires_grad=False), backend="triton")
     # A call that needs gradients is also judged on the backward kernels.
     measure, _ = _fake_measure(lambda kernel, name: (8, 1000) if kernel == "backward_dq" else (0, 1000))
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
-    kernel_configs._plan.cache_clear()
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
+    kernel_autotune._plan.cache_clear()
     assert backend.not_supported_reasons(inp) == []  # no gradient needed: the forward fits
     with_grad = dataclasses.replace(inp, q=inp.q.clone().requires_grad_(True))
     assert any("no backward_dq configuration fits sm_90" in r for r in backend.not_supported_reasons(with_grad))
@@ -117,7 +123,7 @@ def test_backend_declines_what_no_configuration_fits_and_the_automatic_choice_mo
 def test_float32_and_bf16_before_ampere_are_declined_on_a_gpu(monkeypatch, fresh_plans):
     """fp32 goes to sdpa on every GPU; bf16 needs sm_80. Decided without compiling anything."""
     measure, calls = _fake_measure(lambda kernel, name: (0, 1000))
-    monkeypatch.setattr(kernel_configs, "_measure", measure)
+    monkeypatch.setattr(kernel_autotune, "_measure", measure)
     backend = get_backend("triton")
     fp32 = backend_inputs(Case(batch=1, seqlen_q=8, seqlen_k=8))
     assert any("float32 on a GPU is left to the sdpa backend" in r for r in backend.target_reasons(fp32, 90, None))
@@ -150,11 +156,11 @@ def test_tiles_longer_than_the_query_or_the_key_sequences_are_dropped():
     c = kernel_configs._config
     configs = [c(128, 64, 8, 3), c(64, 64, 8, 2), c(64, 32, 4, 2), c(32, 16, 4, 1)]
     names = lambda kept: [kernel_configs.config_name(x) for x in kept]  # noqa: E731
-    few_queries = kernel_configs._short_enough(configs, dict(seqlen_q_bucket=64, seqlen_k_bucket=4096))
+    few_queries = kernel_autotune._short_enough(configs, dict(seqlen_q_bucket=64, seqlen_k_bucket=4096))
     assert names(few_queries) == names(configs[1:])
-    short_cache = kernel_configs._short_enough(configs, dict(seqlen_q_bucket=4096, seqlen_k_bucket=16))
+    short_cache = kernel_autotune._short_enough(configs, dict(seqlen_q_bucket=4096, seqlen_k_bucket=16))
     assert names(short_cache) == names(configs[3:])
-    assert names(kernel_configs._short_enough(configs[:1], dict(seqlen_q_bucket=16, seqlen_k_bucket=16))) == \
+    assert names(kernel_autotune._short_enough(configs[:1], dict(seqlen_q_bucket=16, seqlen_k_bucket=16))) == \
         names(configs[:1])
 
 
@@ -166,7 +172,7 @@ def test_device_arch_is_the_compute_capability(monkeypatch):
 
 
 class _Kernel:
-    """Records how :func:`kernel_configs.launch` launched it: through the autotuner, or one configuration."""
+    """Records how :func:`kernel_autotune.launch` launched it: through the autotuner, or one configuration."""
 
     def __init__(self):
         self.launches = []
@@ -194,44 +200,65 @@ def test_deterministic_mode_launches_a_fixed_configuration_per_key(monkeypatch):
     a, b = kernel_configs.candidates("forward", 128, interpreter=False)[:2]
     asked = []
 
-    def plan(kernel, facts, capability, device_index=None):
-        asked.append((kernel, facts, capability, device_index))
+    def plan(kernel, fn, facts, capability, device_index=None):
+        asked.append((kernel, fn, facts, capability, device_index))
         return [a, b], []
-    monkeypatch.setattr(kernel_configs, "launch_plan", plan)
-    monkeypatch.setattr(kernel_configs, "interpreting", lambda: False)
+    monkeypatch.setattr(kernel_autotune, "launch_plan", plan)
+    monkeypatch.setattr(kernel_autotune, "interpreting", lambda: False)
     monkeypatch.delenv("FASTADAPTER_DETERMINISTIC", raising=False)
     kernel = _Kernel()
-    kernel_configs.launch("forward", kernel, None, _cuda_launch_args())
+    kernel_autotune.launch("forward", kernel, None, _cuda_launch_args())
     assert kernel.launches[-1][0] == "autotuner"  # timing decides
     monkeypatch.setenv("FASTADAPTER_DETERMINISTIC", "1")
-    assert kernel_configs.deterministic()
+    assert kernel_autotune.deterministic()
     for _ in range(2):
-        kernel_configs.launch("forward", kernel, None, _cuda_launch_args())
+        kernel_autotune.launch("forward", kernel, None, _cuda_launch_args())
         how, kw = kernel.launches[-1]
         assert how == "config" and kw["BLOCK_M"] == a.kwargs["BLOCK_M"] and kw["BLOCK_N"] == a.kwargs["BLOCK_N"]
         assert kw["num_warps"] == a.num_warps and kw["num_stages"] == a.num_stages
-    facts = asked[-1][1]
-    assert asked[-1][2:] == (90, 0) and facts.grouped and facts.dtype == BF16 and facts.head_dim == 128
+    assert asked[-1][1] is kernel.fn  # the plan compiles the function under the autotuner
+    facts = asked[-1][2]
+    assert asked[-1][3:] == (90, 0) and facts.grouped and facts.dtype == BF16 and facts.head_dim == 128
     assert facts.seqused  # the plan is keyed on seqused_k too
     monkeypatch.setenv("FASTADAPTER_DETERMINISTIC", "0")
     torch.use_deterministic_algorithms(True)
     try:
-        assert kernel_configs.deterministic()
+        assert kernel_autotune.deterministic()
     finally:
         torch.use_deterministic_algorithms(False)
-    assert not kernel_configs.deterministic()
+    assert not kernel_autotune.deterministic()
+
+
+def test_the_autotuners_pruner_plans_the_function_it_decorates(monkeypatch):
+    """Late binding, no import cycle: the pruner of each autotuned kernel asks the plan about the very
+    ``@triton.jit`` function under that autotuner (the one :func:`jit_function` names), keeps what the plan keeps
+    and drops tiles longer than the sequences."""
+    small, large = kernel_configs.candidates("forward", 128, interpreter=False)[:2][::-1]
+    asked = []
+
+    def plan(kernel, fn, facts, capability, device_index=None):
+        asked.append((kernel, fn))
+        return [small, large], []
+    monkeypatch.setattr(kernel_autotune, "launch_plan", plan)
+    monkeypatch.setattr(kernel_autotune, "interpreting", lambda: False)
+    kept = zero_init_attention_forward_kernel.early_config_prune([large, small], _cuda_launch_args())
+    assert asked == [("forward", zero_init_attention_forward_kernel.fn)]
+    assert zero_init_attention_forward_kernel.fn is jit_function("forward")
+    assert [kernel_configs.config_name(c) for c in kept] == [kernel_configs.config_name(c) for c in (large, small)]
+    zero_init_attention_backward_dkdv_kernel.early_config_prune([small], _cuda_launch_args())
+    assert asked[-1] == ("backward_dkdv", zero_init_attention_backward_dkdv_kernel.fn)
 
 
 def test_forced_configurations_replace_the_autotuner_and_are_checked():
     kernel = _Kernel()
     config = kernel_configs.candidates("forward", 128, interpreter=False)[1]
-    with kernel_configs.forced_configs({"forward": config}):
-        kernel_configs.launch("forward", kernel, None, _cuda_launch_args())
+    with kernel_autotune.forced_configs({"forward": config}):
+        kernel_autotune.launch("forward", kernel, None, _cuda_launch_args())
     assert kernel.launches[-1][0] == "config" and kernel.launches[-1][1]["BLOCK_N"] == config.kwargs["BLOCK_N"]
-    kernel_configs.launch("forward", kernel, None, dict(_cuda_launch_args(), Q=torch.empty(1)))
+    kernel_autotune.launch("forward", kernel, None, dict(_cuda_launch_args(), Q=torch.empty(1)))
     assert kernel.launches[-1][0] == "autotuner"  # the override ends with the block
     with pytest.raises(ValueError, match="unknown kernels"):
-        with kernel_configs.forced_configs({"decoder": config}):
+        with kernel_autotune.forced_configs({"decoder": config}):
             pass
 
 

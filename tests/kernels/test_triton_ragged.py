@@ -20,6 +20,7 @@ import torch
 
 from fastadapter.backends import get_backend
 from fastadapter.kernels import configs as kernel_configs
+from fastadapter.kernels.autotune import forced_configs
 from fastadapter.kernels import decode
 from fastadapter.kernels.forward import attention_forward
 
@@ -167,19 +168,21 @@ def test_compiled_tile_sizes_on_ragged_inputs(case, which):
     """Forward and every gradient with the first or the last candidate configuration a GPU may launch."""
     block_d = max(16, 1 << (case.head_dim - 1).bit_length())
     chosen = {k: kernel_configs.candidates(k, block_d, interpreter=False)[which] for k in kernel_configs.KERNELS}
-    with kernel_configs.forced_configs(chosen):
+    with forced_configs(chosen):
         check_against_reference(case, "triton")
 
 
 _PLAN = r"""
 import json, sys, torch
 from fastadapter.kernels import configs
+from fastadapter.kernels.autotune import launch_plan
+from fastadapter.kernels.jit_functions import jit_function
 shared = sys.argv[3] == "shared"
 facts = configs.KernelFacts(dtype=torch.bfloat16, head_dim=int(sys.argv[2]), varlen=True, seqused=not shared,
                             grouped=True, shared_offsets=shared)
 rows = {}
 for kernel in configs.KERNELS:
-    kept, rejected = configs.launch_plan(kernel, facts, int(sys.argv[1]))
+    kept, rejected = launch_plan(kernel, jit_function(kernel), facts, int(sys.argv[1]))
     rows[kernel] = [configs.config_name(c) for c in kept]
 print(json.dumps(rows))
 """

@@ -250,7 +250,8 @@ def test_the_default_tokenizer_is_found_beside_the_model_by_train_and_generate(t
     assert train_command._default_tokenizer is _paths.default_tokenizer
     assert generate_command.default_tokenizer is _paths.default_tokenizer
     (tmp_path / "model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no --tokenizer given and no tokenizer.json, tokenizer.model, tokenizer.bin in"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer given and no tokenizer.json, tokenizer.model, "
+                                                "tokenizer.bin in"):
         _paths.default_tokenizer(str(tmp_path / "model.bin"))
     (tmp_path / "tokenizer.bin").write_bytes(b"")
     assert _paths.default_tokenizer(str(tmp_path / "model.bin")) == str(tmp_path / "tokenizer.bin")

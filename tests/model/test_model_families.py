@@ -336,7 +336,7 @@ def test_export_to_peft_refuses_a_family_peft_cannot_load(tmp_path, family):
     save_adapter(model, tmp_path / "adapter.safetensors")
     assert read_adapter_file(tmp_path / "adapter.safetensors")[1]["base_model"]["family"] == family
     with pytest.raises(AdapterFileError, match=f"a '{family}' model, and PEFT's adaption prompt loads only llama and "
-                                               f"mistral models.*export --to litgpt or --to v1"):
+                                               f"mistral models.*export to litgpt or to v1"):
         export_adapter(str(tmp_path / "adapter.safetensors"), str(tmp_path / "peft"), "peft")
     assert not (tmp_path / "peft").exists()
     assert export_adapter(str(tmp_path / "adapter.safetensors"), str(tmp_path / "a.pth"), "litgpt")

@@ -17,6 +17,8 @@ import torch
 from fastadapter import zero_init_attention, zero_init_attention_reference, zero_init_attention_varlen
 from fastadapter.backends import get_backend
 from fastadapter.kernels import configs as kernel_configs
+from fastadapter.kernels.autotune import forced_configs, launch_plan
+from fastadapter.kernels.jit_functions import jit_function
 from fastadapter.kernels.layout import device_arch
 
 from attention_cases import (BF16, FP16, FUSED_BACKENDS, INPUT_NAMES, KERNEL_CASES, Case, backend_inputs,
@@ -66,12 +68,12 @@ def test_triton_at_compiled_tile_configurations(case, which):
     if device == "cuda":  # only what this GPU's launch plan keeps (a candidate may not fit its shared memory)
         facts = kernel_configs.KernelFacts.of(backend_inputs(case, device))
         arch, index = device_arch(torch.device(device)), torch.cuda.current_device()
-        chosen = {k: kernel_configs.launch_plan(k, facts, arch, index)[0][which] for k in kernel_configs.KERNELS}
+        chosen = {k: launch_plan(k, jit_function(k), facts, arch, index)[0][which] for k in kernel_configs.KERNELS}
     else:
         block_d = max(16, 1 << (case.head_dim - 1).bit_length())
         chosen = {k: kernel_configs.candidates(k, block_d, interpreter=False)[which] for k in kernel_configs.KERNELS}
     assert chosen["forward"].kwargs["BLOCK_M"] >= 64
-    with kernel_configs.forced_configs(chosen):
+    with forced_configs(chosen):
         check_against_reference(case, "triton", device=device)
 
 

@@ -84,10 +84,13 @@ def test_load_examples_chat_file(chat_folder, tmp_path):
     assert (len(examples), report.rows, [i for i, _ in report.bad_rows]) == (3, 4, [3])
     with pytest.raises(DataError, match="row 3 is malformed: no assistant turn"):
         load_examples(data, tokenizer, 512, template="chat", on_bad_row="error")
-    # The Alpaca reader points chat rows to --template chat.
-    with pytest.raises(DataError, match="this is a conversation row; pass --template chat"):
+    # The Alpaca reader points chat rows to the chat template (named as the library's setting; the CLI's flag in
+    # test_cli_errors.py).
+    with pytest.raises(DataError, match="this is a conversation row; pass template chat") as caught:
         load_examples(data, tokenizer, 512, on_bad_row="error")
+    assert caught.value.settings == ("on_bad_row",)  # and template, inside the row's problem
+    assert "pass --template chat" in caught.value.render({"template": "--template", "on_bad_row": "--on-bad-row"}.get)
     # A SentencePiece tokenizer has no chat template.
-    with pytest.raises(ValueError, match="--template chat needs a Hugging Face tokenizer.json"):
+    with pytest.raises(ValueError, match="^template chat needs a Hugging Face tokenizer.json"):
         from fastadapter.training.chat import chat_template_of
         chat_template_of(object())

@@ -287,9 +287,15 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_settings(tmp_path):
         "(120 bytes, sha256 of its head cdcdcdcdcdcd…)",
         "  eval_fraction=0.1, this run has eval_fraction=0.2",
         "  max_seq_len=64, this run has max_seq_len=48",
+        "  the training and the eval examples differ (tokens or labels: other data, tokenizer, max_seq_len, "
+        "eval_fraction, on_bad_row or seed)",
+        "resume with the checkpoint's data and settings, or start a new run in another out folder"]
+    # The settings are named in the library's words; the command line's error line names their flags.
+    assert refused.value.settings == ("out",)
+    assert refused.value.render(flag_of).splitlines()[-2:] == [
         "  the training and the eval examples differ (tokens or labels: other data, tokenizer, --max-seq-len, "
         "--eval-fraction, --on-bad-row or --seed)",
-        "resume with the checkpoint's data and settings, or start a new run in another --out"]
+        "resume with the checkpoint's data and settings, or start a new run in another --out folder"]
     # Examples alone can differ (another tokenizer, say) and are caught without any fingerprint.
     with pytest.raises(ValueError, match=r"^[^\n]+\n  the training examples differ"):
         resume([examples[1], examples[0], *examples[2:]])
