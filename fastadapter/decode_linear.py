@@ -1,4 +1,5 @@
-"""``decode_linear`` and ``DecodeLinear``: ``F.linear`` / ``nn.Linear`` whose few-row calls run a compiled CPU kernel.
+"""``decode_linear``: ``F.linear`` whose few-row calls run a compiled CPU kernel (the model's layers reach it through
+:class:`fastadapter.linear.Linear`).
 
 A decoding step of generation feeds one new token per sequence through every weight of the model: a handful of
 rows (``x [M, K]``, M = the batch) against each ``[N, K]`` weight, so the step's time is the time to stream the
@@ -90,10 +91,3 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     features = x.shape[-1]
     out = torch.ops.fastadapter_cpu.decode_linear(x.reshape(-1, features).contiguous(), weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-class DecodeLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state dict) whose forward is :func:`decode_linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_linear(x, self.weight, self.bias)

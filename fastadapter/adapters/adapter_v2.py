@@ -31,7 +31,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..decode_linear import decode_linear
+from .. import linear as fast_linear
 from ..setting_error import SettingError
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
 from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
@@ -57,7 +57,7 @@ class BiasScaleLinear(nn.Module):
         self.v2_scale = nn.Parameter(torch.ones(self.out_features, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = decode_linear(x, self.weight, self.bias)
+        y = fast_linear.linear(x, self.weight, self.bias)
         return (y + self.v2_bias.to(y.dtype)) * self.v2_scale.to(y.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``LlamaModel``: a small, readable LLaMA 1/2/3 (RMSNorm, RoPE, SwiGLU, GQA) whose attention is
-:func:`fastadapter.zero_init_attention`. Its linear layers are :class:`~fastadapter.decode_linear.DecodeLinear`
-(``nn.Linear`` whose few-row calls of a decoding step run a compiled CPU kernel).
+:func:`fastadapter.zero_init_attention`. Its linear layers are :class:`~fastadapter.linear.Linear`
+(``nn.Linear`` whose CPU calls take the product measured fastest: a decode kernel, oneDNN or ``F.linear``).
 
 Parameter names follow Meta's checkpoints (``tok_embeddings``, ``layers.{i}.attention.wq``, ``feed_forward.w1``,
 ``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a Meta state dict loads as it is. A layer becomes an
@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import zero_init_attention, zero_init_attention_varlen
-from ..decode_linear import DecodeLinear, decode_linear
+from ..linear import Linear, linear
 from .config import LlamaConfig
+from .gated_activation import gated_activation
 from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
 from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm, RMSNorm
@@ -51,23 +52,18 @@ def make_norm(config: LlamaConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, config.norm_eps)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
-    return F.gelu(x, approximate="tanh")
-
-
 class FeedForward(nn.Module):
     """SwiGLU: ``w2(silu(w1 x) · w3 x)`` (GeGLU, ``gelu_tanh`` for ``silu``, with ``mlp_activation="gelu_tanh"``)."""
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
-        self.w1 = DecodeLinear(dim, hidden_dim, bias=False)
-        self.w2 = DecodeLinear(hidden_dim, dim, bias=False)
-        self.w3 = DecodeLinear(dim, hidden_dim, bias=False)
-        self.activation = gelu_tanh if activation == "gelu_tanh" else F.silu
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.activation(self.w1(x)) * self.w3(x))
+        return self.w2(gated_activation(self.w1(x), self.w3(x), self.activation))
 
 
 class Attention(nn.Module):
@@ -82,10 +78,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = DecodeLinear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
-        self.wk = DecodeLinear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.wv = DecodeLinear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.wo = DecodeLinear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.adapter: Optional[LayerAdapter] = None
         self.clip_qkv = config.clip_qkv
         self.softmax_scale = config.attention_scale  # None: 1/sqrt(head_dim)
@@ -296,7 +292,7 @@ class LlamaModel(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        logits = decode_linear(h, self.output_weight)
+        logits = linear(h, self.output_weight)
         if self.config.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.config.final_logit_softcap) * self.config.final_logit_softcap
         return logits

@@ -44,6 +44,7 @@ from .checkpoint import (CheckpointWriteError, DataPosition, checkpoint_path, li
 from .data import IGNORE_INDEX, Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .fsdp import is_sharded
+from .host_memory import return_freed_memory_to_os
 from .linear_cross_entropy import linear_cross_entropy
 from .optimizer import adapter_parameters, build_optimizer
 from .packing import PackedBatch, collate_packed, pack_examples
@@ -119,6 +120,8 @@ class Trainer:
         #: examples of one packed row → its batch (default collate_packed; images: image_data.collate_images).
         self.collate_fn = collate_fn or collate_packed
         self.context = context or DistributedContext(device=next(model.parameters()).device)
+        if config.return_memory_to_os and self.context.device.type == "cpu":
+            return_freed_memory_to_os()
         self.train_examples, self.eval_examples = list(train_examples), list(eval_examples)
         if not self.train_examples:
             raise ValueError("no training examples")

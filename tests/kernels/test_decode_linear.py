@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import fastadapter.decode_linear as decode_linear_module
 from fastadapter import _cpu_extension
-from fastadapter.decode_linear import DecodeLinear, decode_linear, runs_kernel
+from fastadapter.decode_linear import decode_linear, runs_kernel
+from fastadapter.linear import Linear
 
 pytestmark = pytest.mark.skipif(_cpu_extension.unavailable_reason() is not None,
                                 reason="fastadapter._C is not built")
@@ -89,7 +90,7 @@ def test_function_runs_the_kernel_for_decode_shapes_only():
 def test_function_and_module_equal_linear_and_keep_its_gradients(monkeypatch):
     """Through the kernel (no grad) and through F.linear (grad): the same values; a gradient flows as nn.Linear's."""
     torch.manual_seed(0)
-    layer = DecodeLinear(40, 24, bias=True)
+    layer = Linear(40, 24, bias=True)
     plain = torch.nn.Linear(40, 24, bias=True)
     plain.load_state_dict(layer.state_dict())
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
@@ -110,7 +111,7 @@ def test_function_and_module_equal_linear_and_keep_its_gradients(monkeypatch):
 
 
 def test_module_compiles_with_fullgraph():
-    layer = DecodeLinear(24, 10)
+    layer = Linear(24, 10)
     x = torch.randn(4, 24)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), F.linear(x, layer.weight, layer.bias))

@@ -1,0 +1,93 @@
+"""``onednn_linear``: ``F.linear`` against a frozen fp32 weight, its products run by oneDNN instead of MKL.
+
+``F.linear`` in fp32 on a CPU calls MKL's sgemm. On the AMD CPUs this project runs on, MKL takes a slow generic
+path: oneDNN's fp32 GEMM, which torch ships beside it, runs the same products 1.3-1.6x faster on a model's layer
+shapes (``python -m benchmarks.bench_onednn_linear``; ``benchmarks.gemm_peak`` measures the machine's peak the
+same way). bf16 and fp16 products already go to oneDNN inside ``F.linear``, so only fp32 takes this route.
+
+The forward is ``torch.ops.mkldnn._linear_pointwise(x, weight, bias)`` (the op inductor emits for a linear on
+CPU), the backward of ``x`` the same op against ``weightᵀ``; the weight is frozen (``requires_grad=False``): no
+weight gradient is ever formed, and a trainable weight stays on ``F.linear`` (see :func:`runs_onednn`).
+The reference is ``F.linear`` itself: the results agree to fp32 rounding (the summation order differs).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: ``False`` sends every call to ``F.linear`` (``FASTADAPTER_ONEDNN_LINEAR=0`` at import; benchmarks flip it).
+ENABLED = os.environ.get("FASTADAPTER_ONEDNN_LINEAR", "1") != "0"
+#: Calls with fewer rows stay on ``F.linear`` (or the decode kernel): oneDNN's setup costs more than it saves.
+MIN_ROWS = 64
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN and its ``mkldnn::_linear_pointwise`` op (CPU builds with oneDNN do)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def runs_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`onednn_linear` sends this call to oneDNN (else ``F.linear``): fp32 on the CPU, at least
+    :data:`MIN_ROWS` rows, a plain contiguous 2-D weight that records no gradient, outside ``torch.compile``."""
+    features = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // features if features else 0
+    if not (ENABLED and rows >= MIN_ROWS and x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    if torch.compiler.is_compiling():  # inductor picks its own product
+        return False
+    if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
+        return False
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    return onednn_available()
+
+
+def _product(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x2d [M, K] · weight [N, K]ᵀ (+ bias [N])`` by oneDNN → ``[M, N]``."""
+    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """``x [M, K] → x · weightᵀ + bias``, gradient for ``x`` only (the weight and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return _product(x2d, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dx [M, K] = grad [M, N] · weight [N, K]: a linear against weightᵀ [K, N] (a view, no copy)
+            grad_x = _product(grad.contiguous(), weight.t(), None)
+        return grad_x, None, None
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` → ``[..., N]``.
+
+    Calls that :func:`runs_onednn` accepts run oneDNN's fp32 GEMM (with a gradient for ``x``); every other call is
+    ``F.linear`` itself.
+    """
+    if not runs_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    features = x.shape[-1]
+    out = _FrozenWeightLinear.apply(x.reshape(-1, features), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
