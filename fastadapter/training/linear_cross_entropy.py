@@ -24,11 +24,16 @@ from .data import IGNORE_INDEX
 
 #: Bytes of fp32 logits one chunk may hold (the chunk's token count follows from the vocabulary size).
 CHUNK_BYTES = 32 * 2**20
+#: Fewest tokens per chunk: every chunk streams the whole ``[V, dim]`` head twice (logits, gradient), and below
+#: about 128 rows those products are bound by that stream. Gemma-3's 262,144-way head, 833 loss tokens, one core
+#: pair: 32-token chunks (what 32 MiB holds) took 1.5x the time of 128-token chunks, which matched full logits.
+MIN_CHUNK_TOKENS = 128
 
 
 def chunk_tokens_for(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """How many tokens' fp32 logits fit in ``chunk_bytes`` (at least one)."""
-    return max(1, chunk_bytes // (4 * vocab_size))
+    """Tokens per chunk: as many tokens' fp32 logits as fit in ``chunk_bytes``, and at least
+    :data:`MIN_CHUNK_TOKENS` (1 MiB of logits per token for Gemma-3: 128 MiB chunks)."""
+    return max(MIN_CHUNK_TOKENS, chunk_bytes // (4 * vocab_size))
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: Optional[float]) -> None:
@@ -117,7 +122,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Args:
         hidden: ``[T, dim]``; weight: ``[V, dim]``; labels: int64 ``[T]`` (``IGNORE_INDEX``: no loss).
         softcap: Gemma2's final logit soft-capping, or None.
-        chunk_tokens: tokens per chunk (default :func:`chunk_tokens_for` the vocabulary: 32 MiB of fp32 logits).
+        chunk_tokens: tokens per chunk (default :func:`chunk_tokens_for` the vocabulary: 32 MiB of fp32 logits,
+            at least 128 tokens).
 
     Returns:
         fp32 scalar (fp64 for fp64 inputs): the summed token loss. With gradients recorded, the gradients of

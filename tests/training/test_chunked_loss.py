@@ -64,8 +64,9 @@ def test_bf16_inputs_match_the_reference_in_bf16():
 
 
 def test_chunk_size_follows_the_vocabulary():
-    assert chunk_tokens_for(262144) == 32  # Gemma-3: 32 tokens' fp32 logits are 32 MiB
-    assert chunk_tokens_for(10**12) == 1
+    assert chunk_tokens_for(49152) == 170  # SmolLM2: 170 tokens' fp32 logits are 32 MiB
+    assert chunk_tokens_for(262144) == 128  # Gemma-3: 32 MiB holds 32 tokens, fewer than the floor of 128
+    assert chunk_tokens_for(10**12) == 128
 
 
 @pytest.mark.parametrize("bad, match", [
