@@ -199,3 +199,30 @@ def test_the_rules_catch_a_forbidden_edge(source, target, forbidden):
 def test_a_cycle_through_a_deferred_import_is_found():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+
+def test_importing_the_package_and_building_a_model_imports_neither_triton_nor_dynamo():
+    """``import fastadapter``, the loaders, the trainer and a model built on a CPU without TRITON_INTERPRET: Triton
+    and torch._dynamo stay unimported (the triton backend's availability check and SDPA's causal-mask helper
+    imported them: 1.2 s of ``import fastadapter``). The first call of a fused op imports torch._dynamo anyway
+    (torch.library's custom ops disable dynamo around their kernels)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from fastadapter import AdapterConfig, LlamaConfig, LlamaModel, add_adapter, load_model
+from fastadapter.training.trainer import TrainConfig, Trainer
+from fastadapter.backends import all_backends
+model = LlamaModel(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96))
+add_adapter(model, AdapterConfig(prompt_len=2, layers=1))
+print([b.unavailable_reason() for b in all_backends()])
+print(sorted(m for m in ("triton", "torch._dynamo") if m in sys.modules))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ..kernels.problem import AttentionProblem
 from .registry import Backend, register_backend
@@ -74,6 +73,9 @@ def _causal(qh, kh, vh, scale: float):
     if seqlen_q == seqlen_k:
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     if seqlen_q < seqlen_k:
+        # Imported here, not at the top: torch.nn.attention.bias imports torch._dynamo (and Triton where installed),
+        # which made `import fastadapter` take 1.2 s more.
+        from torch.nn.attention.bias import causal_lower_right
         mask = causal_lower_right(seqlen_q, seqlen_k)
         return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     # Sq > Sk: the first Sq − Sk queries see no word at all and give 0 (DESIGN.md §1).

@@ -12,6 +12,8 @@ GPU without spills and within its shared memory (:func:`fastadapter.kernels.auto
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -20,11 +22,16 @@ from ..kernels.problem import AttentionProblem
 from .registry import register_backend
 from .fused import FusedBackend
 
-try:
-    import triton  # noqa: F401
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except ImportError as error:  # pragma: no cover - triton is a test dependency
-    _TRITON_IMPORT_ERROR = f"triton is not importable ({error}); install it with `pip install triton`"
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    """Why ``import triton`` fails here, or None. Tried only when the kernels could run (CUDA, or the interpreter),
+    so that ``import fastadapter`` does not import Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not importable ({error}); install it with `pip install triton`"
+    return None
 
 
 def _interpreting() -> bool:
@@ -51,11 +58,11 @@ class TritonBackend(FusedBackend):
     name = "triton"
 
     def unavailable_reason(self) -> Optional[str]:
-        if _TRITON_IMPORT_ERROR:
-            return _TRITON_IMPORT_ERROR
         if not torch.cuda.is_available() and not _interpreting():
+            if importlib.util.find_spec("triton") is None:
+                return _triton_import_error()
             return "no CUDA device, and TRITON_INTERPRET=1 is not set to run the kernels on CPU"
-        return None
+        return _triton_import_error()
 
     def not_supported_reasons(self, inp: AttentionProblem) -> list[str]:
         reason = self.unavailable_reason()
