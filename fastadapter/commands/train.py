@@ -129,6 +129,9 @@ def add_arguments(parser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
     run.add_argument("--device", help="cpu, cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--return-memory-to-os", action="store_true",
+                     help="on a CPU, give each step's large freed buffers back to the system: a lower peak RSS for "
+                          "a slower step (docs/training.md)")
     run.add_argument("--eval-prompts", metavar="FILE",
                      help="prompts (one per line, or JSON lines with 'prompt' / 'instruction' / 'messages') "
                           "generated greedily at every evaluation into OUT/samples.jsonl")
@@ -301,7 +304,8 @@ def finetune_settings(args, device):
         split=args.split, batch_tokens=args.batch_tokens, grad_accum=args.grad_accum, max_steps=args.max_steps,
         epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress)
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
+        return_memory_to_os=args.return_memory_to_os)
 
 
 def _train(args, context, folder, resume, data_file) -> int:

@@ -69,6 +69,7 @@ class FinetuneSettings:
     save_every: int
     keep_checkpoints: int
     progress: bool
+    return_memory_to_os: bool = False
 
 
 @dataclass
@@ -301,6 +302,7 @@ def train(settings: FinetuneSettings, context, *, data_file: dict, run_folder=No
                          weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, dtype=settings.dtype,
                          eval_every=settings.eval_every, save_every=settings.save_every,
                          keep_checkpoints=settings.keep_checkpoints, seed=settings.seed, progress=settings.progress,
+                         return_memory_to_os=settings.return_memory_to_os,
                          fingerprint=run_fingerprint(settings, data_file, adapter, data, model.config.n_layers))
     save_fn = adapter.save if final_adapter_writer is None else final_adapter_writer(adapter.save, settings.out)
     extra = {} if data.collate_fn is None else {"collate_fn": data.collate_fn}

@@ -135,3 +135,14 @@ def test_export_refusals(shared_data, tmp_path, capsys):
     save_adapter(model, adapter)
     assert main(["export", "--to", "v1", str(adapter), str(tmp_path / "v1.pth")]) == 2
     assert "adapts the top layers only" in capsys.readouterr().err
+
+
+def test_return_memory_to_os_reaches_the_trainer(shared_data, data, tmp_path, monkeypatch):
+    """--return-memory-to-os: the trainer pins the C library's thresholds (off without the flag)."""
+    from fastadapter.training import trainer as trainer_module
+    calls = []
+    monkeypatch.setattr(trainer_module, "return_freed_memory_to_os", lambda: calls.append(1) or True)
+    assert main(_args(shared_data, data, tmp_path / "a", "--max-steps", "1")) == 0
+    assert calls == []
+    assert main(_args(shared_data, data, tmp_path / "b", "--max-steps", "1", "--return-memory-to-os")) == 0
+    assert calls == [1]
