@@ -59,22 +59,25 @@ def kernel_is_faster(dtype: torch.dtype) -> bool:
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`decode_linear` runs the compiled kernel for these arguments (else ``F.linear``)."""
+    # The cheapest refusals first: a call that stays on F.linear pays for these checks (about a microsecond each).
+    if not ENABLED or x.dtype not in _DTYPES or (x.dtype != torch.float32 and not kernel_is_faster(x.dtype)):
+        return False
     features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // features if features else 0
-    if not (ENABLED and MIN_ROWS <= rows <= MAX_ROWS and x.device.type == "cpu"):
+    if not (MIN_ROWS <= rows <= MAX_ROWS and x.device.type == "cpu"):
         return False
     if torch.compiler.is_compiling():  # inductor generates its own code for the product
         return False
     if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
     if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    if not kernel_is_faster(x.dtype) or _cpu_extension.unavailable_reason() is not None:
+    if _cpu_extension.unavailable_reason() is not None:
         return False
     _cpu_extension.check_isa_setting()
     return True
