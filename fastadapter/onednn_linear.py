@@ -6,8 +6,8 @@ shapes (``python -m benchmarks.bench_onednn_linear``; ``benchmarks.gemm_peak`` m
 same way). bf16 and fp16 products already go to oneDNN inside ``F.linear``, so only fp32 takes this route.
 
 The forward is ``torch.ops.mkldnn._linear_pointwise(x, weight, bias)`` (the op inductor emits for a linear on
-CPU), the backward of ``x`` the same op against ``weightᵀ``; the weight is frozen (``requires_grad=False``): no
-weight gradient is ever formed, and a trainable weight stays on ``F.linear`` (see :func:`runs_onednn`).
+CPU), the backward of ``x`` the same op against ``weightᵀ``; the weight records no gradient (frozen, or grad mode
+off): no weight gradient is ever formed, and a weight that needs one stays on ``F.linear`` (see :func:`runs_onednn`).
 The reference is ``F.linear`` itself: the results agree to fp32 rounding (the summation order differs).
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ def onednn_available() -> bool:
 
 def runs_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`onednn_linear` sends this call to oneDNN (else ``F.linear``): fp32 on the CPU, at least
-    :data:`MIN_ROWS` rows, a plain contiguous 2-D weight that records no gradient, outside ``torch.compile``."""
+    :data:`MIN_ROWS` rows, a plain contiguous 2-D weight that records no gradient (frozen, or grad mode off:
+    a prefill under ``torch.no_grad``), outside ``torch.compile``."""
     features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // features if features else 0
     if not (ENABLED and rows >= MIN_ROWS and x.device.type == "cpu" and x.dtype == torch.float32):
@@ -52,8 +53,8 @@ def runs_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return False
     if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
         return False
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # the weight's own gradient is F.linear's to form
     return onednn_available()
 
 

@@ -42,6 +42,8 @@ def test_calls_it_leaves_to_f_linear(monkeypatch):
     assert not runs_onednn(x.double(), weight.double())
     assert not runs_onednn(x, torch.nn.Parameter(weight))  # a trainable weight needs its own gradient
     assert not runs_onednn(x, weight, torch.nn.Parameter(torch.zeros(16)))  # a trainable bias
+    with torch.no_grad():  # ... unless no gradient is recorded (a prefill of a model that was never frozen)
+        assert runs_onednn(x, torch.nn.Parameter(weight), torch.nn.Parameter(torch.zeros(16)))
     assert not runs_onednn(x, weight.t().contiguous().t())  # a transposed view
     assert not runs_onednn(x.to("meta"), weight.to("meta"))
     monkeypatch.setattr(onednn_module, "ENABLED", False)
