@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import _cpu_extension
+from .linear_operands import plain_operands, rows_of
 
 #: Calls with this many rows (the elements of ``x`` over its last dimension) run the kernel.
 MIN_ROWS, MAX_ROWS = 2, 16
@@ -34,7 +34,6 @@ MIN_ROWS, MAX_ROWS = 2, 16
 ENABLED = os.environ.get("FASTADAPTER_DECODE_LINEAR", "1") != "0"
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 _NATIVE_PRODUCTS: dict[torch.dtype, bool] = {}
@@ -62,17 +61,9 @@ def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     # The cheapest refusals first: a call that stays on F.linear pays for these checks (about a microsecond each).
     if not ENABLED or x.dtype not in _DTYPES or (x.dtype != torch.float32 and not kernel_is_faster(x.dtype)):
         return False
-    features = x.shape[-1] if x.dim() else 0
-    rows = x.numel() // features if features else 0
-    if not (MIN_ROWS <= rows <= MAX_ROWS and x.device.type == "cpu"):
+    if not (MIN_ROWS <= rows_of(x) <= MAX_ROWS and x.device.type == "cpu"):
         return False
-    if torch.compiler.is_compiling():  # inductor generates its own code for the product
-        return False
-    if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
-        return False
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return False
-    if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
+    if not plain_operands(x, weight, bias):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

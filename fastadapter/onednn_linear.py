@@ -18,15 +18,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .linear_operands import plain_operands, rows_of
 
 #: ``False`` sends every call to ``F.linear`` (``FASTADAPTER_ONEDNN_LINEAR=0`` at import; benchmarks flip it).
 ENABLED = os.environ.get("FASTADAPTER_ONEDNN_LINEAR", "1") != "0"
 #: Calls with fewer rows stay on ``F.linear`` (or the decode kernel): oneDNN's setup costs more than it saves.
 MIN_ROWS = 64
-
-_PLAIN = (torch.Tensor, nn.Parameter)
-
 
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
@@ -41,17 +39,9 @@ def runs_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """Whether :func:`onednn_linear` sends this call to oneDNN (else ``F.linear``): fp32 on the CPU, at least
     :data:`MIN_ROWS` rows, a plain contiguous 2-D weight that records no gradient (frozen, or grad mode off:
     a prefill under ``torch.no_grad``), outside ``torch.compile``."""
-    features = x.shape[-1] if x.dim() else 0
-    rows = x.numel() // features if features else 0
-    if not (ENABLED and rows >= MIN_ROWS and x.device.type == "cpu" and x.dtype == torch.float32):
+    if not (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and rows_of(x) >= MIN_ROWS):
         return False
-    if torch.compiler.is_compiling():  # inductor picks its own product
-        return False
-    if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
-        return False
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return False
-    if weight.dim() != 2 or weight.shape[1] != features or not weight.is_contiguous() or weight.device != x.device:
+    if not plain_operands(x, weight, bias):
         return False
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False  # the weight's own gradient is F.linear's to form
