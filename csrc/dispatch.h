@@ -1,6 +1,7 @@
 // The kernel variants of fastadapter._C and their entry points. Each variant is the same forward and backward
-// (attention_forward.h, attention_backward.h) and decode-step linear (decode_linear.h) compiled for one instruction set in its own translation unit and
-// namespace; registration.cpp picks one per call from the CPU's features (__builtin_cpu_supports), or as
+// (attention_forward.h, attention_backward.h), decode-step linear (decode_linear.h) and a training step's row
+// kernels (training_rows.h: RMSNorm, gated activation, token cross-entropy) compiled for one instruction set in its
+// own translation unit and namespace; registration.cpp picks one per call from the CPU's features (__builtin_cpu_supports), or as
 // FASTADAPTER_CPU_ISA says. No -march flag is ever used, so one binary runs on every x86-64 CPU:
 //
 //   generic  any CPU (the only variant off x86-64 or with another compiler than GCC): products on MKL, rows in
@@ -46,6 +47,17 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                     const at::Tensor& prefix_v, const at::Tensor& gate, const at::Tensor& out,   \
                                     const at::Tensor& lse_w, const at::Tensor& lse_p);                           \
   at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias); \
+  void rms_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight, \
+                        double eps, const at::Tensor& sum, const at::Tensor& y, const at::Tensor& rstd);        \
+  void rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,                \
+                         const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum,                      \
+                         const at::Tensor& grad_x);                                                              \
+  void gated_activation_forward(const at::Tensor& gate, const at::Tensor& up, bool gelu_tanh,                    \
+                                const at::Tensor& out);                                                          \
+  void gated_activation_backward(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,           \
+                                 bool gelu_tanh, const at::Tensor& grad_gate, const at::Tensor& grad_up);        \
+  void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, int64_t ignore,                    \
+                          const at::Tensor& loss);                                                               \
   }
 
 FASTADAPTER_DECLARE_VARIANT(generic)

@@ -25,4 +25,5 @@
 #include "attention_backward.h"
 #include "attention_forward.h"
 #include "decode_linear.h"
+#include "training_rows.h"
 #endif

@@ -8,3 +8,4 @@
 #include "attention_forward.h"
 #define FASTADAPTER_DECODE_LINEAR_ON_ATEN 1  // decode_linear.h: at::linear, not the unvectorised tiles
 #include "decode_linear.h"
+#include "training_rows.h"

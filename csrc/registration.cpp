@@ -12,6 +12,14 @@
 //   torch.ops.fastadapter_cpu.decode_linear(x, weight, bias) -> out
 //       x [M, K] · weight [N, K]ᵀ (+ bias [N]) for the few rows of a decoding step (decode_linear.h)
 //
+//   torch.ops.fastadapter_cpu.rms_norm_forward(x, weight, eps) -> (y, rstd)
+//   torch.ops.fastadapter_cpu.add_rms_norm_forward(x, residual, weight, eps) -> (sum, y, rstd)
+//   torch.ops.fastadapter_cpu.rms_norm_backward(grad_y, x, weight, rstd, grad_sum) -> grad_x
+//   torch.ops.fastadapter_cpu.gated_activation_forward(gate, up, gelu_tanh) -> out
+//   torch.ops.fastadapter_cpu.gated_activation_backward(grad, gate, up, gelu_tanh) -> (grad_gate, grad_up)
+//   torch.ops.fastadapter_cpu.cross_entropy_rows_(logits, target, ignore_index) -> loss  (logits become the gradient)
+//       a training step's row kernels, fp32 (training_rows.h)
+//
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
 // The contract of these ops is written once, in fastadapter/kernels/problem.py (AttentionProblem): the cpu backend
@@ -392,6 +400,130 @@ at::Tensor decode_linear_op(const at::Tensor& x, const at::Tensor& weight, const
   }
 }
 
+// -- a training step's row kernels (training_rows.h) ----------------------------------------------------------
+
+// Runs the call EXPR in the namespace of the kernel variant of this CPU (or the one FASTADAPTER_CPU_ISA names).
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+#define FASTADAPTER_CASE_AVX512(EXPR) case Variant::kAvx512: avx512::EXPR; break;
+#else
+#define FASTADAPTER_CASE_AVX512(EXPR)
+#endif
+#ifdef FASTADAPTER_HAS_AVX2_VARIANT
+#define FASTADAPTER_CASE_AVX2(EXPR) case Variant::kAvx2: avx2::EXPR; break;
+#else
+#define FASTADAPTER_CASE_AVX2(EXPR)
+#endif
+#define FASTADAPTER_ON_VARIANT(EXPR)                        \
+  switch (choose_variant(nullptr)) {                        \
+    FASTADAPTER_CASE_AVX512(EXPR)                           \
+    FASTADAPTER_CASE_AVX2(EXPR)                             \
+    default: generic::EXPR; break;                          \
+  }
+
+// x [N, D] fp32 contiguous and weight [D] fp32 contiguous on the CPU (each row kernel's contract).
+void check_rows(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "fastadapter_cpu: ", op,
+              " needs x [N, D] and weight [D], got x ", shape_of(x), " and weight ", shape_of(weight));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "fastadapter_cpu: ", op,
+              " takes float32 x and weight, got ", x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "fastadapter_cpu: ", op, " takes CPU tensors only");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "fastadapter_cpu: ", op, " needs contiguous x and weight");
+}
+
+// `other` has `like`'s shape, dtype (fp32), device and is contiguous.
+void check_same(const char* op, const char* name, const at::Tensor& other, const at::Tensor& like) {
+  TORCH_CHECK(other.sizes() == like.sizes() && other.scalar_type() == at::kFloat && other.device().is_cpu() &&
+                  other.is_contiguous(),
+              "fastadapter_cpu: ", op, " needs ", name, " as a contiguous float32 CPU tensor of shape ",
+              shape_of(like), ", got ", other.scalar_type(), " ", shape_of(other));
+}
+
+void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "fastadapter_cpu: rms_norm needs a finite eps >= 0, got ", eps);
+}
+
+// (y, rstd): y [N, D] = x / rms(x) · weight, rstd [N] = 1 / rms(x).
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows("rms_norm_forward", x, weight);
+  check_eps(eps);
+  at::Tensor y = at::empty_like(x), rstd = at::empty({x.size(0)}, x.options());
+  if (x.numel() == 0) return {y, rstd.fill_(1.0 / std::sqrt(eps))};
+  FASTADAPTER_ON_VARIANT(rms_norm_forward(x, std::nullopt, weight, eps, at::Tensor(), y, rstd))
+  return {y, rstd};
+}
+
+// (sum, y, rstd): sum = x + residual, then y and rstd of sum as rms_norm_forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward_op(const at::Tensor& x, const at::Tensor& residual,
+                                                                       const at::Tensor& weight, double eps) {
+  check_rows("add_rms_norm_forward", x, weight);
+  check_same("add_rms_norm_forward", "residual", residual, x);
+  check_eps(eps);
+  at::Tensor sum = at::empty_like(x), y = at::empty_like(x), rstd = at::empty({x.size(0)}, x.options());
+  if (x.numel() == 0) return {sum, y, rstd.fill_(1.0 / std::sqrt(eps))};
+  FASTADAPTER_ON_VARIANT(rms_norm_forward(x, residual, weight, eps, sum, y, rstd))
+  return {sum, y, rstd};
+}
+
+// grad_x [N, D] of rms_norm_forward's y (+ grad_sum [N, D] when given).
+at::Tensor rms_norm_backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum) {
+  check_rows("rms_norm_backward", x, weight);
+  check_same("rms_norm_backward", "grad_y", grad_y, x);
+  if (grad_sum) check_same("rms_norm_backward", "grad_sum", *grad_sum, x);
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == x.size(0) && rstd.scalar_type() == at::kFloat &&
+                  rstd.is_contiguous() && rstd.device().is_cpu(),
+              "fastadapter_cpu: rms_norm_backward needs rstd as float32 [", x.size(0), "], got ", rstd.scalar_type(),
+              " ", shape_of(rstd));
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return grad_x;
+  FASTADAPTER_ON_VARIANT(rms_norm_backward(grad_y, x, weight, rstd, grad_sum, grad_x))
+  return grad_x;
+}
+
+// act(gate) · up, gate and up fp32 contiguous of one shape (gelu_tanh: GeGLU's GELU, else SiLU).
+at::Tensor gated_activation_forward_op(const at::Tensor& gate, const at::Tensor& up, bool gelu_tanh) {
+  check_same("gated_activation_forward", "gate", gate, gate);
+  check_same("gated_activation_forward", "up", up, gate);
+  at::Tensor out = at::empty_like(gate);
+  if (gate.numel() == 0) return out;
+  FASTADAPTER_ON_VARIANT(gated_activation_forward(gate, up, gelu_tanh, out))
+  return out;
+}
+
+// (grad_gate, grad_up) of gated_activation_forward.
+std::tuple<at::Tensor, at::Tensor> gated_activation_backward_op(const at::Tensor& grad, const at::Tensor& gate,
+                                                                const at::Tensor& up, bool gelu_tanh) {
+  check_same("gated_activation_backward", "gate", gate, gate);
+  check_same("gated_activation_backward", "up", up, gate);
+  check_same("gated_activation_backward", "grad", grad, gate);
+  at::Tensor grad_gate = at::empty_like(gate), grad_up = at::empty_like(gate);
+  if (gate.numel() == 0) return {grad_gate, grad_up};
+  FASTADAPTER_ON_VARIANT(gated_activation_backward(grad, gate, up, gelu_tanh, grad_gate, grad_up))
+  return {grad_gate, grad_up};
+}
+
+// Per-row losses [N] of logits [N, V] (fp32, contiguous) against target int64 [N]; logits become the gradient.
+at::Tensor cross_entropy_rows_op(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
+                  logits.device().is_cpu(),
+              "fastadapter_cpu: cross_entropy_rows_ needs contiguous float32 CPU logits [N, V], got ",
+              logits.scalar_type(), " ", shape_of(logits));
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0) && target.scalar_type() == at::kLong &&
+                  target.device().is_cpu(),
+              "fastadapter_cpu: cross_entropy_rows_ needs int64 targets [", logits.size(0), "], got ",
+              target.scalar_type(), " ", shape_of(target));
+  const at::Tensor t = target.contiguous();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    TORCH_CHECK(tp[i] == ignore_index || (tp[i] >= 0 && tp[i] < logits.size(1)), "fastadapter_cpu: "
+                "cross_entropy_rows_: target ", tp[i], " of row ", i, " is outside [0, ", logits.size(1),
+                ") and is not the ignore index ", ignore_index);
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options());
+  if (logits.numel() == 0) return loss.zero_();
+  FASTADAPTER_ON_VARIANT(cross_entropy_rows(logits, t, ignore_index, loss))
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastadapter_cpu, m) {
@@ -403,6 +535,12 @@ TORCH_LIBRARY(fastadapter_cpu, m) {
         "int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, bool gate_tanh) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_forward(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd, Tensor? grad_sum) -> Tensor");
+  m.def("gated_activation_forward(Tensor gate, Tensor up, bool gelu_tanh) -> Tensor");
+  m.def("gated_activation_backward(Tensor grad, Tensor gate, Tensor up, bool gelu_tanh) -> (Tensor, Tensor)");
+  m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor target, int ignore_index) -> Tensor");
   m.def("cpu_path() -> (str, str)", &cpu_path_op);
 }
 
@@ -410,6 +548,12 @@ TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {
   m.impl("forward", &forward_op);
   m.impl("backward", &backward_op);
   m.impl("decode_linear", &decode_linear_op);
+  m.impl("rms_norm_forward", &rms_norm_forward_op);
+  m.impl("add_rms_norm_forward", &add_rms_norm_forward_op);
+  m.impl("rms_norm_backward", &rms_norm_backward_op);
+  m.impl("gated_activation_forward", &gated_activation_forward_op);
+  m.impl("gated_activation_backward", &gated_activation_backward_op);
+  m.impl("cross_entropy_rows_", &cross_entropy_rows_op);
 }
 
 }  // namespace fastadapter_cpu

@@ -66,9 +66,21 @@ class _FrozenWeightLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dx [M, K] = grad [M, N] · weight [N, K]: a linear against weightᵀ [K, N] (a view, no copy)
-            grad_x = _product(grad.contiguous(), weight.t(), None)
+            grad_x = input_gradient(grad, weight)
         return grad_x, None, None
+
+
+def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad [M, N] · weight [N, K] → [M, K]``: the gradient that reaches the input of ``x · weightᵀ``, by oneDNN
+    (a linear against ``weightᵀ [K, N]``, a view, no copy) for fp32 CPU calls of at least :data:`MIN_ROWS` rows,
+    else ``grad @ weight``. Records no gradient of its own."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if (ENABLED and grad.dim() == 2 and weight.dim() == 2 and grad.shape[0] >= MIN_ROWS
+            and grad.shape[1] == weight.shape[0] and grad.dtype == weight.dtype == torch.float32
+            and grad.device.type == weight.device.type == "cpu" and type(grad) in plain and type(weight) in plain
+            and weight.is_contiguous() and not torch.compiler.is_compiling() and onednn_available()):
+        return _product(grad.contiguous(), weight.t(), None)
+    return grad @ weight
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

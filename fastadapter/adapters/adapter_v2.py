@@ -76,6 +76,8 @@ class TrainableRMSNorm(RMSNorm):
         self.weight = nn.Parameter(base.weight.detach().float(), requires_grad=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_kernel_scale(x) is not None:  # fp32 on the CPU: the row kernels, the weight's gradient too
+            return super().forward(x)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight.to(x.dtype)

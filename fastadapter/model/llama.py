@@ -39,7 +39,7 @@ from .config import LlamaConfig
 from .gated_activation import gated_activation
 from .kv_cache import CacheStep, KVCache
 from .layer_adapter import LayerAdapter
-from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm, RMSNorm
+from .norms import ParameterFreeLayerNorm, PlusOneRMSNorm, RMSNorm, add_and_normalize
 from .rope import apply_rope, rope_angles, rope_attention_factor, rope_inverse_frequencies
 
 
@@ -176,8 +176,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.mlp_activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, **attention_kwargs)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, normed = add_and_normalize(x, self.attention(self.attention_norm(x), cos, sin, **attention_kwargs),
+                                      self.ffn_norm)
+        return h + self.feed_forward(normed)
 
 
 class SandwichNormBlock(TransformerBlock):

@@ -10,6 +10,11 @@ while that chunk's loss and its gradients are computed, in the forward pass, and
 arithmetic is the reference's: one head product per chunk forward, one product per input for its gradient — the
 same products the plain path runs in forward and backward, so nothing is recomputed.
 
+For fp32 on the CPU (no soft-capping) a chunk's products run on oneDNN (:mod:`fastadapter.onednn_linear`) and its
+loss and gradient come from one compiled pass over its logits, in place
+(:func:`fastadapter.model.row_kernels.cross_entropy_rows_`): a row stays in cache across its max, exponentials
+and scaling, where the eager composition writes four chunk-sized tensors.
+
 :func:`linear_cross_entropy_reference` is the readable version (``F.cross_entropy`` on full logits); the tests
 check that both give the same loss and gradients.
 """
@@ -20,6 +25,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..linear import linear
+from ..model import row_kernels
+from ..onednn_linear import input_gradient
 from .data import IGNORE_INDEX
 
 #: Bytes of fp32 logits one chunk may hold (the chunk's token count follows from the vocabulary size).
@@ -82,6 +90,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, y = hidden[rows], labels[rows]
+            if (want_hidden or want_weight) and softcap is None and row_kernels.runs_row_kernels(hidden, weight):
+                # fp32 on the CPU: the products on oneDNN, the loss and its gradient in one pass over the chunk's
+                # logits, in place (row_kernels.cross_entropy_rows_).
+                grad = linear(h, weight).contiguous()  # [c, V]: the only vocabulary-sized tensor, per chunk
+                total += row_kernels.cross_entropy_rows_(grad, y, IGNORE_INDEX).sum()
+                if want_hidden:
+                    grad_hidden[rows] = input_gradient(grad, weight)
+                if want_weight:
+                    grad_weight += grad.t() @ h
+                continue
             logits = _logits(h, weight, softcap)  # [c, V] fp32: the only vocabulary-sized tensor, per chunk
             kept = y != IGNORE_INDEX
             target = torch.where(kept, y, 0)

@@ -1,11 +1,19 @@
 """``gated_activation``: the gated MLP's ``act(gate) · up`` saving only its inputs, against autograd's composition
-(values and both gradients, fp32 and bf16, odd sizes), what it saves, and the bad activation name."""
+(values and both gradients, fp32 and bf16, odd sizes), what it saves, and the bad activation name. Its fp32 CPU
+calls on the compiled row kernel are tests/model/test_row_kernels.py's; here the row kernels are off, so torch's own
+derivatives must equal autograd's to the last bit."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fastadapter.model import row_kernels
 from fastadapter.model.gated_activation import gated_activation, gated_activation_reference
+
+
+@pytest.fixture(autouse=True)
+def _eager_rows(monkeypatch):
+    monkeypatch.setattr(row_kernels, "ENABLED", False)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
