@@ -285,7 +285,7 @@ def worker_gemma_head_memory(settings: dict) -> dict:
     from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.data import tokenize_rows
     from fastadapter.training.packing import collate_packed
-    from fastadapter.training.trainer import token_loss_sum
+    from fastadapter.training.loss import token_loss_sum
 
     from .memory import peak_memory_bytes
 

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fastadapter.training.trainer import token_loss_sum
+from fastadapter.training.loss import token_loss_sum
 
 from . import shared_data
 from .memory import peak_memory_bytes

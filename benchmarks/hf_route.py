@@ -76,7 +76,7 @@ def run(dim: int, n_layers: int, rows: int, prompt_len: int, repeats: int) -> li
     from fastadapter.tokenizers.tokenizer_convert import write_tokenizer_folder
     from fastadapter.tokenizers.tokenizer import load_tokenizer
     from fastadapter.training.packing import collate_packed
-    from fastadapter.training.trainer import token_loss_sum
+    from fastadapter.training.loss import token_loss_sum
 
     folder = tempfile.mkdtemp(prefix="hf_route_")
     write_tokenizer_folder(shared_data.require("llama_tokenizer.model") / "llama_tokenizer.model", folder)

@@ -394,10 +394,9 @@ ForwardResult attention_forward(const Problem& problem, const at::Tensor& q, con
   const int32_t* cu_q = problem.cu_seqlens_q;
   const int32_t* cu_k = problem.cu_seqlens_k;
   at::Tensor out = at::empty(q.sizes(), q.options());
-  std::vector<int64_t> lse_shape = cu_q ? std::vector<int64_t>{problem.heads_q, q.size(0)}
-                                        : std::vector<int64_t>{q.size(0), problem.heads_q, q.size(1)};
-  at::Tensor lse_w = at::empty(lse_shape, q.options().dtype(at::kFloat));
-  at::Tensor lse_p = at::empty(lse_shape, q.options().dtype(at::kFloat));
+  const std::vector<int64_t> lse_sizes = lse_shape(q.sizes(), problem.varlen());
+  at::Tensor lse_w = at::empty(lse_sizes, q.options().dtype(at::kFloat));
+  at::Tensor lse_p = at::empty(lse_sizes, q.options().dtype(at::kFloat));
   FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::forward", [&] {
     Operands<scalar_t> op{rows_of<scalar_t>(q, cu_q),      rows_of<scalar_t>(k, cu_k),
                           rows_of<scalar_t>(v, cu_k),      rows_of<scalar_t>(prefix_k, nullptr),

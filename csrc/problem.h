@@ -2,9 +2,12 @@
 // variant (dispatch.h).
 #pragma once
 
+#include <c10/util/ArrayRef.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace fastadapter_cpu {
 
@@ -60,5 +63,15 @@ struct Problem {
     return gate_tanh ? std::tanh(raw) : raw;
   }
 };
+
+// Shape of the fp32 log-sum-exps (lse_w, lse_p) of a call whose query has sizes `q_sizes`: [B, Hq, Sq] for a dense
+// q [B, Sq, Hq, D], [Hq, Tq] for a packed (varlen) q [Tq, Hq, D]. The C++ side of one fact whose Python side is
+// `lse_shape` in kernels/problem.py (fastadapter.kernels.problem: the op's fake, the Triton kernels); the two
+// take the same arguments and must give the same shape.
+inline std::vector<int64_t> lse_shape(c10::IntArrayRef q_sizes, bool varlen) {
+  const int64_t heads_q = q_sizes[q_sizes.size() - 2];
+  if (varlen) return {heads_q, q_sizes[0]};
+  return {q_sizes[0], heads_q, q_sizes[1]};
+}
 
 }  // namespace fastadapter_cpu

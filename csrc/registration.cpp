@@ -308,9 +308,8 @@ ForwardResult forward_op(
                                   max_seqlen_q, max_seqlen_k, causal, softmax_scale, gate_tanh);
   const bool varlen = pb.varlen();
   if (q.numel() == 0) {  // B = 0, Sq = 0 or T = 0: nothing to compute (and no tile to split the work into)
-    const std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{pb.heads_q, q.size(0)}
-                                                  : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
-    at::Tensor lse = at::full(lse_shape, -std::numeric_limits<float>::infinity(), q.options().dtype(at::kFloat));
+    at::Tensor lse = at::full(lse_shape(q.sizes(), varlen), -std::numeric_limits<float>::infinity(),
+                              q.options().dtype(at::kFloat));
     return {at::zeros(q.sizes(), q.options()), lse, lse.clone()};
   }
   const int64_t row_dim = varlen ? 0 : 1;
@@ -340,10 +339,9 @@ BackwardResult backward_op(
               "have q's shape ", shape_of(q), ", got ", shape_of(grad_out), " and ", shape_of(out));
   TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu(), "fastadapter_cpu: grad_out and out must be CPU "
               "tensors");
-  const std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{pb.heads_q, q.size(0)}
-                                                : std::vector<int64_t>{q.size(0), pb.heads_q, q.size(1)};
+  const std::vector<int64_t> expected_lse = lse_shape(q.sizes(), varlen);
   for (const auto* lse : {&lse_w, &lse_p})
-    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->sizes() == at::IntArrayRef(lse_shape) &&
+    TORCH_CHECK(lse->scalar_type() == at::kFloat && lse->sizes() == at::IntArrayRef(expected_lse) &&
                 lse->device().is_cpu(), "fastadapter_cpu: lse_w and lse_p must be the forward's float32 ",
                 varlen ? "[Hq, Tq]" : "[B, Hq, Sq]", " log-sum-exps, got ", lse->scalar_type(), " ",
                 shape_of(*lse));

@@ -407,7 +407,8 @@ def validate_cu_seqlens(cu_seqlens, max_seqlen, tokens: int, device: torch.devic
 def lse_shape(q_shape: Sequence[int], varlen: bool) -> tuple[int, ...]:
     """Shape of the fp32 log-sum-exps of a call whose query has shape ``q_shape``: ``[B, Hq, Sq]`` for a batched
     ``q [B, Sq, Hq, D]``, ``[Hq, Tq]`` for a packed ``q [Tq, Hq, D]``. The one Python definition (the problem's
-    :meth:`AttentionProblem.lse_shape`, the C++ op's fake); the C++ op writes the same shape."""
+    :meth:`AttentionProblem.lse_shape`, the C++ op's fake); the C++ op writes the same shape, from its twin
+    ``lse_shape`` in csrc/problem.h."""
     if varlen:
         return (q_shape[-2], q_shape[0])
     return (q_shape[0], q_shape[-2], q_shape[1])

@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton's interpreter on CPU only, the real artifacts in ../shared/data, seeds.
+"""Shared test set-up: Triton's interpreter on CPU only, the real artifacts in ../shared/data, seeds, and the
+tiny thin-LLaMA's config every test that builds a model starts from (``tiny_config``, ``make_config``).
 
 On a machine with CUDA the Triton kernels are compiled (the op grid runs on CUDA tensors, see
 attention_cases.device_for); without one they run on CPU tensors under Triton's interpreter.
@@ -31,6 +32,22 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """``make_config(**changes)``: the tiny thin-LLaMA's config (tests/tiny_llama.py: 4 layers of width 80, 8 query
+    heads over 4 kv heads of head dim 10, vocabulary 97, FFN 72) with ``changes`` replacing fields; a test states
+    only the fields it needs changed."""
+    from tiny_llama import tiny_llama_config  # imported on first use: a run that builds no model skips it
+
+    return tiny_llama_config
+
+
+@pytest.fixture(scope="session")
+def tiny_config(make_config):
+    """The tiny thin-LLaMA's config, unchanged (``make_config()``)."""
+    return make_config()
 
 
 def _real_model_missing(package: str, install: str):

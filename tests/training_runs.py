@@ -7,10 +7,13 @@ import os
 import torch
 
 from fastadapter.adapters import AdapterConfig, add_adapter
-from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.model import LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, Example
+from tiny_llama import tiny_llama_config
 
-TINY = LlamaConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=48, hidden_dim=64, max_seq_len=64)
+#: The model of these runs: the tiny LLaMA (4 layers) at width 32, 4 query heads over 2 kv heads, vocabulary 48,
+#: FFN 64, 64 positions.
+TINY = tiny_llama_config(dim=32, n_heads=4, n_kv_heads=2, vocab_size=48, hidden_dim=64, max_seq_len=64)
 
 
 def tiny_adapted_model(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> LlamaModel:

@@ -5,4 +5,5 @@ from .distributed import DistributedContext, init_from_environment  # noqa: F401
 from .packing import PackedBatch, PaddedBatch, collate_packed, pack_examples, pad_examples, padding_report  # noqa
 from .prompt import format_prompt  # noqa: F401
 from .schedule import warmup_cosine  # noqa: F401
-from .trainer import TrainConfig, TrainResult, Trainer, token_loss_sum, train  # noqa: F401
+from .loss import token_loss_sum  # noqa: F401
+from .trainer import TrainConfig, TrainResult, Trainer, train  # noqa: F401

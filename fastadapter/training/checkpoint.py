@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..setting_error import NamesSettings
+from ..setting_error import NamesSettings, SettingMessage
 
 FORMAT = "fastadapter-training-checkpoint"
 VERSION = 1
@@ -86,6 +86,29 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int) -> str:
+    """Save ``state`` as the checkpoint of ``step`` in ``folder`` (:func:`save_checkpoint`), then keep only the
+    newest ``keep`` of the folder (:func:`prune_checkpoints`); returns the checkpoint's path.
+
+    Raises:
+        CheckpointWriteError: the write failed (full disk, lost permission); the older checkpoints are untouched,
+            and the message names the last good one.
+    """
+    path = checkpoint_path(folder, step)
+    try:
+        save_checkpoint(path, state)
+    except OSError as exc:
+        saved = list_checkpoints(folder)
+        last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved yet"
+        message = SettingMessage("{strerror} while writing the checkpoint of step {step} ({last}; fix this, then "
+                                 "continue with {resume})", dict(strerror=exc.strerror, step=step, last=last))
+        error = CheckpointWriteError(exc.errno, str(message), path)
+        error.setting_message = message
+        raise error from exc
+    prune_checkpoints(folder, keep)
+    return path
 
 
 def prune_checkpoints(folder: str, keep: int) -> None:

@@ -1,8 +1,9 @@
 """Whether a checkpoint may be resumed by this run: what differs between the run that wrote it and this one
-(settings, batch geometry, the data file, the examples), one line per difference."""
+(settings, batch geometry, the data file, the examples), one line per difference, and the error that lists
+them."""
 from __future__ import annotations
 
-from ..setting_error import SettingMessage
+from ..setting_error import SettingError, SettingMessage
 from .train_config import TrainConfig
 
 #: TrainConfig fields a resumed run must share with its checkpoint: they decide which rows each step sees
@@ -44,6 +45,16 @@ def resume_differences(state: dict, config: TrainConfig, rows_per_step: int, dig
                                               "{max_seq_len}, {eval_fraction}, {on_bad_row} or {seed})",
                                               {"parts": " and the ".join(parts)}))
     return differences
+
+
+def resume_refusal(differences: list[str | SettingMessage], source: str = "the checkpoint") -> SettingError:
+    """The error (a ``ValueError``) that refuses to resume checkpoint ``source``: the ``differences`` of
+    :func:`resume_differences`, one line each, and what to do instead."""
+    lines = "".join(f"\n  {{difference_{i}}}" for i in range(len(differences)))
+    return SettingError("{source} was made with other data or settings, so resuming it would not continue the "
+                        "same run:" + lines + "\nresume with the checkpoint's data and settings, or start a new run "
+                        "in another {out} folder", source=source,
+                        **{f"difference_{i}": d for i, d in enumerate(differences)})
 
 
 def _without_path(file: dict) -> dict:

@@ -22,6 +22,10 @@ an adapter that turns NaN or infinite raises :class:`TrainingDiverged` before an
 
 Backward stops at the lowest adapted layer by construction: :func:`fastadapter.add_adapter` freezes the base
 model, so no activation below that layer requires a gradient and autograd records no graph there.
+
+This module is the loop; its parts live beside it: the settings (``train_config``), the loss (``loss``), the
+optimizer and the LR schedule (``optimizer``, ``schedule``), checkpoint files (``checkpoint``), what a resume
+may differ in (``resume``), the run folder (``run_folder``) and the signals (``stop_signals``).
 """
 from __future__ import annotations
 
@@ -35,20 +39,18 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..setting_error import SettingError, SettingMessage
-from .checkpoint import (CheckpointWriteError, DataPosition, checkpoint_path, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
-from .data import IGNORE_INDEX, Example, examples_digest
+from ..setting_error import SettingError
+from .checkpoint import DataPosition, list_checkpoints, load_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .data import Example, examples_digest
 from .distributed import DistributedContext, all_reduce_gradients, all_reduce_sum, barrier
 from .fsdp import is_sharded
 from .host_memory import return_freed_memory_to_os
-from .linear_cross_entropy import linear_cross_entropy
+from .loss import fuses_head_and_loss, token_loss_sum  # noqa: F401  (fuses_head_and_loss: re-exported for callers)
 from .optimizer import adapter_parameters, build_optimizer
-from .packing import PackedBatch, collate_packed, pack_examples
-from .resume import resume_differences
+from .packing import collate_packed, pack_examples
+from .resume import resume_differences, resume_refusal
 from .run_folder import RunFolder
 from .schedule import warmup_cosine
 from .stop_signals import StopRequest
@@ -65,45 +67,6 @@ def epoch_rows(examples: Sequence[Example], batch_tokens: int, seed: int, epoch:
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     rows = pack_examples([len(examples[i]) for i in order], batch_tokens)
     return [[order[i] for i in row] for row in rows]
-
-
-def _language_model(model: nn.Module):
-    """The model that holds the output head (a multimodal model wraps its language model as ``.llama``)."""
-    return getattr(model, "llama", model)
-
-
-def fuses_head_and_loss(model: nn.Module) -> bool:
-    """Whether :func:`token_loss_sum` fuses ``model``'s head with the cross-entropy: a thin model that can return
-    its hidden states, unsharded (a sharded head is gathered only inside the model's own forward)."""
-    language = _language_model(model)
-    return hasattr(language, "output_weight") and hasattr(language, "config") and not is_sharded(language)
-
-
-def token_loss_sum(model: nn.Module, batch: PackedBatch, fused: Optional[bool] = None) -> torch.Tensor:
-    """The summed cross-entropy of ``batch``'s loss tokens (fp32 scalar).
-
-    The head runs only at the loss tokens (about half of Alpaca's); with ``fused`` (default: when
-    :func:`fuses_head_and_loss`), head and cross-entropy run in chunks of tokens
-    (:func:`~fastadapter.training.linear_cross_entropy.linear_cross_entropy`), so no ``[T, V]`` logits tensor
-    is held; ``fused=False`` is the plain reference: full logits, then ``F.cross_entropy``.
-    """
-    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
-    labels = batch.labels[0, positions]
-    # Every batch says what else the model takes besides its tokens (images: fastadapter.training.image_data).
-    extra = batch.extra_inputs()
-    call = dict(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, logits_positions=positions, **extra)
-    if fused is None:
-        fused = fuses_head_and_loss(model)
-    if not fused:
-        logits = model(batch.tokens, **call)[0]
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    language = _language_model(model)
-    hidden = model(batch.tokens, return_hidden=True, **call)[0]
-    return linear_cross_entropy(hidden, language.output_weight, labels, language.config.final_logit_softcap)
-    extra = batch.extra_inputs()
-    logits = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                   logits_positions=positions, **extra)[0]
-    return F.cross_entropy(logits.float(), batch.labels[0, positions], reduction="sum")
 
 
 class Trainer:
@@ -290,11 +253,7 @@ class Trainer:
         :meth:`resume_differences` when there are any."""
         differences = self.resume_differences(state)
         if differences:
-            lines = "".join(f"\n  {{difference_{i}}}" for i in range(len(differences)))
-            raise SettingError("{source} was made with other data or settings, so resuming it would not continue the "
-                               "same run:" + lines + "\nresume with the checkpoint's data and settings, or start a "
-                               "new run in another {out} folder", source=source,
-                               **{f"difference_{i}": d for i, d in enumerate(differences)})
+            raise resume_refusal(differences, source)
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         self.check_resumable(state, source)
@@ -316,23 +275,14 @@ class Trainer:
         self.position = DataPosition(state["epoch"], state["step_in_epoch"])
 
     def save(self) -> Optional[str]:
-        """Checkpoint (rank 0 writes, every rank waits for it); returns the path on rank 0."""
+        """Checkpoint (rank 0 writes, every rank waits for it); returns the path on rank 0.
+
+        Raises :class:`~fastadapter.training.checkpoint.CheckpointWriteError` when the write fails (the older
+        checkpoints are untouched)."""
         path = None
         if self.context.is_main:
-            folder = os.path.join(self.config.out, "checkpoints")
-            path = checkpoint_path(folder, self.step)
-            try:
-                save_checkpoint(path, self.state_dict())
-            except OSError as exc:  # full disk, lost permission: the older checkpoints are untouched
-                saved = list_checkpoints(folder)
-                last = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved yet"
-                message = SettingMessage("{strerror} while writing the checkpoint of step {step} ({last}; fix this, "
-                                         "then continue with {resume})", dict(strerror=exc.strerror, step=self.step,
-                                                                               last=last))
-                error = CheckpointWriteError(exc.errno, str(message), path)
-                error.setting_message = message
-                raise error from exc
-            prune_checkpoints(folder, self.config.keep_checkpoints)
+            path = write_checkpoint(os.path.join(self.config.out, "checkpoints"), self.step, self.state_dict(),
+                                    self.config.keep_checkpoints)
         barrier(self.context)
         return path
 

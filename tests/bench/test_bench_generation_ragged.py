@@ -18,9 +18,9 @@ def test_ragged_lengths_are_eight_distinct_lengths():
     assert len(set(ragged_lengths(8))) == 8
 
 
-def test_the_per_length_reference_makes_one_call_per_length_group(monkeypatch):
+def test_the_per_length_reference_makes_one_call_per_length_group(monkeypatch, make_config):
     from fastadapter import generate
-    from fastadapter.model import LlamaConfig, LlamaModel
+    from fastadapter.model import LlamaModel
 
     import fastadapter
     calls = []
@@ -28,7 +28,7 @@ def test_the_per_length_reference_makes_one_call_per_length_group(monkeypatch):
     monkeypatch.setattr(fastadapter, "zero_init_attention", lambda *a, **k: calls.append(1) or dense(*a, **k))
     monkeypatch.setattr(fastadapter, "zero_init_attention_varlen",
                         lambda *a, **k: calls.append(1) or varlen(*a, **k))
-    config = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=40, max_seq_len=64)
+    config = make_config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=40, max_seq_len=64)
     torch.manual_seed(0)
     model = LlamaModel(config)
     prompts = [[1] * n for n in (3, 5, 2)]

@@ -347,14 +347,13 @@ def test_every_suite_takes_every_preset():
 
 
 
-def test_the_benchmarks_and_the_plan_share_one_flop_model():
+def test_the_benchmarks_and_the_plan_share_one_flop_model(make_config):
     """The attention part of a training step's FLOPs (``fastadapter plan``, the acceptance run's MFU) is the
     benchmarks' ``attention_flops``: causal words in every layer, the prefix in the adapted ones."""
     from fastadapter.benchmarks import flops as bench_flops
-    from fastadapter.model.config import LlamaConfig
     from fastadapter.training import flops as model_flops
     assert bench_flops.attention_flops is model_flops.attention_flops
-    config = LlamaConfig(dim=80, n_layers=3, n_heads=5, n_kv_heads=5, vocab_size=97, hidden_dim=176, max_seq_len=128)
+    config = make_config(dim=80, n_layers=3, n_heads=5, n_kv_heads=5, hidden_dim=176, max_seq_len=128)  # head dim 16
     with_attention = model_flops.sequence_flops(config, 97, adapter_layers=2, prompt_len=7)
     without = model_flops.sequence_flops(config, 97, adapter_layers=2, prompt_len=7, include_attention=False)
     words = attention_flops(1, 5, 97, 97, 16, 0, causal=True)

@@ -274,7 +274,7 @@ def test_truncated_and_foreign_checkpoints_to_resume(shared_data, tmp_path, caps
         f"{foreign}: not a fastadapter training checkpoint")
 
 
-def test_truncated_adapter_and_an_adapter_of_another_model(shared_data, tmp_path, capsys):
+def test_truncated_adapter_and_an_adapter_of_another_model(shared_data, tmp_path, capsys, make_config):
     out = tmp_path / "run"
     assert cli_main(train_args(shared_data, out, "--max-steps", "1")) == 0
     capsys.readouterr()
@@ -285,8 +285,8 @@ def test_truncated_adapter_and_an_adapter_of_another_model(shared_data, tmp_path
     assert message.startswith(f"{truncated}: not a readable safetensors file")
     # stories260K's adapter on a random model of another shape.
     from fastadapter.model import LlamaModel
-    from tiny_llama import tiny_llama_config, write_llama2c
-    other = LlamaModel(tiny_llama_config(n_layers=2, vocab_size=512, max_seq_len=64))
+    from tiny_llama import write_llama2c
+    other = LlamaModel(make_config(n_layers=2, vocab_size=512, max_seq_len=64))
     write_llama2c(tmp_path / "other.bin", other)
     argv = generate_args(shared_data, "--adapter", str(adapter))
     argv[argv.index("--model") + 1] = str(tmp_path / "other.bin")

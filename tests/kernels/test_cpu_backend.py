@@ -22,7 +22,6 @@ from fastadapter.adapters import AdapterConfig, add_adapter
 from fastadapter.model import LlamaModel
 
 from attention_cases import BF16, FP16, KERNEL_CASES, Case, backend_inputs, check_against_reference
-from tiny_llama import tiny_llama_config
 
 DECODE_CASES = [
     # At most 16 query rows per sequence take the decode path: key-major loops, split over the KV cache.
@@ -308,8 +307,8 @@ def test_varlen_op_without_tokens_gives_empty_results():
     assert all(g.abs().sum() == 0 for g in grads)
 
 
-def test_llama_model_runs_an_empty_batch():
-    model = LlamaModel(tiny_llama_config(n_layers=2, max_seq_len=64))
+def test_llama_model_runs_an_empty_batch(make_config):
+    model = LlamaModel(make_config(n_layers=2, max_seq_len=64))
     add_adapter(model, AdapterConfig(prompt_len=5, layers=2))
     tokens = torch.zeros(0, 7, dtype=torch.long)
     logits = model(tokens)

@@ -117,15 +117,14 @@ def test_module_compiles_with_fullgraph():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_thin_model_decoding_is_the_same_with_and_without_the_kernel(monkeypatch):
+def test_thin_model_decoding_is_the_same_with_and_without_the_kernel(monkeypatch, make_config):
     """Generation of a batch of prompts of different lengths: the same logits at every step and the same tokens
     with the kernel (8 rows per decoding step) as with F.linear."""
-    from fastadapter import AdapterConfig, LlamaConfig, LlamaModel, add_adapter, generate
+    from fastadapter import AdapterConfig, LlamaModel, add_adapter, generate
     from fastadapter.model.kv_cache import KVCache
 
     torch.manual_seed(0)
-    config = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=176,
-                         max_seq_len=64)
+    config = make_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=64)
     model = LlamaModel(config).eval()
     add_adapter(model, AdapterConfig(prompt_len=4, layers=2))
     with torch.no_grad():

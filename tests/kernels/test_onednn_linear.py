@@ -66,15 +66,14 @@ def test_module_compiles_with_fullgraph():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_thin_model_training_step_is_the_same_through_onednn_and_f_linear(monkeypatch):
+def test_thin_model_training_step_is_the_same_through_onednn_and_f_linear(monkeypatch, make_config):
     """A packed training step of an adapted thin model (frozen base): the loss and every adapter gradient agree
     with the F.linear route, and the oneDNN route really ran (its op was called)."""
     from fastadapter import AdapterConfig, add_adapter
     from fastadapter.model.llama import LlamaModel
-    from tiny_llama import tiny_llama_config
 
     torch.manual_seed(0)
-    model = LlamaModel(tiny_llama_config(dim=80, n_heads=2, n_kv_heads=1, hidden_dim=208, vocab_size=97))
+    model = LlamaModel(make_config(dim=80, n_heads=2, n_kv_heads=1, hidden_dim=208, vocab_size=97))
     add_adapter(model, AdapterConfig(prompt_len=3, layers=2))
     with torch.no_grad():
         for layer in model.layers:

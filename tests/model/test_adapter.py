@@ -8,14 +8,15 @@ from safetensors.torch import save_file
 
 from fastadapter import AdapterConfig, add_adapter, load_adapter, load_model, save_adapter
 from fastadapter.adapters import AdapterFileError, adapted_layers
-from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.model import LlamaModel
 from fastadapter.adapters.adapter_formats import read_foreign_adapter
 
-from tiny_llama import tiny_llama_config
 
-TINY = tiny_llama_config()
-# As deep as LLaMA-7B (32 layers, the paper adapts the top 30), but narrow.
-DEEP = LlamaConfig(dim=16, n_layers=32, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=24)
+@pytest.fixture
+def deep_config(make_config):
+    """As deep as LLaMA-7B (32 layers, the paper adapts the top 30), but narrow: width 16, 2 query heads over 1 kv
+    head, FFN 24."""
+    return make_config(dim=16, n_layers=32, n_heads=2, n_kv_heads=1, hidden_dim=24)
 
 
 def _trained(model, **config):
@@ -33,18 +34,18 @@ def _logits(model, tokens):
 
 
 @pytest.fixture
-def tokens():
-    return torch.randint(0, TINY.vocab_size, (2, 19))
+def tokens(tiny_config):
+    return torch.randint(0, tiny_config.vocab_size, (2, 19))
 
 
-def test_round_trip_restores_the_same_logits(tmp_path, tokens):
+def test_round_trip_restores_the_same_logits(tmp_path, tokens, tiny_config):
     torch.manual_seed(1)
-    base_state = LlamaModel(TINY).state_dict()
-    trained = LlamaModel(TINY)
+    base_state = LlamaModel(tiny_config).state_dict()
+    trained = LlamaModel(tiny_config)
     trained.load_state_dict(base_state)
     _trained(trained, layers=[1, 3], gate_per_head=False, gate_activation="none")
     save_adapter(trained, tmp_path / "a.safetensors")
-    fresh = LlamaModel(TINY)
+    fresh = LlamaModel(tiny_config)
     fresh.load_state_dict(base_state)
     load_adapter(fresh, tmp_path / "a.safetensors")
     assert list(adapted_layers(fresh)) == [1, 3]
@@ -56,30 +57,30 @@ def test_round_trip_restores_the_same_logits(tmp_path, tokens):
         "layers.3.attention.adapter.prompt", "layers.3.attention.adapter.gate"]
 
 
-def test_adapter_of_another_base_model_is_refused(tmp_path):
+def test_adapter_of_another_base_model_is_refused(tmp_path, make_config, tiny_config):
     path = tmp_path / "a.safetensors"
-    save_adapter(_trained(LlamaModel(TINY)), path)
+    save_adapter(_trained(LlamaModel(tiny_config)), path)
     with pytest.raises(AdapterFileError, match=r"a.safetensors: this adapter was made for another base model "
                                                r"of the same shape \(fingerprint"):
-        load_adapter(LlamaModel(TINY), path)
-    other_shape = LlamaModel(tiny_llama_config(n_kv_heads=2))
+        load_adapter(LlamaModel(tiny_config), path)
+    other_shape = LlamaModel(make_config(n_kv_heads=2))
     with pytest.raises(AdapterFileError, match="a.safetensors: .* base model with n_kv_heads=4, but the model "
                                                "has n_kv_heads=2"):
         load_adapter(other_shape, path)
 
 
-def test_save_without_adapter_and_unknown_files(tmp_path):
+def test_save_without_adapter_and_unknown_files(tmp_path, tiny_config):
     with pytest.raises(ValueError, match="no adapter to save"):
-        save_adapter(LlamaModel(TINY), tmp_path / "a.safetensors")
+        save_adapter(LlamaModel(tiny_config), tmp_path / "a.safetensors")
     unknown = tmp_path / "unknown.safetensors"
     save_file({"some.weight": torch.zeros(2)}, unknown)
     with pytest.raises(AdapterFileError, match="unknown.safetensors: not an adapter fastadapter knows"):
-        load_adapter(LlamaModel(TINY), unknown)
+        load_adapter(LlamaModel(tiny_config), unknown)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        load_adapter(LlamaModel(TINY), tmp_path / "missing.safetensors")
+        load_adapter(LlamaModel(tiny_config), tmp_path / "missing.safetensors")
 
 
-def _twin_models(model_config=TINY, **adapter_config):
+def _twin_models(model_config, **adapter_config):
     """A trained adapted model and an un-adapted copy of its base model."""
     trained = _trained(LlamaModel(model_config), **adapter_config)
     base = LlamaModel(model_config)
@@ -87,8 +88,8 @@ def _twin_models(model_config=TINY, **adapter_config):
     return trained, base
 
 
-def test_llama_adapter_v1_layout(tmp_path, tokens):
-    trained, base = _twin_models(gate_activation="tanh", gate_per_head=True)
+def test_llama_adapter_v1_layout(tmp_path, tokens, tiny_config):
+    trained, base = _twin_models(tiny_config, gate_activation="tanh", gate_per_head=True)
     adapters = adapted_layers(trained)
     # Original layout: all prompts in one embedding, block j for the j-th adapted layer; gates [1, H, 1, 1].
     state = {"adapter_query.weight": torch.cat([a.prompt.detach() for a in adapters.values()])}
@@ -113,11 +114,12 @@ def _official_v1_file(path, trained, zero_gates=False):
 
 
 @pytest.mark.parametrize("model_config, prompt_len, layers", [
-    (DEEP, 10, 30),  # the paper's 7B layout: [300, dim] rows, 32 gates
-    (TINY, 5, 3),  # 15 rows, 4 gates
-    (TINY, 6, 2),  # 12 rows: a multiple of the 4 gates, yet P = 6 on 2 layers
+    ("deep_config", 10, 30),  # the paper's 7B layout: [300, dim] rows, 32 gates
+    ("tiny_config", 5, 3),  # 15 rows, 4 gates
+    ("tiny_config", 6, 2),  # 12 rows: a multiple of the 4 gates, yet P = 6 on 2 layers
 ], ids=["30-of-32", "3-of-4", "2-of-4"])
-def test_official_llama_adapter_v1_file_with_every_layers_gate(tmp_path, model_config, prompt_len, layers):
+def test_official_llama_adapter_v1_file_with_every_layers_gate(tmp_path, request, model_config, prompt_len, layers):
+    model_config = request.getfixturevalue(model_config)
     trained, base = _twin_models(model_config, prompt_len=prompt_len, layers=layers, gate_activation="tanh",
                                  gate_per_head=True)
     path = _official_v1_file(tmp_path / "adapter.pth", trained)
@@ -136,38 +138,38 @@ def test_official_llama_adapter_v1_file_with_every_layers_gate(tmp_path, model_c
     torch.testing.assert_close(_logits(native, tokens), _logits(base, tokens), rtol=0, atol=0)
 
 
-def test_v1_prompt_length_from_the_caller_the_file_name_or_the_paper(tmp_path):
+def test_v1_prompt_length_from_the_caller_the_file_name_or_the_paper(tmp_path, tiny_config, deep_config):
     # An untrained official file (every gate zero): the zero gates cannot tell P = 5, L = 3 from P = 15, L = 1.
-    trained, _ = _twin_models(prompt_len=5, layers=3)
+    trained, _ = _twin_models(tiny_config, prompt_len=5, layers=3)
     path = _official_v1_file(tmp_path / "adapter.pth", trained, zero_gates=True)
     with pytest.raises(AdapterFileError, match=r"adapter.pth: cannot tell the prompt length P and the adapted layers "
                                                r"L: adapter_query.weight has 15 rows \(P·L\), gates for layers 0-3 "
                                                r"\(all zero: 0-3\), the model has 4 layers; .*candidates: P=15, L=1; "
                                                r"P=5, L=3\. Pass prompt_len"):
-        load_adapter(LlamaModel(TINY), path)
-    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY, prompt_len=5)
+        load_adapter(LlamaModel(tiny_config), path)
+    config, tensors, _ = read_foreign_adapter(str(path), "llama_adapter_v1", tiny_config, prompt_len=5)
     assert (config["prompt_len"], config["layers"]) == (5, [1, 2, 3])
     assert torch.equal(tensors["layers.1.adapter_prompt"], adapted_layers(trained)[1].prompt.detach())
     with pytest.raises(AdapterFileError, match=r"adapter.pth: prompt_len=4 does not fit: adapter_query.weight has "
                                                r"15 rows"):
-        read_foreign_adapter(str(path), "llama_adapter_v1", TINY, prompt_len=4)
+        read_foreign_adapter(str(path), "llama_adapter_v1", tiny_config, prompt_len=4)
     # The official releases are named after P and L.
     named = _official_v1_file(tmp_path / "llama_adapter_len5_layer3_release.pth", trained, zero_gates=True)
-    load_adapter(base := LlamaModel(TINY), named)
+    load_adapter(base := LlamaModel(tiny_config), named)
     assert base.adapter_config.layers == (1, 2, 3)
     # Otherwise the paper's recipe, P = 10 on the top 30 of 32 layers, when it is the only one that fits.
-    deep, _ = _twin_models(DEEP, prompt_len=10, layers=30)
+    deep, _ = _twin_models(deep_config, prompt_len=10, layers=30)
     deep_file = _official_v1_file(tmp_path / "zero.pth", deep, zero_gates=True)
     with pytest.warns(UserWarning, match=r"zero.pth: guessed P=10 on the top 30 layers from the paper's recipe"):
-        load_adapter(base := LlamaModel(DEEP), deep_file)
+        load_adapter(base := LlamaModel(deep_config), deep_file)
     assert base.adapter_config == AdapterConfig(prompt_len=10, layers=list(range(2, 32)))
 
 
-def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, tokens, caplog):
-    trained, base = _twin_models(prompt_len=5, layers=3, gate_activation="none")
+def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, tokens, caplog, tiny_config):
+    trained, base = _twin_models(tiny_config, prompt_len=5, layers=3, gate_activation="none")
     path = _official_v1_file(tmp_path / "adapter.pth", trained)
     with caplog.at_level("INFO", logger="fastadapter"):
-        config, _, _ = read_foreign_adapter(str(path), "llama_adapter_v1", TINY)
+        config, _, _ = read_foreign_adapter(str(path), "llama_adapter_v1", tiny_config)
     assert config["gate_activation"] == "tanh"  # the default: the original training code
     assert "tanh(gate), as the original LLaMA-Adapter v1 training code" in config["gate_activation_reason"]
     assert "adapter.pth: llama_adapter_v1 adapter, gates applied as tanh(gate)" in caplog.text
@@ -184,8 +186,8 @@ def test_v1_gate_activation_can_be_the_raw_gate_of_the_inference_code(tmp_path, 
         load_adapter(base, path, gate_activation="sigmoid")
 
 
-def test_a_fastadapter_file_keeps_the_activation_it_was_trained_with(tmp_path):
-    trained, base = _twin_models(gate_activation="tanh")
+def test_a_fastadapter_file_keeps_the_activation_it_was_trained_with(tmp_path, tiny_config):
+    trained, base = _twin_models(tiny_config, gate_activation="tanh")
     save_adapter(trained, tmp_path / "a.safetensors")
     load_adapter(base, tmp_path / "a.safetensors", gate_activation="tanh")  # the same: allowed
     assert base.adapter_source["gate_activation"] == "tanh"
@@ -197,15 +199,15 @@ def test_a_fastadapter_file_keeps_the_activation_it_was_trained_with(tmp_path):
     assert base.adapter_source is None  # a fresh adapter comes from no file
 
 
-def test_v1_gate_of_a_layer_the_model_lacks(tmp_path):
-    trained, _ = _twin_models(prompt_len=5, layers=3)
+def test_v1_gate_of_a_layer_the_model_lacks(tmp_path, tiny_config):
+    trained, _ = _twin_models(tiny_config, prompt_len=5, layers=3)
     path = _official_v1_file(tmp_path / "adapter.pth", trained)
     state = torch.load(path)
     state["layers.4.attention.gate"] = torch.zeros(1, 8, 1, 1)
     torch.save(state, path)
     with pytest.raises(AdapterFileError, match=r"adapter.pth: tensor 'layers.4.attention.gate' is for layer 4, but "
                                                r"the model has 4 layers"):
-        load_adapter(LlamaModel(TINY), path)
+        load_adapter(LlamaModel(tiny_config), path)
 
 
 def _litgpt_file(path, trained, gate_shape=(1, 1, 8, 1)):
@@ -218,8 +220,8 @@ def _litgpt_file(path, trained, gate_shape=(1, 1, 8, 1)):
 
 
 @pytest.mark.parametrize("gate_shape", [(1, 1, 8, 1), (1, 8, 1, 1)], ids=["current", "older"])
-def test_litgpt_layout(tmp_path, tokens, gate_shape):
-    trained, base = _twin_models(gate_activation="none", gate_per_head=True)
+def test_litgpt_layout(tmp_path, tokens, gate_shape, tiny_config):
+    trained, base = _twin_models(tiny_config, gate_activation="none", gate_per_head=True)
     path = _litgpt_file(tmp_path / "lit_model.pth.adapter", trained, gate_shape)
     with pytest.warns(UserWarning, match=r"lit_model.pth.adapter: litgpt >= 0.5.5 projects .* litgpt's prefix keys "
                                          r"differ from these on heads 0-3, 6-7 and its prefix values on heads 0-5 of "
@@ -249,10 +251,11 @@ def _litgpt_prefix_kv(attention, prompt):
     (3, 3, [False, True, False]),  # r = 1: group 1's keys land on their true block 4
     (8, 1, [True]),
 ], ids=["gqa", "gqa4", "mha", "mha-3", "mqa"])
-def test_litgpt_prefix_rows_are_right_only_for_multi_query_attention(n_heads, n_kv_heads, expected_key_groups):
+def test_litgpt_prefix_rows_are_right_only_for_multi_query_attention(make_config, n_heads, n_kv_heads,
+                                                                     expected_key_groups):
     from fastadapter.adapters.adapter_formats import litgpt_mismatched_heads, litgpt_prefix_blocks
 
-    config = LlamaConfig(dim=48, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=11, hidden_dim=8)
+    config = make_config(dim=48, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=11, hidden_dim=8)
     torch.manual_seed(0)
     model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=5, layers=1))
     attention = model.layers[0].attention
@@ -280,8 +283,8 @@ def test_litgpt_prefix_rows_are_right_only_for_multi_query_attention(n_heads, n_
     assert wrong_keys == [h for h in range(n_heads) if not same_keys[h // per_group]]
 
 
-def test_litgpt_import_is_exact_and_silent_for_multi_query_models(tmp_path, recwarn):
-    trained, base = _twin_models(DEEP, gate_activation="none", gate_per_head=True, layers=2)
+def test_litgpt_import_is_exact_and_silent_for_multi_query_models(tmp_path, recwarn, deep_config):
+    trained, base = _twin_models(deep_config, gate_activation="none", gate_per_head=True, layers=2)
     path = _litgpt_file(tmp_path / "mqa.pth", trained, gate_shape=(1, 1, 2, 1))
     load_adapter(base, path, format="litgpt")
     assert not [w for w in recwarn if "litgpt" in str(w.message)]
@@ -312,7 +315,7 @@ def test_peft_adaption_prompt_gives_peft_logits(tmp_path, tokens):
     torch.testing.assert_close(_logits(model, tokens), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_foreign_adapter_of_the_wrong_shape_names_the_tensor(tmp_path):
+def test_foreign_adapter_of_the_wrong_shape_names_the_tensor(tmp_path, tiny_config):
     state = {f"base_model.model.model.layers.{i}.self_attn.adaption_{part}": t
              for i in (2, 3) for part, t in (("prompt", torch.zeros(1, 4, 64)), ("gate", torch.zeros(1)))}
     path = tmp_path / "adapter_model.safetensors"
@@ -320,7 +323,7 @@ def test_foreign_adapter_of_the_wrong_shape_names_the_tensor(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "ADAPTION_PROMPT", "adapter_layers": 2}))
     with pytest.raises(AdapterFileError, match=r"adapter_model.safetensors: tensor 'layers.2.adapter_prompt' has "
                                                r"shape \[4, 64\], the model needs \[4, 80\]"):
-        load_adapter(LlamaModel(TINY), tmp_path)
+        load_adapter(LlamaModel(tiny_config), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "ADAPTION_PROMPT", "adapter_layers": 3}))
     with pytest.raises(AdapterFileError, match="adapter_layers=3 but the file holds 2 layers"):
-        load_adapter(LlamaModel(TINY), tmp_path)
+        load_adapter(LlamaModel(tiny_config), tmp_path)

@@ -140,10 +140,10 @@ def test_a_non_finite_tensor_is_refused_at_read(tmp_path, value):
         read_adapter_file(path)
 
 
-def test_a_non_finite_foreign_adapter_is_refused_at_load(tmp_path):
+def test_a_non_finite_foreign_adapter_is_refused_at_load(tmp_path, make_config):
     """The check holds for adapters of other projects too (a litgpt checkpoint here), read through load_adapter."""
-    from fastadapter import LlamaConfig, LlamaModel, load_adapter
-    model = LlamaModel(LlamaConfig(dim=DIM, n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS,
+    from fastadapter import LlamaModel, load_adapter
+    model = LlamaModel(make_config(dim=DIM, n_layers=N_LAYERS, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS,
                                    vocab_size=VOCAB, hidden_dim=24, max_seq_len=32))
     state = {f"transformer.h.{i}.attn.adapter_wte.weight": torch.randn(3, DIM) for i in (1, 2)}
     state.update({f"transformer.h.{i}.attn.gating_factor": torch.zeros(1, 1, N_HEADS, 1) for i in (1, 2)})

@@ -10,19 +10,23 @@ from fastadapter.adapters.adapter_v2 import (BiasScaleLinear, add_adapter_v2, is
 from fastadapter.model.config import LLAMA_7B
 from fastadapter.model.llama import LlamaModel
 
-from tiny_llama import tiny_llama_config
 
-CONFIG = tiny_llama_config(n_layers=3, qkv_bias=True)
+@pytest.fixture
+def make_model(make_config):
+    """``make_model(seed=0)``: the tiny LLaMA on 3 layers with random ``wq``/``wk``/``wv`` biases, in eval mode
+    (the same weights for the same seed)."""
+    config = make_config(n_layers=3, qkv_bias=True)
 
+    def build(seed=0):
+        torch.manual_seed(seed)
+        model = LlamaModel(config).eval()
+        with torch.no_grad():
+            for block in model.layers:
+                for linear in (block.attention.wq, block.attention.wk, block.attention.wv):
+                    linear.bias.normal_()
+        return model
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    model = LlamaModel(CONFIG).eval()
-    with torch.no_grad():
-        for block in model.layers:
-            for linear in (block.attention.wq, block.attention.wk, block.attention.wv):
-                linear.bias.normal_()
-    return model
+    return build
 
 
 def _perturb(model):
@@ -32,12 +36,12 @@ def _perturb(model):
                 p.add_(torch.randn_like(p) * 0.3)
 
 
-def test_v2_starts_as_the_base_model_and_trains_bias_scale_norms():
-    base = _model()
+def test_v2_starts_as_the_base_model_and_trains_bias_scale_norms(make_model):
+    base = make_model()
     tokens = torch.randint(0, 97, (2, 23))
     with torch.no_grad():
         expected = base(tokens)
-    model = add_adapter_v2(_model(), AdapterConfig(prompt_len=5, layers=2))
+    model = add_adapter_v2(make_model(), AdapterConfig(prompt_len=5, layers=2))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, rtol=0, atol=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -84,21 +88,21 @@ def test_llama7b_trainable_parameters_match_the_papers_arithmetic():
     assert sum(counts.values()) == 4_215_744
 
 
-def test_v2_file_round_trip_and_errors(tmp_path):
-    model = add_adapter_v2(_model(), AdapterConfig(prompt_len=5, layers=[0, 2], gate_per_head=False))
+def test_v2_file_round_trip_and_errors(tmp_path, make_model):
+    model = add_adapter_v2(make_model(), AdapterConfig(prompt_len=5, layers=[0, 2], gate_per_head=False))
     _perturb(model)
     path = tmp_path / "v2.safetensors"
     save_adapter_v2(model, path)
     assert is_v2_file(path)
-    loaded = load_adapter_v2(_model(), path)
+    loaded = load_adapter_v2(make_model(), path)
     tokens = torch.randint(0, 97, (1, 19))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
     with pytest.raises(AdapterFileError, match="made for a base model with fingerprint="):
-        load_adapter_v2(_model(seed=1), path)
+        load_adapter_v2(make_model(seed=1), path)
     v1 = tmp_path / "v1.safetensors"
     from fastadapter.adapters.adapter import save_adapter
-    save_adapter(add_adapter(_model(), AdapterConfig(prompt_len=5, layers=1)), v1)
+    save_adapter(add_adapter(make_model(), AdapterConfig(prompt_len=5, layers=1)), v1)
     assert not is_v2_file(v1)
     with pytest.raises(AdapterFileError, match="not a LLaMA-Adapter V2 file"):
-        load_adapter_v2(_model(), v1)
+        load_adapter_v2(make_model(), v1)

@@ -8,7 +8,7 @@ import torch
 from fastadapter import AdapterConfig, add_adapter, generate, load_model, load_tokenizer, save_adapter
 from fastadapter.cli import main as cli_main
 from fastadapter.adapters import adapted_layers
-from fastadapter.model import LlamaConfig, LlamaModel, sample_next_token
+from fastadapter.model import LlamaModel, sample_next_token
 from fastadapter.model.layer_adapter import LayerAdapter
 
 STORY_START = "Once upon a time, there was a little girl named Lily."
@@ -91,6 +91,12 @@ def stories(shared_data):
     return load_model(shared_data / "stories260K.bin"), load_tokenizer(shared_data / "tok512.bin")
 
 
+@pytest.fixture
+def one_layer_config(make_config):
+    """One layer of width 32 (2 heads, no GQA), vocabulary 50, FFN 48, 32 positions: a model to be refused."""
+    return make_config(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, hidden_dim=48, max_seq_len=32)
+
+
 def test_greedy_stories260k_equals_run_c(stories, shared_data):
     model, tokenizer = stories
     ours = generate(model, [[tokenizer.bos_id]], max_new_tokens=48)[0]
@@ -109,8 +115,8 @@ def test_logits_equal_run_c_logits(stories, shared_data):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_prefix_projected_once_per_generate_call(monkeypatch):
-    model = add_adapter(LlamaModel(LlamaConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50,
+def test_prefix_projected_once_per_generate_call(monkeypatch, make_config):
+    model = add_adapter(LlamaModel(make_config(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=50,
                                                hidden_dim=40, max_seq_len=64)), AdapterConfig(prompt_len=3, layers=2))
     calls = []
     project = LayerAdapter.prefix_kv
@@ -270,18 +276,16 @@ def test_the_default_tokenizer_is_found_beside_the_model_by_train_and_generate(t
     ({"top_p": 1.01}, r"top_p must be in \(0, 1\], got 1.01"),
     ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
 ], ids=lambda v: str(v))
-def test_generation_settings_out_of_range(settings, message):
+def test_generation_settings_out_of_range(settings, message, one_layer_config):
     """Checked before any forward pass (a NaN temperature sampled from NaN probabilities; 0 new tokens was an
     empty answer, negative ones too)."""
-    model = LlamaModel(LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, hidden_dim=48,
-                                   max_seq_len=32))
+    model = LlamaModel(one_layer_config)
     with pytest.raises(ValueError, match=message):
         generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, **settings})
 
 
-def test_prompt_ids_outside_the_vocabulary_are_refused():
-    model = LlamaModel(LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, hidden_dim=48,
-                                   max_seq_len=32))
+def test_prompt_ids_outside_the_vocabulary_are_refused(one_layer_config):
+    model = LlamaModel(one_layer_config)
     with pytest.raises(ValueError, match=r"prompt 1 holds token ids \[50, -1\] outside the model's vocabulary "
                                          r"\[0, 50\): was it encoded with another model's tokenizer\?"):
         generate(model, [[1, 2], [3, 50, -1]], max_new_tokens=2)

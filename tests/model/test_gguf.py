@@ -21,23 +21,29 @@ from gguf_files import write_gguf
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
-#: Tiny configs of each architecture, with the features that set them apart.
-TINY = {
-    "llama": LlamaConfig(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=97, hidden_dim=160,
-                         rope_theta=10000.0, max_seq_len=64, tie_embeddings=False),
-    "qwen2": LlamaConfig(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=97, hidden_dim=160,
-                         rope_theta=1_000_000.0, max_seq_len=64, qkv_bias=True, norm_eps=1e-6),
+#: The tiny config of each architecture, as changes to the tiny LLaMA's (vocabulary 97): the sizes the files are
+#: written with and the features that set the architectures apart.
+ARCHITECTURE_CHANGES = {
+    "llama": dict(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=160, rope_theta=10000.0, max_seq_len=64,
+                  tie_embeddings=False),
+    "qwen2": dict(dim=96, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=160, rope_theta=1_000_000.0,
+                  max_seq_len=64, qkv_bias=True, norm_eps=1e-6),
     # head_dim 128: transformers reads no key_length for qwen3 and takes its config default, every Qwen3's width.
-    "qwen3": LlamaConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=96,
-                         rope_theta=1_000_000.0, max_seq_len=64, qk_norm=True, explicit_head_dim=128,
-                         tie_embeddings=True, norm_eps=1e-6),
+    "qwen3": dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, rope_theta=1_000_000.0, max_seq_len=64,
+                  qk_norm=True, explicit_head_dim=128, tie_embeddings=True, norm_eps=1e-6),
     # Seven layers: the sixth attends globally with the global RoPE base, the others slide with base 10000.
-    "gemma3": LlamaConfig(dim=64, n_layers=7, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=96,
-                          rope_theta=1_000_000.0, max_seq_len=32, explicit_head_dim=256, norm="rmsnorm_plus_one",
-                          qk_norm=True, sandwich_norms=True, mlp_activation="gelu_tanh", scale_embeddings=True,
-                          attention_scale=256 ** -0.5, tie_embeddings=True, norm_eps=1e-6,
-                          local_rope_layers=(0, 1, 2, 3, 4, 6), local_rope_theta=10_000.0),
+    "gemma3": dict(dim=64, n_layers=7, n_heads=2, n_kv_heads=1, hidden_dim=96, rope_theta=1_000_000.0,
+                   max_seq_len=32, explicit_head_dim=256, norm="rmsnorm_plus_one", qk_norm=True, sandwich_norms=True,
+                   mlp_activation="gelu_tanh", scale_embeddings=True, attention_scale=256 ** -0.5,
+                   tie_embeddings=True, norm_eps=1e-6, local_rope_layers=(0, 1, 2, 3, 4, 6),
+                   local_rope_theta=10_000.0),
 }
+
+
+@pytest.fixture
+def config_of(make_config):
+    """``config_of(arch)``: the tiny config of a GGUF architecture (:data:`ARCHITECTURE_CHANGES`)."""
+    return lambda arch: make_config(**ARCHITECTURE_CHANGES[arch])
 
 
 def _random_model(config: LlamaConfig) -> LlamaModel:
@@ -64,11 +70,11 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("arch", sorted(TINY))
-def test_tiny_gguf_matches_transformers(tmp_path, arch):
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_CHANGES))
+def test_tiny_gguf_matches_transformers(tmp_path, arch, config_of):
     """Each architecture's conventions, against transformers' GGUF load of the same Q8_0 file: logits of 23
     tokens within 1e-5 (relative to the largest logit)."""
-    config = TINY[arch]
+    config = config_of(arch)
     metadata = {"gemma3.attention.sliding_window": 32} if arch == "gemma3" else {}
     path = write_gguf(tmp_path / f"tiny-{arch}.gguf", _random_model(config), arch, metadata=metadata)
     model = load_model(path)
@@ -81,9 +87,9 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch):
     assert _relative_error(got, _transformers_logits(path, tokens)) <= 1e-5
 
 
-def test_gguf_into_bfloat16(tmp_path):
+def test_gguf_into_bfloat16(tmp_path, config_of):
     """``dtype`` is the compute dtype the weights are dequantized into."""
-    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(config_of("llama")), "llama")
     model = load_model(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     reference = load_model(path)
@@ -91,34 +97,33 @@ def test_gguf_into_bfloat16(tmp_path):
         assert torch.equal(got, want.to(torch.bfloat16)), name
 
 
-def test_refuses_an_architecture_the_thin_model_does_not_run(tmp_path):
-    path = write_gguf(tmp_path / "phi.gguf", _random_model(TINY["llama"]), "phi3")
+def test_refuses_an_architecture_the_thin_model_does_not_run(tmp_path, config_of):
+    path = write_gguf(tmp_path / "phi.gguf", _random_model(config_of("llama")), "phi3")
     with pytest.raises(CheckpointError, match=r"architecture 'phi3' is not supported.*llama, qwen2, qwen3"):
         load_model(path)
 
 
-def test_refuses_a_type_gguf_cannot_dequantize(tmp_path):
+def test_refuses_a_type_gguf_cannot_dequantize(tmp_path, config_of):
     """An int32 weight (ggml type I32, which gguf.quants.dequantize does not handle) is refused before any
     weight is read, naming the type and the tensor."""
-    path = write_gguf(tmp_path / "int.gguf", _random_model(TINY["llama"]), "llama",
+    path = write_gguf(tmp_path / "int.gguf", _random_model(config_of("llama")), "llama",
                       tensor_types={"blk.1.attn_v.weight": np.int32})
     with pytest.raises(CheckpointError, match=r"cannot dequantize: I32 .*blk\.1\.attn_v\.weight"):
         load_model(path)
 
 
-def test_refuses_attention_softcapping(tmp_path):
+def test_refuses_attention_softcapping(tmp_path, config_of):
     """Gemma2's attention-logit soft-capping is not computed by the fused attention: refused by name."""
-    config = TINY["gemma3"]
-    model = _random_model(LlamaConfig(**{**config.__dict__, "qk_norm": False, "local_rope_layers": (),
-                                         "local_rope_theta": None}))
+    model = _random_model(dataclasses.replace(config_of("gemma3"), qk_norm=False, local_rope_layers=(),
+                                              local_rope_theta=None))
     path = write_gguf(tmp_path / "gemma2.gguf", model, "gemma2", metadata={"gemma2.attn_logit_softcapping": 50.0})
     with pytest.raises(CheckpointError, match="attn_logit_softcapping=50.0 is not supported"):
         load_model(path)
 
 
-def test_refuses_per_frequency_rope_factors(tmp_path):
+def test_refuses_per_frequency_rope_factors(tmp_path, config_of):
     """LLaMA-3.1's RoPE scaling stored as a ``rope_freqs.weight`` tensor is refused with what to load instead."""
-    path = write_gguf(tmp_path / "l31.gguf", _random_model(TINY["llama"]), "llama")
+    path = write_gguf(tmp_path / "l31.gguf", _random_model(config_of("llama")), "llama")
     writer_path = tmp_path / "l31-freqs.gguf"
     reader = gguf.GGUFReader(str(path))
     writer = gguf.GGUFWriter(str(writer_path), "llama")
@@ -136,8 +141,8 @@ def test_refuses_per_frequency_rope_factors(tmp_path):
         load_model(writer_path)
 
 
-def test_refuses_truncated_and_foreign_files(tmp_path):
-    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+def test_refuses_truncated_and_foreign_files(tmp_path, config_of):
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(config_of("llama")), "llama")
     data = path.read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(data[:len(data) - 1000])
@@ -153,11 +158,11 @@ def test_refuses_truncated_and_foreign_files(tmp_path):
         load_model(foreign)
 
 
-def test_cli_reports_a_broken_gguf_in_one_line(tmp_path, capsys):
+def test_cli_reports_a_broken_gguf_in_one_line(tmp_path, capsys, config_of):
     """``--model`` a truncated GGUF: exit code 2 and one error line naming the file, no traceback."""
     from fastadapter.cli import main as cli_main
 
-    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(config_of("llama")), "llama")
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(path.read_bytes()[:-1000])
     assert cli_main(["generate", "--model", str(truncated), "--prompt", "Hi", "--device", "cpu"]) == 2
@@ -165,15 +170,15 @@ def test_cli_reports_a_broken_gguf_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "cut.gguf" in err[0] and "truncated" in err[0], err
 
 
-def test_missing_gguf_package_is_named(tmp_path, monkeypatch):
-    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+def test_missing_gguf_package_is_named(tmp_path, monkeypatch, config_of):
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(config_of("llama")), "llama")
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(ImportError, match="pip install gguf"):
         load_model(path)
 
 
-def test_gguf_without_tokenizer_is_refused_by_load_tokenizer(tmp_path):
-    path = write_gguf(tmp_path / "tiny.gguf", _random_model(TINY["llama"]), "llama")
+def test_gguf_without_tokenizer_is_refused_by_load_tokenizer(tmp_path, config_of):
+    path = write_gguf(tmp_path / "tiny.gguf", _random_model(config_of("llama")), "llama")
     with pytest.raises(ValueError, match="has no tokenizer"):
         load_tokenizer(path)
 

@@ -1,4 +1,6 @@
 """The thin LLaMA: adapter parameters, the zero-init property, packed sequences, frozen layers, checkpointing."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,13 +9,14 @@ from fastadapter.adapters import AdapterConfig, adapted_layers, add_adapter
 from fastadapter.model import LLAMA_7B, LlamaConfig, LlamaModel
 from fastadapter.model.llama import TransformerBlock, positions_from_cu_seqlens
 
-from tiny_llama import tiny_llama_config
 
-# GQA (8 query heads over 4 kv heads), head_dim 10, an odd vocabulary.
-TINY = tiny_llama_config(max_seq_len=256)
+@pytest.fixture
+def config(make_config):
+    """GQA (8 query heads over 4 kv heads), head_dim 10, an odd vocabulary; sequences up to 256 tokens."""
+    return make_config(max_seq_len=256)
 
 
-def _adapted(config=TINY, gate=0.3, **adapter_kwargs):
+def _adapted(config, gate=0.3, **adapter_kwargs):
     model = LlamaModel(config)
     add_adapter(model, AdapterConfig(**{"prompt_len": 5, "layers": 2, **adapter_kwargs}))
     with torch.no_grad():
@@ -33,12 +36,12 @@ def test_llama_7b_defaults_train_1229760_parameters_on_meta():
     assert all(p.is_meta for p in trainable.values())
 
 
-def test_layers_as_explicit_list_and_scalar_gate():
-    model = LlamaModel(TINY)
+def test_layers_as_explicit_list_and_scalar_gate(config):
+    model = LlamaModel(config)
     add_adapter(model, AdapterConfig(prompt_len=3, layers=[0, 2], gate_per_head=False, gate_activation="none"))
     adapters = adapted_layers(model)
     assert list(adapters) == [0, 2]
-    assert adapters[0].prompt.shape == (3, TINY.dim) and adapters[0].gate.shape == (1,)
+    assert adapters[0].prompt.shape == (3, config.dim) and adapters[0].gate.shape == (1,)
     assert adapters[2].gate_activation == "none"
     add_adapter(model, AdapterConfig(prompt_len=3, layers=1))  # replaces the previous adapter
     assert list(adapted_layers(model)) == [3]
@@ -50,15 +53,15 @@ def test_layers_as_explicit_list_and_scalar_gate():
     (dict(prompt_len=0), "prompt_len must be a positive int"),
     (dict(gate_activation="sigmoid"), "gate_activation must be"),
 ])
-def test_bad_adapter_config(bad, message):
+def test_bad_adapter_config(bad, message, config):
     with pytest.raises(ValueError, match=message):
-        add_adapter(LlamaModel(TINY), AdapterConfig(**bad))
+        add_adapter(LlamaModel(config), AdapterConfig(**bad))
 
 
 @pytest.mark.parametrize("gate_activation", ["tanh", "none"])
-def test_zero_gates_give_the_base_model_exactly(gate_activation):
-    model = LlamaModel(TINY)
-    tokens = torch.randint(0, TINY.vocab_size, (2, 97))
+def test_zero_gates_give_the_base_model_exactly(gate_activation, config):
+    model = LlamaModel(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 97))
     with torch.no_grad():
         base = model(tokens)
         add_adapter(model, AdapterConfig(prompt_len=5, layers=3, gate_activation=gate_activation))
@@ -67,13 +70,13 @@ def test_zero_gates_give_the_base_model_exactly(gate_activation):
         assert not torch.allclose(model(tokens), base)
 
 
-def test_base_weights_frozen_and_lower_layers_build_no_graph():
-    model = _adapted()
+def test_base_weights_frozen_and_lower_layers_build_no_graph(config):
+    model = _adapted(config)
     assert all(("adapter" in n) == p.requires_grad for n, p in model.named_parameters())
     outputs = {}
     for i, block in enumerate(model.layers):
         block.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out))
-    logits = model(torch.randint(0, TINY.vocab_size, (2, 13)))
+    logits = model(torch.randint(0, config.vocab_size, (2, 13)))
     assert outputs[0].grad_fn is None and outputs[1].grad_fn is None  # below the first adapted layer
     assert outputs[2].grad_fn is not None and logits.grad_fn is not None
     logits.logsumexp(-1).sum().backward()
@@ -81,13 +84,13 @@ def test_base_weights_frozen_and_lower_layers_build_no_graph():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_packed_forward_and_gradients_equal_per_sequence():
-    model = _adapted(gate_per_head=True)
+def test_packed_forward_and_gradients_equal_per_sequence(config):
+    model = _adapted(config, gate_per_head=True)
     lengths = [7, 1, 23, 12]
-    sequences = [torch.randint(0, TINY.vocab_size, (n,)) for n in lengths]
+    sequences = [torch.randint(0, config.vocab_size, (n,)) for n in lengths]
     cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     packed = model(torch.cat(sequences)[None], cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
-    assert packed.shape == (1, sum(lengths), TINY.vocab_size)
+    assert packed.shape == (1, sum(lengths), config.vocab_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     packed_grads = torch.autograd.grad(packed.logsumexp(-1).sum(), trainable)
     singles = [model(s[None])[0] for s in sequences]
@@ -102,18 +105,18 @@ def test_positions_restart_at_each_sequence():
     assert positions_from_cu_seqlens(cu_seqlens, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
 
 
-def test_logits_positions_select_rows_of_the_full_logits():
-    model = _adapted()
-    tokens = torch.randint(0, TINY.vocab_size, (1, 20))
+def test_logits_positions_select_rows_of_the_full_logits(config):
+    model = _adapted(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 20))
     cu_seqlens = torch.tensor([0, 12, 20], dtype=torch.int32)
     picked = torch.tensor([0, 5, 11, 19])
     full = model(tokens, cu_seqlens=cu_seqlens)
     torch.testing.assert_close(model(tokens, cu_seqlens=cu_seqlens, logits_positions=picked), full[:, picked])
 
 
-def test_explicit_positions_shift_rope():
-    model = LlamaModel(TINY)
-    tokens = torch.randint(0, TINY.vocab_size, (1, 9))
+def test_explicit_positions_shift_rope(config):
+    model = LlamaModel(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 9))
     with torch.no_grad():
         default = model(tokens)
         assert torch.equal(model(tokens, positions=torch.arange(9)), default)
@@ -122,14 +125,14 @@ def test_explicit_positions_shift_rope():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
-def test_activation_checkpointing_gives_the_same_gradients(monkeypatch, packed):
-    model = _adapted()
-    tokens = torch.randint(0, TINY.vocab_size, (1, 33) if packed else (2, 33))
+def test_activation_checkpointing_gives_the_same_gradients(monkeypatch, packed, config):
+    model = _adapted(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 33) if packed else (2, 33))
     kwargs = {"cu_seqlens": torch.tensor([0, 14, 33], dtype=torch.int32)} if packed else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     plain = torch.autograd.grad(model(tokens, **kwargs).logsumexp(-1).sum(), trainable)
     model.activation_checkpointing = True
-    calls = [0] * TINY.n_layers
+    calls = [0] * config.n_layers
     block_forward = TransformerBlock.forward
 
     def counting_forward(block, *args, **kwargs):  # forward hooks do not fire in recomputation: count here
@@ -144,17 +147,17 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch, packed):
     assert calls == [1, 1, 2, 2]
 
 
-def test_tied_embeddings_share_one_tensor():
-    model = LlamaModel(LlamaConfig(**{**TINY.__dict__, "tie_embeddings": True}))
+def test_tied_embeddings_share_one_tensor(config):
+    model = LlamaModel(dataclasses.replace(config, tie_embeddings=True))
     assert model.output is None and model.output_weight is model.tok_embeddings.weight
     assert "output.weight" not in model.state_dict()
 
 
-def test_bfloat16_model_gets_fp32_adapter():
-    model = add_adapter(LlamaModel(TINY).to(torch.bfloat16), AdapterConfig(prompt_len=5, layers=2))
+def test_bfloat16_model_gets_fp32_adapter(config):
+    model = add_adapter(LlamaModel(config).to(torch.bfloat16), AdapterConfig(prompt_len=5, layers=2))
     adapter = adapted_layers(model)[3]
     assert adapter.prompt.dtype == adapter.gate.dtype == torch.float32  # small updates are not rounded away
-    logits = model(torch.randint(0, TINY.vocab_size, (1, 11)))
+    logits = model(torch.randint(0, config.vocab_size, (1, 11)))
     assert logits.dtype == torch.bfloat16
     logits.float().logsumexp(-1).sum().backward()
     assert adapter.prompt.grad.dtype == torch.float32 and adapter.gate.grad.abs().sum() > 0
@@ -171,9 +174,9 @@ def test_bfloat16_model_gets_fp32_adapter():
     (lambda m: m(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4])), "must be int32"),
     (lambda m: m(torch.zeros(1, 4, dtype=torch.long), positions=torch.arange(5)), "positions must have shape"),
 ])
-def test_bad_calls_are_explained(call, message):
+def test_bad_calls_are_explained(call, message, config):
     with pytest.raises((TypeError, ValueError), match=message):
-        call(LlamaModel(TINY))
+        call(LlamaModel(config))
 
 
 def test_bad_config_is_explained():

@@ -1,5 +1,6 @@
 """Checkpoint loaders: llama2.c .bin, Meta consolidated shards, Hugging Face folders (against transformers' own
 logits), memory-light loading, and errors that name the file, the tensor and the expected shape."""
+import dataclasses
 import json
 import shutil
 
@@ -9,12 +10,16 @@ import torch
 from fastadapter import load_model
 from fastadapter.adapters import base_model_fingerprint
 from fastadapter.loaders import CheckpointError
-from fastadapter.model import Llama3RopeScaling, LlamaConfig, LlamaModel
+from fastadapter.model import Llama3RopeScaling, LlamaModel
 from fastadapter.adapters.adapter import base_model_description
 
-from tiny_llama import tiny_llama_config, write_llama2c
+from tiny_llama import write_llama2c
 
-TINY = tiny_llama_config(n_layers=2)
+
+@pytest.fixture
+def config(make_config):
+    """The tiny LLaMA on 2 layers."""
+    return make_config(n_layers=2)
 
 
 # -- llama2.c
@@ -31,12 +36,12 @@ def test_llama2c_stories260k_config_and_views_of_one_mapping(shared_data):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_llama2c_random_checkpoint_matches_its_source(tmp_path, tied):
-    source = LlamaModel(LlamaConfig(**{**TINY.__dict__, "tie_embeddings": tied, "max_seq_len": 64})).eval()
+def test_llama2c_random_checkpoint_matches_its_source(tmp_path, tied, config):
+    source = LlamaModel(dataclasses.replace(config, tie_embeddings=tied, max_seq_len=64)).eval()
     write_llama2c(tmp_path / "model.bin", source)
     model = load_model(tmp_path / "model.bin")
     assert model.config == source.config
-    tokens = torch.randint(0, TINY.vocab_size, (2, 29))
+    tokens = torch.randint(0, config.vocab_size, (2, 29))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
 
@@ -93,22 +98,22 @@ def _write_meta(folder, model: LlamaModel, shards: int, params_extra=None, embed
 
 
 @pytest.mark.parametrize("shards", [1, 2])
-def test_meta_checkpoint_matches_the_model_that_wrote_it(tmp_path, shards):
-    config = LlamaConfig(**{**TINY.__dict__, "rope_theta": 50000.0})
+def test_meta_checkpoint_matches_the_model_that_wrote_it(tmp_path, shards, config):
+    config = dataclasses.replace(config, rope_theta=50000.0)
     source = LlamaModel(config).eval()
     model = load_model(_write_meta(tmp_path / "meta", source, shards, {"rope_theta": 50000.0}))
     assert model.config == config
     # Shards are merged along the dimension each layer is parallel over: every weight comes back whole.
     for name, p in source.named_parameters():
         assert torch.equal(model.get_parameter(name), p), name
-    tokens = torch.randint(0, TINY.vocab_size, (2, 37))
+    tokens = torch.randint(0, config.vocab_size, (2, 37))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), source(tokens), rtol=0, atol=0)
 
 
-def test_llama3_shards_split_the_embedding_along_the_vocabulary(tmp_path):
+def test_llama3_shards_split_the_embedding_along_the_vocabulary(tmp_path, config):
     scaling = Llama3RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_seq_len=32)
-    config = LlamaConfig(**{**TINY.__dict__, "vocab_size": 98, "rope_theta": 500000.0, "rope_scaling": scaling})
+    config = dataclasses.replace(config, vocab_size=98, rope_theta=500000.0, rope_scaling=scaling)
     source = LlamaModel(config).eval()
     params = {"vocab_size": 98, "rope_theta": 500000.0, "use_scaled_rope": True,
               "rope_scaling": {"factor": 4.0, "high_freq_factor": 2.0, "original_max_position_embeddings": 32}}
@@ -142,14 +147,14 @@ def test_llama3_shards_split_the_embedding_along_the_vocabulary(tmp_path):
     ({"use_scaled_rope": False, "rope_scaling": {"factor": 16.0}}, None),
     ({}, None),
 ], ids=["use_scaled_rope", "flat-factor", "rope_scaling", "explicitly-off", "none"])
-def test_meta_rope_scaling_from_params_json(tmp_path, params, expected):
-    model = load_model(_write_meta(tmp_path / "meta", LlamaModel(TINY), 1, {"rope_theta": 500000.0, **params}))
+def test_meta_rope_scaling_from_params_json(tmp_path, params, expected, config):
+    model = load_model(_write_meta(tmp_path / "meta", LlamaModel(config), 1, {"rope_theta": 500000.0, **params}))
     assert model.config.rope_scaling == expected
     assert model.config.rope_theta == 500000.0
 
 
-def test_meta_rope_scaling_errors(tmp_path):
-    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 1, {"rope_scaling": {"factor": 8.0, "beta": 1.0}})
+def test_meta_rope_scaling_errors(tmp_path, config):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(config), 1, {"rope_scaling": {"factor": 8.0, "beta": 1.0}})
     with pytest.raises(CheckpointError, match=r"params.json: unknown rope_scaling keys \['beta'\]"):
         load_model(folder)
     (folder / "params.json").write_text(json.dumps({"dim": 80, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4,
@@ -158,8 +163,8 @@ def test_meta_rope_scaling_errors(tmp_path):
         load_model(folder)
 
 
-def test_meta_errors_name_file_tensor_and_shape(tmp_path):
-    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 2)
+def test_meta_errors_name_file_tensor_and_shape(tmp_path, config):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(config), 2)
     shard = torch.load(folder / "consolidated.01.pth")
     del shard["layers.1.feed_forward.w2.weight"]
     torch.save(shard, folder / "consolidated.01.pth")
@@ -172,8 +177,8 @@ def test_meta_errors_name_file_tensor_and_shape(tmp_path):
         load_model(folder)
 
 
-def test_meta_shape_mismatch(tmp_path):
-    folder = _write_meta(tmp_path / "meta", LlamaModel(TINY), 1)
+def test_meta_shape_mismatch(tmp_path, config):
+    folder = _write_meta(tmp_path / "meta", LlamaModel(config), 1)
     params = json.loads((folder / "params.json").read_text())
     (folder / "params.json").write_text(json.dumps({**params, "n_kv_heads": 8}))
     with pytest.raises(CheckpointError, match=r"tensor 'layers.0.attention.wk.weight' has shape \[40, 80\], "
@@ -271,8 +276,8 @@ def test_hf_shard_index_is_checked(tmp_path, index, message):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_nonfinite_weights_are_refused_at_load(tmp_path, value):
-    source = LlamaModel(TINY).eval()
+def test_nonfinite_weights_are_refused_at_load(tmp_path, value, config):
+    source = LlamaModel(config).eval()
     with torch.no_grad():
         source.layers[1].feed_forward.w2.weight[3, 5] = value
     write_llama2c(tmp_path / "model.bin", source)

@@ -11,7 +11,6 @@ from fastadapter.cli import flag_of
 from fastadapter.cli import main as cli_main
 from fastadapter.adapters.adapter import AdapterConfig, adapted_layers, add_adapter
 from fastadapter.loaders.checkpoints import load_model
-from fastadapter.model.config import LlamaConfig
 from fastadapter.model.llama import LlamaModel
 from fastadapter.model.quantize import (base_projections, base_weight_bytes, dequantized_copy, is_quantized,
                                         quantize_base, tensor_bytes)
@@ -102,14 +101,14 @@ def test_quantized_base_trains_on_alpaca_rows(tmp_path, shared_data, scheme):
         assert all(json.loads(line)["step"] >= 0 for line in f)
 
 
-def test_quantize_refuses_bad_input(shared_data):
+def test_quantize_refuses_bad_input(shared_data, make_config):
     with pytest.raises(ValueError, match="unknown quantization 'int3'; expected one of int8, int4"):
         quantize_base(_stories(shared_data), "int3")
     trainable = load_model(shared_data / "stories260K.bin")
     with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight requires a gradient"):
         quantize_base(trainable, "int8")
-    odd = add_adapter(LlamaModel(LlamaConfig(dim=80, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=97,
-                                             hidden_dim=97, max_seq_len=32)), AdapterConfig(prompt_len=2, layers=1))
+    odd = add_adapter(LlamaModel(make_config(dim=80, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=97,
+                                                  max_seq_len=32)), AdapterConfig(prompt_len=2, layers=1))
     with pytest.raises(SettingError, match=r"layers.0.feed_forward.w1.weight \[97, 80\] has 7760 values, not a "
                                            r"multiple of 64; use quantize int8") as caught:
         quantize_base(odd, "int4")

@@ -8,11 +8,14 @@ import torch
 import fastadapter.model.llama as llama_module
 from fastadapter import AdapterConfig, add_adapter, generate, load_model, load_tokenizer
 from fastadapter.adapters import adapted_layers
-from fastadapter.model import KVCache, LlamaConfig, LlamaModel
+from fastadapter.model import KVCache, LlamaModel
 from fastadapter.model.layer_adapter import LayerAdapter
 
-# GQA (6 query heads over 2 kv heads), head_dim 10, an odd vocabulary.
-SMALL = LlamaConfig(dim=60, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, hidden_dim=56, max_seq_len=256)
+
+@pytest.fixture
+def small_config(make_config):
+    """GQA (6 query heads over 2 kv heads), head_dim 10, an odd vocabulary, 3 layers."""
+    return make_config(dim=60, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=56, max_seq_len=256)
 
 
 @pytest.fixture
@@ -45,14 +48,14 @@ def _count_attention_calls(monkeypatch):
     return calls
 
 
-def test_one_attention_call_per_layer_per_step_whatever_the_lengths(monkeypatch):
+def test_one_attention_call_per_layer_per_step_whatever_the_lengths(monkeypatch, small_config):
     torch.manual_seed(0)
-    model = add_adapter(LlamaModel(SMALL), AdapterConfig(prompt_len=3, layers=2))
+    model = add_adapter(LlamaModel(small_config), AdapterConfig(prompt_len=3, layers=2))
     calls = _count_attention_calls(monkeypatch)
     prompts = [[5] * n for n in (1, 9, 4, 13, 2)]  # five different lengths
     new_tokens = 6
     generate(model, prompts, max_new_tokens=new_tokens)
-    layers = SMALL.n_layers
+    layers = small_config.n_layers
     # The old cache grouped rows of equal length: five calls per layer per decoding step here.
     assert len(calls) == layers * new_tokens
     prefill, decode = calls[:layers], calls[layers:]
@@ -64,11 +67,11 @@ def test_one_attention_call_per_layer_per_step_whatever_the_lengths(monkeypatch)
             assert call["seqused_k"].tolist() == [n + 1 + step for n in (1, 9, 4, 13, 2)]
 
 
-def test_rows_of_equal_length_need_no_per_row_lengths(monkeypatch):
-    model = LlamaModel(SMALL)
+def test_rows_of_equal_length_need_no_per_row_lengths(monkeypatch, small_config):
+    model = LlamaModel(small_config)
     calls = _count_attention_calls(monkeypatch)
     generate(model, [[3, 4, 5], [6, 7, 8]], max_new_tokens=3)
-    assert all(c["seqused_k"] is None for c in calls[SMALL.n_layers:])
+    assert all(c["seqused_k"] is None for c in calls[small_config.n_layers:])
 
 
 @pytest.mark.parametrize("backend", [None, "sdpa"], ids=["automatic", "sdpa"])
@@ -142,15 +145,15 @@ def test_per_sample_prompts_and_gates_follow_their_rows(stories):
     assert generate(model, prompts, max_new_tokens=12) != batched
 
 
-def test_decoding_steps_of_several_tokens_over_a_ragged_cache_equal_the_full_forward():
+def test_decoding_steps_of_several_tokens_over_a_ragged_cache_equal_the_full_forward(small_config):
     torch.manual_seed(0)
-    model = add_adapter(LlamaModel(SMALL), AdapterConfig(prompt_len=4, layers=2))
+    model = add_adapter(LlamaModel(small_config), AdapterConfig(prompt_len=4, layers=2))
     with torch.no_grad():
         for adapter in adapted_layers(model).values():
             adapter.gate.fill_(0.5)
-    sequences = [torch.randint(0, SMALL.vocab_size, (n,)) for n in (11, 3, 8)]
+    sequences = [torch.randint(0, small_config.vocab_size, (n,)) for n in (11, 3, 8)]
     prompt_lens, step = [5, 1, 6], 2
-    cache = KVCache(SMALL, len(sequences), 16, dtype=torch.float32)
+    cache = KVCache(small_config, len(sequences), 16, dtype=torch.float32)
     cu = torch.tensor([0, 5, 6, 12], dtype=torch.int32)
     with torch.no_grad():
         model(torch.cat([s[:n] for s, n in zip(sequences, prompt_lens)])[None], cu_seqlens=cu, cache=cache)
@@ -162,9 +165,9 @@ def test_decoding_steps_of_several_tokens_over_a_ragged_cache_equal_the_full_for
     assert cache.lengths == [7, 3, 8]
 
 
-def test_cache_misuse_is_explained():
-    model = LlamaModel(SMALL)
-    cache = KVCache(SMALL, 2, 8, dtype=torch.float32)
+def test_cache_misuse_is_explained(small_config):
+    model = LlamaModel(small_config)
+    cache = KVCache(small_config, 2, 8, dtype=torch.float32)
     with torch.no_grad():
         model(torch.ones(2, 3, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match=r"a packed call fills an empty KV cache .* lengths \[3, 3\]"):
@@ -173,6 +176,6 @@ def test_cache_misuse_is_explained():
         with pytest.raises(ValueError, match="the KV cache holds 8 positions per row, a row would reach 9"):
             model(torch.ones(2, 6, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="needs its cache_step"):
-            model.layers[0].attention(torch.zeros(2, 1, SMALL.dim), torch.ones(1, 1, 5), torch.zeros(1, 1, 5),
-                                      cache=cache)
+            model.layers[0].attention(torch.zeros(2, 1, small_config.dim), torch.ones(1, 1, 5),
+                                      torch.zeros(1, 1, 5), cache=cache)
     assert cache.lengths == [3, 3]  # nothing was recorded by the refused calls

@@ -83,17 +83,17 @@ def test_bad_input_is_refused(bad, match):
 
 
 @pytest.mark.parametrize("softcap", [None, 7.0])
-def test_trainer_loss_fused_equals_full_logits(softcap):
+def test_trainer_loss_fused_equals_full_logits(softcap, make_config):
     """The trainer's token loss on an adapted thin model (Gemma-style soft-capping too): the fused path and the
     full-logits reference give the same loss and adapter gradients."""
     from fastadapter import AdapterConfig, add_adapter
-    from fastadapter import LlamaConfig
     from fastadapter import LlamaModel
     from fastadapter.training.data import Example
     from fastadapter.training.packing import collate_packed
-    from fastadapter.training.trainer import fuses_head_and_loss, token_loss_sum
+    from fastadapter.training import trainer
+    from fastadapter.training.loss import fuses_head_and_loss, token_loss_sum
 
-    config = LlamaConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1025, max_seq_len=128,
+    config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1025, max_seq_len=128,
                          final_logit_softcap=softcap)
     model = LlamaModel(config)
     add_adapter(model, AdapterConfig(prompt_len=3, layers=2))
@@ -102,6 +102,8 @@ def test_trainer_loss_fused_equals_full_logits(softcap):
             if "gate" in name:
                 p.fill_(0.5)  # non-zero gates, so the prompts get a gradient
     assert fuses_head_and_loss(model)
+    # The names callers imported from the trainer before the loss had its own module.
+    assert trainer.token_loss_sum is token_loss_sum and trainer.fuses_head_and_loss is fuses_head_and_loss
     examples = []
     for length, prompt in ((40, 11), (57, 20)):
         tokens = torch.randint(0, 1025, (length,)).tolist()

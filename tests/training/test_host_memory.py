@@ -45,16 +45,15 @@ def test_pinned_thresholds_map_every_large_block():
     assert _mapped("pinned") == 1
 
 
-def test_the_trainer_pins_them_only_when_asked(monkeypatch, tmp_path):
+def test_the_trainer_pins_them_only_when_asked(monkeypatch, tmp_path, tiny_config):
     from fastadapter import AdapterConfig, add_adapter
     from fastadapter.model.llama import LlamaModel
     from fastadapter.training.data import Example
     from fastadapter.training.trainer import TrainConfig, Trainer
-    from tiny_llama import tiny_llama_config
 
     calls = []
     monkeypatch.setattr(trainer_module, "return_freed_memory_to_os", lambda: calls.append(1) or True)
-    model = LlamaModel(tiny_llama_config())
+    model = LlamaModel(tiny_config)
     add_adapter(model, AdapterConfig(prompt_len=2, layers=1))
     examples = [Example(tokens=(1, 2, 3, 4), labels=(2, 3, 4, -100))]
     Trainer(model, examples, [], TrainConfig(out=str(tmp_path / "a"), batch_tokens=16, progress=False))

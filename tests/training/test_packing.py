@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastadapter.adapters import AdapterConfig, add_adapter
-from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.model import LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, Example
 from fastadapter.training.packing import collate_packed, pack_examples, pad_examples, padding_report
 
@@ -21,12 +21,14 @@ def _examples(lengths, vocab=64, prompt=3, seed=0):
     return out
 
 
-def _adapted_model(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(dim=40, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=72,
-                         max_seq_len=128)
+@pytest.fixture
+def adapted_model(make_config):
+    """A random 3-layer LLaMA of width 40 (4 query heads over 2 kv heads, vocabulary 64, FFN 72) with an adapter
+    on its top 2 layers, their gates non-zero so that the prefix path contributes to the outputs and gradients."""
+    torch.manual_seed(0)
+    config = make_config(dim=40, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=72, max_seq_len=128)
     model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=2))
-    with torch.no_grad():  # non-zero gates, so the prefix path contributes to the outputs and gradients
+    with torch.no_grad():
         for block in model.layers[1:]:
             block.attention.adapter.gate.normal_()
     return model
@@ -51,9 +53,9 @@ def test_collate_builds_varlen_inputs():
     assert batch.tokens[0, 5:102].tolist() == list(examples[1].tokens)
 
 
-def test_packed_and_padded_give_the_same_loss_and_gradients():
+def test_packed_and_padded_give_the_same_loss_and_gradients(adapted_model):
     examples = _examples([13, 31, 1, 22])
-    model = _adapted_model()
+    model = adapted_model
     params = [p for p in model.parameters() if p.requires_grad]
 
     packed = collate_packed(examples)
@@ -73,9 +75,9 @@ def test_packed_and_padded_give_the_same_loss_and_gradients():
     assert all(g.abs().sum() > 0 for g in packed_grads)
 
 
-def test_packed_examples_do_not_see_each_other():
+def test_packed_examples_do_not_see_each_other(adapted_model):
     examples = _examples([11, 17, 6])
-    model = _adapted_model()
+    model = adapted_model
     batch = collate_packed(examples)
     with torch.no_grad():
         before = model(batch.tokens, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)

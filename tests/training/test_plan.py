@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastadapter.cli import main
 from fastadapter.training.flops import (NAMED_CONFIGS, epoch_flops, padded_lengths, sequence_flops,
                                         training_hours)
-from training_runs import TINY, tiny_adapted_model
+from training_runs import tiny_adapted_model
 
 
 @pytest.mark.parametrize("adapter_layers", [1, 2, 4])
@@ -19,24 +19,24 @@ def test_weight_matmuls_match_the_flop_counter(adapter_layers):
         for block in model.layers:
             if block.attention.adapter is not None:
                 block.attention.adapter.gate.fill_(0.5)
-    tokens = torch.randint(0, TINY.vocab_size, (1, 37))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 37))
     counter = FlopCounterMode(display=False)
     with counter:
         logits = model(tokens)
         forward = counter.get_total_flops()
         logits.float().square().sum().backward()
-    expected = sequence_flops(TINY, 37, adapter_layers=adapter_layers, prompt_len=3, include_attention=False)
+    expected = sequence_flops(model.config, 37, adapter_layers=adapter_layers, prompt_len=3, include_attention=False)
     assert forward == expected.forward
     assert counter.get_total_flops() - forward == expected.backward
 
 
-def test_weight_matmuls_match_the_flop_counter_with_heads_wider_than_the_model():
+def test_weight_matmuls_match_the_flop_counter_with_heads_wider_than_the_model(toy_config):
     """Qwen3 and Gemma heads: n_heads · head_dim (4 · 16 = 64) differs from dim (32), in q, o and the prefix."""
     import dataclasses
 
     from fastadapter.adapters import AdapterConfig, add_adapter
     from fastadapter.model import LlamaModel
-    config = dataclasses.replace(TINY, explicit_head_dim=16)
+    config = dataclasses.replace(toy_config, explicit_head_dim=16)
     torch.manual_seed(0)
     model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=2))
     counter = FlopCounterMode(display=False)
@@ -125,16 +125,15 @@ def test_memory_plan_base_bytes_match_the_real_tensors(shared_data):
                         quantize="int4")
 
 
-def test_memory_plan_activations_match_the_saved_tensors():
+def test_memory_plan_activations_match_the_saved_tensors(make_config):
     """The activations the plan counts per token and adapted layer against the bytes autograd really saves for
     backward in a bf16 model (measured with saved_tensors_hooks, storages counted once), within 25%."""
     from fastadapter.adapters.adapter import AdapterConfig, add_adapter
     from fastadapter.model.llama import LlamaModel
-    from fastadapter.model.config import LlamaConfig
     from fastadapter.model.rope import rope_angles, rope_inverse_frequencies
     from fastadapter.training.memory_plan import estimate_memory
 
-    config = LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=352,
+    config = make_config(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=352,
                          max_seq_len=512)
     torch.manual_seed(0)
     model = add_adapter(LlamaModel(config).to(torch.bfloat16), AdapterConfig(prompt_len=4, layers=2))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fastadapter.cli import main as cli_main
 from fastadapter.adapters import AdapterConfig, add_adapter
-from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.model import LlamaModel
 from fastadapter.training.data import IGNORE_INDEX, DataError, Example
 from fastadapter.training.image_data import (ImageExample, PixelCache, collate_images,
                                              load_image_instruction_examples)
@@ -76,6 +76,13 @@ class CharTokenizer:
 
     def encode(self, text, bos=True, eos=False):
         return ([1] if bos else []) + [3 + b for b in text.encode()] + ([2] if eos else [])
+
+
+@pytest.fixture
+def char_config(make_config):
+    """A 2-layer LLaMA of width 48 (4 query heads over 2 kv heads, FFN 64) over :class:`CharTokenizer`'s 260 ids,
+    512 positions: room for a question and its options."""
+    return make_config(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260, hidden_dim=64, max_seq_len=512)
 
 
 def test_problems_are_read_in_the_official_layout_and_bad_ones_reported_by_pid(scienceqa):
@@ -203,13 +210,11 @@ def test_accuracy_by_subject_context_and_grade(scienceqa):
     assert report["predictions"] == {"1": "A", "2": "B", "3": "C", "4": "B"}
 
 
-def test_packed_option_scores_equal_each_option_scored_alone(scienceqa):
+def test_packed_option_scores_equal_each_option_scored_alone(scienceqa, char_config):
     """predict's packed scoring picks, per problem, the option whose response the model finds most likely when
     each option is run on its own."""
     torch.manual_seed(0)
-    config = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260, hidden_dim=64,
-                         max_seq_len=512)
-    model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=1))
+    model = add_adapter(LlamaModel(char_config), AdapterConfig(prompt_len=3, layers=1))
     with pytest.warns(UserWarning):
         problems = load_problems(scienceqa, "train")[1:3]  # 3 + 4 options
     tokenizer = CharTokenizer()
@@ -294,7 +299,7 @@ def test_train_eval_and_generate_with_images_end_to_end(tmp_path, shared_data, s
     assert "--image needs a multimodal --adapter" in capsys.readouterr().err
 
 
-def test_multimodal_training_learns_resumes_exactly_and_saves_the_projection(tmp_path, scienceqa):
+def test_multimodal_training_learns_resumes_exactly_and_saves_the_projection(tmp_path, scienceqa, char_config):
     """The trainer on a MultimodalLlama with image and text rows packed together: the step-0 eval is the base
     model's, the run learns, resuming step 2's checkpoint reaches the same parameters bit for bit, and the
     adapter file written at the end holds the projection."""
@@ -304,12 +309,10 @@ def test_multimodal_training_learns_resumes_exactly_and_saves_the_projection(tmp
     tower_dir = write_tower(tmp_path / "tower")
     with pytest.warns(UserWarning):
         examples, _ = load_scienceqa_examples(scienceqa, CharTokenizer(), 400)
-    config = LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=260, hidden_dim=64,
-                         max_seq_len=512)
 
     def run(resume=None):
         torch.manual_seed(0)
-        model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=3, layers=2))
+        model = add_adapter(LlamaModel(char_config), AdapterConfig(prompt_len=3, layers=2))
         mm = add_vision(model, VisionTower.from_folder(tower_dir, layers=[2, 3]))
         pixels = PixelCache(mm.tower.preprocess)
         train_config = TrainConfig(out=str(tmp_path / "run"), batch_tokens=500, max_steps=4, lr=5e-2,
@@ -327,7 +330,7 @@ def test_multimodal_training_learns_resumes_exactly_and_saves_the_projection(tmp
         if p.requires_grad:
             assert torch.equal(p, state[name]), name
     torch.manual_seed(0)
-    loaded = load_multimodal_adapter(LlamaModel(config), tmp_path / "run" / "adapter.safetensors", tower_dir)
+    loaded = load_multimodal_adapter(LlamaModel(char_config), tmp_path / "run" / "adapter.safetensors", tower_dir)
     torch.testing.assert_close(loaded.projection.linear.weight, state["projection.linear.weight"])
 
 

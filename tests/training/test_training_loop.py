@@ -260,47 +260,98 @@ def test_weight_decay_only_on_the_prompts(tmp_path):
             assert name.endswith("gate") and torch.equal(after[name], before[name]), name
 
 
-def test_resume_refuses_a_checkpoint_of_other_data_or_settings(tmp_path):
+#: The data file and settings the resumed run records in its checkpoint (``TrainConfig.fingerprint``).
+RESUMED_DATA = {"path": "/data/a.json", "size": 100, "sha256_head": "ab" * 32}
+RESUMED_FINGERPRINT = {"data": RESUMED_DATA, "max_seq_len": 64, "eval_fraction": 0.1, "prompt_len": 3,
+                       "adapter_layers": [2, 3]}
+EXAMPLES_DIFFER = ("the {} examples differ (tokens or labels: other data, tokenizer, max_seq_len, eval_fraction, "
+                   "on_bad_row or seed)")
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """``(config, checkpoint)``: a 2-step run of the tiny model on ``toy_examples(20)`` (the last 2 held out)
+    that records :data:`RESUMED_FINGERPRINT`, and its checkpoint of step 2 (read only by the tests)."""
+    out = tmp_path_factory.mktemp("resumable")
+    config = TrainConfig(out=str(out), batch_tokens=96, max_steps=2, save_every=2, keep_checkpoints=0,
+                         progress=False, fingerprint=RESUMED_FINGERPRINT)
     examples = toy_examples(20)
-    data = {"path": "/data/a.json", "size": 100, "sha256_head": "ab" * 32}
-    fingerprint = {"data": data, "max_seq_len": 64, "eval_fraction": 0.1, "prompt_len": 3, "adapter_layers": [2, 3]}
-    config = TrainConfig(out=str(tmp_path), batch_tokens=96, max_steps=2, save_every=2, keep_checkpoints=0,
-                         progress=False, fingerprint=fingerprint)
     train(tiny_adapted_model(), examples[:18], examples[18:], config)
-    checkpoint = str(tmp_path / "checkpoints" / "step_000002.pt")
-    assert load_checkpoint(checkpoint)["config"]["fingerprint"] == fingerprint
+    return config, str(out / "checkpoints" / "step_000002.pt")
 
-    def resume(data_examples=examples, settings=None, **changes):
-        other = TrainConfig(**{**config.__dict__, "max_steps": 3, **(settings or {}),
-                               "fingerprint": {**fingerprint, **changes}})
-        return train(tiny_adapted_model(), data_examples[:18], data_examples[18:], other, resume=checkpoint)
 
+def _resume(resumable, out, examples=None, fingerprint=None, **settings):
+    """Resume ``resumable``'s checkpoint into ``out`` to step 3, on ``examples`` (default: the same), with
+    ``settings`` and the ``fingerprint`` keys changed."""
+    config, checkpoint = resumable
+    examples = toy_examples(20) if examples is None else examples
+    other = TrainConfig(**{**config.__dict__, "out": str(out), "max_steps": 3, **settings,
+                           "fingerprint": {**RESUMED_FINGERPRINT, **(fingerprint or {})}})
+    return train(tiny_adapted_model(), examples[:18], examples[18:], other, resume=checkpoint)
+
+
+def _swapped_examples():
+    examples = toy_examples(20)
+    return [examples[1], examples[0], *examples[2:]]
+
+
+@pytest.mark.parametrize("change, differences", [
+    # TrainConfig settings (the README says changed settings are refused). The last four were accepted before (the
+    # scheduler's state silently kept the old warmup and floor).
+    (dict(lr=1e-2), ["lr=0.02, this run has lr=0.01"]),
+    (dict(batch_tokens=128), ["batch_tokens=96, this run has batch_tokens=128"]),
+    (dict(seed=1), ["seed=0, this run has seed=1"]),
+    (dict(weight_decay=0.5), ["weight_decay=0.02, this run has weight_decay=0.5"]),
+    (dict(grad_accum=2), ["1 rows per step (grad_accum × world size), this run takes 2"]),
+    (dict(warmup_steps=3), ["warmup_steps=10, this run has warmup_steps=3"]),
+    (dict(min_lr_ratio=0.5), ["min_lr_ratio=0.1, this run has min_lr_ratio=0.5"]),
+    (dict(grad_clip=0.5), ["grad_clip=1.0, this run has grad_clip=0.5"]),
+    (dict(dtype="bf16"), ["dtype=fp32, this run has dtype=bf16"]),
+    # The caller's fingerprint: a file is described, other values are shown.
+    (dict(fingerprint={"adapter_layers": [3]}), ["adapter_layers=[2, 3], this run has adapter_layers=[3]"]),
+    (dict(fingerprint={"max_seq_len": 48}), ["max_seq_len=64, this run has max_seq_len=48"]),
+    (dict(fingerprint={"eval_fraction": 0.2}), ["eval_fraction=0.1, this run has eval_fraction=0.2"]),
+    (dict(fingerprint={"data": {**RESUMED_DATA, "size": 120, "sha256_head": "cd" * 32}}),
+     ["data file /data/a.json (100 bytes, sha256 of its head abababababab…), this run's is /data/a.json "
+      "(120 bytes, sha256 of its head cdcdcdcdcdcd…)"]),
+    # The examples alone (another tokenizer, say) are caught without any fingerprint.
+    (dict(examples=_swapped_examples()), [EXAMPLES_DIFFER.format("training")]),
+    (dict(examples=toy_examples(20, seed=1)), [EXAMPLES_DIFFER.format("training and the eval")]),
+    # Every difference at once, one line each: the settings, the fingerprint's keys in order, the examples.
+    (dict(examples=toy_examples(20, seed=1), lr=1e-2,
+          fingerprint={"data": {**RESUMED_DATA, "size": 120, "sha256_head": "cd" * 32}, "max_seq_len": 48,
+                       "eval_fraction": 0.2, "adapter_layers": [3]}),
+     ["lr=0.02, this run has lr=0.01",
+      "adapter_layers=[2, 3], this run has adapter_layers=[3]",
+      "data file /data/a.json (100 bytes, sha256 of its head abababababab…), this run's is /data/a.json "
+      "(120 bytes, sha256 of its head cdcdcdcdcdcd…)",
+      "eval_fraction=0.1, this run has eval_fraction=0.2",
+      "max_seq_len=64, this run has max_seq_len=48",
+      EXAMPLES_DIFFER.format("training and the eval")]),
+], ids=["lr", "batch_tokens", "seed", "weight_decay", "grad_accum", "warmup_steps", "min_lr_ratio", "grad_clip",
+        "dtype", "adapter_layers", "max_seq_len", "eval_fraction", "data", "training-examples", "all-examples",
+        "everything"])
+def test_resume_refuses_a_checkpoint_of_other_data_or_settings(resumable, tmp_path, change, differences):
+    """The refusal lists every difference in the library's words (the CLI's rendering as flags:
+    test_cli_resume_refuses_other_data_and_lists_the_differences), and nothing of the run folder is touched."""
+    _, checkpoint = resumable
     with pytest.raises(ValueError) as refused:
-        resume(toy_examples(20, seed=1), {"lr": 1e-2}, data={**data, "size": 120, "sha256_head": "cd" * 32},
-               max_seq_len=48, eval_fraction=0.2, adapter_layers=[3])
-    message = str(refused.value)
-    assert message.startswith(f"{checkpoint} was made with other data or settings")
-    assert message.splitlines()[1:] == [
-        "  lr=0.02, this run has lr=0.01",
-        "  adapter_layers=[2, 3], this run has adapter_layers=[3]",
-        "  data file /data/a.json (100 bytes, sha256 of its head abababababab…), this run's is /data/a.json "
-        "(120 bytes, sha256 of its head cdcdcdcdcdcd…)",
-        "  eval_fraction=0.1, this run has eval_fraction=0.2",
-        "  max_seq_len=64, this run has max_seq_len=48",
-        "  the training and the eval examples differ (tokens or labels: other data, tokenizer, max_seq_len, "
-        "eval_fraction, on_bad_row or seed)",
+        _resume(resumable, tmp_path / "run", **change)
+    assert str(refused.value).splitlines() == [
+        f"{checkpoint} was made with other data or settings, so resuming it would not continue the same run:",
+        *(f"  {line}" for line in differences),
         "resume with the checkpoint's data and settings, or start a new run in another out folder"]
-    # The settings are named in the library's words; the command line's error line names their flags.
     assert refused.value.settings == ("out",)
-    assert refused.value.render(flag_of).splitlines()[-2:] == [
-        "  the training and the eval examples differ (tokens or labels: other data, tokenizer, --max-seq-len, "
-        "--eval-fraction, --on-bad-row or --seed)",
-        "resume with the checkpoint's data and settings, or start a new run in another --out folder"]
-    # Examples alone can differ (another tokenizer, say) and are caught without any fingerprint.
-    with pytest.raises(ValueError, match=r"^[^\n]+\n  the training examples differ"):
-        resume([examples[1], examples[0], *examples[2:]])
-    # The same file moved elsewhere is the same data; keys an older checkpoint did not record are not compared.
-    assert resume(data={**data, "path": "/elsewhere/a.json"}, tokenizer="new").steps == 3
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_a_checkpoint_of_the_same_data_moved_or_fingerprinted_more(resumable, tmp_path):
+    """The checkpoint records the fingerprint; the same file moved elsewhere is the same data, and keys an older
+    checkpoint did not record are not compared."""
+    config, checkpoint = resumable
+    assert load_checkpoint(checkpoint)["config"]["fingerprint"] == RESUMED_FINGERPRINT
+    assert _resume(resumable, tmp_path / "run", fingerprint={"data": {**RESUMED_DATA, "path": "/elsewhere/a.json"},
+                                                             "tokenizer": "new"}).steps == 3
 
 
 @contextlib.contextmanager
@@ -392,6 +443,9 @@ def test_user_errors_are_fastadapter_checks_or_missing_files(tmp_path):
 
 
 def test_cli_resume_refuses_other_data_and_lists_the_differences(tmp_path, shared_data, capsys):
+    """The CLI's fingerprint of a real data file and its flags, and the refusal rendered as one error with the
+    settings named by their flags (each difference line: test_resume_refuses_a_checkpoint_of_other_data_or_settings);
+    the same data copied elsewhere resumes."""
     rows = json.loads((shared_data / "alpaca_tiny.json").read_text())
     first, other = tmp_path / "first.json", tmp_path / "other.json"
     first.write_text(json.dumps(rows[:40]))
@@ -406,6 +460,10 @@ def test_cli_resume_refuses_other_data_and_lists_the_differences(tmp_path, share
     assert f"data file {first} (" in err and f"this run's is {other} (" in err
     assert "max_seq_len=256, this run has max_seq_len=200" in err
     assert "eval_fraction=0.05, this run has eval_fraction=0.1" in err
+    assert err.splitlines()[-2:] == [
+        "  the training and the eval examples differ (tokens or labels: other data, tokenizer, --max-seq-len, "
+        "--eval-fraction, --on-bad-row or --seed)",
+        "resume with the checkpoint's data and settings, or start a new run in another --out folder"]
     # The same data copied elsewhere, with the same settings: resumed.
     moved = tmp_path / "moved.json"
     shutil.copy(first, moved)
@@ -476,20 +534,6 @@ def test_a_diverging_run_stops_without_saving_a_nan_adapter(tmp_path):
     with pytest.raises(TrainingDiverged, match="the training loss of step 1 is nan"):
         trainer.train_step()
     assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
-
-
-@pytest.mark.parametrize("change", [{"batch_tokens": 128}, {"warmup_steps": 3}, {"min_lr_ratio": 0.5},
-                                    {"grad_clip": 0.5}, {"dtype": "bf16"}], ids=lambda c: next(iter(c)))
-def test_resume_refuses_changed_schedule_clipping_and_dtype(tmp_path, change):
-    """The README says changed settings are refused: the batch size, and the last four, which were accepted (the
-    scheduler's state silently kept the old warmup and floor)."""
-    examples = toy_examples(20)
-    config = TrainConfig(out=str(tmp_path), batch_tokens=96, max_steps=2, save_every=2, progress=False)
-    train(tiny_adapted_model(), examples, [], config)
-    key, value = next(iter(change.items()))
-    other = TrainConfig(**{**config.__dict__, "max_steps": 4, **change})
-    with pytest.raises(ValueError, match=f"{key}={getattr(config, key)}, this run has {key}={value}"):
-        train(tiny_adapted_model(), examples, [], other, resume=str(tmp_path / "checkpoints" / "step_000002.pt"))
 
 
 @pytest.mark.parametrize("settings, message", [

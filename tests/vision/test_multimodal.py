@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastadapter.adapters import AdapterConfig, add_adapter, load_adapter, save_adapter
-from fastadapter.model import LlamaConfig, LlamaModel
+from fastadapter.model import LlamaModel
 from fastadapter.adapters.adapter import adapted_layers
 from fastadapter.adapters.adapter_file import AdapterFileError
 from fastadapter.model.generation import generate
@@ -19,8 +19,11 @@ from fastadapter.vision import (MultimodalLlama, VisionTower, VisionTowerError, 
 
 from hf_folders import write_tower
 
-# Head dim 80 (dim 160, 2 query heads, 1 kv head: GQA), 3 layers of which the top 2 are adapted, prompt 5.
-CONFIG = LlamaConfig(dim=160, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=97, hidden_dim=96, max_seq_len=128)
+
+@pytest.fixture(scope="module")
+def config(make_config):
+    """Head dim 80 (dim 160, 2 query heads, 1 kv head: GQA), 3 layers of which the top 2 are adapted, prompt 5."""
+    return make_config(dim=160, n_layers=3, n_heads=2, n_kv_heads=1, hidden_dim=96, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +41,34 @@ def images(count, seed=0):
     return [rng.integers(0, 256, (11, 13, 3), dtype=np.uint8) for _ in range(count)]
 
 
-def multimodal(tower_dir, *, gates=0.0, fusion="all", early_layers=1, seed=0) -> MultimodalLlama:
-    torch.manual_seed(seed)
-    model = add_adapter(LlamaModel(CONFIG), AdapterConfig(prompt_len=5, layers=2))
-    with torch.no_grad():
-        for adapter in adapted_layers(model).values():
-            adapter.gate.fill_(gates)
-    return add_vision(model, VisionTower.from_folder(tower_dir, layers=[1, 3]),
-                      VisualPromptConfig(fusion=fusion, early_layers=early_layers))
+@pytest.fixture
+def multimodal(config, tower_dir):
+    """``multimodal(gates=0.0, fusion="all", early_layers=1, seed=0)``: the model of ``config`` adapted (top 2
+    layers, prompt 5, every gate at ``gates``) with the tiny tower's layers 1 and 3 (the same weights for the same
+    seed)."""
+    def build(*, gates=0.0, fusion="all", early_layers=1, seed=0) -> MultimodalLlama:
+        torch.manual_seed(seed)
+        model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=5, layers=2))
+        with torch.no_grad():
+            for adapter in adapted_layers(model).values():
+                adapter.gate.fill_(gates)
+        return add_vision(model, VisionTower.from_folder(tower_dir, layers=[1, 3]),
+                          VisualPromptConfig(fusion=fusion, early_layers=early_layers))
+
+    return build
 
 
-def packed(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
-    return torch.randint(0, CONFIG.vocab_size, (1, sum(lengths)), generator=g), cu
+@pytest.fixture
+def packed(config):
+    """``packed(lengths, seed=0)``: random tokens of ``config``'s vocabulary packed as sequences of ``lengths``,
+    and their ``cu_seqlens``."""
+    def build(lengths, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        return torch.randint(0, config.vocab_size, (1, sum(lengths)), generator=g), cu
+
+    return build
 
 
 def test_default_feature_layers_are_evenly_spaced_and_end_at_the_last():
@@ -87,8 +103,8 @@ def test_a_folder_without_a_preprocessor_config_is_a_clear_error(tmp_path, tower
         VisionTower.from_folder(tmp_path / "missing")
 
 
-def test_zero_gates_equal_the_base_model_whatever_the_image(tower_dir):
-    mm = multimodal(tower_dir, gates=0.0)
+def test_zero_gates_equal_the_base_model_whatever_the_image(multimodal, packed):
+    mm = multimodal(gates=0.0)
     tokens, cu = packed([9, 23, 14])
     pixels = mm.tower.preprocess(images(2))
     base = mm.llama(tokens, cu_seqlens=cu)
@@ -97,10 +113,10 @@ def test_zero_gates_equal_the_base_model_whatever_the_image(tower_dir):
         torch.testing.assert_close(out, base, rtol=0, atol=1e-5)
 
 
-def test_each_sequence_gets_its_own_prompt_and_rows_without_an_image_the_plain_prompt(tower_dir):
+def test_each_sequence_gets_its_own_prompt_and_rows_without_an_image_the_plain_prompt(config, multimodal, packed):
     """Packed sequence n with image i computes what the model computes alone with prompt + proj(feature_i);
     a sequence without an image what it computes with the plain prompts."""
-    mm = multimodal(tower_dir, gates=0.7)
+    mm = multimodal(gates=0.7)
     tokens, cu = packed([9, 23, 14])
     pixels = mm.tower.preprocess(images(2))
     out = mm(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=torch.tensor([1, -1, 0]))
@@ -111,7 +127,7 @@ def test_each_sequence_gets_its_own_prompt_and_rows_without_an_image_the_plain_p
         if image < 0:
             expected = mm.llama(alone)
         else:
-            reference = add_adapter(LlamaModel(CONFIG), AdapterConfig(prompt_len=5, layers=2))
+            reference = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=5, layers=2))
             reference.load_state_dict(mm.llama.state_dict(), strict=False)
             with torch.no_grad():
                 for i, adapter in adapted_layers(reference).items():
@@ -127,8 +143,8 @@ def test_each_sequence_gets_its_own_prompt_and_rows_without_an_image_the_plain_p
     torch.testing.assert_close(batched[1], mm.llama(tokens[:, :9])[0], rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_the_projection_and_prompts_never_the_tower(tower_dir):
-    mm = multimodal(tower_dir, gates=0.5)
+def test_gradients_reach_the_projection_and_prompts_never_the_tower(multimodal, packed):
+    mm = multimodal(gates=0.5)
     tokens, cu = packed([12, 17])
     out = mm(tokens, cu_seqlens=cu, pixel_values=mm.tower.preprocess(images(1)), image_index=torch.tensor([0, -1]))
     out.float().square().mean().backward()
@@ -142,14 +158,14 @@ def test_gradients_reach_the_projection_and_prompts_never_the_tower(tower_dir):
             assert p.grad is None, name
 
 
-def test_early_fusion_conditions_only_the_lowest_adapted_layers(tower_dir):
-    early = multimodal(tower_dir, gates=0.6, fusion="early", early_layers=1)
+def test_early_fusion_conditions_only_the_lowest_adapted_layers(config, multimodal, packed):
+    early = multimodal(gates=0.6, fusion="early", early_layers=1)
     assert early.fused_layers == [1]
-    assert multimodal(tower_dir, fusion="all").fused_layers == [1, 2]
+    assert multimodal(fusion="all").fused_layers == [1, 2]
     tokens, cu = packed([10, 8])
     pixels = early.tower.preprocess(images(1))
     offsets = early.prompt_offsets(pixels, torch.tensor([0, -1]))
-    assert sorted(offsets) == [1] and offsets[1].shape == (2, 1, CONFIG.dim)
+    assert sorted(offsets) == [1] and offsets[1].shape == (2, 1, config.dim)
     assert not offsets[1][1].any()  # the sequence without an image: a zero offset
     full = early(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=torch.tensor([0, -1]))
     all_layers = add_vision(early.llama, early.tower)
@@ -157,16 +173,16 @@ def test_early_fusion_conditions_only_the_lowest_adapted_layers(tower_dir):
     assert not torch.allclose(full, all_layers(tokens, cu_seqlens=cu, pixel_values=pixels,
                                                image_index=torch.tensor([0, -1])), atol=1e-4)
     with pytest.raises(ValueError, match="lowest 3 adapted layers, but the model adapts only 2"):
-        multimodal(tower_dir, fusion="early", early_layers=3)
+        multimodal(fusion="early", early_layers=3)
 
 
-def test_calibration_standardises_the_features_so_that_images_differ_in_the_offsets(tower_dir):
+def test_calibration_standardises_the_features_so_that_images_differ_in_the_offsets(multimodal):
     """Issue 12: a frozen tower's global token is mostly image-independent (a random CLIP's CLS token varies
     between images by a few percent of its norm), so without standardising it the projected offsets of all images
     are one shared vector, and training learned the answer prior instead of the image (the digits demo answered
     the same letter for every image). Calibrated over images, each feature is zero-mean unit-variance and the
     offsets' image-dependent part is on the scale of the offsets themselves."""
-    mm = multimodal(tower_dir)
+    mm = multimodal()
     pixels = mm.tower.preprocess(images(32))
     features = mm.tower(pixels)
 
@@ -194,20 +210,21 @@ def test_calibration_standardises_the_features_so_that_images_differ_in_the_offs
         mm.projection.calibrate(features[:, :10])
 
 
-def test_prompt_offsets_are_checked():
-    model = add_adapter(LlamaModel(CONFIG), AdapterConfig(prompt_len=5, layers=2))
+def test_prompt_offsets_are_checked(config, packed):
+    model = add_adapter(LlamaModel(config), AdapterConfig(prompt_len=5, layers=2))
     tokens, cu = packed([5, 6])
     with pytest.raises(ValueError, match=r"prompt_offsets\[1\] must have shape \[2, 5 or 1, 160\]"):
-        model(tokens, cu_seqlens=cu, prompt_offsets={1: torch.zeros(3, 1, CONFIG.dim)})
+        model(tokens, cu_seqlens=cu, prompt_offsets={1: torch.zeros(3, 1, config.dim)})
     with pytest.raises(ValueError, match="layer 0, which has no adapter"):
-        model(tokens, cu_seqlens=cu, prompt_offsets={0: torch.zeros(2, 1, CONFIG.dim)})
+        model(tokens, cu_seqlens=cu, prompt_offsets={0: torch.zeros(2, 1, config.dim)})
     # A [N, P, dim] offset (one per prompt token) is accepted too, and zero offsets are the plain prompts.
-    torch.testing.assert_close(model(tokens, cu_seqlens=cu, prompt_offsets={2: torch.zeros(2, 5, CONFIG.dim)}),
+    torch.testing.assert_close(model(tokens, cu_seqlens=cu, prompt_offsets={2: torch.zeros(2, 5, config.dim)}),
                                model(tokens, cu_seqlens=cu), rtol=0, atol=1e-5)
 
 
-def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, tower_dir, other_tower_dir):
-    mm = multimodal(tower_dir, gates=0.4, fusion="early", early_layers=2)
+def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, tower_dir, other_tower_dir, config,
+                                                                     multimodal, packed):
+    mm = multimodal(gates=0.4, fusion="early", early_layers=2)
     with torch.no_grad():
         mm.projection.linear.bias.normal_()
     mm.calibrate([mm.tower.preprocess(images(8, seed=3))])
@@ -219,7 +236,7 @@ def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, t
     expected = mm(tokens, cu_seqlens=cu, pixel_values=pixels, image_index=index)
 
     torch.manual_seed(0)
-    fresh = LlamaModel(CONFIG)
+    fresh = LlamaModel(config)
     fresh.load_state_dict({k: v for k, v in mm.llama.state_dict().items() if "adapter" not in k}, strict=False)
     loaded = load_multimodal_adapter(fresh, path, tower_dir)
     assert loaded.tower.layers == [1, 3] and loaded.visual_config == mm.visual_config
@@ -256,10 +273,10 @@ def test_adapter_file_holds_the_projection_and_refuses_another_tower(tmp_path, t
         load_multimodal_adapter(fresh, text_only, tower_dir)
 
 
-def test_generation_with_images_matches_the_full_forward(tower_dir):
+def test_generation_with_images_matches_the_full_forward(multimodal):
     """Greedy decoding with the KV cache (per-sequence prefix K/V kept from the prefill, rows of different
     lengths decoded in groups) gives the tokens that a full forward with the same image prompts picks."""
-    mm = multimodal(tower_dir, gates=0.8)
+    mm = multimodal(gates=0.8)
     prompts = [[1, 5, 9, 33, 60], [1, 7, 8], [1, 40, 41, 42]]
     pictures = [images(1, seed=3)[0], None, images(1, seed=4)[0]]
     out = generate_with_images(mm, prompts, pictures, max_new_tokens=3)
