@@ -49,10 +49,11 @@ PRESET_BUDGET_SECONDS = {"smoke": 60.0, "quick": 120.0, "default": 300.0, "full"
 #: are ``--full``'s (together they took 12.5 minutes of a 24.5-minute default run). ``--quick`` (under 2 minutes)
 #: also leaves out the training suite (a PEFT step padded to 512 takes seconds even on the smallest model).
 #: ``real_models`` (real pretrained weights: SmolLM2-135M, Gemma-3-270M) takes tens of minutes on a 2-core CPU:
-#: only ``--full`` or ``--suites real_models`` run it.
+#: only ``--full`` or ``--suites real_models`` run it. ``onednn_linear`` and ``row_kernels`` measure the routes
+#: the training step takes (which product library, the compiled row kernels): ``--full``'s too.
 PRESET_LEAVES_OUT = {"smoke": ("real_models",),
-                     "quick": ("training", "multimodal", "real_models"),
-                     "default": ("peft_accelerate", "multimodal", "real_models")}
+                     "quick": ("training", "multimodal", "real_models", "onednn_linear", "row_kernels"),
+                     "default": ("peft_accelerate", "multimodal", "real_models", "onednn_linear", "row_kernels")}
 #: Shapes a preset runs a suite at when they are not the preset's own (a suite's preset name, passed to its
 #: ``run``): the main job's op table takes the quick sweep (S = 128, 512); the default sweep to S = 2048 alone
 #: took ~4 minutes.

@@ -1,8 +1,9 @@
 // The kernel variants of fastadapter._C and their entry points. Each variant is the same forward and backward
 // (attention_forward.h, attention_backward.h), decode-step linear (decode_linear.h) and a training step's row
 // kernels (training_rows.h: RMSNorm, gated activation, token cross-entropy) compiled for one instruction set in its
-// own translation unit and namespace; registration.cpp picks one per call from the CPU's features (__builtin_cpu_supports), or as
-// FASTADAPTER_CPU_ISA says. No -march flag is ever used, so one binary runs on every x86-64 CPU:
+// own translation unit and namespace; registration.cpp picks one per call from the CPU's features
+// (__builtin_cpu_supports), or as FASTADAPTER_CPU_ISA says. No -march flag is ever used, so one binary runs on
+// every x86-64 CPU:
 //
 //   generic  any CPU (the only variant off x86-64 or with another compiler than GCC): products on MKL, rows in
 //            at::vec's portable code; bf16 and fp16 computed in fp32

@@ -23,7 +23,9 @@ namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace training_rows {
 
 // Rows per task: enough work per thread wake-up for rows of a few hundred values.
-inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(width, 1)); }
+inline int64_t row_grain(int64_t width) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(width, 1));
+}
 
 inline float sum_all(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);

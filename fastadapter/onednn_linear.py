@@ -1,9 +1,11 @@
 """``onednn_linear``: ``F.linear`` against a frozen fp32 weight, its products run by oneDNN instead of MKL.
 
-``F.linear`` in fp32 on a CPU calls MKL's sgemm. On the AMD CPUs this project runs on, MKL takes a slow generic
-path: oneDNN's fp32 GEMM, which torch ships beside it, runs the same products 1.3-1.6x faster on a model's layer
-shapes (``python -m benchmarks.bench_onednn_linear``; ``benchmarks.gemm_peak`` measures the machine's peak the
-same way). bf16 and fp16 products already go to oneDNN inside ``F.linear``, so only fp32 takes this route.
+``F.linear`` in fp32 on a CPU calls MKL's sgemm. On AMD CPUs MKL takes a slow generic path: oneDNN's fp32 GEMM,
+which torch ships beside it, runs the same products 1.3-1.6x faster on a model's layer shapes (2-core AMD EPYC
+Zen 5). On Intel CPUs MKL runs its own kernels and is the faster of the two (0.85-0.99x for oneDNN on SmolLM2's
+layer shapes, 0.63x on the head's input gradient, 2-core Xeon with AMX), so the route is on by default only where
+the CPU is not Intel's (:func:`mkl_is_native`; ``python -m benchmarks.bench_onednn_linear`` measures both).
+bf16 and fp16 products already go to oneDNN inside ``F.linear``, so only fp32 takes this route.
 
 The forward is ``torch.ops.mkldnn._linear_pointwise(x, weight, bias)`` (the op inductor emits for a linear on
 CPU), the backward of ``x`` the same op against ``weightᵀ``; the weight records no gradient (frozen, or grad mode
@@ -21,8 +23,34 @@ import torch.nn.functional as F
 
 from .linear_operands import plain_operands, rows_of
 
-#: ``False`` sends every call to ``F.linear`` (``FASTADAPTER_ONEDNN_LINEAR=0`` at import; benchmarks flip it).
-ENABLED = os.environ.get("FASTADAPTER_ONEDNN_LINEAR", "1") != "0"
+
+
+def mkl_is_native() -> bool:
+    """Whether this CPU is Intel's (``vendor_id`` of ``/proc/cpuinfo``), where MKL's sgemm runs its own kernels and
+    beats oneDNN's; False where that cannot be read (no ``/proc``: the route stays on, as on AMD)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip() == "GenuineIntel"
+    except OSError:
+        pass
+    return False
+
+
+def _enabled(setting: str) -> bool:
+    """``FASTADAPTER_ONEDNN_LINEAR``: ``1`` on, ``0`` off, unset or ``auto``: on unless :func:`mkl_is_native`."""
+    if setting in ("", "auto"):
+        return not mkl_is_native()
+    if setting not in ("0", "1"):
+        raise ValueError(f"FASTADAPTER_ONEDNN_LINEAR={setting!r}: set it to 1 (oneDNN), 0 (F.linear) or auto "
+                         f"(oneDNN unless the CPU is Intel's), or unset it")
+    return setting == "1"
+
+
+#: Whether fp32 products take oneDNN (``FASTADAPTER_ONEDNN_LINEAR`` at import, see :func:`_enabled`; benchmarks and
+#: tests flip it).
+ENABLED = _enabled(os.environ.get("FASTADAPTER_ONEDNN_LINEAR", ""))
 #: Calls with fewer rows stay on ``F.linear`` (or the decode kernel): oneDNN's setup costs more than it saves.
 MIN_ROWS = 64
 

@@ -83,18 +83,28 @@ def gemma3_gguf() -> pathlib.Path:
     return _packaged_model("gemma3-270m")
 
 
-@pytest.fixture(params=["avx512", "avx2", "generic"])
-def cpu_variant(request, monkeypatch) -> str:
-    """Forces each CPU kernel variant in turn (``FASTADAPTER_CPU_ISA``) for the test; a variant this CPU or build
-    cannot run is skipped with the reason."""
+@pytest.fixture
+def force_cpu_variant(monkeypatch):
+    """``force(variant, gemm=None)``: sets ``FASTADAPTER_CPU_ISA`` (and ``FASTADAPTER_CPU_GEMM``) for the test and
+    checks the kernels take it, or skips with the reason where this CPU or build cannot run that variant."""
     from fastadapter import _cpu_extension
 
-    if _cpu_extension.unavailable_reason() is not None:
-        pytest.skip(_cpu_extension.unavailable_reason())
-    monkeypatch.setenv("FASTADAPTER_CPU_ISA", request.param)
-    try:
-        chosen, _ = torch.ops.fastadapter_cpu.cpu_path()
-    except RuntimeError as error:
-        pytest.skip(str(error).splitlines()[0])
-    assert chosen == request.param
+    def force(variant: str, gemm=None) -> None:
+        if _cpu_extension.unavailable_reason() is not None:
+            pytest.skip(_cpu_extension.unavailable_reason())
+        monkeypatch.setenv("FASTADAPTER_CPU_ISA", variant)
+        if gemm is not None:
+            monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
+        try:
+            chosen, detail = torch.ops.fastadapter_cpu.cpu_path()
+        except RuntimeError as error:
+            pytest.skip(str(error).splitlines()[0])
+        assert chosen == variant and "forced by FASTADAPTER_CPU_ISA" in detail
+    return force
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def cpu_variant(request, force_cpu_variant) -> str:
+    """Each CPU kernel variant in turn (``FASTADAPTER_CPU_ISA``, see ``force_cpu_variant``)."""
+    force_cpu_variant(request.param)
     return request.param

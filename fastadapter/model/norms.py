@@ -6,8 +6,9 @@
 * :class:`ParameterFreeLayerNorm` — Olmo: ``(x − mean) / std`` with neither weight nor bias.
 
 Each maps ``x [..., dim]`` to the same shape in ``x``'s dtype, computing in fp32 as the Hugging Face modules do.
-The two RMSNorms run the compiled row kernels (:mod:`fastadapter.model.row_kernels`) for fp32 CPU tensors; :func:`add_and_normalize` fuses the residual addition before a
-norm the same way. The eager compositions here are the references.
+The two RMSNorms run the compiled row kernels (:mod:`fastadapter.model.row_kernels`) for fp32 CPU tensors;
+:func:`add_and_normalize` fuses the residual addition before a norm the same way. The eager compositions here are
+the references.
 """
 from __future__ import annotations
 

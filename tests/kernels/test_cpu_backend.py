@@ -71,16 +71,6 @@ def test_bf16_mkl_path_matches_reference(case, monkeypatch):
 VARIANTS = ("avx512", "avx2", "generic")
 
 
-def _skip_unless_this_cpu_runs(variant, monkeypatch):
-    """Forces ``variant`` (FASTADAPTER_CPU_ISA) for the test, or skips where this CPU or build cannot run it."""
-    monkeypatch.setenv("FASTADAPTER_CPU_ISA", variant)
-    try:
-        chosen, detail = torch.ops.fastadapter_cpu.cpu_path()
-    except RuntimeError as error:
-        pytest.skip(str(error).splitlines()[0])
-    assert chosen == variant and "forced by FASTADAPTER_CPU_ISA" in detail
-
-
 VARIANT_CASES = [
     Case(batch=2, seqlen_q=97, seqlen_k=97, head_dim=80),
     Case(batch=2, seqlen_q=97, seqlen_k=97, head_dim=80, dtype=BF16, gate_shape="rows", prefix_batch=2),
@@ -94,19 +84,19 @@ VARIANT_CASES = [
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: c.id)
-def test_every_kernel_variant_matches_reference(variant, case, monkeypatch):
+def test_every_kernel_variant_matches_reference(variant, case, force_cpu_variant):
     """Each variant this CPU can run, forward and every gradient: on an AVX-512 machine this also runs the AVX2
     tiles and the generic code that every other CPU takes."""
-    _skip_unless_this_cpu_runs(variant, monkeypatch)
+    force_cpu_variant(variant)
     check_against_reference(case, "cpu")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("gemm", ["mkl", "tiles"])
-def test_library_and_tile_products_of_every_variant_match_reference(variant, gemm, monkeypatch):
+def test_library_and_tile_products_of_every_variant_match_reference(variant, gemm, monkeypatch, force_cpu_variant):
     """FASTADAPTER_CPU_GEMM forces MKL's products or the register tiles (where the variant has them), so both run
     whichever is the variant's default (tiles on AVX-512, MKL on AVX2)."""
-    _skip_unless_this_cpu_runs(variant, monkeypatch)
+    force_cpu_variant(variant)
     monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
     check_against_reference(Case(batch=2, seqlen_q=70, seqlen_k=70, head_dim=80, dtype=BF16), "cpu")
     check_against_reference(Case(batch=1, seqlen_q=50, seqlen_k=50, heads_q=2, heads_kv=2, head_dim=40), "cpu")
@@ -114,11 +104,11 @@ def test_library_and_tile_products_of_every_variant_match_reference(variant, gem
 
 @pytest.mark.parametrize("variant", ["avx2", "generic"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
-def test_variants_without_bf16_products_round_only_the_results(variant, dtype, monkeypatch):
+def test_variants_without_bf16_products_round_only_the_results(variant, dtype, force_cpu_variant):
     """Without AVX512-BF16 the kernels compute bf16 and fp16 inputs in fp32 and round each result once, so they
     equal the fp32 kernel on the upcast inputs bit for bit (the MKL bf16 GEMM path rounded the probabilities and
     ds to bf16 before every product)."""
-    _skip_unless_this_cpu_runs(variant, monkeypatch)
+    force_cpu_variant(variant)
     inp = backend_inputs(Case(batch=2, seqlen_q=90, seqlen_k=90, head_dim=64, dtype=dtype))
     low = dict(q=inp.q, k=inp.k, v=inp.v, prefix_k=inp.prefix_k, prefix_v=inp.prefix_v, gate=inp.gate,
                cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, max_seqlen_q=0, max_seqlen_k=0, causal=True,
@@ -177,12 +167,12 @@ NAN_SEQLENS = [4, 9, 17, 40, 97]
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("gemm", ["mkl", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
-def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, monkeypatch):
+def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, monkeypatch, force_cpu_variant):
     """The contract: a row's output depends only on the keys and values it sees. A NaN in the last key or value row
     (seen by the last query row only, a masked future position for every other) leaves every other row's output
     and its dq as they are with finite values there (the decode path leaked it at S = 4, the tiled paths at S > 16,
     as 0 · NaN in the products over masked keys). Both paths, every variant, MKL and tile products."""
-    _skip_unless_this_cpu_runs(variant, monkeypatch)
+    force_cpu_variant(variant)
     monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
     for seqlen in NAN_SEQLENS:
         generator = torch.Generator().manual_seed(seqlen)

@@ -37,26 +37,15 @@ VARIANT_RAGGED_CASES = [
 ]
 
 
-def _force(variant, gemm, monkeypatch):
-    """FASTADAPTER_CPU_ISA / FASTADAPTER_CPU_GEMM for the test, or a skip where this CPU or build cannot run it."""
-    monkeypatch.setenv("FASTADAPTER_CPU_ISA", variant)
-    monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
-    try:
-        chosen, detail = torch.ops.fastadapter_cpu.cpu_path()
-    except RuntimeError as error:
-        pytest.skip(str(error).splitlines()[0])
-    assert chosen == variant and "forced by FASTADAPTER_CPU_ISA" in detail
-
-
 #: (variant, products): the generic variant has no register tiles (MKL whatever FASTADAPTER_CPU_GEMM says).
 VARIANT_PRODUCTS = [("avx512", "tiles"), ("avx512", "mkl"), ("avx2", "tiles"), ("avx2", "mkl"), ("generic", "mkl")]
 
 
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
 @pytest.mark.parametrize("case", VARIANT_RAGGED_CASES, ids=lambda c: c.id)
-def test_every_variant_and_product_runs_ragged_inputs_like_the_reference(case, variant, gemm, monkeypatch):
+def test_every_variant_and_product_runs_ragged_inputs_like_the_reference(case, variant, gemm, force_cpu_variant):
     """Forward and the gradient of every input against the fp32 reference."""
-    _force(variant, gemm, monkeypatch)
+    force_cpu_variant(variant, gemm)
     check_against_reference(case, "cpu")
 
 

@@ -21,15 +21,6 @@ VARIANTS = ("avx512", "avx2", "generic")
 SHAPES = [(8, 512, 1000), (2, 97, 7), (16, 1025, 33), (3, 80, 1), (5, 8, 2), (4, 3, 5), (1, 64, 64)]
 
 
-def _force(variant: str, monkeypatch) -> None:
-    monkeypatch.setenv("FASTADAPTER_CPU_ISA", variant)
-    try:
-        chosen, _ = torch.ops.fastadapter_cpu.cpu_path()
-    except RuntimeError as error:
-        pytest.skip(str(error).splitlines()[0])
-    assert chosen == variant
-
-
 def _tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
     """fp32: summation order only; bf16/fp16: one rounding of the result (both sides accumulate in fp32)."""
     scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
@@ -40,8 +31,8 @@ def _tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}")
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_op_matches_linear_in_fp32(variant, dtype, shape, with_bias, monkeypatch):
-    _force(variant, monkeypatch)
+def test_op_matches_linear_in_fp32(variant, dtype, shape, with_bias, force_cpu_variant):
+    force_cpu_variant(variant)
     rows, features, outputs = shape
     generator = torch.Generator().manual_seed(rows * 1000 + features)
     x = torch.randn(rows, features, generator=generator).to(dtype)
