@@ -21,15 +21,15 @@ def _route_on(monkeypatch):
 
 def test_default_follows_the_cpu(monkeypatch):
     """On by default unless MKL is native (Intel); 0 and 1 force it; anything else says what it accepts."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        intel = "GenuineIntel" in cpuinfo.read()
+    assert onednn_module.mkl_is_native() is intel
     for native in (True, False):
         monkeypatch.setattr(onednn_module, "mkl_is_native", lambda native=native: native)
         assert onednn_module._enabled("") is (not native) and onednn_module._enabled("auto") is (not native)
         assert onednn_module._enabled("1") and not onednn_module._enabled("0")
     with pytest.raises(ValueError, match=r"FASTADAPTER_ONEDNN_LINEAR='yes': set it to 1 \(oneDNN\), 0"):
         onednn_module._enabled("yes")
-    with open("/proc/cpuinfo") as cpuinfo:
-        intel = "GenuineIntel" in cpuinfo.read()
-    assert onednn_module.mkl_is_native() is intel
 
 #: (rows, in features, out features): odd sizes, a head-dim-80 width, tails of every blocking.
 SHAPES = [(97, 80, 33), (1025, 97, 7), (64, 1025, 80), (130, 576, 192)]
