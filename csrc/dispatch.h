@@ -33,6 +33,22 @@
 
 namespace fastadapter_cpu {
 
+// Whether MKL runs its own kernels on this CPU: Intel's (AMX for bf16 where the CPU has it). There the library's
+// products beat the AVX-512 register tiles (2-core Xeon with AMX, B = 1, Hq = 32, D = 128, S = 1024,
+// forward+backward: bf16 2.6x, fp32 1.13x, benchmarks/results/cpu-kernel-targets-xeon.txt); on AMD MKL takes a
+// generic path and the tiles win. fastadapter/onednn_linear.py's mkl_is_native is the same test.
+inline bool mkl_is_native() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // (out [q's shape, contiguous], lse_w, lse_p) for checked inputs; gate is fp32 [Bg, Hq] contiguous.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // (dq, dk, dv, dprefix_k, dprefix_v, dgate) with the inputs' shapes (contiguous).

@@ -148,10 +148,22 @@ std::tuple<std::string, std::string> cpu_path_op() {
 #endif
   std::string what;
   switch (v) {
-    case Variant::kAvx512:
-      what = mkl_forced ? "AVX-512 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl)"
-                        : "AVX-512 register tiles (fp32 FMA, bf16 vdpbf16ps; fp16 on " + library + ")";
+    case Variant::kAvx512: {
+      const bool tiles_forced = gemm != nullptr && std::strcmp(gemm, "tiles") == 0;
+#ifdef FASTADAPTER_WITH_MKL
+      const bool library_default = mkl_is_native();
+#else
+      const bool library_default = false;
+#endif
+      if (mkl_forced)
+        what = "AVX-512 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl)";
+      else if (library_default && !tiles_forced)
+        what = "AVX-512 rows, MKL products (MKL's own kernels on this Intel CPU, AMX for bf16 where present; "
+               "FASTADAPTER_CPU_GEMM=tiles selects the register tiles)";
+      else
+        what = "AVX-512 register tiles (fp32 FMA, bf16 vdpbf16ps; fp16 on " + library + ")";
       break;
+    }
     case Variant::kAvx2:
 #ifdef FASTADAPTER_WITH_MKL
       // MKL is the default here (measured faster than the AVX2 tiles, csrc/tile_gemm_avx2.h).

@@ -10,8 +10,9 @@
 // word (p, j) = (B[2p][j], B[2p+1][j]) at data + p * k_stride + 2 j. pack_panels makes every B operand.
 //
 // The tiles need AVX-512F/BW and AVX512-BF16 (the avx512 variant, kernels_avx512.cpp): elsewhere (the generic
-// variant) kHasTileGemm is false and the kernels use MKL. FASTADAPTER_CPU_GEMM=mkl forces MKL (the tests run
-// both). fp16 always uses MKL.
+// variant) kHasTileGemm is false and the kernels use MKL. On Intel CPUs MKL's own products (AMX for bf16) are
+// the default instead (use_tile_gemm). FASTADAPTER_CPU_GEMM=mkl / =tiles force either (the tests run both). fp16
+// always uses MKL.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,7 +46,8 @@ template <typename T>
 constexpr int64_t kStep = std::is_same_v<T, float> ? 1 : 2;
 
 // Whether this call's products use the register tiles: fp32, and bf16 with an even head_dim (q's rows are read
-// as pairs in place); not when FASTADAPTER_CPU_GEMM=mkl.
+// as pairs in place). By default where MKL is not native (AMD: mkl_is_native, dispatch.h), and always without
+// MKL; FASTADAPTER_CPU_GEMM=tiles or =mkl forces the choice (the tests run both).
 template <typename T>
 inline bool use_tile_gemm(int64_t head_dim) {
   if constexpr (!kTileable<T>) {
@@ -53,7 +55,13 @@ inline bool use_tile_gemm(int64_t head_dim) {
   } else {
     if (!kHasTileGemm || head_dim % kStep<T> != 0) return false;
     const char* env = std::getenv("FASTADAPTER_CPU_GEMM");
-    return env == nullptr || std::strcmp(env, "mkl") != 0;
+    if (env != nullptr && std::strcmp(env, "mkl") == 0) return false;
+    if (env != nullptr && std::strcmp(env, "tiles") == 0) return true;
+#ifdef FASTADAPTER_WITH_MKL
+    return !mkl_is_native();
+#else
+    return true;
+#endif
   }
 }
 
