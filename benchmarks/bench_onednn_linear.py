@@ -12,7 +12,6 @@ the same tensors, interleaved run by run, after checking that they agree. ``forw
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Optional
 
 import torch
@@ -34,7 +33,7 @@ def shapes_for(preset: str) -> list[tuple[str, int, int, int]]:
 def run(quick: bool = False, device: str = "cpu", *, full: bool = False, preset: Optional[str] = None,
         log: Callable[[str], None] = print) -> list[dict]:
     """Rows ``suite="onednn_linear"``: providers ``F.linear`` (first, the baseline) and ``onednn_linear``, modes
-    ``forward`` and ``grad_input``, with ``gflops`` and ``max_abs_err`` (against ``F.linear``)."""
+    ``forward`` and ``grad_input``, with ``tflops`` and ``max_abs_err`` (against ``F.linear``)."""
     import fastadapter.onednn_linear as onednn_module
 
     preset = preset or ("quick" if quick else "full" if full else "default")
@@ -67,7 +66,7 @@ def run(quick: bool = False, device: str = "cpu", *, full: bool = False, preset:
                 for provider, values in times.items():
                     timing = summarize(values)
                     rows.append({"suite": "onednn_linear", "provider": provider, "mode": mode, "config": label,
-                                 **timing, "gflops": 2.0 * m * k * n / (timing["median_ms"] / 1e3) / 1e9,
+                                 **timing, "tflops": 2.0 * m * k * n / (timing["median_ms"] / 1e3) / 1e12,
                                  "max_abs_err": error if provider == "onednn_linear" else 0.0})
     finally:
         onednn_module.ENABLED = before
@@ -75,23 +74,8 @@ def run(quick: bool = False, device: str = "cpu", *, full: bool = False, preset:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="frozen fp32 products: F.linear (MKL) vs oneDNN")
-    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
-    parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
-    args = parser.parse_args(argv)
-    from .report import format_table, write_json
-    rows = run(args.quick, "cpu")
-    print(format_table(rows))
-    by_key = {(r["config"], r["mode"], r["provider"]): r for r in rows if r.get("median_ms")}
-    for (config, mode, provider), row in by_key.items():
-        base = by_key.get((config, mode, "F.linear"))
-        if provider != "F.linear" and base:
-            print(f"{config} {mode}: oneDNN {base['median_ms'] / row['median_ms']:.2f}x F.linear "
-                  f"({row['gflops']:.0f} vs {base['gflops']:.0f} GFLOP/s)")
-    if args.out:
-        from .metadata import collect_metadata
-        write_json(args.out, collect_metadata("cpu", "quick" if args.quick else "default", argv), rows)
-    return 0
+    from .report import suite_main
+    return suite_main(run, "frozen fp32 products: F.linear (MKL) vs oneDNN", "two shapes, fewer repeats", argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ layers, one packed row of 1024 tokens in 4 sequences. Each pair runs the same te
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Optional
 
 import torch
@@ -123,22 +122,8 @@ def run(quick: bool = False, device: str = "cpu", *, full: bool = False, preset:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="a training step's row kernels vs the eager compositions")
-    parser.add_argument("--quick", action="store_true", help="256 tokens, fewer repeats")
-    parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
-    args = parser.parse_args(argv)
-    from .report import format_table, write_json
-    rows = run(args.quick, "cpu")
-    print(format_table(rows))
-    by_key = {(r["config"], r["provider"]): r for r in rows if r.get("median_ms")}
-    for (config, provider), row in by_key.items():
-        base = by_key.get((config, "eager"))
-        if provider != "eager" and base:
-            print(f"{config}: row kernels {base['median_ms'] / row['median_ms']:.2f}x eager")
-    if args.out:
-        from .metadata import collect_metadata
-        write_json(args.out, collect_metadata("cpu", "quick" if args.quick else "default", argv), rows)
-    return 0
+    from .report import suite_main
+    return suite_main(run, "a training step's row kernels vs the eager compositions", "256 tokens, fewer repeats", argv)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,21 @@ def format_markdown(payload: dict) -> str:
             [r["config"], r["mode"], r["provider"], _number(r["median_ms"], 1), _number(r.get("tokens_per_s"), 1),
              f"{first_time[group_key(r)] / r['median_ms']:.2f}x"] for r in suite_rows])
     return "\n".join(out) + "\n"
+
+
+def suite_main(run, description: str, quick_help: str, argv=None) -> int:
+    """The command line of a CPU suite module run on its own (``python -m benchmarks.bench_<name>``): ``--quick``
+    and ``--out FILE``; prints the table (with each provider's speed-up over the first) and writes the rows with
+    the machine's metadata to ``FILE`` when given. ``run(quick, device)`` is the suite's own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
+    args = parser.parse_args(argv)
+    rows = run(args.quick, "cpu")
+    print(format_table(rows))
+    if args.out:
+        from .metadata import collect_metadata
+        write_json(args.out, collect_metadata("cpu", "quick" if args.quick else "default", argv), rows)
+    return 0
