@@ -1,5 +1,6 @@
 """What every compiled route of a linear (``decode_linear``, ``onednn_linear``) asks of its operands before it takes a
-call that ``F.linear`` would otherwise run: the one definition of "plain operands a hand-written product can read"."""
+call that ``F.linear`` would otherwise run: the one definition of "plain operands a hand-written product can read"
+(and of the plain tensor types every compiled kernel reads, :data:`PLAIN_TENSOR_TYPES`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-_PLAIN = (torch.Tensor, nn.Parameter)
+#: The tensor types a compiled kernel reads directly (quantized weights, FSDP's ``DTensor`` and other subclasses
+#: take their own routes).
+PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def rows_of(x: torch.Tensor) -> int:
@@ -22,7 +25,7 @@ def plain_operands(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     contiguous 2-D weight of matching width on ``x``'s device."""
     if torch.compiler.is_compiling():
         return False
-    if type(weight) not in _PLAIN or type(x) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+    if type(weight) not in PLAIN_TENSOR_TYPES or type(x) not in PLAIN_TENSOR_TYPES or (bias is not None and type(bias) not in PLAIN_TENSOR_TYPES):
         return False
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .linear_operands import plain_operands, rows_of
+from .linear_operands import PLAIN_TENSOR_TYPES, plain_operands, rows_of
 
 
 
@@ -102,10 +102,10 @@ def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``grad [M, N] · weight [N, K] → [M, K]``: the gradient that reaches the input of ``x · weightᵀ``, by oneDNN
     (a linear against ``weightᵀ [K, N]``, a view, no copy) for fp32 CPU calls of at least :data:`MIN_ROWS` rows,
     else ``grad @ weight``. Records no gradient of its own."""
-    plain = (torch.Tensor, torch.nn.Parameter)
     if (ENABLED and grad.dim() == 2 and weight.dim() == 2 and grad.shape[0] >= MIN_ROWS
             and grad.shape[1] == weight.shape[0] and grad.dtype == weight.dtype == torch.float32
-            and grad.device.type == weight.device.type == "cpu" and type(grad) in plain and type(weight) in plain
+            and grad.device.type == weight.device.type == "cpu" and type(grad) in PLAIN_TENSOR_TYPES
+            and type(weight) in PLAIN_TENSOR_TYPES
             and weight.is_contiguous() and not torch.compiler.is_compiling() and onednn_available()):
         return _product(grad.contiguous(), weight.t(), None)
     return grad @ weight

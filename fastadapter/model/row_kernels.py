@@ -1,5 +1,5 @@
 """The compiled row kernels of a training step (``csrc/training_rows.h``) as autograd functions: RMSNorm, RMSNorm
-after a residual addition, and the gated activation of a gated MLP.
+after a residual addition, the gated activation of a gated MLP, and the token cross-entropy of a chunk of logits.
 
 In a LLaMA-Adapter step on a small model the frozen products run near the CPU's GEMM peak, and much of the rest is
 elementwise work: eager RMSNorm is five passes over ``[tokens, dim]`` forward and about seven more in autograd's
@@ -9,8 +9,9 @@ input and one fp32 ``1/rms`` per row).
 
 They run for fp32 CPU tensors, in training and inference alike (:func:`runs_row_kernels`); every other call, and
 every call under ``torch.compile`` (inductor fuses the eager composition itself), takes the eager composition,
-which is the reference: :func:`fastadapter.model.norms.rms_normalize` and
-:func:`fastadapter.model.gated_activation.gated_activation_reference`. Results equal the reference's up to the
+which is the reference: :func:`fastadapter.model.norms.rms_normalize`,
+:func:`fastadapter.model.gated_activation.gated_activation_reference` and
+:func:`fastadapter.training.linear_cross_entropy.linear_cross_entropy_reference`. Results equal the reference's up to the
 rounding of the row sums and of the activation's exponential (``tests/model/test_row_kernels.py``).
 """
 from __future__ import annotations
@@ -20,12 +21,10 @@ import os
 import torch
 
 from .. import _cpu_extension
+from ..linear_operands import PLAIN_TENSOR_TYPES
 
 #: ``False`` sends every call to the eager composition (``FASTADAPTER_ROW_KERNELS=0`` at import; benchmarks flip it).
 ENABLED = os.environ.get("FASTADAPTER_ROW_KERNELS", "1") != "0"
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
 
 def runs_row_kernels(*tensors: torch.Tensor) -> bool:
     """Whether the compiled row kernels take a call on ``tensors``: all plain fp32 CPU tensors, not under
@@ -34,7 +33,8 @@ def runs_row_kernels(*tensors: torch.Tensor) -> bool:
     the last bit either way)."""
     if not ENABLED or torch.compiler.is_compiling():
         return False
-    if not all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+    if not all(type(t) in PLAIN_TENSOR_TYPES and t.dtype == torch.float32 and t.device.type == "cpu"
+               for t in tensors):
         return False
     if _cpu_extension.unavailable_reason() is not None:
         return False
