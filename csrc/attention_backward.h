@@ -24,6 +24,10 @@ namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace backward_kernel {
 
 constexpr int64_t kQueryBlock = 64;   // query rows per tile
+// ... for bf16 on library products (MKL's AMX products on Intel CPUs, which pack their operands on every call):
+// 128 ran the backward 1.06x faster than 64 at S = 512 and 1024 (B = 1, Hq = 32, Hkv = 8, D = 128, 2-core Xeon with
+// AMX); fp32 ran 1.04x slower with 128, so it keeps 64.
+constexpr int64_t kLibraryBf16QueryBlock = 128;
 constexpr int64_t kPrefixRows = 512;  // query rows per step of the prefix pass: its products are thin (P ~ 10)
 constexpr int64_t kKeyBlock = 128;    // keys per tile
 constexpr int64_t kMaxChunks = 8;     // at most this many fp32 copies of dq
@@ -218,18 +222,20 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
   struct Scratch {
     std::vector<float> s, dp, dk, dv;
     std::vector<T> p_t, ds_t, ds_rows;
-    std::vector<int64_t> seen;  // [kQueryBlock] keys of the block each query row sees
+    std::vector<int64_t> seen;  // [query_block] keys of the block each query row sees
   };
   std::vector<Scratch> scratch(threads);
+  const int64_t query_block =
+      !packed && std::is_same_v<T, at::BFloat16> ? kLibraryBf16QueryBlock : kQueryBlock;
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
     const int64_t chunk = tasks[task].chunk, chunks = tasks[task].chunks, hkv = tasks[task].hkv, n = tasks[task].n;
     const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens_q);
     Scratch& sc = scratch[slot];
     if (sc.s.empty()) {
-      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(kQueryBlock * kKeyBlock);
-      for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(kQueryBlock * kKeyBlock);
+      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(query_block * kKeyBlock);
+      for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(query_block * kKeyBlock);
       for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(kKeyBlock * d);
-      sc.seen.resize(kQueryBlock);
+      sc.seen.resize(query_block);
     }
     if (chunk == 0) {  // keys past seqused_k: never read, so their gradients are 0
       for (int64_t j = pb.rows_k(n); j < pb.stored_k(n); ++j) {
@@ -252,8 +258,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
       if (packed && std::is_same_v<T, at::BFloat16>) i_first &= ~int64_t(1);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hkv * group + g;
-        for (int64_t i0 = i_first; i0 < sq; i0 += kQueryBlock) {
-          const int64_t m = std::min(kQueryBlock, sq - i0);
+        for (int64_t i0 = i_first; i0 < sq; i0 += query_block) {
+          const int64_t m = std::min(query_block, sq - i0);
           // Keys of the block that some row of this query block sees: under the causal mask the diagonal blocks
           // end early, and the products below run over those keys only.
           const int64_t nk = pb.causal ? std::clamp<int64_t>(pb.visible_keys(n, i0 + m - 1) - j0, 0, block_keys)
