@@ -90,7 +90,7 @@ def add_and_normalize(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) 
     """
     scale_of = getattr(norm, "row_kernel_scale", None)
     if scale_of is not None and x.shape == residual.shape and row_kernels.runs_row_kernels(x, residual):
-        scale = scale_of(x if x.requires_grad else residual)
+        scale = scale_of(x)
         if scale is not None:
             return row_kernels.add_rms_norm(x, residual, scale, norm.eps)
     h = x + residual

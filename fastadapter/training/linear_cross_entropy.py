@@ -10,8 +10,8 @@ while that chunk's loss and its gradients are computed, in the forward pass, and
 arithmetic is the reference's: one head product per chunk forward, one product per input for its gradient — the
 same products the plain path runs in forward and backward, so nothing is recomputed.
 
-For fp32 on the CPU (no soft-capping) a chunk's products run on oneDNN (:mod:`fastadapter.onednn_linear`) and its
-loss and gradient come from one compiled pass over its logits, in place
+For fp32 on the CPU (no soft-capping) a chunk's products take :func:`fastadapter.linear.linear`'s route (oneDNN off
+Intel CPUs, MKL on them) and its loss and gradient come from one compiled pass over its logits, in place
 (:func:`fastadapter.model.row_kernels.cross_entropy_rows_`): a row stays in cache across its max, exponentials
 and scaling, where the eager composition writes four chunk-sized tensors.
 
@@ -87,12 +87,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if want_weight else None
+        # fp32 on the CPU: the products on fastadapter.linear's route, the loss and its gradient in one pass over
+        # each chunk's logits, in place (row_kernels.cross_entropy_rows_).
+        compiled_rows = ((want_hidden or want_weight) and softcap is None
+                         and row_kernels.runs_row_kernels(hidden, weight))
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, y = hidden[rows], labels[rows]
-            if (want_hidden or want_weight) and softcap is None and row_kernels.runs_row_kernels(hidden, weight):
-                # fp32 on the CPU: the products on oneDNN, the loss and its gradient in one pass over the chunk's
-                # logits, in place (row_kernels.cross_entropy_rows_).
+            if compiled_rows:
                 grad = linear(h, weight).contiguous()  # [c, V]: the only vocabulary-sized tensor, per chunk
                 total += row_kernels.cross_entropy_rows_(grad, y, IGNORE_INDEX).sum()
                 if want_hidden:
