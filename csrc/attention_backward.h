@@ -26,7 +26,7 @@ namespace backward_kernel {
 constexpr int64_t kQueryBlock = 64;   // query rows per tile
 // ... for bf16 on library products (MKL's AMX products on Intel CPUs, which pack their operands on every call):
 // 128 ran the backward 1.06x faster than 64 at S = 512 and 1024 (B = 1, Hq = 32, Hkv = 8, D = 128, 2-core Xeon with
-// AMX); fp32 ran 1.04x slower with 128, so it keeps 64.
+// AMX); fp32 ran 1.04x slower with 128, so it keeps 64. AMX tiles take 128 too (64 and 256 measured within noise).
 constexpr int64_t kLibraryBf16QueryBlock = 128;
 constexpr int64_t kPrefixRows = 512;  // query rows per step of the prefix pass: its products are thin (P ~ 10)
 constexpr int64_t kKeyBlock = 128;    // keys per tile
@@ -47,11 +47,18 @@ struct Operands {
 
 // Register tiles (tile_gemm.h): the B operands of the word pass's five products, packed once per (sequence,
 // head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; for bf16 also k, q and dO in pairs of rows for ds k, dsᵀ q and
-// pᵀ dO (fp32 reads those rows in place: copying them measured no faster).
+// pᵀ dO (fp32 reads those rows in place: copying them measured no faster). On AMX (tile_gemm_amx.h), which reads
+// A row-major only, the two products over the query rows run transposed, dvᵀ += dOᵀ p and dkᵀ += qᵀ ds, with qᵀ
+// and dOᵀ packed as A (PackKind::kColumns) and p, ds in pairs of rows as B.
 template <typename T>
 struct PackedOperands {
   PackedPanels<T> keys_t, values_t;
-  std::optional<PackedPanels<T>> key_rows, query_rows, grad_rows;
+  std::optional<PackedPanels<T>> key_rows, query_rows, grad_rows;  // bf16 register tiles
+  std::optional<PackedPanels<T>> query_cols, grad_cols;            // bf16 AMX tiles
+  // AMX, prefix pass: prefix_kᵀ and prefix_vᵀ for q prefix_kᵀ and dO prefix_vᵀ, prefix_k and prefix_v in pairs of
+  // rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head).
+  std::optional<PackedPanels<T>> prefix_keys_t, prefix_values_t, prefix_key_rows, prefix_value_rows;
+  bool amx = false;
 };
 
 template <typename T>
@@ -64,9 +71,22 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op) {
                            pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
                            std::nullopt, std::nullopt, std::nullopt};
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k));
-    packed.query_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q));
-    packed.grad_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out));
+    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k),
+                                     /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
+    packed.amx = use_amx<T>(d);
+    const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
+    auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
+    auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
+    query_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q));
+    grad_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out));
+    if (packed.amx && pb.prefix_len > 0) {
+      auto rows_p = [&](int64_t) { return pb.prefix_len; };
+      const int64_t bp = pb.prefix_batch, hkv = pb.heads_kv;
+      packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k));
+      packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v));
+      packed.prefix_key_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_k));
+      packed.prefix_value_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_v));
+    }
   }
   return packed;
 }
@@ -100,14 +120,34 @@ inline Rows<float> dq_rows(const at::Tensor& dq_acc, int64_t chunk, const int32_
   return Rows<float>{slice.data_ptr<float>(), bshd_layout(slice, cu)};
 }
 
+// `rows` fp32 rows of width n (leading dimension ld) as the A operand of an AMX product over them: rounded to bf16
+// with an even leading dimension (an odd n gets a zero column), so that the columns come in pairs.
 template <typename T>
-void prefix_pass(const Problem& pb, const Operands<T>& op) {
+const T* as_pairs_input(const float* rows_f, int64_t rows, int64_t n, int64_t ld, std::vector<T>& buffer) {
+  const int64_t ld_out = n + n % 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    convert_row(rows_f + r * ld, buffer.data() + r * ld_out, n);
+    if (ld_out > n) buffer[r * ld_out + n] = T(0.f);
+  }
+  return buffer.data();
+}
+
+// The prefix pass (see the top of this file). On AMX (bf16, `packed->amx`) its thin products (P ~ 10) run on the
+// tiles: the two over the query rows transposed, dprefix_kᵀ += qᵀ ds_p and dprefix_vᵀ += dOᵀ (γ p_p), into
+// per-task [D, P] sums added to dprefix_k, dprefix_v at the end; elsewhere on MKL.
+template <typename T>
+void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<T>* packed) {
   const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len;
   const int64_t threads = at::get_num_threads();
   const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens_q);
+  const bool amx = std::is_same_v<T, at::BFloat16> && packed && packed->amx && plen > 0;
+  const int64_t ldp = amx ? plen + plen % 2 : plen;        // leading dimension of the bf16 p_p, ds_p
+  const int64_t pair_width = round_up(std::max<int64_t>(plen, 1), 16);  // B of the transposed products
   struct Scratch {
     std::vector<float> s, dp, o;
     std::vector<T> s_t, dp_t;
+    std::vector<T> ds_pairs, gp_pairs;  // AMX: ds_p and γ p_p in pairs of rows
+    std::vector<float> dpk_t, dpv_t;    // AMX: [D, P] sums of this task
   };
   std::vector<Scratch> scratch(threads);
   // Longest sequences first (a task's cost is its query rows): balanced for ragged batches.
@@ -120,12 +160,22 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
     if (sc.o.empty()) {
       sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
       sc.dp.resize(sc.s.size());
-      sc.s_t.resize(sc.s.size());
-      sc.dp_t.resize(sc.s.size());
+      sc.s_t.resize(kPrefixRows * std::max<int64_t>(ldp, 1));
+      sc.dp_t.resize(sc.s_t.size());
       sc.o.resize(kPrefixRows * d);
+      if (amx) {
+        sc.ds_pairs.resize((kPrefixRows / 2 + 1) * 2 * pair_width);
+        sc.gp_pairs.resize(sc.ds_pairs.size());
+        sc.dpk_t.resize(d * plen);
+        sc.dpv_t.resize(d * plen);
+      }
     }
     float* dpk = op.dprefix_k + (n * pb.heads_kv + hkv) * plen * d;
     float* dpv = op.dprefix_v + (n * pb.heads_kv + hkv) * plen * d;
+    if (amx) {
+      std::fill(sc.dpk_t.begin(), sc.dpk_t.end(), 0.f);
+      std::fill(sc.dpv_t.begin(), sc.dpv_t.end(), 0.f);
+    }
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = hkv * group + g;
       const float gamma = pb.gamma(op.gate, n, h);
@@ -139,16 +189,31 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
         if (plen == 0) continue;
         // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
         float* s = sc.s.data();
-        gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
-             s, plen);
-        for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
-        const T* p_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
-        gemm(false, false, m, d, plen, 1.f, p_in, plen, op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(), 0.f,
-             sc.o.data(), d);
-        // -- dp_p = dO prefix_vᵀ; D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
         float* dp = sc.dp.data();
-        gemm(false, true, m, plen, d, 1.f, dout, op.grad_out.ld(), op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(),
-             0.f, dp, plen);
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (amx) {
+            amx_gemm(m, plen, d / 2, pb.scale, TileA<T>{q, op.q.ld(), 2}, packed->prefix_keys_t->at(pn, hkv), false,
+                     s, plen);
+            for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
+            const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
+            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv), false,
+                     sc.o.data(), d);
+            amx_gemm(m, plen, d / 2, 1.f, TileA<T>{dout, op.grad_out.ld(), 2}, packed->prefix_values_t->at(pn, hkv),
+                     false, dp, plen);
+          }
+        }
+        if (!amx) {
+          gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
+               s, plen);
+          for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
+          const T* p_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+          gemm(false, false, m, d, plen, 1.f, p_in, plen, op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(), 0.f,
+               sc.o.data(), d);
+          // -- dp_p = dO prefix_vᵀ
+          gemm(false, true, m, plen, d, 1.f, dout, op.grad_out.ld(), op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(),
+               0.f, dp, plen);
+        }
+        // -- D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
         for (int64_t r = 0; r < m; ++r) {
           const float delta_p = dot_row(sc.o.data() + r * d, op.grad_out.at(n, h, i0 + r), d);
           dgamma += delta_p;
@@ -158,15 +223,38 @@ void prefix_pass(const Problem& pb, const Operands<T>& op) {
             s[r * plen + c] *= gamma;  // γ p_p, for dprefix_v
           }
         }
-        const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
-        const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
         // dq += ds_p prefix_k;  dprefix_k += ds_pᵀ q;  dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
-        gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 1.f,
-             dq.at(n, h, i0), dq.ld());
-        gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
-        gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (amx) {
+            const T* ds_in = as_pairs_input<T>(dp, m, plen, plen, sc.dp_t);
+            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), true,
+                     dq.at(n, h, i0), dq.ld());
+            interleave_rows(dp, m, plen, plen, sc.ds_pairs.data(), pair_width);
+            interleave_rows(s, m, plen, plen, sc.gp_pairs.data(), pair_width);
+            const TileB<T> qc = packed->query_cols->at(n, h), gc = packed->grad_cols->at(n, h);
+            amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
+                     TileB<T>{sc.ds_pairs.data(), 2 * pair_width}, true, sc.dpk_t.data(), plen);
+            amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
+                     TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
+          }
+        }
+        if (!amx) {
+          const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
+          const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+          gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 1.f,
+               dq.at(n, h, i0), dq.ld());
+          gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
+          gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
+        }
       }
       op.dgamma[n * pb.heads_q + h] = dgamma;
+    }
+    if (amx) {  // [D, P] -> [P, D]
+      for (int64_t c = 0; c < plen; ++c)
+        for (int64_t e = 0; e < d; ++e) {
+          dpk[c * d + e] += sc.dpk_t[e * plen + c];
+          dpv[c * d + e] += sc.dpv_t[e * plen + c];
+        }
     }
   });
 }
@@ -220,13 +308,14 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
   const int64_t group = pb.group(), d = pb.head_dim;
   const int64_t threads = at::get_num_threads();
   struct Scratch {
-    std::vector<float> s, dp, dk, dv;
+    std::vector<float> s, dp, dk, dv;  // dk, dv: [kKeyBlock, D], or on AMX dkᵀ, dvᵀ [D, kKeyBlock]
     std::vector<T> p_t, ds_t, ds_rows;
     std::vector<int64_t> seen;  // [query_block] keys of the block each query row sees
   };
   std::vector<Scratch> scratch(threads);
+  const bool amx = packed && packed->amx;
   const int64_t query_block =
-      !packed && std::is_same_v<T, at::BFloat16> ? kLibraryBf16QueryBlock : kQueryBlock;
+      (!packed || amx) && std::is_same_v<T, at::BFloat16> ? kLibraryBf16QueryBlock : kQueryBlock;
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
     const int64_t chunk = tasks[task].chunk, chunks = tasks[task].chunks, hkv = tasks[task].hkv, n = tasks[task].n;
     const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens_q);
@@ -252,6 +341,11 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
       const T* k = op.k.at(n, hkv, j0);
       const T* v = op.v.at(n, hkv, j0);
+      // bf16 tiles: k's rows packed with NaN and infinities zeroed, for ds k (masked_rows_product)
+      const uint8_t* key_flags = nullptr;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (packed) key_flags = packed->key_rows->nonfinite_rows(n, hkv, pb.rows_k(n)) + j0;
+      }
       // The first query row that sees key j0 (bottom-right causal alignment); even for bf16 tiles, whose query
       // rows come in pairs (the row before it sees none of these keys: its p is 0).
       int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
@@ -269,19 +363,27 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
           const T* dout = op.grad_out.at(n, h, i0);
           float* s = sc.s.data();
           float* dp = sc.dp.data();
-          // -- p = exp(scale · q kᵀ − lse_w), masked;  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
+          // -- p = exp(scale · q kᵀ − lse_w), masked (the products leave out the scale);  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
           if constexpr (kTileable<T>) {
             if (packed) {
               constexpr int64_t step = kStep<T>;
               const TileB<T> kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
-              tile_gemm<T>(m, nk, d / step, pb.scale, TileA<T>{q, op.q.ld(), step},
-                           TileB<T>{kt.data + step * j0, kt.k_stride}, false, s, kKeyBlock);
-              tile_gemm<T>(m, nk, d / step, 1.f, TileA<T>{dout, op.grad_out.ld(), step},
-                           TileB<T>{vt.data + step * j0, vt.k_stride}, false, dp, kKeyBlock);
+              const TileA<T> qa{q, op.q.ld(), step}, da{dout, op.grad_out.ld(), step};
+              const TileB<T> kb{kt.data + step * j0, kt.k_stride}, vb{vt.data + step * j0, vt.k_stride};
+              if constexpr (std::is_same_v<T, at::BFloat16>) {
+                if (amx) {
+                  amx_gemm(m, nk, d / step, 1.f, qa, kb, false, s, kKeyBlock);
+                  amx_gemm(m, nk, d / step, 1.f, da, vb, false, dp, kKeyBlock);
+                }
+              }
+              if (!amx) {
+                tile_gemm<T>(m, nk, d / step, 1.f, qa, kb, false, s, kKeyBlock);
+                tile_gemm<T>(m, nk, d / step, 1.f, da, vb, false, dp, kKeyBlock);
+              }
             }
           }
           if (!packed) {
-            gemm(false, true, m, nk, d, pb.scale, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
+            gemm(false, true, m, nk, d, 1.f, q, op.q.ld(), k, op.k.ld(), 0.f, s, kKeyBlock);
             gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, kKeyBlock);
           }
           for (int64_t r = 0; r < m; ++r) {
@@ -290,7 +392,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
             if (lse == kNegInf) seen = 0;  // the row saw no word at all
             float* srow = s + r * kKeyBlock;
             float* dprow = dp + r * kKeyBlock;
-            exp_shift_sum(srow, seen, lse);
+            exp_shift_sum(srow, seen, lse, pb.scale);
             std::fill(srow + seen, srow + nk, 0.f);
             const Vec delta(*op.delta_w.at(n, h, i0 + r));
             at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
@@ -304,7 +406,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                            true, sc.dv.data(), d);
               tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, kKeyBlock}, TileB<T>{q, op.q.ld()},
                            true, sc.dk.data(), d);
-              masked_rows_product<T>(m, sc.seen.data(), false, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+              masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
                                      dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
                 tile_gemm<T>(r1 - r0, d, keys, 1.f, TileA<T>{dp + r0 * kKeyBlock, kKeyBlock, 1},
                              TileB<T>{k, op.k.ld()}, true, dq.at(n, h, i0 + r0), dq.ld());
@@ -312,6 +414,33 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
               continue;
             }
           } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+            if (amx) {
+              // dvᵀ += dOᵀ p and dkᵀ += qᵀ ds over the query rows (p, ds as pairs of rows, B readable to
+              // round_up(nk, 16) words); dq += ds k over the keys, as on the register tiles.
+              const int64_t width = round_up(nk, 16), row_pairs = (m + 1) / 2;
+              T* p_pairs = sc.p_t.data();
+              T* ds_pairs = sc.ds_t.data();
+              T* ds_rows = sc.ds_rows.data();
+              interleave_rows(s, m, nk, kKeyBlock, p_pairs, width);
+              interleave_rows(dp, m, nk, kKeyBlock, ds_pairs, width);
+              for (int64_t r = 0; r < m; ++r) {
+                convert_row(dp + r * kKeyBlock, ds_rows + r * kKeyBlock, nk);
+                if (nk % 2) ds_rows[r * kKeyBlock + nk] = T(0.f);
+              }
+              const TileB<T> gc = packed->grad_cols->at(n, h), qc = packed->query_cols->at(n, h);
+              const TileB<T> kp = packed->key_rows->at(n, hkv);
+              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2}, TileB<T>{p_pairs, 2 * width},
+                       true, sc.dv.data(), kKeyBlock);
+              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2}, TileB<T>{ds_pairs, 2 * width},
+                       true, sc.dk.data(), kKeyBlock);
+              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+                amx_gemm(r1 - r0, d, keys / 2, 1.f, TileA<T>{ds_rows + r0 * kKeyBlock, kKeyBlock, 2},
+                         TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0 + r0),
+                         dq.ld());
+              });
+              continue;
+            }
             if (packed) {
               // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
               // over the keys: ds as rows, its odd last key paired with zero.
@@ -331,7 +460,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                            TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
               tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * nk},
                            TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
-              masked_rows_product<T>(m, sc.seen.data(), true, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
                                      dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
                 tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, TileA<T>{ds_rows + r0 * kKeyBlock, kKeyBlock, 2},
                              TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0 + r0),
@@ -345,12 +474,23 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
           // dv += pᵀ dO;  dk += dsᵀ q;  dq += ds k   (scale applied at the end)
           gemm(true, false, nk, d, m, 1.f, p_in, kKeyBlock, dout, op.grad_out.ld(), 1.f, sc.dv.data(), d);
           gemm(true, false, nk, d, m, 1.f, ds_in, kKeyBlock, q, op.q.ld(), 1.f, sc.dk.data(), d);
-          masked_rows_product<T>(m, sc.seen.data(), false, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0), dq.ld(),
+          masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, kKeyBlock, k, op.k.ld(), dq.at(n, h, i0),
+                                 dq.ld(),
                                  d, [&](int64_t r0, int64_t r1, int64_t keys) {
             gemm(false, false, r1 - r0, d, keys, 1.f, ds_in + r0 * kKeyBlock, kKeyBlock, k, op.k.ld(), 1.f,
                  dq.at(n, h, i0 + r0), dq.ld());
           });
         }
+      }
+      if (amx) {  // dkᵀ, dvᵀ [D, kKeyBlock] -> rows of dk, dv
+        std::vector<float>& row = sc.s;  // free until the next block
+        for (int64_t r = 0; r < block_keys; ++r) {
+          for (int64_t c = 0; c < d; ++c) row[c] = sc.dk[c * kKeyBlock + r] * pb.scale;
+          convert_row(row.data(), op.dk.at(n, hkv, j0 + r), d);
+          for (int64_t c = 0; c < d; ++c) row[c] = sc.dv[c * kKeyBlock + r];
+          convert_row(row.data(), op.dv.at(n, hkv, j0 + r), d);
+        }
+        continue;
       }
       for (int64_t r = 0; r < block_keys; ++r) {
         scale_row(sc.dk.data() + r * d, d, pb.scale);
@@ -400,11 +540,11 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
                           Rows<float>{delta_w.data_ptr<float>(), lse_layout(delta_w, cu_q)},
                           mutable_rows_of<scalar_t>(dk, cu_k), mutable_rows_of<scalar_t>(dv, cu_k), dq_acc,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
-    prefix_pass<scalar_t>(pb, op);  // writes D_w, which the word pass reads
     std::optional<PackedOperands<scalar_t>> packed;
     if constexpr (kTileable<scalar_t>) {
       if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
     }
+    prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads
     word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);
   });
   if (cu_k && pb.packed_end_k() < k.size(0)) {  // keys of no sequence

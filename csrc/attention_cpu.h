@@ -208,19 +208,20 @@ inline float row_max(const float* x, int64_t n) {
   return best;
 }
 
-// x[j] = exp(x[j] - shift) for j < n; returns the sum.
-inline float exp_shift_sum(float* x, int64_t n, float shift) {
-  const Vec vshift(shift);
+// x[j] = exp(scale · x[j] − shift) for j < n; returns the sum. The attention kernels pass unscaled scores q kᵀ
+// and the softmax scale here, so that their products need no epilogue.
+inline float exp_shift_sum(float* x, int64_t n, float shift, float scale = 1.f) {
+  const Vec vshift(shift), vscale(scale);
   Vec vsum(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    Vec e = at::vec::fmsub(Vec::loadu(x + j), vscale, vshift).exp_u20();
     e.store(x + j);
     vsum = vsum + e;
   }
   float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
   if (j < n) {
-    Vec e = (Vec::loadu(x + j, n - j) - vshift).exp_u20();
+    Vec e = at::vec::fmsub(Vec::loadu(x + j, n - j), vscale, vshift).exp_u20();
     e.store(x + j, n - j);
     float tail[Vec::size()];
     e.store(tail, n - j);
@@ -298,15 +299,32 @@ inline void axpy_row(float a, const T* x, float* y, int64_t n) {
 
 // The causal diagonal of a product over keys, acc[r] += Σ_j w[r][j] x[j] for the keys j < seen[r] of each row
 // (w[r][j] = 0 past them): a key that row r does not see must not reach it, not even as 0 · NaN (the contract:
-// a row's output depends only on the keys and values it sees, and a masked future value may hold anything).
-// `product(r0, r1, keys)` adds the keys [0, keys) for the rows [r0, r1) (register tile, MKL); it is called for
-// the whole row range when every row sees the same keys, else in bands of 8 rows over the keys each band's
-// first-seeing row sees, and the few keys past that (the band's own diagonal) are added row by row. `pairs`:
-// the product takes keys in pairs (bf16 tiles), so its key count is even.
+// a row's output depends only on the keys and values it sees, and a masked future value may hold anything), and
+// which path a row takes must not depend on what it does not see either, so that its bits do not.
+// `product(r0, r1, keys)` adds the keys [0, keys) for the rows [r0, r1) (register or AMX tile, MKL).
+//  - x read in place (`nonfinite` null): the product is called for the whole row range when every row sees the
+//    same keys, else in bands of 8 rows over the keys each band's first-seeing row sees, and the few keys past
+//    that (the band's own diagonal) are added row by row.
+//  - x packed with its NaN and infinities zeroed (pack_panels' zero_nonfinite; `nonfinite[j]` flags key j): one
+//    product over every key some row sees, where a row's w = 0 past its keys adds exactly 0, then each flagged key
+//    the row sees is added again from x itself, so that its NaN or infinity reaches exactly the rows that see it.
+// `pairs`: the product takes keys in pairs (bf16 tiles), so its key count is even.
 template <typename T, typename Product>
-void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const float* w, int64_t ldw,
-                         const T* x, int64_t ldx, float* acc, int64_t ld_acc, int64_t width, const Product& product) {
+void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const uint8_t* nonfinite, const float* w,
+                         int64_t ldw, const T* x, int64_t ldx, float* acc, int64_t ld_acc, int64_t width,
+                         const Product& product) {
   const int64_t lo = *std::min_element(seen, seen + rows), hi = *std::max_element(seen, seen + rows);
+  if (nonfinite != nullptr) {
+    const int64_t keys = pairs ? hi & ~int64_t(1) : hi;
+    if (keys > 0) product(0, rows, keys);
+    for (int64_t j = 0; j < keys; ++j)
+      if (nonfinite[j])
+        for (int64_t r = 0; r < rows; ++r)
+          if (j < seen[r]) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = keys; j < seen[r]; ++j) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+    return;
+  }
   const int64_t band = lo == hi ? rows : 8;
   for (int64_t r0 = 0; r0 < rows; r0 += band) {
     const int64_t r1 = std::min(rows, r0 + band);

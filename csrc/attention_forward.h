@@ -21,9 +21,9 @@ namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace forward_kernel {
 
 constexpr int64_t kRowsPerTile = 64;    // stacked query rows (heads × positions) per tile, register tiles
-// ... and on library products (MKL: AMX on Intel CPUs), whose cost per call (packing kᵀ and v, AMX set-up) wants
-// more rows per call: 256 ran the forward 1.16-1.22x faster than 64 at S = 1024 (bf16 and fp32, B = 1, Hq = 32,
-// Hkv = 8, D = 128, 2-core Xeon with AMX), as fast at S = 512.
+// ... and on library products (MKL: AMX on Intel CPUs) and AMX tiles, whose cost per call (MKL packing kᵀ and v,
+// AMX set-up) wants more rows per call: 256 ran the forward 1.16-1.22x faster than 64 at S = 1024 on MKL (bf16 and
+// fp32, B = 1, Hq = 32, Hkv = 8, D = 128, 2-core Xeon with AMX), as fast at S = 512; on AMX tiles 1.08x at 1024.
 constexpr int64_t kLibraryRowsPerTile = 256;
 constexpr int64_t kKeysPerBlock = 256;  // keys per step of the online softmax
 constexpr int64_t kDecodeMaxRows = 16;  // at most this many query positions per sequence: decode path
@@ -66,6 +66,10 @@ struct Operands {
   // for p v (fp32 reads v's rows in place). Null on the MKL path.
   const PackedPanels<T>* keys_t = nullptr;
   const PackedPanels<T>* value_rows = nullptr;
+  bool amx = false;  // bf16 products on AMX tiles over the same panels (tile_gemm_amx.h)
+  // AMX: prefix_kᵀ and prefix_v in pairs of rows, per (prefix row, kv head), for the prefix tile's two products.
+  const PackedPanels<T>* prefix_keys_t = nullptr;
+  const PackedPanels<T>* prefix_value_rows = nullptr;
 };
 
 template <typename T>
@@ -88,17 +92,21 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
   const int64_t rows = pb.group() * t.bq, d = pb.head_dim;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
     const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
-    // s = scale · q kᵀ for this block of keys
+    // s = q kᵀ for this block of keys (the softmax applies the scale)
     if constexpr (kTileable<T>) {
       if (op.keys_t) {
         constexpr int64_t step = kStep<T>;
         const TileB<T> kt = op.keys_t->at(t.n, t.hkv);
-        tile_gemm<T>(rows, nk, d / step, pb.scale, TileA<T>{sc.q.data(), d, step},
-                     TileB<T>{kt.data + step * j0, kt.k_stride}, false, sc.s.data(), kKeysPerBlock);
+        const TileA<T> q{sc.q.data(), d, step};
+        const TileB<T> keys{kt.data + step * j0, kt.k_stride};
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (op.amx) amx_gemm(rows, nk, d / step, 1.f, q, keys, false, sc.s.data(), kKeysPerBlock);
+        }
+        if (!op.amx) tile_gemm<T>(rows, nk, d / step, 1.f, q, keys, false, sc.s.data(), kKeysPerBlock);
       }
     }
     if (!op.keys_t) {
-      gemm(false, true, rows, nk, d, pb.scale, sc.q.data(), d, op.k.at(t.n, t.hkv, j0), op.k.ld(), 0.f,
+      gemm(false, true, rows, nk, d, 1.f, sc.q.data(), d, op.k.at(t.n, t.hkv, j0), op.k.ld(), 0.f,
            sc.s.data(), kKeysPerBlock);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -107,9 +115,9 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       sc.seen[r] = seen;
       if (seen > 0) {
         // -- update the running max and sum, rescale what was accumulated under the old max
-        const float m_new = std::max(sc.m[r], row_max(s, seen));
+        const float m_new = std::max(sc.m[r], pb.scale * row_max(s, seen));
         const float correction = std::exp(sc.m[r] - m_new);  // 0 when nothing was seen before
-        sc.l[r] = sc.l[r] * correction + exp_shift_sum(s, seen, m_new);
+        sc.l[r] = sc.l[r] * correction + exp_shift_sum(s, seen, m_new, pb.scale);
         if (correction != 1.f) scale_row(sc.acc.data() + r * d, d, correction);
         sc.m[r] = m_new;
       }
@@ -119,8 +127,13 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     // -- acc += p v, each row over the keys it sees only (masked_rows_product)
     const T* v = op.v.at(t.n, t.hkv, j0);
     bool pairs = false;
-    if constexpr (std::is_same_v<T, at::BFloat16>) pairs = op.value_rows != nullptr;
-    masked_rows_product<T>(rows, sc.seen.data(), pairs, sc.s.data(), kKeysPerBlock, v, op.v.ld(), sc.acc.data(), d,
+    const uint8_t* nonfinite = nullptr;  // bf16 tiles: v's rows packed with NaN and infinities zeroed
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      pairs = op.value_rows != nullptr;
+      if (pairs) nonfinite = op.value_rows->nonfinite_rows(t.n, t.hkv, pb.rows_k(t.n)) + j0;
+    }
+    masked_rows_product<T>(rows, sc.seen.data(), pairs, nonfinite, sc.s.data(), kKeysPerBlock, v, op.v.ld(),
+                           sc.acc.data(), d,
                            d, [&](int64_t r0, int64_t r1, int64_t keys) {
       float* acc = sc.acc.data() + r0 * d;
       if constexpr (std::is_same_v<T, float>) {
@@ -132,8 +145,12 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       } else if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (op.value_rows) {  // keys in pairs: `keys` is even
           const TileB<T> vp = op.value_rows->at(t.n, t.hkv);
-          tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, TileA<T>{sc.p.data() + r0 * kKeysPerBlock, kKeysPerBlock, 2},
-                       TileB<T>{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride}, true, acc, d);
+          const TileA<T> p{sc.p.data() + r0 * kKeysPerBlock, kKeysPerBlock, 2};
+          const TileB<T> values{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride};
+          if (op.amx)
+            amx_gemm(r1 - r0, d, keys / 2, 1.f, p, values, true, acc, d);
+          else
+            tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, p, values, true, acc, d);
           return;
         }
       }
@@ -160,8 +177,17 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
     // scaled by γ / sum so that one GEMM adds γ · softmax(s_p) prefix_v onto the word output.
     const int64_t pn = pb.prefix_row(t.n);
     float* s = sc.s.data();
-    gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
-         0.f, s, plen);
+    // AMX reads the probabilities as pairs: an odd P gets a zero column.
+    const bool amx = op.prefix_keys_t != nullptr;
+    const int64_t ldp = amx ? plen + plen % 2 : plen;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (amx)
+        amx_gemm(rows, plen, d / 2, pb.scale, TileA<T>{sc.q.data(), d, 2}, op.prefix_keys_t->at(pn, t.hkv), false,
+                 s, plen);
+    }
+    if (!amx)
+      gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
+           0.f, s, plen);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
       float* row = s + r * plen;
@@ -169,12 +195,21 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
       const float sum = exp_shift_sum(row, plen, mx);
       *op.lse_p.at(t.n, h, i) = mx + std::log(sum);
       scale_row(row, plen, pb.gamma(op.gate, t.n, h) / sum);
-      if constexpr (!std::is_same_v<T, float>) convert_row(row, sc.p.data() + r * plen, plen);
+      if constexpr (!std::is_same_v<T, float>) {
+        convert_row(row, sc.p.data() + r * ldp, plen);
+        if (ldp > plen) sc.p[r * ldp + plen] = T(0.f);
+      }
     }
     const T* probs;
     if constexpr (std::is_same_v<T, float>) probs = s; else probs = sc.p.data();
-    gemm(false, false, rows, d, plen, 1.f, probs, plen, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
-         sc.acc.data(), d);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (amx)
+        amx_gemm(rows, d, ldp / 2, 1.f, TileA<T>{probs, ldp, 2}, op.prefix_value_rows->at(pn, t.hkv), true,
+                 sc.acc.data(), d);
+    }
+    if (!amx)
+      gemm(false, false, rows, d, plen, 1.f, probs, plen, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
+           sc.acc.data(), d);
   } else {
     for (int64_t r = 0; r < rows; ++r) *op.lse_p.at(t.n, t.hkv * group + r / t.bq, t.i0 + r % t.bq) = kNegInf;
   }
@@ -195,7 +230,7 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest);
 template <typename T>
 void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim;
-  const int64_t rows_per_tile = use_tile_gemm<T>(d) ? kRowsPerTile : kLibraryRowsPerTile;
+  const int64_t rows_per_tile = use_tile_gemm<T>(d) && !use_amx<T>(d) ? kRowsPerTile : kLibraryRowsPerTile;
   const int64_t bq_max = std::max<int64_t>(1, rows_per_tile / group);
   int64_t longest = 0;
   for (int64_t n = 0; n < pb.num_seqs; ++n) longest = std::max(longest, pb.rows_q(n));
@@ -216,7 +251,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group.
-  std::optional<PackedPanels<T>> keys_t, value_rows;
+  std::optional<PackedPanels<T>> keys_t, value_rows, prefix_keys_t, prefix_value_rows;
   Operands<T> ops = op;
   if constexpr (kTileable<T>) {
     if (use_tile_gemm<T>(d)) {
@@ -226,8 +261,19 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
       ops.keys_t = &*keys_t;
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         value_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k,
-                                    [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); });
+                                    [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); },
+                                    /*zero_nonfinite=*/true);
         ops.value_rows = &*value_rows;
+        ops.amx = use_amx<T>(d);
+        if (ops.amx && pb.prefix_len > 0) {
+          auto rows_p = [&](int64_t) { return pb.prefix_len; };
+          prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
+                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); });
+          prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
+                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); });
+          ops.prefix_keys_t = &*prefix_keys_t;
+          ops.prefix_value_rows = &*prefix_value_rows;
+        }
       }
     }
   }
@@ -236,7 +282,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t task, int64_t slot) {
     const Tile& t = tiles[order[task]];
     Scratch<T>& sc = scratch[slot];
-    if (sc.acc.empty()) sc.reserve(tile_rows, d, std::max(kKeysPerBlock, pb.prefix_len));
+    if (sc.acc.empty()) sc.reserve(tile_rows, d, std::max(kKeysPerBlock, pb.prefix_len + 1));
     reset_state(sc, group * t.bq, d);
     gather_queries(pb, ops, t, sc.q.data());
     accumulate_words(pb, ops, t, 0, tile_key_end(pb, t), sc);

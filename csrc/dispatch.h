@@ -24,6 +24,12 @@
 
 #include "problem.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTADAPTER_HAS_AVX2_VARIANT 1
 #if __GNUC__ >= 10  // the first GCC with AVX512-BF16 intrinsics
@@ -44,6 +50,25 @@ inline bool mkl_is_native() {
     return __builtin_cpu_is("intel") != 0;
   }();
   return intel;
+#else
+  return false;
+#endif
+}
+
+// Whether this CPU and OS let the process use AMX-BF16 (Sapphire Rapids and later): the CPU reports AMX-TILE and
+// AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and Linux grants the tile data state on request
+// (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile instruction faults). Asked once per process.
+// FASTADAPTER_CPU_GEMM picks the products among those this says can run (tile_gemm_avx512.h, use_amx).
+inline bool amx_usable() {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
 #else
   return false;
 #endif
@@ -83,6 +108,11 @@ FASTADAPTER_DECLARE_VARIANT(avx2)
 #endif
 #ifdef FASTADAPTER_HAS_AVX512_VARIANT
 FASTADAPTER_DECLARE_VARIANT(avx512)
+namespace avx512 {
+// Whether this call's bf16 products (an even head_dim) run on AMX tiles: use_amx in tile_gemm_amx.h, which reads
+// FASTADAPTER_CPU_GEMM.
+bool bf16_products_on_amx();
+}
 #endif
 #undef FASTADAPTER_DECLARE_VARIANT
 

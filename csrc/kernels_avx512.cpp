@@ -24,6 +24,11 @@
 #define __AVX512DQ__ 1
 #define __AVX512CD__ 1
 #define __AVX512BF16__ 1
+#if __GNUC__ >= 11  // the first GCC with AMX intrinsics (tile_gemm_amx.h); run only where amx_usable()
+#pragma GCC target("amx-tile,amx-bf16")
+#define __AMX_TILE__ 1
+#define __AMX_BF16__ 1
+#endif
 
 #define FASTADAPTER_ISA avx512
 #define CPU_CAPABILITY fastadapter_avx512
@@ -32,4 +37,8 @@
 #include "attention_forward.h"
 #include "decode_linear.h"
 #include "training_rows.h"
+
+namespace fastadapter_cpu::avx512 {
+bool bf16_products_on_amx() { return use_amx<at::BFloat16>(2); }
+}  // namespace fastadapter_cpu::avx512
 #endif

@@ -155,11 +155,23 @@ std::tuple<std::string, std::string> cpu_path_op() {
 #else
       const bool library_default = false;
 #endif
+      // bf16 on AMX tiles wherever they run, unless FASTADAPTER_CPU_GEMM says mkl or tiles (use_amx).
+#ifdef FASTADAPTER_HAS_AVX512_VARIANT
+      const bool amx = avx512::bf16_products_on_amx();
+#else
+      const bool amx = false;
+#endif
+      const std::string fp32 = library_default && !tiles_forced
+                                   ? "fp32 on MKL (MKL's own kernels on this Intel CPU)"
+                                   : "fp32 on FMA register tiles";
       if (mkl_forced)
         what = "AVX-512 rows, " + library + " products (FASTADAPTER_CPU_GEMM=mkl)";
+      else if (amx)
+        what = "AVX-512 rows, bf16 products on AMX tiles, " + fp32 + ", fp16 on " + library +
+               " (FASTADAPTER_CPU_GEMM=tiles selects the AVX-512 register tiles, =mkl MKL)";
       else if (library_default && !tiles_forced)
-        what = "AVX-512 rows, MKL products (MKL's own kernels on this Intel CPU, AMX for bf16 where present; "
-               "FASTADAPTER_CPU_GEMM=tiles selects the register tiles)";
+        what = "AVX-512 rows, MKL products (MKL's own kernels on this Intel CPU; FASTADAPTER_CPU_GEMM=tiles selects "
+               "the register tiles)";
       else
         what = "AVX-512 register tiles (fp32 FMA, bf16 vdpbf16ps; fp16 on " + library + ")";
       break;

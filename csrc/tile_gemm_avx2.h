@@ -190,7 +190,7 @@ struct PackedPanels {
 
 // How an input [L, D] of one (sequence, head) becomes a B operand. Here only kTransposed: B = Xᵀ, element
 // (d, j) = X[j][d], the keys of a score product (q kᵀ, dO vᵀ); fp32 rows (kRows) are read in place.
-enum class PackKind { kTransposed, kRows };
+enum class PackKind { kTransposed, kRows, kColumns };
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
 // (sequence, head) are equally spaced). Writes the columns up to round_up(L, 16) (zeros past L).

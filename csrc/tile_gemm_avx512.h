@@ -45,9 +45,17 @@ constexpr bool kTileable = std::is_same_v<T, float> || std::is_same_v<T, at::BFl
 template <typename T>
 constexpr int64_t kStep = std::is_same_v<T, float> ? 1 : 2;
 
-// Whether this call's products use the register tiles: fp32, and bf16 with an even head_dim (q's rows are read
-// as pairs in place). By default where MKL is not native (AMD: mkl_is_native, dispatch.h), and always without
-// MKL; FASTADAPTER_CPU_GEMM=tiles or =mkl forces the choice (the tests run both).
+// Whether this call's bf16 products run on AMX tiles (tile_gemm_amx.h): by default wherever the CPU and OS run
+// them (amx_usable, dispatch.h) and the build has the intrinsics; FASTADAPTER_CPU_GEMM=tiles (the vdpbf16ps
+// register tiles) or =mkl turns them off, =amx asks for them (still only where they run). head_dim even, as for
+// the register tiles. The AMX kernels keep the register tiles' structure and packed operands (use_tile_gemm).
+template <typename T>
+inline bool use_amx(int64_t head_dim);
+
+// Whether this call's products use the register tiles (or, for bf16, the AMX tiles: use_amx): fp32, and bf16
+// with an even head_dim (q's rows are read as pairs in place). By default where MKL is not native (AMD:
+// mkl_is_native, dispatch.h) or AMX runs bf16, and always without MKL; FASTADAPTER_CPU_GEMM=tiles or =mkl forces
+// the choice (the tests run both).
 template <typename T>
 inline bool use_tile_gemm(int64_t head_dim) {
   if constexpr (!kTileable<T>) {
@@ -57,6 +65,7 @@ inline bool use_tile_gemm(int64_t head_dim) {
     const char* env = std::getenv("FASTADAPTER_CPU_GEMM");
     if (env != nullptr && std::strcmp(env, "mkl") == 0) return false;
     if (env != nullptr && std::strcmp(env, "tiles") == 0) return true;
+    if (use_amx<T>(head_dim)) return true;
 #ifdef FASTADAPTER_WITH_MKL
     return !mkl_is_native();
 #else
@@ -225,24 +234,95 @@ struct PackedPanels {
   std::vector<int64_t> size;   // [N] elements of one panel of sequence n
   std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
 
+  // kRows packed with zero_nonfinite: nonfinite[first_row[n] + h · rows(n) + i] says row i of head h of sequence n
+  // held a NaN or infinity (zeroed in the panel).
+  std::vector<uint8_t> nonfinite;
+  std::vector<int64_t> first_row;
+
   TileB<T> at(int64_t n, int64_t h) const { return {storage.const_data_ptr<T>() + base[n] + h * size[n], pitch[n]}; }
+  const uint8_t* nonfinite_rows(int64_t n, int64_t h, int64_t rows) const {
+    return nonfinite.data() + first_row[n] + h * rows;
+  }
 };
 
-// How an input [L, D] of one (sequence, head) becomes a B operand:
+// How an input [L, D] of one (sequence, head) becomes an operand:
 //  kTransposed: B = Xᵀ, the keys of a score product (q kᵀ, dO vᵀ). fp32: element (d, j) = X[j][d]; bf16: word
 //    (p, j) = (X[j][2p], X[j][2p+1]).
 //  kRows (bf16): B = X with its rows in pairs, word (u, d) = (X[2u][d], X[2u+1][d]), for a product over the rows
 //    (p v, ds k, pᵀ dO, dsᵀ q). fp32 reads such rows in place: a copy measured no faster.
-enum class PackKind { kTransposed, kRows };
+//  kColumns (bf16): A = Xᵀ row-major, element (d, i) = X[i][d] (word (d, u) = word (u, d) of kRows), the A operand
+//    of an AMX product over the rows (dOᵀ p, qᵀ ds: tile_gemm_amx.h).
+enum class PackKind { kTransposed, kRows, kColumns };
+
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+namespace detail {
+
+// Word (t, p) of `src` (rows of `src_words` 32-bit words) for t < len, p < words, transposed: word p of rows
+// j .. j + 15 at out + p · pitch + j (words), 16 rows at a time by one gather per word; columns up to
+// round_up(len, 16) written (zeros past len).
+inline void transpose_words(const int32_t* src, int64_t src_words, int64_t len, int64_t words, int32_t* out,
+                            int64_t pitch) {
+  const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int32_t>(src_words)));
+  for (int64_t j = 0; j < len; j += 16) {
+    const __mmask16 valid = lanes(len - j);
+    const int32_t* x = src + j * src_words;
+    for (int64_t p = 0; p < words; ++p)
+      _mm512_storeu_si512(out + p * pitch + j, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows16,
+                                                                           x + p, 4));
+  }
+}
+
+// Rows 2u and 2u + 1 of a bf16 [len, width] block (row stride `stride`) as words (x[2u][d], x[2u+1][d]) at
+// out + u · pitch + 2 d, for u < (len + 1) / 2 (an odd last row paired with zeros). With `nonfinite` (len flags),
+// NaN and infinities are written as 0 and their rows flagged.
+inline void pair_rows(const at::BFloat16* x, int64_t stride, int64_t len, int64_t width, at::BFloat16* out,
+                      int64_t pitch, uint8_t* nonfinite = nullptr) {
+  const __m256i exponent = _mm256_set1_epi16(0x7F80);
+  // Lane order of (x0[0..15], x1[0..15]) -> (x0[0], x1[0], x0[1], x1[1], ...).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t u = 0; u < (len + 1) / 2; ++u) {
+    const at::BFloat16* x0 = x + 2 * u * stride;
+    const bool partner = 2 * u + 1 < len;
+    at::BFloat16* o = out + u * pitch;
+    for (int64_t d = 0; d < width; d += 16) {
+      const __mmask16 valid = lanes(width - d);
+      __m256i a = _mm256_maskz_loadu_epi16(valid, x0 + d);
+      __m256i b = partner ? _mm256_maskz_loadu_epi16(valid, x0 + stride + d) : _mm256_setzero_si256();
+      if (nonfinite) {  // all exponent bits set: infinity or NaN
+        const __mmask16 bad_a = _mm256_cmpeq_epi16_mask(_mm256_and_si256(a, exponent), exponent);
+        const __mmask16 bad_b = _mm256_cmpeq_epi16_mask(_mm256_and_si256(b, exponent), exponent);
+        if (bad_a) {
+          a = _mm256_maskz_mov_epi16(static_cast<__mmask16>(~bad_a), a);
+          nonfinite[2 * u] = 1;
+        }
+        if (bad_b) {
+          b = _mm256_maskz_mov_epi16(static_cast<__mmask16>(~bad_b), b);
+          nonfinite[2 * u + 1] = 1;
+        }
+      }
+      const __m512i ab = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), interleave, _mm512_castsi256_si512(b));
+      _mm512_mask_storeu_epi32(o + 2 * d, valid, ab);
+    }
+  }
+}
+
+}  // namespace detail
+#endif
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
 // (sequence, head) are equally spaced); head_dim a multiple of kStep<T>. Only what the tiles read is written:
 // kTransposed, the columns up to round_up(L, 16); kRows, the head_dim columns of every row (odd bf16 partners as
-// zeros).
+// zeros); kColumns, the columns up to round_up(L, 32) (zeros past L).
+// `zero_nonfinite` (kRows): the panel holds 0 for NaN and infinities and `nonfinite` flags their rows, for a
+// product over keys that some rows must not see (masked_rows_product).
 template <typename T, typename LenFn, typename RowFn>
 PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
-                            const RowFn& row) {
+                            const RowFn& row, bool zero_nonfinite = false) {
   static_assert(kTileable<T>);
+  TORCH_CHECK(!zero_nonfinite || kind == PackKind::kRows, "fastadapter_cpu: zero_nonfinite packs rows (kRows) only");
   constexpr int64_t step = kStep<T>;
   TORCH_CHECK(head_dim % step == 0, "fastadapter_cpu: pack_panels needs head_dim a multiple of ", step, ", got ",
               head_dim);
@@ -255,22 +335,40 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
   const int64_t words_d = head_dim / step;  // 32-bit words of one row
   int64_t total = 0;
   for (int64_t n = 0; n < num_seqs; ++n) {
-    const int64_t len = rows(n), k_rows = kind == PackKind::kRows ? (len + step - 1) / step : words_d;
+    const int64_t len = rows(n), pairs = (len + step - 1) / step;
     // Pitches of a whole number of cache lines plus one: a power-of-two pitch (2 KB for 512 bf16 keys) would
     // map every row of a B panel to the same few sets of the 8-way L1 and evict the panel while it is in use.
-    packed.pitch[n] = step * (round_up(kind == PackKind::kRows ? head_dim : len, 16) + 16);
-    packed.size[n] = k_rows * packed.pitch[n];
+    switch (kind) {
+      case PackKind::kTransposed:
+        packed.pitch[n] = step * (round_up(len, 16) + 16);
+        packed.size[n] = words_d * packed.pitch[n];
+        break;
+      case PackKind::kRows:
+        packed.pitch[n] = step * (round_up(head_dim, 16) + 16);
+        packed.size[n] = pairs * packed.pitch[n];
+        break;
+      case PackKind::kColumns:
+        packed.pitch[n] = step * (round_up(pairs, 16) + 16);
+        packed.size[n] = head_dim * packed.pitch[n];
+        break;
+    }
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
   packed.storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  if (zero_nonfinite) {
+    packed.first_row.resize(num_seqs);
+    int64_t flags = 0;
+    for (int64_t n = 0; n < num_seqs; ++n) {
+      packed.first_row[n] = flags;
+      flags += heads * rows(n);
+    }
+    packed.nonfinite.assign(std::max<int64_t>(flags, 1) + 1, 0);  // + 1: an odd last row's zero partner
+  }
 #ifdef FASTADAPTER_HAS_TILE_GEMM
   T* out = packed.storage.template data_ptr<T>();
-  // bf16 lane order of (x0[0..15], x1[0..15]) -> (x0[0], x1[0], x0[1], x1[1], ...).
-  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
-    const __m512i interleave = _mm512_load_si512(kInterleave);
+    std::vector<T> pair_buffer;  // kColumns: the kRows words of one (sequence, head), then transposed
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / heads, h = task % heads, len = rows(n);
       T* panel = out + packed.base[n] + h * packed.size[n];
@@ -279,29 +377,19 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
       const T* first = reinterpret_cast<const T*>(row(n, h, 0));
       const int64_t row_stride = len > 1 ? reinterpret_cast<const T*>(row(n, h, 1)) - first : 0;
       if (kind == PackKind::kTransposed) {
-        // Panel word (p, j) = word p of row j: 16 rows at a time, one gathered vector per word p.
-        const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(static_cast<int32_t>(row_stride / step)));
-        for (int64_t j = 0; j < len; j += 16) {
-          const __mmask16 valid = detail::lanes(len - j);
-          const auto* x = reinterpret_cast<const int32_t*>(first + j * row_stride);
-          for (int64_t p = 0; p < words_d; ++p)
-            _mm512_storeu_si512(panel + p * pitch + step * j,
-                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows16, x + p, 4));
-        }
+        // Panel word (p, j) = word p of row j.
+        detail::transpose_words(reinterpret_cast<const int32_t*>(first), row_stride / step, len, words_d,
+                                reinterpret_cast<int32_t*>(panel), pitch / step);
       } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-        for (int64_t u = 0; u < (len + 1) / 2; ++u) {
-          const T* x0 = first + 2 * u * row_stride;
-          const bool partner = 2 * u + 1 < len;
-          T* o = panel + u * pitch;
-          for (int64_t d = 0; d < head_dim; d += 16) {
-            const __mmask16 valid = detail::lanes(head_dim - d);
-            const __m256i a = _mm256_maskz_loadu_epi16(valid, x0 + d);
-            const __m256i b = partner ? _mm256_maskz_loadu_epi16(valid, x0 + row_stride + d) : _mm256_setzero_si256();
-            const __m512i ab = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), interleave,
-                                                         _mm512_castsi256_si512(b));
-            _mm512_mask_storeu_epi32(o + 2 * d, valid, ab);
-          }
+        if (kind == PackKind::kRows) {
+          uint8_t* flags = zero_nonfinite ? packed.nonfinite.data() + packed.first_row[n] + h * len : nullptr;
+          detail::pair_rows(first, row_stride, len, head_dim, panel, pitch, flags);
+        } else {
+          const int64_t pairs = (len + 1) / 2;
+          pair_buffer.resize(pairs * 2 * head_dim);
+          detail::pair_rows(first, row_stride, len, head_dim, pair_buffer.data(), 2 * head_dim);
+          detail::transpose_words(reinterpret_cast<const int32_t*>(pair_buffer.data()), head_dim, pairs, head_dim,
+                                  reinterpret_cast<int32_t*>(panel), pitch / 2);
         }
       }
     }

@@ -85,8 +85,9 @@ def gemma3_gguf() -> pathlib.Path:
 
 @pytest.fixture
 def force_cpu_variant(monkeypatch):
-    """``force(variant, gemm=None)``: sets ``FASTADAPTER_CPU_ISA`` (and ``FASTADAPTER_CPU_GEMM``) for the test and
-    checks the kernels take it, or skips with the reason where this CPU or build cannot run that variant."""
+    """``force(variant, gemm=None)``: sets ``FASTADAPTER_CPU_ISA`` (and ``FASTADAPTER_CPU_GEMM``: mkl, tiles or amx)
+    for the test and checks the kernels take it, or skips with the reason where this CPU or build cannot run that
+    variant or its AMX tiles."""
     from fastadapter import _cpu_extension
 
     def force(variant: str, gemm=None) -> None:
@@ -100,6 +101,8 @@ def force_cpu_variant(monkeypatch):
         except RuntimeError as error:
             pytest.skip(str(error).splitlines()[0])
         assert chosen == variant and "forced by FASTADAPTER_CPU_ISA" in detail
+        if gemm == "amx" and "AMX tiles" not in detail:
+            pytest.skip(f"no AMX tiles here (CPU without AMX-BF16, OS without tile state, or GCC < 11): {detail}")
     return force
 
 

@@ -91,13 +91,16 @@ def test_every_kernel_variant_matches_reference(variant, case, force_cpu_variant
     check_against_reference(case, "cpu")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("gemm", ["mkl", "tiles"])
-def test_library_and_tile_products_of_every_variant_match_reference(variant, gemm, monkeypatch, force_cpu_variant):
-    """FASTADAPTER_CPU_GEMM forces MKL's products or the register tiles (where the variant has them), so both run
-    whichever is the variant's default (tiles on AVX-512, MKL on AVX2)."""
-    force_cpu_variant(variant)
-    monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
+#: (variant, FASTADAPTER_CPU_GEMM): MKL and the register tiles on every variant, AMX tiles on AVX-512.
+VARIANT_PRODUCTS = [(v, g) for v in VARIANTS for g in ("mkl", "tiles")] + [("avx512", "amx")]
+
+
+@pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
+def test_library_and_tile_products_of_every_variant_match_reference(variant, gemm, force_cpu_variant):
+    """FASTADAPTER_CPU_GEMM forces MKL's products, the register tiles or the AMX tiles (where the variant and CPU
+    have them), so each runs whichever is the variant's default (AMX for bf16 where the CPU has it, else tiles
+    on AVX-512, MKL on AVX2)."""
+    force_cpu_variant(variant, gemm)
     check_against_reference(Case(batch=2, seqlen_q=70, seqlen_k=70, head_dim=80, dtype=BF16), "cpu")
     check_against_reference(Case(batch=1, seqlen_q=50, seqlen_k=50, heads_q=2, heads_kv=2, head_dim=40), "cpu")
 
@@ -164,16 +167,14 @@ def test_extension_imports_before_torch():
 NAN_SEQLENS = [4, 9, 17, 40, 97]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("gemm", ["mkl", "tiles"])
+@pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
-def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, monkeypatch, force_cpu_variant):
+def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, force_cpu_variant):
     """The contract: a row's output depends only on the keys and values it sees. A NaN in the last key or value row
     (seen by the last query row only, a masked future position for every other) leaves every other row's output
     and its dq as they are with finite values there (the decode path leaked it at S = 4, the tiled paths at S > 16,
     as 0 · NaN in the products over masked keys). Both paths, every variant, MKL and tile products."""
-    force_cpu_variant(variant)
-    monkeypatch.setenv("FASTADAPTER_CPU_GEMM", gemm)
+    force_cpu_variant(variant, gemm)
     for seqlen in NAN_SEQLENS:
         generator = torch.Generator().manual_seed(seqlen)
 
@@ -208,8 +209,13 @@ def test_automatic_variant_is_the_widest_this_cpu_runs(monkeypatch):
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     intel = "GenuineIntel" in flags
     if "avx512_bf16" in flags and "avx512bw" in flags:
-        # MKL's own products on Intel CPUs (AMX for bf16), the register tiles elsewhere (csrc/tile_gemm_avx512.h).
-        default = "MKL products" if intel and torch.backends.mkl.is_available() else "register tiles"
+        mkl = intel and torch.backends.mkl.is_available()
+        if "amx_bf16" in flags and "amx_tile" in flags:
+            # bf16 on AMX tiles (csrc/tile_gemm_amx.h); fp32 on MKL's own kernels on Intel, else the FMA tiles.
+            default = "bf16 products on AMX tiles, " + ("fp32 on MKL" if mkl else "fp32 on FMA register tiles")
+        else:
+            # MKL's own products on Intel CPUs, the register tiles elsewhere (csrc/tile_gemm_avx512.h).
+            default = "MKL products" if mkl else "register tiles"
         assert chosen == "avx512" and default in detail, detail
     elif "avx2" in flags and "fma" in flags:
         # With MKL its products are the default there (faster than the AVX2 tiles, csrc/tile_gemm_avx2.h).
@@ -249,10 +255,14 @@ def test_only_the_variants_hold_instructions_beyond_the_baseline():
             head = re.sub(r"<[^<>]*>", "", head)
         return head.split()[-1] if head.split() else head
 
-    wide, tiles_seen = [], False
+    wide, tiles_seen, amx_seen = [], False, False
     for name, instructions in _functions_of(library).items():
         name = qualified(name)
         text = "\n".join(instructions)
+        if re.search(r"%tmm|ldtilecfg", text):  # AMX: the avx512 variant's tiles (csrc/tile_gemm_amx.h) only
+            amx_seen = amx_seen or "tdpbf16ps" in text
+            if not name.startswith(owners["avx512"]):
+                wide.append(f"AMX in {name}")
         uses_avx512 = re.search(r"%zmm|%k[1-7]\b", text) is not None
         uses_avx = uses_avx512 or re.search(r"%ymm|^v(?!err|erw)\w+", text, re.M) is not None
         if uses_avx512 and not name.startswith(owners["avx512"]):
@@ -262,6 +272,8 @@ def test_only_the_variants_hold_instructions_beyond_the_baseline():
         tiles_seen = tiles_seen or (name.startswith(owners["avx2"][0]) and "%ymm" in text)
     assert wide == [], "\n".join(wide[:20])
     assert tiles_seen, "no 256-bit code in the avx2 variant: the disassembly was not read"
+    if "AMX tiles" in torch.ops.fastadapter_cpu.cpu_path()[1]:
+        assert amx_seen, "the kernels say they run bf16 on AMX tiles, but no tdpbf16ps is in the library"
 
 
 ZERO_SIZE_CASES = [

@@ -37,8 +37,10 @@ VARIANT_RAGGED_CASES = [
 ]
 
 
-#: (variant, products): the generic variant has no register tiles (MKL whatever FASTADAPTER_CPU_GEMM says).
-VARIANT_PRODUCTS = [("avx512", "tiles"), ("avx512", "mkl"), ("avx2", "tiles"), ("avx2", "mkl"), ("generic", "mkl")]
+#: (variant, products): the generic variant has no register tiles (MKL whatever FASTADAPTER_CPU_GEMM says); AMX
+#: tiles are the avx512 variant's, where the CPU has them.
+VARIANT_PRODUCTS = [("avx512", "amx"), ("avx512", "tiles"), ("avx512", "mkl"), ("avx2", "tiles"), ("avx2", "mkl"),
+                    ("generic", "mkl")]
 
 
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
