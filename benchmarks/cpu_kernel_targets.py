@@ -15,8 +15,8 @@ of that peak, and its speed-up over the alternatives:
 * bytes saved for backward (counted with ``torch.autograd.graph.saved_tensors_hooks``) = the inputs, the output
   and the two fp32 log-sum-exps, nothing else.
 
-``--compare-mkl`` adds a table of the register tiles against MKL products in the same kernel variant
-(``FASTADAPTER_CPU_GEMM=mkl``); ``FASTADAPTER_CPU_ISA=avx2`` runs the whole benchmark on the AVX2 variant (save
+``--compare-products`` adds a table of the variant's product choices against each other, interleaved: AMX tiles,
+register tiles and MKL (``FASTADAPTER_CPU_GEMM=amx|tiles|mkl``, those this CPU runs); ``FASTADAPTER_CPU_ISA=avx2`` runs the whole benchmark on the AVX2 variant (save
 it with ``--out benchmarks/results/cpu-kernel-targets-avx2.txt``). The CPU model, thread count, load average and
 variant are printed first.
 
@@ -52,10 +52,10 @@ def fastadapter_cpu(q, k, v, prefix_k, prefix_v, gate, gate_tanh: bool = True):
 
 
 @contextlib.contextmanager
-def _mkl_products():
-    """FASTADAPTER_CPU_GEMM=mkl for the calls inside (the kernels read it on every call)."""
+def _products(name: str):
+    """FASTADAPTER_CPU_GEMM=name for the calls inside (the kernels read it on every call)."""
     before = os.environ.get("FASTADAPTER_CPU_GEMM")
-    os.environ["FASTADAPTER_CPU_GEMM"] = "mkl"
+    os.environ["FASTADAPTER_CPU_GEMM"] = name
     try:
         yield
     finally:
@@ -65,33 +65,39 @@ def _mkl_products():
             os.environ["FASTADAPTER_CPU_GEMM"] = before
 
 
-def fastadapter_cpu_mkl(*args, **kwargs):
-    with _mkl_products():
-        return fastadapter_cpu(*args, **kwargs)
+def available_products() -> list[str]:
+    """The FASTADAPTER_CPU_GEMM choices this variant and CPU run: AMX tiles (avx512 variant on an AMX CPU), the
+    register tiles (avx512 and avx2 variants), MKL (always)."""
+    names = []
+    for name, marker in (("amx", "AMX tiles"), ("tiles", "register tiles")):
+        with _products(name):
+            path = _cpu_extension.cpu_path()
+        if path and marker in path[1]:
+            names.append(name)
+    return names + ["mkl"]
 
 
-def _forward_backward_mkl(args):
-    grad = torch.randn(args[0].shape, dtype=args[0].dtype)
-
-    def run():
-        with _mkl_products():
-            out = fastadapter_cpu(*args)
-            torch.autograd.grad(out, args, grad)
-    return run
+def _with_products(name, run):
+    def wrapped():
+        with _products(name):
+            run()
+    return wrapped
 
 
-def mkl_rows(seqlens, dtypes, repeats):
-    """Register tiles against MKL products of the same variant: prefill forward and forward + backward."""
+def product_rows(seqlens, dtypes, repeats):
+    """Each product choice of the same variant (available_products), interleaved: prefill forward and forward +
+    backward, {name: seconds}."""
+    names = available_products()
     rows = []
     for dt in dtypes:
         for seqlen in seqlens:
             args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
-            fwd = interleaved_medians({"tiles": _forward(fastadapter_cpu, args),
-                                       "mkl": _forward(fastadapter_cpu_mkl, args)}, repeats)
-            fb = interleaved_medians({"tiles": _forward_backward(fastadapter_cpu, args),
-                                      "mkl": _forward_backward_mkl(args)}, repeats)
+            fwd = interleaved_medians({n: _with_products(n, _forward(fastadapter_cpu, args)) for n in names},
+                                      repeats)
+            fb = interleaved_medians({n: _with_products(n, _forward_backward(fastadapter_cpu, args))
+                                      for n in names}, repeats)
             rows.append((dt, seqlen, fwd, fb))
-    return rows
+    return names, rows
 
 
 def make_inputs(batch, seqlen_q, seqlen_k, heads, head_dim, prefix_len, dtype, requires_grad, heads_kv=None):
@@ -218,8 +224,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the providers that torch.compile each shape, eager_v1 compiled and flex_attention "
                              "(inductor: minutes per shape on a loaded machine)")
-    parser.add_argument("--compare-mkl", action="store_true",
-                        help="add a table of the register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl)")
+    parser.add_argument("--compare-products", action="store_true",
+                        help="add a table of every product choice of the variant against each other "
+                             "(FASTADAPTER_CPU_GEMM=amx|tiles|mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
                         "cpu-kernel-targets.txt", help="where to save the printed tables (and a .json of metadata)")
     args = parser.parse_args(argv)
@@ -268,14 +275,17 @@ def main(argv=None) -> int:
              f"{1e3 * smin:9.3f} {1e3 * smed:7.3f} {1e3 * scpu:7.3f} | {smin / cmin:6.2f} {smed / cmed:6.2f} "
              f"{scpu / max(ccpu, 1e-9):7.2f}")
 
-    if args.compare_mkl:
-        emit("\n# register tiles against MKL products (FASTADAPTER_CPU_GEMM=mkl), same variant: ms, speed-up")
-        emit(f"{'dtype':<5} {'S':>5} | {'fwd tile':>8} {'fwd mkl':>8} {'xmkl':>6} | {'f+b tile':>8} {'f+b mkl':>8} "
-             f"{'xmkl':>6}")
-        for dt, seqlen, fwd, fb in mkl_rows(args.seqlens, args.dtypes, args.repeats):
-            emit(f"{dt:<5} {seqlen:>5} | {1e3 * fwd['tiles']:8.1f} {1e3 * fwd['mkl']:8.1f} "
-                 f"{fwd['mkl'] / fwd['tiles']:6.2f} | {1e3 * fb['tiles']:8.1f} {1e3 * fb['mkl']:8.1f} "
-                 f"{fb['mkl'] / fb['tiles']:6.2f}")
+    if args.compare_products:
+        names, rows = product_rows(args.seqlens, args.dtypes, args.repeats)
+        emit("\n# products of the same variant (FASTADAPTER_CPU_GEMM=" + "|".join(names) + "), interleaved: ms of "
+             "forward, then of forward + backward, and each one's speed-up over MKL's")
+        emit(f"{'dtype':<5} {'S':>5} | " + " ".join(f"{'fwd ' + n:>10}" for n in names) + " | "
+             + " ".join(f"{'f+b ' + n:>10}" for n in names) + " | "
+             + " ".join(f"{'x mkl ' + n:>11}" for n in names if n != "mkl"))
+        for dt, seqlen, fwd, fb in rows:
+            emit(f"{dt:<5} {seqlen:>5} | " + " ".join(f"{1e3 * fwd[n]:10.1f}" for n in names) + " | "
+                 + " ".join(f"{1e3 * fb[n]:10.1f}" for n in names) + " | "
+                 + " ".join(f"{fwd['mkl'] / fwd[n]:5.2f}/{fb['mkl'] / fb[n]:5.2f}" for n in names if n != "mkl"))
 
     emit(f"\nfinished: {context_line()}")
     emit("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")

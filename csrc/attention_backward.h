@@ -39,7 +39,7 @@ struct Operands {
   Rows<const float> lse_w, lse_p;
   Rows<float> delta_w;  // D_w, lse layout
   Rows<T> dk, dv;
-  at::Tensor dq_acc;    // fp32 [chunks, *q.shape] (contiguous), unscaled
+  at::Tensor dq_acc;    // fp32 [chunks, *q.shape] (head-major underneath), unscaled
   float* dprefix_k;     // fp32 [N, Hkv, P, D], unscaled
   float* dprefix_v;     // fp32 [N, Hkv, P, D]
   float* dgamma;        // fp32 [N, Hq]
@@ -522,7 +522,15 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   const std::vector<WordTask> tasks = word_tasks(pb, &chunks);
   std::vector<int64_t> dq_shape{chunks};
   dq_shape.insert(dq_shape.end(), q.sizes().begin(), q.sizes().end());
-  at::Tensor dq_acc = at::zeros(dq_shape, f32);
+  // Head-major ([chunks, B, H, S, D] or [chunks, H, T, D]) behind q's logical shape: a head's dq rows are
+  // contiguous, so the products that add into them touch few pages (bf16 backward 1.06-1.10x, fp32 1.06x at
+  // S = 1024-2048 on a 2-core Xeon, B = 1, Hq = 32, Hkv = 8, D = 128, against q's own layout).
+  const int64_t dims = static_cast<int64_t>(dq_shape.size());
+  std::vector<int64_t> physical(dq_shape), order(dims);
+  std::swap(physical[dims - 3], physical[dims - 2]);
+  for (int64_t i = 0; i < dims; ++i) order[i] = i;
+  std::swap(order[dims - 3], order[dims - 2]);
+  at::Tensor dq_acc = at::zeros(physical, f32).permute(order);
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dprefix_k = at::zeros({pb.num_seqs, pb.heads_kv, pb.prefix_len, pb.head_dim}, f32);
@@ -553,7 +561,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
     dv.narrow(0, end, tail).zero_();
   }
 
-  at::Tensor dq = (chunks == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0)).mul_(pb.scale).to(q.scalar_type());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  dq.copy_((chunks == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0)).mul_(pb.scale));
   // Prefix gradients: [N, Hkv, P, D] -> [Bp, P, Hkv, D], summed over the batch for a shared prompt.
   auto finish_prefix = [&](at::Tensor g, double factor) {
     if (pb.prefix_batch == 1) g = g.sum(0, /*keepdim=*/true);

@@ -3,9 +3,10 @@
 Fused flash-style forward and memory-efficient backward for CPU tensors: multithreaded over sequences, kv heads
 and query tiles (split over the KV cache for decode), fp32 accumulation. The library holds three kernel variants
 and picks one per call from the CPU's features (csrc/dispatch.h; ``python -m fastadapter.info`` says which):
-AVX-512 register tiles (bf16 on AVX512-BF16 ``vdpbf16ps``, fp32 on FMA, fp16 on MKL), AVX2 register tiles (fp32
-FMA; bf16 and fp16 computed in fp32), or a generic one on MKL. ``FASTADAPTER_CPU_ISA=avx512|avx2|generic`` forces
-a variant, ``FASTADAPTER_CPU_GEMM=mkl`` MKL products within it. Supports every option of the contract (GQA/MQA,
+AVX-512 (bf16 on AMX tiles where the CPU has AMX, else on AVX512-BF16 ``vdpbf16ps`` register tiles; fp32 on FMA
+register tiles, or MKL on Intel CPUs; fp16 on MKL), AVX2 register tiles (fp32 FMA; bf16 and fp16 computed in fp32),
+or a generic one on MKL. ``FASTADAPTER_CPU_ISA=avx512|avx2|generic`` forces a variant,
+``FASTADAPTER_CPU_GEMM=amx|tiles|mkl`` the products within it (docs/cpu-kernels.md). Supports every option of the contract (GQA/MQA,
 shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not, inputs without elements) and the ragged
 forms: packed sequences with separate query and key offsets (``cu_seqlens_q``/``cu_seqlens_k``, bottom-right
 causal per sequence), ``seqused_k`` over a padded KV cache or packed keys, in fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.

@@ -637,9 +637,18 @@ def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
     out = tmp_path / "targets.txt"
     assert cpu_kernel_targets.main(["--repeats", "1", "--seqlens", "64", "--heads-kv", "32", "8", "--dtypes", "fp32",
                                     "bf16", "--decode-seqlens", "32", "--decode-batches", "2", "--decode-repeats",
-                                    "2", "--no-compile", "--out", str(out)]) == 0
+                                    "2", "--no-compile", "--compare-products", "--out", str(out)]) == 0
     text = out.read_text()
     assert "# prefill" in text and "# decode" in text and "# bytes saved for backward" in text
+    # the product table: one row per dtype, a time for every choice this CPU runs, MKL's always
+    names = cpu_kernel_targets.available_products()
+    assert names[-1] == "mkl" and "# products of the same variant (FASTADAPTER_CPU_GEMM=" + "|".join(names) in text
+    product_table = text.split("# products of the same variant")[1].split("\n\n")[0].splitlines()
+    product_rows = [line for line in product_table if line.startswith(("fp32 ", "bf16 "))]
+    assert len(product_rows) == 2
+    for row in product_rows:
+        times = [float(x) for part in row.split("|")[1:3] for x in part.split()]
+        assert len(times) == 2 * len(names) and all(math.isfinite(x) and x > 0 for x in times)
     # every prefill row: GFLOP/s, the same-run GEMM's and the percentage, finite; the context line first
     assert text.startswith("CPU ") and "load average" in text.splitlines()[0]
     rows = [line for line in text.splitlines() if line.startswith(("fp32 ", "bf16 ")) and line.count("|") == 2]
