@@ -167,6 +167,28 @@ def test_extension_imports_before_torch():
 NAN_SEQLENS = [4, 9, 17, 40, 97]
 
 
+#: Shapes at the AMX tiles' edges (csrc/tile_gemm_amx.h): head_dim with a partial last chunk of K (80 = 64 + 16,
+#: 136 = 128 + 8) or only a partial one (16), rows and keys that fill no 32 × 32 block (97, 33, 1025 stacked rows),
+#: an odd prefix and one wider than a column tile (P = 7, 17, 0), MHA, MQA and ragged sequences.
+AMX_EDGE_CASES = [
+    Case(batch=2, seqlen_q=97, seqlen_k=97, head_dim=80, dtype=BF16),
+    Case(batch=1, seqlen_q=33, seqlen_k=33, heads_q=3, heads_kv=3, head_dim=136, prefix_len=7, dtype=BF16),
+    Case(batch=1, seqlen_q=1025, seqlen_k=1025, heads_q=2, heads_kv=1, head_dim=16, prefix_len=17, dtype=BF16),
+    Case(batch=2, seqlen_q=70, seqlen_k=130, heads_q=4, heads_kv=1, head_dim=48, prefix_len=0, causal=False,
+         gate_activation="none", dtype=BF16),
+    Case(seqlens=[33, 1, 70], seqlens_k=[40, 97, 70], head_dim=64, prefix_len=3, prefix_batch=3, gate_shape="rows",
+         dtype=BF16),
+]
+
+
+@pytest.mark.parametrize("case", AMX_EDGE_CASES, ids=lambda c: c.id)
+def test_amx_tiles_at_their_edges_match_reference(case, force_cpu_variant):
+    """Forward and the gradient of every input on AMX tiles, at sizes that leave partial blocks and chunks (where
+    the CPU has AMX)."""
+    force_cpu_variant("avx512", "amx")
+    check_against_reference(case, "cpu")
+
+
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
 def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, force_cpu_variant):
