@@ -13,8 +13,9 @@
 //     batch, or batch × kv heads is too small to keep the threads busy). Keys past seqused_k are never read;
 //     the sequence's first chunk writes their dk, dv as 0.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
-// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL; the prefix pass's thin products (P ~ 10)
-// on MKL. Compiled once per kernel variant (dispatch.h).
+// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles where the CPU has them
+// (tile_gemm_amx.h; the two products over the query rows transposed, see PackedOperands), else on MKL; the prefix
+// pass's thin products (P ~ 10) on AMX tiles too, else on MKL. Compiled once per kernel variant (dispatch.h).
 #pragma once
 
 #include "attention_cpu.h"
@@ -367,7 +368,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
           const T* dout = op.grad_out.at(n, h, i0);
           float* s = sc.s.data();
           float* dp = sc.dp.data();
-          // -- p = exp(scale · q kᵀ − lse_w), masked (the products leave out the scale);  dp = dO vᵀ;  ds = p ∘ (dp − D_w)
+          // -- p = exp(scale · q kᵀ − lse_w), masked (the products leave out the scale);  dp = dO vᵀ;
+          //    ds = p ∘ (dp − D_w)
           if constexpr (kTileable<T>) {
             if (packed) {
               constexpr int64_t step = kStep<T>;
@@ -418,10 +420,12 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
               continue;
             }
           } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-            if (amx) {
-              // dvᵀ += dOᵀ p and dkᵀ += qᵀ ds over the query rows (p, ds as pairs of rows, B readable to
-              // round_up(nk, 16) words); dq += ds k over the keys, as on the register tiles.
-              const int64_t width = round_up(nk, 16), row_pairs = (m + 1) / 2;
+            if (packed) {
+              // p and ds as pairs of rows, for the two products over the query rows: on AMX the B of dvᵀ += dOᵀ p
+              // and dkᵀ += qᵀ ds (readable to round_up(nk, 16) words), on the register tiles the A of
+              // dv += pᵀ dO and dk += dsᵀ q. ds as rows, its odd last key paired with zero, for dq += ds k over
+              // the keys.
+              const int64_t width = amx ? round_up(nk, 16) : nk, row_pairs = (m + 1) / 2;
               T* p_pairs = sc.p_t.data();
               T* ds_pairs = sc.ds_t.data();
               T* ds_rows = sc.ds_rows.data();
@@ -431,44 +435,28 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                 convert_row(dp + r * key_block, ds_rows + r * key_block, nk);
                 if (nk % 2) ds_rows[r * key_block + nk] = T(0.f);
               }
-              const TileB<T> gc = packed->grad_cols->at(n, h), qc = packed->query_cols->at(n, h);
-              const TileB<T> kp = packed->key_rows->at(n, hkv);
-              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2}, TileB<T>{p_pairs, 2 * width},
-                       true, sc.dv.data(), key_block);
-              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2}, TileB<T>{ds_pairs, 2 * width},
-                       true, sc.dk.data(), key_block);
-              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
-                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
-                amx_gemm(r1 - r0, d, keys / 2, 1.f, TileA<T>{ds_rows + r0 * key_block, key_block, 2},
-                         TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0 + r0),
-                         dq.ld());
-              });
-              continue;
-            }
-            if (packed) {
-              // dv += pᵀ dO and dk += dsᵀ q run over the query rows: p and ds as pairs of rows; dq += ds k runs
-              // over the keys: ds as rows, its odd last key paired with zero.
-              T* p_pairs = sc.p_t.data();
-              T* ds_pairs = sc.ds_t.data();
-              T* ds_rows = sc.ds_rows.data();
-              interleave_rows(s, m, nk, key_block, p_pairs, nk);
-              interleave_rows(dp, m, nk, key_block, ds_pairs, nk);
-              for (int64_t r = 0; r < m; ++r) {
-                convert_row(dp + r * key_block, ds_rows + r * key_block, nk);
-                if (nk % 2) ds_rows[r * key_block + nk] = T(0.f);
+              if (amx) {
+                const TileB<T> gc = packed->grad_cols->at(n, h), qc = packed->query_cols->at(n, h);
+                amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
+                         TileB<T>{p_pairs, 2 * width}, true, sc.dv.data(), key_block);
+                amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
+                         TileB<T>{ds_pairs, 2 * width}, true, sc.dk.data(), key_block);
+              } else {
+                const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
+                tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * width},
+                             TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
+                tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * width},
+                             TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
               }
-              const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
               const TileB<T> kp = packed->key_rows->at(n, hkv);
-              const int64_t row_pairs = (m + 1) / 2;
-              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * nk},
-                           TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
-              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * nk},
-                           TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
               masked_rows_product<T>(m, sc.seen.data(), true, key_flags, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
                                      dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
-                tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, TileA<T>{ds_rows + r0 * key_block, key_block, 2},
-                             TileB<T>{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride}, true, dq.at(n, h, i0 + r0),
-                             dq.ld());
+                const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
+                const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};
+                if (amx)
+                  amx_gemm(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
+                else
+                  tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
               });
               continue;
             }

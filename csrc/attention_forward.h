@@ -7,7 +7,8 @@
 // [rows, BK] scores and [rows, D] accumulators.
 //
 // The products q kᵀ and p v run on register tiles over K (and V) packed once per (sequence, kv head)
-// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), else on MKL. Compiled once per kernel variant
+// (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles over the same panels where the CPU
+// has them (tile_gemm_amx.h, with the prefix tile's two products), else on MKL. Compiled once per kernel variant
 // (dispatch.h).
 //
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
@@ -133,8 +134,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       if (pairs) nonfinite = op.value_rows->nonfinite_rows(t.n, t.hkv, pb.rows_k(t.n)) + j0;
     }
     masked_rows_product<T>(rows, sc.seen.data(), pairs, nonfinite, sc.s.data(), kKeysPerBlock, v, op.v.ld(),
-                           sc.acc.data(), d,
-                           d, [&](int64_t r0, int64_t r1, int64_t keys) {
+                           sc.acc.data(), d, d, [&](int64_t r0, int64_t r1, int64_t keys) {
       float* acc = sc.acc.data() + r0 * d;
       if constexpr (std::is_same_v<T, float>) {
         if (op.keys_t) {  // fp32 reads v's rows in place

@@ -145,7 +145,8 @@ inline void amx_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const Til
     if (rows < 32 && chunks > 0) {  // the last partial block of rows: read from a copy, never past row m
       a_ld = 32 * chunks;  // rows past `rows` stay as they are: they only reach rows of C never written
       if (a_rows.size() < static_cast<size_t>(32 * a_ld)) a_rows.resize(32 * a_ld);
-      for (int64_t i = 0; i < rows; ++i) std::memcpy(a_rows.data() + i * a_ld, ai + i * a.row_stride, a_ld * sizeof(bf16));
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(a_rows.data() + i * a_ld, ai + i * a.row_stride, a_ld * sizeof(bf16));
       ai = a_rows.data();
     }
     const int64_t a_bytes = a_ld * static_cast<int64_t>(sizeof(bf16));
