@@ -224,6 +224,14 @@ def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, f
             torch.testing.assert_close(dq[:, :-1], want_dq[:, :-1], rtol=1e-5, atol=1e-5, msg=where)
 
 
+def _os_grants_amx_tiles() -> bool:
+    """Whether Linux lets this process use AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16 and later):
+    the same request the kernels make (csrc/dispatch.h, amx_usable) before they use AMX."""
+    import ctypes
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 numbers
+    return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+
+
 def test_automatic_variant_is_the_widest_this_cpu_runs(monkeypatch):
     monkeypatch.delenv("FASTADAPTER_CPU_ISA", raising=False)
     monkeypatch.delenv("FASTADAPTER_CPU_GEMM", raising=False)
@@ -232,7 +240,7 @@ def test_automatic_variant_is_the_widest_this_cpu_runs(monkeypatch):
     intel = "GenuineIntel" in flags
     if "avx512_bf16" in flags and "avx512bw" in flags:
         mkl = intel and torch.backends.mkl.is_available()
-        if "amx_bf16" in flags and "amx_tile" in flags:
+        if "amx_bf16" in flags and "amx_tile" in flags and _os_grants_amx_tiles():
             # bf16 on AMX tiles (csrc/tile_gemm_amx.h); fp32 on MKL's own kernels on Intel, else the FMA tiles.
             default = "bf16 products on AMX tiles, " + ("fp32 on MKL" if mkl else "fp32 on FMA register tiles")
         else:
