@@ -66,7 +66,7 @@ struct PackedOperands {
 };
 
 template <typename T>
-PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op) {
+PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool amx) {
   const int64_t d = pb.head_dim;
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
@@ -77,7 +77,7 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k),
                                      /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
-    packed.amx = use_amx<T>(d);
+    packed.amx = amx;
     const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
     auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
     auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
@@ -511,7 +511,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   const int32_t* cu_k = pb.cu_seqlens_k;
   const auto f32 = q.options().dtype(at::kFloat);
   int64_t chunks = 1;  // fp32 copies of dq
-  // The key block the word pass takes (word_pass): AMX's for bf16 on AMX tiles.
+  // Whether this call's bf16 products run on AMX tiles, decided once: the word pass's key block (word_tasks,
+  // word_pass) and the packed operands (pack_operands) follow it.
   const bool amx = q.scalar_type() == at::kBFloat16 && use_amx<at::BFloat16>(pb.head_dim);
   const std::vector<WordTask> tasks = word_tasks(pb, amx ? kAmxKeyBlock : kKeyBlock, &chunks);
   std::vector<int64_t> dq_shape{chunks};
@@ -544,7 +545,7 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     std::optional<PackedOperands<scalar_t>> packed;
     if constexpr (kTileable<scalar_t>) {
-      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op);
+      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx);
     }
     prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads
     word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);

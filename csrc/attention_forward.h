@@ -230,7 +230,9 @@ void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest);
 template <typename T>
 void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim;
-  const int64_t rows_per_tile = use_tile_gemm<T>(d) && !use_amx<T>(d) ? kRowsPerTile : kLibraryRowsPerTile;
+  // The products of this call (FASTADAPTER_CPU_GEMM and the CPU), decided once.
+  const bool tile_products = use_tile_gemm<T>(d), amx = use_amx<T>(d);
+  const int64_t rows_per_tile = tile_products && !amx ? kRowsPerTile : kLibraryRowsPerTile;
   const int64_t bq_max = std::max<int64_t>(1, rows_per_tile / group);
   int64_t longest = 0;
   for (int64_t n = 0; n < pb.num_seqs; ++n) longest = std::max(longest, pb.rows_q(n));
@@ -254,7 +256,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   std::optional<PackedPanels<T>> keys_t, value_rows, prefix_keys_t, prefix_value_rows;
   Operands<T> ops = op;
   if constexpr (kTileable<T>) {
-    if (use_tile_gemm<T>(d)) {
+    if (tile_products) {
       auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
       keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
                               [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
@@ -264,7 +266,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
                                     [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); },
                                     /*zero_nonfinite=*/true);
         ops.value_rows = &*value_rows;
-        ops.amx = use_amx<T>(d);
+        ops.amx = amx;
         if (ops.amx && pb.prefix_len > 0) {
           auto rows_p = [&](int64_t) { return pb.prefix_len; };
           prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,

@@ -58,7 +58,7 @@ inline bool mkl_is_native() {
 // Whether this CPU and OS let the process use AMX-BF16 (Sapphire Rapids and later): the CPU reports AMX-TILE and
 // AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), and Linux grants the tile data state on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile instruction faults). Asked once per process.
-// FASTADAPTER_CPU_GEMM picks the products among those this says can run (tile_gemm_avx512.h, use_amx).
+// FASTADAPTER_CPU_GEMM picks the products among those this says can run (tile_gemm_amx.h, use_amx).
 inline bool amx_usable() {
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
   static const bool usable = [] {

@@ -11,7 +11,7 @@
 //
 // Compiled in the avx512 variant when the compiler has AMX intrinsics (GCC 11 and later); used only where
 // amx_usable() (dispatch.h) says the CPU and OS run them, and FASTADAPTER_CPU_GEMM does not say otherwise
-// (use_amx in tile_gemm_avx512.h). The reference is the register tiles' tile_gemm and MKL's products: the tests
+// (use_amx below). The reference is the register tiles' tile_gemm and MKL's products: the tests
 // run all three against the fp32 reference.
 #pragma once
 
@@ -137,6 +137,7 @@ inline void amx_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const Til
   amx_detail::configure_tiles();
   const int64_t b_bytes = b.k_stride * static_cast<int64_t>(sizeof(bf16));
   const int64_t c_bytes = ldc * static_cast<int64_t>(sizeof(float));
+  const int64_t tail_b_bytes = 2 * n_words * static_cast<int64_t>(sizeof(bf16));
   for (int64_t i0 = 0; i0 < m; i0 += 32) {
     const int64_t rows = std::min<int64_t>(32, m - i0);
     const bool two_rows = rows > 16;
@@ -149,7 +150,6 @@ inline void amx_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const Til
         std::memcpy(a_rows.data() + i * a_ld, ai + i * a.row_stride, a_ld * sizeof(bf16));
       ai = a_rows.data();
     }
-    const int64_t a_bytes = a_ld * static_cast<int64_t>(sizeof(bf16));
     for (int64_t j0 = 0; j0 < n; j0 += 32) {
       const bool two_cols = n - j0 > 16;
       // A whole 32 × 32 block with alpha 1 goes straight between C and the tiles; others pass through `block`.
@@ -166,34 +166,22 @@ inline void amx_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const Til
         _tile_zero(2);
         _tile_zero(3);
       }
-      for (int64_t kc = 0; kc < chunks; ++kc) {
-        const bf16* bk = b.data + 16 * kc * b.k_stride + 2 * j0;
-        _tile_loadd(4, ai + 32 * kc, a_bytes);
-        _tile_loadd(6, bk, b_bytes);
+      // K chunks in place, then the zero-padded copy of the last partial one.
+      for (int64_t kc = 0; kc < chunks + (tail > 0 ? 1 : 0); ++kc) {
+        const bool copied = kc == chunks;
+        const bf16* ak = copied ? a_tail.data() + i0 * 32 : ai + 32 * kc;
+        const int64_t ak_ld = copied ? 32 : a_ld;
+        const bf16* bk = copied ? b_tail.data() + 2 * j0 : b.data + 16 * kc * b.k_stride + 2 * j0;
+        const int64_t bk_bytes = copied ? tail_b_bytes : b_bytes;
+        _tile_loadd(4, ak, ak_ld * static_cast<int64_t>(sizeof(bf16)));
+        _tile_loadd(6, bk, bk_bytes);
         _tile_dpbf16ps(0, 4, 6);
         if (two_cols) {
-          _tile_loadd(7, bk + 32, b_bytes);
+          _tile_loadd(7, bk + 32, bk_bytes);
           _tile_dpbf16ps(1, 4, 7);
         }
         if (two_rows) {
-          _tile_loadd(5, ai + 16 * a_ld + 32 * kc, a_bytes);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two_cols) _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      if (tail > 0) {
-        const bf16* at = a_tail.data() + i0 * 32;
-        const bf16* bt = b_tail.data() + 2 * j0;
-        const int64_t bt_bytes = 2 * n_words * static_cast<int64_t>(sizeof(bf16));
-        _tile_loadd(4, at, 64);
-        _tile_loadd(6, bt, bt_bytes);
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_cols) {
-          _tile_loadd(7, bt + 32, bt_bytes);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (two_rows) {
-          _tile_loadd(5, at + 16 * 32, 64);
+          _tile_loadd(5, ak + 16 * ak_ld, ak_ld * static_cast<int64_t>(sizeof(bf16)));
           _tile_dpbf16ps(2, 5, 6);
           if (two_cols) _tile_dpbf16ps(3, 5, 7);
         }

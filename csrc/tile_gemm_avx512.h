@@ -10,9 +10,10 @@
 // word (p, j) = (B[2p][j], B[2p+1][j]) at data + p * k_stride + 2 j. pack_panels makes every B operand.
 //
 // The tiles need AVX-512F/BW and AVX512-BF16 (the avx512 variant, kernels_avx512.cpp): elsewhere (the generic
-// variant) kHasTileGemm is false and the kernels use MKL. On Intel CPUs MKL's own products (AMX for bf16) are
-// the default instead (use_tile_gemm). FASTADAPTER_CPU_GEMM=mkl / =tiles force either (the tests run both). fp16
-// always uses MKL.
+// variant) kHasTileGemm is false and the kernels use MKL. bf16 runs on AMX tiles over the same panels where the
+// CPU has them (tile_gemm_amx.h); on Intel CPUs fp32 (and bf16 without AMX) takes MKL's own products instead
+// (use_tile_gemm). FASTADAPTER_CPU_GEMM=mkl / =tiles / =amx force a choice (the tests run each). fp16 always uses
+// MKL.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -363,7 +364,7 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
       packed.first_row[n] = flags;
       flags += heads * rows(n);
     }
-    packed.nonfinite.assign(std::max<int64_t>(flags, 1) + 1, 0);  // + 1: an odd last row's zero partner
+    packed.nonfinite.assign(std::max<int64_t>(flags, 1), 0);
   }
 #ifdef FASTADAPTER_HAS_TILE_GEMM
   T* out = packed.storage.template data_ptr<T>();
