@@ -392,18 +392,24 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
             gemm(false, true, m, nk, d, 1.f, q, op.q.ld(), k, op.k.ld(), 0.f, s, key_block);
             gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, key_block);
           }
-          for (int64_t r = 0; r < m; ++r) {
-            const float lse = *op.lse_w.at(n, h, i0 + r);
-            int64_t seen = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
-            if (lse == kNegInf) seen = 0;  // the row saw no word at all
-            float* srow = s + r * key_block;
-            float* dprow = dp + r * key_block;
-            exp_shift_sum(srow, seen, lse, pb.scale);
-            std::fill(srow + seen, srow + nk, 0.f);
-            const Vec delta(*op.delta_w.at(n, h, i0 + r));
-            at::vec::map2([delta](Vec p, Vec g) { return p * (g - delta); }, dprow, srow, dprow, nk);
-            std::fill(dprow + seen, dprow + nk, 0.f);  // masked keys: not 0 · (dO vᵀ), which a NaN value spoils
-            sc.seen[r] = seen;
+          const float* lse = op.lse_w.at(n, h, i0);  // the lse layout's rows are contiguous
+          const float* delta = op.delta_w.at(n, h, i0);
+          // The keys each row sees: the mask's alone, never the values (a row that saw no word has none; one
+          // whose lse is not finite, a NaN or infinite score, only spoils its own gradients): which path a row
+          // takes in masked_rows_product depends on the other rows' counts.
+          for (int64_t r = 0; r < m; ++r)
+            sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
+          const bool pair_tiles = std::is_same_v<T, at::BFloat16> && packed;
+          if (!pair_tiles) {
+            for (int64_t r = 0; r < m; ++r) {
+              float* srow = s + r * key_block;
+              float* dprow = dp + r * key_block;
+              exp_shift_sum(srow, sc.seen[r], lse[r], pb.scale);
+              std::fill(srow + sc.seen[r], srow + nk, 0.f);
+              const Vec dr(delta[r]);
+              at::vec::map2([dr](Vec p, Vec g) { return p * (g - dr); }, dprow, srow, dprow, nk);
+              std::fill(dprow + sc.seen[r], dprow + nk, 0.f);  // masked keys: not 0 · (dO vᵀ), which NaN spoils
+            }
           }
           if constexpr (std::is_same_v<T, float>) {
             if (packed) {
@@ -429,12 +435,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
               T* p_pairs = sc.p_t.data();
               T* ds_pairs = sc.ds_t.data();
               T* ds_rows = sc.ds_rows.data();
-              interleave_rows(s, m, nk, key_block, p_pairs, width);
-              interleave_rows(dp, m, nk, key_block, ds_pairs, width);
-              for (int64_t r = 0; r < m; ++r) {
-                convert_row(dp + r * key_block, ds_rows + r * key_block, nk);
-                if (nk % 2) ds_rows[r * key_block + nk] = T(0.f);
-              }
+              probability_and_grad_pairs(s, dp, key_block, m, nk, sc.seen.data(), lse, delta, pb.scale, p_pairs,
+                                         ds_pairs, width, ds_rows);
               if (amx) {
                 const TileB<T> gc = packed->grad_cols->at(n, h), qc = packed->query_cols->at(n, h);
                 amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},

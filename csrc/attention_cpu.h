@@ -196,16 +196,14 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 
 // -- vectorised rows -------------------------------------------------------------------------------------------
 
+// max_j x[j] for j < n (−inf when n = 0): vector lanes throughout, the last partial vector blended with −inf, so
+// that short rows (the prefix's P ~ 10 keys) take no scalar loop.
 inline float row_max(const float* x, int64_t n) {
-  float best = kNegInf;
+  Vec acc(kNegInf);
   int64_t j = 0;
-  if (n >= Vec::size()) {
-    Vec acc(kNegInf);
-    for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-    best = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-  }
-  for (; j < n; ++j) best = std::max(best, x[j]);
-  return best;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
 // x[j] = exp(scale · x[j] − shift) for j < n; returns the sum. The attention kernels pass unscaled scores q kᵀ
@@ -219,15 +217,57 @@ inline float exp_shift_sum(float* x, int64_t n, float shift, float scale = 1.f) 
     e.store(x + j);
     vsum = vsum + e;
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
   if (j < n) {
     Vec e = at::vec::fmsub(Vec::loadu(x + j, n - j), vscale, vshift).exp_u20();
     e.store(x + j, n - j);
-    float tail[Vec::size()];
-    e.store(tail, n - j);
-    for (int64_t t = 0; t < n - j; ++t) sum += tail[t];
+    vsum = vsum + Vec::set(Vec(0.f), e, n - j);
   }
-  return sum;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+}
+
+// out[0, count) = the first `count` (≤ 2 · Vec::size()) of a's lanes then b's, rounded to T (bf16 or fp16) to
+// nearest even. The avx512 variant rounds bf16 with AVX512-BF16's vcvtne2ps2bf16 (which reads fp32 denormals as
+// 0); elsewhere at::vec rounds.
+template <typename T>
+inline void store_rounded(const Vec& a, const Vec& b, T* out, int64_t count) {
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __mmask32 keep = count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1;
+    _mm512_mask_storeu_epi16(out, keep, (__m512i)_mm512_cvtne2ps_pbh(__m512(b), __m512(a)));
+    return;
+  }
+#endif
+  at::vec::convert_from_float<T>(a, b).store(out, count);
+}
+
+// The forward's word softmax row for a reduced-precision product (T bf16 or fp16), in one pass where
+// exp_shift_sum, a fill and convert_row take three: e[j] = exp(scale · x[j] − shift) for the keys the row sees
+// (j < seen), written over x, and out[j] = T(e[j]) for j < seen, T(0) for seen ≤ j < n (a masked key's score is
+// never read). Returns Σ_{j < seen} e[j]. The reference is exp_shift_sum followed by convert_row.
+template <typename T>
+float exp_shift_sum_rounded(float* x, int64_t seen, int64_t n, float shift, float scale, T* out) {
+  constexpr int64_t kLanes = Vec::size();
+  const Vec vshift(shift), vscale(scale);
+  Vec vsum(0.f);
+  // e over the kLanes keys from j, 0 past the row's keys
+  auto part = [&](int64_t j) {
+    const int64_t live = std::clamp<int64_t>(seen - j, 0, kLanes);
+    if (live == 0) return Vec(0.f);
+    Vec e;
+    if (live == kLanes) {
+      e = at::vec::fmsub(Vec::loadu(x + j), vscale, vshift).exp_u20();
+    } else {
+      e = Vec::set(Vec(0.f), at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift).exp_u20(), live);
+    }
+    e.store(x + j, live);
+    vsum = vsum + e;
+    return e;
+  };
+  for (int64_t j = 0; j < n; j += 2 * kLanes) {
+    const Vec lo = part(j), hi = part(j + kLanes);
+    store_rounded(lo, hi, out + j, std::min<int64_t>(2 * kLanes, n - j));
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
 // x[j] *= a for j < n.
@@ -336,12 +376,21 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
   }
 }
 
+// dst[j] = T(src[j]) for j < n (store_rounded's rounding).
 template <typename T>
 inline void convert_row(const float* src, T* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     if (src != dst) std::copy(src, src + n, dst);
   } else {
-    at::vec::convert(src, dst, n);
+    constexpr int64_t kLanes = Vec::size();
+    int64_t j = 0;
+    for (; j + 2 * kLanes <= n; j += 2 * kLanes)
+      store_rounded(Vec::loadu(src + j), Vec::loadu(src + j + kLanes), dst + j, 2 * kLanes);
+    if (j < n) {
+      const int64_t left = n - j;
+      store_rounded(Vec::loadu(src + j, std::min(left, kLanes)),
+                    left > kLanes ? Vec::loadu(src + j + kLanes, left - kLanes) : Vec(0.f), dst + j, left);
+    }
   }
 }
 

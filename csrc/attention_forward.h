@@ -114,16 +114,21 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       float* s = sc.s.data() + r * kKeysPerBlock;
       const int64_t seen = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
       sc.seen[r] = seen;
-      if (seen > 0) {
-        // -- update the running max and sum, rescale what was accumulated under the old max
-        const float m_new = std::max(sc.m[r], pb.scale * row_max(s, seen));
+      // -- the running max; p = exp(scale · s − max) over the keys the row sees, 0 past them (masked, future keys)
+      const float m_new = seen > 0 ? std::max(sc.m[r], pb.scale * row_max(s, seen)) : sc.m[r];
+      float sum;
+      if constexpr (std::is_same_v<T, float>) {
+        sum = seen > 0 ? exp_shift_sum(s, seen, m_new, pb.scale) : 0.f;
+        std::fill(s + seen, s + nk, 0.f);
+      } else {
+        sum = exp_shift_sum_rounded(s, seen, nk, m_new, pb.scale, sc.p.data() + r * kKeysPerBlock);
+      }
+      if (seen > 0) {  // -- update the running sum, rescale what was accumulated under the old max
         const float correction = std::exp(sc.m[r] - m_new);  // 0 when nothing was seen before
-        sc.l[r] = sc.l[r] * correction + exp_shift_sum(s, seen, m_new, pb.scale);
+        sc.l[r] = sc.l[r] * correction + sum;
         if (correction != 1.f) scale_row(sc.acc.data() + r * d, d, correction);
         sc.m[r] = m_new;
       }
-      std::fill(s + seen, s + nk, 0.f);  // masked (future) keys
-      if constexpr (!std::is_same_v<T, float>) convert_row(s, sc.p.data() + r * kKeysPerBlock, nk);
     }
     // -- acc += p v, each row over the keys it sees only (masked_rows_product)
     const T* v = op.v.at(t.n, t.hkv, j0);
@@ -168,7 +173,9 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
   const int64_t group = pb.group(), rows = group * t.bq, d = pb.head_dim, plen = pb.prefix_len;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
-    const bool any = sc.l[r] > 0.f;  // rows that see no word (Sq > Sk, causal) give 0
+    // Rows that see no word (Sq > Sk, causal) give 0 and lse −inf; a row that saw a NaN score has a NaN sum, and
+    // gives NaN (its lse too).
+    const bool any = sc.l[r] != 0.f;
     *op.lse_w.at(t.n, h, i) = any ? sc.m[r] + std::log(sc.l[r]) : kNegInf;
     scale_row(sc.acc.data() + r * d, d, any ? 1.f / sc.l[r] : 0.f);
   }

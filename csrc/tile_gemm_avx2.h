@@ -176,6 +176,16 @@ inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t
   TORCH_CHECK(false, "fastadapter_cpu: interleave_rows is part of the AVX512-BF16 tiles");
 }
 
+// The backward's pair-major probabilities and gradients (tile_gemm_avx512.h): never called here either.
+inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, int64_t rows, int64_t width,
+                                       const int64_t* seen, const float* lse, const float* delta, float scale,
+                                       at::BFloat16* p_pairs, at::BFloat16* ds_pairs, int64_t out_width,
+                                       at::BFloat16* ds_rows) {
+  (void)s, (void)dp, (void)ld, (void)rows, (void)width, (void)seen, (void)lse, (void)delta, (void)scale,
+      (void)p_pairs, (void)ds_pairs, (void)out_width, (void)ds_rows;
+  TORCH_CHECK(false, "fastadapter_cpu: probability_and_grad_pairs is part of the AVX512-BF16 tiles");
+}
+
 // Packed panels of an input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of different
 // sequences differ in size (varlen), so each sequence's panels start at base[n].
 template <typename T>

@@ -99,6 +99,13 @@ namespace detail {
 
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
+// The lane order that turns cvtne2ps_pbh(b, a) = (a0..a15, b0..b15) into pair words (a0, b0, a1, b1, ...).
+inline __m512i pair_order() {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(kInterleave);
+}
+
 // MR rows × 16·NV columns of C over all k steps. The MR · NV ≤ 16 accumulators must stay in registers: the loops
 // over rows and vectors are unrolled completely (GCC otherwise kept part of `acc` on the stack and stored it at
 // every step, which measured 4x slower inside the backward kernel).
@@ -202,10 +209,7 @@ inline void tile_gemm(int64_t m, int64_t n, int64_t steps, float alpha, const Ti
 inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t ld, at::BFloat16* out,
                             int64_t out_width) {
 #ifdef FASTADAPTER_HAS_TILE_GEMM
-  // Lane order of (a0..a15, b0..b15) -> (a0, b0, a1, b1, ...).
-  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i order = _mm512_load_si512(kInterleave);
+  const __m512i order = detail::pair_order();
   for (int64_t u = 0; u < (rows + 1) / 2; ++u) {
     const float* r0 = x + 2 * u * ld;
     const float* r1 = 2 * u + 1 < rows ? r0 + ld : nullptr;
@@ -223,6 +227,69 @@ inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t
 #else
   (void)x, (void)rows, (void)width, (void)ld, (void)out, (void)out_width;
   TORCH_CHECK(false, "fastadapter_cpu: interleave_rows needs AVX512-BF16");
+#endif
+}
+
+// The backward's probabilities and their gradient for a block of query rows, computed from the scores and written
+// as the bf16 products read them, in one pass where exp_shift_sum, map2, two fills, interleave_rows (twice) and
+// convert_row take seven. For row r and each key j < seen[r] it sees:
+//   p = exp(scale · s[r][j] − lse[r]),  ds = p · (dp[r][j] − delta[r])
+// and every other key gives exactly 0, whatever s and dp hold there (a masked key's dp may be NaN). Out:
+//  - p_pairs, ds_pairs: pair-major, interleave_rows' layout (rows 2u and 2u + 1 as words of pair row u,
+//    out_width ≥ width words per pair row, an odd last row paired with zeros);
+//  - ds_rows: ds as bf16 rows (leading dimension ld), an odd width padded with one zero column (pairs of keys);
+//  - ds in fp32 over dp[r][j < seen[r]], where masked_rows_product's fix-ups read it.
+// s, dp: fp32 [rows, ld]; seen, lse, delta: [rows]. The reference is that seven-pass sequence
+// (attention_backward.h, the MKL branch of word_pass, and the tests' reference implementation).
+inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, int64_t rows, int64_t width,
+                                       const int64_t* seen, const float* lse, const float* delta, float scale,
+                                       at::BFloat16* p_pairs, at::BFloat16* ds_pairs, int64_t out_width,
+                                       at::BFloat16* ds_rows) {
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+  using Vec = at::vec::Vectorized<float>;
+  const __m512i order = detail::pair_order();
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const int64_t row_words = width + (width & 1);
+  const int64_t end = std::max(out_width, row_words);
+  // p and ds of one row over the 16 keys from j: lanes past the row's keys are 0.
+  auto row_part = [&](int64_t r, int64_t j, __m512& p, __m512& ds) {
+    const __mmask16 live = detail::lanes(std::clamp<int64_t>(seen[r] - j, 0, 16));
+    if (live == 0) {
+      p = ds = _mm512_setzero_ps();
+      return;
+    }
+    const __m512 x = _mm512_maskz_loadu_ps(live, s + r * ld + j);
+    const __m512 e = Vec(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(lse[r]))).exp_u20();
+    p = _mm512_maskz_mov_ps(live, e);
+    float* g = dp + r * ld + j;
+    ds = _mm512_maskz_mul_ps(live, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, g), _mm512_set1_ps(delta[r])));
+    _mm512_mask_storeu_ps(g, live, ds);
+  };
+  for (int64_t u = 0; u < (rows + 1) / 2; ++u) {
+    const int64_t r0 = 2 * u;
+    const bool second = r0 + 1 < rows;
+    for (int64_t j = 0; j < end; j += 16) {
+      __m512 p0, ds0, p1 = _mm512_setzero_ps(), ds1 = _mm512_setzero_ps();
+      row_part(r0, j, p0, ds0);
+      if (second) row_part(r0 + 1, j, p1, ds1);
+      if (j < out_width) {
+        const __mmask16 words = detail::lanes(out_width - j);
+        const int64_t at = u * 2 * out_width + 2 * j;
+        _mm512_mask_storeu_epi32(p_pairs + at, words, _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+        _mm512_mask_storeu_epi32(ds_pairs + at, words,
+                                 _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0)));
+      }
+      if (j < row_words) {
+        const __mmask16 keys = detail::lanes(row_words - j);
+        _mm256_mask_storeu_epi16(ds_rows + r0 * ld + j, keys, (__m256i)_mm512_cvtneps_pbh(ds0));
+        if (second) _mm256_mask_storeu_epi16(ds_rows + (r0 + 1) * ld + j, keys, (__m256i)_mm512_cvtneps_pbh(ds1));
+      }
+    }
+  }
+#else
+  (void)s, (void)dp, (void)ld, (void)rows, (void)width, (void)seen, (void)lse, (void)delta, (void)scale,
+      (void)p_pairs, (void)ds_pairs, (void)out_width, (void)ds_rows;
+  TORCH_CHECK(false, "fastadapter_cpu: probability_and_grad_pairs needs AVX512-BF16");
 #endif
 }
 
