@@ -495,6 +495,29 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
   });
 }
 
+// dq = scale · Σ_c dq_acc[c] in q's dtype: one pass over the fp32 copies, row by row (torch's mul_ then copy_
+// take two, its mixed-dtype mul_out measured slower still).
+template <typename T>
+void write_dq(const Problem& pb, const at::Tensor& dq_acc, int64_t chunks, const Rows<T>& dq) {
+  std::vector<Rows<float>> copies;
+  for (int64_t c = 0; c < chunks; ++c) copies.push_back(dq_rows(dq_acc, c, pb.cu_seqlens_q));
+  const int64_t d = pb.head_dim, heads = pb.heads_q;
+  const float scale = pb.scale;
+  at::parallel_for(0, pb.num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / heads, h = task % heads;
+      for (int64_t i = 0; i < pb.rows_q(n); ++i) {
+        at::vec::map([scale](Vec x) { return x * Vec(scale); }, row.data(), copies[0].at(n, h, i), d);
+        for (int64_t c = 1; c < chunks; ++c)
+          at::vec::map2([scale](Vec acc, Vec x) { return acc + x * Vec(scale); }, row.data(), row.data(),
+                        copies[c].at(n, h, i), d);
+        convert_row(row.data(), dq.at(n, h, i), d);
+      }
+    }
+  });
+}
+
 }  // namespace backward_kernel
 
 BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out, const at::Tensor& q,
@@ -559,7 +582,10 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   }
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
-  dq.copy_((chunks == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0)).mul_(pb.scale));
+  FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::backward_dq", [&] {
+    write_dq<scalar_t>(pb, dq_acc, chunks, mutable_rows_of<scalar_t>(dq, cu_q));
+  });
+  if (cu_q && pb.packed_end_q() < q.size(0)) dq.narrow(0, pb.packed_end_q(), q.size(0) - pb.packed_end_q()).zero_();
   // Prefix gradients: [N, Hkv, P, D] -> [Bp, P, Hkv, D], summed over the batch for a shared prompt.
   auto finish_prefix = [&](at::Tensor g, double factor) {
     if (pb.prefix_batch == 1) g = g.sum(0, /*keepdim=*/true);

@@ -171,14 +171,16 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
 template <typename T>
 void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratch<T>& sc) {
   const int64_t group = pb.group(), rows = group * t.bq, d = pb.head_dim, plen = pb.prefix_len;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
-    // Rows that see no word (Sq > Sk, causal) give 0 and lse −inf; a row that saw a NaN score has a NaN sum, and
-    // gives NaN (its lse too).
-    const bool any = sc.l[r] != 0.f;
-    *op.lse_w.at(t.n, h, i) = any ? sc.m[r] + std::log(sc.l[r]) : kNegInf;
-    scale_row(sc.acc.data() + r * d, d, any ? 1.f / sc.l[r] : 0.f);
-  }
+  // lse = m + log(sum) for the rows of each head of the tile (contiguous in the lse layout), −inf where the sum is 0
+  auto write_lse = [&](const Rows<float>& lse) {
+    for (int64_t g = 0; g < group; ++g)
+      at::vec::map2([](Vec m, Vec l) { return Vec::blendv(Vec(kNegInf), m + l.log(), l != Vec(0.f)); },
+                    lse.at(t.n, t.hkv * group + g, t.i0), sc.m.data() + g * t.bq, sc.l.data() + g * t.bq, t.bq);
+  };
+  // Rows that see no word (Sq > Sk, causal) give 0 and lse −inf; a row that saw a NaN score has a NaN sum, and
+  // gives NaN (its lse too).
+  write_lse(op.lse_w);
+  for (int64_t r = 0; r < rows; ++r) scale_row(sc.acc.data() + r * d, d, sc.l[r] != 0.f ? 1.f / sc.l[r] : 0.f);
   if (plen > 0) {
     // The whole prefix (P ~ 10) is one block: plain softmax, no running max needed. Its probabilities are
     // scaled by γ / sum so that one GEMM adds γ · softmax(s_p) prefix_v onto the word output.
@@ -200,13 +202,15 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
       float* row = s + r * plen;
       const float mx = row_max(row, plen);
       const float sum = exp_shift_sum(row, plen, mx);
-      *op.lse_p.at(t.n, h, i) = mx + std::log(sum);
+      sc.m[r] = mx;  // the word part's m and l are spent: they hold the prefix's for its lse
+      sc.l[r] = sum;
       scale_row(row, plen, pb.gamma(op.gate, t.n, h) / sum);
       if constexpr (!std::is_same_v<T, float>) {
         convert_row(row, sc.p.data() + r * ldp, plen);
         if (ldp > plen) sc.p[r * ldp + plen] = T(0.f);
       }
     }
+    write_lse(op.lse_p);
     const T* probs;
     if constexpr (std::is_same_v<T, float>) probs = s; else probs = sc.p.data();
     if constexpr (std::is_same_v<T, at::BFloat16>) {
