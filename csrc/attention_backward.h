@@ -326,7 +326,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
     const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens_q);
     Scratch& sc = scratch[slot];
     if (sc.s.empty()) {
-      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(query_block * key_block);
+      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(std::max(query_block * key_block, 16 * d));  // s: also [16, D]
       for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(query_block * key_block);
       for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(key_block * d);
       sc.seen.resize(query_block);
@@ -476,13 +476,14 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
           });
         }
       }
-      if (amx) {  // dkᵀ, dvᵀ [D, key_block] -> rows of dk, dv
-        std::vector<float>& row = sc.s;  // free until the next block
-        for (int64_t r = 0; r < block_keys; ++r) {
-          for (int64_t c = 0; c < d; ++c) row[c] = sc.dk[c * key_block + r] * pb.scale;
-          convert_row(row.data(), op.dk.at(n, hkv, j0 + r), d);
-          for (int64_t c = 0; c < d; ++c) row[c] = sc.dv[c * key_block + r];
-          convert_row(row.data(), op.dv.at(n, hkv, j0 + r), d);
+      if (amx) {  // dkᵀ, dvᵀ [D, key_block] -> rows of dk, dv, 16 keys at a time
+        float* rows = sc.s.data();  // [16, D], free until the next block
+        for (int64_t r0 = 0; r0 < block_keys; r0 += 16) {
+          const int64_t nr = std::min<int64_t>(16, block_keys - r0);
+          transpose_scaled(sc.dk.data() + r0, key_block, nr, d, pb.scale, rows, d);
+          for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dk.at(n, hkv, j0 + r0 + r), d);
+          transpose_scaled(sc.dv.data() + r0, key_block, nr, d, 1.f, rows, d);
+          for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dv.at(n, hkv, j0 + r0 + r), d);
         }
         continue;
       }

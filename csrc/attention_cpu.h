@@ -376,6 +376,62 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Transposes the 16 × 16 block v[0..15] (v[i] = row i) in registers: v[j] becomes column j.
+__attribute__((always_inline)) inline void transpose_16x16(__m512 (&v)[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows, interleaved by element
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // quads: 4 rows' elements 4k..4k+3 in each 128-bit lane
+    v[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows 0-7 and 8-15 each gathered by lane pairs
+    t[i] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0xDD);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+#endif
+
+// dst[r][c] = scale · src[c][r] for r < rows, c < cols: src fp32 [cols, ld_src], dst fp32 [rows, ld_dst]. The
+// avx512 variant moves 16 × 16 blocks through registers (transpose_16x16); the scalar loop is its reference, and
+// takes the rows that fill no block.
+inline void transpose_scaled(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float scale, float* dst,
+                             int64_t ld_dst) {
+  int64_t r0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (; r0 + 16 <= rows; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        v[i] = i < nc ? _mm512_loadu_ps(src + (c0 + i) * ld_src + r0) : _mm512_setzero_ps();
+      transpose_16x16(v);
+      const __mmask16 keep = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + (r0 + j) * ld_dst + c0, keep, _mm512_mul_ps(v[j], vscale));
+    }
+#endif
+  for (int64_t r = r0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld_dst + c] = scale * src[c * ld_src + r];
+}
+
 // dst[j] = T(src[j]) for j < n (store_rounded's rounding).
 template <typename T>
 inline void convert_row(const float* src, T* dst, int64_t n) {
