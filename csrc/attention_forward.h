@@ -26,10 +26,13 @@ constexpr int64_t kRowsPerTile = 64;    // stacked query rows (heads × position
 // AMX set-up) wants more rows per call: 256 ran the forward 1.16-1.22x faster than 64 at S = 1024 on MKL (bf16 and
 // fp32, B = 1, Hq = 32, Hkv = 8, D = 128, 2-core Xeon with AMX), as fast at S = 512; on AMX tiles 1.08x at 1024.
 constexpr int64_t kLibraryRowsPerTile = 256;
-// ... but at most 128 positions per tile on AMX: the causal diagonal block computes the scores of the tile's
-// positions against keys up to its last one, half of them masked at 256 positions (MHA, G = 1); 128 ran the bf16
-// MHA forward 1.03-1.08x faster at S = 512-1024 (64 ran 0.90-1.0x; B = 1, Hq = Hkv = 32, D = 128, 2-core Xeon).
-constexpr int64_t kAmxPositionsPerTile = 128;
+// ... but on AMX at most max(128, S / 8) positions per tile: the causal diagonal block computes the scores of the
+// tile's positions against keys up to its last one, half of them masked, which at 256 positions of one head (MHA,
+// G = 1) is a large share of a short sequence. 128 ran the bf16 MHA forward 1.03-1.08x faster at S = 512-1024 (64:
+// 0.90-1.0x; B = 1, Hq = Hkv = 32, D = 128, 2-core Xeon); from S = 2048 on, where the diagonal weighs less and fewer
+// rows per tile would read the K and V panels more often, the two were within that machine's noise, so longer
+// sequences keep the larger tiles.
+constexpr int64_t kAmxMinPositionsPerTile = 128;
 constexpr int64_t kKeysPerBlock = 256;  // keys per step of the online softmax
 constexpr int64_t kDecodeMaxRows = 16;  // at most this many query positions per sequence: decode path
 constexpr int64_t kDecodeKeys = 64;     // keys per step of the decode path
@@ -247,10 +250,11 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim;
   // The products of this call (FASTADAPTER_CPU_GEMM and the CPU), decided once.
   const bool tile_products = use_tile_gemm<T>(d), amx = use_amx<T>(d);
-  const int64_t rows_per_tile = tile_products && !amx ? kRowsPerTile : kLibraryRowsPerTile;
-  const int64_t bq_max = std::clamp<int64_t>(rows_per_tile / group, 1, amx ? kAmxPositionsPerTile : rows_per_tile);
   int64_t longest = 0;
   for (int64_t n = 0; n < pb.num_seqs; ++n) longest = std::max(longest, pb.rows_q(n));
+  const int64_t rows_per_tile = tile_products && !amx ? kRowsPerTile : kLibraryRowsPerTile;
+  const int64_t positions = amx ? std::max(kAmxMinPositionsPerTile, longest / 8) : rows_per_tile;
+  const int64_t bq_max = std::clamp<int64_t>(rows_per_tile / group, 1, positions);
   const int64_t bq = std::min(bq_max, std::max<int64_t>(longest, 1));
   const int64_t tile_rows = group * bq;
   if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
