@@ -196,13 +196,18 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 
 // -- vectorised rows -------------------------------------------------------------------------------------------
 
+// x in lanes [0, count), `fill` in the others (a compare and a blend, where Vec::set is a call with a switch).
+inline Vec first_lanes(const Vec& x, int64_t count, float fill) {
+  return Vec::blendv(Vec(fill), x, Vec::arange(0.f, 1.f) < Vec(static_cast<float>(count)));
+}
+
 // max_j x[j] for j < n (−inf when n = 0): vector lanes throughout, the last partial vector blended with −inf, so
 // that short rows (the prefix's P ~ 10 keys) take no scalar loop.
 inline float row_max(const float* x, int64_t n) {
   Vec acc(kNegInf);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  if (j < n) acc = at::vec::maximum(acc, Vec::set(Vec(kNegInf), Vec::loadu(x + j, n - j), n - j));
+  if (j < n) acc = at::vec::maximum(acc, first_lanes(Vec::loadu(x + j, n - j), n - j, kNegInf));
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
@@ -220,7 +225,7 @@ inline float exp_shift_sum(float* x, int64_t n, float shift, float scale = 1.f) 
   if (j < n) {
     Vec e = at::vec::fmsub(Vec::loadu(x + j, n - j), vscale, vshift).exp_u20();
     e.store(x + j, n - j);
-    vsum = vsum + Vec::set(Vec(0.f), e, n - j);
+    vsum = vsum + first_lanes(e, n - j, 0.f);
   }
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
@@ -257,7 +262,7 @@ float exp_shift_sum_rounded(float* x, int64_t seen, int64_t n, float shift, floa
     if (live == kLanes) {
       e = at::vec::fmsub(Vec::loadu(x + j), vscale, vshift).exp_u20();
     } else {
-      e = Vec::set(Vec(0.f), at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift).exp_u20(), live);
+      e = first_lanes(at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift).exp_u20(), live, 0.f);
     }
     e.store(x + j, live);
     vsum = vsum + e;
