@@ -1,0 +1,182 @@
+"""Two builds of the CPU kernels timed side by side in one process: ``python -m benchmarks.cpu_build_ab``.
+
+On a shared machine, one build run as two processes gives timings further apart than most changes to the kernels
+(A/A runs on a 2-core Xeon: 47 and 64 ms for the same bf16 forward). So the base build is loaded into this process
+beside this checkout's: its ops are registered under another namespace (``fastadapter_cpu_base``), and each round
+runs every build's raw ops (forward, or forward then backward: no autograd, no Python wrappers) ``--iters`` times in
+turn, the order alternating from round to round. The table gives each build's median milliseconds and the median
+and range of the per-round ratios base / this.
+
+    python -m benchmarks.cpu_build_ab --make-base 58a986e --configs bf16:8:512:fb bf16:32:512:fwd
+    python -m benchmarks.cpu_build_ab --configs fp32:8:1024:fb      # again, against the base built before
+
+A config is ``dtype:Hkv:S:mode`` (dtype fp32 or bf16, mode fwd or fb) at B = 1, Hq = 32, D = 128, P = 10, causal.
+``--make-base`` checks the commit out into a temporary git worktree, renames the op namespace there and builds it
+in place (the compiler and this torch, about a minute) and saves the library outside the checkout
+(``--base-library``, by default in the temporary directory); nothing in this checkout changes.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .metadata import save_text_report
+
+BASE_NAMESPACE = "fastadapter_cpu_base"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "fb")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    """One timed call: LLaMA-7B heads (B = 1, Hq = 32, D = 128, P = 10), ``heads_kv`` kv heads, length ``seqlen``."""
+
+    dtype: str
+    heads_kv: int
+    seqlen: int
+    mode: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        """``dtype:Hkv:S:mode``, e.g. ``bf16:8:512:fb``; a ValueError says what was wrong."""
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"a config is dtype:Hkv:S:mode (e.g. bf16:8:512:fb), got {text!r}")
+        dtype, heads_kv, seqlen, mode = parts
+        if dtype not in DTYPES or mode not in MODES or not heads_kv.isdigit() or not seqlen.isdigit():
+            raise ValueError(f"config {text!r}: dtype must be one of {sorted(DTYPES)}, mode one of {list(MODES)}, "
+                             "Hkv and S positive integers")
+        if int(heads_kv) == 0 or 32 % int(heads_kv) or int(seqlen) == 0:
+            raise ValueError(f"config {text!r}: Hkv must divide Hq = 32 and S must be positive")
+        return cls(dtype, int(heads_kv), int(seqlen), mode)
+
+    def label(self) -> str:
+        return f"{self.dtype} Hkv={self.heads_kv:2d} S={self.seqlen:5d} {self.mode:3s}"
+
+
+def make_base(commit: str, out: pathlib.Path) -> pathlib.Path:
+    """Builds ``commit``'s CPU kernels with the ops under :data:`BASE_NAMESPACE` and copies the library to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fastadapter-base-") as tmp:
+        tree = pathlib.Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True)
+        try:
+            registration = tree / "csrc" / "registration.cpp"
+            text = registration.read_text()
+            renamed = text.replace("TORCH_LIBRARY(fastadapter_cpu,", f"TORCH_LIBRARY({BASE_NAMESPACE},").replace(
+                "TORCH_LIBRARY_IMPL(fastadapter_cpu,", f"TORCH_LIBRARY_IMPL({BASE_NAMESPACE},")
+            if renamed == text:
+                raise RuntimeError(f"{commit}: csrc/registration.cpp has no TORCH_LIBRARY(fastadapter_cpu, ...)")
+            registration.write_text(renamed)
+            print(f"building {commit} in {tree} ...", flush=True)
+            subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True)
+            built = sorted((tree / "fastadapter").glob("_C*.so"))
+            if not built:
+                raise RuntimeError(f"{commit}: the build left no fastadapter/_C*.so")
+            shutil.copyfile(built[0], out)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+    print(f"saved {out}")
+    return out
+
+
+def _inputs(config: Config) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    dtype, hkv, s = DTYPES[config.dtype], config.heads_kv, config.seqlen
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+    return {"q": randn(1, s, 32, 128), "k": randn(1, s, hkv, 128), "v": randn(1, s, hkv, 128),
+            "prefix_k": randn(1, 10, hkv, 128), "prefix_v": randn(1, 10, hkv, 128),
+            "gate": 0.5 * torch.randn(1, 32, generator=generator), "grad_out": randn(1, s, 32, 128)}
+
+
+def op_call(namespace: str, config: Config, inputs: dict):
+    """A call of one build's raw ops on ``inputs``: the forward, and for ``fb`` the backward after it."""
+    ops = getattr(torch.ops, namespace)
+    x = inputs
+    ragged = (None, None, None, 0, 0)
+    flags = (True, 128 ** -0.5, True)  # causal, softmax scale, tanh gate
+
+    def call():
+        out, lse_w, lse_p = ops.forward(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], x["gate"], *ragged,
+                                        *flags)
+        if config.mode == "fb":
+            ops.backward(x["grad_out"], x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], x["gate"], out,
+                         lse_w, lse_p, *ragged, *flags)
+    return call
+
+
+def compare(config: Config, base_namespace: str, iters: int, rounds: int) -> dict:
+    """Interleaved rounds of the two builds on one config: medians (ms) and the per-round ratios base / this."""
+    inputs = _inputs(config)
+    calls = {"base": op_call(base_namespace, config, inputs), "this": op_call("fastadapter_cpu", config, inputs)}
+    for call in calls.values():
+        call()
+    ms: dict[str, list[float]] = {"base": [], "this": []}
+    ratios = []
+    for r in range(rounds):
+        took = {}
+        for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
+            start = time.perf_counter()
+            for _ in range(iters):
+                calls[name]()
+            took[name] = (time.perf_counter() - start) / iters * 1e3
+            ms[name].append(took[name])
+        ratios.append(took["base"] / took["this"])
+    return {"base_ms": statistics.median(ms["base"]), "this_ms": statistics.median(ms["this"]),
+            "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-base", metavar="COMMIT", help="build COMMIT's kernels as the base library")
+    parser.add_argument("--base-library", type=pathlib.Path,
+                        default=pathlib.Path(tempfile.gettempdir()) / "fastadapter-base_C.so",
+                        help="the base build's _C library (made by --make-base)")
+    parser.add_argument("--configs", nargs="+", type=Config.parse, metavar="DTYPE:HKV:S:MODE",
+                        default=[Config.parse(c) for c in ("bf16:8:512:fb", "bf16:32:512:fb", "bf16:8:512:fwd")])
+    parser.add_argument("--iters", type=int, default=0, help="calls per build per round (0: about 0.1 s' worth)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/cpu-build-ab.txt")
+    args = parser.parse_args(argv)
+    if args.make_base:
+        make_base(args.make_base, args.base_library)
+    if not args.base_library.is_file():
+        parser.error(f"no base library at {args.base_library}: make one with --make-base COMMIT")
+    import fastadapter._C  # noqa: F401  (this checkout's ops: torch.ops.fastadapter_cpu)
+    torch.ops.load_library(str(args.base_library))
+    if not hasattr(getattr(torch.ops, BASE_NAMESPACE), "forward"):
+        parser.error(f"{args.base_library} registers no {BASE_NAMESPACE} ops: make it with --make-base COMMIT")
+    lines = [f"base {args.base_library} against this checkout; {torch.get_num_threads()} threads; "
+             f"each round runs both builds' raw ops in turn, the order alternating",
+             "config                      |  base ms   this ms | base/this median  (range)"]
+    print("\n".join(lines), flush=True)
+    for config in args.configs:
+        iters = args.iters
+        if iters <= 0:  # about 0.1 s of the base build per round
+            call = op_call(BASE_NAMESPACE, config, _inputs(config))
+            call()
+            start = time.perf_counter()
+            call()
+            iters = max(1, round(0.1 / (time.perf_counter() - start)))
+        row = compare(config, BASE_NAMESPACE, iters, args.rounds)
+        lines.append(f"{config.label()} | {row['base_ms']:8.2f}  {row['this_ms']:8.2f} | {row['ratio']:.3f}  "
+                     f"({row['low']:.2f}-{row['high']:.2f})")
+        print(lines[-1], flush=True)
+    save_text_report(args.out, lines, "cpu-build-ab", argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""benchmarks/cpu_build_ab.py: two builds of the CPU kernels side by side in one process (no timing is asserted)."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import cpu_build_ab
+from benchmarks.cpu_build_ab import Config
+
+
+def test_configs_parse_and_say_what_was_wrong():
+    assert Config.parse("bf16:8:512:fb") == Config("bf16", 8, 512, "fb")
+    for text, words in [("bf16:8:512", "dtype:Hkv:S:mode"), ("fp16:8:512:fb", "dtype must be one of"),
+                        ("bf16:8:512:bwd", "mode one of"), ("bf16:5:512:fb", "must divide"),
+                        ("bf16:8:0:fb", "S must be positive")]:
+        with pytest.raises(ValueError, match=words):
+            Config.parse(text)
+
+
+def test_compare_runs_both_builds_in_alternating_rounds(monkeypatch):
+    """This build against itself (its own namespace as the base): every round runs both, and the row holds the
+    medians and the ratios' range."""
+    import fastadapter._C  # noqa: F401
+    calls = []
+    real = cpu_build_ab.op_call
+
+    def counting(namespace, config, inputs):
+        call = real(namespace, config, inputs)
+
+        def counted():
+            calls.append(namespace)
+            call()
+        return counted
+    monkeypatch.setattr(cpu_build_ab, "op_call", counting)
+    row = cpu_build_ab.compare(Config("fp32", 8, 40, "fb"), "fastadapter_cpu", iters=1, rounds=3)
+    assert len(calls) == 2 + 2 * 3  # one warm-up call each, then both builds in every round
+    assert row["low"] <= row["ratio"] <= row["high"] and row["base_ms"] > 0 and row["this_ms"] > 0
+
+
+def test_main_without_a_base_library_says_how_to_make_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cpu_build_ab.main(["--base-library", str(tmp_path / "missing.so"), "--out", str(tmp_path / "ab.txt")])
+    assert "--make-base COMMIT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_make_base_builds_a_commit_that_loads_beside_this_build(tmp_path, capsys):
+    """HEAD built as the base (a git worktree, the namespace renamed), loaded into this process and compared on a
+    short forward + backward; the report names the config."""
+    base = cpu_build_ab.make_base("HEAD", tmp_path / "base_C.so")
+    out = tmp_path / "ab.txt"
+    assert cpu_build_ab.main(["--base-library", str(base), "--configs", "bf16:8:48:fb", "fp32:32:33:fwd",
+                              "--iters", "1", "--rounds", "2", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "bf16 Hkv= 8 S=   48 fb" in report and "fp32 Hkv=32 S=   33 fwd" in report
+    assert out.with_suffix(".json").is_file()
