@@ -84,10 +84,24 @@ def make_base(commit: str, out: pathlib.Path) -> pathlib.Path:
             if not built:
                 raise RuntimeError(f"{commit}: the build left no fastadapter/_C*.so")
             shutil.copyfile(built[0], out)
+            described = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], check=True,
+                                       capture_output=True, text=True).stdout.strip()
+            _commit_file(out).write_text(described + "\n")
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
     print(f"saved {out}")
     return out
+
+
+def _commit_file(library: pathlib.Path) -> pathlib.Path:
+    """Where make_base records which commit a base library was built from (beside it)."""
+    return library.with_name(library.name + ".commit")
+
+
+def base_description(library: pathlib.Path) -> str:
+    """The commit ``library`` was built from (as make_base recorded it), or its path when nothing was recorded."""
+    recorded = _commit_file(library)
+    return recorded.read_text().strip() if recorded.is_file() else f"{library} (commit not recorded)"
 
 
 def _inputs(config: Config) -> dict:
@@ -158,7 +172,7 @@ def main(argv=None) -> int:
     torch.ops.load_library(str(args.base_library))
     if not hasattr(getattr(torch.ops, BASE_NAMESPACE), "forward"):
         parser.error(f"{args.base_library} registers no {BASE_NAMESPACE} ops: make it with --make-base COMMIT")
-    lines = [f"base {args.base_library} against this checkout; {torch.get_num_threads()} threads; "
+    lines = [f"base {base_description(args.base_library)} against this checkout; {torch.get_num_threads()} threads; "
              f"each round runs both builds' raw ops in turn, the order alternating",
              "config                      |  base ms   this ms | base/this median  (range)"]
     print("\n".join(lines), flush=True)

@@ -205,7 +205,7 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
       gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
            0.f, s, plen);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t h = t.hkv * group + r / t.bq, i = t.i0 + r % t.bq;
+      const int64_t h = t.hkv * group + r / t.bq;
       float* row = s + r * plen;
       const float mx = row_max(row, plen);
       const float sum = exp_shift_sum(row, plen, mx);

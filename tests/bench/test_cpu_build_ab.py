@@ -51,5 +51,8 @@ def test_make_base_builds_a_commit_that_loads_beside_this_build(tmp_path, capsys
     assert cpu_build_ab.main(["--base-library", str(base), "--configs", "bf16:8:48:fb", "fp32:32:33:fwd",
                               "--iters", "1", "--rounds", "2", "--out", str(out)]) == 0
     report = out.read_text()
+    head = cpu_build_ab.subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+                                       cwd=cpu_build_ab.REPO).stdout.strip()
+    assert report.startswith(f"base {head} ")  # the commit the base was built from
     assert "bf16 Hkv= 8 S=   48 fb" in report and "fp32 Hkv=32 S=   33 fwd" in report
     assert out.with_suffix(".json").is_file()
