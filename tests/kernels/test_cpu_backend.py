@@ -224,6 +224,45 @@ def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, f
             torch.testing.assert_close(dq[:, :-1], want_dq[:, :-1], rtol=1e-5, atol=1e-5, msg=where)
 
 
+def _raw_forward_backward(q, k, v, prefix_k, prefix_v, gate, grad_out, lse_w_of=lambda lse_w: lse_w):
+    """The C++ ops without autograd: (lse_w, dq), with the saved lse_w passed through ``lse_w_of`` on its way to the
+    backward."""
+    ops, ragged, flags = torch.ops.fastadapter_cpu, (None, None, None, 0, 0), (True, q.shape[-1] ** -0.5, True)
+    out, lse_w, lse_p = ops.forward(q, k, v, prefix_k, prefix_v, gate, *ragged, *flags)
+    dq = ops.backward(grad_out, q, k, v, prefix_k, prefix_v, gate, out, lse_w_of(lse_w.clone()), lse_p, *ragged,
+                      *flags)[0]
+    return lse_w, dq
+
+
+@pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_a_rows_lse_never_changes_how_the_other_rows_are_computed(variant, gemm, dtype, force_cpu_variant):
+    """The last row's saved lse (-inf, +inf, NaN: what a row that saw a NaN or infinite score may carry) leaves every
+    other row's dq bit for bit: which keys a row sees comes from the mask, never from another row's lse (the
+    backward took lse = -inf as "saw no word" and so ran the other rows of the tile on another path, changing
+    their dq at bf16 rounding). And a row that sees a NaN key has a NaN lse (it read +inf, and then -inf)."""
+    force_cpu_variant(variant, gemm)
+    for seqlen in NAN_SEQLENS:
+        generator = torch.Generator().manual_seed(seqlen)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator).to(dtype)
+        q, k, v = randn(2, seqlen, 4, 80), randn(2, seqlen, 2, 80), randn(2, seqlen, 2, 80)
+        prefix_k, prefix_v, gate = randn(1, 3, 2, 80), randn(1, 3, 2, 80), torch.randn(1, 4, generator=generator)
+        grad_out = randn(2, seqlen, 4, 80)
+        _, want = _raw_forward_backward(q, k, v, prefix_k, prefix_v, gate, grad_out)
+        for value in (float("-inf"), float("inf"), float("nan")):
+            def poison(lse_w):
+                lse_w[:, :, -1] = value
+                return lse_w
+            _, dq = _raw_forward_backward(q, k, v, prefix_k, prefix_v, gate, grad_out, poison)
+            torch.testing.assert_close(dq[:, :-1], want[:, :-1], rtol=0, atol=0, msg=f"S={seqlen}, lse {value}")
+        spoiled = k.clone()
+        spoiled[:, -1] = float("nan")
+        lse_w, _ = _raw_forward_backward(q, spoiled, v, prefix_k, prefix_v, gate, grad_out)
+        assert torch.isnan(lse_w[:, :, -1]).all() and torch.isfinite(lse_w[:, :, :-1]).all(), f"S={seqlen}"
+
+
 def _os_grants_amx_tiles() -> bool:
     """Whether Linux lets this process use AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16 and later):
     the same request the kernels make (csrc/dispatch.h, amx_usable) before they use AMX."""
