@@ -1,4 +1,4 @@
-"""Two builds of the CPU kernels timed side by side in one process: ``python -m benchmarks.cpu_build_ab``.
+"""Two builds of the CPU kernels timed side by side: ``python -m benchmarks.cpu_build_ab``.
 
 On a shared machine, one build run as two processes gives timings further apart than most changes to the kernels
 (A/A runs on a 2-core Xeon: 47 and 64 ms for the same bf16 forward). So the base build is loaded into this process
@@ -9,6 +9,10 @@ and range of the per-round ratios base / this.
 
     python -m benchmarks.cpu_build_ab --make-base 58a986e --configs bf16:8:512:fb bf16:32:512:fwd
     python -m benchmarks.cpu_build_ab --configs fp32:8:1024:fb      # again, against the base built before
+
+``--processes`` runs each build in a fresh process of its own instead, every round (warm-up calls first): memory a
+build keeps between calls (csrc/workspace.h) changes how the allocator serves the other build in a shared process,
+so a change to what the kernels allocate is measured this way.
 
 A config is ``dtype:Hkv:S:mode`` (dtype fp32 or bf16, mode fwd or fb) at B = 1, Hq = 32, D = 128, P = 10, causal.
 ``--make-base`` checks the commit out into a temporary git worktree, renames the op namespace there and builds it
@@ -62,6 +66,10 @@ class Config:
 
     def label(self) -> str:
         return f"{self.dtype} Hkv={self.heads_kv:2d} S={self.seqlen:5d} {self.mode:3s}"
+
+    def spec(self) -> str:
+        """The ``dtype:Hkv:S:mode`` text :meth:`parse` reads."""
+        return f"{self.dtype}:{self.heads_kv}:{self.seqlen}:{self.mode}"
 
 
 def make_base(commit: str, out: pathlib.Path) -> pathlib.Path:
@@ -131,25 +139,70 @@ def op_call(namespace: str, config: Config, inputs: dict):
     return call
 
 
-def compare(config: Config, base_namespace: str, iters: int, rounds: int) -> dict:
-    """Interleaved rounds of the two builds on one config: medians (ms) and the per-round ratios base / this."""
-    inputs = _inputs(config)
-    calls = {"base": op_call(base_namespace, config, inputs), "this": op_call("fastadapter_cpu", config, inputs)}
-    for call in calls.values():
+def _timed(call, iters: int) -> float:
+    """Milliseconds per call of ``iters`` calls."""
+    start = time.perf_counter()
+    for _ in range(iters):
         call()
+    return (time.perf_counter() - start) / iters * 1e3
+
+
+def _rounds(rounds: int, time_build) -> dict:
+    """``rounds`` rounds of ``time_build(name)`` (ms) for both builds, the order alternating: medians (ms) and the
+    per-round ratios base / this."""
     ms: dict[str, list[float]] = {"base": [], "this": []}
     ratios = []
     for r in range(rounds):
         took = {}
         for name in (("base", "this") if r % 2 == 0 else ("this", "base")):
-            start = time.perf_counter()
-            for _ in range(iters):
-                calls[name]()
-            took[name] = (time.perf_counter() - start) / iters * 1e3
+            took[name] = time_build(name)
             ms[name].append(took[name])
         ratios.append(took["base"] / took["this"])
     return {"base_ms": statistics.median(ms["base"]), "this_ms": statistics.median(ms["this"]),
             "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
+
+
+def compare(config: Config, base_namespace: str, iters: int, rounds: int) -> dict:
+    """Interleaved rounds of the two builds on one config in this process: see :func:`_rounds`."""
+    inputs = _inputs(config)
+    calls = {"base": op_call(base_namespace, config, inputs), "this": op_call("fastadapter_cpu", config, inputs)}
+    for call in calls.values():
+        call()
+    return _rounds(rounds, lambda name: _timed(calls[name], iters))
+
+
+#: Calls a fresh process makes before it starts the clock.
+CHILD_WARMUP = 3
+
+
+def time_in_fresh_process(build: str, config: Config, iters: int, base_library: pathlib.Path) -> float:
+    """Milliseconds per call of one build's ops (``this`` or ``base``) in a new Python process that loads only that
+    build, after :data:`CHILD_WARMUP` calls."""
+    command = [sys.executable, "-m", __spec__.name, "--child", build, "--base-library",
+               str(base_library), "--configs", config.spec(), "--iters", str(iters)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def compare_processes(config: Config, iters: int, rounds: int, base_library: pathlib.Path) -> dict:
+    """Rounds of the two builds on one config, each run in a fresh process of its own: see :func:`_rounds`."""
+    return _rounds(rounds, lambda name: time_in_fresh_process(name, config, iters, base_library))
+
+
+def _child(build: str, config: Config, iters: int, base_library: pathlib.Path) -> float:
+    """What a fresh process of :func:`time_in_fresh_process` runs: ms per call of one build's ops."""
+    if build == "base":
+        torch.ops.load_library(str(base_library))
+        namespace = BASE_NAMESPACE
+    else:
+        import fastadapter._C  # noqa: F401
+        namespace = "fastadapter_cpu"
+    call = op_call(namespace, config, _inputs(config))
+    for _ in range(CHILD_WARMUP):
+        call()
+    return _timed(call, iters)
 
 
 def main(argv=None) -> int:
@@ -162,8 +215,14 @@ def main(argv=None) -> int:
                         default=[Config.parse(c) for c in ("bf16:8:512:fb", "bf16:32:512:fb", "bf16:8:512:fwd")])
     parser.add_argument("--iters", type=int, default=0, help="calls per build per round (0: about 0.1 s' worth)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--processes", action="store_true",
+                        help="run each build in a fresh process of its own every round (allocator state apart)")
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/cpu-build-ab.txt")
+    parser.add_argument("--child", choices=("base", "this"), help=argparse.SUPPRESS)  # one build, one config
     args = parser.parse_args(argv)
+    if args.child:
+        print(_child(args.child, args.configs[0], max(args.iters, 1), args.base_library))
+        return 0
     if args.make_base:
         make_base(args.make_base, args.base_library)
     if not args.base_library.is_file():
@@ -172,8 +231,10 @@ def main(argv=None) -> int:
     torch.ops.load_library(str(args.base_library))
     if not hasattr(getattr(torch.ops, BASE_NAMESPACE), "forward"):
         parser.error(f"{args.base_library} registers no {BASE_NAMESPACE} ops: make it with --make-base COMMIT")
+    how = ("in a fresh process each (after {} warm-up calls)".format(CHILD_WARMUP) if args.processes
+           else "in this process")
     lines = [f"base {base_description(args.base_library)} against this checkout; {torch.get_num_threads()} threads; "
-             f"each round runs both builds' raw ops in turn, the order alternating",
+             f"each round runs both builds' raw ops in turn, the order alternating, {how}",
              "config                      |  base ms   this ms | base/this median  (range)"]
     print("\n".join(lines), flush=True)
     for config in args.configs:
@@ -184,7 +245,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             call()
             iters = max(1, round(0.1 / (time.perf_counter() - start)))
-        row = compare(config, BASE_NAMESPACE, iters, args.rounds)
+        row = (compare_processes(config, iters, args.rounds, args.base_library) if args.processes
+               else compare(config, BASE_NAMESPACE, iters, args.rounds))
         lines.append(f"{config.label()} | {row['base_ms']:8.2f}  {row['this_ms']:8.2f} | {row['ratio']:.3f}  "
                      f"({row['low']:.2f}-{row['high']:.2f})")
         print(lines[-1], flush=True)

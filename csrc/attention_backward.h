@@ -4,7 +4,8 @@
 // Two passes:
 //  1. prefix pass, one task per (sequence, kv head): the prefix softmax (P ~ 10 keys) is recomputed whole; it
 //     gives D_p = rowsum(dO ∘ O_p), the word pass's D_w = rowsum(dO ∘ out) − γ D_p, the prefix part of dq,
-//     dprefix_k, dprefix_v and dγ. The task owns its (sequence, kv head) slice of every prefix gradient.
+//     dprefix_k, dprefix_v and dγ. The task owns its (sequence, kv head) slice of every prefix gradient, and
+//     writes its rows of dq's first fp32 copy (0 without a prefix), so that copy is never zero-filled first.
 //  2. word pass, one task per (sequence, kv head, chunk of key blocks): for each block of keys it walks every
 //     query block that sees it (all query heads of the group) and accumulates dk, dv of the block in
 //     registers-to-L2 sized buffers, written once. dq receives contributions from every key block, so each
@@ -66,30 +67,30 @@ struct PackedOperands {
 };
 
 template <typename T>
-PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool amx) {
+PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool amx, Workspace& ws) {
   const int64_t d = pb.head_dim;
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
   auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
-  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k)),
-                           pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v)),
+  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k), ws),
+                           pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v), ws),
                            std::nullopt, std::nullopt, std::nullopt};
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k),
+    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k), ws,
                                      /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
     packed.amx = amx;
     const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
     auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
     auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
-    query_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q));
-    grad_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out));
+    query_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q), ws);
+    grad_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
     if (packed.amx && pb.prefix_len > 0) {
       auto rows_p = [&](int64_t) { return pb.prefix_len; };
       const int64_t bp = pb.prefix_batch, hkv = pb.heads_kv;
-      packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k));
-      packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v));
-      packed.prefix_key_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_k));
-      packed.prefix_value_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_v));
+      packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
+      packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
+      packed.prefix_key_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
+      packed.prefix_value_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
     }
   }
   return packed;
@@ -190,7 +191,10 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         const T* dout = op.grad_out.at(n, h, i0);
         for (int64_t r = 0; r < m; ++r)
           *op.delta_w.at(n, h, i0 + r) = dot(op.grad_out.at(n, h, i0 + r), op.out.at(n, h, i0 + r), d);
-        if (plen == 0) continue;
+        if (plen == 0) {  // no ds_p prefix_k: the rows of dq's first copy start at 0
+          for (int64_t r = 0; r < m; ++r) std::fill(dq.at(n, h, i0 + r), dq.at(n, h, i0 + r) + d, 0.f);
+          continue;
+        }
         // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
         float* s = sc.s.data();
         float* dp = sc.dp.data();
@@ -227,11 +231,12 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
             s[r * plen + c] *= gamma;  // γ p_p, for dprefix_v
           }
         }
-        // dq += ds_p prefix_k;  dprefix_k += ds_pᵀ q;  dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
+        // dq = ds_p prefix_k (the first write of these rows of dq's first copy);  dprefix_k += ds_pᵀ q;
+        // dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (amx) {
             const T* ds_in = as_pairs_input<T>(dp, m, plen, plen, sc.dp_t);
-            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), true,
+            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), false,
                      dq.at(n, h, i0), dq.ld());
             interleave_rows(dp, m, plen, plen, sc.ds_pairs.data(), pair_width);
             interleave_rows(s, m, plen, plen, sc.gp_pairs.data(), pair_width);
@@ -245,7 +250,7 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         if (!amx) {
           const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
           const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
-          gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 1.f,
+          gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
                dq.at(n, h, i0), dq.ld());
           gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
           gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
@@ -551,7 +556,11 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   std::swap(physical[dims - 3], physical[dims - 2]);
   for (int64_t i = 0; i < dims; ++i) order[i] = i;
   std::swap(order[dims - 3], order[dims - 2]);
-  at::Tensor dq_acc = at::zeros(physical, f32).permute(order);
+  Workspace workspace;  // dq_acc and the packed panels
+  at::Tensor dq_acc = workspace.take_float(physical).permute(order);
+  // The prefix pass writes every row of a sequence in the first copy; a word task adds into its chunk's copy
+  // only the rows its keys reach.
+  if (chunks > 1) dq_acc.narrow(0, 1, chunks - 1).zero_();
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dprefix_k = at::zeros({pb.num_seqs, pb.heads_kv, pb.prefix_len, pb.head_dim}, f32);
@@ -571,7 +580,7 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     std::optional<PackedOperands<scalar_t>> packed;
     if constexpr (kTileable<scalar_t>) {
-      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx);
+      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx, workspace);
     }
     prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads
     word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);

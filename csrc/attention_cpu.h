@@ -186,8 +186,9 @@ inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
     return (trans ? t.t() : t).to(at::kFloat);
   };
   auto ct = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
-  if (k == 0) {
-    ct.mul_(beta);
+  if (k == 0) {  // C = beta C, with C not read when beta is 0 (BLAS)
+    if (beta == 0.f) ct.zero_();
+    else ct.mul_(beta);
     return;
   }
   ct.addmm_(view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, alpha);

@@ -258,6 +258,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t bq = std::min(bq_max, std::max<int64_t>(longest, 1));
   const int64_t tile_rows = group * bq;
   if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
+  Workspace workspace;  // the packed panels
 
   // Tiles, most expensive first (the keys a tile's rows see, times its rows): handing them out first keeps the
   // dynamic schedule balanced at the end, for ragged sequences as for the causal mask's late positions.
@@ -278,20 +279,20 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
     if (tile_products) {
       auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
       keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
-                              [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); });
+                              [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); }, workspace);
       ops.keys_t = &*keys_t;
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         value_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k,
-                                    [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); },
+                                    [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); }, workspace,
                                     /*zero_nonfinite=*/true);
         ops.value_rows = &*value_rows;
         ops.amx = amx;
         if (ops.amx && pb.prefix_len > 0) {
           auto rows_p = [&](int64_t) { return pb.prefix_len; };
           prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); });
+                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); }, workspace);
           prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); });
+                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); }, workspace);
           ops.prefix_keys_t = &*prefix_keys_t;
           ops.prefix_value_rows = &*prefix_value_rows;
         }

@@ -20,3 +20,4 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "workspace.h"

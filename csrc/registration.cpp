@@ -22,6 +22,9 @@
 //
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
+//   torch.ops.fastadapter_cpu.workspace_bytes() -> int, release_workspace(), fill_workspace(value)
+//       the buffers the calling thread's kernel calls keep between calls (workspace.h)
+//
 // The contract of these ops is written once, in fastadapter/kernels/problem.py (AttentionProblem): the cpu backend
 // calls them with a problem validated there, and its arguments in that file's OP_SCHEMA order. The checks below
 // are cheap guards of the same conditions for a direct caller of torch.ops.fastadapter_cpu (no out-of-bounds read
@@ -45,6 +48,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "workspace.h"
 
 namespace fastadapter_cpu {
 namespace {
@@ -564,6 +568,10 @@ TORCH_LIBRARY(fastadapter_cpu, m) {
   m.def("gated_activation_backward(Tensor grad, Tensor gate, Tensor up, bool gelu_tanh) -> (Tensor, Tensor)");
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor target, int ignore_index) -> Tensor");
   m.def("cpu_path() -> (str, str)", &cpu_path_op);
+  // The calling thread's kernel buffers (workspace.h).
+  m.def("workspace_bytes() -> int", &workspace_bytes);
+  m.def("release_workspace() -> ()", &release_workspace);
+  m.def("fill_workspace(int value) -> ()", &fill_workspace);
 }
 
 TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {

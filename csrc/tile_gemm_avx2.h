@@ -190,12 +190,12 @@ inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, in
 // sequences differ in size (varlen), so each sequence's panels start at base[n].
 template <typename T>
 struct PackedPanels {
-  at::Tensor storage;          // every panel
+  const T* data = nullptr;     // every panel (memory of the call's Workspace)
   std::vector<int64_t> base;   // [N] first element of sequence n's panels
   std::vector<int64_t> size;   // [N] elements of one panel of sequence n
   std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
 
-  TileB<T> at(int64_t n, int64_t h) const { return {storage.const_data_ptr<T>() + base[n] + h * size[n], pitch[n]}; }
+  TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
 };
 
 // How an input [L, D] of one (sequence, head) becomes a B operand. Here only kTransposed: B = Xᵀ, element
@@ -206,7 +206,7 @@ enum class PackKind { kTransposed, kRows, kColumns };
 // (sequence, head) are equally spaced). Writes the columns up to round_up(L, 16) (zeros past L).
 template <typename T, typename LenFn, typename RowFn>
 PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
-                            const RowFn& row) {
+                            const RowFn& row, Workspace& workspace) {
   static_assert(std::is_same_v<T, float>, "the AVX2 tiles multiply fp32");
   TORCH_CHECK(kind == PackKind::kTransposed, "fastadapter_cpu: fp32 rows are read in place, not packed");
   PackedPanels<T> packed;
@@ -222,8 +222,8 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
-  packed.storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kFloat));
-  float* out = packed.storage.template data_ptr<float>();
+  float* out = workspace.take<float>(total);
+  packed.data = out;
   at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / heads, h = task % heads, len = rows(n);

@@ -297,7 +297,7 @@ inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, in
 // sequences differ in size (varlen), so each sequence's panels start at base[n].
 template <typename T>
 struct PackedPanels {
-  at::Tensor storage;          // every panel
+  const T* data = nullptr;     // every panel (memory of the call's Workspace)
   std::vector<int64_t> base;   // [N] first element of sequence n's panels
   std::vector<int64_t> size;   // [N] elements of one panel of sequence n
   std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
@@ -307,7 +307,7 @@ struct PackedPanels {
   std::vector<uint8_t> nonfinite;
   std::vector<int64_t> first_row;
 
-  TileB<T> at(int64_t n, int64_t h) const { return {storage.const_data_ptr<T>() + base[n] + h * size[n], pitch[n]}; }
+  TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
   const uint8_t* nonfinite_rows(int64_t n, int64_t h, int64_t rows) const {
     return nonfinite.data() + first_row[n] + h * rows;
   }
@@ -388,7 +388,7 @@ inline void pair_rows(const at::BFloat16* x, int64_t stride, int64_t len, int64_
 // product over keys that some rows must not see (masked_rows_product).
 template <typename T, typename LenFn, typename RowFn>
 PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
-                            const RowFn& row, bool zero_nonfinite = false) {
+                            const RowFn& row, Workspace& workspace, bool zero_nonfinite = false) {
   static_assert(kTileable<T>);
   TORCH_CHECK(!zero_nonfinite || kind == PackKind::kRows, "fastadapter_cpu: zero_nonfinite packs rows (kRows) only");
   constexpr int64_t step = kStep<T>;
@@ -423,7 +423,8 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
-  packed.storage = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = workspace.take<T>(total);
+  packed.data = out;
   if (zero_nonfinite) {
     packed.first_row.resize(num_seqs);
     int64_t flags = 0;
@@ -434,7 +435,6 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     packed.nonfinite.assign(std::max<int64_t>(flags, 1), 0);
   }
 #ifdef FASTADAPTER_HAS_TILE_GEMM
-  T* out = packed.storage.template data_ptr<T>();
   at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pair_buffer;  // kColumns: the kRows words of one (sequence, head), then transposed
     for (int64_t task = begin; task < end; ++task) {
@@ -463,7 +463,7 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     }
   });
 #else
-  (void)row;
+  (void)row, (void)out;
   TORCH_CHECK(false, "fastadapter_cpu: pack_panels needs AVX512-BF16");
 #endif
   return packed;

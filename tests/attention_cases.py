@@ -25,6 +25,12 @@ FUSED_BACKENDS = tuple(b.name for b in all_backends() if b.name in BACKENDS and 
 #: The floor of the tolerance, relative to the largest magnitude of the reference result itself.
 REL_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 INPUT_NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "gate")
+#: The cpu backend's kernel variants (FASTADAPTER_CPU_ISA).
+VARIANTS = ("avx512", "avx2", "generic")
+#: (variant, products) pairs (FASTADAPTER_CPU_GEMM): the generic variant has no register tiles (MKL whatever
+#: FASTADAPTER_CPU_GEMM says); AMX tiles are the avx512 variant's, where the CPU has them.
+VARIANT_PRODUCTS = [("avx512", "amx"), ("avx512", "tiles"), ("avx512", "mkl"), ("avx2", "tiles"), ("avx2", "mkl"),
+                    ("generic", "mkl")]
 
 
 @dataclass

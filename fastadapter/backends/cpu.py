@@ -10,6 +10,8 @@ or a generic one on MKL. ``FASTADAPTER_CPU_ISA=avx512|avx2|generic`` forces a va
 shared or per-sample prefix, P = 0, gate rows, tanh/none, causal or not, inputs without elements) and the ragged
 forms: packed sequences with separate query and key offsets (``cu_seqlens_q``/``cu_seqlens_k``, bottom-right
 causal per sequence), ``seqused_k`` over a padded KV cache or packed keys, in fp32, bf16 and fp16. The automatic choice takes it for every CPU input when the library is built.
+Each calling thread keeps the kernels' scratch memory for its next call (``workspace_bytes``,
+``release_workspace``, ``FASTADAPTER_CPU_WORKSPACE_MB``).
 """
 from __future__ import annotations
 
@@ -61,6 +63,22 @@ class CpuBackend(FusedBackend):
         return torch.ops.fastadapter_cpu.backward(grad_out, inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v,
                                                   inp.gate, out, lse_w, lse_p, *_ragged_args(inp), inp.causal,
                                                   inp.softmax_scale, inp.gate_tanh)
+
+
+def workspace_bytes() -> int:
+    """Bytes of scratch memory the calling thread's kernel calls keep for the next call: the packed operands of
+    the products and dq's fp32 copies (``csrc/workspace.h``). At most ``FASTADAPTER_CPU_WORKSPACE_MB`` MiB per
+    calling thread (default 256; 0 keeps none); 0 when the library is not built."""
+    if _cpu_extension.unavailable_reason() is not None:
+        return 0
+    return torch.ops.fastadapter_cpu.workspace_bytes()
+
+
+def release_workspace() -> None:
+    """Frees the scratch memory the calling thread's kernel calls keep (``workspace_bytes``); the next call
+    allocates it again. Does nothing when the library is not built."""
+    if _cpu_extension.unavailable_reason() is None:
+        torch.ops.fastadapter_cpu.release_workspace()
 
 
 def _ragged_args(inp: AttentionProblem) -> tuple:

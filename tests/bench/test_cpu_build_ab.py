@@ -36,6 +36,21 @@ def test_compare_runs_both_builds_in_alternating_rounds(monkeypatch):
     assert row["low"] <= row["ratio"] <= row["high"] and row["base_ms"] > 0 and row["this_ms"] > 0
 
 
+def test_processes_mode_times_each_build_in_a_fresh_process(tmp_path, monkeypatch):
+    """--processes: a child process times this build's ops, and every round starts one process per build, the order
+    alternating."""
+    assert cpu_build_ab.time_in_fresh_process("this", Config("fp32", 8, 40, "fb"), 1, tmp_path / "unused.so") > 0
+    started = []
+
+    def fake(build, config, iters, base_library):
+        started.append(build)
+        return 2.0 if build == "base" else 1.0
+    monkeypatch.setattr(cpu_build_ab, "time_in_fresh_process", fake)
+    row = cpu_build_ab.compare_processes(Config("fp32", 8, 40, "fb"), 1, 3, tmp_path / "unused.so")
+    assert started == ["base", "this", "this", "base", "base", "this"]
+    assert row == {"base_ms": 2.0, "this_ms": 1.0, "ratio": 2.0, "low": 2.0, "high": 2.0}
+
+
 def test_main_without_a_base_library_says_how_to_make_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cpu_build_ab.main(["--base-library", str(tmp_path / "missing.so"), "--out", str(tmp_path / "ab.txt")])
@@ -56,3 +71,6 @@ def test_make_base_builds_a_commit_that_loads_beside_this_build(tmp_path, capsys
     assert report.startswith(f"base {head} ")  # the commit the base was built from
     assert "bf16 Hkv= 8 S=   48 fb" in report and "fp32 Hkv=32 S=   33 fwd" in report
     assert out.with_suffix(".json").is_file()
+    assert cpu_build_ab.main(["--base-library", str(base), "--configs", "fp32:8:40:fb", "--iters", "1", "--rounds",
+                              "2", "--processes", "--out", str(out)]) == 0
+    assert "in a fresh process each" in out.read_text() and "fp32 Hkv= 8 S=   40 fb" in out.read_text()

@@ -21,7 +21,8 @@ from fastadapter.info import backend_report
 from fastadapter.adapters import AdapterConfig, add_adapter
 from fastadapter.model import LlamaModel
 
-from attention_cases import BF16, FP16, KERNEL_CASES, Case, backend_inputs, check_against_reference
+from attention_cases import (BF16, FP16, KERNEL_CASES, VARIANT_PRODUCTS, VARIANTS, Case, backend_inputs,
+                             check_against_reference)
 
 DECODE_CASES = [
     # At most 16 query rows per sequence take the decode path: key-major loops, split over the KV cache.
@@ -68,7 +69,6 @@ def test_bf16_mkl_path_matches_reference(case, monkeypatch):
     check_against_reference(case, "cpu")
 
 
-VARIANTS = ("avx512", "avx2", "generic")
 
 
 VARIANT_CASES = [
@@ -92,9 +92,6 @@ def test_every_kernel_variant_matches_reference(variant, case, force_cpu_variant
 
 
 #: (variant, FASTADAPTER_CPU_GEMM): MKL and the register tiles on every variant, AMX tiles on AVX-512.
-VARIANT_PRODUCTS = [(v, g) for v in VARIANTS for g in ("mkl", "tiles")] + [("avx512", "amx")]
-
-
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
 def test_library_and_tile_products_of_every_variant_match_reference(variant, gemm, force_cpu_variant):
     """FASTADAPTER_CPU_GEMM forces MKL's products, the register tiles or the AMX tiles (where the variant and CPU

@@ -17,7 +17,7 @@ import torch
 
 from fastadapter import zero_init_attention
 
-from attention_cases import BF16, FP16, Case, backend_inputs, check_against_reference
+from attention_cases import BF16, FP16, VARIANT_PRODUCTS, Case, backend_inputs, check_against_reference
 
 #: One case per path of the kernels, odd sizes (97 keys, head dim 80), fp32/bf16/fp16.
 VARIANT_RAGGED_CASES = [
@@ -35,12 +35,6 @@ VARIANT_RAGGED_CASES = [
     Case(seqlens=[17, 1, 30], seqlens_k=[5, 97, 30], seqused=[5, 0, 29], heads_q=4, heads_kv=1, causal=False,
          dtype=BF16, gate_activation="none"),
 ]
-
-
-#: (variant, products): the generic variant has no register tiles (MKL whatever FASTADAPTER_CPU_GEMM says); AMX
-#: tiles are the avx512 variant's, where the CPU has them.
-VARIANT_PRODUCTS = [("avx512", "amx"), ("avx512", "tiles"), ("avx512", "mkl"), ("avx2", "tiles"), ("avx2", "mkl"),
-                    ("generic", "mkl")]
 
 
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
