@@ -12,7 +12,9 @@ and range of the per-round ratios base / this.
 
 ``--processes`` runs each build in a fresh process of its own instead, every round (warm-up calls first): memory a
 build keeps between calls (csrc/workspace.h) changes how the allocator serves the other build in a shared process,
-so a change to what the kernels allocate is measured this way.
+so a change to what the kernels allocate is measured this way. ``--cold`` evicts the CPU caches before every timed
+call (a buffer twice the last-level cache read and written), so the operands come from memory, as they do after a
+model's other layers: a change to the kernels' memory traffic shows there, not back to back.
 
 A config is ``dtype:Hkv:S:mode`` (dtype fp32 or bf16, mode fwd or fb) at B = 1, Hq = 32, D = 128, P = 10, causal.
 ``--make-base`` checks the commit out into a temporary git worktree, renames the op namespace there and builds it
@@ -139,12 +141,46 @@ def op_call(namespace: str, config: Config, inputs: dict):
     return call
 
 
-def _timed(call, iters: int) -> float:
-    """Milliseconds per call of ``iters`` calls."""
-    start = time.perf_counter()
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (Linux sysfs), or 256 MiB where it cannot be read."""
+    sizes = []
+    for index in pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=256 << 20)
+
+
+class CacheFlush:
+    """Evicts the CPU caches: reads and writes a buffer twice the size of the last-level cache (a fill alone would
+    stream past the caches), so the next call finds its operands in memory, as after other layers' work."""
+
+    def __init__(self):
+        self.buffer = torch.zeros(2 * last_level_cache_bytes() // 4)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
+
+
+def _timed(call, iters: int, flush=None) -> float:
+    """Milliseconds per call of ``iters`` calls; with ``flush``, each call timed alone after ``flush()``."""
+    if flush is None:
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return (time.perf_counter() - start) / iters * 1e3
+    total = 0.0
     for _ in range(iters):
+        flush()
+        start = time.perf_counter()
         call()
-    return (time.perf_counter() - start) / iters * 1e3
+        total += time.perf_counter() - start
+    return total / iters * 1e3
 
 
 def _rounds(rounds: int, time_build) -> dict:
@@ -162,13 +198,14 @@ def _rounds(rounds: int, time_build) -> dict:
             "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
 
 
-def compare(config: Config, base_namespace: str, iters: int, rounds: int) -> dict:
-    """Interleaved rounds of the two builds on one config in this process: see :func:`_rounds`."""
+def compare(config: Config, base_namespace: str, iters: int, rounds: int, flush=None) -> dict:
+    """Interleaved rounds of the two builds on one config in this process (each call after ``flush()`` when given):
+    see :func:`_rounds`."""
     inputs = _inputs(config)
     calls = {"base": op_call(base_namespace, config, inputs), "this": op_call("fastadapter_cpu", config, inputs)}
     for call in calls.values():
         call()
-    return _rounds(rounds, lambda name: _timed(calls[name], iters))
+    return _rounds(rounds, lambda name: _timed(calls[name], iters, flush))
 
 
 #: Calls a fresh process makes before it starts the clock.
@@ -215,11 +252,15 @@ def main(argv=None) -> int:
                         default=[Config.parse(c) for c in ("bf16:8:512:fb", "bf16:32:512:fb", "bf16:8:512:fwd")])
     parser.add_argument("--iters", type=int, default=0, help="calls per build per round (0: about 0.1 s' worth)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the CPU caches before every timed call (operands come from memory)")
     parser.add_argument("--processes", action="store_true",
                         help="run each build in a fresh process of its own every round (allocator state apart)")
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/cpu-build-ab.txt")
     parser.add_argument("--child", choices=("base", "this"), help=argparse.SUPPRESS)  # one build, one config
     args = parser.parse_args(argv)
+    if args.cold and args.processes:
+        parser.error("--cold runs in this process: it cannot be combined with --processes")
     if args.child:
         print(_child(args.child, args.configs[0], max(args.iters, 1), args.base_library))
         return 0
@@ -231,8 +272,11 @@ def main(argv=None) -> int:
     torch.ops.load_library(str(args.base_library))
     if not hasattr(getattr(torch.ops, BASE_NAMESPACE), "forward"):
         parser.error(f"{args.base_library} registers no {BASE_NAMESPACE} ops: make it with --make-base COMMIT")
+    flush = CacheFlush() if args.cold else None
     how = ("in a fresh process each (after {} warm-up calls)".format(CHILD_WARMUP) if args.processes
            else "in this process")
+    if flush is not None:
+        how += f", each call after the caches are evicted ({flush.buffer.numel() * 4 >> 20} MiB read and written)"
     lines = [f"base {base_description(args.base_library)} against this checkout; {torch.get_num_threads()} threads; "
              f"each round runs both builds' raw ops in turn, the order alternating, {how}",
              "config                      |  base ms   this ms | base/this median  (range)"]
@@ -246,7 +290,7 @@ def main(argv=None) -> int:
             call()
             iters = max(1, round(0.1 / (time.perf_counter() - start)))
         row = (compare_processes(config, iters, args.rounds, args.base_library) if args.processes
-               else compare(config, BASE_NAMESPACE, iters, args.rounds))
+               else compare(config, BASE_NAMESPACE, iters, args.rounds, flush))
         lines.append(f"{config.label()} | {row['base_ms']:8.2f}  {row['this_ms']:8.2f} | {row['ratio']:.3f}  "
                      f"({row['low']:.2f}-{row['high']:.2f})")
         print(lines[-1], flush=True)

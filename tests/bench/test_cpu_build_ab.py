@@ -51,6 +51,21 @@ def test_processes_mode_times_each_build_in_a_fresh_process(tmp_path, monkeypatc
     assert row == {"base_ms": 2.0, "this_ms": 1.0, "ratio": 2.0, "low": 2.0, "high": 2.0}
 
 
+def test_cold_mode_evicts_the_caches_before_every_timed_call(tmp_path, capsys):
+    """--cold: every timed call comes right after a pass over a buffer twice the last-level cache; it runs in this
+    process only."""
+    order = []
+    assert cpu_build_ab._timed(lambda: order.append("call"), 3, flush=lambda: order.append("flush")) >= 0
+    assert order == ["flush", "call"] * 3
+    flush = cpu_build_ab.CacheFlush()
+    assert flush.buffer.numel() * 4 == 2 * cpu_build_ab.last_level_cache_bytes() > 0
+    flush()
+    assert flush.buffer[-1].item() == 1.0  # read and written, not only filled
+    with pytest.raises(SystemExit):
+        cpu_build_ab.main(["--cold", "--processes", "--base-library", str(tmp_path / "missing.so")])
+    assert "cannot be combined with --processes" in capsys.readouterr().err
+
+
 def test_main_without_a_base_library_says_how_to_make_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cpu_build_ab.main(["--base-library", str(tmp_path / "missing.so"), "--out", str(tmp_path / "ab.txt")])
