@@ -12,9 +12,12 @@ and range of the per-round ratios base / this.
 
 ``--processes`` runs each build in a fresh process of its own instead, every round (warm-up calls first): memory a
 build keeps between calls (csrc/workspace.h) changes how the allocator serves the other build in a shared process,
-so a change to what the kernels allocate is measured this way. ``--cold`` evicts the CPU caches before every timed
-call (a buffer twice the last-level cache read and written), so the operands come from memory, as they do after a
-model's other layers: a change to the kernels' memory traffic shows there, not back to back.
+so a change to what the kernels allocate is measured this way. ``--before`` says what runs, untimed, before every
+timed call: nothing (back to back, the default), ``cache-flush`` (the CPU caches evicted: the operands come from
+memory), ``linear`` (a linear layer's forward and backward on the same rows, as a model's other layers run between
+two attention calls) or ``sdpa`` (two SDPA calls' forward and backward on the same shape, as in
+``benchmarks.cpu_kernel_targets``). What the kernels allocate and how much memory they touch weigh differently
+after each.
 
 A config is ``dtype:Hkv:S:mode`` (dtype fp32 or bf16, mode fwd or fb) at B = 1, Hq = 32, D = 128, P = 10, causal.
 ``--make-base`` checks the commit out into a temporary git worktree, renames the op namespace there and builds it
@@ -158,7 +161,7 @@ def last_level_cache_bytes() -> int:
 
 class CacheFlush:
     """Evicts the CPU caches: reads and writes a buffer twice the size of the last-level cache (a fill alone would
-    stream past the caches), so the next call finds its operands in memory, as after other layers' work."""
+    stream past the caches), so the next call finds its operands in memory."""
 
     def __init__(self):
         self.buffer = torch.zeros(2 * last_level_cache_bytes() // 4)
@@ -167,16 +170,48 @@ class CacheFlush:
         self.buffer.add_(1.0)
 
 
-def _timed(call, iters: int, flush=None) -> float:
-    """Milliseconds per call of ``iters`` calls; with ``flush``, each call timed alone after ``flush()``."""
-    if flush is None:
+#: What ``--before`` can run before every timed call.
+BEFORE = ("nothing", "cache-flush", "linear", "sdpa")
+
+
+def work_before(kind: str, config: Config):
+    """The untimed work of ``--before kind`` for ``config``'s shape, as a callable (None for ``nothing``)."""
+    if kind == "nothing":
+        return None
+    if kind == "cache-flush":
+        return CacheFlush()
+    generator = torch.Generator().manual_seed(1)
+    dtype = DTYPES[config.dtype]
+    if kind == "linear":  # LLaMA-7B's hidden size: a 4096 x 4096 weight on the S rows, forward and backward
+        x = torch.randn(config.seqlen, 4096, generator=generator).to(dtype)
+        weight = torch.randn(4096, 4096, generator=generator).to(dtype).requires_grad_(True)
+
+        def linear() -> None:
+            torch.nn.functional.linear(x, weight).sum().backward()
+            weight.grad = None
+        return linear
+    if kind == "sdpa":
+        from .baselines import two_sdpa
+        x = _inputs(config)
+        args = [x[name].clone().requires_grad_(True) for name in ("q", "k", "v", "prefix_k", "prefix_v")]
+        gate = x["gate"].clone().requires_grad_(True)
+
+        def sdpa() -> None:
+            torch.autograd.grad(two_sdpa(*args, gate), [*args, gate], x["grad_out"])
+        return sdpa
+    raise ValueError(f"--before takes one of {', '.join(BEFORE)}, got {kind!r}")
+
+
+def _timed(call, iters: int, before=None) -> float:
+    """Milliseconds per call of ``iters`` calls; with ``before``, each call timed alone after ``before()``."""
+    if before is None:
         start = time.perf_counter()
         for _ in range(iters):
             call()
         return (time.perf_counter() - start) / iters * 1e3
     total = 0.0
     for _ in range(iters):
-        flush()
+        before()
         start = time.perf_counter()
         call()
         total += time.perf_counter() - start
@@ -198,37 +233,40 @@ def _rounds(rounds: int, time_build) -> dict:
             "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
 
 
-def compare(config: Config, base_namespace: str, iters: int, rounds: int, flush=None) -> dict:
-    """Interleaved rounds of the two builds on one config in this process (each call after ``flush()`` when given):
-    see :func:`_rounds`."""
+def compare(config: Config, base_namespace: str, iters: int, rounds: int, before: str = "nothing") -> dict:
+    """Interleaved rounds of the two builds on one config in this process, each call after the work of ``before``
+    (:data:`BEFORE`): see :func:`_rounds`."""
     inputs = _inputs(config)
     calls = {"base": op_call(base_namespace, config, inputs), "this": op_call("fastadapter_cpu", config, inputs)}
+    work = work_before(before, config)
     for call in calls.values():
         call()
-    return _rounds(rounds, lambda name: _timed(calls[name], iters, flush))
+    return _rounds(rounds, lambda name: _timed(calls[name], iters, work))
 
 
 #: Calls a fresh process makes before it starts the clock.
 CHILD_WARMUP = 3
 
 
-def time_in_fresh_process(build: str, config: Config, iters: int, base_library: pathlib.Path) -> float:
+def time_in_fresh_process(build: str, config: Config, iters: int, base_library: pathlib.Path,
+                          before: str = "nothing") -> float:
     """Milliseconds per call of one build's ops (``this`` or ``base``) in a new Python process that loads only that
-    build, after :data:`CHILD_WARMUP` calls."""
+    build, after :data:`CHILD_WARMUP` calls, each call after the work of ``before``."""
     command = [sys.executable, "-m", __spec__.name, "--child", build, "--base-library",
-               str(base_library), "--configs", config.spec(), "--iters", str(iters)]
+               str(base_library), "--configs", config.spec(), "--iters", str(iters), "--before", before]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def compare_processes(config: Config, iters: int, rounds: int, base_library: pathlib.Path) -> dict:
+def compare_processes(config: Config, iters: int, rounds: int, base_library: pathlib.Path,
+                      before: str = "nothing") -> dict:
     """Rounds of the two builds on one config, each run in a fresh process of its own: see :func:`_rounds`."""
-    return _rounds(rounds, lambda name: time_in_fresh_process(name, config, iters, base_library))
+    return _rounds(rounds, lambda name: time_in_fresh_process(name, config, iters, base_library, before))
 
 
-def _child(build: str, config: Config, iters: int, base_library: pathlib.Path) -> float:
+def _child(build: str, config: Config, iters: int, base_library: pathlib.Path, before: str) -> float:
     """What a fresh process of :func:`time_in_fresh_process` runs: ms per call of one build's ops."""
     if build == "base":
         torch.ops.load_library(str(base_library))
@@ -237,9 +275,12 @@ def _child(build: str, config: Config, iters: int, base_library: pathlib.Path) -
         import fastadapter._C  # noqa: F401
         namespace = "fastadapter_cpu"
     call = op_call(namespace, config, _inputs(config))
+    work = work_before(before, config)
     for _ in range(CHILD_WARMUP):
+        if work is not None:
+            work()
         call()
-    return _timed(call, iters)
+    return _timed(call, iters, work)
 
 
 def main(argv=None) -> int:
@@ -252,17 +293,15 @@ def main(argv=None) -> int:
                         default=[Config.parse(c) for c in ("bf16:8:512:fb", "bf16:32:512:fb", "bf16:8:512:fwd")])
     parser.add_argument("--iters", type=int, default=0, help="calls per build per round (0: about 0.1 s' worth)")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--cold", action="store_true",
-                        help="evict the CPU caches before every timed call (operands come from memory)")
+    parser.add_argument("--before", choices=BEFORE, default="nothing",
+                        help="what runs, untimed, before every timed call (default: nothing, back to back)")
     parser.add_argument("--processes", action="store_true",
                         help="run each build in a fresh process of its own every round (allocator state apart)")
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/cpu-build-ab.txt")
     parser.add_argument("--child", choices=("base", "this"), help=argparse.SUPPRESS)  # one build, one config
     args = parser.parse_args(argv)
-    if args.cold and args.processes:
-        parser.error("--cold runs in this process: it cannot be combined with --processes")
     if args.child:
-        print(_child(args.child, args.configs[0], max(args.iters, 1), args.base_library))
+        print(_child(args.child, args.configs[0], max(args.iters, 1), args.base_library, args.before))
         return 0
     if args.make_base:
         make_base(args.make_base, args.base_library)
@@ -272,11 +311,13 @@ def main(argv=None) -> int:
     torch.ops.load_library(str(args.base_library))
     if not hasattr(getattr(torch.ops, BASE_NAMESPACE), "forward"):
         parser.error(f"{args.base_library} registers no {BASE_NAMESPACE} ops: make it with --make-base COMMIT")
-    flush = CacheFlush() if args.cold else None
     how = ("in a fresh process each (after {} warm-up calls)".format(CHILD_WARMUP) if args.processes
            else "in this process")
-    if flush is not None:
-        how += f", each call after the caches are evicted ({flush.buffer.numel() * 4 >> 20} MiB read and written)"
+    how += {"nothing": ", back to back",
+            "cache-flush": f", each call after the caches are evicted ({2 * last_level_cache_bytes() >> 20} MiB read "
+                           "and written)",
+            "linear": ", each call after a 4096 x 4096 linear's forward and backward on its S rows",
+            "sdpa": ", each call after two SDPA calls' forward and backward on its shape"}[args.before]
     lines = [f"base {base_description(args.base_library)} against this checkout; {torch.get_num_threads()} threads; "
              f"each round runs both builds' raw ops in turn, the order alternating, {how}",
              "config                      |  base ms   this ms | base/this median  (range)"]
@@ -289,8 +330,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             call()
             iters = max(1, round(0.1 / (time.perf_counter() - start)))
-        row = (compare_processes(config, iters, args.rounds, args.base_library) if args.processes
-               else compare(config, BASE_NAMESPACE, iters, args.rounds, flush))
+        row = (compare_processes(config, iters, args.rounds, args.base_library, args.before) if args.processes
+               else compare(config, BASE_NAMESPACE, iters, args.rounds, args.before))
         lines.append(f"{config.label()} | {row['base_ms']:8.2f}  {row['this_ms']:8.2f} | {row['ratio']:.3f}  "
                      f"({row['low']:.2f}-{row['high']:.2f})")
         print(lines[-1], flush=True)

@@ -72,21 +72,22 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
   auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
-  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k), ws),
-                           pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.v), ws),
+  const int64_t n = pb.num_seqs, hkv = pb.heads_kv;
+  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.k), ws),
+                           pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.v), ws),
                            std::nullopt, std::nullopt, std::nullopt};
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    packed.key_rows = pack_panels<T>(PackKind::kRows, pb.num_seqs, pb.heads_kv, d, rows_k, rows(op.k), ws,
+    packed.key_rows = pack_panels<T>(PackKind::kRows, n, hkv, d, rows_k, rows(op.k), ws,
                                      /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
     packed.amx = amx;
     const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
     auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
     auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
-    query_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.q), ws);
-    grad_panels = pack_panels<T>(over_queries, pb.num_seqs, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+    query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
+    grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
     if (packed.amx && pb.prefix_len > 0) {
       auto rows_p = [&](int64_t) { return pb.prefix_len; };
-      const int64_t bp = pb.prefix_batch, hkv = pb.heads_kv;
+      const int64_t bp = pb.prefix_batch;
       packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
       packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
       packed.prefix_key_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_k), ws);

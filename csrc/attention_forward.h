@@ -290,9 +290,11 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
         if (ops.amx && pb.prefix_len > 0) {
           auto rows_p = [&](int64_t) { return pb.prefix_len; };
           prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); }, workspace);
+                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); },
+                                         workspace);
           prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); }, workspace);
+                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); },
+                                             workspace);
           ops.prefix_keys_t = &*prefix_keys_t;
           ops.prefix_value_rows = &*prefix_value_rows;
         }

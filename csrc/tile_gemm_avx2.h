@@ -203,7 +203,9 @@ struct PackedPanels {
 enum class PackKind { kTransposed, kRows, kColumns };
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
-// (sequence, head) are equally spaced). Writes the columns up to round_up(L, 16) (zeros past L).
+// (sequence, head) are equally spaced). The panels live in memory taken from `workspace` (workspace.h), which holds
+// what an earlier call left, so everything the tiles read is written here: the columns up to round_up(L, 16) (zeros
+// past L).
 template <typename T, typename LenFn, typename RowFn>
 PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
                             const RowFn& row, Workspace& workspace) {

@@ -381,7 +381,8 @@ inline void pair_rows(const at::BFloat16* x, int64_t stride, int64_t len, int64_
 #endif
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
-// (sequence, head) are equally spaced); head_dim a multiple of kStep<T>. Only what the tiles read is written:
+// (sequence, head) are equally spaced); head_dim a multiple of kStep<T>. The panels live in memory taken from
+// `workspace` (workspace.h), which holds what an earlier call left, so everything the tiles read is written here:
 // kTransposed, the columns up to round_up(L, 16); kRows, the head_dim columns of every row (odd bf16 partners as
 // zeros); kColumns, the columns up to round_up(L, 32) (zeros past L).
 // `zero_nonfinite` (kRows): the panel holds 0 for NaN and infinities and `nonfinite` flags their rows, for a

@@ -81,7 +81,8 @@ class Workspace {
       if (slot == pool_.buffers.size()) pool_.buffers.emplace_back();
       at::Tensor& buffer = pool_.buffers[slot];
       if (buffer.defined() && static_cast<int64_t>(buffer.nbytes()) >= bytes) return reinterpret_cast<T*>(buffer.data_ptr());
-      const int64_t others = workspace_detail::held_bytes(pool_) - (buffer.defined() ? buffer.nbytes() : 0);
+      const int64_t held = workspace_detail::held_bytes(pool_);
+      const int64_t others = held - (buffer.defined() ? static_cast<int64_t>(buffer.nbytes()) : 0);
       if (others + bytes <= limit_) {
         buffer = at::Tensor();  // free the smaller one first
         buffer = workspace_detail::new_buffer(bytes);

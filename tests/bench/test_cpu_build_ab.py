@@ -42,7 +42,7 @@ def test_processes_mode_times_each_build_in_a_fresh_process(tmp_path, monkeypatc
     assert cpu_build_ab.time_in_fresh_process("this", Config("fp32", 8, 40, "fb"), 1, tmp_path / "unused.so") > 0
     started = []
 
-    def fake(build, config, iters, base_library):
+    def fake(build, config, iters, base_library, before):
         started.append(build)
         return 2.0 if build == "base" else 1.0
     monkeypatch.setattr(cpu_build_ab, "time_in_fresh_process", fake)
@@ -51,19 +51,24 @@ def test_processes_mode_times_each_build_in_a_fresh_process(tmp_path, monkeypatc
     assert row == {"base_ms": 2.0, "this_ms": 1.0, "ratio": 2.0, "low": 2.0, "high": 2.0}
 
 
-def test_cold_mode_evicts_the_caches_before_every_timed_call(tmp_path, capsys):
-    """--cold: every timed call comes right after a pass over a buffer twice the last-level cache; it runs in this
-    process only."""
+@pytest.mark.parametrize("kind", cpu_build_ab.BEFORE)
+def test_the_work_before_every_timed_call_runs_untimed_before_it(kind):
+    """--before: each timed call comes right after that work (nothing: back to back); every kind runs on a small
+    shape; the cache flush reads and writes a buffer twice the last-level cache."""
+    config = Config("bf16", 8, 40, "fb")
+    work = cpu_build_ab.work_before(kind, config)
+    assert (work is None) == (kind == "nothing")
     order = []
-    assert cpu_build_ab._timed(lambda: order.append("call"), 3, flush=lambda: order.append("flush")) >= 0
-    assert order == ["flush", "call"] * 3
-    flush = cpu_build_ab.CacheFlush()
-    assert flush.buffer.numel() * 4 == 2 * cpu_build_ab.last_level_cache_bytes() > 0
-    flush()
-    assert flush.buffer[-1].item() == 1.0  # read and written, not only filled
-    with pytest.raises(SystemExit):
-        cpu_build_ab.main(["--cold", "--processes", "--base-library", str(tmp_path / "missing.so")])
-    assert "cannot be combined with --processes" in capsys.readouterr().err
+
+    def before():
+        order.append("before")
+        if work is not None:
+            work()
+    assert cpu_build_ab._timed(lambda: order.append("call"), 2, before=before) >= 0
+    assert order == ["before", "call"] * 2
+    if kind == "cache-flush":
+        assert work.buffer.numel() * 4 == 2 * cpu_build_ab.last_level_cache_bytes() > 0
+        assert work.buffer[-1].item() == 2.0  # read and written twice, not only filled
 
 
 def test_main_without_a_base_library_says_how_to_make_one(tmp_path, capsys):
@@ -87,5 +92,7 @@ def test_make_base_builds_a_commit_that_loads_beside_this_build(tmp_path, capsys
     assert "bf16 Hkv= 8 S=   48 fb" in report and "fp32 Hkv=32 S=   33 fwd" in report
     assert out.with_suffix(".json").is_file()
     assert cpu_build_ab.main(["--base-library", str(base), "--configs", "fp32:8:40:fb", "--iters", "1", "--rounds",
-                              "2", "--processes", "--out", str(out)]) == 0
-    assert "in a fresh process each" in out.read_text() and "fp32 Hkv= 8 S=   40 fb" in out.read_text()
+                              "2", "--processes", "--before", "linear", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "in a fresh process each" in report and "after a 4096 x 4096 linear" in report
+    assert "fp32 Hkv= 8 S=   40 fb" in report
