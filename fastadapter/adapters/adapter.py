@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from .adapter_formats import detect_adapter_format, read_foreign_adapter
-from .adapter_file import AdapterFileError, base_model_fingerprint, read_adapter_file, write_adapter_file
+from .adapter_file import (AdapterFileError, base_model_fingerprint, exact_base_model_fingerprint, fingerprint_matches,
+                           read_adapter_file, write_adapter_file)
 from ..model.layer_adapter import LayerAdapter
 from ..model.llama import LlamaModel
 
@@ -92,12 +93,15 @@ def add_adapter(model: LlamaModel, config: Optional[AdapterConfig] = None) -> Ll
 
 
 def base_model_description(model: LlamaModel) -> dict:
-    """The ``base_model`` part of an adapter file's description: fingerprint and dimensions of ``model``."""
+    """The ``base_model`` part of an adapter file's description: fingerprint and dimensions of ``model`` (and the
+    fingerprint of its exact embedding rows, ``exact_fingerprint``, which a check accepts but a file never holds)."""
     c = model.config
     # A base sharded by FSDP (fastadapter.training.fsdp) recorded its fingerprint while the embedding was whole.
+    weight = model.tok_embeddings.weight
     fingerprint = getattr(model, "base_fingerprint", None) or base_model_fingerprint(
-        model.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads)
-    return {"fingerprint": fingerprint,
+        weight, c.n_layers, c.n_heads, c.n_kv_heads)
+    exact = None if weight.is_meta else exact_base_model_fingerprint(weight, c.n_layers, c.n_heads, c.n_kv_heads)
+    return {"fingerprint": fingerprint, "exact_fingerprint": exact,
             "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
             "vocab_size": c.vocab_size, "family": c.family}
 
@@ -220,7 +224,7 @@ def _check_base_model(description: dict, path: str, base_model: dict, what: str)
         if int(base_model[key]) != description[key]:
             raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base_model[key]}, "
                                    f"but {what} has {key}={description[key]}")
-    if base_model["fingerprint"] != description["fingerprint"]:
+    if not fingerprint_matches(base_model["fingerprint"], description):
         raise AdapterFileError(f"{path}: this adapter was made for another base model of the same shape "
                                f"(fingerprint {base_model['fingerprint'][:12]}…, the model's is "
                                f"{description['fingerprint'][:12]}…)")

@@ -21,8 +21,11 @@ A multimodal adapter (:mod:`fastadapter.vision`) also holds its image projection
 layers and fusion; :mod:`fastadapter.vision.multimodal` checks it).
 
 The base-model fingerprint lets ``load_adapter`` refuse an adapter trained on another model. It hashes the
-dimensions and three rows of the token embedding, which is cheap (no pass over the weights) and the same
-whichever loader (llama2.c, Meta, Hugging Face) built the model.
+dimensions and three rows of the token embedding rounded to bf16, which is cheap (no pass over the weights), the
+same whichever loader (llama2.c, Meta, Hugging Face) built the model, and the same for the model in fp32 and in bf16
+(rounded from the same weights): an adapter trained in bf16 loads into the fp32 model and back. A file whose
+fingerprint hashes the rows exactly as the model holds them (:func:`exact_base_model_fingerprint`) is accepted
+too.
 
 For LLaMA-7B with the paper's defaults the file holds 1,229,760 fp32 values: 4.9 MB.
 """
@@ -61,20 +64,41 @@ class AdapterFileError(NamesSettings, ValueError):
 
 
 def base_model_fingerprint(token_embedding: torch.Tensor, n_layers: int, n_heads: int, n_kv_heads: int) -> str:
-    """A short identity of a base model: sha256 of its dimensions and the fp32 bytes of embedding rows 0, 1
-    and V−1 (hex string).
+    """A short identity of a base model, the same in fp32 and bf16: sha256 of its dimensions and the bytes of
+    embedding rows 0, 1 and V−1 rounded to bf16, as fp32 (hex string).
 
     Args:
         token_embedding: ``[V, dim]``, the model's token embedding (any float dtype, any real device).
         n_layers, n_heads, n_kv_heads: the model's transformer dimensions.
     """
+    return _fingerprint(token_embedding, n_layers, n_heads, n_kv_heads, torch.bfloat16)
+
+
+def exact_base_model_fingerprint(token_embedding: torch.Tensor, n_layers: int, n_heads: int,
+                                 n_kv_heads: int) -> str:
+    """:func:`base_model_fingerprint` of the rows exactly as ``token_embedding`` holds them, not rounded. A check
+    accepts either, so a file that hashes the exact rows still loads into the model (and dtype) it was made from."""
+    return _fingerprint(token_embedding, n_layers, n_heads, n_kv_heads, None)
+
+
+def fingerprint_matches(saved: str, description: Mapping) -> bool:
+    """Whether an adapter file's fingerprint ``saved`` names the model of ``description``
+    (``base_model_description``: its ``fingerprint`` and, where the model was at hand, ``exact_fingerprint``)."""
+    return saved in (description["fingerprint"], description.get("exact_fingerprint"))
+
+
+def _fingerprint(token_embedding: torch.Tensor, n_layers: int, n_heads: int, n_kv_heads: int,
+                 rounded_to) -> str:
     if token_embedding.dim() != 2:
         raise ValueError(f"token_embedding must be [vocab_size, dim], got shape {tuple(token_embedding.shape)}")
     if token_embedding.is_meta:
         raise ValueError("cannot fingerprint a model on the meta device: load its weights first")
     vocab_size, dim = token_embedding.shape
     rows = sorted({0, min(1, vocab_size - 1), vocab_size - 1})
-    picked = token_embedding.detach()[rows].to("cpu", torch.float32).contiguous()
+    picked = token_embedding.detach()[rows].to("cpu")
+    if rounded_to is not None:
+        picked = picked.to(rounded_to)
+    picked = picked.to(torch.float32).contiguous()
     digest = hashlib.sha256()
     digest.update(f"vocab={vocab_size};dim={dim};layers={n_layers};heads={n_heads};kv_heads={n_kv_heads};"
                   .encode())

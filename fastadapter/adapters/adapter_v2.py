@@ -34,7 +34,7 @@ from torch import nn
 from .. import linear as fast_linear
 from ..setting_error import SettingError
 from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
-from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
+from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind, fingerprint_matches
 from ..model.llama import LlamaModel
 from ..model.norms import RMSNorm
 
@@ -162,7 +162,7 @@ def save_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> None:
                            gate_per_head=first.gate.numel() != 1)
     payload = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in v2_parameters(model).items()}
     description = {"format_version": 1, "config": config.to_dict(model.config.n_layers),
-                   "base_model": base_model_description(model)}
+                   "base_model": {k: v for k, v in base_model_description(model).items() if k != "exact_fingerprint"}}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -193,7 +193,7 @@ def load_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> LlamaMo
     base = meta["base_model"]
     ours = base_model_description(model)
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "fingerprint"):
-        if base[key] != ours[key]:
+        if base[key] != ours[key] and not (key == "fingerprint" and fingerprint_matches(base[key], ours)):
             raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base[key]}, but "
                                    f"the model has {key}={ours[key]}")
     c = meta["config"]

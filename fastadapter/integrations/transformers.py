@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..adapters.adapter import AdapterConfig, copy_adapter_tensors, read_adapter, write_adapter
-from ..adapters.adapter_file import base_model_fingerprint
+from ..adapters.adapter_file import base_model_fingerprint, exact_base_model_fingerprint
 from ..model.layer_adapter import LayerAdapter
 from ._llama_pattern import check_llama_pattern, llama_pattern_attention
 from ._versions import require_supported_version
@@ -188,9 +188,10 @@ def apply_adapter(model: nn.Module, prompt_len: int = 10, layers: Union[int, Seq
 
 def _base_model_description(model: nn.Module) -> dict:
     dims = _model_dims(model)
-    fingerprint = base_model_fingerprint(model.get_input_embeddings().weight, dims["n_layers"], dims["n_heads"],
-                                         dims["n_kv_heads"])
-    return {"fingerprint": fingerprint, **dims, "family": getattr(model.config, "model_type", None) or "llama"}
+    weight, layers = model.get_input_embeddings().weight, (dims["n_layers"], dims["n_heads"], dims["n_kv_heads"])
+    return {"fingerprint": base_model_fingerprint(weight, *layers),
+            "exact_fingerprint": exact_base_model_fingerprint(weight, *layers), **dims,
+            "family": getattr(model.config, "model_type", None) or "llama"}
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:

@@ -57,6 +57,32 @@ def test_round_trip_restores_the_same_logits(tmp_path, tokens, tiny_config):
         "layers.3.attention.adapter.prompt", "layers.3.attention.adapter.gate"]
 
 
+def test_an_adapter_trained_in_bf16_loads_into_the_fp32_model_and_back(tmp_path, tiny_config):
+    """The fingerprint is the same for a model in fp32 and in bf16 (rounded from the same weights): `fastadapter
+    train --dtype bf16` then `fastadapter generate` (fp32 on a CPU) refused the adapter as made for another base
+    model. A file that hashes the exact embedding rows still loads into the model it was made from."""
+    from fastadapter.adapters import adapter_file
+    torch.manual_seed(1)
+    fp32 = LlamaModel(tiny_config)
+    bf16 = LlamaModel(tiny_config)
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)
+    save_adapter(_trained(bf16), tmp_path / "bf16.safetensors")
+    load_adapter(fp32, tmp_path / "bf16.safetensors")
+    assert torch.equal(adapted_layers(fp32)[1].prompt.detach(), adapted_layers(bf16)[1].prompt.detach().float())
+    save_adapter(fp32, tmp_path / "fp32.safetensors")
+    load_adapter(bf16, tmp_path / "fp32.safetensors")
+    # A file holding the exact rows' fingerprint: loads into that model, not into the other dtype's.
+    tensors, meta = adapter_file.read_adapter_file(tmp_path / "fp32.safetensors")
+    c = tiny_config
+    meta["base_model"]["fingerprint"] = adapter_file.exact_base_model_fingerprint(
+        fp32.tok_embeddings.weight, c.n_layers, c.n_heads, c.n_kv_heads)
+    adapter_file.write_adapter_file(tmp_path / "exact.safetensors", tensors, meta["config"], meta["base_model"])
+    load_adapter(fp32, tmp_path / "exact.safetensors")
+    with pytest.raises(AdapterFileError, match="another base model of the same shape"):
+        load_adapter(bf16, tmp_path / "exact.safetensors")
+
+
 def test_adapter_of_another_base_model_is_refused(tmp_path, make_config, tiny_config):
     path = tmp_path / "a.safetensors"
     save_adapter(_trained(LlamaModel(tiny_config)), path)

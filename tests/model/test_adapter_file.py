@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastadapter.adapters.adapter_file import (METADATA_KEY, V2_METADATA_KEY, AdapterFileError, adapter_file_kind,
-                                            base_model_fingerprint, read_adapter_file, write_adapter_file)
+                                            base_model_fingerprint, exact_base_model_fingerprint,
+                                            fingerprint_matches, read_adapter_file, write_adapter_file)
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 16, 3, 4, 2, 40
 CONFIG = {"prompt_len": 3, "layers": [1, 2], "gate_activation": "tanh", "gate_per_head": True}
@@ -65,6 +66,15 @@ def test_fingerprint_depends_on_dims_and_embedding_not_on_dtype():
     exact_bf16 = embedding.to(torch.bfloat16)
     assert (base_model_fingerprint(exact_bf16, N_LAYERS, N_HEADS, N_KV_HEADS)
             == base_model_fingerprint(exact_bf16.float(), N_LAYERS, N_HEADS, N_KV_HEADS))
+    # The model in bf16, rounded from the fp32 weights, is the same model (values that bf16 does not hold exactly).
+    assert not torch.equal(exact_bf16.float(), embedding)
+    assert base_model_fingerprint(exact_bf16, N_LAYERS, N_HEADS, N_KV_HEADS) == fp
+    # The exact rows' fingerprint tells the two apart; a check accepts either for the model at hand.
+    exact = exact_base_model_fingerprint(embedding, N_LAYERS, N_HEADS, N_KV_HEADS)
+    assert exact != fp and exact != exact_base_model_fingerprint(exact_bf16, N_LAYERS, N_HEADS, N_KV_HEADS)
+    description = {"fingerprint": fp, "exact_fingerprint": exact}
+    assert fingerprint_matches(fp, description) and fingerprint_matches(exact, description)
+    assert not fingerprint_matches("0" * 64, description)
     with pytest.raises(ValueError, match="meta device"):
         base_model_fingerprint(torch.empty(VOCAB, DIM, device="meta"), N_LAYERS, N_HEADS, N_KV_HEADS)
 
