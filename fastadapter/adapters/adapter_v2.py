@@ -33,8 +33,8 @@ from torch import nn
 
 from .. import linear as fast_linear
 from ..setting_error import SettingError
-from .adapter import AdapterConfig, adapted_layers, add_adapter, base_model_description
-from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind, fingerprint_matches
+from .adapter import AdapterConfig, _check_base_model, adapted_layers, add_adapter, base_model_description
+from .adapter_file import V2_METADATA_KEY as METADATA_KEY, AdapterFileError, adapter_file_kind
 from ..model.llama import LlamaModel
 from ..model.norms import RMSNorm
 
@@ -192,10 +192,7 @@ def load_adapter_v2(model: LlamaModel, path: Union[str, os.PathLike]) -> LlamaMo
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     base = meta["base_model"]
     ours = base_model_description(model)
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "fingerprint"):
-        if base[key] != ours[key] and not (key == "fingerprint" and fingerprint_matches(base[key], ours)):
-            raise AdapterFileError(f"{path}: this adapter was made for a base model with {key}={base[key]}, but "
-                                   f"the model has {key}={ours[key]}")
+    _check_base_model(ours, path, base, "the model")
     c = meta["config"]
     add_adapter_v2(model, AdapterConfig(prompt_len=c["prompt_len"], layers=list(c["layers"]),
                                         gate_activation=c["gate_activation"], gate_per_head=c["gate_per_head"]))

@@ -186,6 +186,18 @@ def test_amx_tiles_at_their_edges_match_reference(case, force_cpu_variant):
     check_against_reference(case, "cpu")
 
 
+def _nan_case_inputs(seqlen: int, dtype: torch.dtype) -> tuple:
+    """(q, k, v, prefix_k, prefix_v, gate [1, Hq] fp32, grad_out) of the NaN tests below: B = 2, Hq = 4, Hkv = 2,
+    D = 80, P = 3, seeded by ``seqlen``."""
+    generator = torch.Generator().manual_seed(seqlen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+    q, k, v = randn(2, seqlen, 4, 80), randn(2, seqlen, 2, 80), randn(2, seqlen, 2, 80)
+    prefix_k, prefix_v, gate = randn(1, 3, 2, 80), randn(1, 3, 2, 80), torch.randn(1, 4, generator=generator)
+    return q, k, v, prefix_k, prefix_v, gate, randn(2, seqlen, 4, 80)
+
+
 @pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, FP16], ids=["fp32", "bf16", "fp16"])
 def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, force_cpu_variant):
@@ -195,13 +207,8 @@ def test_masked_future_values_and_keys_never_reach_a_row(variant, gemm, dtype, f
     as 0 · NaN in the products over masked keys). Both paths, every variant, MKL and tile products."""
     force_cpu_variant(variant, gemm)
     for seqlen in NAN_SEQLENS:
-        generator = torch.Generator().manual_seed(seqlen)
-
-        def randn(*shape):
-            return torch.randn(*shape, generator=generator).to(dtype)
-        q, k, v = randn(2, seqlen, 4, 80), randn(2, seqlen, 2, 80), randn(2, seqlen, 2, 80)
-        prefix_k, prefix_v, gate = randn(1, 3, 2, 80), randn(1, 3, 2, 80), torch.randn(4, generator=generator)
-        grad_out = randn(2, seqlen, 4, 80)
+        q, k, v, prefix_k, prefix_v, gate, grad_out = _nan_case_inputs(seqlen, dtype)
+        gate = gate[0]  # [Hq]: the op's per-head gate
         grad_out[:, -1] = 0  # the last row sees the NaN; only the other rows' loss is differentiated
 
         def run(k, v):
@@ -240,13 +247,7 @@ def test_a_rows_lse_never_changes_how_the_other_rows_are_computed(variant, gemm,
     their dq at bf16 rounding). And a row that sees a NaN key has a NaN lse (it read +inf, and then -inf)."""
     force_cpu_variant(variant, gemm)
     for seqlen in NAN_SEQLENS:
-        generator = torch.Generator().manual_seed(seqlen)
-
-        def randn(*shape):
-            return torch.randn(*shape, generator=generator).to(dtype)
-        q, k, v = randn(2, seqlen, 4, 80), randn(2, seqlen, 2, 80), randn(2, seqlen, 2, 80)
-        prefix_k, prefix_v, gate = randn(1, 3, 2, 80), randn(1, 3, 2, 80), torch.randn(1, 4, generator=generator)
-        grad_out = randn(2, seqlen, 4, 80)
+        q, k, v, prefix_k, prefix_v, gate, grad_out = _nan_case_inputs(seqlen, dtype)
         _, want = _raw_forward_backward(q, k, v, prefix_k, prefix_v, gate, grad_out)
         for value in (float("-inf"), float("inf"), float("nan")):
             def poison(lse_w):
