@@ -97,17 +97,6 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
   return packed;
 }
 
-// sum_j a[j] · b[j], both in the tensors' dtype.
-template <typename T>
-inline float dot(const T* a, const T* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(load_float(a + j), load_float(b + j), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) s += static_cast<float>(a[j]) * static_cast<float>(b[j]);
-  return s;
-}
-
 // `rows` fp32 rows of width n (leading dimension ld) as GEMM input of type T: the rows themselves for fp32,
 // else a rounded copy in `buffer`.
 template <typename T>
@@ -150,7 +139,7 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
   const int64_t ldp = amx ? plen + plen % 2 : plen;        // leading dimension of the bf16 p_p, ds_p
   const int64_t pair_width = round_up(std::max<int64_t>(plen, 1), 16);  // B of the transposed products
   struct Scratch {
-    std::vector<float> s, dp, o;
+    std::vector<float> s, dp, o, delta_p;  // delta_p: [rows] D_p
     std::vector<T> s_t, dp_t;
     std::vector<T> ds_pairs, gp_pairs;  // AMX: ds_p and γ p_p in pairs of rows
     std::vector<float> dpk_t, dpv_t;    // AMX: [D, P] sums of this task
@@ -169,6 +158,7 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
       sc.s_t.resize(kPrefixRows * std::max<int64_t>(ldp, 1));
       sc.dp_t.resize(sc.s_t.size());
       sc.o.resize(kPrefixRows * d);
+      sc.delta_p.resize(kPrefixRows);
       if (amx) {
         sc.ds_pairs.resize((kPrefixRows / 2 + 1) * 2 * pair_width);
         sc.gp_pairs.resize(sc.ds_pairs.size());
@@ -190,8 +180,8 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         const int64_t m = std::min(kPrefixRows, pb.rows_q(n) - i0);
         const T* q = op.q.at(n, h, i0);
         const T* dout = op.grad_out.at(n, h, i0);
-        for (int64_t r = 0; r < m; ++r)
-          *op.delta_w.at(n, h, i0 + r) = dot(op.grad_out.at(n, h, i0 + r), op.out.at(n, h, i0 + r), d);
+        float* delta_w = op.delta_w.at(n, h, i0);  // the lse layout's rows are contiguous
+        row_dots(dout, op.grad_out.ld(), op.out.at(n, h, i0), op.out.ld(), m, d, delta_w);
         if (plen == 0) {  // no ds_p prefix_k: the rows of dq's first copy start at 0
           for (int64_t r = 0; r < m; ++r) std::fill(dq.at(n, h, i0 + r), dq.at(n, h, i0 + r) + d, 0.f);
           continue;
@@ -223,14 +213,16 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
                0.f, dp, plen);
         }
         // -- D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
+        float* delta_p = sc.delta_p.data();
+        row_dots(sc.o.data(), d, dout, op.grad_out.ld(), m, d, delta_p);
+        const Vec g(gamma);
         for (int64_t r = 0; r < m; ++r) {
-          const float delta_p = dot_row(sc.o.data() + r * d, op.grad_out.at(n, h, i0 + r), d);
-          dgamma += delta_p;
-          *op.delta_w.at(n, h, i0 + r) -= gamma * delta_p;
-          for (int64_t c = 0; c < plen; ++c) {
-            dp[r * plen + c] = gamma * s[r * plen + c] * (dp[r * plen + c] - delta_p);
-            s[r * plen + c] *= gamma;  // γ p_p, for dprefix_v
-          }
+          dgamma += delta_p[r];
+          delta_w[r] -= gamma * delta_p[r];
+          const Vec dpr(delta_p[r]);
+          at::vec::map2([g, dpr](Vec p, Vec grad) { return g * p * (grad - dpr); }, dp + r * plen, s + r * plen,
+                        dp + r * plen, plen);
+          at::vec::map([g](Vec p) { return g * p; }, s + r * plen, s + r * plen, plen);  // γ p_p, for dprefix_v
         }
         // dq = ds_p prefix_k (the first write of these rows of dq's first copy);  dprefix_k += ds_pᵀ q;
         // dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)

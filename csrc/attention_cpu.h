@@ -293,14 +293,14 @@ inline Vec load_float(const T* p) {
   }
 }
 
-// sum_j x[j] * y[j], with y in the tensors' dtype.
-template <typename T>
-inline float dot_row(const float* x, const T* y, int64_t n) {
+// sum_j x[j] * y[j], each of x and y fp32 or in the tensors' dtype.
+template <typename X, typename Y>
+inline float dot_row(const X* x, const Y* y, int64_t n) {
   Vec acc(0.f);
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + j), load_float(y + j), acc);
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(load_float(x + j), load_float(y + j), acc);
   float s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; j < n; ++j) s += x[j] * static_cast<float>(y[j]);
+  for (; j < n; ++j) s += static_cast<float>(x[j]) * static_cast<float>(y[j]);
   return s;
 }
 
@@ -453,6 +453,133 @@ inline void convert_row(const float* src, T* dst, int64_t n) {
       store_rounded(Vec::loadu(src + j, std::min(left, kLanes)),
                     left > kLanes ? Vec::loadu(src + j + kLanes, left - kLanes) : Vec(0.f), dst + j, left);
     }
+  }
+}
+
+// out[r] = Σ_j x[r · ldx + j] · y[r · ldy + j] for r < rows, j < n; x and y fp32 or in the tensors' dtype. On
+// AVX-512, 16 rows at a time: each row's products summed into one vector, then the 16 vectors transposed in
+// registers (transpose_16x16) and added, which gives the 16 sums with no horizontal reduction per row (the
+// backward's prefix pass took ~800 cycles a row on a Xeon with AMX, mostly such chains). Adds in another order than
+// the reference, dot_row per row, so the two can differ in the last bits. Reads rows [0, rows) only.
+template <typename X, typename Y>
+inline void row_dots(const X* x, int64_t ldx, const Y* y, int64_t ldy, int64_t rows, int64_t n, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t kLanes = 16;
+  // count (< 16) elements of a row as fp32, 0 in the other lanes
+  auto load_part = [](const auto* p, int64_t count) {
+    float part[kLanes] = {};
+    for (int64_t k = 0; k < count; ++k) part[k] = static_cast<float>(p[k]);
+    return Vec::loadu(part);
+  };
+  int64_t r0 = 0;
+  for (; r0 < rows; r0 += kLanes) {
+    const int64_t live = std::min<int64_t>(kLanes, rows - r0);
+    __m512 acc[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) {
+      Vec sum(0.f);
+      if (i < live) {
+        const X* xi = x + (r0 + i) * ldx;
+        const Y* yi = y + (r0 + i) * ldy;
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes) sum = at::vec::fmadd(load_float(xi + j), load_float(yi + j), sum);
+        if (j < n) sum = at::vec::fmadd(load_part(xi + j, n - j), load_part(yi + j, n - j), sum);
+      }
+      acc[i] = sum;
+    }
+    transpose_16x16(acc);
+    Vec total(acc[0]);
+    for (int64_t i = 1; i < kLanes; ++i) total = total + Vec(acc[i]);
+    total.store(out + r0, live);
+  }
+#else
+  for (int64_t r = 0; r < rows; ++r) out[r] = dot_row(x + r * ldx, y + r * ldy, n);
+#endif
+}
+
+// The row's maximum and sum of a softmax (gated_softmax_row).
+struct MaxSum {
+  float max, sum;
+};
+
+// One row of the prefix's gated softmax: x[j] = γ · exp(x[j] − max) / Σ_j' exp(x[j'] − max) for j < n, and for a
+// reduced-precision T the same rounded into out[0, n) (out[n] = 0 too when `pad`: the zero column that pairs an
+// odd P for AMX). Returns the max and the sum (the prefix's lse). A prefix of at most Vec::size() keys (P ~ 10) is
+// one masked vector kept in registers: the reference below, row_max, exp_shift_sum, scale_row and convert_row,
+// reads back each pass's masked store, which cannot be forwarded to the next load (~200 cycles a row on a Xeon
+// with AMX, a third of the bf16 forward's finish_tile at S = 512). Same operations, same bits.
+template <typename T>
+inline MaxSum gated_softmax_row(float* x, int64_t n, float gamma, T* out, bool pad) {
+  if (n <= Vec::size()) {
+    const Vec scores = Vec::loadu(x, n);
+    const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
+                                                    first_lanes(scores, n, kNegInf));
+    const Vec e = first_lanes(at::vec::fmsub(scores, Vec(1.f), Vec(mx)).exp_u20(), n, 0.f);
+    const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, e);
+    const Vec y = e * Vec(gamma / sum);
+    y.store(x, n);
+    if constexpr (!std::is_same_v<T, float>) {
+      store_rounded(y, Vec(0.f), out, n);
+      if (pad) out[n] = T(0.f);
+    }
+    return {mx, sum};
+  }
+  const float mx = row_max(x, n);
+  const float sum = exp_shift_sum(x, n, mx);
+  scale_row(x, n, gamma / sum);
+  if constexpr (!std::is_same_v<T, float>) {
+    convert_row(x, out, n);
+    if (pad) out[n] = T(0.f);
+  }
+  return {mx, sum};
+}
+
+// Rows [0, rows) of the prefix's gated softmax (gated_softmax_row), row r with the gate gamma[r]: x row r at
+// x + r · ldx, out row r at out + r · ld_out, its max and sum into max[r], sum[r]. On AVX-512 with a prefix of at
+// most 16 keys the rows go 16 at a time through a register transpose (transpose_16x16), so that the max, the exps
+// and the sum run across 16 rows at once with no horizontal reduction: the per-row path's latency chain (~150
+// cycles a row on a Xeon with AMX) becomes ~25 instructions a row. Its sum adds the keys in order instead of
+// gated_softmax_row's tree, so the two can differ in the last bit. The block path reads and computes 16 rows past
+// the last block (their results unused): x, gamma, max and sum must hold round_up(rows, 16) rows, and
+// ldx ≥ 16.
+template <typename T>
+inline void gated_softmax_rows(float* x, int64_t ldx, int64_t rows, int64_t n, const float* gamma, T* out,
+                               int64_t ld_out, float* max, float* sum) {
+  const bool pad = ld_out > n;  // the zero column that pairs an odd P for AMX
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n <= 16 && ldx >= 16) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(x + (r0 + i) * ldx);
+      transpose_16x16(v);  // v[c]: key c of the 16 rows
+      Vec mx(v[0]);
+      for (int64_t c = 1; c < n; ++c) mx = at::vec::maximum(mx, Vec(v[c]));
+      Vec total(0.f);
+      for (int64_t c = 0; c < n; ++c) {
+        v[c] = at::vec::fmsub(Vec(v[c]), Vec(1.f), mx).exp_u20();
+        total = total + Vec(v[c]);
+      }
+      const Vec factor = Vec::loadu(gamma + r0) / total;
+      for (int64_t c = 0; c < 16; ++c) v[c] = c < n ? __m512(Vec(v[c]) * factor) : _mm512_setzero_ps();
+      mx.store(max + r0);
+      total.store(sum + r0);
+      transpose_16x16(v);  // back to rows
+      const int64_t live = std::min<int64_t>(16, rows - r0);
+      for (int64_t i = 0; i < live; ++i) {
+        Vec(v[i]).store(x + (r0 + i) * ldx, n);
+        if constexpr (!std::is_same_v<T, float>) {
+          store_rounded(Vec(v[i]), Vec(0.f), out + (r0 + i) * ld_out, n);
+          if (pad) out[(r0 + i) * ld_out + n] = T(0.f);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    T* rounded = std::is_same_v<T, float> ? nullptr : out + r * ld_out;
+    const MaxSum ms = gated_softmax_row<T>(x + r * ldx, n, gamma[r], rounded, pad);
+    max[r] = ms.max;
+    sum[r] = ms.sum;
   }
 }
 

@@ -50,16 +50,20 @@ struct Scratch {
   std::vector<float> s;     // [rows, BK] scores, then probabilities
   std::vector<T> p;         // [rows, BK] probabilities in T (reduced-precision GEMM input)
   std::vector<float> acc;   // [rows, D] unnormalised Σ p v
-  std::vector<float> m, l;  // [rows] running max and sum of the word softmax
+  std::vector<float> m, l;  // [rows] running max and sum of the word softmax (rounded up to 16: gated_softmax_rows)
+  std::vector<float> gamma;   // [rows] the gate of each row's head (rounded up to 16)
   std::vector<int64_t> seen;  // [rows] keys of the current block each row sees
 
+  // `width` ≥ 16: the prefix's scores take rows of 16 (gated_softmax_rows), for 16 rows past the last.
   void reserve(int64_t rows, int64_t head_dim, int64_t width) {
+    const int64_t padded = round_up(rows, 16);
     q.resize(rows * head_dim);
-    s.resize(rows * width);
+    s.resize(padded * width);
     if constexpr (!std::is_same_v<T, float>) p.resize(rows * width);
     acc.resize(rows * head_dim);
-    m.resize(rows);
-    l.resize(rows);
+    m.resize(padded);
+    l.resize(padded);
+    gamma.resize(padded);
     seen.resize(rows);
   }
 };
@@ -133,7 +137,8 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       if (seen > 0) {  // -- update the running sum, rescale what was accumulated under the old max
         const float correction = std::exp(sc.m[r] - m_new);  // 0 when nothing was seen before
         sc.l[r] = sc.l[r] * correction + sum;
-        if (correction != 1.f) scale_row(sc.acc.data() + r * d, d, correction);
+        // Nothing seen before (m −inf): acc is 0, or NaN for a row whose scores were all −inf, and stays so.
+        if (correction != 1.f && sc.m[r] != kNegInf) scale_row(sc.acc.data() + r * d, d, correction);
         sc.m[r] = m_new;
       }
     }
@@ -193,41 +198,36 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
     // scaled by γ / sum so that one GEMM adds γ · softmax(s_p) prefix_v onto the word output.
     const int64_t pn = pb.prefix_row(t.n);
     float* s = sc.s.data();
-    // AMX reads the probabilities as pairs: an odd P gets a zero column.
+    // AMX reads the probabilities as pairs: an odd P gets a zero column. The scores' rows are at least 16 wide
+    // (gated_softmax_rows' register transpose).
     const bool amx = op.prefix_keys_t != nullptr;
-    const int64_t ldp = amx ? plen + plen % 2 : plen;
+    const int64_t ldp = amx ? plen + plen % 2 : plen, lds = std::max<int64_t>(plen, 16);
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (amx)
         amx_gemm(rows, plen, d / 2, pb.scale, TileA<T>{sc.q.data(), d, 2}, op.prefix_keys_t->at(pn, t.hkv), false,
-                 s, plen);
+                 s, lds);
     }
     if (!amx)
       gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
-           0.f, s, plen);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t h = t.hkv * group + r / t.bq;
-      float* row = s + r * plen;
-      const float mx = row_max(row, plen);
-      const float sum = exp_shift_sum(row, plen, mx);
-      sc.m[r] = mx;  // the word part's m and l are spent: they hold the prefix's for its lse
-      sc.l[r] = sum;
-      scale_row(row, plen, pb.gamma(op.gate, t.n, h) / sum);
-      if constexpr (!std::is_same_v<T, float>) {
-        convert_row(row, sc.p.data() + r * ldp, plen);
-        if (ldp > plen) sc.p[r * ldp + plen] = T(0.f);
-      }
-    }
+           0.f, s, lds);
+    for (int64_t g = 0; g < group; ++g)
+      std::fill_n(sc.gamma.begin() + g * t.bq, t.bq, pb.gamma(op.gate, t.n, t.hkv * group + g));
+    // the word part's m and l are spent: they hold the prefix's for its lse
+    gated_softmax_rows<T>(s, lds, rows, plen, sc.gamma.data(), sc.p.data(), ldp, sc.m.data(), sc.l.data());
     write_lse(op.lse_p);
-    const T* probs;
-    if constexpr (std::is_same_v<T, float>) probs = s; else probs = sc.p.data();
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (amx)
-        amx_gemm(rows, d, ldp / 2, 1.f, TileA<T>{probs, ldp, 2}, op.prefix_value_rows->at(pn, t.hkv), true,
+        amx_gemm(rows, d, ldp / 2, 1.f, TileA<T>{sc.p.data(), ldp, 2}, op.prefix_value_rows->at(pn, t.hkv), true,
                  sc.acc.data(), d);
     }
-    if (!amx)
-      gemm(false, false, rows, d, plen, 1.f, probs, plen, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
-           sc.acc.data(), d);
+    if (!amx) {
+      if constexpr (std::is_same_v<T, float>)
+        gemm(false, false, rows, d, plen, 1.f, s, lds, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
+             sc.acc.data(), d);
+      else
+        gemm(false, false, rows, d, plen, 1.f, sc.p.data(), ldp, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(),
+             1.f, sc.acc.data(), d);
+    }
   } else {
     for (int64_t r = 0; r < rows; ++r) *op.lse_p.at(t.n, t.hkv * group + r / t.bq, t.i0 + r % t.bq) = kNegInf;
   }
