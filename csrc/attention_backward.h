@@ -15,8 +15,9 @@
 //     the sequence's first chunk writes their dk, dv as 0.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles where the CPU has them
-// (tile_gemm_amx.h; the two products over the query rows transposed, see PackedOperands), else on MKL; the prefix
-// pass's thin products (P ~ 10) on AMX tiles too, else on MKL. Compiled once per kernel variant (dispatch.h).
+// (tile_gemm_amx.h; the two products over the query rows transposed, and q, dO read from contiguous copies, see
+// PackedOperands), else on MKL; the prefix pass's thin products (P ~ 10) on AMX tiles too, else on MKL. Compiled
+// once per kernel variant (dispatch.h).
 #pragma once
 
 #include "attention_cpu.h"
@@ -54,12 +55,20 @@ struct Operands {
 // head): kᵀ and vᵀ for the scores q kᵀ and dO vᵀ; for bf16 also k, q and dO in pairs of rows for ds k, dsᵀ q and
 // pᵀ dO (fp32 reads those rows in place: copying them measured no faster). On AMX (tile_gemm_amx.h), which reads
 // A row-major only, the two products over the query rows run transposed, dvᵀ += dOᵀ p and dkᵀ += qᵀ ds, with qᵀ
-// and dOᵀ packed as A (PackKind::kColumns) and p, ds in pairs of rows as B.
+// and dOᵀ packed as A (PackKind::kColumns) and p, ds in pairs of rows as B; q and dO, the A of the scores and of
+// the prefix pass's products, are read from contiguous copies (PackKind::kCopy), from which the columns are packed.
 template <typename T>
 struct PackedOperands {
   PackedPanels<T> keys_t, values_t;
   std::optional<PackedPanels<T>> key_rows, query_rows, grad_rows;  // bf16 register tiles
   std::optional<PackedPanels<T>> query_cols, grad_cols;            // bf16 AMX tiles
+  std::optional<PackedPanels<T>> query_copy, grad_copy;            // AMX: q and dO with their rows contiguous
+
+  // Rows [i0, ...) of (sequence n, head h) of `copy` (query_copy or grad_copy), as the A of an AMX product over D.
+  static TileA<T> copy_rows(const std::optional<PackedPanels<T>>& copy, int64_t n, int64_t h, int64_t i0) {
+    const TileB<T> panel = copy->at(n, h);
+    return TileA<T>{panel.data + i0 * panel.k_stride, panel.k_stride, 2};
+  }
   // AMX, prefix pass: prefix_kᵀ and prefix_vᵀ for q prefix_kᵀ and dO prefix_vᵀ, prefix_k and prefix_v in pairs of
   // rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head).
   std::optional<PackedPanels<T>> prefix_keys_t, prefix_values_t, prefix_key_rows, prefix_value_rows;
@@ -83,8 +92,19 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
     const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
     auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
     auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
-    query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
-    grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+    if (packed.amx) {
+      // q and dO read once from their own rows, into the copies; the columns are packed from the copies.
+      packed.query_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.q), ws);
+      packed.grad_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+      auto copy_rows = [](const PackedPanels<T>& copy) {
+        return [&copy](int64_t n, int64_t h, int64_t i) { return copy.at(n, h).data + i * copy.at(n, h).k_stride; };
+      };
+      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, copy_rows(*packed.query_copy), ws);
+      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, copy_rows(*packed.grad_copy), ws);
+    } else {
+      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
+      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+    }
     if (packed.amx && pb.prefix_len > 0) {
       auto rows_p = [&](int64_t) { return pb.prefix_len; };
       const int64_t bp = pb.prefix_batch;
@@ -181,7 +201,10 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         const T* q = op.q.at(n, h, i0);
         const T* dout = op.grad_out.at(n, h, i0);
         float* delta_w = op.delta_w.at(n, h, i0);  // the lse layout's rows are contiguous
-        row_dots(dout, op.grad_out.ld(), op.out.at(n, h, i0), op.out.ld(), m, d, delta_w);
+        // dO's rows, from its contiguous copy where AMX made one (fewer pages than dO's own rows)
+        const TileA<T> dout_rows = packed && packed->grad_copy ? packed->copy_rows(packed->grad_copy, n, h, i0)
+                                                               : TileA<T>{dout, op.grad_out.ld(), 1};
+        row_dots(dout_rows.data, dout_rows.row_stride, op.out.at(n, h, i0), op.out.ld(), m, d, delta_w);
         if (plen == 0) {  // no ds_p prefix_k: the rows of dq's first copy start at 0
           for (int64_t r = 0; r < m; ++r) std::fill(dq.at(n, h, i0 + r), dq.at(n, h, i0 + r) + d, 0.f);
           continue;
@@ -191,14 +214,14 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         float* dp = sc.dp.data();
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (amx) {
-            amx_gemm(m, plen, d / 2, pb.scale, TileA<T>{q, op.q.ld(), 2}, packed->prefix_keys_t->at(pn, hkv), false,
-                     s, plen);
+            amx_gemm(m, plen, d / 2, pb.scale, packed->copy_rows(packed->query_copy, n, h, i0),
+                     packed->prefix_keys_t->at(pn, hkv), false, s, plen);
             for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
             const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
             amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv), false,
                      sc.o.data(), d);
-            amx_gemm(m, plen, d / 2, 1.f, TileA<T>{dout, op.grad_out.ld(), 2}, packed->prefix_values_t->at(pn, hkv),
-                     false, dp, plen);
+            amx_gemm(m, plen, d / 2, 1.f, packed->copy_rows(packed->grad_copy, n, h, i0),
+                     packed->prefix_values_t->at(pn, hkv), false, dp, plen);
           }
         }
         if (!amx) {
@@ -214,7 +237,7 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
         }
         // -- D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
         float* delta_p = sc.delta_p.data();
-        row_dots(sc.o.data(), d, dout, op.grad_out.ld(), m, d, delta_p);
+        row_dots(sc.o.data(), d, dout_rows.data, dout_rows.row_stride, m, d, delta_p);
         const Vec g(gamma);
         for (int64_t r = 0; r < m; ++r) {
           dgamma += delta_p[r];
@@ -372,7 +395,9 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
             if (packed) {
               constexpr int64_t step = kStep<T>;
               const TileB<T> kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
-              const TileA<T> qa{q, op.q.ld(), step}, da{dout, op.grad_out.ld(), step};
+              const TileA<T> qa = amx ? packed->copy_rows(packed->query_copy, n, h, i0) : TileA<T>{q, op.q.ld(), step};
+              const TileA<T> da =
+                  amx ? packed->copy_rows(packed->grad_copy, n, h, i0) : TileA<T>{dout, op.grad_out.ld(), step};
               const TileB<T> kb{kt.data + step * j0, kt.k_stride}, vb{vt.data + step * j0, vt.k_stride};
               if constexpr (std::is_same_v<T, at::BFloat16>) {
                 if (amx) {

@@ -198,9 +198,10 @@ struct PackedPanels {
   TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
 };
 
-// How an input [L, D] of one (sequence, head) becomes a B operand. Here only kTransposed: B = Xᵀ, element
-// (d, j) = X[j][d], the keys of a score product (q kᵀ, dO vᵀ); fp32 rows (kRows) are read in place.
-enum class PackKind { kTransposed, kRows, kColumns };
+// How an input [L, D] of one (sequence, head) becomes a B operand (the kinds of tile_gemm_avx512.h). Here only
+// kTransposed: B = Xᵀ, element (d, j) = X[j][d], the keys of a score product (q kᵀ, dO vᵀ); fp32 rows (kRows) are
+// read in place.
+enum class PackKind { kTransposed, kRows, kColumns, kCopy };
 
 // `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
 // (sequence, head) are equally spaced). The panels live in memory taken from `workspace` (workspace.h), which holds
