@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "vec_exp.h"
 
 namespace fastadapter_cpu::FASTADAPTER_ISA {
 
@@ -219,16 +220,26 @@ inline float exp_shift_sum(float* x, int64_t n, float shift, float scale = 1.f) 
   Vec vsum(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = at::vec::fmsub(Vec::loadu(x + j), vscale, vshift).exp_u20();
+    Vec e = exp_lanes(at::vec::fmsub(Vec::loadu(x + j), vscale, vshift));
     e.store(x + j);
     vsum = vsum + e;
   }
   if (j < n) {
-    Vec e = at::vec::fmsub(Vec::loadu(x + j, n - j), vscale, vshift).exp_u20();
+    Vec e = exp_lanes(at::vec::fmsub(Vec::loadu(x + j, n - j), vscale, vshift));
     e.store(x + j, n - j);
     vsum = vsum + first_lanes(e, n - j, 0.f);
   }
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+}
+
+// out = e^x as the softmax of the kernels computes it (exp_lanes, vec_exp.h), x and out fp32 contiguous of one
+// shape: the tests hold it against the exact exp.
+void softmax_exp(const at::Tensor& x, const at::Tensor& out) {
+  const float* src = x.const_data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+    at::vec::map([](Vec v) { return exp_lanes(v); }, dst + begin, src + begin, end - begin);
+  });
 }
 
 // out[0, count) = the first `count` (≤ 2 · Vec::size()) of a's lanes then b's, rounded to T (bf16 or fp16) to
@@ -261,9 +272,9 @@ float exp_shift_sum_rounded(float* x, int64_t seen, int64_t n, float shift, floa
     if (live == 0) return Vec(0.f);
     Vec e;
     if (live == kLanes) {
-      e = at::vec::fmsub(Vec::loadu(x + j), vscale, vshift).exp_u20();
+      e = exp_lanes(at::vec::fmsub(Vec::loadu(x + j), vscale, vshift));
     } else {
-      e = first_lanes(at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift).exp_u20(), live, 0.f);
+      e = first_lanes(exp_lanes(at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift)), live, 0.f);
     }
     e.store(x + j, live);
     vsum = vsum + e;
@@ -523,7 +534,7 @@ inline MaxSum gated_softmax_row(float* x, int64_t n, float gamma, T* out, bool p
     const Vec scores = Vec::loadu(x, n);
     const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
                                                     first_lanes(scores, n, kNegInf));
-    const Vec e = first_lanes(at::vec::fmsub(scores, Vec(1.f), Vec(mx)).exp_u20(), n, 0.f);
+    const Vec e = first_lanes(exp_lanes(at::vec::fmsub(scores, Vec(1.f), Vec(mx))), n, 0.f);
     const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, e);
     const Vec y = e * Vec(gamma / sum);
     y.store(x, n);
@@ -565,7 +576,7 @@ inline void gated_softmax_rows(float* x, int64_t ldx, int64_t rows, int64_t n, c
       for (int64_t c = 1; c < n; ++c) mx = at::vec::maximum(mx, Vec(v[c]));
       Vec total(0.f);
       for (int64_t c = 0; c < n; ++c) {
-        v[c] = at::vec::fmsub(Vec(v[c]), Vec(1.f), mx).exp_u20();
+        v[c] = exp_lanes(at::vec::fmsub(Vec(v[c]), Vec(1.f), mx));
         total = total + Vec(v[c]);
       }
       const Vec factor = Vec::loadu(gamma + r0) / total;

@@ -100,6 +100,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                  bool gelu_tanh, const at::Tensor& grad_gate, const at::Tensor& grad_up);        \
   void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, int64_t ignore,                    \
                           const at::Tensor& loss);                                                               \
+  void softmax_exp(const at::Tensor& x, const at::Tensor& out);                                                  \
   }
 
 FASTADAPTER_DECLARE_VARIANT(generic)

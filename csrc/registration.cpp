@@ -20,6 +20,8 @@
 //   torch.ops.fastadapter_cpu.cross_entropy_rows_(logits, target, ignore_index) -> loss  (logits become the gradient)
 //       a training step's row kernels, fp32 (training_rows.h)
 //
+//   torch.ops.fastadapter_cpu.softmax_exp(x) -> e^x as the attention kernels' softmax computes it (vec_exp.h), fp32
+//
 //   torch.ops.fastadapter_cpu.cpu_path() -> (variant, why)
 //
 //   torch.ops.fastadapter_cpu.workspace_bytes() -> int, release_workspace(), fill_workspace(value)
@@ -516,6 +518,15 @@ at::Tensor gated_activation_forward_op(const at::Tensor& gate, const at::Tensor&
   return out;
 }
 
+// e^x as the attention kernels' softmax computes it, x fp32 contiguous (for the tests of vec_exp.h).
+at::Tensor softmax_exp_op(const at::Tensor& x) {
+  check_same("softmax_exp", "x", x, x);
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  FASTADAPTER_ON_VARIANT(softmax_exp(x, out))
+  return out;
+}
+
 // (grad_gate, grad_up) of gated_activation_forward.
 std::tuple<at::Tensor, at::Tensor> gated_activation_backward_op(const at::Tensor& grad, const at::Tensor& gate,
                                                                 const at::Tensor& up, bool gelu_tanh) {
@@ -567,6 +578,7 @@ TORCH_LIBRARY(fastadapter_cpu, m) {
   m.def("gated_activation_forward(Tensor gate, Tensor up, bool gelu_tanh) -> Tensor");
   m.def("gated_activation_backward(Tensor grad, Tensor gate, Tensor up, bool gelu_tanh) -> (Tensor, Tensor)");
   m.def("cross_entropy_rows_(Tensor(a!) logits, Tensor target, int ignore_index) -> Tensor");
+  m.def("softmax_exp(Tensor x) -> Tensor");
   m.def("cpu_path() -> (str, str)", &cpu_path_op);
   // The calling thread's kernel buffers (workspace.h).
   m.def("workspace_bytes() -> int", &workspace_bytes);
@@ -584,6 +596,7 @@ TORCH_LIBRARY_IMPL(fastadapter_cpu, CPU, m) {
   m.impl("gated_activation_forward", &gated_activation_forward_op);
   m.impl("gated_activation_backward", &gated_activation_backward_op);
   m.impl("cross_entropy_rows_", &cross_entropy_rows_op);
+  m.impl("softmax_exp", &softmax_exp_op);
 }
 
 }  // namespace fastadapter_cpu

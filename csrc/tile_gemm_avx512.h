@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_exp.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTADAPTER_HAS_TILE_GEMM 1
@@ -259,7 +261,7 @@ inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, in
       return;
     }
     const __m512 x = _mm512_maskz_loadu_ps(live, s + r * ld + j);
-    const __m512 e = Vec(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(lse[r]))).exp_u20();
+    const __m512 e = exp_lanes(Vec(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(lse[r]))));
     p = _mm512_maskz_mov_ps(live, e);
     float* g = dp + r * ld + j;
     ds = _mm512_maskz_mul_ps(live, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, g), _mm512_set1_ps(delta[r])));
