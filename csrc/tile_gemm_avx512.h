@@ -461,7 +461,8 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
                                 reinterpret_cast<int32_t*>(panel), pitch / step);
       } else if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (kind == PackKind::kCopy) {
-          for (int64_t i = 0; i < len; ++i) std::memcpy(panel + i * head_dim, first + i * row_stride, head_dim * sizeof(T));
+          for (int64_t i = 0; i < len; ++i)
+            std::memcpy(panel + i * head_dim, first + i * row_stride, head_dim * sizeof(T));
         } else if (kind == PackKind::kRows) {
           uint8_t* flags = zero_nonfinite ? packed.nonfinite.data() + packed.first_row[n] + h * len : nullptr;
           detail::pair_rows(first, row_stride, len, head_dim, panel, pitch, flags);
