@@ -15,7 +15,7 @@ namespace fastadapter_cpu::FASTADAPTER_ISA {
 
 inline at::vec::Vectorized<float> exp_lanes(const at::vec::Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // n = round(x · log2(e)), at most 200 (+inf gives inf; NaN stays NaN: vminps returns its second operand then)
+  // n = round(x · log2(e)), at most 200, so that +inf gives inf (a NaN x gives NaN through r below)
   const __m512 t = _mm512_min_ps(_mm512_set1_ps(200.f), _mm512_mul_ps(__m512(x), _mm512_set1_ps(1.44269504088896341f)));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x − n · ln 2 in two parts (Cody and Waite; n · kLn2High is exact), |r| ≤ ln(2) / 2
