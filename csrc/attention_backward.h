@@ -96,11 +96,11 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
       // q and dO read once from their own rows, into the copies; the columns are packed from the copies.
       packed.query_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.q), ws);
       packed.grad_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
-      auto copy_rows = [](const PackedPanels<T>& copy) {
-        return [&copy](int64_t n, int64_t h, int64_t i) { return copy.at(n, h).data + i * copy.at(n, h).k_stride; };
+      auto rows_of_copy = [](const std::optional<PackedPanels<T>>& copy) {
+        return [&copy](int64_t n, int64_t h, int64_t i) { return PackedOperands<T>::copy_rows(copy, n, h, i).data; };
       };
-      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, copy_rows(*packed.query_copy), ws);
-      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, copy_rows(*packed.grad_copy), ws);
+      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.query_copy), ws);
+      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.grad_copy), ws);
     } else {
       query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
       grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);

@@ -524,26 +524,10 @@ struct MaxSum {
 
 // One row of the prefix's gated softmax: x[j] = γ · exp(x[j] − max) / Σ_j' exp(x[j'] − max) for j < n, and for a
 // reduced-precision T the same rounded into out[0, n) (out[n] = 0 too when `pad`: the zero column that pairs an
-// odd P for AMX). Returns the max and the sum (the prefix's lse). A prefix of at most Vec::size() keys (P ~ 10) is
-// one masked vector kept in registers: the reference below, row_max, exp_shift_sum, scale_row and convert_row,
-// reads back each pass's masked store, which cannot be forwarded to the next load (~200 cycles a row on a Xeon
-// with AMX, a third of the bf16 forward's finish_tile at S = 512). Same operations, same bits.
+// odd P for AMX). Returns the max and the sum (the prefix's lse). The reference of gated_softmax_rows, and its path
+// where the block path does not apply.
 template <typename T>
 inline MaxSum gated_softmax_row(float* x, int64_t n, float gamma, T* out, bool pad) {
-  if (n <= Vec::size()) {
-    const Vec scores = Vec::loadu(x, n);
-    const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); },
-                                                    first_lanes(scores, n, kNegInf));
-    const Vec e = first_lanes(exp_lanes(at::vec::fmsub(scores, Vec(1.f), Vec(mx))), n, 0.f);
-    const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, e);
-    const Vec y = e * Vec(gamma / sum);
-    y.store(x, n);
-    if constexpr (!std::is_same_v<T, float>) {
-      store_rounded(y, Vec(0.f), out, n);
-      if (pad) out[n] = T(0.f);
-    }
-    return {mx, sum};
-  }
   const float mx = row_max(x, n);
   const float sum = exp_shift_sum(x, n, mx);
   scale_row(x, n, gamma / sum);
