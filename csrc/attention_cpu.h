@@ -203,14 +203,36 @@ inline Vec first_lanes(const Vec& x, int64_t count, float fill) {
   return Vec::blendv(Vec(fill), x, Vec::arange(0.f, 1.f) < Vec(static_cast<float>(count)));
 }
 
-// max_j x[j] for j < n (−inf when n = 0): vector lanes throughout, the last partial vector blended with −inf, so
+// max(x, acc) per lane for a row's running max. AVX-512: one vmaxps, a lane where x is NaN giving acc's, where
+// at::vec::maximum adds a compare and a blend per call and the blend lengthens the chain of the running max; the
+// row's NaN still reaches its result, because every caller exponentiates the row against the max and sums the exps,
+// and exp_lanes carries a NaN score into the sum (vec_exp.h). Elsewhere at::vec::maximum, which keeps the NaN in
+// the max itself (at::vec's exp_u20 clamps a NaN to a number): the reference.
+inline Vec max_lanes(const Vec& x, const Vec& acc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(x, acc);
+#else
+  return at::vec::maximum(x, acc);
+#endif
+}
+
+// max_j x[j] for j < n (−inf when n = 0), through max_lanes: on AVX-512 a NaN of the row is left to the exps that
+// follow (see there). Vector lanes throughout, four running maxima, the last partial vector blended with −inf, so
 // that short rows (the prefix's P ~ 10 keys) take no scalar loop.
 inline float row_max(const float* x, int64_t n) {
-  Vec acc(kNegInf);
+  constexpr int64_t kLanes = Vec::size();
+  Vec acc0(kNegInf), acc1(kNegInf), acc2(kNegInf), acc3(kNegInf);
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  if (j < n) acc = at::vec::maximum(acc, first_lanes(Vec::loadu(x + j, n - j), n - j, kNegInf));
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    acc0 = max_lanes(Vec::loadu(x + j), acc0);
+    acc1 = max_lanes(Vec::loadu(x + j + kLanes), acc1);
+    acc2 = max_lanes(Vec::loadu(x + j + 2 * kLanes), acc2);
+    acc3 = max_lanes(Vec::loadu(x + j + 3 * kLanes), acc3);
+  }
+  for (; j + kLanes <= n; j += kLanes) acc0 = max_lanes(Vec::loadu(x + j), acc0);
+  if (j < n) acc1 = max_lanes(first_lanes(Vec::loadu(x + j, n - j), n - j, kNegInf), acc1);
+  Vec acc = max_lanes(max_lanes(acc0, acc1), max_lanes(acc2, acc3));
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return max_lanes(a, b); }, acc);
 }
 
 // x[j] = exp(scale · x[j] − shift) for j < n; returns the sum. The attention kernels pass unscaled scores q kᵀ
@@ -258,16 +280,17 @@ inline void store_rounded(const Vec& a, const Vec& b, T* out, int64_t count) {
 }
 
 // The forward's word softmax row for a reduced-precision product (T bf16 or fp16), in one pass where
-// exp_shift_sum, a fill and convert_row take three: e[j] = exp(scale · x[j] − shift) for the keys the row sees
-// (j < seen), written over x, and out[j] = T(e[j]) for j < seen, T(0) for seen ≤ j < n (a masked key's score is
-// never read). Returns Σ_{j < seen} e[j]. The reference is exp_shift_sum followed by convert_row.
+// exp_shift_sum, a fill and convert_row take three: out[j] = T(exp(scale · x[j] − shift)) for the keys the row sees
+// (j < seen), T(0) for seen ≤ j < n (a masked key's score is never read). Returns the sum of the fp32 exps. x is
+// only read: everything after the softmax (the product p v and the keys masked_rows_product adds row by row) reads
+// the probabilities in T. The reference is exp_shift_sum followed by convert_row.
 template <typename T>
-float exp_shift_sum_rounded(float* x, int64_t seen, int64_t n, float shift, float scale, T* out) {
+float exp_shift_sum_rounded(const float* x, int64_t seen, int64_t n, float shift, float scale, T* out) {
   constexpr int64_t kLanes = Vec::size();
   const Vec vshift(shift), vscale(scale);
-  Vec vsum(0.f);
-  // e over the kLanes keys from j, 0 past the row's keys
-  auto part = [&](int64_t j) {
+  Vec sum_lo(0.f), sum_hi(0.f);  // two chains of additions
+  // e over the kLanes keys from j, 0 past the row's keys, added to `sum`
+  auto part = [&](int64_t j, Vec& sum) {
     const int64_t live = std::clamp<int64_t>(seen - j, 0, kLanes);
     if (live == 0) return Vec(0.f);
     Vec e;
@@ -276,15 +299,14 @@ float exp_shift_sum_rounded(float* x, int64_t seen, int64_t n, float shift, floa
     } else {
       e = first_lanes(exp_lanes(at::vec::fmsub(Vec::loadu(x + j, live), vscale, vshift)), live, 0.f);
     }
-    e.store(x + j, live);
-    vsum = vsum + e;
+    sum = sum + e;
     return e;
   };
   for (int64_t j = 0; j < n; j += 2 * kLanes) {
-    const Vec lo = part(j), hi = part(j + kLanes);
+    const Vec lo = part(j, sum_lo), hi = part(j + kLanes, sum_hi);
     store_rounded(lo, hi, out + j, std::min<int64_t>(2 * kLanes, n - j));
   }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum_lo + sum_hi);
 }
 
 // x[j] *= a for j < n.
@@ -365,9 +387,11 @@ inline void axpy_row(float a, const T* x, float* y, int64_t n) {
 //  - x packed with its NaN and infinities zeroed (pack_panels' zero_nonfinite; `nonfinite[j]` flags key j): one
 //    product over every key some row sees, where a row's w = 0 past its keys adds exactly 0, then each flagged key
 //    the row sees is added again from x itself, so that its NaN or infinity reaches exactly the rows that see it.
-// `pairs`: the product takes keys in pairs (bf16 tiles), so its key count is even.
-template <typename T, typename Product>
-void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const uint8_t* nonfinite, const float* w,
+// `pairs`: the product takes keys in pairs (bf16 tiles), so its key count is even. w: fp32, or the weights in T as
+// a reduced-precision product reads them (the forward's probabilities), so that the keys added row by row weigh
+// what the product's keys weigh.
+template <typename T, typename W, typename Product>
+void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const uint8_t* nonfinite, const W* w,
                          int64_t ldw, const T* x, int64_t ldx, float* acc, int64_t ld_acc, int64_t width,
                          const Product& product) {
   const int64_t lo = *std::min_element(seen, seen + rows), hi = *std::max_element(seen, seen + rows);
@@ -377,9 +401,9 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
     for (int64_t j = 0; j < keys; ++j)
       if (nonfinite[j])
         for (int64_t r = 0; r < rows; ++r)
-          if (j < seen[r]) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+          if (j < seen[r]) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = keys; j < seen[r]; ++j) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+      for (int64_t j = keys; j < seen[r]; ++j) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
     return;
   }
   const int64_t band = lo == hi ? rows : 8;
@@ -389,7 +413,7 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
     if (pairs) common &= ~int64_t(1);
     if (common > 0) product(r0, r1, common);
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = common; j < seen[r]; ++j) axpy_row(w[r * ldw + j], x + j * ldx, acc + r * ld_acc, width);
+      for (int64_t j = common; j < seen[r]; ++j) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
   }
 }
 

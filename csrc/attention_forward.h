@@ -47,7 +47,7 @@ struct Tile {
 template <typename T>
 struct Scratch {
   std::vector<T> q;         // [rows, D] the tile's query rows, gathered
-  std::vector<float> s;     // [rows, BK] scores, then probabilities
+  std::vector<float> s;     // [rows, BK] scores (fp32: then the probabilities)
   std::vector<T> p;         // [rows, BK] probabilities in T (reduced-precision GEMM input)
   std::vector<float> acc;   // [rows, D] unnormalised Σ p v
   std::vector<float> m, l;  // [rows] running max and sum of the word softmax (rounded up to 16: gated_softmax_rows)
@@ -135,7 +135,9 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
         sum = exp_shift_sum_rounded(s, seen, nk, m_new, pb.scale, sc.p.data() + r * kKeysPerBlock);
       }
       if (seen > 0) {  // -- update the running sum, rescale what was accumulated under the old max
-        const float correction = std::exp(sc.m[r] - m_new);  // 0 when nothing was seen before
+        // 0 when nothing was seen before; in vector lanes, where a call to expf would spill the exp's constants
+        float correction;
+        exp_lanes(Vec(sc.m[r] - m_new)).store(&correction, 1);
         sc.l[r] = sc.l[r] * correction + sum;
         // Nothing seen before (m −inf): acc is 0, or NaN for a row whose scores were all −inf, and stays so.
         if (correction != 1.f && sc.m[r] != kNegInf) scale_row(sc.acc.data() + r * d, d, correction);
@@ -150,7 +152,10 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       pairs = op.value_rows != nullptr;
       if (pairs) nonfinite = op.value_rows->nonfinite_rows(t.n, t.hkv, pb.rows_k(t.n)) + j0;
     }
-    masked_rows_product<T>(rows, sc.seen.data(), pairs, nonfinite, sc.s.data(), kKeysPerBlock, v, op.v.ld(),
+    const auto* weights = [&] {  // the probabilities as the product reads them
+      if constexpr (std::is_same_v<T, float>) return sc.s.data(); else return sc.p.data();
+    }();
+    masked_rows_product<T>(rows, sc.seen.data(), pairs, nonfinite, weights, kKeysPerBlock, v, op.v.ld(),
                            sc.acc.data(), d, d, [&](int64_t r0, int64_t r1, int64_t keys) {
       float* acc = sc.acc.data() + r0 * d;
       if constexpr (std::is_same_v<T, float>) {
@@ -171,9 +176,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
           return;
         }
       }
-      const T* probs;
-      if constexpr (std::is_same_v<T, float>) probs = sc.s.data(); else probs = sc.p.data();
-      gemm(false, false, r1 - r0, d, keys, 1.f, probs + r0 * kKeysPerBlock, kKeysPerBlock, v, op.v.ld(), 1.f, acc,
+      gemm(false, false, r1 - r0, d, keys, 1.f, weights + r0 * kKeysPerBlock, kKeysPerBlock, v, op.v.ld(), 1.f, acc,
            d);
     });
   }
