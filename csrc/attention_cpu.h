@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "transpose_16x16.h"
 #include "vec_exp.h"
 
 namespace fastadapter_cpu::FASTADAPTER_ISA {
@@ -417,37 +418,6 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Transposes the 16 × 16 block v[0..15] (v[i] = row i) in registers: v[j] becomes column j.
-__attribute__((always_inline)) inline void transpose_16x16(__m512 (&v)[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // pairs of rows, interleaved by element
-    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // quads: 4 rows' elements 4k..4k+3 in each 128-bit lane
-    v[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: rows 0-7 and 8-15 each gathered by lane pairs
-    t[i] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], 0xDD);
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-}
-#endif
-
 // dst[r][c] = scale · src[c][r] for r < rows, c < cols: src fp32 [cols, ld_src], dst fp32 [rows, ld_dst]. The
 // avx512 variant moves 16 × 16 blocks through registers (transpose_16x16); the scalar loop is its reference, and
 // takes the rows that fill no block.
@@ -491,6 +461,8 @@ inline void convert_row(const float* src, T* dst, int64_t n) {
   }
 }
 
+constexpr int64_t kPageBytes = 4096;
+
 // Asks for the `bytes` from p in the caches (a hint, no effect on results). The rows of one head of a [B, S, H, D]
 // tensor lie H · D elements apart, a page each for LLaMA-7B's q (8 KB), where the hardware prefetchers do not follow.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
@@ -512,12 +484,15 @@ inline void row_dots(const X* x, int64_t ldx, const Y* y, int64_t ldy, int64_t r
     for (int64_t k = 0; k < count; ++k) part[k] = static_cast<float>(p[k]);
     return Vec::loadu(part);
   };
+  // Rows a page or more apart are prefetched; closer ones the hardware streams (the backward's copy of dO).
+  const bool far_x = ldx * static_cast<int64_t>(sizeof(X)) >= kPageBytes;
+  const bool far_y = ldy * static_cast<int64_t>(sizeof(Y)) >= kPageBytes;
   int64_t r0 = 0;
   for (; r0 < rows; r0 += kLanes) {
     const int64_t live = std::min<int64_t>(kLanes, rows - r0);
     for (int64_t i = r0 + kLanes; i < std::min(rows, r0 + 2 * kLanes); ++i) {  // the next block's rows
-      prefetch_bytes(x + i * ldx, n * static_cast<int64_t>(sizeof(X)));
-      prefetch_bytes(y + i * ldy, n * static_cast<int64_t>(sizeof(Y)));
+      if (far_x) prefetch_bytes(x + i * ldx, n * static_cast<int64_t>(sizeof(X)));
+      if (far_y) prefetch_bytes(y + i * ldy, n * static_cast<int64_t>(sizeof(Y)));
     }
     __m512 acc[kLanes];
     for (int64_t i = 0; i < kLanes; ++i) {
