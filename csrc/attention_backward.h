@@ -453,7 +453,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
               // p and ds as pairs of rows, for the two products over the query rows: on AMX the B of dvᵀ += dOᵀ p
               // and dkᵀ += qᵀ ds (readable to round_up(nk, 16) words), on the register tiles the A of
               // dv += pᵀ dO and dk += dsᵀ q. ds as rows, its odd last key paired with zero, for dq += ds k over
-              // the keys.
+              // the keys (and the keys masked_rows_product adds row by row).
               const int64_t width = amx ? round_up(nk, 16) : nk, row_pairs = (m + 1) / 2;
               T* p_pairs = sc.p_t.data();
               T* ds_pairs = sc.ds_t.data();
@@ -474,7 +474,7 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                              TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
               }
               const TileB<T> kp = packed->key_rows->at(n, hkv);
-              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
+              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, ds_rows, key_block, k, op.k.ld(), dq.at(n, h, i0),
                                      dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
                 const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
                 const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};

@@ -177,7 +177,7 @@ inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t
 }
 
 // The backward's pair-major probabilities and gradients (tile_gemm_avx512.h): never called here either.
-inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, int64_t rows, int64_t width,
+inline void probability_and_grad_pairs(const float* s, const float* dp, int64_t ld, int64_t rows, int64_t width,
                                        const int64_t* seen, const float* lse, const float* delta, float scale,
                                        at::BFloat16* p_pairs, at::BFloat16* ds_pairs, int64_t out_width,
                                        at::BFloat16* ds_rows) {

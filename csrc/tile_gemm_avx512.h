@@ -240,11 +240,11 @@ inline void interleave_rows(const float* x, int64_t rows, int64_t width, int64_t
 // and every other key gives exactly 0, whatever s and dp hold there (a masked key's dp may be NaN). Out:
 //  - p_pairs, ds_pairs: pair-major, interleave_rows' layout (rows 2u and 2u + 1 as words of pair row u,
 //    out_width ≥ width words per pair row, an odd last row paired with zeros);
-//  - ds_rows: ds as bf16 rows (leading dimension ld), an odd width padded with one zero column (pairs of keys);
-//  - ds in fp32 over dp[r][j < seen[r]], where masked_rows_product's fix-ups read it.
-// s, dp: fp32 [rows, ld]; seen, lse, delta: [rows]. The reference is that seven-pass sequence
+//  - ds_rows: ds as bf16 rows (leading dimension ld), an odd width padded with one zero column (pairs of keys),
+//    which the product ds k reads and masked_rows_product's keys added row by row too.
+// s, dp: fp32 [rows, ld], only read; seen, lse, delta: [rows]. The reference is that seven-pass sequence
 // (attention_backward.h, the MKL branch of word_pass, and the tests' reference implementation).
-inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, int64_t rows, int64_t width,
+inline void probability_and_grad_pairs(const float* s, const float* dp, int64_t ld, int64_t rows, int64_t width,
                                        const int64_t* seen, const float* lse, const float* delta, float scale,
                                        at::BFloat16* p_pairs, at::BFloat16* ds_pairs, int64_t out_width,
                                        at::BFloat16* ds_rows) {
@@ -264,9 +264,8 @@ inline void probability_and_grad_pairs(const float* s, float* dp, int64_t ld, in
     const __m512 x = _mm512_maskz_loadu_ps(live, s + r * ld + j);
     const __m512 e = exp_lanes(Vec(_mm512_fmsub_ps(x, vscale, _mm512_set1_ps(lse[r]))));
     p = _mm512_maskz_mov_ps(live, e);
-    float* g = dp + r * ld + j;
+    const float* g = dp + r * ld + j;
     ds = _mm512_maskz_mul_ps(live, p, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, g), _mm512_set1_ps(delta[r])));
-    _mm512_mask_storeu_ps(g, live, ds);
   };
   for (int64_t u = 0; u < (rows + 1) / 2; ++u) {
     const int64_t r0 = 2 * u;
