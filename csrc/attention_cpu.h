@@ -204,6 +204,20 @@ inline Vec first_lanes(const Vec& x, int64_t count, float fill) {
   return Vec::blendv(Vec(fill), x, Vec::arange(0.f, 1.f) < Vec(static_cast<float>(count)));
 }
 
+// Lane 0 of x: a register move where at::vec's store(ptr, 1) is a masked store, whose value a load right after it
+// cannot take from the store buffer (it waits for the store to reach the cache).
+inline float first_lane(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtss_f32(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtss_f32(x);
+#else
+  float lanes[Vec::size()];
+  x.store(lanes);
+  return lanes[0];
+#endif
+}
+
 // max(x, acc) per lane for a row's running max. AVX-512: one vmaxps, a lane where x is NaN giving acc's, where
 // at::vec::maximum adds a compare and a blend per call and the blend lengthens the chain of the running max; the
 // row's NaN still reaches its result, because every caller exponentiates the row against the max and sums the exps,

@@ -136,8 +136,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
       }
       if (seen > 0) {  // -- update the running sum, rescale what was accumulated under the old max
         // 0 when nothing was seen before; in vector lanes, where a call to expf would spill the exp's constants
-        float correction;
-        exp_lanes(Vec(sc.m[r] - m_new)).store(&correction, 1);
+        const float correction = first_lane(exp_lanes(Vec(sc.m[r] - m_new)));
         sc.l[r] = sc.l[r] * correction + sum;
         // Nothing seen before (m −inf): acc is 0, or NaN for a row whose scores were all −inf, and stays so.
         if (correction != 1.f && sc.m[r] != kNegInf) scale_row(sc.acc.data() + r * d, d, correction);
