@@ -147,6 +147,22 @@ def test_cross_entropy_rows_loss_and_gradient(vocab, cpu_variant):
     assert (loss[::5] == 0).all() and (grad[::5] == 0).all()
 
 
+@pytest.mark.parametrize("position", [0, 16, 1024], ids=["first", "second vector", "last"])
+def test_a_nan_logit_spoils_its_row_only(position, cpu_variant):
+    """The row's max leaves a NaN to the exps on AVX-512 (csrc/attention_cpu.h, row_max): the row's loss and its
+    whole gradient are still NaN, wherever in the row the NaN sits, and the other rows are untouched."""
+    logits = 3 * torch.randn(4, 1025)
+    logits[1, position] = float("nan")
+    target = torch.tensor([3, 5, 7, 9])
+    grad = logits.clone()
+    loss = row_kernels.cross_entropy_rows_(grad, target, -100)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    clean = torch.tensor([0, 2, 3])
+    want = torch.nn.functional.cross_entropy(logits[clean].double(), target[clean], reduction="none")
+    torch.testing.assert_close(loss[clean].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad[clean]).all()
+
+
 @pytest.mark.parametrize("tokens, chunk", [(97, 32), (300, 128), (5, 8)])
 def test_linear_cross_entropy_on_the_row_kernel_equals_the_reference(tokens, chunk):
     hidden = torch.randn(tokens, 80, requires_grad=True)
