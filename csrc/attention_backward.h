@@ -13,6 +13,9 @@
 //     chunks as its share of the work asks for (word_tasks: one unless it is long against the rest of a ragged
 //     batch, or batch × kv heads is too small to keep the threads busy). Keys past seqused_k are never read;
 //     the sequence's first chunk writes their dk, dv as 0.
+// On AMX, when every (sequence, kv head) is one word task, the two passes run as one (group_passes): a task per
+// (sequence, kv head) packs its panels, runs its prefix task and its word task into its thread's own fp32 dq rows,
+// and writes those rows, so that nothing of the call's size is written and read back.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles where the CPU has them
 // (tile_gemm_amx.h; the two products over the query rows transposed, and q, dO read from contiguous copies, see
@@ -45,7 +48,7 @@ struct Operands {
   Rows<const float> lse_w, lse_p;
   Rows<float> delta_w;  // D_w, lse layout
   Rows<T> dk, dv;
-  at::Tensor dq_acc;    // fp32 [chunks, *q.shape] (head-major underneath), unscaled
+  at::Tensor dq_acc;    // fp32 [chunks, *q.shape] (head-major underneath), unscaled; undefined in group_passes
   float* dprefix_k;     // fp32 [N, Hkv, P, D], unscaled
   float* dprefix_v;     // fp32 [N, Hkv, P, D]
   float* dgamma;        // fp32 [N, Hq]
@@ -73,42 +76,67 @@ struct PackedOperands {
   // rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head).
   std::optional<PackedPanels<T>> prefix_keys_t, prefix_values_t, prefix_key_rows, prefix_value_rows;
   bool amx = false;
+  // AMX: the word panels hold one (sequence, kv head) and its query heads, those of the task that packed them
+  // (pack_group): (n, hkv) maps to panel (0, 0), query head h to (0, h mod group).
+  bool one_group = false;
+  int64_t group = 1;
+
+  // The AMX operands of the word and prefix passes, by (sequence, head) of the problem.
+  TileB<T> keys(int64_t n, int64_t hkv) const { return keys_t.at(seq(n), kv(hkv)); }
+  TileB<T> values(int64_t n, int64_t hkv) const { return values_t.at(seq(n), kv(hkv)); }
+  TileB<T> key_pairs(int64_t n, int64_t hkv) const { return key_rows->at(seq(n), kv(hkv)); }
+  const uint8_t* key_flags(int64_t n, int64_t hkv, int64_t rows) const {
+    return key_rows->nonfinite_rows(seq(n), kv(hkv), rows);
+  }
+  TileA<T> queries(int64_t n, int64_t h, int64_t i0) const { return copy_rows(query_copy, seq(n), head(h), i0); }
+  TileA<T> grads(int64_t n, int64_t h, int64_t i0) const { return copy_rows(grad_copy, seq(n), head(h), i0); }
+  TileB<T> query_columns(int64_t n, int64_t h) const { return query_cols->at(seq(n), head(h)); }
+  TileB<T> grad_columns(int64_t n, int64_t h) const { return grad_cols->at(seq(n), head(h)); }
+
+ private:
+  int64_t seq(int64_t n) const { return one_group ? 0 : n; }
+  int64_t kv(int64_t hkv) const { return one_group ? 0 : hkv; }
+  int64_t head(int64_t h) const { return one_group ? h % group : h; }
 };
 
-// Every panel of the call, each kind in a pass of its own, before the prefix pass reads any. Packing the panels of
-// (sequence, kv head) and of its query heads inside the prefix pass's task of that pair instead, so that its
-// products and the word pass find them in cache, measured no faster (bf16 forward + backward, S = 512-1024, Hkv = 8
-// and 32, 2-core Xeon with AMX: 0.98-1.06x back to back, 0.97-0.99x after a cache flush or two SDPA calls,
-// python -m benchmarks.cpu_build_ab --before nothing|cache-flush|sdpa).
+// The panels of the whole call, each kind in a pass of its own (`word_panels`), and on AMX the prefix's; without
+// `word_panels` (group_passes) only the prefix's, which every sequence's task reads. Packing the word panels of a
+// (sequence, kv head) in its prefix task, into the call's panels, measured no faster than these passes (bf16
+// forward + backward, S = 512-1024, 2-core Xeon with AMX: 0.98-1.06x): what group_passes gains comes from its
+// threads' panels and dq rows being overwritten in place.
 template <typename T>
-PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool amx, Workspace& ws) {
+PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool amx, bool word_panels, Workspace& ws) {
   const int64_t d = pb.head_dim;
   auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
   auto rows_q = [&](int64_t n) { return pb.rows_q(n); };
   auto rows = [](const Rows<const T>& x) { return [&x](int64_t n, int64_t h, int64_t i) { return x.at(n, h, i); }; };
   const int64_t n = pb.num_seqs, hkv = pb.heads_kv;
-  PackedOperands<T> packed{pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.k), ws),
-                           pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.v), ws),
-                           std::nullopt, std::nullopt, std::nullopt};
+  PackedOperands<T> packed;
+  if (word_panels) {
+    packed.keys_t = pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.k), ws);
+    packed.values_t = pack_panels<T>(PackKind::kTransposed, n, hkv, d, rows_k, rows(op.v), ws);
+  }
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    packed.key_rows = pack_panels<T>(PackKind::kRows, n, hkv, d, rows_k, rows(op.k), ws,
-                                     /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
     packed.amx = amx;
-    const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
-    auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
-    auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
-    if (packed.amx) {
-      // q and dO read once from their own rows, into the copies; the columns are packed from the copies.
-      packed.query_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.q), ws);
-      packed.grad_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
-      auto rows_of_copy = [](const std::optional<PackedPanels<T>>& copy) {
-        return [&copy](int64_t n, int64_t h, int64_t i) { return PackedOperands<T>::copy_rows(copy, n, h, i).data; };
-      };
-      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.query_copy), ws);
-      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.grad_copy), ws);
-    } else {
-      query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
-      grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+    if (word_panels) {
+      packed.key_rows = pack_panels<T>(PackKind::kRows, n, hkv, d, rows_k, rows(op.k), ws,
+                                       /*zero_nonfinite=*/true);  // for ds k over the causal diagonal
+      const PackKind over_queries = packed.amx ? PackKind::kColumns : PackKind::kRows;
+      auto& query_panels = packed.amx ? packed.query_cols : packed.query_rows;
+      auto& grad_panels = packed.amx ? packed.grad_cols : packed.grad_rows;
+      if (packed.amx) {
+        // q and dO read once from their own rows, into the copies; the columns are packed from the copies.
+        packed.query_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.q), ws);
+        packed.grad_copy = pack_panels<T>(PackKind::kCopy, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+        auto rows_of_copy = [](const std::optional<PackedPanels<T>>& copy) {
+          return [&copy](int64_t n, int64_t h, int64_t i) { return PackedOperands<T>::copy_rows(copy, n, h, i).data; };
+        };
+        query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.query_copy), ws);
+        grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows_of_copy(packed.grad_copy), ws);
+      } else {
+        query_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.q), ws);
+        grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
+      }
     }
     if (packed.amx && pb.prefix_len > 0) {
       auto rows_p = [&](int64_t) { return pb.prefix_len; };
@@ -120,6 +148,49 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
     }
   }
   return packed;
+}
+
+// AMX: word panels for one (sequence, kv head) at a time (PackedOperands::one_group), sized for the longest
+// sequence, with `shared`'s prefix panels: a thread's own, which each of its tasks overwrites (pack_group).
+template <typename T>
+PackedOperands<T> group_operands(const Problem& pb, const PackedOperands<T>& shared, Workspace& ws) {
+  int64_t keys = 0, rows = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) {
+    keys = std::max(keys, pb.rows_k(n));
+    rows = std::max(rows, pb.rows_q(n));
+  }
+  auto len_k = [keys](int64_t) { return keys; };
+  auto len_q = [rows](int64_t) { return rows; };
+  const int64_t d = pb.head_dim, group = pb.group();
+  PackedOperands<T> packed = shared;
+  packed.keys_t = plan_panels<T>(PackKind::kTransposed, 1, 1, d, len_k, ws);
+  packed.values_t = plan_panels<T>(PackKind::kTransposed, 1, 1, d, len_k, ws);
+  packed.key_rows = plan_panels<T>(PackKind::kRows, 1, 1, d, len_k, ws, /*zero_nonfinite=*/true);
+  packed.query_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
+  packed.grad_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
+  packed.query_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
+  packed.grad_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
+  packed.one_group = true;
+  packed.group = group;
+  return packed;
+}
+
+// Writes `packed`'s panels (group_operands) for (sequence n, kv head hkv): kᵀ, vᵀ and k's rows of the kv head, and
+// for each of its query heads the copies of q and dO and their columns (packed from the copies).
+template <typename T>
+void pack_group(const Problem& pb, const Operands<T>& op, const PackedOperands<T>& packed, int64_t n, int64_t hkv,
+                std::vector<T>& pair_buffer) {
+  const int64_t keys = pb.rows_k(n), rows = pb.rows_q(n), d = pb.head_dim;
+  pack_panel(packed.keys_t, 0, 0, keys, op.k.at(n, hkv, 0), op.k.ld(), pair_buffer);
+  pack_panel(packed.values_t, 0, 0, keys, op.v.at(n, hkv, 0), op.v.ld(), pair_buffer);
+  pack_panel(*packed.key_rows, 0, 0, keys, op.k.at(n, hkv, 0), op.k.ld(), pair_buffer);
+  for (int64_t g = 0; g < pb.group(); ++g) {
+    const int64_t h = hkv * pb.group() + g;
+    pack_panel(*packed.query_copy, 0, g, rows, op.q.at(n, h, 0), op.q.ld(), pair_buffer);
+    pack_panel(*packed.grad_copy, 0, g, rows, op.grad_out.at(n, h, 0), op.grad_out.ld(), pair_buffer);
+    pack_panel(*packed.query_cols, 0, g, rows, packed.queries(n, h, 0).data, d, pair_buffer);
+    pack_panel(*packed.grad_cols, 0, g, rows, packed.grads(n, h, 0).data, d, pair_buffer);
+  }
 }
 
 // `rows` fp32 rows of width n (leading dimension ld) as GEMM input of type T: the rows themselves for fp32,
@@ -152,140 +223,148 @@ const T* as_pairs_input(const float* rows_f, int64_t rows, int64_t n, int64_t ld
   return buffer.data();
 }
 
-// The prefix pass (see the top of this file). On AMX (bf16, `packed->amx`) its thin products (P ~ 10) run on the
-// tiles: the two over the query rows transposed, dprefix_kᵀ += qᵀ ds_p and dprefix_vᵀ += dOᵀ (γ p_p), into
+// A thread's buffers for its prefix tasks.
+template <typename T>
+struct PrefixScratch {
+  std::vector<float> s, dp, o, delta_p;  // delta_p: [rows] D_p
+  std::vector<T> s_t, dp_t;
+  std::vector<T> ds_pairs, gp_pairs;  // AMX: ds_p and γ p_p in pairs of rows
+  std::vector<float> dpk_t, dpv_t;    // AMX: [D, P] sums of this task
+};
+
+// The prefix pass's task of (sequence n, kv head hkv) (see the top of this file), writing the first rows of dq of
+// the group's query heads into `dq` (fp32, unscaled). On AMX (bf16, `packed->amx`) its thin products (P ~ 10) run
+// on the tiles: the two over the query rows transposed, dprefix_kᵀ += qᵀ ds_p and dprefix_vᵀ += dOᵀ (γ p_p), into
 // per-task [D, P] sums added to dprefix_k, dprefix_v at the end; elsewhere on MKL.
 template <typename T>
-void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<T>* packed) {
-  const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len;
-  const int64_t threads = at::get_num_threads();
-  const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens_q);
+void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<T>* packed, int64_t n, int64_t hkv,
+                 const Rows<float>& dq, PrefixScratch<T>& sc) {
+  const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len, pn = pb.prefix_row(n);
   const bool amx = std::is_same_v<T, at::BFloat16> && packed && packed->amx && plen > 0;
   const int64_t ldp = amx ? plen + plen % 2 : plen;        // leading dimension of the bf16 p_p, ds_p
   const int64_t pair_width = round_up(std::max<int64_t>(plen, 1), 16);  // B of the transposed products
-  struct Scratch {
-    std::vector<float> s, dp, o, delta_p;  // delta_p: [rows] D_p
-    std::vector<T> s_t, dp_t;
-    std::vector<T> ds_pairs, gp_pairs;  // AMX: ds_p and γ p_p in pairs of rows
-    std::vector<float> dpk_t, dpv_t;    // AMX: [D, P] sums of this task
-  };
-  std::vector<Scratch> scratch(threads);
-  // Longest sequences first (a task's cost is its query rows): balanced for ragged batches.
+  if (sc.o.empty()) {
+    sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
+    sc.dp.resize(sc.s.size());
+    sc.s_t.resize(kPrefixRows * std::max<int64_t>(ldp, 1));
+    sc.dp_t.resize(sc.s_t.size());
+    sc.o.resize(kPrefixRows * d);
+    sc.delta_p.resize(kPrefixRows);
+    if (amx) {
+      sc.ds_pairs.resize((kPrefixRows / 2 + 1) * 2 * pair_width);
+      sc.gp_pairs.resize(sc.ds_pairs.size());
+      sc.dpk_t.resize(d * plen);
+      sc.dpv_t.resize(d * plen);
+    }
+  }
+  float* dpk = op.dprefix_k + (n * pb.heads_kv + hkv) * plen * d;
+  float* dpv = op.dprefix_v + (n * pb.heads_kv + hkv) * plen * d;
+  if (amx) {
+    std::fill(sc.dpk_t.begin(), sc.dpk_t.end(), 0.f);
+    std::fill(sc.dpv_t.begin(), sc.dpv_t.end(), 0.f);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hkv * group + g;
+    const float gamma = pb.gamma(op.gate, n, h);
+    float dgamma = 0.f;
+    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += kPrefixRows) {
+      const int64_t m = std::min(kPrefixRows, pb.rows_q(n) - i0);
+      const T* q = op.q.at(n, h, i0);
+      const T* dout = op.grad_out.at(n, h, i0);
+      float* delta_w = op.delta_w.at(n, h, i0);  // the lse layout's rows are contiguous
+      // dO's rows, from its contiguous copy where AMX made one (fewer pages than dO's own rows)
+      const TileA<T> dout_rows = packed && packed->grad_copy ? packed->grads(n, h, i0)
+                                                             : TileA<T>{dout, op.grad_out.ld(), 1};
+      row_dots(dout_rows.data, dout_rows.row_stride, op.out.at(n, h, i0), op.out.ld(), m, d, delta_w);
+      if (plen == 0) {  // no ds_p prefix_k: the rows of dq's first copy start at 0
+        for (int64_t r = 0; r < m; ++r) std::fill(dq.at(n, h, i0 + r), dq.at(n, h, i0 + r) + d, 0.f);
+        continue;
+      }
+      // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
+      float* s = sc.s.data();
+      float* dp = sc.dp.data();
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (amx) {
+          amx_gemm(m, plen, d / 2, pb.scale, packed->queries(n, h, i0),
+                   packed->prefix_keys_t->at(pn, hkv), false, s, plen);
+          for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
+          const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
+          amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv), false,
+                   sc.o.data(), d);
+          amx_gemm(m, plen, d / 2, 1.f, packed->grads(n, h, i0),
+                   packed->prefix_values_t->at(pn, hkv), false, dp, plen);
+        }
+      }
+      if (!amx) {
+        gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
+             s, plen);
+        for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
+        const T* p_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+        gemm(false, false, m, d, plen, 1.f, p_in, plen, op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(), 0.f,
+             sc.o.data(), d);
+        // -- dp_p = dO prefix_vᵀ
+        gemm(false, true, m, plen, d, 1.f, dout, op.grad_out.ld(), op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(),
+             0.f, dp, plen);
+      }
+      // -- D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
+      float* delta_p = sc.delta_p.data();
+      row_dots(sc.o.data(), d, dout_rows.data, dout_rows.row_stride, m, d, delta_p);
+      const Vec g(gamma);
+      for (int64_t r = 0; r < m; ++r) {
+        dgamma += delta_p[r];
+        delta_w[r] -= gamma * delta_p[r];
+        const Vec dpr(delta_p[r]);
+        at::vec::map2([g, dpr](Vec p, Vec grad) { return g * p * (grad - dpr); }, dp + r * plen, s + r * plen,
+                      dp + r * plen, plen);
+        at::vec::map([g](Vec p) { return g * p; }, s + r * plen, s + r * plen, plen);  // γ p_p, for dprefix_v
+      }
+      // dq = ds_p prefix_k (the first write of these rows of dq's first copy);  dprefix_k += ds_pᵀ q;
+      // dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (amx) {
+          const T* ds_in = as_pairs_input<T>(dp, m, plen, plen, sc.dp_t);
+          amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), false,
+                   dq.at(n, h, i0), dq.ld());
+          interleave_rows(dp, m, plen, plen, sc.ds_pairs.data(), pair_width);
+          interleave_rows(s, m, plen, plen, sc.gp_pairs.data(), pair_width);
+          const TileB<T> qc = packed->query_columns(n, h), gc = packed->grad_columns(n, h);
+          amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
+                   TileB<T>{sc.ds_pairs.data(), 2 * pair_width}, true, sc.dpk_t.data(), plen);
+          amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
+                   TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
+        }
+      }
+      if (!amx) {
+        const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
+        const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
+        gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
+             dq.at(n, h, i0), dq.ld());
+        gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
+        gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
+      }
+    }
+    op.dgamma[n * pb.heads_q + h] = dgamma;
+  }
+  if (amx) {  // [D, P] -> [P, D]
+    for (int64_t c = 0; c < plen; ++c)
+      for (int64_t e = 0; e < d; ++e) {
+        dpk[c * d + e] += sc.dpk_t[e * plen + c];
+        dpv[c * d + e] += sc.dpv_t[e * plen + c];
+      }
+  }
+}
+
+// The prefix pass: one task per (sequence, kv head), into dq's first copy, longest sequences first (a task's cost
+// is its query rows), balanced for ragged batches.
+template <typename T>
+void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<T>* packed) {
+  const Rows<float> dq = dq_rows(op.dq_acc, 0, pb.cu_seqlens_q);  // the prefix pass writes the first copy
+  std::vector<PrefixScratch<T>> scratch(at::get_num_threads());
   std::vector<int64_t> order(pb.num_seqs);
   for (int64_t n = 0; n < pb.num_seqs; ++n) order[n] = n;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pb.rows_q(a) > pb.rows_q(b); });
   parallel_tasks(pb.num_seqs * pb.heads_kv, [&](int64_t task, int64_t slot) {
-    const int64_t n = order[task / pb.heads_kv], hkv = task % pb.heads_kv, pn = pb.prefix_row(n);
-    Scratch& sc = scratch[slot];
-    if (sc.o.empty()) {
-      sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
-      sc.dp.resize(sc.s.size());
-      sc.s_t.resize(kPrefixRows * std::max<int64_t>(ldp, 1));
-      sc.dp_t.resize(sc.s_t.size());
-      sc.o.resize(kPrefixRows * d);
-      sc.delta_p.resize(kPrefixRows);
-      if (amx) {
-        sc.ds_pairs.resize((kPrefixRows / 2 + 1) * 2 * pair_width);
-        sc.gp_pairs.resize(sc.ds_pairs.size());
-        sc.dpk_t.resize(d * plen);
-        sc.dpv_t.resize(d * plen);
-      }
-    }
-    float* dpk = op.dprefix_k + (n * pb.heads_kv + hkv) * plen * d;
-    float* dpv = op.dprefix_v + (n * pb.heads_kv + hkv) * plen * d;
-    if (amx) {
-      std::fill(sc.dpk_t.begin(), sc.dpk_t.end(), 0.f);
-      std::fill(sc.dpv_t.begin(), sc.dpv_t.end(), 0.f);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = hkv * group + g;
-      const float gamma = pb.gamma(op.gate, n, h);
-      float dgamma = 0.f;
-      for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += kPrefixRows) {
-        const int64_t m = std::min(kPrefixRows, pb.rows_q(n) - i0);
-        const T* q = op.q.at(n, h, i0);
-        const T* dout = op.grad_out.at(n, h, i0);
-        float* delta_w = op.delta_w.at(n, h, i0);  // the lse layout's rows are contiguous
-        // dO's rows, from its contiguous copy where AMX made one (fewer pages than dO's own rows)
-        const TileA<T> dout_rows = packed && packed->grad_copy ? packed->copy_rows(packed->grad_copy, n, h, i0)
-                                                               : TileA<T>{dout, op.grad_out.ld(), 1};
-        row_dots(dout_rows.data, dout_rows.row_stride, op.out.at(n, h, i0), op.out.ld(), m, d, delta_w);
-        if (plen == 0) {  // no ds_p prefix_k: the rows of dq's first copy start at 0
-          for (int64_t r = 0; r < m; ++r) std::fill(dq.at(n, h, i0 + r), dq.at(n, h, i0 + r) + d, 0.f);
-          continue;
-        }
-        // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
-        float* s = sc.s.data();
-        float* dp = sc.dp.data();
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (amx) {
-            amx_gemm(m, plen, d / 2, pb.scale, packed->copy_rows(packed->query_copy, n, h, i0),
-                     packed->prefix_keys_t->at(pn, hkv), false, s, plen);
-            for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
-            const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
-            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv), false,
-                     sc.o.data(), d);
-            amx_gemm(m, plen, d / 2, 1.f, packed->copy_rows(packed->grad_copy, n, h, i0),
-                     packed->prefix_values_t->at(pn, hkv), false, dp, plen);
-          }
-        }
-        if (!amx) {
-          gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
-               s, plen);
-          for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
-          const T* p_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
-          gemm(false, false, m, d, plen, 1.f, p_in, plen, op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(), 0.f,
-               sc.o.data(), d);
-          // -- dp_p = dO prefix_vᵀ
-          gemm(false, true, m, plen, d, 1.f, dout, op.grad_out.ld(), op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld(),
-               0.f, dp, plen);
-        }
-        // -- D_p = rowsum(dO ∘ o_p); ds_p = γ p_p (dp_p − D_p)
-        float* delta_p = sc.delta_p.data();
-        row_dots(sc.o.data(), d, dout_rows.data, dout_rows.row_stride, m, d, delta_p);
-        const Vec g(gamma);
-        for (int64_t r = 0; r < m; ++r) {
-          dgamma += delta_p[r];
-          delta_w[r] -= gamma * delta_p[r];
-          const Vec dpr(delta_p[r]);
-          at::vec::map2([g, dpr](Vec p, Vec grad) { return g * p * (grad - dpr); }, dp + r * plen, s + r * plen,
-                        dp + r * plen, plen);
-          at::vec::map([g](Vec p) { return g * p; }, s + r * plen, s + r * plen, plen);  // γ p_p, for dprefix_v
-        }
-        // dq = ds_p prefix_k (the first write of these rows of dq's first copy);  dprefix_k += ds_pᵀ q;
-        // dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (amx) {
-            const T* ds_in = as_pairs_input<T>(dp, m, plen, plen, sc.dp_t);
-            amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), false,
-                     dq.at(n, h, i0), dq.ld());
-            interleave_rows(dp, m, plen, plen, sc.ds_pairs.data(), pair_width);
-            interleave_rows(s, m, plen, plen, sc.gp_pairs.data(), pair_width);
-            const TileB<T> qc = packed->query_cols->at(n, h), gc = packed->grad_cols->at(n, h);
-            amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
-                     TileB<T>{sc.ds_pairs.data(), 2 * pair_width}, true, sc.dpk_t.data(), plen);
-            amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
-                     TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
-          }
-        }
-        if (!amx) {
-          const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
-          const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
-          gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
-               dq.at(n, h, i0), dq.ld());
-          gemm(true, false, plen, d, m, 1.f, ds_in, plen, q, op.q.ld(), 1.f, dpk, d);
-          gemm(true, false, plen, d, m, 1.f, gp_in, plen, dout, op.grad_out.ld(), 1.f, dpv, d);
-        }
-      }
-      op.dgamma[n * pb.heads_q + h] = dgamma;
-    }
-    if (amx) {  // [D, P] -> [P, D]
-      for (int64_t c = 0; c < plen; ++c)
-        for (int64_t e = 0; e < d; ++e) {
-          dpk[c * d + e] += sc.dpk_t[e * plen + c];
-          dpv[c * d + e] += sc.dpv_t[e * plen + c];
-        }
-    }
+    prefix_task(pb, op, packed, order[task / pb.heads_kv], task % pb.heads_kv, dq, scratch[slot]);
   });
 }
 
@@ -332,195 +411,249 @@ inline std::vector<WordTask> word_tasks(const Problem& pb, int64_t key_block, in
   return sorted;
 }
 
+// A thread's buffers for its word tasks.
 template <typename T>
-void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
-               const PackedOperands<T>* packed) {
+struct WordScratch {
+  std::vector<float> s, dp, dk, dv;  // dk, dv: [key_block, D], or on AMX dkᵀ, dvᵀ [D, key_block]
+  std::vector<T> p_t, ds_t, ds_rows;
+  std::vector<int64_t> seen;  // [query_block] keys of the block each query row sees
+};
+
+// One task of the word pass, adding into the rows of `dq` (fp32, unscaled) that its keys reach.
+template <typename T>
+void word_task(const Problem& pb, const Operands<T>& op, const WordTask& t, const PackedOperands<T>* packed,
+               const Rows<float>& dq, WordScratch<T>& sc) {
   const int64_t group = pb.group(), d = pb.head_dim;
-  const int64_t threads = at::get_num_threads();
-  struct Scratch {
-    std::vector<float> s, dp, dk, dv;  // dk, dv: [key_block, D], or on AMX dkᵀ, dvᵀ [D, key_block]
-    std::vector<T> p_t, ds_t, ds_rows;
-    std::vector<int64_t> seen;  // [query_block] keys of the block each query row sees
-  };
-  std::vector<Scratch> scratch(threads);
   const bool amx = packed && packed->amx;
   const int64_t key_block = amx ? kAmxKeyBlock : kKeyBlock;
   const int64_t query_block =
       (!packed || amx) && std::is_same_v<T, at::BFloat16> ? kLibraryBf16QueryBlock : kQueryBlock;
-  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
-    const int64_t chunk = tasks[task].chunk, chunks = tasks[task].chunks, hkv = tasks[task].hkv, n = tasks[task].n;
-    const Rows<float> dq = dq_rows(op.dq_acc, chunk, pb.cu_seqlens_q);
-    Scratch& sc = scratch[slot];
-    if (sc.s.empty()) {
-      for (auto* buf : {&sc.s, &sc.dp}) buf->resize(std::max(query_block * key_block, 16 * d));  // s: also [16, D]
-      for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(query_block * key_block);
-      for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(key_block * d);
-      sc.seen.resize(query_block);
+  const int64_t chunk = t.chunk, chunks = t.chunks, hkv = t.hkv, n = t.n;
+  if (sc.s.empty()) {
+    for (auto* buf : {&sc.s, &sc.dp}) buf->resize(std::max(query_block * key_block, 16 * d));  // s: also [16, D]
+    for (auto* buf : {&sc.p_t, &sc.ds_t, &sc.ds_rows}) buf->resize(query_block * key_block);
+    for (auto* buf : {&sc.dk, &sc.dv}) buf->resize(key_block * d);
+    sc.seen.resize(query_block);
+  }
+  if (chunk == 0) {  // keys past seqused_k: never read, so their gradients are 0
+    for (int64_t j = pb.rows_k(n); j < pb.stored_k(n); ++j) {
+      std::fill_n(op.dk.at(n, hkv, j), d, T(0.f));
+      std::fill_n(op.dv.at(n, hkv, j), d, T(0.f));
     }
-    if (chunk == 0) {  // keys past seqused_k: never read, so their gradients are 0
-      for (int64_t j = pb.rows_k(n); j < pb.stored_k(n); ++j) {
-        std::fill_n(op.dk.at(n, hkv, j), d, T(0.f));
-        std::fill_n(op.dv.at(n, hkv, j), d, T(0.f));
-      }
+  }
+  const int64_t sq = pb.rows_q(n), sk = pb.rows_k(n);
+  const int64_t blocks = (sk + key_block - 1) / key_block;
+  // Blocks chunk, chunk + chunks, ...: interleaved so that, under the causal mask, chunks cost the same.
+  for (int64_t b = chunk; b < blocks; b += chunks) {
+    const int64_t j0 = b * key_block, block_keys = std::min(key_block, sk - j0);
+    std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
+    std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
+    const T* k = op.k.at(n, hkv, j0);
+    const T* v = op.v.at(n, hkv, j0);
+    // bf16 tiles: k's rows packed with NaN and infinities zeroed, for ds k (masked_rows_product)
+    const uint8_t* key_flags = nullptr;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (packed) key_flags = packed->key_flags(n, hkv, pb.rows_k(n)) + j0;
     }
-    const int64_t sq = pb.rows_q(n), sk = pb.rows_k(n);
-    const int64_t blocks = (sk + key_block - 1) / key_block;
-    // Blocks chunk, chunk + chunks, ...: interleaved so that, under the causal mask, chunks cost the same.
-    for (int64_t b = chunk; b < blocks; b += chunks) {
-      const int64_t j0 = b * key_block, block_keys = std::min(key_block, sk - j0);
-      std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
-      std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
-      const T* k = op.k.at(n, hkv, j0);
-      const T* v = op.v.at(n, hkv, j0);
-      // bf16 tiles: k's rows packed with NaN and infinities zeroed, for ds k (masked_rows_product)
-      const uint8_t* key_flags = nullptr;
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (packed) key_flags = packed->key_rows->nonfinite_rows(n, hkv, pb.rows_k(n)) + j0;
-      }
-      // The first query row that sees key j0 (bottom-right causal alignment); even for bf16 tiles, whose query
-      // rows come in pairs (the row before it sees none of these keys: its p is 0).
-      int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
-      if (packed && std::is_same_v<T, at::BFloat16>) i_first &= ~int64_t(1);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hkv * group + g;
-        for (int64_t i0 = i_first; i0 < sq; i0 += query_block) {
-          const int64_t m = std::min(query_block, sq - i0);
-          // Keys of the block that some row of this query block sees: under the causal mask the diagonal blocks
-          // end early, and the products below run over those keys only.
-          const int64_t nk = pb.causal ? std::clamp<int64_t>(pb.visible_keys(n, i0 + m - 1) - j0, 0, block_keys)
-                                       : block_keys;
-          if (nk == 0) continue;
-          const T* q = op.q.at(n, h, i0);
-          const T* dout = op.grad_out.at(n, h, i0);
-          float* s = sc.s.data();
-          float* dp = sc.dp.data();
-          // -- p = exp(scale · q kᵀ − lse_w), masked (the products leave out the scale);  dp = dO vᵀ;
-          //    ds = p ∘ (dp − D_w)
-          if constexpr (kTileable<T>) {
-            if (packed) {
-              constexpr int64_t step = kStep<T>;
-              const TileB<T> kt = packed->keys_t.at(n, hkv), vt = packed->values_t.at(n, hkv);
-              const TileA<T> qa = amx ? packed->copy_rows(packed->query_copy, n, h, i0) : TileA<T>{q, op.q.ld(), step};
-              const TileA<T> da =
-                  amx ? packed->copy_rows(packed->grad_copy, n, h, i0) : TileA<T>{dout, op.grad_out.ld(), step};
-              const TileB<T> kb{kt.data + step * j0, kt.k_stride}, vb{vt.data + step * j0, vt.k_stride};
-              if constexpr (std::is_same_v<T, at::BFloat16>) {
-                if (amx) {
-                  amx_gemm(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
-                  amx_gemm(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
-                }
-              }
-              if (!amx) {
-                tile_gemm<T>(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
-                tile_gemm<T>(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
-              }
-            }
-          }
-          if (!packed) {
-            gemm(false, true, m, nk, d, 1.f, q, op.q.ld(), k, op.k.ld(), 0.f, s, key_block);
-            gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, key_block);
-          }
-          const float* lse = op.lse_w.at(n, h, i0);  // the lse layout's rows are contiguous
-          const float* delta = op.delta_w.at(n, h, i0);
-          // The keys each row sees: the mask's alone, never the values (a row that saw no word has none; one
-          // whose lse is not finite, a NaN or infinite score, only spoils its own gradients): which path a row
-          // takes in masked_rows_product depends on the other rows' counts.
-          for (int64_t r = 0; r < m; ++r)
-            sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
-          const bool pair_tiles = std::is_same_v<T, at::BFloat16> && packed;
-          if (!pair_tiles) {
-            for (int64_t r = 0; r < m; ++r) {
-              float* srow = s + r * key_block;
-              float* dprow = dp + r * key_block;
-              exp_shift_sum(srow, sc.seen[r], lse[r], pb.scale);
-              std::fill(srow + sc.seen[r], srow + nk, 0.f);
-              const Vec dr(delta[r]);
-              at::vec::map2([dr](Vec p, Vec g) { return p * (g - dr); }, dprow, srow, dprow, nk);
-              std::fill(dprow + sc.seen[r], dprow + nk, 0.f);  // masked keys: not 0 · (dO vᵀ), which NaN spoils
-            }
-          }
-          if constexpr (std::is_same_v<T, float>) {
-            if (packed) {
-              // fp32 reads every operand in place: pᵀ and dsᵀ are strided views of p and ds.
-              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{s, 1, key_block}, TileB<T>{dout, op.grad_out.ld()},
-                           true, sc.dv.data(), d);
-              tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, key_block}, TileB<T>{q, op.q.ld()},
-                           true, sc.dk.data(), d);
-              masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
-                                     dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
-                tile_gemm<T>(r1 - r0, d, keys, 1.f, TileA<T>{dp + r0 * key_block, key_block, 1},
-                             TileB<T>{k, op.k.ld()}, true, dq.at(n, h, i0 + r0), dq.ld());
-              });
-              continue;
-            }
-          } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-            if (packed) {
-              // p and ds as pairs of rows, for the two products over the query rows: on AMX the B of dvᵀ += dOᵀ p
-              // and dkᵀ += qᵀ ds (readable to round_up(nk, 16) words), on the register tiles the A of
-              // dv += pᵀ dO and dk += dsᵀ q. ds as rows, its odd last key paired with zero, for dq += ds k over
-              // the keys (and the keys masked_rows_product adds row by row).
-              const int64_t width = amx ? round_up(nk, 16) : nk, row_pairs = (m + 1) / 2;
-              T* p_pairs = sc.p_t.data();
-              T* ds_pairs = sc.ds_t.data();
-              T* ds_rows = sc.ds_rows.data();
-              probability_and_grad_pairs(s, dp, key_block, m, nk, sc.seen.data(), lse, delta, pb.scale, p_pairs,
-                                         ds_pairs, width, ds_rows);
+    // The first query row that sees key j0 (bottom-right causal alignment); even for bf16 tiles, whose query
+    // rows come in pairs (the row before it sees none of these keys: its p is 0).
+    int64_t i_first = pb.causal ? std::max<int64_t>(0, j0 - (sk - sq)) : 0;
+    if (packed && std::is_same_v<T, at::BFloat16>) i_first &= ~int64_t(1);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hkv * group + g;
+      for (int64_t i0 = i_first; i0 < sq; i0 += query_block) {
+        const int64_t m = std::min(query_block, sq - i0);
+        // Keys of the block that some row of this query block sees: under the causal mask the diagonal blocks
+        // end early, and the products below run over those keys only.
+        const int64_t nk = pb.causal ? std::clamp<int64_t>(pb.visible_keys(n, i0 + m - 1) - j0, 0, block_keys)
+                                     : block_keys;
+        if (nk == 0) continue;
+        const T* q = op.q.at(n, h, i0);
+        const T* dout = op.grad_out.at(n, h, i0);
+        float* s = sc.s.data();
+        float* dp = sc.dp.data();
+        // -- p = exp(scale · q kᵀ − lse_w), masked (the products leave out the scale);  dp = dO vᵀ;
+        //    ds = p ∘ (dp − D_w)
+        if constexpr (kTileable<T>) {
+          if (packed) {
+            constexpr int64_t step = kStep<T>;
+            const TileB<T> kt = packed->keys(n, hkv), vt = packed->values(n, hkv);
+            const TileA<T> qa = amx ? packed->queries(n, h, i0) : TileA<T>{q, op.q.ld(), step};
+            const TileA<T> da =
+                amx ? packed->grads(n, h, i0) : TileA<T>{dout, op.grad_out.ld(), step};
+            const TileB<T> kb{kt.data + step * j0, kt.k_stride}, vb{vt.data + step * j0, vt.k_stride};
+            if constexpr (std::is_same_v<T, at::BFloat16>) {
               if (amx) {
-                const TileB<T> gc = packed->grad_cols->at(n, h), qc = packed->query_cols->at(n, h);
-                amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
-                         TileB<T>{p_pairs, 2 * width}, true, sc.dv.data(), key_block);
-                amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
-                         TileB<T>{ds_pairs, 2 * width}, true, sc.dk.data(), key_block);
-              } else {
-                const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
-                tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * width},
-                             TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
-                tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * width},
-                             TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
+                amx_gemm(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
+                amx_gemm(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
               }
-              const TileB<T> kp = packed->key_rows->at(n, hkv);
-              masked_rows_product<T>(m, sc.seen.data(), true, key_flags, ds_rows, key_block, k, op.k.ld(),
-                                     dq.at(n, h, i0), dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
-                const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
-                const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};
-                if (amx)
-                  amx_gemm(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
-                else
-                  tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
-              });
-              continue;
+            }
+            if (!amx) {
+              tile_gemm<T>(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
+              tile_gemm<T>(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
             }
           }
-          const T* p_in = as_gemm_input<T>(s, m, nk, key_block, sc.p_t);
-          const T* ds_in = as_gemm_input<T>(dp, m, nk, key_block, sc.ds_t);
-          // dv += pᵀ dO;  dk += dsᵀ q;  dq += ds k   (scale applied at the end)
-          gemm(true, false, nk, d, m, 1.f, p_in, key_block, dout, op.grad_out.ld(), 1.f, sc.dv.data(), d);
-          gemm(true, false, nk, d, m, 1.f, ds_in, key_block, q, op.q.ld(), 1.f, sc.dk.data(), d);
-          masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
-                                 dq.ld(),
-                                 d, [&](int64_t r0, int64_t r1, int64_t keys) {
-            gemm(false, false, r1 - r0, d, keys, 1.f, ds_in + r0 * key_block, key_block, k, op.k.ld(), 1.f,
-                 dq.at(n, h, i0 + r0), dq.ld());
-          });
         }
-      }
-      if (amx) {  // dkᵀ, dvᵀ [D, key_block] -> rows of dk, dv, 16 keys at a time
-        float* rows = sc.s.data();  // [16, D], free until the next block
-        for (int64_t r0 = 0; r0 < block_keys; r0 += 16) {
-          const int64_t nr = std::min<int64_t>(16, block_keys - r0);
-          transpose_scaled(sc.dk.data() + r0, key_block, nr, d, pb.scale, rows, d);
-          for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dk.at(n, hkv, j0 + r0 + r), d);
-          transpose_scaled(sc.dv.data() + r0, key_block, nr, d, 1.f, rows, d);
-          for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dv.at(n, hkv, j0 + r0 + r), d);
+        if (!packed) {
+          gemm(false, true, m, nk, d, 1.f, q, op.q.ld(), k, op.k.ld(), 0.f, s, key_block);
+          gemm(false, true, m, nk, d, 1.f, dout, op.grad_out.ld(), v, op.v.ld(), 0.f, dp, key_block);
         }
-        continue;
-      }
-      for (int64_t r = 0; r < block_keys; ++r) {
-        scale_row(sc.dk.data() + r * d, d, pb.scale);
-        convert_row(sc.dk.data() + r * d, op.dk.at(n, hkv, j0 + r), d);
-        convert_row(sc.dv.data() + r * d, op.dv.at(n, hkv, j0 + r), d);
+        const float* lse = op.lse_w.at(n, h, i0);  // the lse layout's rows are contiguous
+        const float* delta = op.delta_w.at(n, h, i0);
+        // The keys each row sees: the mask's alone, never the values (a row that saw no word has none; one
+        // whose lse is not finite, a NaN or infinite score, only spoils its own gradients): which path a row
+        // takes in masked_rows_product depends on the other rows' counts.
+        for (int64_t r = 0; r < m; ++r)
+          sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(n, i0 + r) - j0, 0, nk);
+        const bool pair_tiles = std::is_same_v<T, at::BFloat16> && packed;
+        if (!pair_tiles) {
+          for (int64_t r = 0; r < m; ++r) {
+            float* srow = s + r * key_block;
+            float* dprow = dp + r * key_block;
+            exp_shift_sum(srow, sc.seen[r], lse[r], pb.scale);
+            std::fill(srow + sc.seen[r], srow + nk, 0.f);
+            const Vec dr(delta[r]);
+            at::vec::map2([dr](Vec p, Vec g) { return p * (g - dr); }, dprow, srow, dprow, nk);
+            std::fill(dprow + sc.seen[r], dprow + nk, 0.f);  // masked keys: not 0 · (dO vᵀ), which NaN spoils
+          }
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          if (packed) {
+            // fp32 reads every operand in place: pᵀ and dsᵀ are strided views of p and ds.
+            tile_gemm<T>(nk, d, m, 1.f, TileA<T>{s, 1, key_block}, TileB<T>{dout, op.grad_out.ld()},
+                         true, sc.dv.data(), d);
+            tile_gemm<T>(nk, d, m, 1.f, TileA<T>{dp, 1, key_block}, TileB<T>{q, op.q.ld()},
+                         true, sc.dk.data(), d);
+            masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
+                                   dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+              tile_gemm<T>(r1 - r0, d, keys, 1.f, TileA<T>{dp + r0 * key_block, key_block, 1},
+                           TileB<T>{k, op.k.ld()}, true, dq.at(n, h, i0 + r0), dq.ld());
+            });
+            continue;
+          }
+        } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (packed) {
+            // p and ds as pairs of rows, for the two products over the query rows: on AMX the B of dvᵀ += dOᵀ p
+            // and dkᵀ += qᵀ ds (readable to round_up(nk, 16) words), on the register tiles the A of
+            // dv += pᵀ dO and dk += dsᵀ q. ds as rows, its odd last key paired with zero, for dq += ds k over
+            // the keys (and the keys masked_rows_product adds row by row).
+            const int64_t width = amx ? round_up(nk, 16) : nk, row_pairs = (m + 1) / 2;
+            T* p_pairs = sc.p_t.data();
+            T* ds_pairs = sc.ds_t.data();
+            T* ds_rows = sc.ds_rows.data();
+            probability_and_grad_pairs(s, dp, key_block, m, nk, sc.seen.data(), lse, delta, pb.scale, p_pairs,
+                                       ds_pairs, width, ds_rows);
+            if (amx) {
+              const TileB<T> gc = packed->grad_columns(n, h), qc = packed->query_columns(n, h);
+              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
+                       TileB<T>{p_pairs, 2 * width}, true, sc.dv.data(), key_block);
+              amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
+                       TileB<T>{ds_pairs, 2 * width}, true, sc.dk.data(), key_block);
+            } else {
+              const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
+              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * width},
+                           TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
+              tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * width},
+                           TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, sc.dk.data(), d);
+            }
+            const TileB<T> kp = packed->key_pairs(n, hkv);
+            masked_rows_product<T>(m, sc.seen.data(), true, key_flags, ds_rows, key_block, k, op.k.ld(),
+                                   dq.at(n, h, i0), dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
+              const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
+              const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};
+              if (amx)
+                amx_gemm(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
+              else
+                tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
+            });
+            continue;
+          }
+        }
+        const T* p_in = as_gemm_input<T>(s, m, nk, key_block, sc.p_t);
+        const T* ds_in = as_gemm_input<T>(dp, m, nk, key_block, sc.ds_t);
+        // dv += pᵀ dO;  dk += dsᵀ q;  dq += ds k   (scale applied at the end)
+        gemm(true, false, nk, d, m, 1.f, p_in, key_block, dout, op.grad_out.ld(), 1.f, sc.dv.data(), d);
+        gemm(true, false, nk, d, m, 1.f, ds_in, key_block, q, op.q.ld(), 1.f, sc.dk.data(), d);
+        masked_rows_product<T>(m, sc.seen.data(), false, nullptr, dp, key_block, k, op.k.ld(), dq.at(n, h, i0),
+                               dq.ld(),
+                               d, [&](int64_t r0, int64_t r1, int64_t keys) {
+          gemm(false, false, r1 - r0, d, keys, 1.f, ds_in + r0 * key_block, key_block, k, op.k.ld(), 1.f,
+               dq.at(n, h, i0 + r0), dq.ld());
+        });
       }
     }
+    if (amx) {  // dkᵀ, dvᵀ [D, key_block] -> rows of dk, dv, 16 keys at a time
+      float* rows = sc.s.data();  // [16, D], free until the next block
+      for (int64_t r0 = 0; r0 < block_keys; r0 += 16) {
+        const int64_t nr = std::min<int64_t>(16, block_keys - r0);
+        transpose_scaled(sc.dk.data() + r0, key_block, nr, d, pb.scale, rows, d);
+        for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dk.at(n, hkv, j0 + r0 + r), d);
+        transpose_scaled(sc.dv.data() + r0, key_block, nr, d, 1.f, rows, d);
+        for (int64_t r = 0; r < nr; ++r) convert_row(rows + r * d, op.dv.at(n, hkv, j0 + r0 + r), d);
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < block_keys; ++r) {
+      scale_row(sc.dk.data() + r * d, d, pb.scale);
+      convert_row(sc.dk.data() + r * d, op.dk.at(n, hkv, j0 + r), d);
+      convert_row(sc.dv.data() + r * d, op.dv.at(n, hkv, j0 + r), d);
+    }
+  }
+}
+
+// The word pass: `tasks` (word_tasks), each into its chunk's copy of dq.
+template <typename T>
+void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
+               const PackedOperands<T>* packed) {
+  std::vector<WordScratch<T>> scratch(at::get_num_threads());
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
+    word_task(pb, op, tasks[task], packed, dq_rows(op.dq_acc, tasks[task].chunk, pb.cu_seqlens_q), scratch[slot]);
+  });
+}
+
+// The prefix and word passes on AMX when every (sequence, kv head) is one word task (`tasks`, from word_tasks with
+// one copy of dq). One task per (sequence, kv head) packs its own panels (pack_group, into its thread's
+// group_operands), runs its prefix task, then its word task, which read them from the thread's cache, into its
+// thread's fp32 dq rows of the group's query heads, and writes those rows to `dq` (scaled, in bf16). dq's fp32 copy
+// and the panels of the whole call, written in passes of their own, came back from memory (about 27 MB per call
+// at S = 512, Hq = 32, Hkv = 8, D = 128), where a thread's own are overwritten in place: forward + backward
+// 1.12-1.19x at S = 512-1024 (benchmarks/results/cpu-build-ab-xeon-group.txt). fp32 on MKL measured 0.95-1.02x
+// this way, so the other products keep the passes of the whole call.
+template <typename T>
+void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
+                  const PackedOperands<T>& packed, const Rows<T>& dq, Workspace& ws) {
+  static_assert(std::is_same_v<T, at::BFloat16>, "AMX multiplies bf16");
+  TORCH_CHECK(packed.amx, "fastadapter_cpu: group_passes runs the AMX products");
+  const int64_t slots = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  const int64_t d = pb.head_dim, group = pb.group();
+  int64_t rows = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) rows = std::max(rows, pb.rows_q(n));
+  std::vector<PackedOperands<T>> panels;
+  std::vector<float*> dq_group;  // per slot: fp32 [group, rows, D], unscaled
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    panels.push_back(group_operands(pb, packed, ws));
+    dq_group.push_back(ws.take<float>(group * rows * d));
+  }
+  std::vector<PrefixScratch<T>> prefix_scratch(slots);
+  std::vector<WordScratch<T>> word_scratch(slots);
+  std::vector<std::vector<T>> pair_buffers(slots);
+  std::vector<std::vector<float>> scaled(slots, std::vector<float>(d));
+  parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
+    const WordTask& t = tasks[task];
+    RowLayout layout;  // query heads hkv · group, ..., (hkv + 1) · group − 1 of sequence t.n
+    layout.row_stride = d;
+    layout.head_stride = rows * d;
+    layout.first_head = t.hkv * group;
+    const Rows<float> dq_acc{dq_group[slot], layout};
+    pack_group(pb, op, panels[slot], t.n, t.hkv, pair_buffers[slot]);
+    prefix_task(pb, op, &panels[slot], t.n, t.hkv, dq_acc, prefix_scratch[slot]);
+    word_task(pb, op, t, &panels[slot], dq_acc, word_scratch[slot]);
+    const float scale = pb.scale;
+    for (int64_t h = t.hkv * group; h < (t.hkv + 1) * group; ++h)
+      for (int64_t i = 0; i < pb.rows_q(t.n); ++i) {
+        at::vec::map([scale](Vec x) { return x * Vec(scale); }, scaled[slot].data(), dq_acc.at(t.n, h, i), d);
+        convert_row(scaled[slot].data(), dq.at(t.n, h, i), d);
+      }
   });
 }
 
@@ -580,10 +713,14 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   for (int64_t i = 0; i < dims; ++i) order[i] = i;
   std::swap(order[dims - 3], order[dims - 2]);
   Workspace workspace;  // dq_acc and the packed panels
-  at::Tensor dq_acc = workspace.take_float(physical).permute(order);
+  // AMX with one word task per (sequence, kv head): group_passes, with no dq_acc.
+  const bool by_group = amx && chunks == 1;
+  at::Tensor dq_acc;
+  if (!by_group) dq_acc = workspace.take_float(physical).permute(order);
   // The prefix pass writes every row of a sequence in the first copy; a word task adds into its chunk's copy
   // only the rows its keys reach.
   if (chunks > 1) dq_acc.narrow(0, 1, chunks - 1).zero_();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dprefix_k = at::zeros({pb.num_seqs, pb.heads_kv, pb.prefix_len, pb.head_dim}, f32);
@@ -603,10 +740,16 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
                           dprefix_k.data_ptr<float>(), dprefix_v.data_ptr<float>(), dgamma.data_ptr<float>()};
     std::optional<PackedOperands<scalar_t>> packed;
     if constexpr (kTileable<scalar_t>) {
-      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx, workspace);
+      // group_passes packs the word panels task by task
+      if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx, !by_group, workspace);
     }
-    prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads
-    word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);
+    if (by_group) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+        group_passes<scalar_t>(pb, op, tasks, *packed, mutable_rows_of<scalar_t>(dq, cu_q), workspace);
+    } else {
+      prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads
+      word_pass<scalar_t>(pb, op, tasks, packed ? &*packed : nullptr);
+    }
   });
   if (cu_k && pb.packed_end_k() < k.size(0)) {  // keys of no sequence
     const int64_t end = pb.packed_end_k(), tail = k.size(0) - end;
@@ -614,10 +757,11 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
     dv.narrow(0, end, tail).zero_();
   }
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::backward_dq", [&] {
-    write_dq<scalar_t>(pb, dq_acc, chunks, mutable_rows_of<scalar_t>(dq, cu_q));
-  });
+  if (!by_group) {
+    FASTADAPTER_DISPATCH(q.scalar_type(), "fastadapter_cpu::backward_dq", [&] {
+      write_dq<scalar_t>(pb, dq_acc, chunks, mutable_rows_of<scalar_t>(dq, cu_q));
+    });
+  }
   if (cu_q && pb.packed_end_q() < q.size(0)) dq.narrow(0, pb.packed_end_q(), q.size(0) - pb.packed_end_q()).zero_();
   // Prefix gradients: [N, Hkv, P, D] -> [Bp, P, Hkv, D], summed over the batch for a shared prompt.
   auto finish_prefix = [&](at::Tensor g, double factor) {

@@ -54,10 +54,11 @@ struct RowLayout {
   int64_t row_stride = 0;
   int64_t head_stride = 0;
   const int32_t* cu_seqlens = nullptr;  // rows of sequence n start at cu_seqlens[n] (varlen)
+  int64_t first_head = 0;               // the first head the rows hold (a buffer of some heads only)
 
   int64_t offset(int64_t n, int64_t h, int64_t i) const {
     const int64_t row = cu_seqlens ? static_cast<int64_t>(cu_seqlens[n]) + i : i;
-    return (cu_seqlens ? 0 : n * batch_stride) + row * row_stride + h * head_stride;
+    return (cu_seqlens ? 0 : n * batch_stride) + row * row_stride + (h - first_head) * head_stride;
   }
 };
 

@@ -1,7 +1,8 @@
 // The register-tile products of the kernel variant being compiled (dispatch.h): fp32 FMA tiles on AVX2
 // (tile_gemm_avx2.h), fp32 FMA and bf16 pair-dot tiles on AVX-512 (tile_gemm_avx512.h). Both give the same
-// interface (kHasTileGemm, kTileable, use_tile_gemm, tile_gemm, pack_panels); in the generic variant the
-// AVX-512 header, compiled without those instructions, has kHasTileGemm false and the kernels use MKL. Every
+// interface (kHasTileGemm, kTileable, use_tile_gemm, tile_gemm, plan_panels, pack_panel; pack_panels below); in the
+// generic variant the AVX-512 header, compiled without those instructions, has kHasTileGemm false and the kernels
+// use MKL. Every
 // variant then has the AMX interface (tile_gemm_amx.h: kHasAmx, use_amx, amx_gemm), which only the avx512
 // variant compiled with AMX intrinsics runs.
 #pragma once
@@ -12,3 +13,26 @@
 #include "tile_gemm_avx512.h"
 #endif
 #include "tile_gemm_amx.h"
+
+namespace fastadapter_cpu::FASTADAPTER_ISA {
+
+// plan_panels, then every panel written (pack_panel) in parallel. `row(n, h, i)`: a pointer to row i of head h of
+// sequence n (rows of one (sequence, head) are equally spaced).
+template <typename T, typename LenFn, typename RowFn>
+PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
+                            const RowFn& row, Workspace& workspace, bool zero_nonfinite = false) {
+  PackedPanels<T> packed = plan_panels<T>(kind, num_seqs, heads, head_dim, rows, workspace, zero_nonfinite);
+  at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> pair_buffer;  // pack_panel's scratch
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / heads, h = task % heads, len = rows(n);
+      if (len == 0) continue;
+      const T* first = reinterpret_cast<const T*>(row(n, h, 0));
+      const int64_t row_stride = len > 1 ? reinterpret_cast<const T*>(row(n, h, 1)) - first : 0;
+      pack_panel(packed, n, h, len, first, row_stride, pair_buffer);
+    }
+  });
+  return packed;
+}
+
+}  // namespace fastadapter_cpu::FASTADAPTER_ISA

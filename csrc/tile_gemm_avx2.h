@@ -186,11 +186,19 @@ inline void probability_and_grad_pairs(const float* s, const float* dp, int64_t 
   TORCH_CHECK(false, "fastadapter_cpu: probability_and_grad_pairs is part of the AVX512-BF16 tiles");
 }
 
+// How an input [L, D] of one (sequence, head) becomes a B operand (the kinds of tile_gemm_avx512.h). Here only
+// kTransposed: B = Xᵀ, element (d, j) = X[j][d], the keys of a score product (q kᵀ, dO vᵀ); fp32 rows (kRows) are
+// read in place.
+enum class PackKind { kTransposed, kRows, kColumns, kCopy };
+
 // Packed panels of an input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of different
-// sequences differ in size (varlen), so each sequence's panels start at base[n].
+// sequences differ in size (varlen), so each sequence's panels start at base[n]. plan_panels lays them out,
+// pack_panel writes one, pack_panels all (the interface of tile_gemm_avx512.h).
 template <typename T>
 struct PackedPanels {
-  const T* data = nullptr;     // every panel (memory of the call's Workspace)
+  PackKind kind = PackKind::kTransposed;
+  int64_t head_dim = 0;
+  T* data = nullptr;           // every panel (memory of the call's Workspace)
   std::vector<int64_t> base;   // [N] first element of sequence n's panels
   std::vector<int64_t> size;   // [N] elements of one panel of sequence n
   std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
@@ -198,21 +206,17 @@ struct PackedPanels {
   TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
 };
 
-// How an input [L, D] of one (sequence, head) becomes a B operand (the kinds of tile_gemm_avx512.h). Here only
-// kTransposed: B = Xᵀ, element (d, j) = X[j][d], the keys of a score product (q kᵀ, dO vᵀ); fp32 rows (kRows) are
-// read in place.
-enum class PackKind { kTransposed, kRows, kColumns, kCopy };
-
-// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
-// (sequence, head) are equally spaced). The panels live in memory taken from `workspace` (workspace.h), which holds
-// what an earlier call left, so everything the tiles read is written here: the columns up to round_up(L, 16) (zeros
-// past L).
-template <typename T, typename LenFn, typename RowFn>
-PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
-                            const RowFn& row, Workspace& workspace) {
+// The panels of `heads` heads of `num_seqs` sequences, sequence n of `rows(n)` rows, laid out in memory taken from
+// `workspace` (workspace.h) and not yet written: pack_panel writes panel (n, h).
+template <typename T, typename LenFn>
+PackedPanels<T> plan_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
+                            Workspace& workspace, bool zero_nonfinite = false) {
   static_assert(std::is_same_v<T, float>, "the AVX2 tiles multiply fp32");
-  TORCH_CHECK(kind == PackKind::kTransposed, "fastadapter_cpu: fp32 rows are read in place, not packed");
+  TORCH_CHECK(kind == PackKind::kTransposed && !zero_nonfinite,
+              "fastadapter_cpu: fp32 rows are read in place, not packed");
   PackedPanels<T> packed;
+  packed.kind = kind;
+  packed.head_dim = head_dim;
   packed.base.resize(num_seqs);
   packed.size.resize(num_seqs);
   packed.pitch.resize(num_seqs);
@@ -225,28 +229,27 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
-  float* out = workspace.take<float>(total);
-  packed.data = out;
-  at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / heads, h = task % heads, len = rows(n);
-      if (len == 0) continue;
-      float* panel = out + packed.base[n] + h * packed.size[n];
-      const int64_t pitch = packed.pitch[n];
-      const float* first = reinterpret_cast<const float*>(row(n, h, 0));
-      const int64_t row_stride = len > 1 ? reinterpret_cast<const float*>(row(n, h, 1)) - first : 0;
-      // 16 rows at a time: their elements d are read together and written as one row segment of the panel.
-      for (int64_t j0 = 0; j0 < len; j0 += 16) {
-        const int64_t block = std::min<int64_t>(16, len - j0);
-        for (int64_t d = 0; d < head_dim; ++d) {
-          float* o = panel + d * pitch + j0;
-          for (int64_t jj = 0; jj < block; ++jj) o[jj] = first[(j0 + jj) * row_stride + d];
-          for (int64_t jj = block; jj < 16; ++jj) o[jj] = 0.f;
-        }
-      }
-    }
-  });
+  packed.data = workspace.take<float>(total);
   return packed;
+}
+
+// Writes panel (n, h) of `packed` from its `len` rows, row i at first + i · row_stride elements: the columns up to
+// round_up(L, 16) (zeros past L), since the workspace holds what an earlier call left. `pair_buffer` unused here
+// (the interface of tile_gemm_avx512.h).
+template <typename T>
+void pack_panel(const PackedPanels<T>& packed, int64_t n, int64_t h, int64_t len, const T* first, int64_t row_stride,
+                std::vector<T>& /*pair_buffer*/) {
+  const int64_t head_dim = packed.head_dim, pitch = packed.pitch[n];
+  T* panel = packed.data + packed.base[n] + h * packed.size[n];
+  // 16 rows at a time: their elements d are read together and written as one row segment of the panel.
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const int64_t block = std::min<int64_t>(16, len - j0);
+    for (int64_t d = 0; d < head_dim; ++d) {
+      T* o = panel + d * pitch + j0;
+      for (int64_t jj = 0; jj < block; ++jj) o[jj] = first[(j0 + jj) * row_stride + d];
+      for (int64_t jj = block; jj < 16; ++jj) o[jj] = 0.f;
+    }
+  }
 }
 
 }  // namespace fastadapter_cpu::FASTADAPTER_ISA

@@ -295,26 +295,6 @@ inline void probability_and_grad_pairs(const float* s, const float* dp, int64_t 
 #endif
 }
 
-// Packed panels of an input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of different
-// sequences differ in size (varlen), so each sequence's panels start at base[n].
-template <typename T>
-struct PackedPanels {
-  const T* data = nullptr;     // every panel (memory of the call's Workspace)
-  std::vector<int64_t> base;   // [N] first element of sequence n's panels
-  std::vector<int64_t> size;   // [N] elements of one panel of sequence n
-  std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
-
-  // kRows packed with zero_nonfinite: nonfinite[first_row[n] + h · rows(n) + i] says row i of head h of sequence n
-  // held a NaN or infinity (zeroed in the panel).
-  std::vector<uint8_t> nonfinite;
-  std::vector<int64_t> first_row;
-
-  TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
-  const uint8_t* nonfinite_rows(int64_t n, int64_t h, int64_t rows) const {
-    return nonfinite.data() + first_row[n] + h * rows;
-  }
-};
-
 // How an input [L, D] of one (sequence, head) becomes an operand:
 //  kTransposed: B = Xᵀ, the keys of a score product (q kᵀ, dO vᵀ). fp32: element (d, j) = X[j][d]; bf16: word
 //    (p, j) = (X[j][2p], X[j][2p+1]).
@@ -327,6 +307,28 @@ struct PackedPanels {
 //    LLaMA-7B), so a tile of 16 of them touches 16 pages, which nothing prefetches: the backward's two score
 //    products took 1.7x fewer cycles on the copy (2-core Xeon with AMX, bf16, S = 512, Hq = 32, Hkv = 8).
 enum class PackKind { kTransposed, kRows, kColumns, kCopy };
+
+// Packed panels of an input, one per (sequence, head): sequence n has `rows(n)` rows; the panels of different
+// sequences differ in size (varlen), so each sequence's panels start at base[n]. plan_panels lays them out,
+// pack_panel writes one, pack_panels all.
+template <typename T>
+struct PackedPanels {
+  PackKind kind = PackKind::kTransposed;
+  int64_t head_dim = 0;
+  T* data = nullptr;           // every panel (memory of the call's Workspace)
+  std::vector<int64_t> base;   // [N] first element of sequence n's panels
+  std::vector<int64_t> size;   // [N] elements of one panel of sequence n
+  std::vector<int64_t> pitch;  // [N] k_stride of sequence n's panels
+
+  // kRows packed with zero_nonfinite: nonfinite[first_row[n] + h · rows(n) + i] says row i of head h of sequence n
+  // held a NaN or infinity (zeroed in the panel); null otherwise.
+  uint8_t* nonfinite = nullptr;
+  std::vector<int64_t> first_row;
+
+  TileB<T> at(int64_t n, int64_t h) const { return {data + base[n] + h * size[n], pitch[n]}; }
+  const uint8_t* nonfinite_rows(int64_t n, int64_t h, int64_t rows) const { return nonfinite + first_row[n] + h * rows; }
+};
+
 
 #ifdef FASTADAPTER_HAS_TILE_GEMM
 namespace detail {
@@ -393,18 +395,14 @@ inline void pair_rows(const at::BFloat16* x, int64_t stride, int64_t len, int64_
 }  // namespace detail
 #endif
 
-// `rows(n)`: the rows of sequence n; `row(n, h, i)`: a pointer to row i of head h of sequence n (rows of one
-// (sequence, head) are equally spaced); head_dim a multiple of kStep<T>. The panels live in memory taken from
-// `workspace` (workspace.h), which holds what an earlier call left, so everything the tiles read is written here:
-// kTransposed, the columns up to round_up(L, 16); kRows, the head_dim columns of every row (odd bf16 partners as
-// zeros); kColumns, the columns up to round_up(L, 32) (zeros past L); kCopy, every row.
-// `zero_nonfinite` (kRows): the panel holds 0 for NaN and infinities and `nonfinite` flags their rows, for a
+// The panels of `heads` heads of `num_seqs` sequences, sequence n of `rows(n)` rows, laid out in memory taken from
+// `workspace` (workspace.h) and not yet written: pack_panel writes panel (n, h), so that a task can pack the panels
+// it reads itself, while they are still in its cache. head_dim a multiple of kStep<T>.
+// `zero_nonfinite` (kRows): the panels hold 0 for NaN and infinities and `nonfinite` flags their rows, for a
 // product over keys that some rows must not see (masked_rows_product).
-// Rows a kilobyte or more apart (q and dO of LLaMA-7B: 8 KB) are read without software prefetches: prefetching the
-// next 16 rows measured no faster, after a cache flush as back to back (bf16 forward and forward + backward, S = 512).
-template <typename T, typename LenFn, typename RowFn>
-PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
-                            const RowFn& row, Workspace& workspace, bool zero_nonfinite = false) {
+template <typename T, typename LenFn>
+PackedPanels<T> plan_panels(PackKind kind, int64_t num_seqs, int64_t heads, int64_t head_dim, const LenFn& rows,
+                            Workspace& workspace, bool zero_nonfinite = false) {
   static_assert(kTileable<T>);
   TORCH_CHECK(!zero_nonfinite || kind == PackKind::kRows, "fastadapter_cpu: zero_nonfinite packs rows (kRows) only");
   constexpr int64_t step = kStep<T>;
@@ -413,6 +411,8 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
   TORCH_CHECK((std::is_same_v<T, at::BFloat16>) || kind == PackKind::kTransposed,
               "fastadapter_cpu: fp32 rows are read in place, not packed");
   PackedPanels<T> packed;
+  packed.kind = kind;
+  packed.head_dim = head_dim;
   packed.base.resize(num_seqs);
   packed.size.resize(num_seqs);
   packed.pitch.resize(num_seqs);
@@ -443,8 +443,7 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
     packed.base[n] = total;
     total += heads * packed.size[n];
   }
-  T* out = workspace.take<T>(total);
-  packed.data = out;
+  packed.data = workspace.take<T>(total);
   if (zero_nonfinite) {
     packed.first_row.resize(num_seqs);
     int64_t flags = 0;
@@ -452,44 +451,48 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
       packed.first_row[n] = flags;
       flags += heads * rows(n);
     }
-    packed.nonfinite.assign(std::max<int64_t>(flags, 1), 0);
+    packed.nonfinite = workspace.take<uint8_t>(flags);  // written by pack_panel
   }
-#ifdef FASTADAPTER_HAS_TILE_GEMM
-  at::parallel_for(0, num_seqs * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pair_buffer;  // kColumns: the kRows words of one (sequence, head), then transposed
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / heads, h = task % heads, len = rows(n);
-      T* panel = out + packed.base[n] + h * packed.size[n];
-      const int64_t pitch = packed.pitch[n];
-      if (len == 0) continue;
-      const T* first = reinterpret_cast<const T*>(row(n, h, 0));
-      const int64_t row_stride = len > 1 ? reinterpret_cast<const T*>(row(n, h, 1)) - first : 0;
-      if (kind == PackKind::kTransposed) {
-        // Panel word (p, j) = word p of row j.
-        detail::transpose_words(reinterpret_cast<const int32_t*>(first), row_stride / step, len, words_d,
-                                reinterpret_cast<int32_t*>(panel), pitch / step);
-      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (kind == PackKind::kCopy) {
-          for (int64_t i = 0; i < len; ++i)
-            std::memcpy(panel + i * head_dim, first + i * row_stride, head_dim * sizeof(T));
-        } else if (kind == PackKind::kRows) {
-          uint8_t* flags = zero_nonfinite ? packed.nonfinite.data() + packed.first_row[n] + h * len : nullptr;
-          detail::pair_rows(first, row_stride, len, head_dim, panel, pitch, flags);
-        } else {
-          const int64_t pairs = (len + 1) / 2;
-          pair_buffer.resize(pairs * 2 * head_dim);
-          detail::pair_rows(first, row_stride, len, head_dim, pair_buffer.data(), 2 * head_dim);
-          detail::transpose_words(reinterpret_cast<const int32_t*>(pair_buffer.data()), head_dim, pairs, head_dim,
-                                  reinterpret_cast<int32_t*>(panel), pitch / 2);
-        }
-      }
-    }
-  });
-#else
-  (void)row, (void)out;
-  TORCH_CHECK(false, "fastadapter_cpu: pack_panels needs AVX512-BF16");
-#endif
   return packed;
+}
+
+// Writes panel (n, h) of `packed` from its `len` rows (len = the plan's rows(n)), row i at first + i · row_stride
+// elements. Everything the tiles read is written, whatever the workspace held: kTransposed, the columns up to
+// round_up(L, 16); kRows, the head_dim columns of every row (odd bf16 partners as zeros); kColumns, the columns up
+// to round_up(L, 32) (zeros past L); kCopy, every row. `pair_buffer`: scratch of kColumns.
+// Rows a kilobyte or more apart (q and dO of LLaMA-7B: 8 KB) are read without software prefetches: prefetching the
+// next 16 rows measured no faster, after a cache flush as back to back (bf16 forward and forward + backward, S = 512).
+template <typename T>
+void pack_panel(const PackedPanels<T>& packed, int64_t n, int64_t h, int64_t len, const T* first, int64_t row_stride,
+                std::vector<T>& pair_buffer) {
+#ifdef FASTADAPTER_HAS_TILE_GEMM
+  if (len == 0) return;
+  constexpr int64_t step = kStep<T>;
+  const int64_t head_dim = packed.head_dim, pitch = packed.pitch[n];
+  T* panel = packed.data + packed.base[n] + h * packed.size[n];
+  if (packed.kind == PackKind::kTransposed) {
+    // Panel word (p, j) = word p of row j.
+    detail::transpose_words(reinterpret_cast<const int32_t*>(first), row_stride / step, len, head_dim / step,
+                            reinterpret_cast<int32_t*>(panel), pitch / step);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (packed.kind == PackKind::kCopy) {
+      for (int64_t i = 0; i < len; ++i) std::memcpy(panel + i * head_dim, first + i * row_stride, head_dim * sizeof(T));
+    } else if (packed.kind == PackKind::kRows) {
+      uint8_t* flags = packed.nonfinite ? packed.nonfinite + packed.first_row[n] + h * len : nullptr;
+      if (flags) std::memset(flags, 0, len);  // pair_rows flags the rows it zeroes
+      detail::pair_rows(first, row_stride, len, head_dim, panel, pitch, flags);
+    } else {
+      const int64_t pairs = (len + 1) / 2;
+      pair_buffer.resize(pairs * 2 * head_dim);
+      detail::pair_rows(first, row_stride, len, head_dim, pair_buffer.data(), 2 * head_dim);
+      detail::transpose_words(reinterpret_cast<const int32_t*>(pair_buffer.data()), head_dim, pairs, head_dim,
+                              reinterpret_cast<int32_t*>(panel), pitch / 2);
+    }
+  }
+#else
+  (void)packed, (void)n, (void)h, (void)len, (void)first, (void)row_stride, (void)pair_buffer;
+  TORCH_CHECK(false, "fastadapter_cpu: pack_panel needs AVX512-BF16");
+#endif
 }
 
 }  // namespace fastadapter_cpu::FASTADAPTER_ISA

@@ -1,6 +1,7 @@
 """The scratch memory the cpu backend's kernels keep between calls (csrc/workspace.h): a call never reads what an
 earlier one left there, the memory kept stays within FASTADAPTER_CPU_WORKSPACE_MB, each calling thread has its
 own, and release_workspace frees it."""
+import dataclasses
 import threading
 
 import pytest
@@ -51,6 +52,45 @@ def test_a_call_never_reads_what_an_earlier_call_left(variant, gemm, dtype, forc
         for name, g, w in zip(("out", "lse_w", "lse_p", "dq", "dk", "dv", "dprefix_k", "dprefix_v", "dgate"), got,
                               want):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"{case.id}: {name}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_a_task_never_reads_what_an_earlier_task_on_its_thread_left(variant, gemm, dtype, threads,
+                                                                     force_cpu_variant):
+    """A thread's scratch goes from task to task holding the last task's values (on AMX, the backward's panels,
+    key flags and fp32 dq rows of one (sequence, kv head) at a time). The longest sequence of a ragged batch runs
+    first; NaN and infinities in its q, k, v and output gradient, at rows past the shorter sequences' lengths,
+    leave the shorter sequences' outputs and gradients bit for bit as they are with finite values there: each
+    task writes what it reads (the key flags included: row 60 of the long sequence's keys is NaN, row 60 the last
+    key of the next sequence)."""
+    force_cpu_variant(variant, gemm)
+    inp = backend_inputs(Case(seqlens=[97, 61, 33], heads_q=4, heads_kv=2, head_dim=80, prefix_len=3,
+                              dtype=dtype))
+    poisoned = {name: getattr(inp, name).clone() for name in ("q", "k", "v")}
+    for t in poisoned.values():
+        t[33:97:3] = float("nan")
+        t[34:97:5] = float("inf")
+    poisoned["k"][60] = float("nan")
+    grad_out = torch.randn(inp.q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    poisoned_grad = grad_out.clone()
+    poisoned_grad[33:97:4] = float("nan")
+    backend = get_backend("cpu")
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for problem, g in ((inp, grad_out), (dataclasses.replace(inp, **poisoned), poisoned_grad)):
+            out, lse_w, lse_p = backend.forward(problem)
+            dq, dk, dv = backend.backward(problem, out, lse_w, lse_p, g)[:3]
+            results.append({"out": out, "dq": dq, "dk": dk, "dv": dv})
+    finally:
+        torch.set_num_threads(kept)
+    clean, dirty = results
+    assert dirty["dq"][:97].isnan().any(), "the poisoned sequence's gradients should show its NaN"
+    for name in clean:
+        torch.testing.assert_close(dirty[name][97:], clean[name][97:], rtol=0, atol=0, msg=name)
 
 
 def test_kept_memory_stays_within_the_limit_and_is_released(monkeypatch):
