@@ -15,7 +15,7 @@
 //     the sequence's first chunk writes their dk, dv as 0.
 // On AMX, when every (sequence, kv head) is one word task, the two passes run as one (group_passes): a task per
 // (sequence, kv head) packs its panels, runs its prefix task and its word task into its thread's own fp32 dq rows,
-// and writes those rows, so that nothing of the call's size is written and read back.
+// and writes those rows, so that no scratch of the call's size is written and read back.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles where the CPU has them
 // (tile_gemm_amx.h; the two products over the query rows transposed, and q, dO read from contiguous copies, see
@@ -616,9 +616,10 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
 // group_operands), runs its prefix task, then its word task, which read them from the thread's cache, into its
 // thread's fp32 dq rows of the group's query heads, and writes those rows to `dq` (scaled, in bf16). dq's fp32 copy
 // and the panels of the whole call, written in passes of their own, came back from memory (about 27 MB per call
-// at S = 512, Hq = 32, Hkv = 8, D = 128), where a thread's own are overwritten in place: forward + backward
-// 1.12-1.19x at S = 512-1024 (benchmarks/results/cpu-build-ab-xeon-group.txt). fp32 on MKL measured 0.95-1.02x
-// this way, so the other products keep the passes of the whole call.
+// at S = 512, Hq = 32, Hkv = 8, D = 128), where a thread's own are overwritten in place: forward + backward at
+// S = 512-1024 1.08-1.14x back to back, 1.10-1.18x after a cache flush or two SDPA calls (2-core Xeon,
+// benchmarks/results/cpu-build-ab-xeon-group*.txt). fp32 on MKL measured 0.95-1.02x this way, so the other
+// products keep the passes of the whole call.
 template <typename T>
 void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
                   const PackedOperands<T>& packed, const Rows<T>& dq, Workspace& ws) {
