@@ -745,6 +745,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
       if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx, !by_group, workspace);
     }
     if (by_group) {
+      // use_tile_gemm holds wherever use_amx does, so AMX products always come with their packed operands
+      TORCH_CHECK(packed.has_value(), "fastadapter_cpu: the AMX backward found no packed operands");
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
         group_passes<scalar_t>(pb, op, tasks, *packed, mutable_rows_of<scalar_t>(dq, cu_q), workspace);
     } else {
