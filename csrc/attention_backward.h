@@ -638,7 +638,6 @@ void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<Wo
   std::vector<PrefixScratch<T>> prefix_scratch(slots);
   std::vector<WordScratch<T>> word_scratch(slots);
   std::vector<std::vector<T>> pair_buffers(slots);
-  std::vector<std::vector<float>> scaled(slots, std::vector<float>(d));
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t task, int64_t slot) {
     const WordTask& t = tasks[task];
     RowLayout layout;  // query heads hkv · group, ..., (hkv + 1) · group − 1 of sequence t.n
@@ -649,11 +648,10 @@ void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<Wo
     pack_group(pb, op, panels[slot], t.n, t.hkv, pair_buffers[slot]);
     prefix_task(pb, op, &panels[slot], t.n, t.hkv, dq_acc, prefix_scratch[slot]);
     word_task(pb, op, t, &panels[slot], dq_acc, word_scratch[slot]);
-    const float scale = pb.scale;
     for (int64_t h = t.hkv * group; h < (t.hkv + 1) * group; ++h)
-      for (int64_t i = 0; i < pb.rows_q(t.n); ++i) {
-        at::vec::map([scale](Vec x) { return x * Vec(scale); }, scaled[slot].data(), dq_acc.at(t.n, h, i), d);
-        convert_row(scaled[slot].data(), dq.at(t.n, h, i), d);
+      for (int64_t i = 0; i < pb.rows_q(t.n); ++i) {  // scaled in place: the thread's next task overwrites it
+        scale_row(dq_acc.at(t.n, h, i), d, pb.scale);
+        convert_row(dq_acc.at(t.n, h, i), dq.at(t.n, h, i), d);
       }
   });
 }

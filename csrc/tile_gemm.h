@@ -2,9 +2,8 @@
 // (tile_gemm_avx2.h), fp32 FMA and bf16 pair-dot tiles on AVX-512 (tile_gemm_avx512.h). Both give the same
 // interface (kHasTileGemm, kTileable, use_tile_gemm, tile_gemm, plan_panels, pack_panel; pack_panels below); in the
 // generic variant the AVX-512 header, compiled without those instructions, has kHasTileGemm false and the kernels
-// use MKL. Every
-// variant then has the AMX interface (tile_gemm_amx.h: kHasAmx, use_amx, amx_gemm), which only the avx512
-// variant compiled with AMX intrinsics runs.
+// use MKL. Every variant then has the AMX interface (tile_gemm_amx.h: kHasAmx, use_amx, amx_gemm), which only the
+// avx512 variant compiled with AMX intrinsics runs.
 #pragma once
 
 #if defined(FASTADAPTER_TILES_AVX2)
