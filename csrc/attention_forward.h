@@ -8,7 +8,8 @@
 //
 // The products q kᵀ and p v run on register tiles over K (and V) packed once per (sequence, kv head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles over the same panels where the CPU
-// has them (tile_gemm_amx.h, with the prefix tile's two products), else on MKL. Compiled once per kernel variant
+// has them (tile_gemm_amx.h, with the prefix tile's two products), else on MKL. On AMX the panels are each
+// thread's own, packed by the task that reads them (run_on_own_panels). Compiled once per kernel variant
 // (dispatch.h).
 //
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
@@ -82,6 +83,14 @@ struct Operands {
   // AMX: prefix_kᵀ and prefix_v in pairs of rows, per (prefix row, kv head), for the prefix tile's two products.
   const PackedPanels<T>* prefix_keys_t = nullptr;
   const PackedPanels<T>* prefix_value_rows = nullptr;
+  // keys_t and value_rows hold one (sequence, kv head)'s panels, as panel (0, 0): a thread's own (group_tasks).
+  bool one_group = false;
+
+  TileB<T> key_panel(const Tile& t) const { return one_group ? keys_t->at(0, 0) : keys_t->at(t.n, t.hkv); }
+  TileB<T> value_panel(const Tile& t) const { return one_group ? value_rows->at(0, 0) : value_rows->at(t.n, t.hkv); }
+  const uint8_t* nonfinite_values(const Tile& t, int64_t rows) const {
+    return one_group ? value_rows->nonfinite_rows(0, 0, rows) : value_rows->nonfinite_rows(t.n, t.hkv, rows);
+  }
 };
 
 template <typename T>
@@ -97,6 +106,9 @@ inline int64_t tile_key_end(const Problem& pb, const Tile& t) {
   return pb.visible_keys(t.n, t.i0 + t.bq - 1);
 }
 
+// What a tile costs, for the schedule: the keys its rows see (words, prefix and one for the rest), times its rows.
+inline int64_t tile_cost(const Problem& pb, const Tile& t) { return t.bq * (tile_key_end(pb, t) + pb.prefix_len + 1); }
+
 // Online softmax over the keys [key_begin, key_end) for the tile's gathered queries: updates m, l, acc.
 template <typename T>
 void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, int64_t key_begin, int64_t key_end,
@@ -108,7 +120,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     if constexpr (kTileable<T>) {
       if (op.keys_t) {
         constexpr int64_t step = kStep<T>;
-        const TileB<T> kt = op.keys_t->at(t.n, t.hkv);
+        const TileB<T> kt = op.key_panel(t);
         const TileA<T> q{sc.q.data(), d, step};
         const TileB<T> keys{kt.data + step * j0, kt.k_stride};
         if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -149,7 +161,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     const uint8_t* nonfinite = nullptr;  // bf16 tiles: v's rows packed with NaN and infinities zeroed
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       pairs = op.value_rows != nullptr;
-      if (pairs) nonfinite = op.value_rows->nonfinite_rows(t.n, t.hkv, pb.rows_k(t.n)) + j0;
+      if (pairs) nonfinite = op.nonfinite_values(t, pb.rows_k(t.n)) + j0;
     }
     const auto* weights = [&] {  // the probabilities as the product reads them
       if constexpr (std::is_same_v<T, float>) return sc.s.data(); else return sc.p.data();
@@ -165,7 +177,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
         }
       } else if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (op.value_rows) {  // keys in pairs: `keys` is even
-          const TileB<T> vp = op.value_rows->at(t.n, t.hkv);
+          const TileB<T> vp = op.value_panel(t);
           const TileA<T> p{sc.p.data() + r0 * kKeysPerBlock, kKeysPerBlock, 2};
           const TileB<T> values{vp.data + (j0 / 2) * vp.k_stride, vp.k_stride};
           if (op.amx)
@@ -247,6 +259,83 @@ void reset_state(Scratch<T>& sc, int64_t rows, int64_t d) {
 template <typename T>
 void run_decode(const Problem& pb, const Operands<T>& op, int64_t longest);
 
+// Positions [begin, end) of sequence n, kv head hkv, in tiles of bq: a task of run_on_own_panels.
+struct Span {
+  int64_t n, hkv, begin, end;
+};
+
+// A thread's own kᵀ and v panels (AMX) of one (sequence, kv head) at a time, sized for the longest sequence, and
+// which one they hold.
+template <typename T>
+struct OwnPanels {
+  PackedPanels<T> keys_t, value_rows;
+  int64_t n = -1, hkv = -1;
+  std::vector<T> pair_buffer;  // pack_panel's scratch
+};
+
+// AMX: every task packs the kᵀ and v panels it reads into its thread's own (OwnPanels), unless they hold them
+// already, and runs its tiles over them, so no panels of the whole call are written and read back from memory.
+// Tasks are whole (sequence, kv head)s, most expensive first, then the tiles of the last `threads` of them and of
+// any above a quarter of a thread's share, for the dynamic schedule to even out, each one's tiles in a row (a
+// thread that takes several packs that (sequence, kv head) once). Whole tasks throughout ran the forward 0.92-0.94x
+// at S = 1024-2048 with Hkv = 8 (four long tasks per thread: the threads finished apart); with this tail, 0.98-1.22x
+// (docs/cpu-kernels.md, "The forward's panels stay in the cache").
+// `run_tile(operands, tile, slot)` runs one tile on the thread of `slot`.
+template <typename T, typename RunTile>
+void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, const RunTile& run_tile,
+                       Workspace& workspace) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::pair<int64_t, int64_t>> groups;  // (cost, n · Hkv + hkv)
+  int64_t total = 0, longest_k = 0;
+  for (int64_t n = 0; n < pb.num_seqs; ++n) {
+    int64_t cost = 0;
+    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq) {
+      cost += tile_cost(pb, Tile{n, 0, i0, std::min(bq, pb.rows_q(n) - i0)});
+    }
+    if (cost == 0) continue;
+    for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) groups.push_back({cost, n * pb.heads_kv + hkv});
+    total += cost * pb.heads_kv;
+    longest_k = std::max(longest_k, pb.rows_k(n));
+  }
+  std::stable_sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  const int64_t share = (total + 4 * threads - 1) / (4 * threads);
+  std::vector<Span> spans, tiles;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int64_t n = groups[g].second / pb.heads_kv, hkv = groups[g].second % pb.heads_kv;
+    if (groups[g].first <= share && static_cast<int64_t>(g + threads) < static_cast<int64_t>(groups.size())) {
+      spans.push_back({n, hkv, 0, pb.rows_q(n)});
+    } else {
+      const int64_t last = (pb.rows_q(n) - 1) / bq * bq;  // later tiles see more keys: first
+      for (int64_t i0 = last; i0 >= 0; i0 -= bq) tiles.push_back({n, hkv, i0, std::min(i0 + bq, pb.rows_q(n))});
+    }
+  }
+  spans.insert(spans.end(), tiles.begin(), tiles.end());
+
+  auto len_k = [longest_k](int64_t) { return longest_k; };
+  const int64_t slots = std::min<int64_t>(threads, static_cast<int64_t>(spans.size()));
+  std::vector<OwnPanels<T>> own(slots);
+  for (OwnPanels<T>& o : own) {
+    o.keys_t = plan_panels<T>(PackKind::kTransposed, 1, 1, pb.head_dim, len_k, workspace);
+    o.value_rows = plan_panels<T>(PackKind::kRows, 1, 1, pb.head_dim, len_k, workspace, /*zero_nonfinite=*/true);
+  }
+  parallel_tasks(static_cast<int64_t>(spans.size()), [&](int64_t task, int64_t slot) {
+    const Span& span = spans[task];
+    OwnPanels<T>& o = own[slot];
+    if (o.n != span.n || o.hkv != span.hkv) {
+      const int64_t keys = pb.rows_k(span.n);
+      pack_panel(o.keys_t, 0, 0, keys, op.k.at(span.n, span.hkv, 0), op.k.ld(), o.pair_buffer);
+      pack_panel(o.value_rows, 0, 0, keys, op.v.at(span.n, span.hkv, 0), op.v.ld(), o.pair_buffer);
+      o.n = span.n, o.hkv = span.hkv;
+    }
+    Operands<T> with_own = op;
+    with_own.keys_t = &o.keys_t;
+    with_own.value_rows = &o.value_rows;
+    with_own.one_group = true;
+    for (int64_t i0 = span.begin; i0 < span.end; i0 += bq)
+      run_tile(with_own, Tile{span.n, span.hkv, i0, std::min(bq, span.end - i0)}, slot);
+  });
+}
+
 template <typename T>
 void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim;
@@ -262,24 +351,13 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
   Workspace workspace;  // the packed panels
 
-  // Tiles, most expensive first (the keys a tile's rows see, times its rows): handing them out first keeps the
-  // dynamic schedule balanced at the end, for ragged sequences as for the causal mask's late positions.
-  std::vector<Tile> tiles;
-  std::vector<int64_t> cost;
-  for (int64_t n = 0; n < pb.num_seqs; ++n)
-    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq)
-      for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
-  cost.reserve(tiles.size());
-  for (const Tile& t : tiles) cost.push_back(t.bq * (tile_key_end(pb, t) + pb.prefix_len + 1));
-  std::vector<int64_t> order(tiles.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group.
+  // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group; on AMX
+  // each task packs its own (run_on_own_panels), and the prefix's panels are the call's.
   std::optional<PackedPanels<T>> keys_t, value_rows, prefix_keys_t, prefix_value_rows;
   Operands<T> ops = op;
   if constexpr (kTileable<T>) {
-    if (tile_products) {
-      auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
+    auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
+    if (tile_products && !amx) {
       keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
                               [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); }, workspace);
       ops.keys_t = &*keys_t;
@@ -288,31 +366,50 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
                                     [&](int64_t n, int64_t h, int64_t j) { return op.v.at(n, h, j); }, workspace,
                                     /*zero_nonfinite=*/true);
         ops.value_rows = &*value_rows;
-        ops.amx = amx;
-        if (ops.amx && pb.prefix_len > 0) {
-          auto rows_p = [&](int64_t) { return pb.prefix_len; };
-          prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                         [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); },
-                                         workspace);
-          prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                             [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); },
-                                             workspace);
-          ops.prefix_keys_t = &*prefix_keys_t;
-          ops.prefix_value_rows = &*prefix_value_rows;
-        }
+      }
+    }
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      ops.amx = amx;
+      if (amx && pb.prefix_len > 0) {
+        auto rows_p = [&](int64_t) { return pb.prefix_len; };
+        prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
+                                       [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); },
+                                       workspace);
+        prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
+                                           [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); },
+                                           workspace);
+        ops.prefix_keys_t = &*prefix_keys_t;
+        ops.prefix_value_rows = &*prefix_value_rows;
       }
     }
   }
-  const int64_t threads = at::get_num_threads();
-  std::vector<Scratch<T>> scratch(threads);
-  parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t task, int64_t slot) {
-    const Tile& t = tiles[order[task]];
+  std::vector<Scratch<T>> scratch(at::get_num_threads());
+  auto run_tile = [&](const Operands<T>& o, const Tile& t, int64_t slot) {
     Scratch<T>& sc = scratch[slot];
     if (sc.acc.empty()) sc.reserve(tile_rows, d, std::max(kKeysPerBlock, pb.prefix_len + 1));
     reset_state(sc, group * t.bq, d);
-    gather_queries(pb, ops, t, sc.q.data());
-    accumulate_words(pb, ops, t, 0, tile_key_end(pb, t), sc);
-    finish_tile(pb, ops, t, sc);
+    gather_queries(pb, o, t, sc.q.data());
+    accumulate_words(pb, o, t, 0, tile_key_end(pb, t), sc);
+    finish_tile(pb, o, t, sc);
+  };
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (amx) return run_on_own_panels<T>(pb, ops, bq, run_tile, workspace);
+  }
+
+  // Tiles, most expensive first (the keys a tile's rows see, times its rows): handing them out first keeps the
+  // dynamic schedule balanced at the end, for ragged sequences as for the causal mask's late positions.
+  std::vector<Tile> tiles;
+  std::vector<int64_t> cost;
+  for (int64_t n = 0; n < pb.num_seqs; ++n)
+    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq)
+      for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) tiles.push_back({n, hkv, i0, std::min(bq, pb.rows_q(n) - i0)});
+  cost.reserve(tiles.size());
+  for (const Tile& t : tiles) cost.push_back(tile_cost(pb, t));
+  std::vector<int64_t> order(tiles.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t task, int64_t slot) {
+    run_tile(ops, tiles[order[task]], slot);
   });
 }
 

@@ -166,7 +166,9 @@ NAN_SEQLENS = [4, 9, 17, 40, 97]
 
 #: Shapes at the AMX tiles' edges (csrc/tile_gemm_amx.h): head_dim with a partial last chunk of K (80 = 64 + 16,
 #: 136 = 128 + 8) or only a partial one (16), rows and keys that fill no 32 × 32 block (97, 33, 1025 stacked rows),
-#: an odd prefix and one wider than a column tile (P = 7, 17, 0), MHA, MQA and ragged sequences.
+#: an odd prefix and one wider than a column tile (P = 7, 17, 0), MHA, MQA and ragged sequences. The last case has
+#: (sequence, kv head)s enough for the forward's tasks to take whole ones and, for the 300-row sequence and the last
+#: two, tile by tile, on each thread's own panels.
 AMX_EDGE_CASES = [
     Case(batch=2, seqlen_q=97, seqlen_k=97, head_dim=80, dtype=BF16),
     Case(batch=1, seqlen_q=33, seqlen_k=33, heads_q=3, heads_kv=3, head_dim=136, prefix_len=7, dtype=BF16),
@@ -175,6 +177,7 @@ AMX_EDGE_CASES = [
          gate_activation="none", dtype=BF16),
     Case(seqlens=[33, 1, 70], seqlens_k=[40, 97, 70], head_dim=64, prefix_len=3, prefix_batch=3, gate_shape="rows",
          dtype=BF16),
+    Case(seqlens=[300, 97, 40, 129], heads_q=8, heads_kv=4, head_dim=80, dtype=BF16),
 ]
 
 
