@@ -83,7 +83,7 @@ struct Operands {
   // AMX: prefix_kᵀ and prefix_v in pairs of rows, per (prefix row, kv head), for the prefix tile's two products.
   const PackedPanels<T>* prefix_keys_t = nullptr;
   const PackedPanels<T>* prefix_value_rows = nullptr;
-  // keys_t and value_rows hold one (sequence, kv head)'s panels, as panel (0, 0): a thread's own (group_tasks).
+  // keys_t and value_rows hold one (sequence, kv head)'s panels, as panel (0, 0): a thread's own (run_on_own_panels).
   bool one_group = false;
 
   TileB<T> key_panel(const Tile& t) const { return one_group ? keys_t->at(0, 0) : keys_t->at(t.n, t.hkv); }
@@ -289,9 +289,8 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
   int64_t total = 0, longest_k = 0;
   for (int64_t n = 0; n < pb.num_seqs; ++n) {
     int64_t cost = 0;
-    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq) {
+    for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq)
       cost += tile_cost(pb, Tile{n, 0, i0, std::min(bq, pb.rows_q(n) - i0)});
-    }
     if (cost == 0) continue;
     for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) groups.push_back({cost, n * pb.heads_kv + hkv});
     total += cost * pb.heads_kv;
@@ -356,8 +355,8 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   std::optional<PackedPanels<T>> keys_t, value_rows, prefix_keys_t, prefix_value_rows;
   Operands<T> ops = op;
   if constexpr (kTileable<T>) {
-    auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
     if (tile_products && !amx) {
+      auto rows_k = [&](int64_t n) { return pb.rows_k(n); };
       keys_t = pack_panels<T>(PackKind::kTransposed, pb.num_seqs, pb.heads_kv, d, rows_k,
                               [&](int64_t n, int64_t h, int64_t j) { return op.k.at(n, h, j); }, workspace);
       ops.keys_t = &*keys_t;
