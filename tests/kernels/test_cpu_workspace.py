@@ -93,6 +93,30 @@ def test_a_task_never_reads_what_an_earlier_task_on_its_thread_left(variant, gem
         torch.testing.assert_close(dirty[name][97:], clean[name][97:], rtol=0, atol=0, msg=name)
 
 
+def test_more_threads_never_take_more_memory_for_the_forwards_panels(force_cpu_variant):
+    """On AMX each thread packs the forward's kᵀ and v panels of one (sequence, kv head) at a time into its own,
+    sized for the longest sequence, where those take no more memory than the panels of the whole call; with more
+    threads than that allows (here 8 threads over one sequence's one kv head) the call's panels serve them all."""
+    force_cpu_variant("avx512", "amx")
+    inp = backend_inputs(Case(batch=1, seqlen_q=1024, seqlen_k=1024, heads_q=4, heads_kv=1, head_dim=128,
+                              prefix_len=0, dtype=BF16))
+    backend = get_backend("cpu")
+    kept = torch.get_num_threads()
+    held = {}
+    try:
+        for threads in (1, 8):
+            torch.set_num_threads(threads)
+            release_workspace()
+            out = backend.forward(inp)[0]
+            held[threads] = workspace_bytes()
+            torch.set_num_threads(1)
+            torch.testing.assert_close(out, backend.forward(inp)[0], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(kept)
+        release_workspace()
+    assert 0 < held[8] <= held[1], held
+
+
 def test_kept_memory_stays_within_the_limit_and_is_released(monkeypatch):
     """A call keeps its scratch memory for the next one (default limit); FASTADAPTER_CPU_WORKSPACE_MB bounds what is
     kept (a buffer past it lives for its call only); release_workspace frees it all. On this CPU's own variant."""
