@@ -154,11 +154,7 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
 // sequence, with `shared`'s prefix panels: a thread's own, which each of its tasks overwrites (pack_group).
 template <typename T>
 PackedOperands<T> group_operands(const Problem& pb, const PackedOperands<T>& shared, Workspace& ws) {
-  int64_t keys = 0, rows = 0;
-  for (int64_t n = 0; n < pb.num_seqs; ++n) {
-    keys = std::max(keys, pb.rows_k(n));
-    rows = std::max(rows, pb.rows_q(n));
-  }
+  const int64_t keys = pb.longest_k(), rows = pb.longest_q();
   auto len_k = [keys](int64_t) { return keys; };
   auto len_q = [rows](int64_t) { return rows; };
   const int64_t d = pb.head_dim, group = pb.group();
@@ -626,9 +622,7 @@ void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<Wo
   static_assert(std::is_same_v<T, at::BFloat16>, "AMX multiplies bf16");
   TORCH_CHECK(packed.amx, "fastadapter_cpu: group_passes runs the AMX products");
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
-  const int64_t d = pb.head_dim, group = pb.group();
-  int64_t rows = 0;
-  for (int64_t n = 0; n < pb.num_seqs; ++n) rows = std::max(rows, pb.rows_q(n));
+  const int64_t d = pb.head_dim, group = pb.group(), rows = pb.longest_q();
   std::vector<PackedOperands<T>> panels;
   std::vector<float*> dq_group;  // per slot: fp32 [group, rows, D], unscaled
   for (int64_t slot = 0; slot < slots; ++slot) {

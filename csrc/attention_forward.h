@@ -286,7 +286,7 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
                        Workspace& workspace) {
   const int64_t threads = at::get_num_threads();
   std::vector<std::pair<int64_t, int64_t>> groups;  // (cost, n · Hkv + hkv)
-  int64_t total = 0, longest_k = 0;
+  int64_t total = 0;
   for (int64_t n = 0; n < pb.num_seqs; ++n) {
     int64_t cost = 0;
     for (int64_t i0 = 0; i0 < pb.rows_q(n); i0 += bq)
@@ -294,7 +294,6 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
     if (cost == 0) continue;
     for (int64_t hkv = 0; hkv < pb.heads_kv; ++hkv) groups.push_back({cost, n * pb.heads_kv + hkv});
     total += cost * pb.heads_kv;
-    longest_k = std::max(longest_k, pb.rows_k(n));
   }
   std::stable_sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   const int64_t share = (total + 4 * threads - 1) / (4 * threads);
@@ -310,7 +309,7 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
   }
   spans.insert(spans.end(), tiles.begin(), tiles.end());
 
-  auto len_k = [longest_k](int64_t) { return longest_k; };
+  auto len_k = [longest_k = pb.longest_k()](int64_t) { return longest_k; };
   const int64_t slots = std::min<int64_t>(threads, static_cast<int64_t>(spans.size()));
   std::vector<OwnPanels<T>> own(slots);
   for (OwnPanels<T>& o : own) {
@@ -340,8 +339,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t group = pb.group(), d = pb.head_dim;
   // The products of this call (FASTADAPTER_CPU_GEMM and the CPU), decided once.
   const bool tile_products = use_tile_gemm<T>(d), amx = use_amx<T>(d);
-  int64_t longest = 0;
-  for (int64_t n = 0; n < pb.num_seqs; ++n) longest = std::max(longest, pb.rows_q(n));
+  const int64_t longest = pb.longest_q();
   const int64_t rows_per_tile = tile_products && !amx ? kRowsPerTile : kLibraryRowsPerTile;
   const int64_t positions = amx ? std::max(kAmxMinPositionsPerTile, longest / 8) : rows_per_tile;
   const int64_t bq_max = std::clamp<int64_t>(rows_per_tile / group, 1, positions);
@@ -354,12 +352,9 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   // batch 1 measured as fast either way: 0.99-1.01x at S = 1024 on 2 threads).
   bool own_panels = false;
   if (amx) {
-    int64_t longest_k = 0, call_keys = 0;
-    for (int64_t n = 0; n < pb.num_seqs; ++n) {
-      longest_k = std::max(longest_k, pb.rows_k(n));
-      call_keys += pb.rows_k(n) * pb.heads_kv;
-    }
-    own_panels = at::get_num_threads() * longest_k <= call_keys;
+    int64_t call_keys = 0;
+    for (int64_t n = 0; n < pb.num_seqs; ++n) call_keys += pb.rows_k(n) * pb.heads_kv;
+    own_panels = at::get_num_threads() * pb.longest_k() <= call_keys;
   }
 
   // Register tiles: K (and bf16 V) packed once per (sequence, kv head), read by every tile of the group; with

@@ -45,6 +45,17 @@ struct Problem {
   int64_t stored_k(int64_t n) const { return cu_seqlens_k ? cu_seqlens_k[n + 1] - cu_seqlens_k[n] : seqlen_k; }
   // Key rows sequence n uses: Sk_b of the contract (seqused_k[n] when given).
   int64_t rows_k(int64_t n) const { return seqused_k ? seqused_k[n] : stored_k(n); }
+  // The most query (key) rows of any sequence.
+  int64_t longest_q() const {
+    int64_t longest = 0;
+    for (int64_t n = 0; n < num_seqs; ++n) longest = std::max(longest, rows_q(n));
+    return longest;
+  }
+  int64_t longest_k() const {
+    int64_t longest = 0;
+    for (int64_t n = 0; n < num_seqs; ++n) longest = std::max(longest, rows_k(n));
+    return longest;
+  }
   int64_t prefix_row(int64_t n) const { return prefix_batch == 1 ? 0 : n; }
   // Varlen: the first packed query (key) token after the last sequence. Tokens from there on (cu_seqlens[N] < T)
   // belong to no sequence: their output and gradients are 0, their log-sum-exps -inf.
