@@ -14,6 +14,7 @@ CPU only (on a GPU the thin model's linears are cuBLAS's).
 
     python -m benchmarks.bench_decode_linear            # default shapes
     python -m benchmarks.bench_decode_linear --quick --out bench-results/decode-linear.json
+    python -m benchmarks.bench_decode_linear --emulate avx2   # as on an AVX2-only CPU (benchmarks/emulated_cpu.py)
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .bench_training import interleaved_times
+from .emulated_cpu import EMULATIONS, check_emulation, emulated_isa, is_emulating, rerun_emulated
+from .gemm_peak import context_line
 from .timing import measure, summarize
 
 
@@ -130,11 +133,14 @@ def run(quick: bool, device: str, *, full: bool = False, preset: Optional[str] =
 
 
 def _variants() -> list[str]:
-    """The kernel variants this CPU and build run (FASTADAPTER_CPU_ISA values), widest first."""
+    """The kernel variants this CPU and build run (FASTADAPTER_CPU_ISA values), widest first; on an emulated CPU
+    (``--emulate``) none wider than its ISA."""
     runs = []
+    widths = ("avx512", "avx2", "generic")
+    emulated = emulated_isa()
     before = os.environ.get("FASTADAPTER_CPU_ISA")
     try:
-        for variant in ("avx512", "avx2", "generic"):
+        for variant in widths[widths.index(emulated) if emulated else 0:]:
             os.environ["FASTADAPTER_CPU_ISA"] = variant
             try:
                 torch.ops.fastadapter_cpu.cpu_path()
@@ -180,9 +186,17 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and the kernel")
     parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
+                        help="run as on a CPU with only this ISA: torch, oneDNN, MKL and fastadapter all held to it "
+                             "(benchmarks/emulated_cpu.py), in a child process")
     args = parser.parse_args(argv)
+    if args.emulate and not is_emulating(args.emulate):
+        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
+    if args.emulate:
+        check_emulation(args.emulate)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(context_line())
     from .report import format_table, write_json
     preset = "quick" if args.quick else "full" if args.full else "default"
     rows = run(args.quick, "cpu", full=args.full)

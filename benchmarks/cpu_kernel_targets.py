@@ -16,9 +16,10 @@ of that peak, and its speed-up over the alternatives:
   and the two fp32 log-sum-exps, nothing else.
 
 ``--compare-products`` adds a table of the variant's product choices against each other, interleaved: AMX tiles,
-register tiles and MKL (``FASTADAPTER_CPU_GEMM=amx|tiles|mkl``, those this CPU runs); ``FASTADAPTER_CPU_ISA=avx2`` runs the whole benchmark on the AVX2 variant (save
-it with ``--out benchmarks/results/cpu-kernel-targets-avx2.txt``). The CPU model, thread count, load average and
-variant are printed first.
+register tiles and MKL (``FASTADAPTER_CPU_GEMM=amx|tiles|mkl``, those this CPU runs). ``FASTADAPTER_CPU_ISA=avx2`` runs fastadapter's
+AVX2 variant against alternatives that keep this CPU's instructions; ``--emulate avx2`` runs every library as on an
+AVX2-only CPU (``benchmarks/emulated_cpu.py``), where bf16 rows are judged against the fp32 GEMM (oneDNN has no bf16
+GEMM there). The CPU model, thread count, load average, torch's kernel variant and fastadapter's are printed first.
 
 The tables are printed and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
 library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every
@@ -32,13 +33,15 @@ import contextlib
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import torch
 
 from .baselines import eager_v1, two_sdpa
+from .emulated_cpu import EMULATIONS, check_emulation, is_emulating, rerun_emulated
 from .flops import attention_flops
-from .gemm_peak import context_line, peak_for, percent_of_peak
+from .gemm_peak import context_line, peak_dtype, peak_for, percent_of_peak
 from .metadata import save_text_report
 from .op_providers import compiled_eager_v1, flex_two_calls
 from fastadapter import _cpu_extension, zero_init_attention
@@ -229,7 +232,14 @@ def main(argv=None) -> int:
                              "(FASTADAPTER_CPU_GEMM=amx|tiles|mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
                         "cpu-kernel-targets.txt", help="where to save the printed tables (and a .json of metadata)")
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
+                        help="run as on a CPU with only this ISA: torch, oneDNN, MKL and fastadapter all held to it "
+                             "(benchmarks/emulated_cpu.py), in a child process")
     args = parser.parse_args(argv)
+    if args.emulate and not is_emulating(args.emulate):
+        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
+    if args.emulate:
+        check_emulation(args.emulate)
     lines = []
 
     def emit(text: str = "") -> None:  # print, and keep the line for --out
@@ -242,6 +252,10 @@ def main(argv=None) -> int:
     emit(f"cpu kernels: {path[0]} variant, {path[1]}" if path else "cpu kernels: unavailable")
     emit(f"B=1 Hq=32 D=128 P=10; median of {args.repeats} interleaved runs, each beside a oneDNN GEMM "
          f"(benchmarks/gemm_peak.py) of the row's dtype: 'peak' is its GFLOP/s, '%' the op's share of it")
+    for dt in args.dtypes:
+        if peak_dtype(DTYPES[dt]) != DTYPES[dt]:
+            judge = next(name for name, dtype in DTYPES.items() if dtype == peak_dtype(DTYPES[dt]))
+            emit(f"{dt} rows are judged against the {judge} GEMM: oneDNN has no {dt} GEMM on this CPU")
 
     def cell(fast: dict, name: str) -> str:  # speed-up of cpu over `name`
         return f"{fast[name] / fast['cpu']:6.2f}" if name in fast else f"{'-':>6}"

@@ -12,16 +12,20 @@ GEMM run beside every run of the op, so that a shared machine's load slows both 
     peak.gflops(seconds_of_one_gemm)           # GFLOP/s of the GEMM
     percent_of_peak(op_flops / op_seconds / 1e9, peak.gflops(gemm_seconds))
 
-``python -m benchmarks.gemm_peak`` prints the peak of fp32 and bf16 with MKL's ``torch.matmul`` beside it.
+``python -m benchmarks.gemm_peak`` prints the peak of fp32 and bf16 with MKL's ``torch.matmul`` beside it
+(``--emulate avx2``: as on an AVX2-only CPU, ``benchmarks/emulated_cpu.py``).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Optional
 
 import torch
+
+from .emulated_cpu import EMULATIONS, check_emulation, emulation_line, is_emulating, rerun_emulated
 
 #: The GEMM that stands for the machine's peak: C [M, N] = A [M, K] · Bᵀ, square and large enough that a
 #: library runs at its best (2 GFLOP: ~10 ms at 200 GFLOP/s), small enough to run beside every op run.
@@ -60,10 +64,20 @@ class GemmPeak:
 _PEAKS: dict[torch.dtype, GemmPeak] = {}
 
 
+def peak_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the GEMM that judges ops of ``dtype``: its own, except fp32 for fp16 (oneDNN's fp16 GEMM on a
+    CPU without AVX512-FP16 is no peak) and for bf16 where oneDNN has no bf16 GEMM (an AVX2 CPU, whose bf16
+    products, torch's and fastadapter's alike, compute in fp32; oneDNN refuses a bf16 ``mkldnn_linear`` there)."""
+    if dtype == torch.float16:
+        return torch.float32
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return dtype
+
+
 def peak_for(dtype: torch.dtype) -> GemmPeak:
-    """The :class:`GemmPeak` of ``dtype``, built once per process (fp16 ops are judged against the fp32 GEMM:
-    oneDNN's fp16 GEMM on a CPU without AVX512-FP16 is no peak)."""
-    dtype = torch.float32 if dtype == torch.float16 else dtype
+    """The :class:`GemmPeak` that judges ops of ``dtype`` (a GEMM of :func:`peak_dtype`), built once per process."""
+    dtype = peak_dtype(dtype)
     if dtype not in _PEAKS:
         _PEAKS[dtype] = GemmPeak(dtype)
     return _PEAKS[dtype]
@@ -94,7 +108,8 @@ def percent_of_peak(op_gflops: float, peak_gflops: float) -> float:
 
 
 def context_line() -> str:
-    """CPU model, threads and the load average: the line every table of a shared machine carries."""
+    """CPU model, threads, the load average and torch's kernel variant (with the switches of an emulated CPU,
+    ``benchmarks/emulated_cpu.py``): the line every table of a shared machine carries."""
     import os
     import platform
     model = platform.processor() or "?"
@@ -105,22 +120,30 @@ def context_line() -> str:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return (f"CPU {model} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+            f"{torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+            f"{emulation_line()}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="oneDNN GEMM peak (and MKL's torch.matmul beside it)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
+                        help="as on a CPU with only this ISA (benchmarks/emulated_cpu.py), in a child process")
     args = parser.parse_args(argv)
+    if args.emulate and not is_emulating(args.emulate):
+        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
+    if args.emulate:
+        check_emulation(args.emulate)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(context_line())
     m, n, k = PEAK_SHAPE
     for dtype in (torch.float32, torch.bfloat16):
-        peak = GemmPeak(dtype)
+        peak = peak_for(dtype)
         a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
-        runs = {"oneDNN": peak.call, "torch.matmul": lambda: a @ b.t()}
+        onednn = "oneDNN" if peak.dtype == dtype else f"oneDNN {str(peak.dtype).removeprefix('torch.')}"
+        runs = {onednn: peak.call, "torch.matmul": lambda: a @ b.t()}
         times = {name: [] for name in runs}
         for run in runs.values():
             run()

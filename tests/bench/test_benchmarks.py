@@ -26,6 +26,7 @@ from fastadapter.benchmarks import baselines
 from fastadapter.benchmarks.bench_ops import MODES, Plan, Sweep, benchmark_provider, plan_for, run_plan
 from fastadapter.benchmarks.compare import compare_rows, format_comparison, geometric_mean
 from fastadapter.benchmarks.flops import attention_flops, tflops_per_second
+from fastadapter.benchmarks.gemm_peak import context_line, peak_dtype
 from fastadapter.benchmarks.memory import peak_from_allocation_events, peak_memory_bytes, saved_tensor_bytes
 from fastadapter.benchmarks.op_providers import OpConfig, OpProvider, check_provider, op_providers
 from fastadapter.benchmarks.report import format_markdown, format_table, load_json
@@ -659,6 +660,44 @@ def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
     assert text.count("(expected") == 2 and "DIFFERENT" not in text
     metadata = json.loads(out.with_suffix(".json").read_text())
     assert metadata["preset"] == "cpu-kernel-targets" and metadata["versions"]["torch"] == torch.__version__
+
+
+def test_bf16_peak_is_the_fp32_gemm_where_onednn_has_no_bf16_gemm():
+    """On an AVX2-only CPU oneDNN refuses a bf16 GEMM ("bf16 path needs the cpu support avx_ne_convert or
+    avx512bw..."), which crashed every bf16 row of the targets there; such rows are judged against the fp32 GEMM.
+    ONEDNN_MAX_CPU_ISA=AVX2 gives oneDNN that CPU's view on any x86 machine."""
+    script = ("import torch; from fastadapter.benchmarks.gemm_peak import peak_for; peak = peak_for(torch.bfloat16); "
+              "peak.call(); print(peak.dtype, peak.gflops(1.0) > 0)")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["torch.float32", "True"]
+    # where oneDNN has bf16 products, the bf16 GEMM judges bf16 (this process: the machine's own ISA)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert peak_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert peak_dtype(torch.float16) == torch.float32 and peak_dtype(torch.float32) == torch.float32
+
+
+def test_cpu_kernel_targets_emulating_an_avx2_cpu_holds_every_library_to_avx2(tmp_path):
+    """--emulate avx2 runs the targets in a child process whose torch, oneDNN, MKL and fastadapter all run AVX2:
+    not fastadapter's AVX2 variant against torch's AVX-512 and AMX kernels (what FASTADAPTER_CPU_ISA=avx2 alone
+    measures)."""
+    from fastadapter.benchmarks import cpu_kernel_targets
+    out = tmp_path / "emulated.txt"
+    assert cpu_kernel_targets.main(["--emulate", "avx2", "--repeats", "1", "--seqlens", "64", "--heads-kv", "8",
+                                    "--dtypes", "fp32", "bf16", "--decode-seqlens", "32", "--decode-batches", "1",
+                                    "--decode-repeats", "2", "--no-compile", "--no-eager", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].endswith("torch kernels AVX2; emulated CPU: ATEN_CPU_CAPABILITY=avx2, "
+                             "MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2")
+    assert lines[1].startswith("cpu kernels: avx2 variant")
+    assert "bf16 rows are judged against the fp32 GEMM: oneDNN has no bf16 GEMM on this CPU" in lines
+    rows = [line for line in lines if line.startswith(("fp32 ", "bf16 ")) and line.count("|") == 2]
+    assert len(rows) == 2 * 2
+    for row in rows:
+        assert all(math.isfinite(float(x)) and float(x) > 0 for x in row.split("|")[1].split())
+    # the parent ran nothing itself: its process keeps the machine's own kernels
+    assert "emulated CPU" not in context_line()
 
 
 # -- optional dependencies, output, progress

@@ -163,6 +163,16 @@ def test_benchmark_suite_times_both_providers_on_the_same_result():
     assert bench_decode_linear.run(False, "cuda", preset="smoke", log=lambda line: None)[0]["skipped"]
 
 
+def test_benchmark_suite_on_an_emulated_avx2_cpu_times_no_wider_variant(monkeypatch):
+    """bench_decode_linear --emulate avx2 times the kernel's AVX2 and generic variants only: an AVX2-only CPU has
+    no AVX-512 variant to time."""
+    from fastadapter.benchmarks import bench_decode_linear
+    from fastadapter.benchmarks.emulated_cpu import EMULATIONS
+    for name, value in EMULATIONS["avx2"].items():
+        monkeypatch.setenv(name, value)
+    assert bench_decode_linear._variants() == ["avx2", "generic"]
+
+
 def test_benchmark_suite_without_the_library_says_why_in_a_row(monkeypatch):
     """A build without fastadapter._C (FASTADAPTER_SKIP_BUILD=1) gets a skipped row with the reason, not a suite
     skipped or failed (the README's main command runs every suite in such a venv)."""
