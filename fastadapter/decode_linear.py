@@ -82,6 +82,14 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     if not runs_kernel(x, weight, bias):
         return F.linear(x, weight, bias)
-    features = x.shape[-1]
-    out = torch.ops.fastadapter_cpu.decode_linear(x.reshape(-1, features).contiguous(), weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return run_kernel(x, weight, bias)
+
+
+def run_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel on a call :func:`runs_kernel` took (``x [..., K]``, ``weight [N, K]``, ``bias [N]`` →
+    ``[..., N]``), without asking again: for a caller that routes on :func:`runs_kernel` itself
+    (:func:`fastadapter.linear.linear`), each check costing about a microsecond of a call of tens."""
+    if x.dim() == 2:
+        return torch.ops.fastadapter_cpu.decode_linear(x.contiguous(), weight, bias)
+    out = torch.ops.fastadapter_cpu.decode_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+    return out.view(x.shape[:-1] + (weight.shape[0],))

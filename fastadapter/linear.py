@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .decode_linear import decode_linear, runs_kernel
+from .decode_linear import run_kernel, runs_kernel
 from .onednn_linear import onednn_linear
 
 
@@ -24,7 +24,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` → ``[..., N]`` in x's dtype,
     through the decode kernel, oneDNN or ``F.linear`` (see the module docstring)."""
     if runs_kernel(x, weight, bias):
-        return decode_linear(x, weight, bias)
+        return run_kernel(x, weight, bias)
     return onednn_linear(x, weight, bias)
 
 

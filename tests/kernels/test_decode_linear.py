@@ -85,10 +85,13 @@ def test_function_and_module_equal_linear_and_keep_its_gradients(monkeypatch):
     plain = torch.nn.Linear(40, 24, bias=True)
     plain.load_state_dict(layer.state_dict())
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
-    x = torch.randn(3, 2, 40)
+    # 2-D rows, strided 2-D rows (every other row of a batch) and a decoding step's [B, 1, K]
     with torch.no_grad():
-        assert runs_kernel(x, layer.weight, layer.bias)
-        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-5)
+        for rows in (torch.randn(6, 40), torch.randn(12, 40)[::2], torch.randn(3, 2, 40)):
+            assert runs_kernel(rows, layer.weight, layer.bias)
+            torch.testing.assert_close(layer(rows), plain(rows), rtol=0, atol=1e-5)
+            assert layer(rows).shape == plain(rows).shape
+    x = torch.randn(3, 2, 40)
     x.requires_grad_(True)
     layer(x).square().sum().backward()
     expected = torch.autograd.grad(plain(x).square().sum(), x)[0]
