@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .bench_training import interleaved_times
-from .emulated_cpu import EMULATIONS, check_emulation, emulated_isa, is_emulating, rerun_emulated
+from .emulated_cpu import add_emulate_argument, emulated_isa, run_emulated_if_asked
 from .gemm_peak import context_line
 from .timing import measure, summarize
 
@@ -136,7 +136,9 @@ def _variants() -> list[str]:
     """The kernel variants this CPU and build run (FASTADAPTER_CPU_ISA values), widest first; on an emulated CPU
     (``--emulate``) none wider than its ISA."""
     runs = []
-    widths = ("avx512", "avx2", "generic")
+    from fastadapter import _cpu_extension
+
+    widths = [isa for isa in _cpu_extension.ISA_CHOICES if isa != "auto"]  # widest first
     emulated = emulated_isa()
     before = os.environ.get("FASTADAPTER_CPU_ISA")
     try:
@@ -186,14 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and the kernel")
     parser.add_argument("--out", help="also write the rows, with the machine's metadata, to this JSON file")
-    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
-                        help="run as on a CPU with only this ISA: torch, oneDNN, MKL and fastadapter all held to it "
-                             "(benchmarks/emulated_cpu.py), in a child process")
+    add_emulate_argument(parser)
     args = parser.parse_args(argv)
-    if args.emulate and not is_emulating(args.emulate):
-        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
-    if args.emulate:
-        check_emulation(args.emulate)
+    emulated_status = run_emulated_if_asked(args.emulate, __spec__.name, argv)
+    if emulated_status is not None:
+        return emulated_status
     if args.threads:
         torch.set_num_threads(args.threads)
     print(context_line())

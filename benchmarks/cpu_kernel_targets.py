@@ -33,13 +33,12 @@ import contextlib
 import os
 import pathlib
 import statistics
-import sys
 import time
 
 import torch
 
 from .baselines import eager_v1, two_sdpa
-from .emulated_cpu import EMULATIONS, check_emulation, is_emulating, rerun_emulated
+from .emulated_cpu import add_emulate_argument, run_emulated_if_asked
 from .flops import attention_flops
 from .gemm_peak import context_line, peak_dtype, peak_for, percent_of_peak
 from .metadata import save_text_report
@@ -232,14 +231,11 @@ def main(argv=None) -> int:
                              "(FASTADAPTER_CPU_GEMM=amx|tiles|mkl)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
                         "cpu-kernel-targets.txt", help="where to save the printed tables (and a .json of metadata)")
-    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
-                        help="run as on a CPU with only this ISA: torch, oneDNN, MKL and fastadapter all held to it "
-                             "(benchmarks/emulated_cpu.py), in a child process")
+    add_emulate_argument(parser)
     args = parser.parse_args(argv)
-    if args.emulate and not is_emulating(args.emulate):
-        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
-    if args.emulate:
-        check_emulation(args.emulate)
+    emulated_status = run_emulated_if_asked(args.emulate, __spec__.name, argv)
+    if emulated_status is not None:
+        return emulated_status
     lines = []
 
     def emit(text: str = "") -> None:  # print, and keep the line for --out
@@ -293,13 +289,14 @@ def main(argv=None) -> int:
         names, rows = product_rows(args.seqlens, args.dtypes, args.repeats)
         emit("\n# products of the same variant (FASTADAPTER_CPU_GEMM=" + "|".join(names) + "), interleaved: ms of "
              "forward, then of forward + backward, and each one's speed-up over MKL's")
+        others = [n for n in names if n != "mkl"]  # the speed-up columns (none where MKL is the only choice)
         emit(f"{'dtype':<5} {'S':>5} | " + " ".join(f"{'fwd ' + n:>10}" for n in names) + " | "
-             + " ".join(f"{'f+b ' + n:>10}" for n in names) + " | "
-             + " ".join(f"{'x mkl ' + n:>11}" for n in names if n != "mkl"))
+             + " ".join(f"{'f+b ' + n:>10}" for n in names)
+             + (" | " + " ".join(f"{'x mkl ' + n:>11}" for n in others) if others else ""))
         for dt, seqlen, fwd, fb in rows:
+            ratios = " ".join(f"{fwd['mkl'] / fwd[n]:5.2f}/{fb['mkl'] / fb[n]:5.2f}" for n in others)
             emit(f"{dt:<5} {seqlen:>5} | " + " ".join(f"{1e3 * fwd[n]:10.1f}" for n in names) + " | "
-                 + " ".join(f"{1e3 * fb[n]:10.1f}" for n in names) + " | "
-                 + " ".join(f"{fwd['mkl'] / fwd[n]:5.2f}/{fb['mkl'] / fb[n]:5.2f}" for n in names if n != "mkl"))
+                 + " ".join(f"{1e3 * fb[n]:10.1f}" for n in names) + (f" | {ratios}" if others else ""))
 
     emit(f"\nfinished: {context_line()}")
     emit("\n# bytes saved for backward (target: inputs + output + 2 fp32 lse)")

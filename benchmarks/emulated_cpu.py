@@ -13,15 +13,17 @@ MKL            ``MKL_ENABLE_INSTRUCTIONS``
 fastadapter    ``FASTADAPTER_CPU_ISA``
 =============  ==============================================================
 
-What stays this CPU's own: its caches, clock and memory. A benchmark with ``--emulate avx2`` re-runs itself in a
-child process with the switches set (:func:`rerun_emulated`) and checks that torch took its own
-(:func:`check_emulation`)::
+Two CPUs are emulated (:data:`EMULATIONS`): ``avx2`` (AVX2 + FMA, fastadapter's avx2 variant) and ``generic``
+(x86-64 before AVX: SSE4, torch's baseline kernels, fastadapter's generic variant). What stays this CPU's own: its
+caches, clock and memory. A benchmark with ``--emulate ISA`` re-runs itself in a child process with the switches
+set (:func:`rerun_emulated`) and checks that torch took its own (:func:`check_emulation`)::
 
     python -m benchmarks.cpu_kernel_targets --emulate avx2 ...
     python -m benchmarks.bench_decode_linear --emulate avx2
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -33,6 +35,9 @@ import torch
 EMULATIONS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
              "FASTADAPTER_CPU_ISA": "avx2"},
+    # x86-64 before AVX (SSE4.2): torch's baseline kernels, fastadapter's generic variant
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                "FASTADAPTER_CPU_ISA": "generic"},
 }
 
 
@@ -62,8 +67,9 @@ def check_emulation(isa: str) -> None:
     """Raise if torch did not take the emulated ISA (a torch that ignores ``ATEN_CPU_CAPABILITY``, or a CPU
     without the ISA at all): the tables would then be those of another CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability.lower() != isa:
-        raise RuntimeError(f"--emulate {isa}: torch runs its {capability} kernels, not {isa.upper()} "
+    wanted = EMULATIONS[isa]["ATEN_CPU_CAPABILITY"]
+    if capability.lower() != wanted:
+        raise RuntimeError(f"--emulate {isa}: torch runs its {capability} kernels, not {wanted.upper()} "
                            f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')!r}); a CPU without "
                            f"{isa.upper()} cannot emulate it")
 
@@ -75,3 +81,22 @@ def emulation_line() -> str:
     set_here = [f"{name}={os.environ[name]}" for name in switches if name in os.environ]
     line = f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
     return line + (f"; emulated CPU: {', '.join(set_here)}" if set_here else "")
+
+
+def add_emulate_argument(parser: argparse.ArgumentParser) -> None:
+    """``--emulate ISA`` on a benchmark's command line (:func:`run_emulated_if_asked` acts on it)."""
+    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
+                        help="run as on a CPU with only this ISA: torch, oneDNN, MKL and fastadapter all held to it "
+                             "(benchmarks/emulated_cpu.py), in a child process")
+
+
+def run_emulated_if_asked(isa: Optional[str], module: str, argv: Optional[list[str]]) -> Optional[int]:
+    """For a benchmark's ``main(argv)`` given ``--emulate isa``: the exit status of its run in a child process with
+    the switches set (:func:`rerun_emulated`; ``argv`` None: ``sys.argv``), or None when this process is to run it
+    (no ``--emulate``, or this is the child, whose torch is checked with :func:`check_emulation`)."""
+    if not isa:
+        return None
+    if not is_emulating(isa):
+        return rerun_emulated(isa, module, list(sys.argv[1:] if argv is None else argv))
+    check_emulation(isa)
+    return None

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from typing import Optional
 
 import torch
 
-from .emulated_cpu import EMULATIONS, check_emulation, emulation_line, is_emulating, rerun_emulated
+from .emulated_cpu import add_emulate_argument, emulation_line, run_emulated_if_asked
 
 #: The GEMM that stands for the machine's peak: C [M, N] = A [M, K] · Bᵀ, square and large enough that a
 #: library runs at its best (2 GFLOP: ~10 ms at 200 GFLOP/s), small enough to run beside every op run.
@@ -128,13 +127,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="oneDNN GEMM peak (and MKL's torch.matmul beside it)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--emulate", choices=sorted(EMULATIONS),
-                        help="as on a CPU with only this ISA (benchmarks/emulated_cpu.py), in a child process")
+    add_emulate_argument(parser)
     args = parser.parse_args(argv)
-    if args.emulate and not is_emulating(args.emulate):
-        return rerun_emulated(args.emulate, __spec__.name, list(sys.argv[1:] if argv is None else argv))
-    if args.emulate:
-        check_emulation(args.emulate)
+    emulated_status = run_emulated_if_asked(args.emulate, __spec__.name, argv)
+    if emulated_status is not None:
+        return emulated_status
     if args.threads:
         torch.set_num_threads(args.threads)
     print(context_line())

@@ -678,19 +678,24 @@ def test_bf16_peak_is_the_fp32_gemm_where_onednn_has_no_bf16_gemm():
     assert peak_dtype(torch.float16) == torch.float32 and peak_dtype(torch.float32) == torch.float32
 
 
-def test_cpu_kernel_targets_emulating_an_avx2_cpu_holds_every_library_to_avx2(tmp_path):
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_cpu_kernel_targets_on_an_emulated_cpu_holds_every_library_to_its_isa(tmp_path, isa):
     """--emulate avx2 runs the targets in a child process whose torch, oneDNN, MKL and fastadapter all run AVX2:
     not fastadapter's AVX2 variant against torch's AVX-512 and AMX kernels (what FASTADAPTER_CPU_ISA=avx2 alone
-    measures)."""
+    measures); --emulate generic holds them to SSE4 and torch's baseline kernels."""
     from fastadapter.benchmarks import cpu_kernel_targets
+    from fastadapter.benchmarks.emulated_cpu import EMULATIONS
     out = tmp_path / "emulated.txt"
-    assert cpu_kernel_targets.main(["--emulate", "avx2", "--repeats", "1", "--seqlens", "64", "--heads-kv", "8",
+    assert cpu_kernel_targets.main(["--emulate", isa, "--repeats", "1", "--seqlens", "64", "--heads-kv", "8",
                                     "--dtypes", "fp32", "bf16", "--decode-seqlens", "32", "--decode-batches", "1",
                                     "--decode-repeats", "2", "--no-compile", "--no-eager", "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
-    assert lines[0].endswith("torch kernels AVX2; emulated CPU: ATEN_CPU_CAPABILITY=avx2, "
-                             "MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2")
-    assert lines[1].startswith("cpu kernels: avx2 variant")
+    switches = EMULATIONS[isa]
+    assert lines[0].endswith(f"torch kernels {switches['ATEN_CPU_CAPABILITY'].upper()}; emulated CPU: "
+                             f"ATEN_CPU_CAPABILITY={switches['ATEN_CPU_CAPABILITY']}, "
+                             f"MKL_ENABLE_INSTRUCTIONS={switches['MKL_ENABLE_INSTRUCTIONS']}, "
+                             f"ONEDNN_MAX_CPU_ISA={switches['ONEDNN_MAX_CPU_ISA']}")
+    assert lines[1].startswith(f"cpu kernels: {isa} variant")
     assert "bf16 rows are judged against the fp32 GEMM: oneDNN has no bf16 GEMM on this CPU" in lines
     rows = [line for line in lines if line.startswith(("fp32 ", "bf16 ")) and line.count("|") == 2]
     assert len(rows) == 2 * 2
