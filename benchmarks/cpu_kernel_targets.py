@@ -21,7 +21,8 @@ AVX2 variant against alternatives that keep this CPU's instructions; ``--emulate
 AVX2-only CPU (``benchmarks/emulated_cpu.py``), where bf16 rows are judged against the fp32 GEMM (oneDNN has no bf16
 GEMM there). The CPU model, thread count, load average, torch's kernel variant and fastadapter's are printed first.
 
-The tables are printed and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
+Each measured row prints a progress line on stderr (its place, its name, the time so far). The tables are printed
+and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
 library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every
 repetition runs each provider once, in turn (the GEMM included), and the table reports the median of the
 repetitions and the ratios of those medians, all from one process.
@@ -33,6 +34,7 @@ import contextlib
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import torch
@@ -67,6 +69,20 @@ def _products(name: str):
             os.environ["FASTADAPTER_CPU_GEMM"] = before
 
 
+class RowProgress:
+    """A line on stderr as each row of a table is measured, with its place and the time so far: a table prints
+    once all its rows are measured, minutes apart on a long run. stderr keeps the lines out of the saved tables."""
+
+    def __init__(self, table: str, total: int):
+        self.table, self.total, self.done, self.start = table, total, 0, time.perf_counter()
+
+    def row(self, what: str) -> None:
+        """One more row measured: ``what`` names it."""
+        self.done += 1
+        print(f"  {self.table} {self.done}/{self.total}: {what} ({time.perf_counter() - self.start:.0f} s)",
+              file=sys.stderr, flush=True)
+
+
 def available_products() -> list[str]:
     """The FASTADAPTER_CPU_GEMM choices this variant and CPU run: AMX tiles (avx512 variant on an AMX CPU), the
     register tiles (avx512 and avx2 variants), MKL (always)."""
@@ -91,6 +107,7 @@ def product_rows(seqlens, dtypes, repeats):
     backward, {name: seconds}."""
     names = available_products()
     rows = []
+    progress = RowProgress("products", len(dtypes) * len(seqlens))
     for dt in dtypes:
         for seqlen in seqlens:
             args = make_inputs(1, seqlen, seqlen, 32, 128, 10, DTYPES[dt], requires_grad=True)
@@ -99,6 +116,7 @@ def product_rows(seqlens, dtypes, repeats):
             fb = interleaved_medians({n: _with_products(n, _forward_backward(fastadapter_cpu, args))
                                       for n in names}, repeats)
             rows.append((dt, seqlen, fwd, fb))
+            progress.row(f"{dt} S={seqlen}")
     return names, rows
 
 
@@ -172,6 +190,7 @@ def prefill_rows(seqlens, heads_kv, dtypes, repeats, with_eager, with_compiled):
     """Per (dtype, Hkv, S): the forward's and forward + backward's median seconds of every provider and of the
     same-run oneDNN GEMM ("gemm"), interleaved."""
     rows = []
+    progress = RowProgress("prefill", len(dtypes) * len(heads_kv) * len(seqlens))
     for dt in dtypes:
         peak = peak_for(DTYPES[dt])
         for hkv in heads_kv:
@@ -189,12 +208,14 @@ def prefill_rows(seqlens, heads_kv, dtypes, repeats, with_eager, with_compiled):
                 fb = interleaved_medians({**{n: _forward_backward(f, args) for n, f in both.items()},
                                           "gemm": peak.call}, repeats, warmup=2)
                 rows.append((dt, hkv, seqlen, fwd, fb))
+                progress.row(f"{dt} Hkv={hkv} S={seqlen}")
     return rows
 
 
 def decode_rows(seqlens_k, batches, dtypes, repeats):
     """Per (dtype, B, Sk): wall and CPU seconds of many interleaved decode steps of cpu and two_sdpa."""
     rows = []
+    progress = RowProgress("decode", len(dtypes) * len(batches) * len(seqlens_k))
     for dt in dtypes:
         for batch in batches:
             for seqlen_k in seqlens_k:
@@ -203,6 +224,7 @@ def decode_rows(seqlens_k, batches, dtypes, repeats):
                                                "two_sdpa": _forward(two_sdpa, args)}, repeats, warmup=3,
                                               rotate=True)
                 rows.append((dt, batch, seqlen_k, samples))
+                progress.row(f"{dt} B={batch} Sk={seqlen_k}")
     return rows
 
 

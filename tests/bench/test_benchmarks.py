@@ -632,14 +632,20 @@ def test_cli_lists_suites_and_saves_the_compile_report(tmp_path, capsys, monkeyp
     assert saved[0]["registers"] == 96 and "cubin" not in saved[0]
 
 
-def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path):
-    """The issue-3 target benchmark on tiny shapes: every table, the saved-bytes check, and the saved copy."""
+def test_cpu_kernel_targets_prints_and_saves_its_tables(tmp_path, capsys):
+    """The issue-3 target benchmark on tiny shapes: every table, the saved-bytes check, and the saved copy; a
+    progress line on stderr per measured row, none in the saved tables."""
     from fastadapter.benchmarks import cpu_kernel_targets
     out = tmp_path / "targets.txt"
     assert cpu_kernel_targets.main(["--repeats", "1", "--seqlens", "64", "--heads-kv", "32", "8", "--dtypes", "fp32",
                                     "bf16", "--decode-seqlens", "32", "--decode-batches", "2", "--decode-repeats",
                                     "2", "--no-compile", "--compare-products", "--out", str(out)]) == 0
+    progress = [line.strip() for line in capsys.readouterr().err.splitlines() if re.match(r"\s+\w+ \d+/\d+: ", line)]
+    assert [line.split(":")[0] for line in progress] == (
+        [f"prefill {i}/4" for i in range(1, 5)] + ["decode 1/2", "decode 2/2", "products 1/2", "products 2/2"])
+    assert progress[0].startswith("prefill 1/4: fp32 Hkv=32 S=64 (")
     text = out.read_text()
+    assert "prefill 1/4" not in text
     assert "# prefill" in text and "# decode" in text and "# bytes saved for backward" in text
     # the product table: one row per dtype, a time for every choice this CPU runs, MKL's always
     names = cpu_kernel_targets.available_products()
