@@ -16,16 +16,17 @@ of that peak, and its speed-up over the alternatives:
   and the two fp32 log-sum-exps, nothing else.
 
 ``--compare-products`` adds a table of the variant's product choices against each other, interleaved: AMX tiles,
-register tiles and MKL (``FASTADAPTER_CPU_GEMM=amx|tiles|mkl``, those this CPU runs). ``FASTADAPTER_CPU_ISA=avx2`` runs fastadapter's
-AVX2 variant against alternatives that keep this CPU's instructions; ``--emulate avx2`` runs every library as on an
-AVX2-only CPU (``benchmarks/emulated_cpu.py``), where bf16 rows are judged against the fp32 GEMM (oneDNN has no bf16
-GEMM there). The CPU model, thread count, load average, torch's kernel variant and fastadapter's are printed first.
+register tiles and MKL (``FASTADAPTER_CPU_GEMM=amx|tiles|mkl``, those this CPU runs). ``FASTADAPTER_CPU_ISA=avx2``
+runs fastadapter's AVX2 variant against alternatives that keep this CPU's instructions; ``--emulate avx2`` runs
+every library as on an AVX2-only CPU (``benchmarks/emulated_cpu.py``), where bf16 rows are judged against the fp32
+GEMM (oneDNN has no bf16 GEMM there). The CPU model, thread count, load average, torch's kernel variant and
+fastadapter's are printed first.
 
 Each measured row prints a progress line on stderr (its place, its name, the time so far). The tables are printed
-and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine,
-library versions and git commit beside them (``.json``). The machine is shared, so timings are interleaved: every
-repetition runs each provider once, in turn (the GEMM included), and the table reports the median of the
-repetitions and the ratios of those medians, all from one process.
+and saved to ``benchmarks/results/cpu-kernel-targets.txt`` (``--out``), with the machine, library versions and git
+commit beside them (``.json``). The machine is shared, so timings are interleaved: every repetition runs each
+provider once, in turn (the GEMM included), and the table reports the median of the repetitions and the ratios of
+those medians, all from one process.
 """
 from __future__ import annotations
 
