@@ -69,8 +69,12 @@ def peak_dtype(dtype: torch.dtype) -> torch.dtype:
     products, torch's and fastadapter's alike, compute in fp32; oneDNN refuses a bf16 ``mkldnn_linear`` there)."""
     if dtype == torch.float16:
         return torch.float32
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.float32
+    if dtype == torch.bfloat16:
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch without the check: no oneDNN bf16 GEMM to count on
+            native = False
+        return dtype if native else torch.float32
     return dtype
 
 
