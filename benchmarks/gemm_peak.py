@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from fastadapter.decode_linear import has_native_products
+
 from .emulated_cpu import add_emulate_argument, emulation_line, run_emulated_if_asked
 
 #: The GEMM that stands for the machine's peak: C [M, N] = A [M, K] · Bᵀ, square and large enough that a
@@ -66,15 +68,12 @@ _PEAKS: dict[torch.dtype, GemmPeak] = {}
 def peak_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the GEMM that judges ops of ``dtype``: its own, except fp32 for fp16 (oneDNN's fp16 GEMM on a
     CPU without AVX512-FP16 is no peak) and for bf16 where oneDNN has no bf16 GEMM (an AVX2 CPU, whose bf16
-    products, torch's and fastadapter's alike, compute in fp32; oneDNN refuses a bf16 ``mkldnn_linear`` there)."""
+    products, torch's and fastadapter's alike, compute in fp32; oneDNN refuses a bf16 ``mkldnn_linear`` there:
+    ``fastadapter.decode_linear.has_native_products``)."""
     if dtype == torch.float16:
         return torch.float32
-    if dtype == torch.bfloat16:
-        try:
-            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch without the check: no oneDNN bf16 GEMM to count on
-            native = False
-        return dtype if native else torch.float32
+    if dtype == torch.bfloat16 and not has_native_products(dtype):
+        return torch.float32
     return dtype
 
 

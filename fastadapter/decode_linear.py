@@ -39,13 +39,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NATIVE_PRODUCTS: dict[torch.dtype, bool] = {}
 
 
-def kernel_is_faster(dtype: torch.dtype) -> bool:
-    """Whether the kernel beats ``F.linear`` for weights of ``dtype`` on this CPU, as measured by
-    ``benchmarks.bench_decode_linear`` (both kernel variants beside ``F.linear``): fp32 always (2-2.8x on AVX-512,
-    1.3-1.7x on AVX2: MKL packs the weight); bf16 and fp16 only where torch has no native products of that dtype
-    on this CPU (bf16 on an AVX2 CPU: 4-6x, as torch's bf16 GEMM is emulated there)."""
-    if dtype == torch.float32:
-        return True
+def has_native_products(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies ``dtype`` (bf16 or fp16) on this CPU's own reduced-precision instructions through
+    oneDNN (bf16: AVX512-BF16, AMX or AVX-512 with conversions; fp16: AVX512-FP16 or AMX-FP16), as oneDNN reports
+    it (it follows ``ONEDNN_MAX_CPU_ISA``); else its products of ``dtype`` are emulated. Asked once per dtype."""
     if dtype not in _NATIVE_PRODUCTS:
         check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
         try:
@@ -53,7 +50,15 @@ def kernel_is_faster(dtype: torch.dtype) -> bool:
         except (AttributeError, RuntimeError):  # a torch without oneDNN: its products are the emulated ones
             native = False
         _NATIVE_PRODUCTS[dtype] = native
-    return not _NATIVE_PRODUCTS[dtype]
+    return _NATIVE_PRODUCTS[dtype]
+
+
+def kernel_is_faster(dtype: torch.dtype) -> bool:
+    """Whether the kernel beats ``F.linear`` for weights of ``dtype`` on this CPU, as measured by
+    ``benchmarks.bench_decode_linear`` (both kernel variants beside ``F.linear``): fp32 always (2-2.8x on AVX-512,
+    1.3-1.7x on AVX2: MKL packs the weight); bf16 and fp16 only where torch has no native products of that dtype
+    on this CPU (:func:`has_native_products`; bf16 on an AVX2 CPU: 3-6x, as torch's bf16 GEMM is emulated there)."""
+    return dtype == torch.float32 or not has_native_products(dtype)
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:

@@ -34,6 +34,7 @@ from fastadapter.benchmarks.runner import check_rows, run_benchmarks
 from fastadapter.benchmarks.timing import measure, quantile
 
 from fastadapter import zero_init_attention_reference
+from fastadapter.decode_linear import has_native_products
 
 TINY = OpConfig(batch=1, seqlen=33, heads_q=4, heads_kv=2, head_dim=16, prefix_len=3)
 TINY_PLAN = Plan((Sweep("seqlen", "seqlen", (TINY, OpConfig(1, 47, 4, 2, 16, 3))),), warmup=0, repeats=2,
@@ -679,7 +680,7 @@ def test_bf16_peak_is_the_fp32_gemm_where_onednn_has_no_bf16_gemm():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["torch.float32", "True"]
     # where oneDNN has bf16 products, the bf16 GEMM judges bf16 (this process: the machine's own ISA)
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = has_native_products(torch.bfloat16)
     assert peak_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
     assert peak_dtype(torch.float16) == torch.float32 and peak_dtype(torch.float32) == torch.float32
 
