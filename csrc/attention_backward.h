@@ -72,8 +72,8 @@ struct PackedOperands {
     const TileB<T> panel = copy->at(n, h);
     return TileA<T>{panel.data + i0 * panel.k_stride, panel.k_stride, 2};
   }
-  // AMX, prefix pass: prefix_kᵀ and prefix_vᵀ for q prefix_kᵀ and dO prefix_vᵀ, prefix_k and prefix_v in pairs of
-  // rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head).
+  // Prefix pass: prefix_kᵀ and prefix_vᵀ for q prefix_kᵀ and dO prefix_vᵀ, and for bf16 prefix_k and prefix_v in
+  // pairs of rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head); fp32 reads those rows in place.
   std::optional<PackedPanels<T>> prefix_keys_t, prefix_values_t, prefix_key_rows, prefix_value_rows;
   bool amx = false;
   // AMX: the word panels hold one (sequence, kv head) and its query heads, those of the task that packed them
@@ -138,11 +138,13 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
         grad_panels = pack_panels<T>(over_queries, n, pb.heads_q, d, rows_q, rows(op.grad_out), ws);
       }
     }
-    if (packed.amx && pb.prefix_len > 0) {
-      auto rows_p = [&](int64_t) { return pb.prefix_len; };
-      const int64_t bp = pb.prefix_batch;
-      packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
-      packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
+  }
+  if (pb.prefix_len > 0) {
+    auto rows_p = [&](int64_t) { return pb.prefix_len; };
+    const int64_t bp = pb.prefix_batch;
+    packed.prefix_keys_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
+    packed.prefix_values_t = pack_panels<T>(PackKind::kTransposed, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
       packed.prefix_key_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_k), ws);
       packed.prefix_value_rows = pack_panels<T>(PackKind::kRows, bp, hkv, d, rows_p, rows(op.prefix_v), ws);
     }
@@ -224,20 +226,25 @@ template <typename T>
 struct PrefixScratch {
   std::vector<float> s, dp, o, delta_p;  // delta_p: [rows] D_p
   std::vector<T> s_t, dp_t;
-  std::vector<T> ds_pairs, gp_pairs;  // AMX: ds_p and γ p_p in pairs of rows
+  std::vector<T> ds_pairs, gp_pairs;  // bf16 tiles: ds_p and γ p_p in pairs of rows
   std::vector<float> dpk_t, dpv_t;    // AMX: [D, P] sums of this task
 };
 
 // The prefix pass's task of (sequence n, kv head hkv) (see the top of this file), writing the first rows of dq of
-// the group's query heads into `dq` (fp32, unscaled). On AMX (bf16, `packed->amx`) its thin products (P ~ 10) run
-// on the tiles: the two over the query rows transposed, dprefix_kᵀ += qᵀ ds_p and dprefix_vᵀ += dOᵀ (γ p_p), into
-// per-task [D, P] sums added to dprefix_k, dprefix_v at the end; elsewhere on MKL.
+// the group's query heads into `dq` (fp32, unscaled). With packed operands its thin products (P ~ 10) run on the
+// word pass's tiles, over the prefix's panels (pack_operands), else on MKL, whose bf16 products on AMD convert to
+// fp32 on every call (a sixth of the bf16 backward at S = 512 on a 2-core Zen 5). On AMX (bf16, `packed->amx`) the
+// two over the query rows run transposed, dprefix_kᵀ += qᵀ ds_p and dprefix_vᵀ += dOᵀ (γ p_p), into per-task
+// [D, P] sums added to dprefix_k, dprefix_v at the end; the register tiles read q and dO's rows as B (in place, or
+// in pairs: query_rows, grad_rows) and add into dprefix_k, dprefix_v.
 template <typename T>
 void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<T>* packed, int64_t n, int64_t hkv,
                  const Rows<float>& dq, PrefixScratch<T>& sc) {
   const int64_t group = pb.group(), d = pb.head_dim, plen = pb.prefix_len, pn = pb.prefix_row(n);
-  const bool amx = std::is_same_v<T, at::BFloat16> && packed && packed->amx && plen > 0;
-  const int64_t ldp = amx ? plen + plen % 2 : plen;        // leading dimension of the bf16 p_p, ds_p
+  const bool tiles = kTileable<T> && packed && plen > 0;
+  const bool amx = tiles && packed->amx;
+  const bool pairs = tiles && std::is_same_v<T, at::BFloat16>;  // bf16 tiles read p_p, ds_p in pairs of columns
+  const int64_t ldp = pairs ? plen + plen % 2 : plen;      // leading dimension of the bf16 p_p, ds_p
   const int64_t pair_width = round_up(std::max<int64_t>(plen, 1), 16);  // B of the transposed products
   if (sc.o.empty()) {
     sc.s.resize(kPrefixRows * std::max<int64_t>(plen, 1));
@@ -246,9 +253,11 @@ void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<
     sc.dp_t.resize(sc.s_t.size());
     sc.o.resize(kPrefixRows * d);
     sc.delta_p.resize(kPrefixRows);
-    if (amx) {
+    if (pairs) {
       sc.ds_pairs.resize((kPrefixRows / 2 + 1) * 2 * pair_width);
       sc.gp_pairs.resize(sc.ds_pairs.size());
+    }
+    if (amx) {
       sc.dpk_t.resize(d * plen);
       sc.dpv_t.resize(d * plen);
     }
@@ -279,19 +288,25 @@ void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<
       // -- recompute p_p = softmax(scale · q prefix_kᵀ) from lse_p, and o_p = p_p prefix_v
       float* s = sc.s.data();
       float* dp = sc.dp.data();
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (amx) {
-          amx_gemm(m, plen, d / 2, pb.scale, packed->queries(n, h, i0),
-                   packed->prefix_keys_t->at(pn, hkv), false, s, plen);
+      if constexpr (kTileable<T>) {
+        if (tiles) {
+          constexpr int64_t step = kStep<T>;
+          const TileA<T> qa = amx ? packed->queries(n, h, i0) : TileA<T>{q, op.q.ld(), step};
+          const TileA<T> da = amx ? packed->grads(n, h, i0) : TileA<T>{dout, op.grad_out.ld(), step};
+          tile_product<T>(amx, m, plen, d / step, pb.scale, qa, packed->prefix_keys_t->at(pn, hkv), false, s, plen);
           for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
-          const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
-          amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv), false,
-                   sc.o.data(), d);
-          amx_gemm(m, plen, d / 2, 1.f, packed->grads(n, h, i0),
-                   packed->prefix_values_t->at(pn, hkv), false, dp, plen);
+          if constexpr (std::is_same_v<T, float>) {  // prefix_v's rows in place
+            tile_gemm<T>(m, d, plen, 1.f, TileA<T>{s, plen, 1}, TileB<T>{op.prefix_v.at(pn, hkv, 0), op.prefix_v.ld()},
+                         false, sc.o.data(), d);
+          } else {
+            const T* p_in = as_pairs_input<T>(s, m, plen, plen, sc.s_t);
+            tile_product<T>(amx, m, d, ldp / 2, 1.f, TileA<T>{p_in, ldp, 2}, packed->prefix_value_rows->at(pn, hkv),
+                            false, sc.o.data(), d);
+          }
+          tile_product<T>(amx, m, plen, d / step, 1.f, da, packed->prefix_values_t->at(pn, hkv), false, dp, plen);
         }
       }
-      if (!amx) {
+      if (!tiles) {
         gemm(false, true, m, plen, d, pb.scale, q, op.q.ld(), op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,
              s, plen);
         for (int64_t r = 0; r < m; ++r) exp_shift_sum(s + r * plen, plen, *op.lse_p.at(n, h, i0 + r));
@@ -316,21 +331,37 @@ void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<
       }
       // dq = ds_p prefix_k (the first write of these rows of dq's first copy);  dprefix_k += ds_pᵀ q;
       // dprefix_v += (γ p_p)ᵀ dO   (scale applied at the end)
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (amx) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (tiles) {  // fp32 reads every operand in place: ds_pᵀ and (γ p_p)ᵀ are strided views
+          tile_gemm<T>(m, d, plen, 1.f, TileA<T>{dp, plen, 1}, TileB<T>{op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld()},
+                       false, dq.at(n, h, i0), dq.ld());
+          tile_gemm<T>(plen, d, m, 1.f, TileA<T>{dp, 1, plen}, TileB<T>{q, op.q.ld()}, true, dpk, d);
+          tile_gemm<T>(plen, d, m, 1.f, TileA<T>{s, 1, plen}, TileB<T>{dout, op.grad_out.ld()}, true, dpv, d);
+        }
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        if (tiles) {
           const T* ds_in = as_pairs_input<T>(dp, m, plen, plen, sc.dp_t);
-          amx_gemm(m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv), false,
-                   dq.at(n, h, i0), dq.ld());
+          tile_product<T>(amx, m, d, ldp / 2, 1.f, TileA<T>{ds_in, ldp, 2}, packed->prefix_key_rows->at(pn, hkv),
+                          false, dq.at(n, h, i0), dq.ld());
           interleave_rows(dp, m, plen, plen, sc.ds_pairs.data(), pair_width);
           interleave_rows(s, m, plen, plen, sc.gp_pairs.data(), pair_width);
-          const TileB<T> qc = packed->query_columns(n, h), gc = packed->grad_columns(n, h);
-          amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
-                   TileB<T>{sc.ds_pairs.data(), 2 * pair_width}, true, sc.dpk_t.data(), plen);
-          amx_gemm(d, plen, (m + 1) / 2, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
-                   TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
+          const int64_t row_pairs = (m + 1) / 2;
+          if (amx) {
+            const TileB<T> qc = packed->query_columns(n, h), gc = packed->grad_columns(n, h);
+            amx_gemm(d, plen, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
+                     TileB<T>{sc.ds_pairs.data(), 2 * pair_width}, true, sc.dpk_t.data(), plen);
+            amx_gemm(d, plen, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
+                     TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
+          } else {  // q and dO's rows in pairs (query_rows, grad_rows); i0 is even
+            const TileB<T> qp = packed->query_rows->at(n, h), gp = packed->grad_rows->at(n, h);
+            tile_gemm<T>(plen, d, row_pairs, 1.f, TileA<T>{sc.ds_pairs.data(), 2, 2 * pair_width},
+                         TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, dpk, d);
+            tile_gemm<T>(plen, d, row_pairs, 1.f, TileA<T>{sc.gp_pairs.data(), 2, 2 * pair_width},
+                         TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, dpv, d);
+          }
         }
       }
-      if (!amx) {
+      if (!tiles) {
         const T* ds_in = as_gemm_input<T>(dp, m, plen, plen, sc.dp_t);
         const T* gp_in = as_gemm_input<T>(s, m, plen, plen, sc.s_t);
         gemm(false, false, m, d, plen, 1.f, ds_in, plen, op.prefix_k.at(pn, hkv, 0), op.prefix_k.ld(), 0.f,

@@ -80,7 +80,8 @@ struct Operands {
   const PackedPanels<T>* keys_t = nullptr;
   const PackedPanels<T>* value_rows = nullptr;
   bool amx = false;  // bf16 products on AMX tiles over the same panels (tile_gemm_amx.h)
-  // AMX: prefix_kᵀ and prefix_v in pairs of rows, per (prefix row, kv head), for the prefix tile's two products.
+  // Tiles (register or AMX): prefix_kᵀ, and for bf16 prefix_v in pairs of rows, per (prefix row, kv head), for the
+  // prefix tile's two products (fp32 reads prefix_v's rows in place). Null on the MKL path.
   const PackedPanels<T>* prefix_keys_t = nullptr;
   const PackedPanels<T>* prefix_value_rows = nullptr;
   // keys_t and value_rows hold one (sequence, kv head)'s panels, as panel (0, 0): a thread's own (run_on_own_panels).
@@ -212,16 +213,16 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
     // scaled by γ / sum so that one GEMM adds γ · softmax(s_p) prefix_v onto the word output.
     const int64_t pn = pb.prefix_row(t.n);
     float* s = sc.s.data();
-    // AMX reads the probabilities as pairs: an odd P gets a zero column. The scores' rows are at least 16 wide
-    // (gated_softmax_rows' register transpose).
-    const bool amx = op.prefix_keys_t != nullptr;
-    const int64_t ldp = amx ? plen + plen % 2 : plen, lds = std::max<int64_t>(plen, 16);
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (amx)
-        amx_gemm(rows, plen, d / 2, pb.scale, TileA<T>{sc.q.data(), d, 2}, op.prefix_keys_t->at(pn, t.hkv), false,
-                 s, lds);
+    // The tiles read bf16 probabilities as pairs: an odd P gets a zero column. The scores' rows are at least 16
+    // wide (gated_softmax_rows' register transpose).
+    const bool tiles = op.prefix_keys_t != nullptr;
+    const int64_t ldp = tiles && kStep<T> == 2 ? plen + plen % 2 : plen, lds = std::max<int64_t>(plen, 16);
+    if constexpr (kTileable<T>) {
+      if (tiles)
+        tile_product<T>(op.amx, rows, plen, d / kStep<T>, pb.scale, TileA<T>{sc.q.data(), d, kStep<T>},
+                        op.prefix_keys_t->at(pn, t.hkv), false, s, lds);
     }
-    if (!amx)
+    if (!tiles)
       gemm(false, true, rows, plen, d, pb.scale, sc.q.data(), d, op.prefix_k.at(pn, t.hkv, 0), op.prefix_k.ld(),
            0.f, s, lds);
     for (int64_t g = 0; g < group; ++g)
@@ -229,12 +230,15 @@ void finish_tile(const Problem& pb, const Operands<T>& op, const Tile& t, Scratc
     // the word part's m and l are spent: they hold the prefix's for its lse
     gated_softmax_rows<T>(s, lds, rows, plen, sc.gamma.data(), sc.p.data(), ldp, sc.m.data(), sc.l.data());
     write_lse(op.lse_p);
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (amx)
-        amx_gemm(rows, d, ldp / 2, 1.f, TileA<T>{sc.p.data(), ldp, 2}, op.prefix_value_rows->at(pn, t.hkv), true,
-                 sc.acc.data(), d);
-    }
-    if (!amx) {
+    if (tiles) {
+      if constexpr (std::is_same_v<T, float>) {  // prefix_v's rows in place
+        tile_gemm<T>(rows, d, plen, 1.f, TileA<T>{s, lds, 1}, TileB<T>{op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld()},
+                     true, sc.acc.data(), d);
+      } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+        tile_product<T>(op.amx, rows, d, ldp / 2, 1.f, TileA<T>{sc.p.data(), ldp, 2},
+                        op.prefix_value_rows->at(pn, t.hkv), true, sc.acc.data(), d);
+      }
+    } else {
       if constexpr (std::is_same_v<T, float>)
         gemm(false, false, rows, d, plen, 1.f, s, lds, op.prefix_v.at(pn, t.hkv, 0), op.prefix_v.ld(), 1.f,
              sc.acc.data(), d);
@@ -374,17 +378,17 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
         ops.value_rows = &*value_rows;
       }
     }
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      ops.amx = amx;
-      if (amx && pb.prefix_len > 0) {
-        auto rows_p = [&](int64_t) { return pb.prefix_len; };
-        prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
-                                       [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); },
-                                       workspace);
+    ops.amx = amx;
+    if (tile_products && pb.prefix_len > 0) {  // the prefix's panels, which every tile of a kv head reads
+      auto rows_p = [&](int64_t) { return pb.prefix_len; };
+      prefix_keys_t = pack_panels<T>(PackKind::kTransposed, pb.prefix_batch, pb.heads_kv, d, rows_p,
+                                     [&](int64_t n, int64_t h, int64_t j) { return op.prefix_k.at(n, h, j); },
+                                     workspace);
+      ops.prefix_keys_t = &*prefix_keys_t;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
         prefix_value_rows = pack_panels<T>(PackKind::kRows, pb.prefix_batch, pb.heads_kv, d, rows_p,
                                            [&](int64_t n, int64_t h, int64_t j) { return op.prefix_v.at(n, h, j); },
                                            workspace);
-        ops.prefix_keys_t = &*prefix_keys_t;
         ops.prefix_value_rows = &*prefix_value_rows;
       }
     }

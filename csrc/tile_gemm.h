@@ -34,4 +34,16 @@ PackedPanels<T> pack_panels(PackKind kind, int64_t num_seqs, int64_t heads, int6
   return packed;
 }
 
+// C[m, n] = alpha · A B (+ C when `accumulate`) on the AMX tiles (`amx`: bf16 only, tile_gemm_amx.h) or on the
+// register tiles (tile_gemm), which read the same operands (amx_gemm: each k row of B readable to round_up(n, 16)
+// words).
+template <typename T>
+inline void tile_product(bool amx, int64_t m, int64_t n, int64_t steps, float alpha, const TileA<T>& a,
+                         const TileB<T>& b, bool accumulate, float* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (amx) return amx_gemm(m, n, steps, alpha, a, b, accumulate, c, ldc);
+  }
+  tile_gemm<T>(m, n, steps, alpha, a, b, accumulate, c, ldc);
+}
+
 }  // namespace fastadapter_cpu::FASTADAPTER_ISA

@@ -102,6 +102,16 @@ def test_library_and_tile_products_of_every_variant_match_reference(variant, gem
     check_against_reference(Case(batch=1, seqlen_q=50, seqlen_k=50, heads_q=2, heads_kv=2, head_dim=40), "cpu")
 
 
+@pytest.mark.parametrize("variant,gemm", VARIANT_PRODUCTS, ids=[f"{v}-{g}" for v, g in VARIANT_PRODUCTS])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_prefix_products_of_every_variant_match_reference(variant, gemm, dtype, force_cpu_variant):
+    """The prefix's thin products (P ~ 10) run on the same products as the words: over more query rows than one
+    step of the backward's prefix pass takes (512), an odd last step and an odd P, whose bf16 pairs end in a zero."""
+    force_cpu_variant(variant, gemm)
+    check_against_reference(Case(batch=1, seqlen_q=1025, seqlen_k=1025, heads_q=2, heads_kv=1, head_dim=80,
+                                 prefix_len=11, dtype=dtype), "cpu")
+
+
 @pytest.mark.parametrize("variant", ["avx2", "generic"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_variants_without_bf16_products_round_only_the_results(variant, dtype, force_cpu_variant):
