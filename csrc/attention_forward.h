@@ -23,6 +23,12 @@ namespace fastadapter_cpu::FASTADAPTER_ISA {
 namespace forward_kernel {
 
 constexpr int64_t kRowsPerTile = 64;    // stacked query rows (heads × positions) per tile, register tiles
+// ... from kLongFrom query positions on: twice the rows read each K and V panel half as often per row, where the
+// panels no longer stay in L2 (a kv head's K and V take 1 MB at S = 1024 in fp32). With 128 the register tiles'
+// forward ran 1.03-1.18x faster at S = 1024-2048 (bf16 at S = 1024, Hkv = 8: 0.98x), against 0.95x at S = 512 (fp32,
+// Hkv = 8), where the causal diagonal's masked half weighs more (B = 1, Hq = 32, D = 128, 2-core AMD Zen 5).
+constexpr int64_t kLongRowsPerTile = 128;
+constexpr int64_t kLongFrom = 1024;
 // ... and on library products (MKL: AMX on Intel CPUs) and AMX tiles, whose cost per call (MKL packing kᵀ and v,
 // AMX set-up) wants more rows per call: 256 ran the forward 1.16-1.22x faster than 64 at S = 1024 on MKL (bf16 and
 // fp32, B = 1, Hq = 32, Hkv = 8, D = 128, 2-core Xeon with AMX), as fast at S = 512; on AMX tiles 1.08x at 1024.
@@ -344,7 +350,9 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   // The products of this call (FASTADAPTER_CPU_GEMM and the CPU), decided once.
   const bool tile_products = use_tile_gemm<T>(d), amx = use_amx<T>(d);
   const int64_t longest = pb.longest_q();
-  const int64_t rows_per_tile = tile_products && !amx ? kRowsPerTile : kLibraryRowsPerTile;
+  const int64_t rows_per_tile = !tile_products || amx ? kLibraryRowsPerTile
+                                : longest >= kLongFrom ? kLongRowsPerTile
+                                                       : kRowsPerTile;
   const int64_t positions = amx ? std::max(kAmxMinPositionsPerTile, longest / 8) : rows_per_tile;
   const int64_t bq_max = std::clamp<int64_t>(rows_per_tile / group, 1, positions);
   const int64_t bq = std::min(bq_max, std::max<int64_t>(longest, 1));
