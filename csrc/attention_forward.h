@@ -8,8 +8,8 @@
 //
 // The products q kᵀ and p v run on register tiles over K (and V) packed once per (sequence, kv head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles over the same panels where the CPU
-// has them (tile_gemm_amx.h, with the prefix tile's two products), else on MKL. On AMX the panels are each
-// thread's own, packed by the task that reads them (run_on_own_panels). Compiled once per kernel variant
+// has them (tile_gemm_amx.h), else on MKL; the prefix tile's two products run on the same. On the tiles the panels
+// are each thread's own, packed by the task that reads them (run_on_own_panels). Compiled once per kernel variant
 // (dispatch.h).
 //
 // Decode (at most 16 query rows per sequence, long KV cache) has its own path, run_decode: key-major loops in
@@ -292,7 +292,7 @@ struct Span {
   int64_t n, hkv, begin, end;
 };
 
-// A thread's own kᵀ and v panels (AMX) of one (sequence, kv head) at a time, sized for the longest sequence, and
+// A thread's own kᵀ and (bf16) v panels of one (sequence, kv head) at a time, sized for the longest sequence, and
 // which one they hold.
 template <typename T>
 struct OwnPanels {
@@ -301,8 +301,9 @@ struct OwnPanels {
   std::vector<T> pair_buffer;  // pack_panel's scratch
 };
 
-// AMX: every task packs the kᵀ and v panels it reads into its thread's own (OwnPanels), unless they hold them
-// already, and runs its tiles over them, so no panels of the whole call are written and read back from memory.
+// Tiles (register or AMX): every task packs the kᵀ and v panels it reads into its thread's own (OwnPanels), unless
+// they hold them already, and runs its tiles over them, so no panels of the whole call are written and read back
+// from memory.
 // Tasks are whole (sequence, kv head)s, most expensive first, then the tiles of the last `threads` of them and of
 // any above a quarter of a thread's share, for the dynamic schedule to even out, each one's tiles in a row (a
 // thread that takes several packs that (sequence, kv head) once). Whole tasks throughout ran the forward 0.92-0.94x
@@ -340,9 +341,11 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
   auto len_k = [longest_k = pb.longest_k()](int64_t) { return longest_k; };
   const int64_t slots = std::min<int64_t>(threads, static_cast<int64_t>(spans.size()));
   std::vector<OwnPanels<T>> own(slots);
+  constexpr bool kValuePanels = std::is_same_v<T, at::BFloat16>;  // fp32 reads v's rows in place
   for (OwnPanels<T>& o : own) {
     o.keys_t = plan_panels<T>(PackKind::kTransposed, 1, 1, pb.head_dim, len_k, workspace);
-    o.value_rows = plan_panels<T>(PackKind::kRows, 1, 1, pb.head_dim, len_k, workspace, /*zero_nonfinite=*/true);
+    if constexpr (kValuePanels)
+      o.value_rows = plan_panels<T>(PackKind::kRows, 1, 1, pb.head_dim, len_k, workspace, /*zero_nonfinite=*/true);
   }
   parallel_tasks(static_cast<int64_t>(spans.size()), [&](int64_t task, int64_t slot) {
     const Span& span = spans[task];
@@ -350,12 +353,13 @@ void run_on_own_panels(const Problem& pb, const Operands<T>& op, int64_t bq, con
     if (o.n != span.n || o.hkv != span.hkv) {
       const int64_t keys = pb.rows_k(span.n);
       pack_panel(o.keys_t, 0, 0, keys, op.k.at(span.n, span.hkv, 0), op.k.ld(), o.pair_buffer);
-      pack_panel(o.value_rows, 0, 0, keys, op.v.at(span.n, span.hkv, 0), op.v.ld(), o.pair_buffer);
+      if constexpr (kValuePanels)
+        pack_panel(o.value_rows, 0, 0, keys, op.v.at(span.n, span.hkv, 0), op.v.ld(), o.pair_buffer);
       o.n = span.n, o.hkv = span.hkv;
     }
     Operands<T> with_own = op;
     with_own.keys_t = &o.keys_t;
-    with_own.value_rows = &o.value_rows;
+    if constexpr (kValuePanels) with_own.value_rows = &o.value_rows;
     with_own.one_group = true;
     for (int64_t i0 = span.begin; i0 < span.end; i0 += bq)
       run_tile(with_own, Tile{span.n, span.hkv, i0, std::min(bq, span.end - i0)}, slot);
@@ -377,11 +381,13 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
   const int64_t tile_rows = group * bq;
   if (longest <= kDecodeMaxRows) return run_decode(pb, op, longest);
   Workspace workspace;  // the packed panels
-  // AMX: panels per thread (run_on_own_panels), where they take no more memory than the call's: each thread's are
+  // Tiles: panels per thread (run_on_own_panels), where they take no more memory than the call's: each thread's are
   // sized for the longest sequence, so many threads over few (sequence, kv head)s keep the call's panels (MQA at
-  // batch 1 measured as fast either way: 0.99-1.01x at S = 1024 on 2 threads).
+  // batch 1 measured as fast either way on AMX: 0.99-1.01x at S = 1024 on 2 threads). On the register tiles they ran
+  // the forward 1.02-1.18x faster back to back and 1.00-1.18x after two SDPA calls (S = 512-2048, B = 1, Hq = 32,
+  // D = 128, 2-core AMD Zen 5; MHA at S = 512 gains most).
   bool own_panels = false;
-  if (amx) {
+  if (tile_products) {
     int64_t call_keys = 0;
     for (int64_t n = 0; n < pb.num_seqs; ++n) call_keys += pb.rows_k(n) * pb.heads_kv;
     own_panels = at::get_num_threads() * pb.longest_k() <= call_keys;
@@ -428,7 +434,7 @@ void run_forward(const Problem& pb, const Operands<T>& op) {
     accumulate_words(pb, o, t, 0, tile_key_end(pb, t), sc);
     finish_tile(pb, o, t, sc);
   };
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
+  if constexpr (kTileable<T>) {
     if (own_panels) return run_on_own_panels<T>(pb, ops, bq, run_tile, workspace);
   }
 
