@@ -13,14 +13,14 @@
 //     chunks as its share of the work asks for (word_tasks: one unless it is long against the rest of a ragged
 //     batch, or batch × kv heads is too small to keep the threads busy). Keys past seqused_k are never read;
 //     the sequence's first chunk writes their dk, dv as 0.
-// On AMX, when every (sequence, kv head) is one word task, the two passes run as one (group_passes): a task per
-// (sequence, kv head) packs its panels, runs its prefix task and its word task into its thread's own fp32 dq rows,
-// and writes those rows, so that no scratch of the call's size is written and read back.
+// In bf16 on tiles (register or AMX), when every (sequence, kv head) is one word task, the two passes run as one
+// (group_passes): a task per (sequence, kv head) packs its panels, runs its prefix task and its word task into its
+// thread's own fp32 dq rows, and writes those rows, so that no scratch of the call's size is written and read back.
 // The word pass's five products run on register tiles over operands packed once per (sequence, head)
 // (tile_gemm.h: AVX-512 for fp32 and bf16, AVX2 for fp32), for bf16 on AMX tiles where the CPU has them
 // (tile_gemm_amx.h; the two products over the query rows transposed, and q, dO read from contiguous copies, see
-// PackedOperands), else on MKL; the prefix pass's thin products (P ~ 10) on AMX tiles too, else on MKL. Compiled
-// once per kernel variant (dispatch.h).
+// PackedOperands), else on MKL; the prefix pass's thin products (P ~ 10) run on the same. Compiled once per kernel
+// variant (dispatch.h).
 #pragma once
 
 #include "attention_cpu.h"
@@ -76,12 +76,12 @@ struct PackedOperands {
   // pairs of rows for ds_p prefix_k and p_p prefix_v, per (prefix row, kv head); fp32 reads those rows in place.
   std::optional<PackedPanels<T>> prefix_keys_t, prefix_values_t, prefix_key_rows, prefix_value_rows;
   bool amx = false;
-  // AMX: the word panels hold one (sequence, kv head) and its query heads, those of the task that packed them
-  // (pack_group): (n, hkv) maps to panel (0, 0), query head h to (0, h mod group).
+  // group_passes: the word panels hold one (sequence, kv head) and its query heads, those of the task that packed
+  // them (pack_group): (n, hkv) maps to panel (0, 0), query head h to (0, h mod group).
   bool one_group = false;
   int64_t group = 1;
 
-  // The AMX operands of the word and prefix passes, by (sequence, head) of the problem.
+  // The operands of the word and prefix passes, by (sequence, head) of the problem.
   TileB<T> keys(int64_t n, int64_t hkv) const { return keys_t.at(seq(n), kv(hkv)); }
   TileB<T> values(int64_t n, int64_t hkv) const { return values_t.at(seq(n), kv(hkv)); }
   TileB<T> key_pairs(int64_t n, int64_t hkv) const { return key_rows->at(seq(n), kv(hkv)); }
@@ -92,6 +92,9 @@ struct PackedOperands {
   TileA<T> grads(int64_t n, int64_t h, int64_t i0) const { return copy_rows(grad_copy, seq(n), head(h), i0); }
   TileB<T> query_columns(int64_t n, int64_t h) const { return query_cols->at(seq(n), head(h)); }
   TileB<T> grad_columns(int64_t n, int64_t h) const { return grad_cols->at(seq(n), head(h)); }
+  // The bf16 register tiles' q and dO rows in pairs, by (sequence, query head) of the problem.
+  TileB<T> query_pairs(int64_t n, int64_t h) const { return query_rows->at(seq(n), head(h)); }
+  TileB<T> grad_pairs(int64_t n, int64_t h) const { return grad_rows->at(seq(n), head(h)); }
 
  private:
   int64_t seq(int64_t n) const { return one_group ? 0 : n; }
@@ -99,7 +102,7 @@ struct PackedOperands {
   int64_t head(int64_t h) const { return one_group ? h % group : h; }
 };
 
-// The panels of the whole call, each kind in a pass of its own (`word_panels`), and on AMX the prefix's; without
+// The panels of the whole call, each kind in a pass of its own (`word_panels`), and the prefix's; without
 // `word_panels` (group_passes) only the prefix's, which every sequence's task reads. Packing the word panels of a
 // (sequence, kv head) in its prefix task, into the call's panels, measured no faster than these passes (bf16
 // forward + backward, S = 512-1024, 2-core Xeon with AMX: 0.98-1.06x): what group_passes gains comes from its
@@ -152,8 +155,9 @@ PackedOperands<T> pack_operands(const Problem& pb, const Operands<T>& op, bool a
   return packed;
 }
 
-// AMX: word panels for one (sequence, kv head) at a time (PackedOperands::one_group), sized for the longest
-// sequence, with `shared`'s prefix panels: a thread's own, which each of its tasks overwrites (pack_group).
+// Word panels for one (sequence, kv head) at a time (PackedOperands::one_group), sized for the longest sequence,
+// in the layouts pack_operands gives the same products, with `shared`'s prefix panels: a thread's own, which each
+// of its tasks overwrites (pack_group).
 template <typename T>
 PackedOperands<T> group_operands(const Problem& pb, const PackedOperands<T>& shared, Workspace& ws) {
   const int64_t keys = pb.longest_k(), rows = pb.longest_q();
@@ -163,31 +167,46 @@ PackedOperands<T> group_operands(const Problem& pb, const PackedOperands<T>& sha
   PackedOperands<T> packed = shared;
   packed.keys_t = plan_panels<T>(PackKind::kTransposed, 1, 1, d, len_k, ws);
   packed.values_t = plan_panels<T>(PackKind::kTransposed, 1, 1, d, len_k, ws);
-  packed.key_rows = plan_panels<T>(PackKind::kRows, 1, 1, d, len_k, ws, /*zero_nonfinite=*/true);
-  packed.query_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
-  packed.grad_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
-  packed.query_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
-  packed.grad_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    packed.key_rows = plan_panels<T>(PackKind::kRows, 1, 1, d, len_k, ws, /*zero_nonfinite=*/true);
+    if (packed.amx) {
+      packed.query_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
+      packed.grad_copy = plan_panels<T>(PackKind::kCopy, 1, group, d, len_q, ws);
+      packed.query_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
+      packed.grad_cols = plan_panels<T>(PackKind::kColumns, 1, group, d, len_q, ws);
+    } else {
+      packed.query_rows = plan_panels<T>(PackKind::kRows, 1, group, d, len_q, ws);
+      packed.grad_rows = plan_panels<T>(PackKind::kRows, 1, group, d, len_q, ws);
+    }
+  }
   packed.one_group = true;
   packed.group = group;
   return packed;
 }
 
-// Writes `packed`'s panels (group_operands) for (sequence n, kv head hkv): kᵀ, vᵀ and k's rows of the kv head, and
-// for each of its query heads the copies of q and dO and their columns (packed from the copies).
+// Writes `packed`'s panels (group_operands) for (sequence n, kv head hkv): kᵀ and vᵀ, and for bf16 k's rows of the
+// kv head and for each of its query heads, on AMX the copies of q and dO and their columns (packed from the
+// copies), on the register tiles q and dO's rows in pairs.
 template <typename T>
 void pack_group(const Problem& pb, const Operands<T>& op, const PackedOperands<T>& packed, int64_t n, int64_t hkv,
                 std::vector<T>& pair_buffer) {
   const int64_t keys = pb.rows_k(n), rows = pb.rows_q(n), d = pb.head_dim;
   pack_panel(packed.keys_t, 0, 0, keys, op.k.at(n, hkv, 0), op.k.ld(), pair_buffer);
   pack_panel(packed.values_t, 0, 0, keys, op.v.at(n, hkv, 0), op.v.ld(), pair_buffer);
-  pack_panel(*packed.key_rows, 0, 0, keys, op.k.at(n, hkv, 0), op.k.ld(), pair_buffer);
-  for (int64_t g = 0; g < pb.group(); ++g) {
-    const int64_t h = hkv * pb.group() + g;
-    pack_panel(*packed.query_copy, 0, g, rows, op.q.at(n, h, 0), op.q.ld(), pair_buffer);
-    pack_panel(*packed.grad_copy, 0, g, rows, op.grad_out.at(n, h, 0), op.grad_out.ld(), pair_buffer);
-    pack_panel(*packed.query_cols, 0, g, rows, packed.queries(n, h, 0).data, d, pair_buffer);
-    pack_panel(*packed.grad_cols, 0, g, rows, packed.grads(n, h, 0).data, d, pair_buffer);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    pack_panel(*packed.key_rows, 0, 0, keys, op.k.at(n, hkv, 0), op.k.ld(), pair_buffer);
+    for (int64_t g = 0; g < pb.group(); ++g) {
+      const int64_t h = hkv * pb.group() + g;
+      if (packed.amx) {
+        pack_panel(*packed.query_copy, 0, g, rows, op.q.at(n, h, 0), op.q.ld(), pair_buffer);
+        pack_panel(*packed.grad_copy, 0, g, rows, op.grad_out.at(n, h, 0), op.grad_out.ld(), pair_buffer);
+        pack_panel(*packed.query_cols, 0, g, rows, packed.queries(n, h, 0).data, d, pair_buffer);
+        pack_panel(*packed.grad_cols, 0, g, rows, packed.grads(n, h, 0).data, d, pair_buffer);
+      } else {
+        pack_panel(*packed.query_rows, 0, g, rows, op.q.at(n, h, 0), op.q.ld(), pair_buffer);
+        pack_panel(*packed.grad_rows, 0, g, rows, op.grad_out.at(n, h, 0), op.grad_out.ld(), pair_buffer);
+      }
+    }
   }
 }
 
@@ -353,7 +372,7 @@ void prefix_task(const Problem& pb, const Operands<T>& op, const PackedOperands<
             amx_gemm(d, plen, row_pairs, 1.f, TileA<T>{gc.data + i0, gc.k_stride, 2},
                      TileB<T>{sc.gp_pairs.data(), 2 * pair_width}, true, sc.dpv_t.data(), plen);
           } else {  // q and dO's rows in pairs (query_rows, grad_rows); i0 is even
-            const TileB<T> qp = packed->query_rows->at(n, h), gp = packed->grad_rows->at(n, h);
+            const TileB<T> qp = packed->query_pairs(n, h), gp = packed->grad_pairs(n, h);
             tile_gemm<T>(plen, d, row_pairs, 1.f, TileA<T>{sc.ds_pairs.data(), 2, 2 * pair_width},
                          TileB<T>{qp.data + (i0 / 2) * qp.k_stride, qp.k_stride}, true, dpk, d);
             tile_gemm<T>(plen, d, row_pairs, 1.f, TileA<T>{sc.gp_pairs.data(), 2, 2 * pair_width},
@@ -577,7 +596,7 @@ void word_task(const Problem& pb, const Operands<T>& op, const WordTask& t, cons
               amx_gemm(d, nk, row_pairs, 1.f, TileA<T>{qc.data + i0, qc.k_stride, 2},
                        TileB<T>{ds_pairs, 2 * width}, true, sc.dk.data(), key_block);
             } else {
-              const TileB<T> gp = packed->grad_rows->at(n, h), qp = packed->query_rows->at(n, h);
+              const TileB<T> gp = packed->grad_pairs(n, h), qp = packed->query_pairs(n, h);
               tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{p_pairs, 2, 2 * width},
                            TileB<T>{gp.data + (i0 / 2) * gp.k_stride, gp.k_stride}, true, sc.dv.data(), d);
               tile_gemm<T>(nk, d, row_pairs, 1.f, TileA<T>{ds_pairs, 2, 2 * width},
@@ -638,20 +657,19 @@ void word_pass(const Problem& pb, const Operands<T>& op, const std::vector<WordT
   });
 }
 
-// The prefix and word passes on AMX when every (sequence, kv head) is one word task (`tasks`, from word_tasks with
-// one copy of dq). One task per (sequence, kv head) packs its own panels (pack_group, into its thread's
+// The prefix and word passes in bf16 on tiles (AMX or register) when every (sequence, kv head) is one word task
+// (`tasks`, from word_tasks with one copy of dq). One task per (sequence, kv head) packs its own panels (pack_group, into its thread's
 // group_operands), runs its prefix task, then its word task, which read them from the thread's cache, into its
 // thread's fp32 dq rows of the group's query heads, and writes those rows to `dq` (scaled, in bf16). dq's fp32 copy
 // and the panels of the whole call, written in passes of their own, came back from memory (about 27 MB per call
 // at S = 512, Hq = 32, Hkv = 8, D = 128), where a thread's own are overwritten in place: forward + backward at
 // S = 512-1024 1.08-1.14x back to back, 1.10-1.18x after a cache flush or two SDPA calls (2-core Xeon,
-// benchmarks/results/cpu-build-ab-xeon-group*.txt). fp32 on MKL measured 0.95-1.02x this way, so the other
-// products keep the passes of the whole call.
+// benchmarks/results/cpu-build-ab-xeon-group*.txt); on the bf16 register tiles 1.05-1.10x at S = 512-1024 back to
+// back, 1.03-1.08x after two SDPA calls, as fast at S = 2048 (2-core AMD Zen 5). fp32 measured 0.95-1.02x this way
+// on MKL and 0.98-1.02x on the register tiles, so it keeps the passes of the whole call.
 template <typename T>
 void group_passes(const Problem& pb, const Operands<T>& op, const std::vector<WordTask>& tasks,
                   const PackedOperands<T>& packed, const Rows<T>& dq, Workspace& ws) {
-  static_assert(std::is_same_v<T, at::BFloat16>, "AMX multiplies bf16");
-  TORCH_CHECK(packed.amx, "fastadapter_cpu: group_passes runs the AMX products");
   const int64_t slots = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
   const int64_t d = pb.head_dim, group = pb.group(), rows = pb.longest_q();
   std::vector<PackedOperands<T>> panels;
@@ -737,8 +755,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   for (int64_t i = 0; i < dims; ++i) order[i] = i;
   std::swap(order[dims - 3], order[dims - 2]);
   Workspace workspace;  // dq_acc and the packed panels
-  // AMX with one word task per (sequence, kv head): group_passes, with no dq_acc.
-  const bool by_group = amx && chunks == 1;
+  // bf16 on tiles (register or AMX) with one word task per (sequence, kv head): group_passes, with no dq_acc.
+  const bool by_group = q.scalar_type() == at::kBFloat16 && use_tile_gemm<at::BFloat16>(pb.head_dim) && chunks == 1;
   at::Tensor dq_acc;
   if (!by_group) dq_acc = workspace.take_float(physical).permute(order);
   // The prefix pass writes every row of a sequence in the first copy; a word task adds into its chunk's copy
@@ -768,9 +786,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
       if (use_tile_gemm<scalar_t>(pb.head_dim)) packed = pack_operands(pb, op, amx, !by_group, workspace);
     }
     if (by_group) {
-      // use_tile_gemm holds wherever use_amx does, so AMX products always come with their packed operands
-      TORCH_CHECK(packed.has_value(), "fastadapter_cpu: the AMX backward found no packed operands");
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+      TORCH_CHECK(packed.has_value(), "fastadapter_cpu: the backward on tiles found no packed operands");
+      if constexpr (kTileable<scalar_t>)
         group_passes<scalar_t>(pb, op, tasks, *packed, mutable_rows_of<scalar_t>(dq, cu_q), workspace);
     } else {
       prefix_pass<scalar_t>(pb, op, packed ? &*packed : nullptr);  // writes D_w, which the word pass reads

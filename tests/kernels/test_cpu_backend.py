@@ -174,12 +174,13 @@ def test_extension_imports_before_torch():
 NAN_SEQLENS = [4, 9, 17, 40, 97]
 
 
-#: Shapes at the AMX tiles' edges (csrc/tile_gemm_amx.h): head_dim with a partial last chunk of K (80 = 64 + 16,
-#: 136 = 128 + 8) or only a partial one (16), rows and keys that fill no 32 × 32 block (97, 33, 1025 stacked rows),
-#: an odd prefix and one wider than a column tile (P = 7, 17, 0), MHA, MQA and ragged sequences. The last case has
-#: (sequence, kv head)s enough for the forward's tasks to take whole ones and, for the 300-row sequence and the last
-#: two, tile by tile, on each thread's own panels.
-AMX_EDGE_CASES = [
+#: Shapes at the bf16 tiles' edges (csrc/tile_gemm_amx.h, tile_gemm_avx512.h): head_dim with a partial last chunk
+#: of K (80 = 64 + 16, 136 = 128 + 8) or only a partial one (16), rows and keys that fill no 32 × 32 block (97, 33,
+#: 1025 stacked rows), an odd prefix and one wider than a column tile (P = 7, 17, 0), MHA, MQA and ragged sequences.
+#: The ragged case has (sequence, kv head)s enough for the forward's tasks to take whole ones and, for the 300-row
+#: sequence and the last two, tile by tile, on each thread's own panels; the last case's eight kv heads give every
+#: (sequence, kv head) one backward task, which runs its prefix and word passes as one (group_passes).
+BF16_TILE_EDGE_CASES = [
     Case(batch=2, seqlen_q=97, seqlen_k=97, head_dim=80, dtype=BF16),
     Case(batch=1, seqlen_q=33, seqlen_k=33, heads_q=3, heads_kv=3, head_dim=136, prefix_len=7, dtype=BF16),
     Case(batch=1, seqlen_q=1025, seqlen_k=1025, heads_q=2, heads_kv=1, head_dim=16, prefix_len=17, dtype=BF16),
@@ -188,14 +189,16 @@ AMX_EDGE_CASES = [
     Case(seqlens=[33, 1, 70], seqlens_k=[40, 97, 70], head_dim=64, prefix_len=3, prefix_batch=3, gate_shape="rows",
          dtype=BF16),
     Case(seqlens=[300, 97, 40, 129], heads_q=8, heads_kv=4, head_dim=80, dtype=BF16),
+    Case(batch=1, seqlen_q=97, seqlen_k=97, heads_q=16, heads_kv=8, head_dim=80, prefix_len=7, dtype=BF16),
 ]
 
 
-@pytest.mark.parametrize("case", AMX_EDGE_CASES, ids=lambda c: c.id)
-def test_amx_tiles_at_their_edges_match_reference(case, force_cpu_variant):
-    """Forward and the gradient of every input on AMX tiles, at sizes that leave partial blocks and chunks (where
-    the CPU has AMX)."""
-    force_cpu_variant("avx512", "amx")
+@pytest.mark.parametrize("gemm", ["amx", "tiles"])
+@pytest.mark.parametrize("case", BF16_TILE_EDGE_CASES, ids=lambda c: c.id)
+def test_bf16_tiles_at_their_edges_match_reference(case, gemm, force_cpu_variant):
+    """Forward and the gradient of every input on the AMX tiles and on the vdpbf16ps register tiles (where the CPU
+    has them), at sizes that leave partial blocks and chunks."""
+    force_cpu_variant("avx512", gemm)
     check_against_reference(case, "cpu")
 
 
