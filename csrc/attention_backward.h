@@ -37,8 +37,11 @@ constexpr int64_t kLibraryBf16QueryBlock = 128;
 constexpr int64_t kPrefixRows = 512;  // query rows per step of the prefix pass: its products are thin (P ~ 10)
 constexpr int64_t kKeyBlock = 128;    // keys per tile
 // ... on AMX tiles: 256 ran the bf16 backward 1.10-1.12x faster at S = 1024-2048 (2-core Xeon, B = 1, Hq = 32,
-// Hkv = 8, D = 128); fp32 on MKL and the register tiles ran 1.03-1.05x slower with 256, so they keep 128.
-constexpr int64_t kAmxKeyBlock = 256;
+// Hkv = 8, D = 128); fp32 on MKL and the register tiles ran 1.03-1.05x slower with 256 there, so they keep 128 ...
+constexpr int64_t kWideKeyBlock = 256;
+// ... and fp32 on the register tiles from kLongKeys keys on: 1.02-1.04x at S = 2048-4096 (B = 1, Hq = 32,
+// Hkv = 8 and 32, D = 128, 2-core AMD Zen 5); bf16 on the register tiles measured 0.96-1.07x and keeps 128.
+constexpr int64_t kLongKeys = 2048;
 constexpr int64_t kMaxChunks = 8;     // at most this many fp32 copies of dq
 
 template <typename T>
@@ -414,6 +417,12 @@ void prefix_pass(const Problem& pb, const Operands<T>& op, const PackedOperands<
   });
 }
 
+// Keys per tile of the word pass: on AMX tiles (`amx`), or fp32 on the register tiles (`fp32_tiles`) from
+// kLongKeys keys on, kWideKeyBlock, else kKeyBlock.
+inline int64_t word_key_block(const Problem& pb, bool amx, bool fp32_tiles) {
+  return amx || (fp32_tiles && pb.longest_k() >= kLongKeys) ? kWideKeyBlock : kKeyBlock;
+}
+
 // One task of the word pass: chunk `chunk` (of `chunks`) of the key blocks of sequence n, kv head hkv.
 struct WordTask {
   int64_t n, hkv, chunk, chunks;
@@ -471,7 +480,7 @@ void word_task(const Problem& pb, const Operands<T>& op, const WordTask& t, cons
                const Rows<float>& dq, WordScratch<T>& sc) {
   const int64_t group = pb.group(), d = pb.head_dim;
   const bool amx = packed && packed->amx;
-  const int64_t key_block = amx ? kAmxKeyBlock : kKeyBlock;
+  const int64_t key_block = word_key_block(pb, amx, std::is_same_v<T, float> && packed != nullptr);
   const int64_t query_block =
       (!packed || amx) && std::is_same_v<T, at::BFloat16> ? kLibraryBf16QueryBlock : kQueryBlock;
   const int64_t chunk = t.chunk, chunks = t.chunks, hkv = t.hkv, n = t.n;
@@ -743,7 +752,8 @@ BackwardResult attention_backward(const Problem& pb, const at::Tensor& grad_out,
   // Whether this call's bf16 products run on AMX tiles, decided once: the word pass's key block (word_tasks,
   // word_pass) and the packed operands (pack_operands) follow it.
   const bool amx = q.scalar_type() == at::kBFloat16 && use_amx<at::BFloat16>(pb.head_dim);
-  const std::vector<WordTask> tasks = word_tasks(pb, amx ? kAmxKeyBlock : kKeyBlock, &chunks);
+  const bool fp32_tiles = q.scalar_type() == at::kFloat && use_tile_gemm<float>(pb.head_dim);
+  const std::vector<WordTask> tasks = word_tasks(pb, word_key_block(pb, amx, fp32_tiles), &chunks);
   std::vector<int64_t> dq_shape{chunks};
   dq_shape.insert(dq_shape.end(), q.sizes().begin(), q.sizes().end());
   // Head-major ([chunks, B, H, S, D] or [chunks, H, T, D]) behind q's logical shape: a head's dq rows are
