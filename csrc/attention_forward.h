@@ -124,7 +124,8 @@ void accumulate_words(const Problem& pb, const Operands<T>& op, const Tile& t, i
   const int64_t rows = pb.group() * t.bq, d = pb.head_dim;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeysPerBlock) {
     const int64_t nk = std::min(kKeysPerBlock, key_end - j0);
-    for (int64_t r = 0; r < rows; ++r) sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
+    for (int64_t r = 0; r < rows; ++r)
+      sc.seen[r] = std::clamp<int64_t>(pb.visible_keys(t.n, t.i0 + r % t.bq) - j0, 0, nk);
     // Register tiles on the causal diagonal: whether some band of kDiagonalBand rows sees fewer keys than nk (the
     // tile's positions of one head, MHA; a GQA tile's bands each end at the tile's last position).
     bool banded = false;

@@ -41,8 +41,8 @@ namespace fastadapter_cpu {
 
 // Whether MKL runs its own kernels on this CPU: Intel's (AMX for bf16 where the CPU has it). There the library's
 // products beat the AVX-512 register tiles (2-core Xeon with AMX, B = 1, Hq = 32, D = 128, S = 1024,
-// forward+backward: bf16 2.6x, fp32 1.13x, benchmarks/results/cpu-kernel-targets-xeon.txt); on AMD MKL takes a
-// generic path and the tiles win. fastadapter/onednn_linear.py's mkl_is_native is the same test.
+// forward+backward: bf16 2.6x, fp32 1.13x, benchmarks/results/cpu-kernel-targets-xeon.txt); on AMD the tiles win
+// (2-core Zen 5, S = 512-4096: fp32 1.19-1.32x, bf16 2.17-2.61x, benchmarks/results/cpu-kernel-targets.txt). fastadapter/onednn_linear.py's mkl_is_native is the same test.
 inline bool mkl_is_native() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool intel = [] {
