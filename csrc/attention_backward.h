@@ -537,16 +537,8 @@ void word_task(const Problem& pb, const Operands<T>& op, const WordTask& t, cons
             const TileA<T> da =
                 amx ? packed->grads(n, h, i0) : TileA<T>{dout, op.grad_out.ld(), step};
             const TileB<T> kb{kt.data + step * j0, kt.k_stride}, vb{vt.data + step * j0, vt.k_stride};
-            if constexpr (std::is_same_v<T, at::BFloat16>) {
-              if (amx) {
-                amx_gemm(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
-                amx_gemm(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
-              }
-            }
-            if (!amx) {
-              tile_gemm<T>(m, nk, d / step, 1.f, qa, kb, false, s, key_block);
-              tile_gemm<T>(m, nk, d / step, 1.f, da, vb, false, dp, key_block);
-            }
+            tile_product<T>(amx, m, nk, d / step, 1.f, qa, kb, false, s, key_block);
+            tile_product<T>(amx, m, nk, d / step, 1.f, da, vb, false, dp, key_block);
           }
         }
         if (!packed) {
@@ -616,10 +608,7 @@ void word_task(const Problem& pb, const Operands<T>& op, const WordTask& t, cons
                                    dq.at(n, h, i0), dq.ld(), d, [&](int64_t r0, int64_t r1, int64_t keys) {
               const TileA<T> ds{ds_rows + r0 * key_block, key_block, 2};
               const TileB<T> keys_b{kp.data + (j0 / 2) * kp.k_stride, kp.k_stride};
-              if (amx)
-                amx_gemm(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
-              else
-                tile_gemm<T>(r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
+              tile_product<T>(amx, r1 - r0, d, keys / 2, 1.f, ds, keys_b, true, dq.at(n, h, i0 + r0), dq.ld());
             });
             continue;
           }
